@@ -1,0 +1,196 @@
+"""The shapes world: a procedurally generated visual question answering task.
+
+Each scene is a plain canvas holding 1 to 6 filled circles, squares and upward-pointing isosceles
+triangles in six colours. Questions come in seven types with fixed wording; answers are lowercase words or
+digits. Everything is drawn from a seeded `random.Random`, so a seed gives the same data on every machine.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+KINDS = ("circle", "square", "triangle")
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 60),
+    "blue": (40, 70, 220),
+    "yellow": (240, 200, 20),
+    "purple": (140, 50, 180),
+    "orange": (245, 130, 20),
+}
+QUESTION_TYPES = (
+    "count_all",
+    "count_color",
+    "count_kind",
+    "color_of_kind",
+    "kind_of_color",
+    "exists",
+    "compare",
+)
+
+MIN_SIDE, MAX_SIDE = 96, 384
+MAX_SHAPES = 6
+COLOR_JITTER = 20
+MIN_GAP = 4
+MIN_SHAPE_PX = 14
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    rgb: tuple[int, int, int]
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 (inclusive pixel bounds)
+
+
+@dataclass
+class Scene:
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    shapes: list[Shape] = field(default_factory=list)
+
+    def count(self, *, color: str | None = None, kind: str | None = None) -> int:
+        return sum(
+            1 for s in self.shapes if (color is None or s.color == color) and (kind is None or s.kind == kind)
+        )
+
+    def render(self, supersample: int = 1, jpeg_quality: int | None = None) -> Image.Image:
+        """Draw the scene; `supersample` > 1 anti-aliases edges, `jpeg_quality` adds JPEG artefacts."""
+        scale = max(1, supersample)
+        image = Image.new("RGB", (self.width * scale, self.height * scale), self.background)
+        draw = ImageDraw.Draw(image)
+        for shape in self.shapes:
+            x0, y0, x1, y1 = (v * scale for v in shape.box)
+            x1, y1 = x1 + scale - 1, y1 + scale - 1
+            if shape.kind == "circle":
+                draw.ellipse((x0, y0, x1, y1), fill=shape.rgb)
+            elif shape.kind == "square":
+                draw.rectangle((x0, y0, x1, y1), fill=shape.rgb)
+            else:
+                draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=shape.rgb)
+        if scale > 1:
+            image = image.resize((self.width, self.height), Image.Resampling.LANCZOS)
+        if jpeg_quality is not None:
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=jpeg_quality)
+            image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+        return image
+
+
+@dataclass
+class Example:
+    qtype: str
+    scenes: list[Scene]
+    question: str
+    answer: str
+
+    def images(self, supersample: int = 1, jpeg_quality: int | None = None) -> list[Image.Image]:
+        return [scene.render(supersample, jpeg_quality) for scene in self.scenes]
+
+    def messages(self, with_answer: bool = False) -> list[dict]:
+        """One user turn, the image(s) first then the question; optionally the assistant's answer."""
+        content = [{"type": "image"} for _ in self.scenes] + [{"type": "text", "text": self.question}]
+        turns = [{"role": "user", "content": content}]
+        if with_answer:
+            turns.append({"role": "assistant", "content": [{"type": "text", "text": self.answer}]})
+        return turns
+
+
+def _jitter(rng: random.Random, rgb: tuple[int, int, int]) -> tuple[int, int, int]:
+    return tuple(min(255, max(0, c + rng.randint(-COLOR_JITTER, COLOR_JITTER))) for c in rgb)  # type: ignore[return-value]
+
+
+def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """True when the boxes are separated by at least MIN_GAP pixels along some axis."""
+    return (
+        a[2] + MIN_GAP < b[0] or b[2] + MIN_GAP < a[0] or a[3] + MIN_GAP < b[1] or b[3] + MIN_GAP < a[1]
+    )
+
+
+def random_scene(rng: random.Random, num_shapes: int | None = None) -> Scene:
+    """A canvas with `num_shapes` (default: uniform 1..6) non-overlapping shapes."""
+    target = num_shapes if num_shapes is not None else rng.randint(1, MAX_SHAPES)
+    if not 1 <= target <= MAX_SHAPES:
+        raise ValueError(f"a scene holds 1 to {MAX_SHAPES} shapes, not {target}")
+    while True:
+        width, height = rng.randint(MIN_SIDE, MAX_SIDE), rng.randint(MIN_SIDE, MAX_SIDE)
+        background = tuple(rng.randint(200, 255) for _ in range(3))
+        shorter = min(width, height)
+        shapes: list[Shape] = []
+        for _ in range(200 * target):
+            if len(shapes) == target:
+                break
+            side = max(MIN_SHAPE_PX, round(shorter * rng.uniform(0.12, 0.24)))
+            x0, y0 = rng.randint(0, width - side), rng.randint(0, height - side)
+            box = (x0, y0, x0 + side - 1, y0 + side - 1)
+            if all(_apart(box, other.box) for other in shapes):
+                color = rng.choice(list(COLORS))
+                shapes.append(Shape(rng.choice(KINDS), color, _jitter(rng, COLORS[color]), box))
+        if len(shapes) == target:
+            return Scene(width, height, background, shapes)  # type: ignore[arg-type]
+
+
+def _pick_color(rng: random.Random, scene: Scene) -> str:
+    """Half the time a colour present in the scene, otherwise any colour."""
+    if rng.random() < 0.5:
+        return rng.choice(scene.shapes).color
+    return rng.choice(list(COLORS))
+
+
+def _pick_kind(rng: random.Random, scene: Scene) -> str:
+    if rng.random() < 0.5:
+        return rng.choice(scene.shapes).kind
+    return rng.choice(KINDS)
+
+
+def make_example(rng: random.Random, qtype: str) -> Example:
+    """One question of the given type about freshly drawn scene(s)."""
+    if qtype not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {qtype!r}; expected one of {', '.join(QUESTION_TYPES)}")
+    while True:
+        if qtype == "compare":
+            first, second = rng.sample(range(1, MAX_SHAPES + 1), 2)
+            scenes = [random_scene(rng, first), random_scene(rng, second)]
+            answer = "first" if first > second else "second"
+            return Example(qtype, scenes, "Which image has more shapes, the first or the second?", answer)
+        scene = random_scene(rng)
+        if qtype == "count_all":
+            return Example(qtype, [scene], "How many shapes are there?", str(len(scene.shapes)))
+        if qtype == "count_color":
+            color = _pick_color(rng, scene)
+            return Example(qtype, [scene], f"How many {color} shapes are there?", str(scene.count(color=color)))
+        if qtype == "count_kind":
+            kind = _pick_kind(rng, scene)
+            return Example(qtype, [scene], f"How many {kind}s are there?", str(scene.count(kind=kind)))
+        if qtype == "color_of_kind":
+            unique = [k for k in KINDS if scene.count(kind=k) == 1]
+            if unique:
+                kind = rng.choice(unique)
+                color = next(s.color for s in scene.shapes if s.kind == kind)
+                return Example(qtype, [scene], f"What color is the {kind}?", color)
+        elif qtype == "kind_of_color":
+            unique = [c for c in COLORS if scene.count(color=c) == 1]
+            if unique:
+                color = rng.choice(unique)
+                kind = next(s.kind for s in scene.shapes if s.color == color)
+                return Example(qtype, [scene], f"What shape is the {color} one?", kind)
+        else:  # exists: yes and no equally often
+            if rng.random() < 0.5:
+                target = rng.choice(scene.shapes)
+                color, kind = target.color, target.kind
+            else:
+                absent = [(c, k) for c in COLORS for k in KINDS if scene.count(color=c, kind=k) == 0]
+                color, kind = rng.choice(absent)
+            answer = "yes" if scene.count(color=color, kind=kind) else "no"
+            return Example(qtype, [scene], f"Is there any {color} {kind}?", answer)
+
+
+def make_dataset(num_per_type: int, seed: int, qtypes: tuple[str, ...] = QUESTION_TYPES) -> list[Example]:
+    """`num_per_type` examples of each type, interleaved, reproducible from `seed`."""
+    rng = random.Random(seed)
+    return [make_example(rng, qtype) for _ in range(num_per_type) for qtype in qtypes]

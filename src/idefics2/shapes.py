@@ -163,7 +163,8 @@ def make_example(rng: random.Random, qtype: str) -> Example:
             return Example(qtype, [scene], "How many shapes are there?", str(len(scene.shapes)))
         if qtype == "count_color":
             color = _pick_color(rng, scene)
-            return Example(qtype, [scene], f"How many {color} shapes are there?", str(scene.count(color=color)))
+            answer = str(scene.count(color=color))
+            return Example(qtype, [scene], f"How many {color} shapes are there?", answer)
         if qtype == "count_kind":
             kind = _pick_kind(rng, scene)
             return Example(qtype, [scene], f"How many {kind}s are there?", str(scene.count(kind=kind)))

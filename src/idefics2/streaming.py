@@ -1,0 +1,97 @@
+"""Turning a growing list of token ids into text deltas; holding back text that may start a stop string."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+# What tokenizers produce for a byte sequence that is not (yet) a whole UTF-8 character.
+_INCOMPLETE = "\ufffd"
+
+
+class TextDeltaDecoder:
+    """Incremental detokenizer: `push(ids)` returns the text the new tokens add, `flush()` whatever is left.
+
+    Each call decodes only a short window of recent tokens: the window's text without the new tokens is the
+    reference, and the new text is what decoding the whole window adds to it. Decoding with a little left
+    context keeps word-initial spaces right for SentencePiece vocabularies; a window whose text ends in an
+    incomplete UTF-8 character (a byte-fallback piece still waiting for its other bytes) is not emitted yet.
+    The deltas concatenate to `tokenizer.decode(all_ids, skip_special_tokens=...)`.
+    """
+
+    def __init__(self, tokenizer: Any, skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.ids: list[int] = []
+        self._start = 0  # first id of the decoding window
+        self._emitted = 0  # ids before this one are already reflected in the returned text
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def push(self, ids: int | Iterable[int]) -> str:
+        self.ids.extend([ids] if isinstance(ids, int) else [int(i) for i in ids])
+        done = self._decode(self.ids[self._start : self._emitted])
+        text = self._decode(self.ids[self._start :])
+        if len(text) <= len(done) or text.endswith(_INCOMPLETE):
+            return ""
+        self._start, self._emitted = self._emitted, len(self.ids)
+        return text[len(done) :]
+
+    def flush(self) -> str:
+        """Text of the tokens not emitted yet, even if it ends in an incomplete character."""
+        done = self._decode(self.ids[self._start : self._emitted])
+        text = self._decode(self.ids[self._start :])
+        self._start = self._emitted = len(self.ids)
+        return text[len(done) :]
+
+
+class StopStringFilter:
+    """Cuts a text stream at the first stop string (which is not emitted) and holds back any trailing text
+    that could still grow into one, so streamed text never shows part of a stop string."""
+
+    def __init__(self, stop_strings: Iterable[str]):
+        self.stop_strings = [s for s in stop_strings]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, delta: str) -> str:
+        if self.stopped:
+            return ""
+        self.pending += delta
+        cut = find_stop(self.pending, self.stop_strings)
+        if cut is not None:
+            self.stopped = True
+            out, self.pending = self.pending[:cut], ""
+            return out
+        keep = _longest_partial_stop(self.pending, self.stop_strings)
+        out = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep :]
+        return out
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+
+def find_stop(text: str, stop_strings: Iterable[str]) -> int | None:
+    """Index where the earliest stop string starts in `text`, or None."""
+    hits = [i for i in (text.find(s) for s in stop_strings) if i >= 0]
+    return min(hits) if hits else None
+
+
+def trim_at_stop(text: str, stop_strings: Iterable[str] | None) -> str:
+    """`text` up to (not including) its first stop string."""
+    cut = find_stop(text, stop_strings or [])
+    return text if cut is None else text[:cut]
+
+
+def _longest_partial_stop(text: str, stop_strings: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stop_strings:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

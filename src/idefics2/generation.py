@@ -1,0 +1,345 @@
+"""KV-cached text generation for Idefics2: greedy or sampled decoding with the usual controls.
+
+One request runs the vision tower and connector once (the prefill fills a pre-allocated static KV cache),
+then each decode step feeds one token per row. Prompts are expected left-padded (as the processor pads for
+generation); positions come from the attention mask. Rows that finish (end-of-sequence token or stop string)
+are padded with `pad_token_id` from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+from idefics2.sampling import (
+    BadWords,
+    forbid_tokens,
+    mark_seen_,
+    pick_next_tokens,
+    repetition_penalty_,
+    top_k_filter,
+    top_p_filter,
+)
+from idefics2.streaming import TextDeltaDecoder, find_stop
+
+# Defaults used when neither the call nor the checkpoint's generation_config.json sets a value.
+DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+_SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed", "generator")
+# On accelerators, reading "are all rows done?" back to the host stalls the queue; do it every few steps.
+_SYNC_EVERY = 8
+SUPPORTED_ARGUMENTS = (
+    "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+    "repetition_penalty", "bad_words_ids", "eos_token_id", "pad_token_id", "stop_strings", "tokenizer",
+    "seed", "generator", "streamer",
+)  # fmt: skip
+
+
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    pixel_attention_mask: torch.Tensor | None = None,
+    *,
+    streamer: Callable[[torch.Tensor], Any] | None = None,
+    **controls: Any,
+) -> torch.LongTensor:
+    """Generate continuations of `input_ids` (B, P); returns (B, P + new) prompt + new tokens.
+
+    Controls (keyword only; unset ones come from the checkpoint's generation_config.json, then DEFAULTS):
+    max_new_tokens (or max_length = prompt + new), min_new_tokens, do_sample, temperature, top_k, top_p,
+    repetition_penalty, bad_words_ids (list of token-id lists; a multi-token entry forbids its last token
+    after the others), eos_token_id (int or list), pad_token_id, stop_strings (str or list; needs
+    `tokenizer`; a row stops once its generated text contains one), tokenizer (a tokenizer or processor:
+    also adds `<end_of_utterance>` to the default end ids when the processor's chat template uses it),
+    seed or generator (sampling), streamer (called with the (B,) tokens of every step).
+    """
+    steps = stream_generate(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, **controls)
+    while True:
+        try:
+            tokens = next(steps)
+        except StopIteration as done:
+            return done.value
+        if streamer is not None:
+            streamer(tokens)
+
+
+@torch.no_grad()
+def stream_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    pixel_attention_mask: torch.Tensor | None = None,
+    **controls: Any,
+) -> Iterator[torch.Tensor]:
+    """Like `generate`, as an iterator: yields the (B,) tokens picked at each step (pad for finished rows)
+    and returns (as StopIteration.value) the (B, P + new) sequences."""
+    device = model.lm_head.weight.device
+    input_ids, attention_mask = _check_prompt(input_ids, attention_mask, device)
+    batch, prompt_len = input_ids.shape
+    opts = resolve_options(model, prompt_len, controls)
+    max_new, eos_ids, pad_id = opts["max_new_tokens"], opts["eos_token_id"], opts["pad_token_id"]
+    total = prompt_len + max_new
+
+    # Everything the loop writes to is allocated once: sequences, key-padding mask, slot positions, cache.
+    sequences = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
+    sequences[:, :prompt_len] = input_ids
+    mask = torch.ones(batch, total, dtype=torch.long, device=device)
+    mask[:, :prompt_len] = attention_mask
+    slots = torch.arange(total, device=device)
+    cache = model.new_kv_cache(batch, total, device=device)
+
+    vocab = model.lm_head.weight.shape[0]
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    n_new = torch.full((batch,), max_new, dtype=torch.long, device=device)  # new tokens kept per row
+    penalty = opts["repetition_penalty"]
+    seen = None
+    if penalty != 1.0:
+        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+        mark_seen_(seen, input_ids, attention_mask.bool())
+    bad_words = BadWords(opts["bad_words_ids"], vocab, eos_ids, device) if opts["bad_words_ids"] else None
+    stop_strings = opts["stop_strings"]
+    texts = [TextDeltaDecoder(opts["tokenizer"], skip_special_tokens=False) for _ in range(batch)]
+    generated = ["" for _ in range(batch)]
+    sync_every = 1 if device.type == "cpu" or stop_strings else _SYNC_EVERY
+
+    out = model(
+        input_ids=input_ids,
+        attention_mask=mask[:, :prompt_len],
+        pixel_values=pixel_values,
+        pixel_attention_mask=pixel_attention_mask,
+        kv_cache=cache,
+        cache_position=slots[:prompt_len],
+        logits_to_keep=1,
+    )
+    for step in range(max_new):
+        length = prompt_len + step
+        # scores are processed in float32 whatever the model dtype, as the reference does
+        scores = out.logits[:, -1].to(torch.float32)
+        if seen is not None:
+            scores = repetition_penalty_(scores, seen, penalty)
+        if bad_words is not None:
+            scores = bad_words(scores, sequences[:, :length])
+        if step < opts["min_new_tokens"] and eos_ids:
+            scores = forbid_tokens(scores, eos)
+        if opts["do_sample"]:
+            if opts["temperature"] != 1.0:
+                scores = scores / opts["temperature"]
+            if opts["top_k"]:
+                scores = top_k_filter(scores, opts["top_k"])
+            if opts["top_p"] < 1.0:
+                scores = top_p_filter(scores, opts["top_p"])
+        tokens = pick_next_tokens(scores, opts["do_sample"], opts["generator"])
+        tokens = tokens.masked_fill(finished, pad_id)
+        sequences[:, length] = tokens
+        if seen is not None:
+            mark_seen_(seen, tokens[:, None])
+
+        ending = torch.isin(tokens, eos) & ~finished
+        if stop_strings:
+            for row, token in enumerate(tokens.tolist()):
+                if not finished[row]:
+                    generated[row] += texts[row].push(token)
+                    if find_stop(generated[row][-_window(stop_strings) :], stop_strings) is not None:
+                        ending[row] = True
+        n_new = torch.where(ending, step + 1, n_new)
+        finished |= ending
+        yield tokens
+
+        if step + 1 == max_new or ((step + 1) % sync_every == 0 and bool(finished.all())):
+            break
+        out = model(
+            input_ids=tokens[:, None],
+            attention_mask=mask[:, : length + 1],
+            kv_cache=cache,
+            cache_position=slots[length : length + 1],
+            logits_to_keep=1,
+        )
+    # Rows that all finished before the last step run: drop the columns nobody needs.
+    return sequences[:, : prompt_len + int(n_new.max())]
+
+
+def _window(stop_strings: list[str]) -> int:
+    """How much trailing text can hold a stop string completed by the newest token (a generous bound)."""
+    return 2 * max(len(s) for s in stop_strings) + 64
+
+
+def _check_prompt(input_ids, attention_mask, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+        shape = tuple(getattr(input_ids, "shape", ()))
+        got = f"{type(input_ids).__name__} {getattr(input_ids, 'dtype', '')} {shape}"
+        raise ValueError(f"input_ids must be a (batch, length) LongTensor, got {got}")
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids is empty: shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
+            f"got {tuple(getattr(attention_mask, 'shape', ()))}"
+        )
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError(
+            "the last prompt position is padding in some row: generation needs left padding "
+            "(processor.tokenizer.padding_side = 'left')"
+        )
+    return input_ids.to(device), attention_mask.to(device=device, dtype=torch.long)
+
+
+def resolve_options(model: torch.nn.Module, prompt_len: int, controls: dict[str, Any]) -> dict[str, Any]:
+    """Validate the user's controls and fill the rest from generation_config.json and DEFAULTS."""
+    unknown = sorted(set(controls) - set(SUPPORTED_ARGUMENTS))
+    if unknown:
+        raise ValueError(
+            f"unsupported generation argument(s): {', '.join(unknown)}; "
+            f"supported: {', '.join(SUPPORTED_ARGUMENTS)}"
+        )
+    given = {k: v for k, v in controls.items() if v is not None}
+    config = dict(getattr(model, "generation_config", None) or {})
+
+    def pick(name):
+        if name in given:
+            return given[name]
+        return config[name] if config.get(name) is not None else DEFAULTS.get(name)
+
+    opts: dict[str, Any] = {"do_sample": bool(pick("do_sample"))}
+    if not opts["do_sample"]:
+        wrong = [k for k in _SAMPLING_ONLY if k in given]
+        if wrong:
+            raise ValueError(f"{', '.join(wrong)} only apply to sampling: pass do_sample=True or drop them")
+    if "seed" in given and "generator" in given:
+        raise ValueError("pass either seed or generator, not both")
+
+    opts["max_new_tokens"] = _max_new_tokens(given, config, prompt_len)
+    opts["min_new_tokens"] = _int(pick("min_new_tokens") or 0, "min_new_tokens", minimum=0)
+    if opts["min_new_tokens"] > opts["max_new_tokens"]:
+        raise ValueError(
+            f"min_new_tokens ({opts['min_new_tokens']}) is larger than "
+            f"max_new_tokens ({opts['max_new_tokens']})"
+        )
+    opts["temperature"] = _positive_float(pick("temperature"), "temperature")
+    top_k = pick("top_k")
+    opts["top_k"] = 0 if top_k in (None, 0) else _int(top_k, "top_k", minimum=1)
+    top_p = _positive_float(pick("top_p"), "top_p")
+    if top_p > 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    opts["top_p"] = top_p
+    opts["repetition_penalty"] = _positive_float(pick("repetition_penalty") or 1.0, "repetition_penalty")
+
+    tokenizer = given.get("tokenizer")
+    opts["tokenizer"] = getattr(tokenizer, "tokenizer", tokenizer)  # a processor carries its tokenizer
+    opts["eos_token_id"] = _token_list(given.get("eos_token_id"), "eos_token_id")
+    if "eos_token_id" not in given:
+        opts["eos_token_id"] = default_eos_token_ids(model, tokenizer)
+    vocab = model.lm_head.weight.shape[0]
+    opts["bad_words_ids"] = _bad_words(pick("bad_words_ids"), vocab)
+    opts["pad_token_id"] = _pad_token_id(pick("pad_token_id"), opts["tokenizer"], opts["eos_token_id"])
+
+    stop = pick("stop_strings")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None:
+        if not isinstance(stop, (list, tuple)) or not stop or not all(isinstance(s, str) and s for s in stop):
+            raise ValueError(f"stop_strings must be a non-empty string or a list of them, got {stop!r}")
+        if opts["tokenizer"] is None:
+            raise ValueError(
+                "stop_strings need tokenizer= (a tokenizer or processor) to read the generated text"
+            )
+    opts["stop_strings"] = list(stop) if stop else None
+
+    generator = given.get("generator")
+    if "seed" in given:
+        generator = torch.Generator(device=model.lm_head.weight.device)
+        generator.manual_seed(_int(given["seed"], "seed", minimum=0))
+    elif generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    opts["generator"] = generator
+    return opts
+
+
+def default_eos_token_ids(model: torch.nn.Module, tokenizer: Any = None) -> list[int]:
+    """End ids from generation_config.json (else the tokenizer's eos), plus `<end_of_utterance>` when the
+    processor's chat template ends turns with it."""
+    config = getattr(model, "generation_config", None) or {}
+    inner = getattr(tokenizer, "tokenizer", tokenizer)
+    ids = _token_list(config.get("eos_token_id"), "generation_config eos_token_id")
+    if not ids and getattr(inner, "eos_token_id", None) is not None:
+        ids = [inner.eos_token_id]
+    template = getattr(tokenizer, "chat_template", None) or getattr(inner, "chat_template", None)
+    if isinstance(template, str) and "<end_of_utterance>" in template:
+        end_id = getattr(inner, "end_of_utterance_token_id", None)
+        if end_id is None:
+            end_id = inner.convert_tokens_to_ids("<end_of_utterance>")
+        if end_id is not None and end_id not in ids:
+            ids.append(int(end_id))
+    return ids
+
+
+def _max_new_tokens(given: dict, config: dict, prompt_len: int) -> int:
+    if "max_new_tokens" in given and "max_length" in given:
+        raise ValueError("pass either max_new_tokens or max_length (prompt + new tokens), not both")
+    if "max_length" in given:
+        n = _int(given["max_length"], "max_length", minimum=1) - prompt_len
+        if n < 1:
+            raise ValueError(
+                f"max_length ({given['max_length']}) leaves no room after the {prompt_len}-token prompt"
+            )
+        return n
+    if "max_new_tokens" in given:
+        return _int(given["max_new_tokens"], "max_new_tokens", minimum=1)
+    if config.get("max_new_tokens") is not None:
+        return _int(config["max_new_tokens"], "generation_config max_new_tokens", minimum=1)
+    if config.get("max_length") is not None and config["max_length"] - prompt_len >= 1:
+        return config["max_length"] - prompt_len
+    return DEFAULTS["max_new_tokens"]
+
+
+def _int(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _positive_float(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def _token_list(value: Any, name: str) -> list[int]:
+    if value is None:
+        return []
+    values = [value] if isinstance(value, int) else value
+    if isinstance(values, torch.Tensor):
+        values = values.flatten().tolist()
+    if not isinstance(values, Iterable) or not all(isinstance(v, int) and v >= 0 for v in values):
+        raise ValueError(f"{name} must be a token id or a list of them, got {value!r}")
+    return [int(v) for v in values]
+
+
+def _bad_words(value: Any, vocab: int) -> list[list[int]] | None:
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) > 0
+    ok = ok and all(isinstance(seq, (list, tuple)) and len(seq) > 0 for seq in value)
+    ok = ok and all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for seq in value for t in seq
+    )
+    if not ok:
+        raise ValueError(
+            "bad_words_ids must be a non-empty list of non-empty lists of token ids "
+            f"in [0, {vocab}), got {value!r}"
+        )
+    return [list(seq) for seq in value]
+
+
+def _pad_token_id(value: Any, tokenizer: Any, eos_ids: list[int]) -> int:
+    if value is None and tokenizer is not None:
+        value = getattr(tokenizer, "pad_token_id", None)
+    if value is None:
+        # only finished rows are padded; without end ids nothing finishes before max_new_tokens
+        value = eos_ids[0] if eos_ids else 0
+    return _int(value, "pad_token_id", minimum=0)

@@ -1,0 +1,310 @@
+"""Chat-format training data: reading and validating JSONL, and turning examples into labelled batches.
+
+An example is `{"messages": [{"role": "user" | "assistant" | "system", "content": str | [parts]}, ...],
+"images": [path or PIL image, ...]}`; a part is `{"type": "text", "text": ...}` or `{"type": "image"}`, and
+the images fill the image parts in order. Only assistant turns are learned: their text and their
+`<end_of_utterance>`, not the "Assistant:" role prefix. Everything else is -100 in the labels: the system and
+user turns with their role prefixes, BOS, the image tokens and their `<fake_token_around_image>` markers,
+padding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROLES = ("system", "user", "assistant")
+IGNORE = -100
+
+
+class DataError(ValueError):
+    """A problem with one example; `line` is its 1-based line number in the JSONL file when known."""
+
+    def __init__(self, message: str, *, path: str | os.PathLike | None = None, line: int | None = None):
+        where = (
+            f"{path}:{line}: "
+            if path is not None and line is not None
+            else (f"line {line}: " if line else "")
+        )
+        super().__init__(where + message)
+        self.line = line
+
+
+# ----------------------------------------------------------------------------------------------- validation
+def normalize_example(example: Any, base_dir: Path | None = None) -> dict:
+    """Check one example and return it with every content as a list of parts and image paths resolved.
+
+    Raises DataError naming the problem.
+    """
+    if not isinstance(example, dict):
+        raise DataError(f"an example must be a JSON object, got {type(example).__name__}")
+    messages = example.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise DataError('"messages" must be a non-empty list')
+    out_messages, n_image_parts = [], 0
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise DataError(f"messages[{i}] must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise DataError(f"messages[{i}]: role must be one of {', '.join(ROLES)}, got {role!r}")
+        if isinstance(content, str):
+            content = [{"type": "text", "text": content}]
+        if not isinstance(content, list) or not content:
+            raise DataError(f"messages[{i}]: content must be a string or a non-empty list of parts")
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise DataError(f'messages[{i}].content[{j}]: a text part needs a string "text"')
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image":
+                parts.append({"type": "image"})
+                n_image_parts += 1
+            else:
+                raise DataError(
+                    f'messages[{i}].content[{j}]: a part must be {{"type": "text", "text": ...}} '
+                    f'or {{"type": "image"}}'
+                )
+        out_messages.append({"role": role, "content": parts})
+    if not any(m["role"] == "assistant" for m in out_messages):
+        raise DataError("no assistant message: there is nothing to learn from this example")
+    images = example.get("images", [])
+    if not isinstance(images, list):
+        raise DataError('"images" must be a list of image paths')
+    if len(images) != n_image_parts:
+        raise DataError(
+            f'{n_image_parts} image part(s) in the messages but {len(images)} image(s) in "images"'
+        )
+    resolved = []
+    for k, image in enumerate(images):
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image).expanduser()
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            if not path.is_file():
+                raise DataError(f"images[{k}]: file not found: {path}")
+            resolved.append(str(path))
+        elif hasattr(image, "size") or torch.is_tensor(image):  # a PIL image, array or tensor given in code
+            resolved.append(image)
+        else:
+            raise DataError(f"images[{k}] must be a file path, got {type(image).__name__}")
+    return {"messages": out_messages, "images": resolved}
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Read and validate a JSONL file (one example per line, blank lines skipped); image paths are relative to
+    the file's folder. The first bad line raises DataError with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    examples = []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                example = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"invalid JSON: {error.msg} (column {error.colno})", path=path, line=number
+                ) from None
+            try:
+                examples.append(normalize_example(example, base_dir=path.parent))
+            except DataError as error:
+                raise DataError(str(error), path=path, line=number) from None
+    if not examples:
+        raise DataError(f"{path} holds no examples")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------- encoding
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+    images: list  # paths or images, in order
+
+
+def _learned_spans(render, messages: list[dict], eou: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans [start, end) of what is learned in it.
+
+    Turns are found by rendering growing prefixes of the conversation; an assistant turn is learned from the
+    end of the generation prompt ("Assistant:") through its last end-of-utterance marker.
+    """
+    full = render(messages, False)
+    spans, turn_start = [], 0
+    for i, message in enumerate(messages):
+        turn_end = len(render(messages[: i + 1], False))
+        if not full.startswith(render(messages[: i + 1], False)):
+            raise ValueError("the chat template does not render a conversation's prefixes as prefixes")
+        if message["role"] == "assistant":
+            start = turn_start
+            try:
+                prompt = render(messages[:i], True)
+            except Exception:  # a template that cannot render an empty conversation
+                prompt = None
+            if prompt is not None and full.startswith(prompt) and turn_start <= len(prompt) <= turn_end:
+                start = len(prompt)
+            marker = full.rfind(eou, start, turn_end)
+            end = marker + len(eou) if marker >= 0 else turn_start + len(full[turn_start:turn_end].rstrip())
+            if end > start:
+                spans.append((start, end))
+        turn_start = turn_end
+    return full, spans
+
+
+class ChatCollator:
+    """Turns chat examples into right-padded training batches (input_ids, attention_mask, labels, and
+    pixel_values / pixel_attention_mask when the batch has images).
+
+    `max_length`: longer examples are cut to that many tokens when every image's tokens stay whole (only
+    text is removed); otherwise the example is dropped with a warning.
+    """
+
+    def __init__(self, processor, max_length: int | None = None):
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        self.processor = processor
+        self.max_length = max_length
+        tok = processor.tokenizer
+        self.tokenizer = tok
+        self.image_id, self.fake_id = tok.image_token_id, tok.fake_image_token_id
+        self.image_token = tok.convert_ids_to_tokens(self.image_id)
+        self.fake_token = tok.convert_ids_to_tokens(self.fake_id)
+        self.eou_token = tok.convert_ids_to_tokens(tok.end_of_utterance_token_id)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        splitting = bool(getattr(processor.image_processor, "do_image_splitting", False))
+        block = self.fake_token + self.image_token * processor.image_seq_len + self.fake_token
+        self.image_block = block * (5 if splitting else 1)
+        if getattr(processor, "chat_template", None) is None:
+            raise ValueError(
+                "the processor has no chat template: training on chat examples needs one "
+                "(set processor.chat_template)"
+            )
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        if not messages and not add_generation_prompt:
+            return ""
+        return self.processor.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def _expand(self, text: str) -> str:
+        """Each `<image>` becomes its fake-token-delimited image tokens, as the processor writes it."""
+        text = text.replace(self.image_token, self.image_block)
+        text = text.replace(self.fake_token + self.fake_token, self.fake_token)
+        return re.sub(rf"{re.escape(self.fake_token)}(?=[^\s<])", self.fake_token + " ", text)
+
+    def encode(self, example: dict) -> EncodedExample | None:
+        """Token ids and labels of one (normalized) example; None (with a warning) when it must be dropped."""
+        full, spans = _learned_spans(self._render, example["messages"], self.eou_token)
+        cuts = sorted({0, len(full), *(p for span in spans for p in span)})
+        pieces = [full[a:b] for a, b in zip(cuts[:-1], cuts[1:], strict=True)]
+        expanded_pieces = [self._expand(piece) for piece in pieces]
+        expanded = "".join(expanded_pieces)
+        if expanded != self._expand(full):
+            raise ValueError(
+                "an image placeholder touches a turn boundary: cannot tell what to learn"
+            )
+        learned_ranges, position = [], 0
+        for (a, _), piece in zip(zip(cuts[:-1], cuts[1:], strict=True), expanded_pieces, strict=True):
+            if any(start <= a < end for start, end in spans):
+                learned_ranges.append((position, position + len(piece)))
+            position += len(piece)
+
+        encoding = self.tokenizer.backend.encode(expanded, add_special_tokens=False)
+        core = list(encoding.ids)
+        ids = list(self.tokenizer.encode(expanded))
+        offset = next((k for k in range(len(ids) - len(core) + 1) if ids[k : k + len(core)] == core), None)
+        if offset is None:
+            raise RuntimeError("the tokenizer's backend and its encode() disagree on this text")
+        labels = [IGNORE] * len(ids)
+        for k, (token_id, (start, _)) in enumerate(zip(core, encoding.offsets, strict=True)):
+            if token_id in (self.image_id, self.fake_id):
+                continue
+            if any(a <= start < b for a, b in learned_ranges):
+                labels[offset + k] = token_id
+        return self._truncate(EncodedExample(ids, labels, list(example["images"])))
+
+    def _truncate(self, encoded: EncodedExample) -> EncodedExample | None:
+        n = self.max_length
+        if n is None or len(encoded.input_ids) <= n:
+            return encoded
+        image_positions = [k for k, t in enumerate(encoded.input_ids) if t in (self.image_id, self.fake_id)]
+        if image_positions and image_positions[-1] >= n:
+            warnings.warn(
+                f"dropping an example of {len(encoded.input_ids)} tokens: max_length={n} would cut "
+                "through its image tokens",
+                stacklevel=3,
+            )
+            return None
+        labels = encoded.labels[:n]
+        if all(label == IGNORE for label in labels[1:]):
+            warnings.warn(
+                f"dropping an example of {len(encoded.input_ids)} tokens: after truncation to "
+                f"max_length={n} nothing is left to learn",
+                stacklevel=3,
+            )
+            return None
+        return EncodedExample(encoded.input_ids[:n], labels, encoded.images)
+
+    def __call__(self, examples: Sequence[dict | EncodedExample]) -> dict[str, torch.Tensor]:
+        encoded = [
+            e if isinstance(e, EncodedExample) else self.encode(normalize_example(e)) for e in examples
+        ]
+        encoded = [e for e in encoded if e is not None]
+        if not encoded:
+            raise ValueError("every example of this batch was dropped (longer than max_length)")
+        length = max(len(e.input_ids) for e in encoded)
+        input_ids = torch.full((len(encoded), length), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
+        labels = torch.full((len(encoded), length), IGNORE, dtype=torch.long)
+        for row, e in enumerate(encoded):
+            input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
+            attention_mask[row, : len(e.input_ids)] = 1
+            labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch.update(self._pixels(encoded))
+        return batch
+
+    def _pixels(self, encoded: list[EncodedExample]) -> dict[str, torch.Tensor]:
+        with_images = [row for row, e in enumerate(encoded) if e.images]
+        if not with_images:
+            return {}
+        out = self.processor.image_processor(
+            [encoded[row].images for row in with_images], return_tensors="pt"
+        )
+        values, mask = out["pixel_values"], out["pixel_attention_mask"]  # (B', N, 3, H, W), (B', N, H, W)
+        pixel_values = values.new_zeros((len(encoded), *values.shape[1:]))
+        pixel_attention_mask = mask.new_zeros((len(encoded), *mask.shape[1:]))
+        pixel_values[with_images] = values
+        pixel_attention_mask[with_images] = mask
+        return {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask}
+
+
+class ChatDataset(torch.utils.data.Dataset):
+    """Examples encoded once (text only; images are read when a batch is built). Examples that cannot fit
+    `collator.max_length` without cutting an image are dropped with a warning."""
+
+    def __init__(self, examples: Sequence[dict], collator: ChatCollator):
+        encoded = [collator.encode(normalize_example(e)) for e in examples]
+        self.examples = [e for e in encoded if e is not None]
+        self.dropped = len(encoded) - len(self.examples)
+        if not self.examples:
+            raise ValueError("no example is left: every one is longer than max_length")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> EncodedExample:
+        return self.examples[index]

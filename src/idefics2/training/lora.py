@@ -1,0 +1,253 @@
+"""LoRA adapters on nn.Linear layers, stored in the PEFT adapter format.
+
+An adapter adds `scaling * B(A(dropout(x)))` to a linear layer's output. The two small matrices live as child
+modules `lora_A` / `lora_B` of the wrapped `nn.Linear` itself, so the base weights keep their names
+(`...q_proj.weight`) and the adapter weights get PEFT's names once prefixed with `base_model.model.`:
+`base_model.model.model.text_model.layers.0.self_attn.q_proj.lora_A.weight`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+# Every projection of the decoder and of the connector (modality projection + perceiver); the vision tower is
+# left alone, as in the usual Idefics2 fine-tuning recipes.
+DEFAULT_TARGET_MODULES = (
+    r".*(text_model|connector).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+)
+
+
+@dataclass
+class LoraConfig:
+    """The subset of PEFT's LoraConfig that this implementation supports (same field names and meaning)."""
+
+    r: int = 8
+    lora_alpha: float = 16
+    lora_dropout: float = 0.05
+    target_modules: str | list[str] = DEFAULT_TARGET_MODULES
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    base_model_name_or_path: str | None = None
+
+    def __post_init__(self):
+        if self.r <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.lora_dropout}")
+        if isinstance(self.target_modules, str):
+            try:
+                re.compile(self.target_modules)
+            except re.error as error:
+                raise ValueError(f"invalid target_modules regex {self.target_modules!r}: {error}") from None
+
+    def targets(self, module_name: str) -> bool:
+        """PEFT's rule: a string is a regex that must match the whole name; a list matches by name suffix."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, module_name) is not None
+        return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        return (
+            _pattern_value(self.rank_pattern, module_name, self.r),
+            _pattern_value(self.alpha_pattern, module_name, self.lora_alpha),
+        )
+
+    def to_peft_dict(self) -> dict:
+        d = asdict(self)
+        d.update(
+            peft_type="LORA",
+            task_type=None,
+            bias="none",
+            fan_in_fan_out=False,
+            inference_mode=True,
+            init_lora_weights=True,
+            modules_to_save=None,
+            layers_to_transform=None,
+            layers_pattern=None,
+            use_dora=False,
+            lora_bias=False,
+            revision=None,
+        )
+        return dict(sorted(d.items()))
+
+    @classmethod
+    def from_peft_dict(cls, d: dict) -> LoraConfig:
+        if d.get("peft_type", "LORA") != "LORA":
+            raise ValueError(f"only LoRA adapters are supported, this one is {d.get('peft_type')!r}")
+        unsupported = {
+            "use_dora": bool(d.get("use_dora")),
+            "bias": d.get("bias", "none") != "none",
+            "modules_to_save": bool(d.get("modules_to_save")),
+            "fan_in_fan_out": bool(d.get("fan_in_fan_out")),
+            "layers_to_transform": d.get("layers_to_transform") is not None,
+            "lora_bias": bool(d.get("lora_bias")),
+        }
+        bad = [name for name, is_set in unsupported.items() if is_set]
+        if bad:
+            raise ValueError(f"unsupported LoRA adapter options: {', '.join(bad)}")
+        targets = d.get("target_modules")
+        if targets is None:
+            raise ValueError("adapter_config.json has no target_modules")
+        return cls(
+            r=int(d["r"]),
+            lora_alpha=float(d.get("lora_alpha", 8)),
+            lora_dropout=float(d.get("lora_dropout", 0.0)),
+            target_modules=targets if isinstance(targets, str) else list(targets),
+            use_rslora=bool(d.get("use_rslora", False)),
+            rank_pattern=dict(d.get("rank_pattern") or {}),
+            alpha_pattern=dict(d.get("alpha_pattern") or {}),
+            base_model_name_or_path=d.get("base_model_name_or_path"),
+        )
+
+
+def _pattern_value(patterns: dict, module_name: str, default):
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return value
+    return default
+
+
+def _lora_hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    x = module.lora_dropout(args[0]).to(module.lora_A.weight.dtype)
+    return output + (module.lora_B(module.lora_A(x)) * module.lora_scaling).to(output.dtype)
+
+
+def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Attach fresh LoRA adapters (A: Kaiming-uniform, B: zeros, as PEFT) to every targeted nn.Linear.
+
+    Returns the names of the adapted modules. Raises ValueError when nothing matches.
+    """
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.targets(n)]
+    if not names:
+        raise ValueError(f"no linear layer matches the LoRA target_modules {config.target_modules!r}")
+    modules = dict(model.named_modules())
+    for name in names:
+        linear = modules[name]
+        if hasattr(linear, "lora_A"):
+            raise ValueError(f"{name} already has a LoRA adapter")
+        rank, alpha = config.rank_and_alpha(name)
+        # Adapters are kept in float32 (as PEFT does) whatever the base weights' dtype.
+        device = linear.weight.device
+        linear.lora_A = nn.Linear(linear.in_features, rank, bias=False, device=device, dtype=torch.float32)
+        linear.lora_B = nn.Linear(rank, linear.out_features, bias=False, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(linear.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(linear.lora_B.weight)
+        linear.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        linear.lora_scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        linear._lora_handle = linear.register_forward_hook(_lora_hook)
+    return names
+
+
+def lora_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and hasattr(m, "lora_A")}
+
+
+def mark_only_lora_trainable(model: nn.Module) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_A." in name or ".lora_B." in name)
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter weights under PEFT's tensor names."""
+    out = {}
+    for name, module in lora_modules(model).items():
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach().contiguous()
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight.detach().contiguous()
+    return out
+
+
+def save_adapter(model: nn.Module, config: LoraConfig, folder: str | os.PathLike) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors (PEFT's format) into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.cpu() for k, v in lora_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model has no LoRA adapter to save")
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft_dict(), indent=2) + "\n")
+    return folder
+
+
+def read_adapter(folder: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read a PEFT LoRA adapter folder; tensor names are returned without PEFT's prefix and adapter name."""
+    folder = Path(folder)
+    config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder} is not a LoRA adapter folder: {path.name} is missing")
+    try:
+        config = LoraConfig.from_peft_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"{config_path} is not a valid adapter config: {error}") from None
+    try:
+        raw = load_file(str(weights_path))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"{weights_path} could not be read: {error}") from None
+    weights = {}
+    for key, tensor in raw.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        # PEFT may keep the adapter name in keys saved by some versions: "...lora_A.default.weight".
+        name = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)
+        weights[name] = tensor
+    return config, weights
+
+
+def load_adapter(model: nn.Module, folder: str | os.PathLike, *, merge: bool = False) -> LoraConfig:
+    """Apply a PEFT LoRA adapter to `model` (in place); with merge=True fold it into the base weights."""
+    config, weights = read_adapter(folder)
+    targets = {n[: -len(".lora_A.weight")] for n in weights if n.endswith(".lora_A.weight")}
+    modules = dict(model.named_modules())
+    missing = sorted(t for t in targets if not isinstance(modules.get(t), nn.Linear))
+    if missing:
+        raise ValueError(
+            f"adapter {folder} targets layers this model does not have: {', '.join(missing[:5])}"
+        )
+    config = LoraConfig(**{**asdict(config), "target_modules": sorted(targets)})
+    rank_pattern = {re.escape(t): weights[f"{t}.lora_A.weight"].shape[0] for t in targets}
+    config.rank_pattern = rank_pattern
+    config_with_zero_dropout = LoraConfig(**{**asdict(config), "lora_dropout": 0.0})
+    add_lora(model, config_with_zero_dropout)
+    for name, module in lora_modules(model).items():
+        for part in ("lora_A", "lora_B"):
+            tensor = weights.get(f"{name}.{part}.weight")
+            target = getattr(module, part).weight
+            if tensor is None or tensor.shape != target.shape:
+                got = None if tensor is None else tuple(tensor.shape)
+                raise ValueError(
+                    f"adapter tensor {name}.{part}.weight: expected {tuple(target.shape)}, got {got}"
+                )
+            with torch.no_grad():
+                target.copy_(tensor)
+    if merge:
+        merge_lora(model)
+    return config
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (W += scaling * B @ A) and remove the adapter."""
+    for module in lora_modules(model).values():
+        delta = module.lora_B.weight.float() @ module.lora_A.weight.float() * module.lora_scaling
+        module.weight += delta.to(module.weight.dtype)
+        remove_adapter(module)
+
+
+def remove_adapter(module: nn.Linear) -> None:
+    module._lora_handle.remove()
+    for attr in ("lora_A", "lora_B", "lora_dropout"):
+        delattr(module, attr)
+    del module.lora_scaling, module._lora_handle

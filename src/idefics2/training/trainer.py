@@ -1,0 +1,477 @@
+"""The training loop: AdamW, warmup + linear/cosine decay, gradient accumulation and clipping, bf16 autocast,
+gradient checkpointing, periodic evaluation, exact save/resume, and data parallel under torchrun (DDP)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from idefics2.training import checkpoint as ckpt
+from idefics2.training import lora
+
+SCHEDULERS = ("linear", "cosine", "constant")
+PRECISIONS = ("auto", "bf16", "no")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: str
+    max_steps: int | None = None  # optimizer steps; None: `num_epochs` passes over the data
+    num_epochs: int = 1
+    batch_size: int = 1  # examples per micro-batch on each rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    scheduler: str = "linear"
+    warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: str = "auto"  # "auto": bf16 autocast on GPUs that support it; "bf16"; "no"
+    gradient_checkpointing: bool = False
+    shuffle: bool = True
+    seed: int = 0
+    eval_steps: int | None = None  # evaluate every N steps (and at the end) when eval data is given
+    save_steps: int | None = None  # write output_dir/checkpoint-N every N steps (and at the end)
+    save_total_limit: int | None = 2  # keep only the newest checkpoints
+    logging_steps: int = 10
+    progress: bool = True
+
+    def __post_init__(self):
+        positive = {
+            "num_epochs": self.num_epochs,
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "logging_steps": self.logging_steps,
+        }
+        for name in ("max_steps", "eval_steps", "save_steps", "save_total_limit"):
+            if getattr(self, name) is not None:
+                positive[name] = getattr(self, name)
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.mixed_precision not in PRECISIONS:
+            raise ValueError(
+                f"mixed_precision must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}"
+            )
+        self.adam_betas = tuple(self.adam_betas)
+
+
+@dataclass
+class TrainResult:
+    step: int
+    losses: list[float] = field(default_factory=list)  # training loss of each optimizer step run here
+    eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+
+
+# --- setup helpers
+def freeze(model: nn.Module, *, vision: bool = False, connector: bool = False, decoder: bool = False) -> None:
+    """Stop gradients into the vision tower, the connector and/or the decoder (text model + lm_head)."""
+    prefixes = [
+        p
+        for p, on in (
+            ("model.vision_model.", vision),
+            ("model.connector.", connector),
+            ("model.text_model.", decoder),
+            ("lm_head.", decoder),
+        )
+        if on
+    ]
+    for name, param in model.named_parameters():
+        if name.startswith(tuple(prefixes)):
+            param.requires_grad_(False)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> int:
+    """Recompute each transformer layer's activations in the backward pass; returns how many were wrapped."""
+    wrapped = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
+            for layer in module:
+                layer.forward = functools.partial(_checkpointed, layer.forward)
+                wrapped += 1
+    return wrapped
+
+
+def _checkpointed(forward: Callable, *args, **kwargs):
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def lr_factor(step: int, kind: str, warmup: int, total: int) -> float:
+    """Multiplier of the peak learning rate for the update made at `step` (0-based)."""
+    if step < warmup:
+        return step / warmup
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if kind == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(
+    model: nn.Module, args: TrainingArguments
+) -> tuple[torch.optim.Optimizer, dict[int, str]]:
+    """AdamW over the trainable parameters; biases and norm weights (1-D) get no weight decay."""
+    decay, no_decay, names = [], [], {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+            names[id(param)] = name
+    if not names:
+        raise ValueError("the model has no trainable parameters (everything is frozen)")
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=args.adam_betas, eps=args.adam_eps)
+    return optimizer, names
+
+
+# --- distributed
+def distributed_context() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; initialises the process group once."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+    return 0, 1, 0
+
+
+def _all_reduce_sum(values: list[float], device: torch.device, world: int) -> list[float]:
+    if world == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# --- data order
+def rank_micro_batches(
+    n_examples: int, batch_size: int, rank: int, world: int, seed: int, epoch: int, shuffle: bool
+) -> list[list[int]]:
+    """This rank's micro-batches (example indices) for one epoch. Every rank gets the same number: the
+    epoch's order is padded by wrapping around, as torch's DistributedSampler does."""
+    if shuffle:
+        order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    else:
+        order = list(range(n_examples))
+    per_rank = math.ceil(n_examples / world)
+    while len(order) < per_rank * world:
+        order += order[: per_rank * world - len(order)]
+    mine = order[rank::world]
+    return [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
+def _micro_batch_stream(
+    n_examples: int, args: TrainingArguments, rank: int, world: int, start: int
+) -> Iterator[list[int]]:
+    """Micro-batches from global position `start` on, epoch after epoch (deterministic, so resumable)."""
+    n_micro = math.ceil(math.ceil(n_examples / world) / args.batch_size)
+    position = start
+    epoch, cached = -1, []
+    while True:
+        e, i = divmod(position, n_micro)
+        if e != epoch:
+            epoch, cached = (
+                e,
+                rank_micro_batches(n_examples, args.batch_size, rank, world, args.seed, e, args.shuffle),
+            )
+        yield cached[i]
+        position += 1
+
+
+def steps_for(n_examples: int, args: TrainingArguments, world: int) -> int:
+    if args.max_steps is not None:
+        return args.max_steps
+    n_micro = math.ceil(math.ceil(n_examples / world) / args.batch_size)
+    return args.num_epochs * math.ceil(n_micro / args.grad_accum)
+
+
+# --- loss
+def _model_inputs(batch: dict, device: torch.device) -> tuple[dict, torch.Tensor]:
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels" and torch.is_tensor(v)}
+    return inputs, batch["labels"].to(device)
+
+
+def summed_loss(
+    model: nn.Module, batch: dict, device: torch.device, autocast: contextlib.AbstractContextManager
+) -> tuple[torch.Tensor, int]:
+    """Sum of the next-token cross-entropy over the learned positions, and how many there are."""
+    inputs, labels = _model_inputs(batch, device)
+    with autocast:
+        logits = model(**inputs).logits  # (B, T, V)
+    targets = labels[:, 1:]
+    loss = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
+    )
+    return loss, int((targets != -100).sum())
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Sequence,
+    collate: Callable[[list], dict],
+    args: TrainingArguments,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+) -> float:
+    """Token-weighted mean loss over `data`, each rank taking its share."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    indices = list(range(rank, len(data), world))
+    for i in range(0, len(indices), args.batch_size):
+        batch = collate([data[j] for j in indices[i : i + args.batch_size]])
+        loss, n = summed_loss(model, batch, device, _autocast(args, device))
+        total, count = total + float(loss), count + n
+    total, count = _all_reduce_sum([total, float(count)], device, world)
+    model.train(was_training)
+    return total / max(count, 1.0)
+
+
+def _autocast(args: TrainingArguments, device: torch.device) -> contextlib.AbstractContextManager:
+    use_bf16 = args.mixed_precision == "bf16" or (
+        args.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+# --- progress
+class Progress:
+    """One status line on stderr: redrawn in place on a terminal, printed every `every` steps otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool, every: int):
+        self.total, self.start, self.enabled, self.every = total, start, enabled, every
+        self.tty = sys.stderr.isatty()
+        self.t0 = time.perf_counter()
+        self.tokens = self.samples = 0
+
+    def update(self, step: int, loss: float, lr: float, tokens: int, samples: int) -> None:
+        self.tokens += tokens
+        self.samples += samples
+        if not self.enabled or not (self.tty or step % self.every == 0 or step == self.total):
+            return
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        done = step - self.start
+        eta = elapsed / max(done, 1) * (self.total - step)
+        line = (
+            f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {self.tokens / elapsed:.0f} tok/s | "
+            f"{self.samples / elapsed:.2f} samples/s | eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
+        )
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            print(("\n" if self.tty else "") + text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+# --- checkpoints
+def save_checkpoint(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    names: dict[int, str],
+    args: TrainingArguments,
+    step: int,
+    world: int,
+    rank: int,
+    lora_config: lora.LoraConfig | None,
+) -> Path:
+    folder = Path(args.output_dir) / f"checkpoint-{step}"
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        ckpt.save_model_weights(model, folder, lora_config)
+        ckpt.save_optimizer(optimizer, names, folder)
+        state = {
+            "step": step,
+            "world_size": world,
+            "scheduler": scheduler.state_dict(),
+            "args": asdict(args),
+            "lora": lora_config is not None,
+        }
+        (folder / ckpt.TRAINER_STATE).write_text(json.dumps(state, indent=1))
+    if world > 1:
+        dist.barrier()
+    folder.mkdir(parents=True, exist_ok=True)
+    ckpt.save_rng(folder, rank)
+    if world > 1:
+        dist.barrier()
+    if rank == 0 and args.save_total_limit is not None:
+        older = sorted(
+            (int(p.name.split("-")[1]), p)
+            for p in Path(args.output_dir).glob("checkpoint-*")
+            if p.name.split("-")[1].isdigit() and int(p.name.split("-")[1]) < step
+        )
+        for _, path in older[: max(0, len(older) + 1 - args.save_total_limit)]:
+            shutil.rmtree(path)
+    return folder
+
+
+def _load_checkpoint(
+    folder: Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    names: dict[int, str],
+    args: TrainingArguments,
+    world: int,
+    rank: int,
+) -> int:
+    state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
+    saved = state["args"]
+    for key in ("batch_size", "grad_accum", "seed", "shuffle"):
+        if saved.get(key) != getattr(args, key):
+            raise ValueError(
+                f"cannot resume exactly from {folder}: it was trained with {key}={saved.get(key)!r}, "
+                f"this run has {key}={getattr(args, key)!r}"
+            )
+    if state["world_size"] != world:
+        raise ValueError(
+            f"cannot resume exactly from {folder}: it was trained on {state['world_size']} "
+            f"process(es), this run has {world}"
+        )
+    ckpt.load_trainable_weights(model, folder)
+    ckpt.load_optimizer(optimizer, names, folder)
+    scheduler.load_state_dict(state["scheduler"])
+    ckpt.load_rng(folder, rank)
+    return int(state["step"])
+
+
+# --- the loop
+def train(
+    model: nn.Module,
+    train_data: Sequence,
+    collate: Callable[[list], dict],
+    args: TrainingArguments,
+    *,
+    eval_data: Sequence | None = None,
+    lora_config: lora.LoraConfig | None = None,
+    resume_from: str | os.PathLike | bool | None = None,
+    device: str | torch.device | None = None,
+) -> TrainResult:
+    """Train `model` (already set up: LoRA added, parts frozen) on `train_data` and save the result.
+
+    `collate(list_of_examples)` must return a dict of tensors with `labels` (-100 = not learned) and the
+    model's inputs. Under torchrun each rank reads its own shard and gradients are averaged with DDP.
+    `resume_from`: a checkpoint folder, or True for the newest one in `args.output_dir`. With LoRA the output
+    folder receives the PEFT adapter; otherwise the full model (`save_pretrained`).
+    """
+    if len(train_data) == 0:
+        raise ValueError("the training data is empty")
+    rank, world, local_rank = distributed_context()
+    if device is None:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    model.to(device)
+    model.train()
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    optimizer, names = build_optimizer(model, args)
+    total = steps_for(len(train_data), args, world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_factor, kind=args.scheduler, warmup=args.warmup_steps, total=total)
+    )
+
+    step = 0
+    if resume_from:
+        folder = ckpt.latest_checkpoint(output_dir) if resume_from is True else Path(resume_from)
+        if folder is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {output_dir}")
+        step = _load_checkpoint(folder, model, optimizer, scheduler, names, args, world, rank)
+
+    ddp_model = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
+        )
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    result = TrainResult(step=step)
+    progress = Progress(total, step, args.progress and rank == 0, args.logging_steps)
+    stream = _micro_batch_stream(len(train_data), args, rank, world, start=step * args.grad_accum)
+
+    while step < total:
+        batches = [collate([train_data[i] for i in next(stream)]) for _ in range(args.grad_accum)]
+        # Normalise by the learned tokens of the whole step on all ranks, so that accumulation and DDP give
+        # the gradient of one big batch. DDP averages over ranks, hence the factor `world`.
+        local = [float((b["labels"][:, 1:] != -100).sum()) for b in batches]
+        n_tokens = _all_reduce_sum([sum(local)], device, world)[0]
+        loss_sum = 0.0
+        for j, batch in enumerate(batches):
+            sync = j == len(batches) - 1 or world == 1
+            with contextlib.nullcontext() if sync else ddp_model.no_sync():
+                loss, _ = summed_loss(ddp_model, batch, device, _autocast(args, device))
+                (loss * world / max(n_tokens, 1.0)).backward()
+            loss_sum += loss.detach().item()
+        if args.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        step_loss = _all_reduce_sum([loss_sum], device, world)[0] / max(n_tokens, 1.0)
+        result.losses.append(step_loss)
+        input_tokens = _all_reduce_sum(
+            [
+                float(sum(int(b["attention_mask"].sum()) for b in batches)),
+                float(sum(len(b["input_ids"]) for b in batches)),
+            ],
+            device,
+            world,
+        )
+        progress.update(step, step_loss, lr, int(input_tokens[0]), int(input_tokens[1]))
+
+        if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0 or step == total):
+            eval_loss = evaluate(model, eval_data, collate, args, device, rank, world)
+            result.eval_losses.append((step, eval_loss))
+            progress.message(f"step {step}: eval loss {eval_loss:.4f}")
+        if args.save_steps and (step % args.save_steps == 0 or step == total):
+            save_checkpoint(model, optimizer, scheduler, names, args, step, world, rank, lora_config)
+    progress.close()
+
+    if eval_data is not None and not args.eval_steps:
+        eval_loss = evaluate(model, eval_data, collate, args, device, rank, world)
+        result.eval_losses.append((step, eval_loss))
+        progress.message(f"step {step}: eval loss {eval_loss:.4f}")
+    if rank == 0:
+        ckpt.save_model_weights(model, output_dir, lora_config)
+    if world > 1:
+        dist.barrier()
+    result.step = step
+    return result

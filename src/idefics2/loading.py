@@ -1,0 +1,356 @@
+"""Checkpoint loading and saving: safetensors only, memory-mapped, strict about names and shapes.
+
+Loading builds the module on the meta device (no allocation), memory-maps each safetensors file
+copy-on-write and assigns the mapped tensors as parameters, so weights are read from disk only when used
+and peak memory stays near the size of the weights. Pickle-based checkpoints are refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from idefics2.config import Idefics2Config
+from idefics2.hub import resolve_checkpoint
+
+if TYPE_CHECKING:
+    from idefics2.modeling.model import Idefics2ForConditionalGeneration
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unusable: corrupted or pickled files, or tensors that do not fit the model."""
+
+
+# ---- reading ---------------------------------------------------------------------------------------------
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Memory-map a safetensors file (copy-on-write) and return its tensors without reading their data.
+
+    Every header entry is validated (dtype, shape, offsets inside the file and tiling the data exactly), so a
+    truncated or corrupted file gives a CheckpointError naming the file instead of garbage or a crash.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+
+    def corrupted(why: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path} is not a valid safetensors file ({why}); the file may be corrupted or "
+            f"truncated: download or save it again"
+        )
+
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise corrupted(f"only {size} bytes")
+        if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
+            raise CheckpointError(
+                f"{path} is a pickle/PyTorch file renamed as safetensors; refusing to load it"
+            )
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > size - 8:
+            raise corrupted(f"header length {header_len} exceeds the file size {size}")
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise corrupted(f"unreadable header: {error}") from None
+    if not isinstance(header, dict):
+        raise corrupted("header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_len = 8 + header_len, size - 8 - header_len
+
+    entries = []
+    for name, info in header.items():
+        try:
+            dtype = _DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            start, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise corrupted(f"bad header entry for {name!r}: {info!r}") from None
+        if any(d < 0 for d in shape) or not 0 <= start <= end <= data_len:
+            raise corrupted(
+                f"tensor {name!r} lies outside the file (offsets {start}..{end}, data {data_len} bytes)"
+            )
+        if end - start != math.prod(shape) * _itemsize(dtype):
+            raise corrupted(f"tensor {name!r} of shape {shape} ({info['dtype']}) has {end - start} bytes")
+        entries.append((start, end, name, dtype, shape))
+    entries.sort()
+    position = 0
+    for start, end, name, _, _ in entries:
+        if start != position:
+            raise corrupted(f"tensor {name!r} starts at byte {start}, expected {position}")
+        position = end
+    if position != data_len:
+        raise corrupted(f"the tensors cover {position} bytes of {data_len}")
+
+    if data_len == 0:
+        raw = torch.empty(0, dtype=torch.uint8)
+    else:
+        raw = torch.from_numpy(
+            np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(data_len,))
+        )
+    tensors = {}
+    for start, end, name, dtype, shape in entries:
+        chunk = raw[start:end]
+        if start % _itemsize(dtype):  # misaligned for its dtype (allowed by the format): copy it
+            chunk = chunk.clone()
+        tensors[name] = chunk.view(dtype).reshape(shape)
+    return tensors
+
+
+def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of a checkpoint folder and, for sharded checkpoints, the index's weight map."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError("weight_map is not an object")
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            raise CheckpointError(f"{index_path} is not a valid safetensors index: {error}") from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise CheckpointError(f"{index_path} lists shard files that are missing from {folder}: {missing}")
+        return [folder / s for s in shards], weight_map
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE], None
+    pickled = sorted(p.name for p in folder.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
+    if pickled:
+        raise CheckpointError(
+            f"{folder} only has pickle-based weights ({', '.join(pickled)}). Pickle files can run arbitrary "
+            f"code when loaded, so they are refused and never unpickled; convert the checkpoint to "
+            f"safetensors ({SINGLE_FILE} or sharded with {INDEX_FILE})"
+        )
+    raise CheckpointError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}")
+
+
+def _describe(problems: list[str], title: str, limit: int = 25) -> list[str]:
+    if not problems:
+        return []
+    shown = problems[:limit] + ([f"... and {len(problems) - limit} more"] if len(problems) > limit else [])
+    return [f"{title} ({len(problems)}):"] + [f"  {p}" for p in shown]
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: Idefics2Config) -> torch.dtype:
+    """None -> float32; "auto" -> the config's torch_dtype (float32 when unset); names like "bfloat16"."""
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        dtype = config.torch_dtype or "float32"
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, its name, or 'auto'; got {dtype!r}")
+    return dtype
+
+
+def load_pretrained(
+    cls: type[Idefics2ForConditionalGeneration],
+    path_or_repo_id: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    attn_implementation: str = "sdpa",
+    revision: str | None = None,
+) -> Idefics2ForConditionalGeneration:
+    """Build `cls` on the meta device and assign the checkpoint's memory-mapped tensors to it."""
+    folder = resolve_checkpoint(path_or_repo_id, revision=revision)
+    config = Idefics2Config.from_pretrained(folder)
+    target_dtype = resolve_dtype(dtype, config)
+    files, weight_map = checkpoint_files(folder)
+
+    with torch.device("meta"):
+        model = cls(config)
+    model.set_attn_implementation(attn_implementation)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+
+    tensors: dict[str, torch.Tensor] = {}
+    problems_dup, problems_index = [], []
+    for file in files:
+        for name, tensor in read_safetensors(file).items():
+            if name in tensors:
+                problems_dup.append(f"{name} (again in {file.name})")
+            tensors[name] = tensor
+            if weight_map is not None and weight_map.get(name) not in (None, file.name):
+                problems_index.append(f"{name}: index says {weight_map[name]}, found in {file.name}")
+    if weight_map is not None:
+        problems_index += [
+            f"{name}: listed in {INDEX_FILE} but not in {shard}"
+            for name, shard in weight_map.items()
+            if name not in tensors
+        ]
+
+    missing = sorted(n for n in expected if n not in tensors and n not in optional)
+    unexpected = sorted(n for n in tensors if n not in expected)
+    mismatched = sorted(
+        f"{n}: checkpoint {tuple(tensors[n].shape)}, model {expected[n]}"
+        for n in expected
+        if n in tensors and tuple(tensors[n].shape) != expected[n]
+    )
+    lines = (
+        _describe(missing, "missing tensors")
+        + _describe(unexpected, "unexpected tensors")
+        + _describe(mismatched, "shape mismatches")
+        + _describe(problems_dup, "duplicated tensors")
+        + _describe(problems_index, "index inconsistencies")
+    )
+    if lines:
+        raise CheckpointError(
+            f"the checkpoint in {folder} does not match the model its config.json describes:\n"
+            + "\n".join(lines)
+        )
+
+    state = {}
+    for name in expected:
+        tensor = tensors.get(name)
+        if tensor is None:  # tied lm_head absent from the checkpoint
+            continue
+        state[name] = tensor.to(device=device, dtype=target_dtype)
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.text_model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    model.tie_weights()
+    del tensors, state
+
+    model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
+    model.generation_config = _read_generation_config(folder)
+    model.checkpoint_dir = folder
+    return model.eval()
+
+
+def _read_generation_config(folder: Path) -> dict[str, Any]:
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object")
+    return data
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string like "5GB", "500MB", "2GiB"."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)\s*", str(size), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read the size {size!r}; use bytes or a string like '5GB'")
+    unit = match.group(2).upper()
+    base = 1024 if "I" in unit else 1000
+    return int(float(match.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> None:
+    """Write tensors as safetensors, streaming one tensor at a time (atomic: temp file, then rename)."""
+    # widest dtypes first keeps every tensor aligned to its item size
+    names = sorted(tensors, key=lambda n: -tensors[n].element_size())
+    header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(len(header_bytes).to_bytes(8, "little"))
+        f.write(header_bytes)
+        for name in names:
+            t = tensors[name].detach().to("cpu").contiguous()
+            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+    os.replace(tmp, path)  # a model memory-mapping the old file keeps reading the old data
+
+
+def save_pretrained(
+    model: Idefics2ForConditionalGeneration, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB"
+) -> Path:
+    """config.json (+ generation_config.json) and weights as model.safetensors, or shards + index."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    state = model.state_dict()
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight")
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + nbytes > limit:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += nbytes
+
+    if len(shards) == 1:
+        written = {SINGLE_FILE}
+        write_safetensors(folder / SINGLE_FILE, shards[0])
+    else:
+        weight_map, written = {}, {INDEX_FILE}
+        for i, shard in enumerate(shards, start=1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            write_safetensors(folder / file, shard)
+            weight_map.update(dict.fromkeys(shard, file))
+            written.add(file)
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    for stale in folder.glob("model*.safetensors*"):  # weights of an earlier save in the same folder
+        if stale.name not in written and re.fullmatch(
+            r"model(-\d+-of-\d+)?\.safetensors(\.index\.json)?", stale.name
+        ):
+            stale.unlink()
+
+    config = model.config
+    config.torch_dtype = str(model.dtype).removeprefix("torch.")
+    config.save_pretrained(folder)
+    if model.generation_config:
+        (folder / "generation_config.json").write_text(json.dumps(model.generation_config, indent=2) + "\n")
+    return folder

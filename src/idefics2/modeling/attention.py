@@ -1,0 +1,127 @@
+"""Attention kernels (sdpa and eager), boolean mask building and the shared small layers."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def check_attn_implementation(name: str) -> str:
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ValueError(f"attn_implementation must be one of {ATTN_IMPLEMENTATIONS}, got {name!r}")
+    return name
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(B, n_kv_heads, S, D) -> (B, n_kv_heads * n_rep, S, D), each kv head shared by n_rep query heads."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scale: float,
+    impl: str = "sdpa",
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """Multi-head attention with grouped kv heads.
+
+    q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv; mask: bool, broadcastable to (B, H, T, S),
+    True where a query may attend to a key, or None for full attention. Returns (B, T, H * D).
+    """
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    if impl == "sdpa":
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+    else:
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, T, S)
+        softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+        if mask is not None:
+            scores = scores.to(softmax_dtype).masked_fill(~mask, torch.finfo(softmax_dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
+        probs = F.dropout(probs, p=dropout, training=dropout > 0)
+        out = torch.matmul(probs, v)
+    b, h, t, d = out.shape
+    return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) 0/1 key mask -> bool (B, 1, 1, S), or None when every key is real (full attention)."""
+    if mask is None:
+        return None
+    mask = mask.bool()
+    if bool(mask.all()):
+        return None
+    return mask[:, None, None, :]
+
+
+def causal_mask(
+    attention_mask: torch.Tensor,
+    cache_position: torch.Tensor,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Decoder mask by slot: (B, S) 0/1 key padding, (T,) query slots -> bool (B, 1, T, S).
+
+    A query at slot q sees key slot s when the key is real, s <= q, and q - s < sliding_window (if set).
+    It always sees its own slot, so rows of padding queries are never empty (no NaN).
+    """
+    key_slot = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    query_slot = cache_position.to(attention_mask.device)[:, None]
+    allowed = key_slot[None, :] <= query_slot  # (T, S)
+    if sliding_window is not None:
+        allowed = allowed & (key_slot[None, :] > query_slot - sliding_window)
+    allowed = allowed[None, None] & attention_mask.bool()[:, None, None, :]  # (B, 1, T, S)
+    return allowed | (key_slot[None, :] == query_slot)[None, None]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in the wider of float32 and the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.to(torch.promote_types(dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def activation(name: str):
+    """The activation function called `name` in a config."""
+    if name in ("silu", "swish"):
+        return F.silu
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_fast"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    if name == "relu":
+        return F.relu
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), without biases (Mistral MLP, modality projection, perceiver MLP)."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int, act: str) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, out_dim, bias=False)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,387 @@
+"""The full model: vision encoder + connector + Mistral decoder, and the language-modelling head."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idefics2.config import Idefics2Config
+from idefics2.modeling.attention import RMSNorm, causal_mask, check_attn_implementation
+from idefics2.modeling.connector import Idefics2Connector, PerceiverResampler
+from idefics2.modeling.text import KVCache, MistralDecoder
+from idefics2.modeling.vision import Idefics2VisionTransformer, patch_mask_from_pixels
+
+
+@dataclass
+class Idefics2ModelOutput:
+    last_hidden_state: torch.Tensor  # (B, T, hidden)
+    image_hidden_states: torch.Tensor | None = None  # (n_real_images, n_latents, hidden)
+
+
+@dataclass
+class Idefics2Output:
+    logits: torch.Tensor  # (B, T or kept positions, vocab)
+    loss: torch.Tensor | None = None
+    image_hidden_states: torch.Tensor | None = None  # (n_real_images, n_latents, hidden)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of position t predicting labels[t + 1]; label -100 is ignored."""
+    if labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels shape {tuple(labels.shape)} does not match the logits' {tuple(logits.shape[:2])}"
+        )
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    targets = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+
+def _set_attn_implementation(module: nn.Module, name: str) -> None:
+    check_attn_implementation(name)
+    for sub in module.modules():
+        if hasattr(sub, "attn_implementation"):
+            sub.attn_implementation = name
+
+
+class Idefics2Model(nn.Module):
+    """Vision encoder + connector + decoder; returns the decoder's last hidden states."""
+
+    def __init__(self, config: Idefics2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = Idefics2VisionTransformer(config.vision_config)
+        self.connector = Idefics2Connector(config)
+        self.text_model = MistralDecoder(config.text_config)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.embed_tokens
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """pixel_values (B, N, C, H, W) [or (N, C, H, W)] -> (n_real_images, n_latents, hidden).
+
+        All-zero images (the processor's padding images) are skipped; pixel_attention_mask (B, N, H, W) marks
+        real pixels, and a patch is real only when all of its pixels are.
+        """
+        if pixel_values.dim() == 4:
+            pixel_values = pixel_values[:, None]
+            pixel_attention_mask = None if pixel_attention_mask is None else pixel_attention_mask[:, None]
+        if pixel_values.dim() != 5:
+            raise ValueError(
+                f"pixel_values must be (batch, images, channels, height, width), "
+                f"got shape {tuple(pixel_values.shape)}"
+            )
+        b, n, c, h, w = pixel_values.shape
+        vision = self.config.vision_config
+        if c != vision.num_channels:
+            raise ValueError(
+                f"pixel_values have {c} channels, the vision encoder expects {vision.num_channels}"
+            )
+        if h < vision.patch_size or w < vision.patch_size:
+            raise ValueError(f"images of {h}x{w} pixels are smaller than one {vision.patch_size}-pixel patch")
+        dtype = self.vision_model.embeddings.patch_embedding.weight.dtype
+        pixel_values = pixel_values.reshape(b * n, c, h, w)
+        real = (pixel_values != 0).flatten(1).any(dim=1)  # (B * N,) all-zero images are padding
+        pixel_values = pixel_values[real].to(dtype)
+        if pixel_attention_mask is None:
+            pixel_mask = torch.ones(
+                (pixel_values.shape[0], h, w), dtype=torch.bool, device=pixel_values.device
+            )
+        else:
+            if pixel_attention_mask.shape != (b, n, h, w):
+                raise ValueError(
+                    f"pixel_attention_mask shape {tuple(pixel_attention_mask.shape)} does not match "
+                    f"pixel_values {(b, n, h, w)}"
+                )
+            pixel_mask = pixel_attention_mask.reshape(b * n, h, w)[real.to(pixel_attention_mask.device)]
+            pixel_mask = pixel_mask.to(pixel_values.device)
+        patch_mask = patch_mask_from_pixels(pixel_mask, vision.patch_size)  # (N_real, gh, gw)
+        if not bool(patch_mask.flatten(1).any(dim=1).all()):
+            raise ValueError("an image has no patch whose pixels are all real in pixel_attention_mask")
+        features = self.vision_model(pixel_values, patch_mask)  # (N_real, gh * gw, vision hidden)
+        return self.connector(features, patch_mask.flatten(1))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_hidden_states: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> Idefics2ModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and image_hidden_states is not None:
+            raise ValueError("pass pixel_values or image_hidden_states, not both")
+        embed = self.text_model.embed_tokens
+        if inputs_embeds is None:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+            if input_ids.numel() and (
+                int(input_ids.min()) < 0 or int(input_ids.max()) >= embed.num_embeddings
+            ):
+                raise ValueError(
+                    f"input_ids must lie in [0, {embed.num_embeddings}), got values in "
+                    f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+                )
+            inputs_embeds = embed(input_ids)
+        b, t, _ = inputs_embeds.shape
+
+        if pixel_values is not None:
+            image_hidden_states = self.get_image_features(pixel_values, pixel_attention_mask)
+        if image_hidden_states is not None:
+            inputs_embeds = self._merge_images(input_ids, inputs_embeds, image_hidden_states)
+
+        mask, position_ids, cache_position = self._decoder_inputs(
+            attention_mask, position_ids, kv_cache, cache_position, b, t, inputs_embeds.device
+        )
+        hidden = self.text_model(inputs_embeds, position_ids, mask, kv_cache, cache_position)
+        return Idefics2ModelOutput(hidden, image_hidden_states)
+
+    def _merge_images(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, image_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        """Put the image latents, in order, at the `<image>` token positions."""
+        if input_ids is not None:
+            is_image = input_ids == self.config.image_token_id
+        else:
+            image_embedding = self.text_model.embed_tokens.weight[self.config.image_token_id]
+            is_image = (inputs_embeds == image_embedding).all(dim=-1)
+        latents = image_hidden_states.reshape(-1, inputs_embeds.shape[-1])
+        n_tokens = int(is_image.sum())
+        if n_tokens != latents.shape[0]:
+            n_latents = self.config.perceiver_config.resampler_n_latents
+            raise ValueError(
+                f"the input has {n_tokens} <image> tokens but the images give {latents.shape[0]} embeddings "
+                f"({image_hidden_states.shape[0]} images x {n_latents} latents)"
+            )
+        out = inputs_embeds.clone()
+        out[is_image] = latents.to(out.dtype)
+        return out
+
+    def _decoder_inputs(self, attention_mask, position_ids, kv_cache, cache_position, b, t, device):
+        """Attention mask (B, 1, T, S), position ids (B, T) and cache positions (T,) for the decoder."""
+        if cache_position is None:
+            if kv_cache is not None:
+                raise ValueError("cache_position is required with a kv_cache")
+            cache_position = torch.arange(t, device=device)
+        cache_position = cache_position.to(device=device, dtype=torch.long)
+        if cache_position.shape != (t,):
+            raise ValueError(f"cache_position must have shape ({t},), got {tuple(cache_position.shape)}")
+        if attention_mask is None:
+            length = t if kv_cache is None else int(cache_position.max()) + 1
+            attention_mask = torch.ones((b, length), dtype=torch.long, device=device)
+        attention_mask = attention_mask.to(device)
+        length = attention_mask.shape[-1]
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != b:
+            raise ValueError(f"attention_mask must be (batch={b}, length), got {tuple(attention_mask.shape)}")
+        if kv_cache is None:
+            if length != t:
+                raise ValueError(f"attention_mask covers {length} tokens but the input has {t} (no kv_cache)")
+        else:
+            if kv_cache.batch_size != b:
+                raise ValueError(f"kv_cache holds batch {kv_cache.batch_size}, the input has batch {b}")
+            if length > kv_cache.max_length:
+                raise ValueError(
+                    f"attention_mask covers {length} slots, the kv_cache only {kv_cache.max_length}"
+                )
+            if t and (int(cache_position.max()) >= length or int(cache_position.min()) < 0):
+                raise ValueError(f"cache_position must lie in [0, {length}) (the attention_mask length)")
+        if position_ids is None:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+            position_ids = positions[:, cache_position]
+        elif position_ids.shape in ((b, t), (1, t)):
+            position_ids = position_ids.expand(b, t)
+        else:
+            raise ValueError(f"position_ids must be ({b}, {t}), got {tuple(position_ids.shape)}")
+        mask = causal_mask(attention_mask, cache_position, self.config.text_config.sliding_window)
+        return mask, position_ids.to(device), cache_position
+
+
+class Idefics2ForConditionalGeneration(nn.Module):
+    """Idefics2 with its language-modelling head; state-dict names match the hub checkpoints."""
+
+    def __init__(self, config: Idefics2Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Idefics2Model(config)
+        text = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.text_model.embed_tokens.weight
+        self.generation_config: dict[str, Any] = {}
+        self.checkpoint_dir: Path | None = None
+        self.attn_implementation = "sdpa"
+        self.init_weights()
+
+    # ---- construction, loading, saving -------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Random initialisation for training from scratch (normal weights, zero biases, unit norms)."""
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+        text_std = self.config.text_config.initializer_range
+        vision_std = self.config.vision_config.initializer_range
+        for name, module in self.named_modules():
+            std = vision_std if name.startswith("model.vision_model") else text_std
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.weight.normal_(0.0, std, generator=generator)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.Embedding):
+                module.weight.normal_(0.0, std, generator=generator)
+                if module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+                module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, PerceiverResampler):
+                module.latents.normal_(0.0, std, generator=generator)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.text_model.embed_tokens.weight
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        dtype: torch.dtype | str | None = None,
+        torch_dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        attn_implementation: str = "sdpa",
+        revision: str | None = None,
+    ) -> Idefics2ForConditionalGeneration:
+        """Load a checkpoint folder or hub repo id (safetensors only; see idefics2.loading)."""
+        from idefics2.loading import load_pretrained
+
+        return load_pretrained(
+            cls,
+            path_or_repo_id,
+            dtype=dtype if dtype is not None else torch_dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            revision=revision,
+        )
+
+    def save_pretrained(self, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+        """Write config.json (+ generation_config.json) and safetensors weights (sharded above a size)."""
+        from idefics2.loading import save_pretrained
+
+        return save_pretrained(self, folder, max_shard_size=max_shard_size)
+
+    def set_attn_implementation(self, name: str) -> None:
+        """Switch every attention layer between "sdpa" and "eager"."""
+        _set_attn_implementation(self, name)
+        self.attn_implementation = name
+
+    def gradient_checkpointing_enable(self, enable: bool = True) -> None:
+        self.model.vision_model.encoder.gradient_checkpointing = enable
+        self.model.text_model.gradient_checkpointing = enable
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.text_model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.text_model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def new_kv_cache(
+        self,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """A static cache for `max_length` slots per sample."""
+        text = self.config.text_config
+        return KVCache(
+            text.num_hidden_layers,
+            batch_size,
+            text.num_key_value_heads,
+            max_length,
+            text.head_dim,
+            dtype=dtype or self.dtype,
+            device=device or self.device,
+        )
+
+    # ---- forward -------------------------------------------------------------------------------------------
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values, pixel_attention_mask)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_hidden_states: torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> Idefics2Output:
+        """Logits for every position (or the last `logits_to_keep`), and the shifted LM loss given labels.
+
+        Padding positions (attention_mask 0) are computed but meaningless; mask them out of labels with -100.
+        """
+        out = self.model(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            pixel_attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            image_hidden_states=image_hidden_states,
+            kv_cache=kv_cache,
+            cache_position=cache_position,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+        if logits_to_keep:
+            if labels is not None:
+                raise ValueError(
+                    "labels need the logits of every position; do not combine them with logits_to_keep"
+                )
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = causal_lm_loss(logits, labels) if labels is not None else None
+        return Idefics2Output(logits=logits, loss=loss, image_hidden_states=out.image_hidden_states)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """See `idefics2.generation.generate`."""
+        from idefics2.generation import generate
+
+        return generate(self, *args, **kwargs)

@@ -1,0 +1,160 @@
+"""Mistral decoder: RoPE, grouped-query attention, RMSNorm, gated MLP, and a static KV cache."""
+
+from __future__ import annotations
+
+import torch
+import torch.utils.checkpoint
+from torch import nn
+
+from idefics2.config import Idefics2TextConfig
+from idefics2.modeling.attention import GatedMLP, RMSNorm, attention
+
+
+class KVCache:
+    """Pre-allocated key/value buffers, one pair per layer, each (B, n_kv_heads, max_length, head_dim).
+
+    New keys and values are written in place at the slots given by `cache_position`; attention then reads
+    slots [0, S). Nothing is concatenated per step.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        max_length: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if batch_size <= 0 or max_length <= 0:
+            raise ValueError(
+                f"KVCache needs batch_size > 0 and max_length > 0, got {batch_size}, {max_length}"
+            )
+        shape = (batch_size, num_kv_heads, max_length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.batch_size = batch_size
+        self.max_length = max_length
+
+    def update(
+        self, layer: int, cache_position: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv_heads, T, D) at slots cache_position (T,); return slots [0, length)."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, cache_position, k.to(keys.dtype))
+        values.index_copy_(2, cache_position, v.to(values.dtype))
+        return keys[:, :, :length], values[:, :, :length]
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin (B, T, head_dim) for RoPE at these positions, computed in the wider of float32 and dtype."""
+    work = torch.promote_types(dtype, torch.float32)
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim)
+    )
+    angles = position_ids[..., None].to(work) * inv_freq.to(work)  # (B, T, head_dim / 2)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated pairwise (i, i + D/2) by the angles in cos, sin (B, T, D)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos[:, None] + rotated * sin[:, None]
+
+
+class TextAttention(nn.Module):
+    def __init__(self, config: Idefics2TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        self.attn_implementation = "sdpa"
+        dim = config.hidden_size
+        self.q_proj = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor,
+        kv_cache: KVCache | None,
+        cache_position: torch.Tensor,
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, cache_position, k, v, mask.shape[-1])
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        out = attention(
+            q,
+            k,
+            v,
+            mask,
+            scale=self.head_dim**-0.5,
+            impl=self.attn_implementation,
+            dropout=self.dropout if self.training else 0.0,
+        )
+        return self.o_proj(out)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: Idefics2TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = TextAttention(config, layer_idx)
+        self.mlp = GatedMLP(
+            config.hidden_size, config.intermediate_size, config.hidden_size, config.hidden_act
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask, kv_cache, cache_position) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MistralDecoder(nn.Module):
+    """Token embedding, decoder layers and final norm (no lm_head)."""
+
+    def __init__(self, config: Idefics2TextConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(
+            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
+        )
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        kv_cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """inputs_embeds (B, T, dim), position_ids (B, T), mask bool (B, 1, T, S) -> hidden (B, T, dim)."""
+        cos, sin = rotary_cos_sin(
+            position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
+        )
+        x = inputs_embeds
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, cos, sin, mask, kv_cache, cache_position, use_reentrant=False
+                )
+            else:
+                x = layer(x, cos, sin, mask, kv_cache, cache_position)
+        return self.norm(x)

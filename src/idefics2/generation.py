@@ -261,11 +261,14 @@ def resolve_options(model: torch.nn.Module, prompt_len: int, controls: dict[str,
 
 
 def default_eos_token_ids(model: torch.nn.Module, tokenizer: Any = None) -> list[int]:
-    """End ids from generation_config.json (else the tokenizer's eos), plus `<end_of_utterance>` when the
-    processor's chat template ends turns with it."""
+    """End ids from generation_config.json (else the text config's, else the tokenizer's eos), plus
+    `<end_of_utterance>` when the processor's chat template ends turns with it."""
     config = getattr(model, "generation_config", None) or {}
     inner = getattr(tokenizer, "tokenizer", tokenizer)
     ids = _token_list(config.get("eos_token_id"), "generation_config eos_token_id")
+    text_config = getattr(getattr(model, "config", None), "text_config", None)
+    if not ids and getattr(text_config, "eos_token_id", None) is not None:
+        ids = _token_list(text_config.eos_token_id, "text_config eos_token_id")
     if not ids and getattr(inner, "eos_token_id", None) is not None:
         ids = [inner.eos_token_id]
     template = getattr(tokenizer, "chat_template", None) or getattr(inner, "chat_template", None)

@@ -1,0 +1,431 @@
+"""Idefics2 image processor: resize, optional 2x2 splitting, rescale, normalize, pad.
+
+Two backends share one interface:
+- "pil": Pillow resampling and the same float arithmetic as transformers' Idefics2ImageProcessorPil,
+  so results match it bit for bit;
+- "torch": batched tensor ops (antialiased bilinear `interpolate`), optionally on a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+
+from .batch import BatchFeature
+from .images import DEFAULT_MAX_PIXELS, ImageLike, is_image_like, to_pixel_array
+
+# Options saved in preprocessor_config.json / the image_processor section of processor_config.json.
+DEFAULTS: dict[str, Any] = {
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "size": {"shortest_edge": 378, "longest_edge": 980},
+    "resample": PIL.Image.Resampling.BILINEAR.value,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "do_pad": True,
+    "do_image_splitting": False,
+}
+RUNTIME_OPTIONS = ("backend", "device", "max_pixels")
+TORCH_MODES = {PIL.Image.Resampling.BILINEAR.value: "bilinear", PIL.Image.Resampling.BICUBIC.value: "bicubic"}
+
+
+def resize_output_size(height: int, width: int, size: dict[str, int]) -> tuple[int, int]:
+    """Target (height, width): cap the longer edge at `longest_edge` keeping the aspect ratio (rounded
+    down), then raise each edge to at least `shortest_edge`. Or the explicit `height`/`width`."""
+    if size.get("shortest_edge") and size.get("longest_edge"):
+        shortest, longest = size["shortest_edge"], size["longest_edge"]
+        aspect = width / height
+        if width >= height and width > longest:
+            width, height = longest, int(longest / aspect)
+        elif height > width and height > longest:
+            height, width = longest, int(longest * aspect)
+        return max(height, shortest), max(width, shortest)
+    if size.get("height") and size.get("width"):
+        return size["height"], size["width"]
+    raise ValueError(
+        f"size must hold 'shortest_edge' and 'longest_edge', or 'height' and 'width'; got {size}"
+    )
+
+
+def split_boxes(height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """(top, bottom, left, right) of the 4 quadrants (row by row) followed by the whole image."""
+    mid_h, mid_w = height // 2, width // 2
+    return [
+        (0, mid_h, 0, mid_w),
+        (0, mid_h, mid_w, width),
+        (mid_h, height, 0, mid_w),
+        (mid_h, height, mid_w, width),
+        (0, height, 0, width),
+    ]
+
+
+def nest_images(images: Any) -> list[list[ImageLike]]:
+    """One list of images per sample from: one image, a flat list (one sample) or one list per sample."""
+    if is_image_like(images):
+        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+            return [list(images)]
+        return [[images]]
+    if isinstance(images, (list, tuple)) and images:
+        if all(isinstance(sample, (list, tuple)) for sample in images):
+            nested = [list(sample) for sample in images]
+        elif all(is_image_like(image) for image in images):
+            nested = [list(images)]
+        else:
+            nested = None
+        if nested is not None and all(is_image_like(image) for sample in nested for image in sample):
+            return nested
+    raise ValueError(
+        "images must be one image (PIL image, numpy array, torch tensor, file path or bytes), a list of "
+        "images, "
+        f"or one list of images per sample; got {type(images).__name__}"
+    )
+
+
+@dataclass
+class _Crop:
+    """One image to produce: where it comes from and where it goes in the padded batch."""
+
+    sample: int
+    slot: int
+    pixels: np.ndarray  # (h, w, C) uint8 or float view
+    prescaled: bool  # float input in [0, 1] that was quantized to uint8 for resizing (divide by 255 after)
+    out_size: tuple[int, int]
+
+
+def _quantize_for_resize(pixels: np.ndarray) -> tuple[np.ndarray, bool]:
+    """uint8 pixels for Pillow resampling, as the reference converts float arrays before resizing."""
+    if pixels.dtype == np.uint8:
+        return pixels, False
+    if np.allclose(pixels, pixels.astype(int)):
+        if pixels.min() >= 0 and pixels.max() <= 255:
+            return pixels.astype(np.uint8), False
+        raise ValueError(f"image values must lie in [0, 255], got [{pixels.min()}, {pixels.max()}]")
+    if pixels.min() >= 0 and pixels.max() <= 1:
+        warnings.warn(
+            "float image in [0, 1] given with do_rescale=True: it is quantized to [0, 255] for resizing and "
+            "then rescaled again, as transformers does; pass uint8 images (or values in [0, 255]) instead",
+            stacklevel=4,
+        )
+        return (pixels.astype(np.float64) * 255).astype(np.float32).astype(np.uint8), True
+    raise ValueError(
+        f"float image values must lie in [0, 1] or [0, 255], got [{pixels.min()}, {pixels.max()}]"
+    )
+
+
+class Idefics2ImageProcessor:
+    """Turns images into `pixel_values` (batch, images, 3, H, W) float32 and `pixel_attention_mask`
+    (batch, images, H, W) int64, padding every image to the batch's largest height and width and every
+    sample to the batch's largest image count (with all-zero images)."""
+
+    def __init__(
+        self,
+        *,
+        backend: str = "pil",
+        device: str | torch.device | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - set(DEFAULTS) - {"image_processor_type", "processor_class"}
+        if unknown:
+            raise ValueError(f"unknown image processor option(s): {sorted(unknown)}")
+        self.options = {key: options.get(key, value) for key, value in DEFAULTS.items()}
+        self.options["size"] = dict(self.options["size"])
+        self.backend, self.device, self.max_pixels = backend, device, max_pixels
+        self._check(self.options, backend)
+
+    # Options read as attributes: processor.image_processor.do_image_splitting, .size, ...
+    def __getattr__(self, name: str) -> Any:
+        options = self.__dict__.get("options", {})
+        if name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+
+    @staticmethod
+    def _check(options: dict[str, Any], backend: str) -> None:
+        if backend not in ("pil", "torch"):
+            raise ValueError(f"backend must be 'pil' or 'torch', got {backend!r}")
+        resize_output_size(1, 1, options["size"])  # validates the size dict
+        if backend == "torch" and options["do_resize"] and options["resample"] not in TORCH_MODES:
+            raise ValueError(
+                f"the torch backend supports resample in {sorted(TORCH_MODES)}, got {options['resample']}"
+            )
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any], **overrides: Any) -> Idefics2ImageProcessor:
+        options = {key: value for key, value in config.items() if key in DEFAULTS}
+        options.update(overrides)
+        return cls(**options)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike, **overrides: Any) -> Idefics2ImageProcessor:
+        """Read `preprocessor_config.json` or the `image_processor` section of `processor_config.json`."""
+        from ..hub import resolve_checkpoint
+
+        return cls.from_dict(read_image_processor_config(resolve_checkpoint(folder)), **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.options, "image_processor_type": "Idefics2ImageProcessor"}
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        path = Path(folder)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "preprocessor_config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    def __repr__(self) -> str:
+        return f"Idefics2ImageProcessor(backend={self.backend!r}, {self.options})"
+
+    def __call__(
+        self,
+        images: Any,
+        *,
+        return_tensors: str | None = "pt",
+        backend: str | None = None,
+        device: str | torch.device | None = None,
+        **overrides: Any,
+    ) -> BatchFeature:
+        unknown = set(overrides) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"unknown image processor option(s): {sorted(unknown)}")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+        opts = {**self.options, **overrides}
+        backend = backend or self.backend
+        device = device if device is not None else self.device
+        self._check(opts, backend)
+        if backend == "pil" and device is not None and torch.device(device).type != "cpu":
+            raise ValueError("the pil backend runs on the CPU; use backend='torch' for device=" + str(device))
+
+        crops = self._plan(nest_images(images), opts)
+        if backend == "pil":
+            values, masks = self._run_pil(crops, opts)
+        else:
+            values, masks = self._run_torch(crops, opts, torch.device(device or "cpu"))
+        if not opts["do_pad"]:
+            return BatchFeature(pixel_values=_unpadded(values, masks, crops, return_tensors))
+        if return_tensors != "pt":
+            values, masks = values.cpu().numpy(), masks.cpu().numpy()
+        return BatchFeature(pixel_values=values, pixel_attention_mask=masks)
+
+    # ---- planning: what every output image is made from and its size --------------------------------
+    def _plan(self, samples: list[list[ImageLike]], opts: dict[str, Any]) -> list[list[_Crop]]:
+        planned = []
+        for s, sample in enumerate(samples):
+            crops: list[_Crop] = []
+            for k, image in enumerate(sample):
+                try:
+                    pixels = to_pixel_array(
+                        image, convert_rgb=opts["do_convert_rgb"], max_pixels=self.max_pixels
+                    )
+                except ValueError as error:
+                    raise ValueError(f"sample {s}, image {k}: {error}") from error
+                height, width = pixels.shape[:2]
+                if opts["do_image_splitting"]:
+                    if height < 2 or width < 2:
+                        raise ValueError(
+                            f"sample {s}, image {k}: a {width}x{height} image cannot be split into 4 crops "
+                            "(do_image_splitting needs at least 2x2 pixels)"
+                        )
+                    parts = [
+                        pixels[top:bottom, left:right]
+                        for top, bottom, left, right in split_boxes(height, width)
+                    ]
+                else:
+                    parts = [pixels]
+                for part in parts:
+                    prescaled = False
+                    if opts["do_resize"]:
+                        part, prescaled = _quantize_for_resize(part)
+                        out_size = resize_output_size(part.shape[0], part.shape[1], opts["size"])
+                    else:
+                        out_size = (part.shape[0], part.shape[1])
+                    crops.append(_Crop(s, len(crops), part, prescaled, out_size))
+            planned.append(crops)
+        return planned
+
+    @staticmethod
+    def _allocate(crops: list[list[_Crop]], channels: int, device: torch.device):
+        """Output buffers; everything outside the written images is zero."""
+        n_images = max((len(sample) for sample in crops), default=0)
+        sizes = [crop.out_size for sample in crops for crop in sample]
+        if not sizes:
+            raise ValueError("no images to process")
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+        values = torch.zeros(
+            (len(crops), n_images, channels, height, width), dtype=torch.float32, device=device
+        )
+        masks = torch.zeros((len(crops), n_images, height, width), dtype=torch.int64, device=device)
+        for sample in crops:
+            for crop in sample:
+                masks[crop.sample, crop.slot, : crop.out_size[0], : crop.out_size[1]] = 1
+        return values, masks
+
+    # ---- pil backend: bit-exact with the reference ---------------------------------------------------
+    def _run_pil(self, crops: list[list[_Crop]], opts: dict[str, Any]):
+        channels = _channel_count(crops)
+        values, masks = self._allocate(crops, channels, torch.device("cpu"))
+        out = values.numpy()
+        luts = {prescaled: _lookup_table(opts, channels, prescaled) for prescaled in (False, True)}
+        for sample in crops:
+            for crop in sample:
+                h, w = crop.out_size
+                pixels = crop.pixels
+                if opts["do_resize"]:
+                    image = PIL.Image.fromarray(
+                        np.ascontiguousarray(pixels[..., 0] if channels == 1 else pixels)
+                    )
+                    pixels = np.asarray(image.resize((w, h), resample=opts["resample"])).reshape(
+                        h, w, channels
+                    )
+                dst = out[crop.sample, crop.slot, :, :h, :w]
+                if pixels.dtype == np.uint8:
+                    lut = luts[crop.prescaled]
+                    for c in range(channels):
+                        dst[c] = lut[c][pixels[..., c]]
+                else:
+                    dst[:] = _float_pixels(np.moveaxis(pixels, -1, 0), opts)
+        return values, masks
+
+    # ---- torch backend: batched tensor ops, CPU or GPU -----------------------------------------------
+    def _run_torch(self, crops: list[list[_Crop]], opts: dict[str, Any], device: torch.device):
+        channels = _channel_count(crops)
+        values, masks = self._allocate(crops, channels, device)
+        groups: dict[tuple, list[_Crop]] = {}
+        for sample in crops:
+            for crop in sample:
+                key = (crop.pixels.shape, crop.pixels.dtype, crop.out_size, crop.prescaled)
+                groups.setdefault(key, []).append(crop)
+        for (shape, dtype, (h, w), prescaled), members in groups.items():
+            batch = torch.empty((len(members), *shape), dtype=_torch_dtype(dtype))  # (n, h0, w0, C)
+            staging = batch.numpy()
+            for i, crop in enumerate(members):
+                staging[i] = crop.pixels
+            batch = batch.to(device).permute(0, 3, 1, 2)  # (n, C, h0, w0), channels-last memory
+            if opts["do_resize"]:
+                batch = _torch_resize(batch, (h, w), TORCH_MODES[opts["resample"]])
+            scale, shift = _affine(opts, channels, prescaled, device)
+            for i, crop in enumerate(members):
+                dst = values[crop.sample, crop.slot, :, :h, :w]
+                if batch.dtype == torch.uint8:
+                    torch.addcmul(shift, batch[i], scale, out=dst)
+                else:
+                    dst.copy_(_float_pixels_torch(batch[i], opts, device))
+        return values, masks
+
+
+def _channel_count(crops: list[list[_Crop]]) -> int:
+    counts = {crop.pixels.shape[-1] for sample in crops for crop in sample}
+    if len(counts) > 1:
+        raise ValueError(f"all images must have the same number of channels, got {sorted(counts)}")
+    return counts.pop() if counts else 3
+
+
+def _torch_dtype(dtype: np.dtype) -> torch.dtype:
+    return {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}.get(
+        np.dtype(dtype), torch.float64
+    )
+
+
+def _per_channel(value: float | Sequence[float], channels: int, name: str) -> np.ndarray:
+    values = [value] * channels if isinstance(value, (int, float)) else list(value)
+    if len(values) != channels:
+        raise ValueError(f"{name} needs {channels} values (one per channel), got {len(values)}")
+    return np.asarray(values, dtype=np.float64)
+
+
+def _lookup_table(opts: dict[str, Any], channels: int, prescaled: bool) -> np.ndarray:
+    """(C, 256) float32: the value each uint8 level ends up as, computed with the reference's dtypes
+    (rescale in float64 then float32, normalize in float32)."""
+    levels = np.arange(256, dtype=np.float64)
+    x = (levels * (1 / 255)).astype(np.float32) if prescaled else levels.astype(np.float32)
+    if opts["do_rescale"]:
+        x = (x.astype(np.float64) * opts["rescale_factor"]).astype(np.float32)
+    x = np.broadcast_to(x, (channels, 256))
+    if opts["do_normalize"]:
+        mean = _per_channel(opts["image_mean"], channels, "image_mean").astype(np.float32)
+        std = _per_channel(opts["image_std"], channels, "image_std").astype(np.float32)
+        x = (x - mean[:, None]) / std[:, None]
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _float_pixels(pixels: np.ndarray, opts: dict[str, Any]) -> np.ndarray:
+    """(C, h, w) float pixels (no resize happened) rescaled and normalized like the reference."""
+    x = pixels
+    if opts["do_rescale"]:
+        x = (x.astype(np.float64) * opts["rescale_factor"]).astype(np.float32)
+    if opts["do_normalize"]:
+        channels = x.shape[0]
+        mean = _per_channel(opts["image_mean"], channels, "image_mean").astype(x.dtype)
+        std = _per_channel(opts["image_std"], channels, "image_std").astype(x.dtype)
+        x = (x - mean[:, None, None]) / std[:, None, None]
+    return x
+
+
+def _float_pixels_torch(pixels: torch.Tensor, opts: dict[str, Any], device: torch.device) -> torch.Tensor:
+    x = pixels.to(torch.float32)
+    channels = x.shape[0]
+    if opts["do_rescale"]:
+        x = x * opts["rescale_factor"]
+    if opts["do_normalize"]:
+        mean = torch.tensor(_per_channel(opts["image_mean"], channels, "image_mean"), dtype=torch.float32)
+        std = torch.tensor(_per_channel(opts["image_std"], channels, "image_std"), dtype=torch.float32)
+        x = (x - mean.to(device)[:, None, None]) / std.to(device)[:, None, None]
+    return x
+
+
+def _affine(opts: dict[str, Any], channels: int, prescaled: bool, device: torch.device):
+    """(C, 1, 1) scale and shift turning uint8 levels into normalized values (level * scale + shift)."""
+    scale = np.full(channels, 1 / 255 if prescaled else 1.0)
+    shift = np.zeros(channels)
+    if opts["do_rescale"]:
+        scale = scale * opts["rescale_factor"]
+    if opts["do_normalize"]:
+        mean = _per_channel(opts["image_mean"], channels, "image_mean")
+        std = _per_channel(opts["image_std"], channels, "image_std")
+        scale, shift = scale / std, -mean / std
+    as_tensor = lambda a: torch.tensor(a, dtype=torch.float32, device=device)[:, None, None]
+    return as_tensor(scale), as_tensor(shift)
+
+
+def _torch_resize(batch: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Antialiased resize of (n, C, h, w) to `size`, returning uint8 levels like Pillow does.
+    CPU uint8 tensors are resized directly; elsewhere the resize runs in float32 and is rounded."""
+    if batch.dtype == torch.uint8 and batch.device.type == "cpu" and mode == "bilinear":
+        return F.interpolate(batch, size=size, mode=mode, antialias=True, align_corners=False)
+    resized = F.interpolate(batch.float(), size=size, mode=mode, antialias=True, align_corners=False)
+    return resized.round_().clamp_(0, 255).to(torch.uint8) if batch.dtype == torch.uint8 else resized
+
+
+def _unpadded(
+    values: torch.Tensor, masks: torch.Tensor, crops: list[list[_Crop]], return_tensors: str | None
+):
+    """do_pad=False: one list per sample of (C, h, w) images at their own size."""
+    nested = [
+        [values[c.sample, c.slot, :, : c.out_size[0], : c.out_size[1]] for c in sample] for sample in crops
+    ]
+    if return_tensors == "pt":
+        return nested
+    return [[image.cpu().numpy() for image in sample] for sample in nested]
+
+
+def read_image_processor_config(folder: Path) -> dict[str, Any]:
+    """Image options from a checkpoint folder (hub layout or transformers-5 layout); {} if none."""
+    preprocessor = folder / "preprocessor_config.json"
+    if preprocessor.is_file():
+        return json.loads(preprocessor.read_text())
+    processor = folder / "processor_config.json"
+    if processor.is_file():
+        return json.loads(processor.read_text()).get("image_processor", {})
+    return {}

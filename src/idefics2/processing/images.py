@@ -1,0 +1,157 @@
+"""Image inputs: loading from files or bytes, validation, and conversion to RGB pixel arrays."""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+
+ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes
+
+# The default pixel limit follows Pillow's decompression-bomb threshold (warning level).
+DEFAULT_MAX_PIXELS: int = PIL.Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def is_image_like(obj: Any) -> bool:
+    """True for one image: a PIL image, array, tensor, file path or encoded bytes."""
+    return isinstance(obj, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike, bytes, bytearray))
+
+
+def check_pixel_count(height: int, width: int, max_pixels: int | None, what: str = "image") -> None:
+    if height <= 0 or width <= 0:
+        raise ValueError(
+            f"{what} has zero size ({width}x{height} pixels); every image needs at least 1x1 pixels"
+        )
+    if max_pixels is not None and height * width > max_pixels:
+        raise ValueError(
+            f"{what} has {width}x{height} = {width * height} pixels, above the limit of {max_pixels} "
+            "(a possible decompression bomb); raise `max_pixels` if the image is trusted"
+        )
+
+
+def open_image(source: str | os.PathLike | bytes | bytearray, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """Decode an image file (path) or encoded bytes into a fully loaded PIL image, with clear errors."""
+    if isinstance(source, (bytes, bytearray)):
+        name, stream = "image bytes", io.BytesIO(bytes(source))
+    else:
+        path = Path(source)
+        name = f"image file {str(path)!r}"
+        if not path.is_file():
+            raise ValueError(f"{name} does not exist (images given as str must be paths to local files)")
+        stream = path
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image = PIL.Image.open(stream)
+            check_pixel_count(image.height, image.width, max_pixels, name)
+            image.load()
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(f"{name} is too large to decode safely: {error}") from error
+    except PIL.UnidentifiedImageError as error:
+        raise ValueError(f"{name} is not a readable image (unknown or unsupported format)") from error
+    except (OSError, SyntaxError, EOFError) as error:
+        raise ValueError(f"{name} could not be decoded (truncated or corrupt file?): {error}") from error
+    return image
+
+
+def load_rgb(source: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageLike:
+    """What the processor does to each input: files and bytes are decoded, PIL images are turned upright
+    (EXIF orientation) and converted to RGB with Pillow's own conversion (alpha dropped, not composited);
+    arrays and tensors pass through unchanged."""
+    if isinstance(source, (str, os.PathLike, bytes, bytearray)):
+        source = open_image(source, max_pixels)
+    if not isinstance(source, PIL.Image.Image):
+        return source
+    check_pixel_count(source.height, source.width, max_pixels)
+    if source.getexif().get(0x0112, 1) != 1:  # EXIF orientation tag
+        source = PIL.ImageOps.exif_transpose(source)
+    if source.mode == "RGB" and "transparency" not in source.info:
+        return source  # converting again would only copy it
+    return source.convert("RGB")
+
+
+def _rgb_from_pil(image: PIL.Image.Image) -> np.ndarray:
+    """(H, W, 3) uint8; transparency is composited on a white background."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(white, rgba)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)
+
+
+def _channels_last(array: np.ndarray) -> np.ndarray:
+    """(H, W, C) view of a 2-D or 3-D array; channels-first wins when both ends could be channels."""
+    if array.ndim == 2:
+        return array[:, :, None]
+    if array.ndim != 3:
+        raise ValueError(
+            f"an image array must have 2 or 3 dimensions (HW, HWC or CHW), got shape {array.shape}"
+        )
+    if array.shape[0] in (1, 3, 4):
+        return np.moveaxis(array, 0, -1)
+    if array.shape[-1] in (1, 3, 4):
+        return array
+    raise ValueError(
+        f"cannot tell the channel axis of image array with shape {array.shape} (need 1, 3 or 4 channels)"
+    )
+
+
+def _as_pixel_dtype(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8 or np.issubdtype(array.dtype, np.floating):
+        return array
+    if np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_:
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(f"integer image values must lie in [0, 255], got [{array.min()}, {array.max()}]")
+        return array.astype(np.uint8)
+    raise ValueError(f"unsupported image array dtype {array.dtype}")
+
+
+def _rgb_from_array(array: np.ndarray) -> np.ndarray:
+    """(H, W, 3) array of the same dtype; 1 channel is repeated, 4 channels are composited on white."""
+    channels = array.shape[-1]
+    if channels == 1:
+        return np.repeat(array, 3, axis=-1)
+    if channels == 4:
+        integer = array.dtype == np.uint8
+        if not integer and (array.min() < 0.0 or array.max() > 1.0):
+            raise ValueError(f"a float RGBA image must lie in [0, 1], got [{array.min()}, {array.max()}]")
+        white = 255 if integer else 1.0
+        alpha = array[..., 3:4] / white
+        blended = alpha * array[..., :3] + (1 - alpha) * white
+        return (np.round(blended) if integer else blended).astype(array.dtype)
+    return array
+
+
+def to_pixel_array(
+    image: ImageLike, *, convert_rgb: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """One image as an (H, W, C) array, uint8 or float (C = 3 when `convert_rgb`)."""
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+        image = load_rgb(image, max_pixels)
+    if isinstance(image, PIL.Image.Image):
+        check_pixel_count(image.height, image.width, max_pixels)
+        if convert_rgb:
+            return _rgb_from_pil(image)
+        array = np.asarray(image)
+        return array[:, :, None] if array.ndim == 2 else array
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if not isinstance(image, np.ndarray):
+        raise ValueError(
+            f"unsupported image type {type(image).__name__}: expected a PIL image, numpy array, torch "
+            "tensor, file path or encoded bytes"
+        )
+    array = _as_pixel_dtype(_channels_last(image))
+    check_pixel_count(array.shape[0], array.shape[1], max_pixels)
+    if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+        raise ValueError("image array contains NaN or infinite values")
+    return _rgb_from_array(array) if convert_rgb else array

@@ -1,0 +1,16 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from oracle_processing import build_reference_processor
+
+
+@pytest.fixture(scope="session")
+def reference_processor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A transformers-saved Idefics2 processor folder (Mistral-7B vocabulary, image_seq_len 64, no splitting,
+    idefics2-8b chat template). Read-only: copy it before changing files."""
+    return build_reference_processor(tmp_path_factory.mktemp("reference_processor"))

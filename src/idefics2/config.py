@@ -249,11 +249,6 @@ class Idefics2Config:
         if self.perceiver_config.hidden_size != self.text_config.hidden_size:
             self.perceiver_config.hidden_size = self.text_config.hidden_size
             self.perceiver_config.rms_norm_eps = self.text_config.rms_norm_eps
-        if not 0 <= self.image_token_id < self.text_config.vocab_size:
-            raise ValueError(
-                f"image_token_id {self.image_token_id} is outside the text vocabulary "
-                f"({self.text_config.vocab_size})"
-            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Idefics2Config:

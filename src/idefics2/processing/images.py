@@ -97,6 +97,12 @@ def _channels_last(array: np.ndarray) -> np.ndarray:
             f"an image array must have 2 or 3 dimensions (HW, HWC or CHW), got shape {array.shape}"
         )
     if array.shape[0] in (1, 3, 4):
+        if array.shape[-1] in (1, 3, 4):
+            warnings.warn(
+                f"image array of shape {array.shape} could be channels-first or channels-last; "
+                "reading it as channels-first (C, H, W)",
+                stacklevel=3,
+            )
         return np.moveaxis(array, 0, -1)
     if array.shape[-1] in (1, 3, 4):
         return array

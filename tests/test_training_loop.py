@@ -76,16 +76,31 @@ def test_grad_accumulation_equals_one_big_batch(tmp_path):
     train(big, data, collate, TrainingArguments(output_dir=str(tmp_path / "a"), batch_size=4, **common))
     small = fresh_model()
     small.dropout.p = 0.0
-    train(small, data, collate, TrainingArguments(output_dir=str(tmp_path / "b"), batch_size=2, grad_accum=2,
-                                                  **common))
+    train(
+        small,
+        data,
+        collate,
+        TrainingArguments(output_dir=str(tmp_path / "b"), batch_size=2, grad_accum=2, **common),
+    )
     for (name, p), q in zip(big.named_parameters(), small.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-6), name
 
 
 def test_resume_continues_exactly(tmp_path):
     data = toy_data()
-    args = dict(max_steps=6, batch_size=2, grad_accum=2, lr=0.05, warmup_steps=2, scheduler="cosine",
-                max_grad_norm=0.5, weight_decay=0.1, save_steps=3, save_total_limit=None, progress=False)
+    args = dict(
+        max_steps=6,
+        batch_size=2,
+        grad_accum=2,
+        lr=0.05,
+        warmup_steps=2,
+        scheduler="cosine",
+        max_grad_norm=0.5,
+        weight_decay=0.1,
+        save_steps=3,
+        save_total_limit=None,
+        progress=False,
+    )
     full = fresh_model()
     result = train(full, data, collate, TrainingArguments(output_dir=str(tmp_path / "full"), **args))
     assert result.step == 6 and len(result.losses) == 6
@@ -94,26 +109,46 @@ def test_resume_continues_exactly(tmp_path):
     resumed = fresh_model(seed=123)
     torch.manual_seed(999)
     ckpt = tmp_path / "full" / "checkpoint-3"
-    result2 = train(resumed, data, collate, TrainingArguments(output_dir=str(tmp_path / "resumed"), **args),
-                    resume_from=ckpt)
+    result2 = train(
+        resumed,
+        data,
+        collate,
+        TrainingArguments(output_dir=str(tmp_path / "resumed"), **args),
+        resume_from=ckpt,
+    )
     assert result2.losses == pytest.approx(result.losses[3:], abs=1e-6)
     for (name, p), q in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert (p - q).abs().max() <= 1e-6, name
 
     # Safetensors and JSON only: nothing pickled.
     files = sorted(p.name for p in ckpt.iterdir())
-    assert files == ["model.safetensors", "optimizer.json", "optimizer.safetensors", "rng_state_0.json",
-                     "rng_state_0.safetensors", "trainer_state.json"]
+    assert files == [
+        "model.safetensors",
+        "optimizer.json",
+        "optimizer.safetensors",
+        "rng_state_0.json",
+        "rng_state_0.safetensors",
+        "trainer_state.json",
+    ]
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
 
 
 def test_resume_refuses_other_batch_size(tmp_path):
     data = toy_data()
-    train(fresh_model(), data, collate, TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2,
-                                                          progress=False))
+    train(
+        fresh_model(),
+        data,
+        collate,
+        TrainingArguments(output_dir=str(tmp_path), max_steps=2, save_steps=2, progress=False),
+    )
     with pytest.raises(ValueError, match="batch_size"):
-        train(fresh_model(), data, collate, TrainingArguments(output_dir=str(tmp_path), max_steps=4,
-                                                              batch_size=2, progress=False), resume_from=True)
+        train(
+            fresh_model(),
+            data,
+            collate,
+            TrainingArguments(output_dir=str(tmp_path), max_steps=4, batch_size=2, progress=False),
+            resume_from=True,
+        )
 
 
 def test_bad_arguments():
@@ -124,7 +159,11 @@ def test_bad_arguments():
 
 
 def test_progress_line_on_stderr(tmp_path, capsys):
-    train(fresh_model(), toy_data(4), collate,
-          TrainingArguments(output_dir=str(tmp_path), max_steps=2, logging_steps=1))
+    train(
+        fresh_model(),
+        toy_data(4),
+        collate,
+        TrainingArguments(output_dir=str(tmp_path), max_steps=2, logging_steps=1),
+    )
     err = capsys.readouterr().err
     assert "step 2/2" in err and "loss" in err and "tok/s" in err

@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from idefics2.hub import resolve_checkpoint
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -183,8 +185,8 @@ def save_adapter(model: nn.Module, config: LoraConfig, folder: str | os.PathLike
 
 
 def read_adapter(folder: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
-    """Read a PEFT LoRA adapter folder; tensor names are returned without PEFT's prefix and adapter name."""
-    folder = Path(folder)
+    """Read a PEFT LoRA adapter (folder or hub repo id); tensor names come without PEFT's prefix."""
+    folder = resolve_checkpoint(folder)
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():

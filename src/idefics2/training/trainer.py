@@ -400,7 +400,10 @@ def train(
     model.to(device)
     model.train()
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
+        if hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable()
+        else:
+            enable_gradient_checkpointing(model)
     optimizer, names = build_optimizer(model, args)
     total = steps_for(len(train_data), args, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(

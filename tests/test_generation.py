@@ -5,6 +5,7 @@ import torch
 from transformers import Idefics2ForConditionalGeneration as RefModel
 
 from idefics2 import Idefics2ForConditionalGeneration
+from idefics2.generation import encode_images
 from oracle_model import build_batch, build_reference_checkpoint
 
 N_LATENTS = 4
@@ -125,15 +126,27 @@ def test_repetition_penalty_and_min_new_tokens_match_transformers(reference, our
     assert_same_tokens(got, expected)
 
 
-def test_vision_runs_once_per_request(ours):
-    batch = inputs_for("mixed_left_padded_batch")
-    calls = []
-    hook = ours.model.vision_model.register_forward_hook(lambda *args: calls.append(1))
+def test_vision_encodes_each_real_image_once_before_decoding(ours):
+    batch = inputs_for("mixed_left_padded_batch")  # 3 real images, 3 all-zero padding images
+    events = []
+    hooks = [
+        ours.model.vision_model.register_forward_hook(
+            lambda m, args, out: events.append(("image", len(args[0])))
+        ),
+        ours.model.text_model.register_forward_hook(
+            lambda m, args, out: events.append(("text", args[0].shape[1]))
+        ),
+    ]
     try:
         ours.generate(**batch, max_new_tokens=6, eos_token_id=PAD)
     finally:
-        hook.remove()
-    assert len(calls) == 1
+        for hook in hooks:
+            hook.remove()
+    images = [n for kind, n in events if kind == "image"]
+    assert sum(images) == 3
+    first_text = next(i for i, (kind, _) in enumerate(events) if kind == "text")
+    assert all(kind == "text" for kind, _ in events[first_text:])  # no vision work once decoding starts
+    assert [n for kind, n in events[first_text + 1 :]] == [1] * 5
 
 
 def test_default_end_ids_come_from_the_checkpoint(reference, ours):
@@ -142,3 +155,19 @@ def test_default_end_ids_come_from_the_checkpoint(reference, ours):
     assert_same_tokens(
         ours.generate(**batch, max_new_tokens=8), reference_generate(reference, batch, max_new_tokens=8)
     )
+
+
+@pytest.mark.parametrize("case", ["several_images", "mixed_left_padded_batch"])
+def test_unpadded_image_encoding_equals_the_padded_path(ours, case):
+    batch = inputs_for(case)
+    with torch.no_grad():
+        expected = ours.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"])
+        got = encode_images(ours, batch["pixel_values"], batch["pixel_attention_mask"])
+        # a mask that is not a top-left rectangle takes the padded path
+        odd = batch["pixel_attention_mask"].clone()
+        odd[0, 0, 0, 0] = 0
+        fallback = encode_images(ours, batch["pixel_values"], odd)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    reference = ours.get_image_features(batch["pixel_values"], odd)
+    torch.testing.assert_close(fallback, reference, rtol=1e-12, atol=1e-12)

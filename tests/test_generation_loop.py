@@ -30,13 +30,16 @@ class ChainModel(torch.nn.Module):
         self.caches.append((batch_size, max_length))
         return object()
 
-    def forward(self, input_ids, attention_mask=None, pixel_values=None, pixel_attention_mask=None, **kw):
+    def get_image_features(self, pixel_values, pixel_attention_mask=None):
+        return torch.zeros(pixel_values.shape[0] * pixel_values.shape[1], 2, 2)
+
+    def forward(self, input_ids, attention_mask=None, image_hidden_states=None, **kw):
         self.calls.append(
             dict(
                 tokens=input_ids.shape[1],
                 mask=tuple(attention_mask.shape),
                 slots=kw["cache_position"].tolist(),
-                pixels=pixel_values is not None,
+                pixels=image_hidden_states is not None,
                 keep=kw["logits_to_keep"],
             )
         )

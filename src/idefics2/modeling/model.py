@@ -265,11 +265,17 @@ class Idefics2ForConditionalGeneration(nn.Module):
         device: torch.device | str | None = None,
         attn_implementation: str = "sdpa",
         revision: str | None = None,
+        adapter: str | os.PathLike | None = None,
+        merge_adapter: bool = False,
     ) -> Idefics2ForConditionalGeneration:
-        """Load a checkpoint folder or hub repo id (safetensors only; see idefics2.loading)."""
+        """Load a checkpoint folder or hub repo id (safetensors only; see idefics2.loading).
+
+        `adapter`: a LoRA adapter in PEFT's format (folder or hub repo id) applied on top of the weights;
+        `merge_adapter=True` folds it into them (see idefics2.training.lora).
+        """
         from idefics2.loading import load_pretrained
 
-        return load_pretrained(
+        model = load_pretrained(
             cls,
             path_or_repo_id,
             dtype=dtype if dtype is not None else torch_dtype,
@@ -277,6 +283,11 @@ class Idefics2ForConditionalGeneration(nn.Module):
             attn_implementation=attn_implementation,
             revision=revision,
         )
+        if adapter is not None:
+            from idefics2.training.lora import load_adapter
+
+            load_adapter(model, adapter, merge=merge_adapter)
+        return model
 
     def save_pretrained(self, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
         """Write config.json (+ generation_config.json) and safetensors weights (sharded above a size)."""

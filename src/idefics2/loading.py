@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from idefics2.config import Idefics2Config
@@ -42,6 +42,7 @@ _DTYPES = {
     "F8_E5M2": torch.float8_e5m2,
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_CHUNK_BYTES = 16 * 2**20  # conversion granularity when loading with another dtype or device
 
 
 class CheckpointError(ValueError):
@@ -55,78 +56,107 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Memory-map a safetensors file (copy-on-write) and return its tensors without reading their data.
+class MappedSafetensors:
+    """A safetensors file memory-mapped copy-on-write; `.tensors` are views of the mapping (nothing is read).
 
     Every header entry is validated (dtype, shape, offsets inside the file and tiling the data exactly), so a
     truncated or corrupted file gives a CheckpointError naming the file instead of garbage or a crash.
     """
-    path = Path(path)
-    size = path.stat().st_size
 
-    def corrupted(why: str) -> CheckpointError:
-        return CheckpointError(
-            f"{path} is not a valid safetensors file ({why}); the file may be corrupted or "
-            f"truncated: download or save it again"
-        )
+    def __init__(self, path: str | os.PathLike) -> None:
+        path = Path(path)
+        size = path.stat().st_size
 
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise corrupted(f"only {size} bytes")
-        if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
-            raise CheckpointError(
-                f"{path} is a pickle/PyTorch file renamed as safetensors; refusing to load it"
+        def corrupted(why: str) -> CheckpointError:
+            return CheckpointError(
+                f"{path} is not a valid safetensors file ({why}); the file may be corrupted or "
+                f"truncated: download or save it again"
             )
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > size - 8:
-            raise corrupted(f"header length {header_len} exceeds the file size {size}")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise corrupted(f"unreadable header: {error}") from None
-    if not isinstance(header, dict):
-        raise corrupted("header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_start, data_len = 8 + header_len, size - 8 - header_len
 
-    entries = []
-    for name, info in header.items():
-        try:
-            dtype = _DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            start, end = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise corrupted(f"bad header entry for {name!r}: {info!r}") from None
-        if any(d < 0 for d in shape) or not 0 <= start <= end <= data_len:
-            raise corrupted(
-                f"tensor {name!r} lies outside the file (offsets {start}..{end}, data {data_len} bytes)"
-            )
-        if end - start != math.prod(shape) * _itemsize(dtype):
-            raise corrupted(f"tensor {name!r} of shape {shape} ({info['dtype']}) has {end - start} bytes")
-        entries.append((start, end, name, dtype, shape))
-    entries.sort()
-    position = 0
-    for start, end, name, _, _ in entries:
-        if start != position:
-            raise corrupted(f"tensor {name!r} starts at byte {start}, expected {position}")
-        position = end
-    if position != data_len:
-        raise corrupted(f"the tensors cover {position} bytes of {data_len}")
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise corrupted(f"only {size} bytes")
+            if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
+                raise CheckpointError(f"{path} is a pickle/PyTorch file renamed as safetensors; refusing it")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > size - 8:
+                raise corrupted(f"header length {header_len} exceeds the file size {size}")
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as error:
+                raise corrupted(f"unreadable header: {error}") from None
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if not isinstance(header, dict):
+            raise corrupted("header is not a JSON object")
+        header.pop("__metadata__", None)
+        data_start, data_len = 8 + header_len, size - 8 - header_len
 
-    if data_len == 0:
-        raw = torch.empty(0, dtype=torch.uint8)
-    else:
-        raw = torch.from_numpy(
-            np.memmap(path, dtype=np.uint8, mode="c", offset=data_start, shape=(data_len,))
-        )
-    tensors = {}
-    for start, end, name, dtype, shape in entries:
-        chunk = raw[start:end]
-        if start % _itemsize(dtype):  # misaligned for its dtype (allowed by the format): copy it
-            chunk = chunk.clone()
-        tensors[name] = chunk.view(dtype).reshape(shape)
-    return tensors
+        entries = []
+        for name, info in header.items():
+            try:
+                dtype = _DTYPES[info["dtype"]]
+                shape = [int(d) for d in info["shape"]]
+                start, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise corrupted(f"bad header entry for {name!r}: {info!r}") from None
+            if any(d < 0 for d in shape) or not 0 <= start <= end <= data_len:
+                raise corrupted(f"tensor {name!r} lies outside the data (bytes {start}..{end} of {data_len})")
+            if end - start != math.prod(shape) * _itemsize(dtype):
+                raise corrupted(f"tensor {name!r} of shape {shape} ({info['dtype']}) has {end - start} bytes")
+            entries.append((data_start + start, data_start + end, name, dtype, shape))
+        entries.sort()
+        position = data_start
+        for start, end, name, _, _ in entries:
+            if start != position:
+                raise corrupted(f"tensor {name!r} starts at byte {start}, expected {position}")
+            position = end
+        if position != size:
+            raise corrupted(f"the tensors end at byte {position} of {size}")
+
+        raw = torch.frombuffer(self._mmap, dtype=torch.uint8)  # the whole file, shares the mapping
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._spans: dict[str, tuple[int, int]] = {}
+        for start, end, name, dtype, shape in entries:
+            chunk = raw[start:end]
+            if start % _itemsize(dtype):  # misaligned for its dtype (the format allows it): copy it
+                chunk = chunk.clone()
+            self.tensors[name] = chunk.view(dtype).reshape(shape)
+            self._spans[name] = (start, end)
+
+    def converted(self, name: str, dtype: torch.dtype, device: torch.device | str | None) -> torch.Tensor:
+        """Tensor `name` as `dtype` on `device`: the mapped view itself when nothing changes, otherwise a copy
+        made in chunks whose mapped pages are dropped as soon as they are copied (peak memory ~ one copy).
+        """
+        tensor = self.tensors[name]
+        out_device = tensor.device if device is None else torch.device(device)
+        if tensor.dtype == dtype and tensor.device == out_device:
+            return tensor
+        out = torch.empty(tensor.shape, dtype=dtype, device=out_device)
+        src, dst = tensor.reshape(-1), out.view(-1)
+        step = max(1, _CHUNK_BYTES // tensor.element_size())
+        start = self._spans[name][0]
+        for i in range(0, src.numel(), step):
+            dst[i : i + step].copy_(src[i : i + step])
+            chunk_start = start + i * tensor.element_size()
+            self._release(chunk_start, chunk_start + min(step, src.numel() - i) * tensor.element_size())
+        return out
+
+    def _release(self, start: int, end: int) -> None:
+        """Drop the resident pages lying wholly inside bytes [start, end) of the file.
+
+        The mapping is private and these pages unmodified, so this only frees memory: reading them again
+        would fetch them from the file.
+        """
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+        last = end // mmap.PAGESIZE * mmap.PAGESIZE
+        if last > first and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, last - first)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, memory-mapped (see MappedSafetensors)."""
+    return MappedSafetensors(path).tensors
 
 
 def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -198,12 +228,14 @@ def load_pretrained(
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
 
     tensors: dict[str, torch.Tensor] = {}
+    source: dict[str, MappedSafetensors] = {}
     problems_dup, problems_index = [], []
     for file in files:
-        for name, tensor in read_safetensors(file).items():
+        mapped = MappedSafetensors(file)
+        for name, tensor in mapped.tensors.items():
             if name in tensors:
                 problems_dup.append(f"{name} (again in {file.name})")
-            tensors[name] = tensor
+            tensors[name], source[name] = tensor, mapped
             if weight_map is not None and weight_map.get(name) not in (None, file.name):
                 problems_index.append(f"{name}: index says {weight_map[name]}, found in {file.name}")
     if weight_map is not None:
@@ -238,12 +270,12 @@ def load_pretrained(
         tensor = tensors.get(name)
         if tensor is None:  # tied lm_head absent from the checkpoint
             continue
-        state[name] = tensor.to(device=device, dtype=target_dtype)
+        state[name] = source[name].converted(name, target_dtype, device)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.text_model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     model.tie_weights()
-    del tensors, state
+    del tensors, source, state
 
     model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
     model.generation_config = _read_generation_config(folder)

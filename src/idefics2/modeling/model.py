@@ -229,21 +229,23 @@ class Idefics2ForConditionalGeneration(nn.Module):
     # ---- construction, loading, saving -------------------------------------------------------------------
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
-        """Random initialisation for training from scratch (normal weights, zero biases, unit norms)."""
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.lm_head.weight.device).manual_seed(seed)
+    def init_weights(self) -> None:
+        """Random initialisation for training from scratch (normal weights, zero biases, unit norms).
+
+        Skipped on the meta device, where `from_pretrained` builds the module before assigning the weights.
+        """
+        if self.lm_head.weight.is_meta:
+            return
         text_std = self.config.text_config.initializer_range
         vision_std = self.config.vision_config.initializer_range
         for name, module in self.named_modules():
             std = vision_std if name.startswith("model.vision_model") else text_std
             if isinstance(module, (nn.Linear, nn.Conv2d)):
-                module.weight.normal_(0.0, std, generator=generator)
+                module.weight.normal_(0.0, std)
                 if module.bias is not None:
                     module.bias.zero_()
             elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std, generator=generator)
+                module.weight.normal_(0.0, std)
                 if module.padding_idx is not None:
                     module.weight[module.padding_idx].zero_()
             elif isinstance(module, (nn.LayerNorm, RMSNorm)):
@@ -251,7 +253,7 @@ class Idefics2ForConditionalGeneration(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, PerceiverResampler):
-                module.latents.normal_(0.0, std, generator=generator)
+                module.latents.normal_(0.0, std)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.text_model.embed_tokens.weight
 

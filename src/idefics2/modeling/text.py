@@ -130,9 +130,8 @@ class MistralDecoder(nn.Module):
     def __init__(self, config: Idefics2TextConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(
-            config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id
-        )
+        shape = (config.vocab_size, config.hidden_size)  # weight left uninitialised here: see init_weights
+        self.embed_tokens = nn.Embedding(*shape, padding_idx=config.pad_token_id, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.gradient_checkpointing = False

@@ -48,7 +48,10 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size
         )
-        self.position_embedding = nn.Embedding(self.num_patches_per_side**2, config.hidden_size)
+        num_positions = self.num_patches_per_side**2  # weight left uninitialised here: see init_weights
+        self.position_embedding = nn.Embedding(
+            num_positions, config.hidden_size, _weight=torch.empty(num_positions, config.hidden_size)
+        )
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
         # (N, C, H, W) -> (N, gh * gw, hidden)

@@ -195,3 +195,27 @@ def test_image_splitting_matches_the_reference(tmp_path):
 def test_bad_examples_are_clear_errors(example, message):
     with pytest.raises(DataError, match=message):
         normalize_example(example)
+
+
+def test_a_processor_without_chat_template_gets_the_idefics2_format(tmp_path, processors):
+    ours, _ = processors
+    folder = tmp_path / "no_template"
+    ours.save_pretrained(folder)
+    bare = Idefics2Processor.from_pretrained(folder, chat_template=None)
+    assert bare.chat_template is None
+    with pytest.warns(UserWarning, match="no chat template"):
+        collator = ChatCollator(bare)
+    expected = ChatCollator(ours)([conversation()])
+    got = collator([conversation()])
+    assert got["input_ids"].tolist() == expected["input_ids"].tolist()
+    assert got["labels"].tolist() == expected["labels"].tolist()
+
+
+def test_a_file_that_is_not_an_image_is_refused(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    example = {
+        "messages": [{"role": "user", "content": [{"type": "image"}]}, {"role": "assistant", "content": "x"}],
+        "images": ["notes.png"],
+    }
+    with pytest.raises(DataError, match="not a readable image"):
+        normalize_example(example, base_dir=tmp_path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -117,7 +118,9 @@ def _train(args: argparse.Namespace) -> int:
         read_jsonl,
         train,
     )
+    from idefics2.training.checkpoint import latest_checkpoint
     from idefics2.training.lora import DEFAULT_TARGET_MODULES
+    from idefics2.training.trainer import distributed_context
 
     if args.full and args.lora_alpha is not None:
         raise UserError("--lora-alpha has no effect with --full")
@@ -126,15 +129,17 @@ def _train(args: argparse.Namespace) -> int:
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
 
+    if args.resume and latest_checkpoint(Path(args.output)) is None:
+        raise UserError(f"--resume: no checkpoint to resume from in {args.output}")
     train_examples = read_jsonl(args.data)  # a bad line stops everything here, before any model loads
     eval_examples = read_jsonl(args.eval_data) if args.eval_data else None
 
     from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
 
     processor = Idefics2Processor.from_pretrained(args.model)
-    collator = ChatCollator(processor, max_length=args.max_length)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        collator = ChatCollator(processor, max_length=args.max_length)
         train_data = ChatDataset(train_examples, collator)
         eval_data = ChatDataset(eval_examples, collator) if eval_examples else None
     for warning in caught:
@@ -184,14 +189,14 @@ def _train(args: argparse.Namespace) -> int:
         lora_config=lora_config,
         resume_from=args.resume or None,
     )
-    from idefics2.training.trainer import distributed_context
-
     if distributed_context()[0] == 0:
         if args.full:
             processor.save_pretrained(args.output)
         last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
         what = "model" if args.full else "LoRA adapter"
         print(f"saved the {what} to {args.output} after {result.step} steps{last}", file=sys.stderr)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     return 0
 
 

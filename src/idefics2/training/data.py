@@ -24,6 +24,18 @@ import torch
 ROLES = ("system", "user", "assistant")
 IGNORE = -100
 
+# The conversation format of the idefics2-8b chat checkpoints: "User:<image>Question?<end_of_utterance>\n
+# Assistant: Answer.<end_of_utterance>\n" (a role is followed by a space unless an image comes first).
+IDEFICS2_CHAT_FORMAT = (
+    "{% for message in messages %}"
+    "{{ message['role'] | capitalize }}{{ ':' if message['content'][0]['type'] == 'image' else ': ' }}"
+    "{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}<image>{% endif %}"
+    "{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
 
 class DataError(ValueError):
     """A problem with one example; `line` is its 1-based line number in the JSONL file when known."""
@@ -93,12 +105,26 @@ def normalize_example(example: Any, base_dir: Path | None = None) -> dict:
                 path = base_dir / path
             if not path.is_file():
                 raise DataError(f"images[{k}]: file not found: {path}")
+            _check_image_header(path, k)
             resolved.append(str(path))
         elif hasattr(image, "size") or torch.is_tensor(image):  # a PIL image, array or tensor given in code
             resolved.append(image)
         else:
             raise DataError(f"images[{k}] must be a file path, got {type(image).__name__}")
     return {"messages": out_messages, "images": resolved}
+
+
+def _check_image_header(path: Path, index: int) -> None:
+    """Open the file lazily (header only): a file that is not an image fails here, before training."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"images[{index}]: {path} is not a readable image ({error})") from None
+    if width == 0 or height == 0:
+        raise DataError(f"images[{index}]: {path} is an empty image")
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -187,10 +213,12 @@ class ChatCollator:
         block = self.fake_token + self.image_token * processor.image_seq_len + self.fake_token
         self.image_block = block * (5 if splitting else 1)
         if getattr(processor, "chat_template", None) is None:
-            raise ValueError(
-                "the processor has no chat template: training on chat examples needs one "
-                "(set processor.chat_template)"
+            warnings.warn(
+                "the processor has no chat template (a base checkpoint?): using the Idefics2 chat "
+                "format of idefics2-8b",
+                stacklevel=2,
             )
+            processor.chat_template = IDEFICS2_CHAT_FORMAT
 
     def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         if not messages and not add_generation_prompt:
@@ -213,9 +241,7 @@ class ChatCollator:
         expanded_pieces = [self._expand(piece) for piece in pieces]
         expanded = "".join(expanded_pieces)
         if expanded != self._expand(full):
-            raise ValueError(
-                "an image placeholder touches a turn boundary: cannot tell what to learn"
-            )
+            raise ValueError("an image placeholder touches a turn boundary: cannot tell what to learn")
         learned_ranges, position = [], 0
         for (a, _), piece in zip(zip(cuts[:-1], cuts[1:], strict=True), expanded_pieces, strict=True):
             if any(start <= a < end for start, end in spans):

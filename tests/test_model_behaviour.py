@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Model
 from oracle_model import IMAGE, build_batch, build_reference_checkpoint, lm_labels, rel_diff, tiny_config_dict
 
 N_LATENTS = tiny_config_dict()["perceiver_config"]["resampler_n_latents"]
@@ -204,3 +204,10 @@ def test_random_init_is_usable():
     assert abs(out.loss.item() - math.log(config.text_config.vocab_size)) < 0.5
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+    base = Idefics2Model(config)  # the base model alone is initialised too
+    assert all(torch.isfinite(p).all() and p.abs().max() < 10 for p in base.parameters())
+    tied = Idefics2ForConditionalGeneration(
+        Idefics2Config.from_dict(tiny_config_dict(tie_word_embeddings=True))
+    )
+    assert tied.lm_head.weight is tied.get_input_embeddings().weight

@@ -42,6 +42,34 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
 
 
+@torch.no_grad()
+def init_module_weights(root: nn.Module, config: Idefics2Config) -> None:
+    """Normal weights (std initializer_range), zero biases, unit norms, small random perceiver latents.
+
+    Skipped on the meta device, where `from_pretrained` builds the modules before assigning the weights.
+    """
+    if any(p.is_meta for p in root.parameters()):
+        return
+    text_std = config.text_config.initializer_range
+    vision_std = config.vision_config.initializer_range
+    for name, module in root.named_modules():
+        std = vision_std if "vision_model" in name else text_std
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, (nn.LayerNorm, RMSNorm)):
+            module.weight.fill_(1.0)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, PerceiverResampler):
+            module.latents.normal_(0.0, std)
+
+
 def _set_attn_implementation(module: nn.Module, name: str) -> None:
     check_attn_implementation(name)
     for sub in module.modules():
@@ -58,6 +86,11 @@ class Idefics2Model(nn.Module):
         self.vision_model = Idefics2VisionTransformer(config.vision_config)
         self.connector = Idefics2Connector(config)
         self.text_model = MistralDecoder(config.text_config)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Random initialisation for training from scratch (normal weights, zero biases, unit norms)."""
+        init_module_weights(self, self.config)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.text_model.embed_tokens
@@ -219,43 +252,23 @@ class Idefics2ForConditionalGeneration(nn.Module):
         self.model = Idefics2Model(config)
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.text_model.embed_tokens.weight
+        self._init_lm_head()
         self.generation_config: dict[str, Any] = {}
         self.checkpoint_dir: Path | None = None
         self.attn_implementation = "sdpa"
-        self.init_weights()
 
     # ---- construction, loading, saving -------------------------------------------------------------------
 
-    @torch.no_grad()
     def init_weights(self) -> None:
-        """Random initialisation for training from scratch (normal weights, zero biases, unit norms).
+        """Draw every weight at random again, as for training from scratch (see init_module_weights)."""
+        self.model.init_weights()
+        self._init_lm_head()
 
-        Skipped on the meta device, where `from_pretrained` builds the module before assigning the weights.
-        """
-        if self.lm_head.weight.is_meta:
-            return
-        text_std = self.config.text_config.initializer_range
-        vision_std = self.config.vision_config.initializer_range
-        for name, module in self.named_modules():
-            std = vision_std if name.startswith("model.vision_model") else text_std
-            if isinstance(module, (nn.Linear, nn.Conv2d)):
-                module.weight.normal_(0.0, std)
-                if module.bias is not None:
-                    module.bias.zero_()
-            elif isinstance(module, nn.Embedding):
-                module.weight.normal_(0.0, std)
-                if module.padding_idx is not None:
-                    module.weight[module.padding_idx].zero_()
-            elif isinstance(module, (nn.LayerNorm, RMSNorm)):
-                module.weight.fill_(1.0)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-            elif isinstance(module, PerceiverResampler):
-                module.latents.normal_(0.0, std)
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.text_model.embed_tokens.weight
+    @torch.no_grad()
+    def _init_lm_head(self) -> None:
+        if not self.lm_head.weight.is_meta:
+            self.lm_head.weight.normal_(0.0, self.config.text_config.initializer_range)
+        self.tie_weights()
 
     @classmethod
     def from_pretrained(

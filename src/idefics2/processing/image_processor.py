@@ -12,6 +12,7 @@ import json
 import os
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,7 +258,8 @@ class Idefics2ImageProcessor:
 
     @staticmethod
     def _allocate(crops: list[list[_Crop]], channels: int, device: torch.device):
-        """Output buffers; everything outside the written images is zero."""
+        """Zeroed output buffers with the mask filled in. One large zero fill is much cheaper than many
+        small ones on freshly allocated memory."""
         n_images = max((len(sample) for sample in crops), default=0)
         sizes = [crop.out_size for sample in crops for crop in sample]
         if not sizes:
@@ -278,51 +280,89 @@ class Idefics2ImageProcessor:
         values, masks = self._allocate(crops, channels, torch.device("cpu"))
         out = values.numpy()
         luts = {prescaled: _lookup_table(opts, channels, prescaled) for prescaled in (False, True)}
-        for sample in crops:
-            for crop in sample:
-                h, w = crop.out_size
-                pixels = crop.pixels
-                if opts["do_resize"]:
-                    image = PIL.Image.fromarray(
-                        np.ascontiguousarray(pixels[..., 0] if channels == 1 else pixels)
-                    )
-                    pixels = np.asarray(image.resize((w, h), resample=opts["resample"])).reshape(
-                        h, w, channels
-                    )
-                dst = out[crop.sample, crop.slot, :, :h, :w]
-                if pixels.dtype == np.uint8:
-                    lut = luts[crop.prescaled]
-                    for c in range(channels):
-                        dst[c] = lut[c][pixels[..., c]]
-                else:
-                    dst[:] = _float_pixels(np.moveaxis(pixels, -1, 0), opts)
+
+        def run(crop: _Crop) -> None:
+            h, w = crop.out_size
+            pixels = crop.pixels
+            if opts["do_resize"]:
+                image = PIL.Image.fromarray(np.ascontiguousarray(pixels[..., 0] if channels == 1 else pixels))
+                pixels = np.asarray(image.resize((w, h), resample=opts["resample"])).reshape(h, w, channels)
+            dst = out[crop.sample, crop.slot, :, :h, :w]
+            if pixels.dtype == np.uint8:
+                _apply_lookup(luts[crop.prescaled], pixels, dst)
+            else:
+                dst[:] = _float_pixels(np.moveaxis(pixels, -1, 0), opts)
+
+        _run_in_threads(run, [crop for sample in crops for crop in sample])
         return values, masks
 
     # ---- torch backend: batched tensor ops, CPU or GPU -----------------------------------------------
     def _run_torch(self, crops: list[list[_Crop]], opts: dict[str, Any], device: torch.device):
         channels = _channel_count(crops)
         values, masks = self._allocate(crops, channels, device)
+        on_cpu = device.type == "cpu"
+        luts = {prescaled: _lookup_table(opts, channels, prescaled) for prescaled in (False, True)}
+        # Crops of the same source size and output size are resized together.
         groups: dict[tuple, list[_Crop]] = {}
         for sample in crops:
             for crop in sample:
                 key = (crop.pixels.shape, crop.pixels.dtype, crop.out_size, crop.prescaled)
                 groups.setdefault(key, []).append(crop)
-        for (shape, dtype, (h, w), prescaled), members in groups.items():
-            batch = torch.empty((len(members), *shape), dtype=_torch_dtype(dtype))  # (n, h0, w0, C)
-            staging = batch.numpy()
-            for i, crop in enumerate(members):
-                staging[i] = crop.pixels
-            batch = batch.to(device).permute(0, 3, 1, 2)  # (n, C, h0, w0), channels-last memory
+
+        def run(members: list[_Crop]) -> None:
+            (h, w), prescaled = members[0].out_size, members[0].prescaled
+            batch = _stack(members, device)  # (n, C, h0, w0), channels-last memory
             if opts["do_resize"]:
                 batch = _torch_resize(batch, (h, w), TORCH_MODES[opts["resample"]])
             scale, shift = _affine(opts, channels, prescaled, device)
             for i, crop in enumerate(members):
                 dst = values[crop.sample, crop.slot, :, :h, :w]
-                if batch.dtype == torch.uint8:
-                    torch.addcmul(shift, batch[i], scale, out=dst)
-                else:
+                if batch.dtype != torch.uint8:
                     dst.copy_(_float_pixels_torch(batch[i], opts, device))
+                elif on_cpu:  # a table lookup is the cheapest way from uint8 levels to floats on a CPU
+                    _apply_lookup(luts[prescaled], batch[i].permute(1, 2, 0).numpy(), dst.numpy())
+                else:
+                    dst.copy_(batch[i])
+                    dst.mul_(scale).add_(shift)
+
+        if on_cpu:
+            _run_in_threads(run, list(groups.values()))
+        else:
+            for members in groups.values():
+                run(members)
         return values, masks
+
+
+def _run_in_threads(fn, items: list) -> None:
+    """fn over items on as many threads as torch may use (Pillow, numpy and torch release the GIL)."""
+    workers = min(torch.get_num_threads(), len(items))
+    if workers <= 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(fn, items):
+            pass
+
+
+def _stack(members: list[_Crop], device: torch.device) -> torch.Tensor:
+    """(n, C, h, w) tensor on `device` of equal-shape crops (a view of the pixels for one whole image)."""
+    if len(members) == 1 and members[0].pixels.flags.c_contiguous and members[0].pixels.flags.writeable:
+        batch = torch.from_numpy(members[0].pixels)[None]
+    else:
+        batch = torch.empty(
+            (len(members), *members[0].pixels.shape), dtype=_torch_dtype(members[0].pixels.dtype)
+        )
+        staging = batch.numpy()
+        for i, crop in enumerate(members):
+            staging[i] = crop.pixels
+    return batch.to(device).permute(0, 3, 1, 2)
+
+
+def _apply_lookup(lut: np.ndarray, pixels: np.ndarray, dst: np.ndarray) -> None:
+    """dst[c] = lut[c][pixels[..., c]] for (h, w, C) uint8 pixels and a (C, h, w) float32 destination."""
+    for c in range(lut.shape[0]):
+        np.take(lut[c], pixels[..., c], out=dst[c], mode="clip")
 
 
 def _channel_count(crops: list[list[_Crop]]) -> int:

@@ -176,8 +176,10 @@ class Idefics2Processor:
             outputs.update(convert_tensors(encoded, return_tensors))
         if images is not None:
             samples = self._images_per_sample(images, counts)
-            max_pixels = self.image_processor.max_pixels
-            samples = [[load_rgb(image, max_pixels) for image in sample] for sample in samples]
+            samples = [
+                [self._load(image, s, k) for k, image in enumerate(sample)]
+                for s, sample in enumerate(samples)
+            ]
             outputs.update(self.image_processor(samples, return_tensors=return_tensors, **image_options))
         return outputs
 
@@ -206,6 +208,12 @@ class Idefics2Processor:
                     "were given"
                 )
         return samples
+
+    def _load(self, image: Any, sample: int, index: int) -> Any:
+        try:
+            return load_rgb(image, self.image_processor.max_pixels)
+        except ValueError as error:
+            raise ValueError(f"sample {sample}, image {index}: {error}") from error
 
     def _check_truncation(self, prompts: list[str], input_ids: list[list[int]]) -> None:
         for i, (prompt, ids) in enumerate(zip(prompts, input_ids)):

@@ -12,6 +12,7 @@ bandwidth measured here.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ MID_CONFIG = {
     "vision_config": {
         "hidden_size": 768,
         "intermediate_size": 3072,
-        "num_hidden_layers": 12,
+        "num_hidden_layers": 10,
         "num_attention_heads": 12,
         "image_size": 980,
         "patch_size": 14,
@@ -46,7 +47,7 @@ MID_CONFIG = {
         "model_type": "mistral",
         "vocab_size": 32003,
         "hidden_size": 1024,
-        "intermediate_size": 2816,
+        "intermediate_size": 2560,
         "num_hidden_layers": 8,
         "num_attention_heads": 16,
         "num_key_value_heads": 4,
@@ -151,7 +152,9 @@ def main() -> None:
     inputs = dict(processor(text=prompt, images=[[photo_like()]], return_tensors="pt"))
     n_params = sum(p.numel() for p in ours.parameters())
     step_bytes = decode_weight_bytes(ours)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}"
+    )
     print(f"model: {n_params / 1e6:.0f}M parameters (float32, random weights); decode reads "
           f"{step_bytes / 1e6:.0f} MB of weights per step")  # fmt: skip
     print(
@@ -163,6 +166,7 @@ def main() -> None:
         results["transformers"].append(run(reference.generate, "streamer", inputs, args.new_tokens))
         results["idefics2"].append(run(ours.generate, "streamer", inputs, args.new_tokens))
     bandwidth = read_bandwidth_gbs()
+    print(f"load average after the runs: {os.getloadavg()[0]:.1f} (other processes share these cores)")
 
     summary = {}
     print(f"\n{'':14}{'prefill s':>11}{'decode tok/s':>14}{'bandwidth GB/s':>16}")

@@ -121,6 +121,10 @@ def test_streamer_sees_every_step_and_stream_generate_returns_the_sequences():
     seen = []
     out = generate(model, torch.tensor([[1], [4]]), max_new_tokens=4, eos_token_id=6, streamer=seen.append)
     assert torch.equal(torch.stack(seen, 1), out[:, 1:])
+    events = []
+    put_end = SimpleNamespace(put=lambda t: events.append(t.tolist()), end=lambda: events.append("end"))
+    generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, streamer=put_end)
+    assert events == [[[1, 2]], [3], [4], [5], "end"]  # transformers' protocol: prompt first, then steps
     steps = stream_generate(model, torch.tensor([[1]]), max_new_tokens=3)
     assert [int(next(steps)) for _ in range(3)] == [2, 3, 4]
     with pytest.raises(StopIteration) as done:

@@ -43,7 +43,7 @@ def generate(
     pixel_values: torch.Tensor | None = None,
     pixel_attention_mask: torch.Tensor | None = None,
     *,
-    streamer: Callable[[torch.Tensor], Any] | None = None,
+    streamer: Callable[[torch.Tensor], Any] | Any | None = None,
     **controls: Any,
 ) -> torch.LongTensor:
     """Generate continuations of `input_ids` (B, P); returns (B, P + new) prompt + new tokens.
@@ -54,15 +54,24 @@ def generate(
     after the others), eos_token_id (int or list), pad_token_id, stop_strings (str or list; needs
     `tokenizer`; a row stops once its generated text contains one), tokenizer (a tokenizer or processor:
     also adds `<end_of_utterance>` to the default end ids when the processor's chat template uses it),
-    seed or generator (sampling), streamer (called with the (B,) tokens of every step).
+    seed or generator (sampling), streamer (a callable called with the (B,) tokens of every step, or an
+    object with transformers' put/end protocol, e.g. transformers.TextStreamer(tokenizer, skip_prompt=True)).
     """
     steps = stream_generate(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, **controls)
+    # a transformers-style streamer (put/end) first gets the prompt, as transformers does
+    object_streamer = hasattr(streamer, "put") and hasattr(streamer, "end")
+    if object_streamer:
+        streamer.put(input_ids.cpu())
     while True:
         try:
             tokens = next(steps)
         except StopIteration as done:
+            if object_streamer:
+                streamer.end()
             return done.value
-        if streamer is not None:
+        if object_streamer:
+            streamer.put(tokens.cpu())
+        elif streamer is not None:
             streamer(tokens)
 
 

@@ -144,14 +144,16 @@ def test_config_variants(tmp_path, variant):
         assert ours.lm_head.weight is ours.model.text_model.embed_tokens.weight
 
 
-def test_eager_matches_sdpa(base):
-    _, ours, folder = base
+@pytest.mark.parametrize("samples", [MIXED, SEVERAL_IMAGES], ids=["padded", "unpadded-plain-causal"])
+def test_eager_matches_sdpa(base, samples):
+    ref, ours, folder = base
     eager = Idefics2ForConditionalGeneration.from_pretrained(folder, attn_implementation="eager")
-    batch = build_batch(MIXED, N_LATENTS, padding_side="left")
+    batch = build_batch(samples, N_LATENTS, padding_side="left")
     with torch.no_grad():
         expected = ours(**batch).logits
         got = eager(**batch).logits
     assert rel_diff(got, expected, batch["attention_mask"]) <= TOL
+    assert rel_diff(got, reference_outputs(ref, batch).logits, batch["attention_mask"]) <= TOL
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])

@@ -32,17 +32,24 @@ def attention(
     scale: float,
     impl: str = "sdpa",
     dropout: float = 0.0,
+    causal: bool = False,
 ) -> torch.Tensor:
     """Multi-head attention with grouped kv heads.
 
     q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv; mask: bool, broadcastable to (B, H, T, S),
-    True where a query may attend to a key, or None for full attention. Returns (B, T, H * D).
+    True where a query may attend to a key, or None for full attention (or for plain causal attention over
+    T == S positions when `causal`, which lets sdpa pick its fastest kernels). Returns (B, T, H * D).
     """
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
+    causal = causal and mask is None
     if impl == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=causal
+        )
     else:
+        if causal:
+            mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
         scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, T, S)
         softmax_dtype = torch.promote_types(q.dtype, torch.float32)
         if mask is not None:

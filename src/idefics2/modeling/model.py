@@ -205,7 +205,7 @@ class Idefics2Model(nn.Module):
         return out
 
     def _decoder_inputs(self, attention_mask, position_ids, kv_cache, cache_position, b, t, device):
-        """Attention mask (B, 1, T, S), position ids (B, T) and cache positions (T,) for the decoder."""
+        """Decoder mask (B, 1, T, S) or None (plain causal), position ids (B, T) and cache positions (T,)."""
         if cache_position is None:
             if kv_cache is not None:
                 raise ValueError("cache_position is required with a kv_cache")
@@ -213,6 +213,7 @@ class Idefics2Model(nn.Module):
         cache_position = cache_position.to(device=device, dtype=torch.long)
         if cache_position.shape != (t,):
             raise ValueError(f"cache_position must have shape ({t},), got {tuple(cache_position.shape)}")
+        no_padding = attention_mask is None
         if attention_mask is None:
             length = t if kv_cache is None else int(cache_position.max()) + 1
             attention_mask = torch.ones((b, length), dtype=torch.long, device=device)
@@ -239,8 +240,14 @@ class Idefics2Model(nn.Module):
             position_ids = position_ids.expand(b, t)
         else:
             raise ValueError(f"position_ids must be ({b}, {t}), got {tuple(position_ids.shape)}")
-        mask = causal_mask(attention_mask, cache_position, self.config.text_config.sliding_window)
-        return mask, position_ids.to(device), cache_position
+        window = self.config.text_config.sliding_window
+        if (
+            kv_cache is None
+            and (window is None or window >= t)
+            and (no_padding or bool(attention_mask.all()))
+        ):
+            return None, position_ids.to(device), cache_position  # plain causal attention
+        return causal_mask(attention_mask, cache_position, window), position_ids.to(device), cache_position
 
 
 class Idefics2ForConditionalGeneration(nn.Module):

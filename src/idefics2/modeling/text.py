@@ -85,10 +85,11 @@ class TextAttention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         kv_cache: KVCache | None,
         cache_position: torch.Tensor,
     ) -> torch.Tensor:
+        """mask: bool (B, 1, T, S), or None for plain causal attention over the T new tokens (no cache)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -105,6 +106,7 @@ class TextAttention(nn.Module):
             scale=self.head_dim**-0.5,
             impl=self.attn_implementation,
             dropout=self.dropout if self.training else 0.0,
+            causal=True,
         )
         return self.o_proj(out)
 
@@ -140,11 +142,11 @@ class MistralDecoder(nn.Module):
         self,
         inputs_embeds: torch.Tensor,
         position_ids: torch.Tensor,
-        mask: torch.Tensor,
+        mask: torch.Tensor | None,
         kv_cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """inputs_embeds (B, T, dim), position_ids (B, T), mask bool (B, 1, T, S) -> hidden (B, T, dim)."""
+        """inputs_embeds (B, T, dim), position_ids (B, T), mask (B, 1, T, S) or None -> hidden (B, T, dim)."""
         cos, sin = rotary_cos_sin(
             position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
         )

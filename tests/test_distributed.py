@@ -1,4 +1,4 @@
-"""`idefics2 train` under torchrun: 2 CPU processes (gloo) train the same LoRA adapter from their own shards.
+"""`idefics2 train` under torchrun: 2 CPU processes (gloo) train one LoRA adapter, each from its own shard.
 
 Run by pytest, this file launches itself under torchrun; each rank then runs the real command and also dumps
 the weights it ends with, so the test can check that both ranks hold identical weights.
@@ -27,18 +27,14 @@ def write_dataset(folder: Path) -> Path:
         for i in range(N_EXAMPLES):
             name, rgb = colors[i % 3]
             Image.new("RGB", (28 + 2 * i, 28), rgb).save(folder / f"{i}.png")
-            example = {
-                "messages": [
-                    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]},
-                    {"role": "assistant", "content": f"It is {name}."},
-                ],
-                "images": [f"{i}.png"],
-            }
-            f.write(json.dumps(example) + "\n")
+            user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Color?"}]}
+            answer = {"role": "assistant", "content": f"It is {name}."}
+            f.write(json.dumps({"messages": [user, answer], "images": [f"{i}.png"]}) + "\n")
     return folder / "train.jsonl"
 
 
 def build_model_folder(folder: Path) -> Path:
+    """A random tiny checkpoint (transformers-saved) with a processor (4 image tokens, images <= 56 px)."""
     from oracle_model import build_reference_checkpoint
     from oracle_processing import build_reference_processor
 
@@ -47,62 +43,39 @@ def build_model_folder(folder: Path) -> Path:
     return folder
 
 
-def train_args(model: Path, data: Path, output: Path) -> list[str]:
-    return [
-        "train",
-        "--model",
-        str(model),
-        "--data",
-        str(data),
-        "--output",
-        str(output),
-        "--lora-rank",
-        "4",
-        "--lora-dropout",
-        "0",
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "1",
-        "--grad-accum",
-        "2",
-        "--lr",
-        "1e-2",
-        "--no-progress",
-    ]
+def train_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    args = "--lora-rank 4 --lora-dropout 0 --max-steps 3 --batch-size 1 --grad-accum 2 --lr .01 --no-progress"
+    paths = ["--model", str(model), "--data", str(data), "--output", str(output)]
+    return ["train", *paths, *args.split(), *extra]
+
+
+def torchrun(output: Path, argv: list[str]) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command = [*launcher, __file__, str(output), *argv]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_two_process_torchrun_gives_identical_weights(tmp_path):
     model_dir = build_model_folder(tmp_path / "model")
     data = write_dataset(tmp_path / "data")
-    output = tmp_path / "out"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        __file__,
-        str(output),
-        *train_args(model_dir, data, output),
-    ]
-    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
 
-    rank0, rank1 = (load_file(output / f"rank{r}.safetensors") for r in (0, 1))
-    lora = [name for name in rank0 if "lora_" in name]
-    assert lora and rank0.keys() == rank1.keys()
-    diff = max((rank0[n] - rank1[n]).abs().max().item() for n in rank0)
+    ddp = tmp_path / "ddp"
+    torchrun(ddp, train_args(model_dir, data, ddp))
+    rank0, rank1 = (load_file(ddp / f"rank{r}.safetensors") for r in (0, 1))
+    lora = [name for name in rank0 if "lora_B" in name]
+    diff = max_diff(rank0, rank1)
     print(f"DDP: max weight difference between the ranks {diff:.1e}")
     assert diff == 0
-    assert any(rank0[n].abs().max() > 0 for n in lora if "lora_B" in n)  # the adapter was trained
-    assert (output / "adapter_model.safetensors").is_file() and (output / "adapter_config.json").is_file()
+    assert lora and all(rank0[n].abs().max() > 0 for n in lora)  # the adapter was trained
+    adapter = load_file(ddp / "adapter_model.safetensors")
 
     # Each rank read half of each step's examples: together they equal one process with twice the batch.
     from idefics2 import cli
@@ -111,15 +84,23 @@ def test_two_process_torchrun_gives_identical_weights(tmp_path):
     args = train_args(model_dir, data, single)
     args[args.index("--batch-size") + 1] = "2"
     assert cli.main(args) == 0
-    expected = load_file(single / "adapter_model.safetensors")
-    got = load_file(output / "adapter_model.safetensors")
-    close = max((expected[n] - got[n]).abs().max().item() for n in expected)
-    print(f"DDP (2 x batch 1) vs 1 process (batch 2): max adapter difference {close:.1e}")
-    assert close <= 1e-4
+    diff = max_diff(load_file(single / "adapter_model.safetensors"), adapter)
+    print(f"DDP (2 x batch 1) vs 1 process (batch 2): max adapter difference {diff:.1e}")
+    assert diff <= 1e-5
+
+    # The same run with the model sharded (FSDP), checkpointing on the way.
+    fsdp = tmp_path / "fsdp"
+    torchrun(fsdp, train_args(model_dir, data, fsdp, "--fsdp", "--save-steps", "2"))
+    assert max_diff(load_file(fsdp / "rank0.safetensors"), load_file(fsdp / "rank1.safetensors")) == 0
+    diff = max_diff(load_file(fsdp / "adapter_model.safetensors"), adapter)
+    print(f"FSDP vs DDP: max adapter difference {diff:.1e}")
+    assert diff <= 1e-5
+    assert sorted(p.name for p in (fsdp / "checkpoint-2").glob("rng_state_*.json")) == [
+        "rng_state_0.json", "rng_state_1.json"]
 
 
 def _worker(output: str, argv: list[str]) -> int:
-    """One torchrun rank: the real command, plus a dump of the weights this rank ends with."""
+    """One torchrun rank: the real command, plus a dump of the (full) weights this rank ends with."""
     import idefics2.training as training
     from idefics2 import cli
 
@@ -127,11 +108,10 @@ def _worker(output: str, argv: list[str]) -> int:
 
     def train_and_dump(model, *args, **kwargs):
         result = real_train(model, *args, **kwargs)
-        rank = torch.distributed.get_rank()
-        save_file(
-            {n: p.detach().contiguous() for n, p in model.named_parameters()},
-            str(Path(output) / f"rank{rank}.safetensors"),
-        )
+        named = model.named_parameters()
+        weights = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in named}
+        save_file({n: p.detach().contiguous() for n, p in weights.items()},
+                  str(Path(output) / f"rank{torch.distributed.get_rank()}.safetensors"))
         return result
 
     training.train = train_and_dump

@@ -86,6 +86,11 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
     )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model across processes (FSDP) instead of DDP",
+    )
     p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
     p.add_argument("--freeze-connector", action="store_true", help="do not train the connector (perceiver)")
     p.add_argument("--freeze-decoder", action="store_true", help="do not train the text decoder and lm_head")
@@ -158,6 +163,7 @@ def _train(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
         mixed_precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        fsdp=args.fsdp,
         seed=args.seed,
         eval_steps=args.eval_steps,
         save_steps=args.save_steps,

@@ -35,92 +35,158 @@ def _unique_storage(named: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 # --- model weights
-def save_model_weights(model: nn.Module, folder: Path, lora_config: lora.LoraConfig | None) -> None:
+def model_state(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
+    """The model's full weights by name. Sharded (FSDP): a collective call; rank 0 gets CPU copies, the other
+    ranks an empty dict. Otherwise the live tensors themselves (no copy)."""
+    if not sharded:
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_model_weights(
+    model: nn.Module, state: dict[str, torch.Tensor], folder: Path, lora_config: lora.LoraConfig | None
+) -> None:
+    """Write `state` (from model_state) as a PEFT adapter (LoRA), a complete checkpoint (models with
+    save_pretrained) or a plain model.safetensors."""
     if lora_config is not None:
-        lora.save_adapter(model, lora_config, folder)
+        tensors = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
+        lora.write_adapter(tensors, lora_config, folder)
     elif hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder)
+        _plain_module(model, state).save_pretrained(folder)
     else:
-        save_file(_unique_storage(model.state_dict()), str(folder / "model.safetensors"))
+        save_file(_unique_storage(state), str(folder / "model.safetensors"))
 
 
-def load_trainable_weights(model: nn.Module, folder: Path) -> None:
-    """Copy the trainable parameters saved in a checkpoint folder back into `model` (by name)."""
+def _plain_module(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`model` itself, or for an FSDP-sharded model an unsharded twin holding `state` (built on the meta
+    device, then given the gathered tensors: no extra copy)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return model
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):
+        twin = cls(model.config)
+    twin.load_state_dict(state, assign=True)
+    if hasattr(twin, "tie_weights"):
+        twin.tie_weights()
+    twin.generation_config = getattr(model, "generation_config", {})
+    return twin
+
+
+def read_trainable_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The weights saved in a checkpoint folder (adapter tensors under the model's own names)."""
     if (folder / lora.ADAPTER_WEIGHTS).is_file():
-        _, saved = lora.read_adapter(folder)
-    else:
-        files = sorted(folder.glob("model*.safetensors"))
-        if not files:
-            raise FileNotFoundError(f"{folder} holds no model weights to resume from")
-        saved = {}
-        for file in files:
-            saved.update(load_file(str(file)))
-    missing = []
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # named_parameters lists each tied tensor once
-            if not param.requires_grad:
-                continue
-            if name not in saved:
-                missing.append(name)
-            elif saved[name].shape != param.shape:
-                raise ValueError(
-                    f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, "
-                    f"the model expects {tuple(param.shape)}"
-                )
-            else:
-                param.copy_(saved[name])
+        return lora.read_adapter(folder)[1]
+    files = sorted(folder.glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no model weights to resume from")
+    saved = {}
+    for file in files:
+        saved.update(load_file(str(file)))
+    return saved
+
+
+def load_trainable_weights(model: nn.Module, saved: dict[str, torch.Tensor], sharded: bool) -> None:
+    """Put the saved values of every trainable parameter back into `model` (by name)."""
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    missing = [name for name in trainable if name not in saved]
     if missing:
-        raise ValueError(f"checkpoint {folder} lacks trainable weights: {', '.join(missing[:5])}")
+        raise ValueError(f"the checkpoint lacks trainable weights: {', '.join(missing[:5])}")
+    for name, param in trainable.items():
+        if saved[name].shape != param.shape:
+            raise ValueError(
+                f"checkpoint tensor {name} has shape {tuple(saved[name].shape)}, "
+                f"the model expects {tuple(param.shape)}"
+            )
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        subset = {name: saved[name] for name in trainable}
+        set_model_state_dict(model, subset, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(saved[name])
 
 
 # --- optimizer
-def save_optimizer(optimizer: torch.optim.Optimizer, param_names: dict[int, str], folder: Path) -> None:
-    """Optimizer state keyed by parameter name; `param_names` maps id(param) -> name."""
+def optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, names: dict[int, str], sharded: bool
+) -> dict:
+    """{"state": {param name: {key: value}}, "param_groups": [{..., "params": [param names]}]}.
+    Sharded (FSDP): a collective call that gathers full tensors on rank 0."""
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, optimizer, options=options)
+    state = {names[id(p)]: dict(values) for p, values in optimizer.state.items()}
+    groups = [
+        {**{k: v for k, v in g.items() if k != "params"}, "params": [names[id(p)] for p in g["params"]]}
+        for g in optimizer.param_groups
+    ]
+    return {"state": state, "param_groups": groups}
+
+
+def save_optimizer_state(state: dict, folder: Path) -> None:
     tensors, scalars = {}, {}
-    for param, state in optimizer.state.items():
-        name = param_names[id(param)]
-        for key, value in state.items():
+    for name, values in state["state"].items():
+        for key, value in values.items():
             if torch.is_tensor(value):
                 tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{name}.{key}"] = value
-    groups = []
-    for group in optimizer.param_groups:
-        entry = {k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items() if k != "params"}
-        entry["params"] = [param_names[id(p)] for p in group["params"]]
-        groups.append(entry)
+    groups = [
+        {k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]
+    ]
     save_file(tensors, str(folder / OPTIMIZER_TENSORS))
     (folder / OPTIMIZER_CONFIG).write_text(json.dumps({"param_groups": groups, "scalars": scalars}, indent=1))
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, param_names: dict[int, str], folder: Path) -> None:
+def read_optimizer_state(folder: Path) -> dict:
     meta = json.loads((folder / OPTIMIZER_CONFIG).read_text())
-    tensors = load_file(str(folder / OPTIMIZER_TENSORS))
-    saved_groups = meta["param_groups"]
-    if [g["params"] for g in saved_groups] != [
-        [param_names[id(p)] for p in g["params"]] for g in optimizer.param_groups
-    ]:
+    flat = {**load_file(str(folder / OPTIMIZER_TENSORS)), **meta["scalars"]}
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+    state: dict[str, dict] = {}
+    for group in groups:
+        for name in group["params"]:
+            values = {
+                key[len(name) + 1 :]: value
+                for key, value in flat.items()
+                if key.startswith(name + ".") and "." not in key[len(name) + 1 :]
+            }
+            if values:
+                state[name] = values
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, names: dict[int, str], state: dict, sharded: bool
+) -> None:
+    saved_params = [g["params"] for g in state["param_groups"]]
+    if saved_params != [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]:
         raise ValueError(
-            f"the optimizer in {folder} was built for other parameters (different model, LoRA "
-            "settings or frozen parts): resume with the settings of the original run"
+            "the checkpoint's optimizer was built for other parameters (another model, LoRA setting "
+            "or frozen part): resume with the settings of the original run"
         )
-    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
-        for key, value in saved.items():
-            if key != "params":
-                group[key] = tuple(value) if key == "betas" else value
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
+        return
+    for group, saved in zip(optimizer.param_groups, state["param_groups"], strict=True):
+        group.update({k: v for k, v in saved.items() if k != "params"})
     optimizer.state.clear()
     for group in optimizer.param_groups:
         for param in group["params"]:
-            name = param_names[id(param)]
-            state = {}
-            for key, value in tensors.items():
-                if key.startswith(name + ".") and "." not in key[len(name) + 1 :]:
-                    state[key[len(name) + 1 :]] = value.to(param.device)
-            for key, value in meta["scalars"].items():
-                if key.startswith(name + ".") and "." not in key[len(name) + 1 :]:
-                    state[key[len(name) + 1 :]] = value
-            if state:
-                optimizer.state[param] = state
+            values = state["state"].get(names[id(param)])
+            if values:
+                optimizer.state[param] = {
+                    k: v.to(param.device) if torch.is_tensor(v) else v for k, v in values.items()
+                }
 
 
 # --- RNG

@@ -163,23 +163,20 @@ def mark_only_lora_trainable(model: nn.Module) -> None:
         param.requires_grad_(".lora_A." in name or ".lora_B." in name)
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights under PEFT's tensor names."""
-    out = {}
-    for name, module in lora_modules(model).items():
-        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach().contiguous()
-        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight.detach().contiguous()
-    return out
-
-
 def save_adapter(model: nn.Module, config: LoraConfig, folder: str | os.PathLike) -> Path:
     """Write adapter_config.json + adapter_model.safetensors (PEFT's format) into `folder`."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v for k, v in model.state_dict().items() if ".lora_A." in k or ".lora_B." in k}
+    return write_adapter(tensors, config, folder)
+
+
+def write_adapter(tensors: dict[str, torch.Tensor], config: LoraConfig, folder: str | os.PathLike) -> Path:
+    """Save adapter tensors given under the model's names (`...q_proj.lora_A.weight`) in PEFT's format."""
     if not tensors:
         raise ValueError("the model has no LoRA adapter to save")
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    peft_named = {PEFT_PREFIX + k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(peft_named, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     (folder / ADAPTER_CONFIG).write_text(json.dumps(config.to_peft_dict(), indent=2) + "\n")
     return folder
 

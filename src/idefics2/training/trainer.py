@@ -44,6 +44,7 @@ class TrainingArguments:
     max_grad_norm: float | None = 1.0
     mixed_precision: str = "auto"  # "auto": bf16 autocast on GPUs that support it; "bf16"; "no"
     gradient_checkpointing: bool = False
+    fsdp: bool = False  # under torchrun: shard weights, gradients and optimizer state (FSDP2) instead of DDP
     shuffle: bool = True
     seed: int = 0
     eval_steps: int | None = None  # evaluate every N steps (and at the end) when eval data is given
@@ -150,6 +151,17 @@ def build_optimizer(
 
 
 # --- distributed
+def shard_model(model: nn.Module) -> None:
+    """FSDP2 in place: every layer of every `layers` list is one unit, the rest belongs to the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
+            for layer in module:
+                fully_shard(layer)
+    fully_shard(model)
+
+
 def distributed_context() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; initialises the process group once."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -241,13 +253,21 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
 ) -> float:
-    """Token-weighted mean loss over `data`, each rank taking its share."""
+    """Token-weighted mean loss over `data`, each rank taking its share.
+
+    Every rank runs the same number of batches (a sharded model needs all ranks in each forward): the shares
+    are padded by wrapping around, and the repeated examples are left out of the loss.
+    """
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    indices = list(range(rank, len(data), world))
-    for i in range(0, len(indices), args.batch_size):
-        batch = collate([data[j] for j in indices[i : i + args.batch_size]])
+    per_rank = math.ceil(len(data) / world)
+    positions = list(range(rank, per_rank * world, world))
+    for i in range(0, len(positions), args.batch_size):
+        chunk = positions[i : i + args.batch_size]
+        batch = collate([data[p % len(data)] for p in chunk])
+        repeated = torch.tensor([p >= len(data) for p in chunk])
+        batch["labels"] = batch["labels"].masked_fill(repeated[:, None], -100)
         loss, n = summed_loss(model, batch, device, _autocast(args, device))
         total, count = total + float(loss), count + n
     total, count = _all_reduce_sum([total, float(count)], device, world)
@@ -308,12 +328,15 @@ def save_checkpoint(
     world: int,
     rank: int,
     lora_config: lora.LoraConfig | None,
+    sharded: bool = False,
 ) -> Path:
     folder = Path(args.output_dir) / f"checkpoint-{step}"
+    weights = ckpt.model_state(model, sharded)  # collective calls when sharded: every rank takes part
+    optimizer_state = ckpt.optimizer_state(model, optimizer, names, sharded)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        ckpt.save_model_weights(model, folder, lora_config)
-        ckpt.save_optimizer(optimizer, names, folder)
+        ckpt.save_model_weights(model, weights, folder, lora_config)
+        ckpt.save_optimizer_state(optimizer_state, folder)
         state = {
             "step": step,
             "world_size": world,
@@ -348,6 +371,7 @@ def _load_checkpoint(
     args: TrainingArguments,
     world: int,
     rank: int,
+    sharded: bool,
 ) -> int:
     state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
     saved = state["args"]
@@ -362,8 +386,8 @@ def _load_checkpoint(
             f"cannot resume exactly from {folder}: it was trained on {state['world_size']} "
             f"process(es), this run has {world}"
         )
-    ckpt.load_trainable_weights(model, folder)
-    ckpt.load_optimizer(optimizer, names, folder)
+    ckpt.load_trainable_weights(model, ckpt.read_trainable_weights(folder), sharded)
+    ckpt.load_optimizer_state(model, optimizer, names, ckpt.read_optimizer_state(folder), sharded)
     scheduler.load_state_dict(state["scheduler"])
     ckpt.load_rng(folder, rank)
     return int(state["step"])
@@ -384,7 +408,9 @@ def train(
     """Train `model` (already set up: LoRA added, parts frozen) on `train_data` and save the result.
 
     `collate(list_of_examples)` must return a dict of tensors with `labels` (-100 = not learned) and the
-    model's inputs. Under torchrun each rank reads its own shard and gradients are averaged with DDP.
+    model's inputs. Under torchrun each rank reads its own shard of the data and gradients are averaged with
+    DDP, or with `args.fsdp` the model is sharded across the ranks (FSDP2: each decoder, vision and perceiver
+    layer is one unit).
     `resume_from`: a checkpoint folder, or True for the newest one in `args.output_dir`. With LoRA the output
     folder receives the PEFT adapter; otherwise the full model (`save_pretrained`).
     """
@@ -404,6 +430,9 @@ def train(
             model.gradient_checkpointing_enable()
         else:
             enable_gradient_checkpointing(model)
+    sharded = args.fsdp and world > 1
+    if sharded:
+        shard_model(model)
     optimizer, names = build_optimizer(model, args)
     total = steps_for(len(train_data), args, world)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -415,10 +444,10 @@ def train(
         folder = ckpt.latest_checkpoint(output_dir) if resume_from is True else Path(resume_from)
         if folder is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {output_dir}")
-        step = _load_checkpoint(folder, model, optimizer, scheduler, names, args, world, rank)
+        step = _load_checkpoint(folder, model, optimizer, scheduler, names, args, world, rank, sharded)
 
     ddp_model = model
-    if world > 1:
+    if world > 1 and not sharded:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
@@ -436,7 +465,9 @@ def train(
         loss_sum = 0.0
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1 or world == 1
-            with contextlib.nullcontext() if sync else ddp_model.no_sync():
+            if sharded:
+                model.set_requires_gradient_sync(sync)
+            with contextlib.nullcontext() if sync or sharded else ddp_model.no_sync():
                 loss, _ = summed_loss(ddp_model, batch, device, _autocast(args, device))
                 (loss * world / max(n_tokens, 1.0)).backward()
             loss_sum += loss.detach().item()
@@ -465,15 +496,16 @@ def train(
             result.eval_losses.append((step, eval_loss))
             progress.message(f"step {step}: eval loss {eval_loss:.4f}")
         if args.save_steps and (step % args.save_steps == 0 or step == total):
-            save_checkpoint(model, optimizer, scheduler, names, args, step, world, rank, lora_config)
+            save_checkpoint(model, optimizer, scheduler, names, args, step, world, rank, lora_config, sharded)
     progress.close()
 
     if eval_data is not None and not args.eval_steps:
         eval_loss = evaluate(model, eval_data, collate, args, device, rank, world)
         result.eval_losses.append((step, eval_loss))
         progress.message(f"step {step}: eval loss {eval_loss:.4f}")
+    weights = ckpt.model_state(model, sharded)
     if rank == 0:
-        ckpt.save_model_weights(model, output_dir, lora_config)
+        ckpt.save_model_weights(model, weights, output_dir, lora_config)
     if world > 1:
         dist.barrier()
     result.step = step

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -147,8 +148,9 @@ def _train(args: argparse.Namespace) -> int:
         collator = ChatCollator(processor, max_length=args.max_length)
         train_data = ChatDataset(train_examples, collator)
         eval_data = ChatDataset(eval_examples, collator) if eval_examples else None
-    for warning in caught:
-        print(f"warning: {warning.message}", file=sys.stderr)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
 
     training_args = TrainingArguments(
         output_dir=args.output,

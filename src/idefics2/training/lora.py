@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -215,11 +215,9 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, merge: bool = F
         raise ValueError(
             f"adapter {folder} targets layers this model does not have: {', '.join(missing[:5])}"
         )
-    config = LoraConfig(**{**asdict(config), "target_modules": sorted(targets)})
-    rank_pattern = {re.escape(t): weights[f"{t}.lora_A.weight"].shape[0] for t in targets}
-    config.rank_pattern = rank_pattern
-    config_with_zero_dropout = LoraConfig(**{**asdict(config), "lora_dropout": 0.0})
-    add_lora(model, config_with_zero_dropout)
+    # Exactly the layers the file holds, with the ranks of its tensors; no dropout (loaded for inference).
+    ranks = {re.escape(t): weights[f"{t}.lora_A.weight"].shape[0] for t in targets}
+    add_lora(model, replace(config, target_modules=sorted(targets), rank_pattern=ranks, lora_dropout=0.0))
     for name, module in lora_modules(model).items():
         for part in ("lora_A", "lora_B"):
             tensor = weights.get(f"{name}.{part}.weight")

@@ -1,5 +1,6 @@
 """The training loop: AdamW, warmup + linear/cosine decay, gradient accumulation and clipping, bf16 autocast,
-gradient checkpointing, periodic evaluation, exact save/resume, and data parallel under torchrun (DDP)."""
+gradient checkpointing, periodic evaluation, exact save/resume, and data parallel under torchrun (DDP, or
+FSDP2 sharding)."""
 
 from __future__ import annotations
 
@@ -166,8 +167,9 @@ def distributed_context() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; initialises the process group once."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
     return 0, 1, 0
@@ -459,7 +461,7 @@ def train(
     while step < total:
         batches = [collate([train_data[i] for i in next(stream)]) for _ in range(args.grad_accum)]
         # Normalise by the learned tokens of the whole step on all ranks, so that accumulation and DDP give
-        # the gradient of one big batch. DDP averages over ranks, hence the factor `world`.
+        # the gradient of one big batch. DDP and FSDP average over ranks, hence the factor `world`.
         local = [float((b["labels"][:, 1:] != -100).sum()) for b in batches]
         n_tokens = _all_reduce_sum([sum(local)], device, world)[0]
         loss_sum = 0.0

@@ -22,7 +22,9 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
     if path.exists():
         raise CheckpointNotFoundError(f"{name!r} is a file, not a checkpoint folder")
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise CheckpointNotFoundError(f"{name!r} is neither an existing folder nor a hub repo id (owner/name)")
+        raise CheckpointNotFoundError(
+            f"{name!r} is neither an existing folder nor a hub repo id (owner/name)"
+        )
 
     from huggingface_hub import snapshot_download
 
@@ -31,10 +33,13 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, revision: str | None 
     except Exception as online_error:  # network down, repo missing, gated...
         try:
             return Path(
-                snapshot_download(name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, local_files_only=True)
+                snapshot_download(
+                    name, revision=revision, allow_patterns=CHECKPOINT_PATTERNS, local_files_only=True
+                )
             )
         except Exception:
             raise CheckpointNotFoundError(
-                f"could not load {name!r}: it is not a local folder, the hub could not be reached or refused it "
-                f"({type(online_error).__name__}: {online_error}), and it is not in the local Hugging Face cache"
+                f"could not load {name!r}: it is not a local folder, the hub could not be reached or "
+                f"refused it ({type(online_error).__name__}: {online_error}), and it is not in the local "
+                "Hugging Face cache"
             ) from online_error

@@ -183,6 +183,8 @@ def test_torch_backend_close_to_reference():
     for splitting in (False, True):
         error = torch_backend_error(images, do_image_splitting=splitting)
         assert error.mean().item() <= 0.01 and error.max().item() <= 0.1, (error.mean(), error.max())
+    error = torch_backend_error(images, resample=PIL.Image.Resampling.BICUBIC)
+    assert error.mean().item() <= 0.01 and error.max().item() <= 0.1, (error.mean(), error.max())
     error = torch_backend_error([[(noise(40, 30) / 255.0).astype(np.float32)]], size=SMALL)
     assert error.max().item() <= 0.1
     error = torch_backend_error([[noise(15, 9).astype(np.float32)]], do_resize=False)

@@ -121,6 +121,8 @@ def test_decode_matches(ours, reference):
     ids = list(range(0, 32003, 997))
     assert ours.convert_ids_to_tokens(ids) == reference.convert_ids_to_tokens(ids)
     assert ours.convert_ids_to_tokens(32001) == "<image>"
+    tokens = ["<s>", "▁Hello", "not_a_token_at_all", "<image>"]
+    assert ours.convert_tokens_to_ids(tokens) == reference.convert_tokens_to_ids(tokens)
 
 
 def test_idefics2_tokens_are_added_when_absent(tmp_path):

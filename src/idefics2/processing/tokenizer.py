@@ -214,9 +214,11 @@ class Idefics2Tokenizer:
         return self.backend.id_to_token(token_id)
 
     def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | None | list[int | None]:
+        """Token ids; a token outside the vocabulary maps to the unk token id (None without one)."""
         if isinstance(tokens, str):
-            return self.backend.token_to_id(tokens)
-        return [self.backend.token_to_id(t) for t in tokens]
+            found = self.backend.token_to_id(tokens)
+            return self.unk_token_id if found is None else found
+        return [self.convert_tokens_to_ids(t) for t in tokens]
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False):
         if isinstance(ids, int):

@@ -112,8 +112,9 @@ def stream_generate(
         mark_seen_(seen, input_ids, attention_mask.bool())
     bad_words = BadWords(opts["bad_words_ids"], vocab, eos_ids, device) if opts["bad_words_ids"] else None
     stop_strings = opts["stop_strings"]
-    texts = [TextDeltaDecoder(opts["tokenizer"], skip_special_tokens=False) for _ in range(batch)]
-    generated = ["" for _ in range(batch)]
+    if stop_strings:  # each row's text so far, decoded incrementally
+        texts = [TextDeltaDecoder(opts["tokenizer"], skip_special_tokens=False) for _ in range(batch)]
+        generated = ["" for _ in range(batch)]
     sync_every = 1 if device.type == "cpu" or stop_strings else _SYNC_EVERY
 
     images = None if pixel_values is None else encode_images(model, pixel_values, pixel_attention_mask)

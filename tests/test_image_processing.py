@@ -86,6 +86,11 @@ def test_float_images_in_unit_range_warn():
         Idefics2ImageProcessor(size=SMALL)((noise(8, 8) / 255.0).astype(np.float32))
 
 
+@pytest.mark.filterwarnings("error")
+def test_float_images_in_unit_range_without_rescale():
+    assert_matches([[(noise(8, 9) / 255.0).astype(np.float32)]], do_rescale=False, size=SMALL)
+
+
 def test_batched_array_is_one_sample():
     batch = np.stack([noise(12, 17, seed=s) for s in range(3)])  # (3, H, W, C)
     _, actual = assert_matches(batch, size=SMALL)
@@ -200,6 +205,16 @@ def test_torch_backend_on_cuda():
     assert torch.equal(gpu["pixel_attention_mask"].cpu(), cpu["pixel_attention_mask"])
     error = (gpu["pixel_values"].cpu() - cpu["pixel_values"]).abs()
     assert error.mean().item() <= 0.01 and error.max().item() <= 0.1
+
+
+def test_options_as_attributes():
+    processor = Idefics2ImageProcessor(size=SMALL)
+    assert processor.do_image_splitting is False and processor.size == SMALL
+    processor.do_image_splitting = True
+    assert processor.to_dict()["do_image_splitting"] is True
+    assert processor(noise(10, 10))["pixel_values"].shape[1] == 5
+    with pytest.raises(ValueError, match="size must hold"):
+        processor.size = {"width": 3}
 
 
 def test_save_and_load_both_layouts(tmp_path):

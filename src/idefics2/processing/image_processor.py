@@ -90,8 +90,7 @@ def nest_images(images: Any) -> list[list[ImageLike]]:
             return nested
     raise ValueError(
         "images must be one image (PIL image, numpy array, torch tensor, file path or bytes), a list of "
-        "images, "
-        f"or one list of images per sample; got {type(images).__name__}"
+        f"images, or one list of images per sample; got {type(images).__name__}"
     )
 
 
@@ -106,7 +105,7 @@ class _Crop:
     out_size: tuple[int, int]
 
 
-def _quantize_for_resize(pixels: np.ndarray) -> tuple[np.ndarray, bool]:
+def _quantize_for_resize(pixels: np.ndarray, rescale: bool) -> tuple[np.ndarray, bool]:
     """uint8 pixels for Pillow resampling, as the reference converts float arrays before resizing."""
     if pixels.dtype == np.uint8:
         return pixels, False
@@ -115,11 +114,13 @@ def _quantize_for_resize(pixels: np.ndarray) -> tuple[np.ndarray, bool]:
             return pixels.astype(np.uint8), False
         raise ValueError(f"image values must lie in [0, 255], got [{pixels.min()}, {pixels.max()}]")
     if pixels.min() >= 0 and pixels.max() <= 1:
-        warnings.warn(
-            "float image in [0, 1] given with do_rescale=True: it is quantized to [0, 255] for resizing and "
-            "then rescaled again, as transformers does; pass uint8 images (or values in [0, 255]) instead",
-            stacklevel=4,
-        )
+        if rescale:
+            warnings.warn(
+                "float image in [0, 1] given with do_rescale=True: it is quantized to [0, 255] for resizing "
+                "and then rescaled again, as transformers does; pass uint8 images (or values in [0, 255]) or "
+                "set do_rescale=False",
+                stacklevel=4,
+            )
         return (pixels.astype(np.float64) * 255).astype(np.float32).astype(np.uint8), True
     raise ValueError(
         f"float image values must lie in [0, 1] or [0, 255], got [{pixels.min()}, {pixels.max()}]"
@@ -147,12 +148,20 @@ class Idefics2ImageProcessor:
         self.backend, self.device, self.max_pixels = backend, device, max_pixels
         self._check(self.options, backend)
 
-    # Options read as attributes: processor.image_processor.do_image_splitting, .size, ...
+    # Options are also attributes: `image_processor.do_image_splitting = False` changes the option.
     def __getattr__(self, name: str) -> Any:
         options = self.__dict__.get("options", {})
         if name in options:
             return options[name]
         raise AttributeError(f"{type(self).__name__!r} has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in DEFAULTS:
+            options = {**self.options, name: value}
+            self._check(options, self.backend)
+            self.options = options
+        else:
+            super().__setattr__(name, value)
 
     @staticmethod
     def _check(options: dict[str, Any], backend: str) -> None:
@@ -248,7 +257,7 @@ class Idefics2ImageProcessor:
                 for part in parts:
                     prescaled = False
                     if opts["do_resize"]:
-                        part, prescaled = _quantize_for_resize(part)
+                        part, prescaled = _quantize_for_resize(part, opts["do_rescale"])
                         out_size = resize_output_size(part.shape[0], part.shape[1], opts["size"])
                     else:
                         out_size = (part.shape[0], part.shape[1])

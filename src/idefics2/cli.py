@@ -99,7 +99,8 @@ def _add_train_parser(subparsers) -> None:
     p.add_argument(
         "--save-steps",
         type=_positive_int,
-        help="write a resumable checkpoint every N steps (default: only at the end)",
+        help="write a resumable checkpoint (output/checkpoint-N) every N steps and at the end; "
+        "without it only the final weights are saved",
     )
     p.add_argument("--logging-steps", type=_positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)

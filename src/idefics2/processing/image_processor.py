@@ -267,17 +267,22 @@ class Idefics2ImageProcessor:
 
     @staticmethod
     def _allocate(crops: list[list[_Crop]], channels: int, device: torch.device):
-        """Zeroed output buffers with the mask filled in. One large zero fill is much cheaper than many
-        small ones on freshly allocated memory."""
+        """Zeroed output buffers with the mask filled in. On the CPU they come from numpy, whose large
+        zeroed allocations are lazily mapped (and backed by huge pages where the kernel allows): several
+        times cheaper than writing zeros into fresh memory."""
         n_images = max((len(sample) for sample in crops), default=0)
         sizes = [crop.out_size for sample in crops for crop in sample]
         if not sizes:
             raise ValueError("no images to process")
         height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
-        values = torch.zeros(
-            (len(crops), n_images, channels, height, width), dtype=torch.float32, device=device
-        )
-        masks = torch.zeros((len(crops), n_images, height, width), dtype=torch.int64, device=device)
+        values_shape = (len(crops), n_images, channels, height, width)
+        masks_shape = (len(crops), n_images, height, width)
+        if device.type == "cpu":
+            values = torch.from_numpy(np.zeros(values_shape, dtype=np.float32))
+            masks = torch.from_numpy(np.zeros(masks_shape, dtype=np.int64))
+        else:
+            values = torch.zeros(values_shape, dtype=torch.float32, device=device)
+            masks = torch.zeros(masks_shape, dtype=torch.int64, device=device)
         for sample in crops:
             for crop in sample:
                 masks[crop.sample, crop.slot, : crop.out_size[0], : crop.out_size[1]] = 1

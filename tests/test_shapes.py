@@ -3,8 +3,18 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from idefics2.shapes import COLORS, KINDS, QUESTION_TYPES, make_dataset, make_example, random_scene
+from idefics2.shapes import (
+    COLORS,
+    KINDS,
+    QUESTION_TYPES,
+    ask,
+    make_dataset,
+    make_example,
+    normalize_answer,
+    random_scene,
+)
 
 
 def _components(mask: np.ndarray) -> int:
@@ -102,3 +112,37 @@ def test_dataset_is_reproducible_and_balanced():
 def test_unknown_question_type_is_rejected():
     with pytest.raises(ValueError, match="unknown question type"):
         make_example(random.Random(0), "colour")
+
+
+def test_ask_follows_the_scene_and_refuses_inapplicable_types():
+    rng = random.Random(4)
+    scene = random_scene(rng, 1)
+    (only,) = scene.shapes
+    assert ask(rng, scene, "count_all") == ("How many shapes are there?", "1")
+    assert ask(rng, scene, "color_of_kind") == (f"What color is the {only.kind}?", only.color)
+    assert ask(rng, scene, "kind_of_color") == (f"What shape is the {only.color} one?", only.kind)
+    for _ in range(50):
+        scene = random_scene(rng)
+        duplicated_kinds = all(scene.count(kind=k) != 1 for k in KINDS)
+        if duplicated_kinds:
+            assert ask(rng, scene, "color_of_kind") is None
+    with pytest.raises(ValueError):
+        ask(rng, scene, "compare")
+
+
+def test_box_supersampling_antialiases_edges():
+    scene = random_scene(random.Random(5), 3)
+    aliased = np.asarray(scene.render(), dtype=np.int16)
+    for resample in (Image.Resampling.BOX, Image.Resampling.LANCZOS):
+        smooth = np.asarray(scene.render(4, resample=resample), dtype=np.int16)
+        assert smooth.shape == aliased.shape
+        assert len(np.unique(smooth.reshape(-1, 3), axis=0)) > len(np.unique(aliased.reshape(-1, 3), axis=0))
+        for shape in scene.shapes:  # shape centres keep their colour
+            x0, y0, x1, y1 = shape.box
+            centre = smooth[(y0 + 3 * y1) // 4, (x0 + x1) // 2]
+            assert np.abs(centre - np.array(shape.rgb)).max() <= 2
+
+
+def test_answers_are_normalized_before_comparison():
+    assert normalize_answer(" Green.") == "green"
+    assert normalize_answer("3\n") == "3"

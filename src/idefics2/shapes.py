@@ -59,8 +59,11 @@ class Scene:
             1 for s in self.shapes if (color is None or s.color == color) and (kind is None or s.kind == kind)
         )
 
-    def render(self, supersample: int = 1, jpeg_quality: int | None = None) -> Image.Image:
-        """Draw the scene; `supersample` > 1 anti-aliases edges, `jpeg_quality` adds JPEG artefacts."""
+    def render(
+        self, supersample: int = 1, jpeg_quality: int | None = None, resample: int = Image.Resampling.LANCZOS
+    ) -> Image.Image:
+        """Draw the scene; `supersample` > 1 anti-aliases edges (drawn that many times larger, then reduced
+        with the `resample` filter; BOX is the fast plain average), `jpeg_quality` adds JPEG artefacts."""
         scale = max(1, supersample)
         image = Image.new("RGB", (self.width * scale, self.height * scale), self.background)
         draw = ImageDraw.Draw(image)
@@ -74,7 +77,10 @@ class Scene:
             else:
                 draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=shape.rgb)
         if scale > 1:
-            image = image.resize((self.width, self.height), Image.Resampling.LANCZOS)
+            if resample == Image.Resampling.BOX:
+                image = image.reduce(scale)
+            else:
+                image = image.resize((self.width, self.height), resample)
         if jpeg_quality is not None:
             buffer = io.BytesIO()
             image.save(buffer, format="JPEG", quality=jpeg_quality)
@@ -107,9 +113,7 @@ def _jitter(rng: random.Random, rgb: tuple[int, int, int]) -> tuple[int, int, in
 
 def _apart(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
     """True when the boxes are separated by at least MIN_GAP pixels along some axis."""
-    return (
-        a[2] + MIN_GAP < b[0] or b[2] + MIN_GAP < a[0] or a[3] + MIN_GAP < b[1] or b[3] + MIN_GAP < a[1]
-    )
+    return a[2] + MIN_GAP < b[0] or b[2] + MIN_GAP < a[0] or a[3] + MIN_GAP < b[1] or b[3] + MIN_GAP < a[1]
 
 
 def random_scene(rng: random.Random, num_shapes: int | None = None) -> Scene:
@@ -148,50 +152,134 @@ def _pick_kind(rng: random.Random, scene: Scene) -> str:
     return rng.choice(KINDS)
 
 
+def ask(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, str] | None:
+    """A (question, answer) of a one-image type about `scene`; None when the type does not apply (a "What
+    color is the {kind}?" needs exactly one shape of some kind, "What shape is the {color} one?" likewise)."""
+    if qtype == "count_all":
+        return "How many shapes are there?", str(len(scene.shapes))
+    if qtype == "count_color":
+        color = _pick_color(rng, scene)
+        return f"How many {color} shapes are there?", str(scene.count(color=color))
+    if qtype == "count_kind":
+        kind = _pick_kind(rng, scene)
+        return f"How many {kind}s are there?", str(scene.count(kind=kind))
+    if qtype == "color_of_kind":
+        unique = [k for k in KINDS if scene.count(kind=k) == 1]
+        if not unique:
+            return None
+        kind = rng.choice(unique)
+        return f"What color is the {kind}?", next(s.color for s in scene.shapes if s.kind == kind)
+    if qtype == "kind_of_color":
+        unique = [c for c in COLORS if scene.count(color=c) == 1]
+        if not unique:
+            return None
+        color = rng.choice(unique)
+        return f"What shape is the {color} one?", next(s.kind for s in scene.shapes if s.color == color)
+    if qtype == "exists":  # yes and no equally often
+        if rng.random() < 0.5:
+            target = rng.choice(scene.shapes)
+            color, kind = target.color, target.kind
+        else:
+            absent = [(c, k) for c in COLORS for k in KINDS if scene.count(color=c, kind=k) == 0]
+            color, kind = rng.choice(absent)
+        return f"Is there any {color} {kind}?", "yes" if scene.count(color=color, kind=kind) else "no"
+    raise ValueError(f"{qtype!r} is not a one-image question type")
+
+
 def make_example(rng: random.Random, qtype: str) -> Example:
     """One question of the given type about freshly drawn scene(s)."""
     if qtype not in QUESTION_TYPES:
         raise ValueError(f"unknown question type {qtype!r}; expected one of {', '.join(QUESTION_TYPES)}")
+    if qtype == "compare":
+        first, second = rng.sample(range(1, MAX_SHAPES + 1), 2)
+        scenes = [random_scene(rng, first), random_scene(rng, second)]
+        answer = "first" if first > second else "second"
+        return Example(qtype, scenes, "Which image has more shapes, the first or the second?", answer)
     while True:
-        if qtype == "compare":
-            first, second = rng.sample(range(1, MAX_SHAPES + 1), 2)
-            scenes = [random_scene(rng, first), random_scene(rng, second)]
-            answer = "first" if first > second else "second"
-            return Example(qtype, scenes, "Which image has more shapes, the first or the second?", answer)
         scene = random_scene(rng)
-        if qtype == "count_all":
-            return Example(qtype, [scene], "How many shapes are there?", str(len(scene.shapes)))
-        if qtype == "count_color":
-            color = _pick_color(rng, scene)
-            answer = str(scene.count(color=color))
-            return Example(qtype, [scene], f"How many {color} shapes are there?", answer)
-        if qtype == "count_kind":
-            kind = _pick_kind(rng, scene)
-            return Example(qtype, [scene], f"How many {kind}s are there?", str(scene.count(kind=kind)))
-        if qtype == "color_of_kind":
-            unique = [k for k in KINDS if scene.count(kind=k) == 1]
-            if unique:
-                kind = rng.choice(unique)
-                color = next(s.color for s in scene.shapes if s.kind == kind)
-                return Example(qtype, [scene], f"What color is the {kind}?", color)
-        elif qtype == "kind_of_color":
-            unique = [c for c in COLORS if scene.count(color=c) == 1]
-            if unique:
-                color = rng.choice(unique)
-                kind = next(s.kind for s in scene.shapes if s.color == color)
-                return Example(qtype, [scene], f"What shape is the {color} one?", kind)
-        else:  # exists: yes and no equally often
-            if rng.random() < 0.5:
-                target = rng.choice(scene.shapes)
-                color, kind = target.color, target.kind
-            else:
-                absent = [(c, k) for c in COLORS for k in KINDS if scene.count(color=c, kind=k) == 0]
-                color, kind = rng.choice(absent)
-            answer = "yes" if scene.count(color=color, kind=kind) else "no"
-            return Example(qtype, [scene], f"Is there any {color} {kind}?", answer)
+        qa = ask(rng, scene, qtype)
+        if qa is not None:
+            return Example(qtype, [scene], *qa)
 
 
 def make_dataset(num_per_type: int, seed: int, qtypes: tuple[str, ...] = QUESTION_TYPES) -> list[Example]:
     """`num_per_type` examples of each type, interleaved, reproducible from `seed`."""
     rng = random.Random(seed)
     return [make_example(rng, qtype) for _ in range(num_per_type) for qtype in qtypes]
+
+
+def normalize_answer(text: str) -> str:
+    """The answer as compared: surrounding spaces and a final full stop dropped, lowercase."""
+    return text.strip().rstrip(".").strip().lower()
+
+
+def evaluate(
+    model_or_pipeline,
+    processor=None,
+    examples: list[Example] | None = None,
+    *,
+    batch_size: int = 32,
+    supersample: int = 1,
+    jpeg_quality: int | None = None,
+    max_new_tokens: int = 6,
+) -> dict[str, float]:
+    """Exact-match accuracy of greedy answers, per question type and "overall".
+
+    Pass a model and its processor, or a pipeline (anything with `.model` and `.processor`). The questions are
+    asked with the processor's chat template, `batch_size` at a time (left-padded batched generation); the
+    images are rendered with `supersample` / `jpeg_quality` (see `Scene.render`).
+    """
+    from idefics2.generation import generate
+
+    model = model_or_pipeline
+    if processor is None:
+        if not (hasattr(model_or_pipeline, "model") and hasattr(model_or_pipeline, "processor")):
+            raise ValueError("pass a model and its processor, or a pipeline with .model and .processor")
+        model, processor = model_or_pipeline.model, model_or_pipeline.processor
+    if not examples:
+        raise ValueError("no examples to evaluate")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    predictions = answer_questions(
+        model, processor, examples, batch_size=batch_size, supersample=supersample,
+        jpeg_quality=jpeg_quality, max_new_tokens=max_new_tokens, generate=generate,
+    )  # fmt: skip
+    correct: dict[str, list[bool]] = {}
+    for example, prediction in zip(examples, predictions, strict=True):
+        correct.setdefault(example.qtype, []).append(normalize_answer(prediction) == example.answer)
+    scores = {qtype: sum(v) / len(v) for qtype, v in correct.items()}
+    scores["overall"] = sum(sum(v) for v in correct.values()) / len(examples)
+    return scores
+
+
+def answer_questions(
+    model, processor, examples: list[Example], *, batch_size: int, supersample: int = 1,
+    jpeg_quality: int | None = None, max_new_tokens: int = 6, generate=None,
+) -> list[str]:  # fmt: skip
+    """The model's greedy answer (text, stripped) to each example's question."""
+    import torch
+
+    if generate is None:
+        from idefics2.generation import generate
+    tokenizer = processor.tokenizer
+    old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    answers: list[str] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            prompts = [processor.apply_chat_template(e.messages(), add_generation_prompt=True) for e in chunk]
+            images = [e.images(supersample, jpeg_quality) for e in chunk]
+            batch = processor(text=prompts, images=images, padding=True, return_tensors="pt")
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+            with torch.no_grad():
+                out = generate(
+                    model, **inputs, max_new_tokens=max_new_tokens, do_sample=False, tokenizer=processor
+                )
+            new = out[:, inputs["input_ids"].shape[1] :]
+            answers += [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
+    finally:
+        tokenizer.padding_side = old_side
+    return answers

@@ -1,0 +1,453 @@
+"""Build the built-in demo model (src/idefics2/assets/builtin) from scratch, reproducibly from a seed.
+
+Steps: train a small byte-level BPE tokenizer on the shapes world's text, build the processor (images squeezed
+to 128 x 128: a shape keeps >= 12% of the image along the canvas's shorter side), initialise a small Idefics2,
+train it with `idefics2.training.train` on freshly drawn, augmented shapes questions (each example is drawn
+from the seed and its index, so a resumed run sees exactly the same data), evaluate it on 700 held-out
+questions (100 per type) in three render styles, and export the checkpoint folder.
+
+    python scripts/build_builtin_model.py --work-dir RUN            # train (resumes after an interruption)
+    python scripts/build_builtin_model.py --work-dir RUN --export   # evaluate + write the assets
+
+Cost of the shipped run: see COST below (measured on the 2-core CPU this project was built on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from idefics2.config import Idefics2Config
+from idefics2.modeling import Idefics2ForConditionalGeneration
+from idefics2.processing import Idefics2ImageProcessor, Idefics2Processor, Idefics2Tokenizer
+from idefics2.shapes import COLORS, KINDS, ask, evaluate, make_dataset, make_example, random_scene
+from idefics2.training import ChatCollator, TrainingArguments, normalize_example, train
+
+REPO = Path(__file__).resolve().parents[1]
+ASSET_DIR = REPO / "src" / "idefics2" / "assets" / "builtin"
+SEED = 1234
+EVAL_SEED = 777  # the 700 held-out questions
+IMAGE_SIDE = 128
+PATCH = 16
+IMAGE_SEQ_LEN = 16
+# The chat template of HuggingFaceM4/idefics2-8b.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{message['role'].capitalize()}}"
+    "{% if message['content'][0]['type'] == 'image' %}{{':'}}{% else %}{{': '}}{% endif %}"
+    "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{line['text']}}"
+    "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"
+)
+SPECIAL_TOKENS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "<fake_token_around_image>",
+    "<image>",
+    "<end_of_utterance>",
+]
+VOCAB_SIZE = 512
+# How often each question type is drawn: the binding questions (colour <-> kind) are the hardest.
+TYPE_WEIGHTS = {
+    "count_all": 1.0,
+    "count_color": 1.0,
+    "count_kind": 1.0,
+    "color_of_kind": 1.4,
+    "kind_of_color": 1.4,
+    "exists": 1.4,
+    "compare": 0.6,
+}
+TEXT_WIDTH = 160
+MODEL_CONFIG = {
+    "model_type": "idefics2",
+    "architectures": ["Idefics2ForConditionalGeneration"],
+    "image_token_id": 5,
+    "tie_word_embeddings": False,
+    "use_cache": True,
+    "torch_dtype": "float32",
+    "vision_config": {
+        "model_type": "idefics2_vision",
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_channels": 3,
+        "image_size": IMAGE_SIDE,
+        "patch_size": PATCH,
+        "hidden_act": "gelu_pytorch_tanh",
+        "layer_norm_eps": 1e-6,
+        "initializer_range": 0.02,
+    },
+    "perceiver_config": {
+        "model_type": "idefics2_perceiver",
+        "hidden_act": "silu",
+        "hidden_size": TEXT_WIDTH,
+        "rms_norm_eps": 1e-6,
+        "resampler_n_latents": IMAGE_SEQ_LEN,
+        "resampler_depth": 2,
+        "resampler_n_heads": 4,
+        "resampler_head_dim": 40,
+        "num_key_value_heads": 2,
+        "initializer_range": 0.02,
+    },
+    "text_config": {
+        "model_type": "mistral",
+        "vocab_size": VOCAB_SIZE,
+        "hidden_size": TEXT_WIDTH,
+        "intermediate_size": 384,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_act": "silu",
+        "max_position_embeddings": 512,
+        "initializer_range": 0.02,
+        "rms_norm_eps": 1e-6,
+        "pad_token_id": 3,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "rope_theta": 10000.0,
+        "sliding_window": None,
+    },
+}
+GENERATION_CONFIG = {"bos_token_id": 1, "eos_token_id": [2, 6], "pad_token_id": 3, "max_new_tokens": 8}
+
+
+# ----------------------------------------------------------------------------------------------- processor
+def corpus(seed: int) -> list[str]:
+    """Text for the tokenizer: every question wording and answer, as the chat template writes them."""
+    texts = ["User:", "Assistant:", "\n", "Which image has more shapes, the first or the second?"]
+    texts += ["How many shapes are there?", " first", " second", " yes", " no"]
+    texts += [f" {n}" for n in range(10)]
+    for color in COLORS:
+        texts += [f"How many {color} shapes are there?", f"What shape is the {color} one?", f" {color}"]
+        texts += [f"Is there any {color} {kind}?" for kind in KINDS]
+    for kind in KINDS:
+        texts += [f"How many {kind}s are there?", f"What color is the {kind}?", f" {kind}"]
+    texts += [" " + t for t in texts if t.endswith("?")]
+    rng = random.Random(seed)
+    return [t for _ in range(20) for t in rng.sample(texts, len(texts))]
+
+
+def build_processor(seed: int) -> Idefics2Processor:
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(corpus(seed), trainer)
+    if backend.get_vocab_size() > VOCAB_SIZE:
+        raise RuntimeError(f"the tokenizer has {backend.get_vocab_size()} tokens, more than {VOCAB_SIZE}")
+    tokenizer = Idefics2Tokenizer(
+        backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        add_bos_token=True,
+        add_eos_token=False,
+        padding_side="left",
+        model_max_length=512,
+    )
+    size = {"shortest_edge": IMAGE_SIDE, "longest_edge": IMAGE_SIDE}  # every image becomes 128 x 128
+    image_processor = Idefics2ImageProcessor.from_dict({"size": size, "do_image_splitting": False})
+    return Idefics2Processor(
+        image_processor, tokenizer, image_seq_len=IMAGE_SEQ_LEN, chat_template=CHAT_TEMPLATE
+    )
+
+
+# ----------------------------------------------------------------------------------------------- data
+def augmented_render(scene, rng: random.Random) -> Image.Image:
+    """The scene drawn in a random style: aliased or anti-aliased (box or Lanczos filter), maybe JPEG."""
+    style = rng.random()
+    if style < 0.4:
+        image = scene.render()
+    elif style < 0.85:
+        image = scene.render(rng.choice((2, 3, 4)), resample=Image.Resampling.BOX)
+    else:
+        image = scene.render(2)
+    if rng.random() < 0.5:
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=rng.randint(25, 95))
+        image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+    return image
+
+
+def to_pixels(image: Image.Image, rng: random.Random | None = None) -> torch.Tensor:
+    """The processor's resize (PIL bilinear to 128 x 128) as uint8 (3, H, W); with `rng`, small colour noise
+    (a shift of each channel and per-pixel noise) is added half of the time."""
+    resized = np.asarray(image.resize((IMAGE_SIDE, IMAGE_SIDE), resample=Image.Resampling.BILINEAR))
+    if rng is not None and rng.random() < 0.5:
+        nrng = np.random.default_rng(rng.getrandbits(32))
+        noisy = resized + nrng.uniform(-8, 8, size=3) + nrng.normal(0.0, rng.uniform(1.0, 5.0), resized.shape)
+        resized = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
+    return torch.from_numpy(resized.copy()).permute(2, 0, 1)
+
+
+class ShapesStream(torch.utils.data.Dataset):
+    """Example i is drawn from (seed, i): fresh data at every step, identical after a resume.
+
+    A one-image example asks 1 to 4 questions of different types about the same scene, one per user turn (the
+    image is encoded once for all of them); a two-image example asks the comparison question.
+    """
+
+    def __init__(self, processor: Idefics2Processor, length: int, seed: int):
+        self.collator = ChatCollator(processor)
+        self.length, self.seed = length, seed
+        self.types = [t for t in TYPE_WEIGHTS if t != "compare"]
+        self.cache: dict[tuple, tuple[list[int], list[int]]] = {}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def encode(self, turns: list[tuple[str, str]], images: list) -> tuple[list[int], list[int]]:
+        key = (tuple(turns), len(images))
+        if key not in self.cache:
+            messages = []
+            for k, (question, answer) in enumerate(turns):
+                parts = [{"type": "image"} for _ in images] if k == 0 else []
+                messages.append({"role": "user", "content": [*parts, {"type": "text", "text": question}]})
+                messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+            enc = self.collator.encode(normalize_example({"messages": messages, "images": images}))
+            if len(self.cache) > 200_000:
+                self.cache.clear()
+            self.cache[key] = (enc.input_ids, enc.labels)
+        return self.cache[key]
+
+    def __getitem__(self, index: int) -> dict:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        total = sum(TYPE_WEIGHTS.values())
+        if rng.random() < TYPE_WEIGHTS["compare"] / total:
+            example = make_example(rng, "compare")
+            scenes, turns = example.scenes, [(example.question, example.answer)]
+        else:
+            scenes = [random_scene(rng)]
+            wanted, turns = rng.randint(1, 4), []
+            types = list(self.types)
+            while types and len(turns) < wanted:
+                qtype = rng.choices(types, [TYPE_WEIGHTS[t] for t in types])[0]
+                types.remove(qtype)
+                qa = ask(rng, scenes[0], qtype)
+                if qa is not None:
+                    turns.append(qa)
+            if not turns:
+                turns.append(ask(rng, scenes[0], "count_all"))
+        images = [augmented_render(scene, rng) for scene in scenes]
+        ids, labels = self.encode(turns, images)
+        return {"ids": ids, "labels": labels, "pixels": torch.stack([to_pixels(im, rng) for im in images])}
+
+
+def collate(items: list[dict], pad_id: int = 3) -> dict[str, torch.Tensor]:
+    length = max(len(it["ids"]) for it in items)
+    n_images = max(len(it["pixels"]) for it in items)
+    b = len(items)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((b, length), dtype=torch.long)
+    labels = torch.full((b, length), -100, dtype=torch.long)
+    pixel_values = torch.zeros((b, n_images, 3, IMAGE_SIDE, IMAGE_SIDE))
+    pixel_attention_mask = torch.zeros((b, n_images, IMAGE_SIDE, IMAGE_SIDE), dtype=torch.long)
+    for row, it in enumerate(items):
+        n, k = len(it["ids"]), len(it["pixels"])
+        input_ids[row, :n] = torch.tensor(it["ids"])
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(it["labels"])
+        # the processor's rescale (1/255) and normalisation (mean 0.5, std 0.5)
+        pixel_values[row, :k] = it["pixels"].float() / 127.5 - 1.0
+        pixel_attention_mask[row, :k] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "pixel_values": pixel_values,
+        "pixel_attention_mask": pixel_attention_mask,
+    }
+
+
+def check_pixels_match_processor(processor: Idefics2Processor) -> None:
+    """The training pixels must be exactly what the processor gives at inference."""
+    rng = random.Random(0)
+    for _ in range(4):
+        image = augmented_render(make_example(rng, "count_all").scenes[0], rng)
+        ours = collate([{"ids": [1], "labels": [-100], "pixels": to_pixels(image)[None]}])["pixel_values"]
+        theirs = processor.image_processor([[image]], return_tensors="pt")["pixel_values"]
+        if ours.shape != theirs.shape or not torch.allclose(ours, theirs, atol=1e-5):
+            raise RuntimeError("training pixels differ from the processor's")
+
+
+# ----------------------------------------------------------------------------------------------- model
+def build_model(seed: int) -> Idefics2ForConditionalGeneration:
+    """Random init; the perceiver gets unit-scale latents and attention projections so that its latents start
+    different from each other and attend to different patches (with small weights it ignores the image)."""
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(MODEL_CONFIG))
+    resampler = model.model.connector.perceiver_resampler
+    with torch.no_grad():
+        resampler.latents.normal_(0.0, 1.0)
+        for layer in resampler.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+                proj.weight.normal_(0.0, TEXT_WIDTH**-0.5)
+    model.generation_config = dict(GENERATION_CONFIG)
+    return model
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- run
+def training_arguments(work_dir: Path, max_steps: int, batch_size: int, lr: float) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(work_dir / "train"),
+        max_steps=max_steps,
+        batch_size=batch_size,
+        lr=lr,
+        weight_decay=0.01,
+        adam_betas=(0.9, 0.98),
+        scheduler="cosine",
+        warmup_steps=200,
+        max_grad_norm=1.0,
+        mixed_precision="bf16",
+        shuffle=False,  # the data is drawn from (seed, index) anyway
+        seed=SEED,
+        save_steps=250,
+        save_total_limit=2,
+        logging_steps=25,
+    )
+
+
+def run_training(work_dir: Path, max_steps: int, batch_size: int, lr: float) -> None:
+    processor = build_processor(SEED)
+    check_pixels_match_processor(processor)
+    model = build_model(SEED)
+    print(f"parameters: {parameter_count(model):,}", flush=True)
+    data = ShapesStream(processor, max_steps * batch_size, SEED)
+    args = training_arguments(work_dir, max_steps, batch_size, lr)
+    resume = any((work_dir / "train").glob("checkpoint-*/trainer_state.json"))
+    t0 = time.time()
+    train(model, data, collate, args, resume_from=True if resume else None, device="cpu")
+    print(f"training done in {time.time() - t0:.0f} s (this session)", flush=True)
+
+
+def load_trained(work_dir: Path, checkpoint: str | None) -> Idefics2ForConditionalGeneration:
+    from safetensors.torch import load_file
+
+    model = build_model(SEED)
+    folder = work_dir / "train" / checkpoint if checkpoint else work_dir / "train"
+    files = sorted(folder.glob("*.safetensors"))
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [m for m in missing if not m.startswith("lm_head") or "lm_head.weight" not in state]:
+        raise RuntimeError(f"weights do not match the model: missing {missing}, unexpected {unexpected}")
+    return model.eval()
+
+
+RENDER_STYLES = {"plain": {}, "antialiased": {"supersample": 4}, "jpeg": {"jpeg_quality": 40}}
+
+
+def run_eval(model, processor, num_per_type: int, seed: int, batch_size: int = 50) -> dict:
+    examples = make_dataset(num_per_type, seed)
+    results = {}
+    for style, options in RENDER_STYLES.items():
+        t0 = time.time()
+        results[style] = evaluate(model, processor, examples, batch_size=batch_size, **options)
+        line = " ".join(f"{k}={v:.3f}" for k, v in results[style].items())
+        print(f"[{style}] {line} ({time.time() - t0:.0f} s)", flush=True)
+    return results
+
+
+def export(work_dir: Path, checkpoint: str | None, out_dir: Path, eval_per_type: int = 100) -> None:
+    processor = build_processor(SEED)
+    model = load_trained(work_dir, checkpoint)
+    results = run_eval(model, processor, eval_per_type, EVAL_SEED)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / "special_tokens_map.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": "</s>",
+                "unk_token": "<unk>",
+                "pad_token": "<pad>",
+                "additional_special_tokens": SPECIAL_TOKENS[4:],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    (out_dir / "eval_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"exported to {out_dir}", flush=True)
+    write_example(model, processor, REPO / "examples" / "shapes.png")
+
+
+EXAMPLE_QUESTIONS = ("How many shapes are there?", "What color is the circle?", "Is there any blue square?")
+
+
+def write_example(model, processor, path: Path) -> None:
+    """Save examples/shapes.png and print the model's answers to the README's questions."""
+    from idefics2.pipeline import ChatPipeline
+
+    rng = random.Random(SEED)
+    while True:  # a landscape canvas with four shapes, one of them a circle
+        scene = random_scene(rng, 4)
+        if scene.width >= 1.25 * scene.height >= 250 and scene.count(kind="circle") == 1:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scene.render().save(path)
+    chat = ChatPipeline(model, processor)
+    image = Image.open(path).convert("RGB")
+    truth = {
+        EXAMPLE_QUESTIONS[0]: str(len(scene.shapes)),
+        EXAMPLE_QUESTIONS[1]: next(s.color for s in scene.shapes if s.kind == "circle"),
+        EXAMPLE_QUESTIONS[2]: "yes" if scene.count(color="blue", kind="square") else "no",
+    }
+    for question, answer in truth.items():
+        print(f"{path.name}: {question} -> {chat.chat(question, images=[image])!r} (truth {answer!r})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work-dir", type=Path, required=True, help="checkpoints and logs of the run")
+    parser.add_argument("--max-steps", type=int, default=12000)
+    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=1.5e-3)
+    parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy 2-core machine")
+    parser.add_argument(
+        "--export", action="store_true", help="evaluate the trained model and write the assets"
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="with --export: a checkpoint-N folder instead of the end"
+    )
+    parser.add_argument("--out-dir", type=Path, default=ASSET_DIR)
+    parser.add_argument("--eval-per-type", type=int, default=100, help="held-out questions of each type")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.export:
+        export(args.work_dir, args.checkpoint, args.out_dir, args.eval_per_type)
+    else:
+        run_training(args.work_dir, args.max_steps, args.batch_size, args.lr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -224,7 +224,7 @@ class Idefics2ImageProcessor:
         else:
             values, masks = self._run_torch(crops, opts, torch.device(device or "cpu"))
         if not opts["do_pad"]:
-            return BatchFeature(pixel_values=_unpadded(values, masks, crops, return_tensors))
+            return BatchFeature(pixel_values=_unpadded(values, crops, return_tensors))
         if return_tensors != "pt":
             values, masks = values.cpu().numpy(), masks.cpu().numpy()
         return BatchFeature(pixel_values=values, pixel_attention_mask=masks)
@@ -462,9 +462,7 @@ def _torch_resize(batch: torch.Tensor, size: tuple[int, int], mode: str) -> torc
     return resized.round_().clamp_(0, 255).to(torch.uint8) if batch.dtype == torch.uint8 else resized
 
 
-def _unpadded(
-    values: torch.Tensor, masks: torch.Tensor, crops: list[list[_Crop]], return_tensors: str | None
-):
+def _unpadded(values: torch.Tensor, crops: list[list[_Crop]], return_tensors: str | None):
     """do_pad=False: one list per sample of (C, h, w) images at their own size."""
     nested = [
         [values[c.sample, c.slot, :, : c.out_size[0], : c.out_size[1]] for c in sample] for sample in crops

@@ -1,16 +1,30 @@
-"""The `idefics2` command line: one subcommand per task (`idefics2 train ...`)."""
+"""The `idefics2` command line: one subcommand per task.
+
+`generate` answers one prompt about images, `chat` holds a conversation on stdin/stdout, `batch` answers a
+JSONL file of prompts, `eval` scores a model on the shapes world, `train` fine-tunes. Heavy modules (torch,
+the model) are imported inside the commands, so `idefics2 --help` is instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 class UserError(Exception):
     """A mistake in the command's arguments or inputs: reported as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _positive_int(text: str) -> int:
@@ -21,6 +35,32 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False):
+    """An argparse type: a float in [low, high] ((low, high] with low_open)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}")
+        return value
+
+    return parse
 
 
 def _add_train_parser(subparsers) -> None:
@@ -209,10 +249,472 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- model commands
+DEFAULT_MAX_NEW_TOKENS = 256  # when neither --max-new-tokens nor the checkpoint's generation_config sets one
+IMAGE_MARKER = "<image>"
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model", help="checkpoint folder or hub repo id (default: the built-in shapes-world model)"
+    )
+    p.add_argument("--adapter", help="LoRA adapter (PEFT format, e.g. from `idefics2 train`) to apply")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is available")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: bfloat16 on GPUs that support it, else float32; "
+        "auto: the checkpoint's)",
+    )
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-new-tokens",
+        type=_positive_int,
+        help=f"most tokens per answer (default: the checkpoint's, else {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    p.add_argument(
+        "--temperature",
+        type=_float_in(0.0, 100.0),
+        help="sample at this temperature; 0 = greedy (default: the checkpoint's setting, usually greedy)",
+    )
+    p.add_argument(
+        "--top-p", type=_float_in(0.0, 1.0, low_open=True), help="nucleus sampling (implies sampling)"
+    )
+    p.add_argument("--seed", type=_non_negative_int, help="random seed for sampling (reproducible answers)")
+
+
+def _add_generate_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate",
+        help="answer one prompt about images",
+        description="Answer one prompt about zero or more images and print the answer. The prompt becomes "
+        "one user turn of the checkpoint's chat template with the images first, unless it holds <image> "
+        "markers that place them (one per image).",
+    )
+    p.add_argument(
+        "--image", action="append", default=[], metavar="PATH", help="an image file (repeat for several)"
+    )
+    p.add_argument("--prompt", required=True, help="the question or instruction")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.add_argument("--stream", action="store_true", help="print the answer while it is generated")
+    p.set_defaults(func=_generate)
+
+
+def _add_chat_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "chat",
+        help="interactive multi-turn conversation",
+        description="A conversation on stdin/stdout: each line is a user message, each answer is printed as "
+        "it is generated. /image PATH attaches an image to the next message, /reset starts over, /quit "
+        "(or end of input) leaves.",
+    )
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.set_defaults(func=_chat)
+
+
+def _add_batch_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "batch",
+        help="answer a JSONL file of prompts",
+        description='Answer every line of a JSONL file: {"id": ..., "images": ["a.png", ...], "prompt": '
+        '"..."} (image paths relative to the input file\'s folder). Writes {"id": ..., "text": "..."} '
+        'lines in input order; a bad line becomes {"id": ..., "error": "..."} and the run goes on.',
+    )
+    p.add_argument("--input", required=True, help="JSONL file of prompts")
+    p.add_argument("--output", required=True, help="JSONL file for the answers (overwritten)")
+    _add_model_options(p)
+    _add_sampling_options(p)
+    p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generation batch")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(func=_batch)
+
+
+def _add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval",
+        help="accuracy on the shapes world",
+        description="Ask a model freshly drawn shapes-world questions (seeded) and print its exact-match "
+        "accuracy (greedy answers) per question type and overall.",
+    )
+    _add_model_options(p)
+    p.add_argument(
+        "--num-per-type", type=_positive_int, default=100, help="questions per type (default: 100)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the questions (default: 0)")
+    p.add_argument("--batch-size", type=_positive_int, default=32, help="questions per generation batch")
+    p.add_argument(
+        "--supersample", type=_positive_int, default=1, help="draw anti-aliased images (N x N supersampling)"
+    )
+    p.add_argument(
+        "--jpeg-quality", type=_float_in(1, 95), help="pass the images through JPEG at this quality (1-95)"
+    )
+    p.set_defaults(func=_eval)
+
+
+def _model_folder(name: str | None) -> Path:
+    from idefics2.hub import resolve_checkpoint
+
+    if name is None:
+        try:
+            from idefics2.assets import builtin_model_dir
+        except ImportError:
+            raise UserError("this install has no built-in model: name a checkpoint with --model") from None
+        return builtin_model_dir()
+    folder = resolve_checkpoint(name)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{name} is not a checkpoint: it has no config.json")
+    return folder
+
+
+def _adapter_folder(name: str) -> Path:
+    from idefics2.hub import CheckpointNotFoundError, resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(name)
+    except CheckpointNotFoundError as error:
+        raise UserError(f"--adapter: {error}") from None
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"--adapter: {name} is not a LoRA adapter: it has no adapter_config.json")
+    return folder
+
+
+def _load_pipeline(args: argparse.Namespace):
+    """The ChatPipeline for --model (or the built-in model), --adapter, --device and --dtype."""
+    import torch
+
+    from idefics2.modeling import Idefics2ForConditionalGeneration
+    from idefics2.pipeline import ChatPipeline
+    from idefics2.processing import Idefics2Processor
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    folder = _model_folder(args.model)
+    adapter = _adapter_folder(args.adapter) if args.adapter else None
+    model = Idefics2ForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, device=device, adapter=adapter
+    )
+    return ChatPipeline(model.eval(), Idefics2Processor.from_pretrained(folder))
+
+
+def _check_sampling_flags(args: argparse.Namespace) -> None:
+    """The mistakes visible before the model loads."""
+    if args.temperature == 0 and args.top_p is not None:
+        raise UserError("--top-p needs sampling, but --temperature 0 asks for greedy decoding")
+    if args.temperature == 0 and args.seed is not None:
+        raise UserError("--seed needs sampling, but --temperature 0 asks for greedy decoding")
+
+
+def _controls(args: argparse.Namespace, model) -> dict[str, Any]:
+    """Generation controls from the flags; unset ones follow the checkpoint's generation_config."""
+    controls: dict[str, Any] = {}
+    if args.max_new_tokens is not None:
+        controls["max_new_tokens"] = args.max_new_tokens
+    elif not model.generation_config.get("max_new_tokens"):
+        controls["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    if args.temperature == 0:
+        controls["do_sample"] = False
+    elif args.temperature is not None or args.top_p is not None:
+        controls["do_sample"] = True
+        if args.temperature is not None:
+            controls["temperature"] = args.temperature
+        if args.top_p is not None:
+            controls["top_p"] = args.top_p
+    if args.seed is not None:
+        if not controls.get("do_sample", bool(model.generation_config.get("do_sample"))):
+            raise UserError("--seed needs sampling: add --temperature (above 0) or --top-p")
+        controls["seed"] = args.seed
+    return controls
+
+
+def _open_image(path: str | os.PathLike):
+    """The image file as an RGB PIL image; UserError naming the file when it is missing or unreadable."""
+    from idefics2.processing.images import load_rgb
+
+    if not Path(path).is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        return load_rgb(path)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def _user_message(prompt: str, num_images: int) -> dict[str, Any]:
+    """One user turn: the images first, then the prompt; or the images where the prompt's <image> markers
+    are (one marker per image)."""
+    pieces = prompt.split(IMAGE_MARKER)
+    if len(pieces) == 1:
+        return {
+            "role": "user",
+            "content": [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}],
+        }
+    if len(pieces) - 1 != num_images:
+        raise UserError(
+            f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} marker(s) but {num_images} image(s)"
+        )
+    content: list[dict[str, Any]] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return {"role": "user", "content": content}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty")
+    _check_sampling_flags(args)
+    images = [_open_image(path) for path in args.image]  # bad files fail before the model loads
+    message = _user_message(args.prompt, len(images))
+    pipe = _load_pipeline(args)
+    controls = _controls(args, pipe.model)
+    if args.stream:
+        for piece in pipe.stream([message], images, **controls):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(pipe.chat([message], images, **controls))
+    return 0
+
+
+CHAT_HELP = "/image PATH attaches an image to your next message; /reset starts over; /quit leaves"
+
+
+def _chat(args: argparse.Namespace) -> int:
+    _check_sampling_flags(args)
+    pipe = _load_pipeline(args)
+    controls = _controls(args, pipe.model)
+    interactive = sys.stdin.isatty()
+
+    def note(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    if interactive:
+        note(f"idefics2 chat: {CHAT_HELP}")
+    history: list[dict[str, Any]] = []  # the conversation so far, with its images in order
+    images: list[Any] = []
+    pending: list[Any] = []  # images attached to the next message
+    while True:
+        try:
+            line = input("> " if interactive else "").strip()
+        except EOFError:
+            break
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                history, images, pending = [], [], []
+                note("(conversation cleared)")
+            elif command == "/image":
+                path = rest.strip().strip("'\"")  # a path pasted with quotes around it
+                try:
+                    if not path:
+                        raise UserError("usage: /image PATH")
+                    pending.append(_open_image(path))
+                    note(f"(image {path} attached to your next message)")
+                except UserError as error:
+                    note(f"error: {error}")
+            elif command == "/help":
+                note(CHAT_HELP)
+            else:
+                note(f"error: unknown command {line!r}: {CHAT_HELP}")
+            continue
+        reply: list[str] = []
+        try:
+            turns = history + [_user_message(line, len(pending))]
+            for piece in pipe.stream(turns, images + pending, **controls):
+                print(piece, end="", flush=True)
+                reply.append(piece)
+            print(flush=True)
+        except (UserError, ValueError) as error:
+            if reply:
+                print(flush=True)
+            note(f"error: {' '.join(str(error).split())}")
+            continue
+        history = turns + [{"role": "assistant", "content": [{"type": "text", "text": "".join(reply)}]}]
+        images, pending = images + pending, []
+    return 0
+
+
+class _Progress:
+    """A one-line progress bar on stderr: [#####.....] done/total, elapsed seconds."""
+
+    def __init__(self, total: int, what: str, enabled: bool = True, width: int = 30):
+        import time
+
+        self.total, self.what, self.enabled, self.width = total, what, enabled, width
+        self.done, self.clock, self.start = 0, time.monotonic, time.monotonic()
+        self._draw()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        self._draw()
+
+    def _draw(self) -> None:
+        if self.enabled:
+            filled = self.width * self.done // max(self.total, 1)
+            bar = "#" * filled + "." * (self.width - filled)
+            elapsed = self.clock() - self.start
+            sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {self.what} {elapsed:.0f}s")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _read_request(number: int, line: str, base: Path) -> tuple[Any, dict[str, Any], list[Any]]:
+    """(id, user message, images) of one input line; UserError (its id in .request_id) for a bad line."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise UserError(f"line {number}: invalid JSON: {error.msg} (column {error.colno})") from None
+    if not isinstance(record, dict):
+        raise UserError(f"line {number}: expected a JSON object, got {type(record).__name__}")
+    request_id = record.get("id")
+    try:
+        prompt, paths = record.get("prompt"), record.get("images", [])
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError('"prompt" must be a non-empty string')
+        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+            raise UserError('"images" must be a list of image file paths')
+        images = [_open_image(base / path) for path in paths]
+        return request_id, _user_message(prompt, len(images)), images
+    except UserError as error:
+        error.request_id = request_id
+        error.args = (f"line {number}: {error}",)
+        raise
+
+
+def _prompt_text(processor, message: dict[str, Any]) -> str:
+    if processor.chat_template:
+        return processor.apply_chat_template([message], add_generation_prompt=True)
+    return "".join(p["text"] if p["type"] == "text" else IMAGE_MARKER for p in message["content"])
+
+
+def _answer_batch(pipe, messages: list[dict], images: list[list], controls: dict[str, Any]) -> list[str]:
+    """Greedy or sampled answers to one user turn each, generated together (prompts left-padded)."""
+    import torch
+
+    from idefics2.generation import default_eos_token_ids
+
+    model, processor = pipe.model, pipe.processor
+    prompts = [_prompt_text(processor, m) for m in messages]
+    tokenizer = processor.tokenizer
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        batch = processor(
+            text=prompts, images=images if any(images) else None, padding=True, return_tensors="pt"
+        )
+    finally:
+        tokenizer.padding_side = side
+    weight = model.lm_head.weight
+    inputs = {k: v.to(weight.device) for k, v in batch.items()}
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(weight.dtype)
+    with torch.no_grad():
+        out = model.generate(**inputs, tokenizer=processor, **controls)
+    ends = set(default_eos_token_ids(model, processor))
+    answers = []
+    for row in out[:, inputs["input_ids"].shape[1] :].tolist():
+        row = row[: next((i for i, t in enumerate(row) if t in ends), len(row))]
+        answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return answers
+
+
+def _batch(args: argparse.Namespace) -> int:
+    source, target = Path(args.input), Path(args.output)
+    if not source.is_file():
+        raise UserError(f"input file not found: {source}")
+    if target.exists() and target.resolve() == source.resolve():
+        raise UserError("--output must not be the --input file")
+    if not target.parent.is_dir():
+        raise UserError(f"output folder does not exist: {target.parent}")
+    _check_sampling_flags(args)
+    lines = [(n, line) for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line.strip()]
+    if not lines:
+        raise UserError(f"{source} holds no lines")
+    pipe = _load_pipeline(args)
+    controls = _controls(args, pipe.model)
+
+    progress = _Progress(len(lines), "lines", enabled=not args.no_progress)
+    n_errors = 0
+    with target.open("w", encoding="utf-8") as out:
+        for start in range(0, len(lines), args.batch_size):
+            results: list[dict[str, Any]] = []
+            ready = []  # (index in results, message, images) of the good lines
+            for number, line in lines[start : start + args.batch_size]:
+                try:
+                    request_id, message, images = _read_request(number, line, source.parent)
+                except UserError as error:
+                    results.append({"id": getattr(error, "request_id", None), "error": str(error)})
+                    continue
+                ready.append((len(results), message, images))
+                results.append({"id": request_id})
+            if ready:
+                try:
+                    texts = _answer_batch(pipe, [r[1] for r in ready], [r[2] for r in ready], controls)
+                except ValueError:  # one bad request spoils the batch: answer one at a time to find it
+                    texts = []
+                    for _, message, images in ready:
+                        try:
+                            texts.extend(_answer_batch(pipe, [message], [images], controls))
+                        except ValueError as error:
+                            texts.append(error)
+                for (index, _, _), text in zip(ready, texts):
+                    key = "error" if isinstance(text, ValueError) else "text"
+                    results[index][key] = " ".join(str(text).split()) if key == "error" else text
+            for result in results:
+                n_errors += "error" in result
+                out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            out.flush()
+            progress.advance(len(results))
+    progress.close()
+    print(f"wrote {len(lines)} results to {target} ({n_errors} error(s))", file=sys.stderr)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from idefics2.shapes import QUESTION_TYPES, evaluate, make_dataset
+
+    pipe = _load_pipeline(args)
+    examples = make_dataset(args.num_per_type, args.seed)
+    print(f"asking {len(examples)} questions (seed {args.seed})...", file=sys.stderr, flush=True)
+    scores = evaluate(
+        pipe,
+        examples=examples,
+        batch_size=args.batch_size,
+        supersample=args.supersample,
+        jpeg_quality=None if args.jpeg_quality is None else int(args.jpeg_quality),
+    )
+    print(f"{'question type':<16}{'accuracy':>9}")
+    for qtype in [*QUESTION_TYPES, "overall"]:
+        if qtype in scores:
+            print(f"{qtype:<16}{scores[qtype]:>9.3f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="idefics2", description="Idefics2 vision-language model tools")
+    parser = _Parser(prog="idefics2", description="Idefics2 vision-language model tools")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
+    _add_generate_parser(subparsers)
+    _add_chat_parser(subparsers)
+    _add_batch_parser(subparsers)
+    _add_eval_parser(subparsers)
     _add_train_parser(subparsers)
     return parser
 

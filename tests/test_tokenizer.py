@@ -185,6 +185,19 @@ def test_add_eos_token_and_added_tokens_decoder(tmp_path, reference_processor_di
     assert truncated[1][-3:] == [1, *reference.encode("x", add_special_tokens=False), 2][-3:]
 
 
+def test_special_tokens_map_and_config_settings(tmp_path, reference_processor_dir):
+    shutil.copyfile(reference_processor_dir / "tokenizer.json", tmp_path / "tokenizer.json")
+    special = {"bos_token": {"content": "<s>", "lstrip": False}, "eos_token": "</s>", "pad_token": "</s>"}
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(special))
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 6, "add_bos_token": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = Idefics2Tokenizer.from_pretrained(tmp_path)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 2)
+    assert tokenizer.padding_side == "right" and tokenizer.model_max_length == 6
+    ids = tokenizer(["one two three four five six seven", "x"], padding=True, truncation=True)["input_ids"]
+    assert len(ids[0]) == 6 and ids[0][0] == 1 and ids[1][-1] == 2
+
+
 def test_save_pretrained_round_trip(ours, tmp_path):
     ours.save_pretrained(tmp_path)
     again = Idefics2Tokenizer.from_pretrained(tmp_path)

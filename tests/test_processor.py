@@ -92,6 +92,8 @@ def test_truncation_and_max_length_padding(ours, reference):
         {"padding": "max_length", "max_length": 9},
     ):
         assert_same_inputs(reference(text=text, **kwargs), ours(text=text, **kwargs))
+    with pytest.raises(ValueError, match="padding=True"):
+        ours(text=text, return_tensors="pt")
     with pytest.raises(ValueError, match="truncation"):
         ours(text="<image>", images=random_image(5, 5), truncation=True, max_length=10)
 

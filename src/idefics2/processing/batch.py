@@ -39,6 +39,9 @@ def convert_tensors(data: dict[str, Any], return_tensors: str | None) -> BatchFe
         raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
     out = BatchFeature()
     for key, value in data.items():
+        ragged = isinstance(value, list) and len({len(v) for v in value if isinstance(v, list)}) > 1
+        if return_tensors is not None and ragged:
+            raise ValueError(f"{key} rows have different lengths: pass padding=True to return tensors")
         if return_tensors == "pt" and not isinstance(value, torch.Tensor):
             value = torch.from_numpy(value) if isinstance(value, np.ndarray) else torch.tensor(value)
         elif return_tensors == "np":

@@ -49,7 +49,9 @@ def test_save_then_transformers_loads_same_logits(tmp_path, tied):
     ours.save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "model.safetensors").is_file()
     assert ("lm_head.weight" in read_safetensors(tmp_path / "saved" / "model.safetensors")) is not tied
-    assert rel_diff(logits(reference(tmp_path / "saved")), logits(ours)) == 0.0
+    # the saved weights are exactly the source's; our packed vision path rounds differently (<= 1e-5)
+    assert rel_diff(logits(reference(tmp_path / "saved")), logits(reference(source))) == 0.0
+    assert rel_diff(logits(reference(tmp_path / "saved")), logits(ours)) <= 1e-5
 
 
 def test_sharded_save_loads_in_transformers_and_back(checkpoint, tmp_path):
@@ -60,7 +62,8 @@ def test_sharded_save_loads_in_transformers_and_back(checkpoint, tmp_path):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and not (tmp_path / "model.safetensors").exists()
     expected = logits(ours)
-    assert rel_diff(logits(reference(tmp_path)), expected) == 0.0
+    assert rel_diff(logits(reference(tmp_path)), logits(reference(checkpoint))) == 0.0  # weights exact
+    assert rel_diff(logits(reference(tmp_path)), expected) <= 1e-5
     again = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
     assert rel_diff(logits(again), expected) == 0.0
     assert again.generation_config == {"max_new_tokens": 7}

@@ -186,5 +186,8 @@ def test_gradients_match_reference(base):
     for name, param in ours.named_parameters():
         expected = ref_params[name].grad
         assert param.grad is not None, name
+        if name.endswith("k_proj.bias"):  # softmax ignores a shift shared by all keys: exactly 0 up to noise
+            assert param.grad.abs().max() <= 1e-6 * ref_params["lm_head.weight"].grad.abs().max(), name
+            continue
         assert rel_diff(param.grad, expected) <= 1e-3, name
     ref.zero_grad()

@@ -15,12 +15,9 @@ def check_attn_implementation(name: str) -> str:
     return name
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, n_kv_heads, S, D) -> (B, n_kv_heads * n_rep, S, D), each kv head shared by n_rep query heads."""
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+# Up to this many queries (decode steps), attention runs as two grouped matmuls: no kv-head copies and no
+# parallel kernel launch, which costs more than the work itself for one token on a busy CPU.
+SMALL_QUERY = 8
 
 
 def attention(
@@ -40,25 +37,53 @@ def attention(
     True where a query may attend to a key, or None for full attention (or for plain causal attention over
     T == S positions when `causal`, which lets sdpa pick its fastest kernels). Returns (B, T, H * D).
     """
-    n_rep = q.shape[1] // k.shape[1]
-    k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     causal = causal and mask is None
-    if impl == "sdpa":
+    if impl == "sdpa" and (q.shape[2] > SMALL_QUERY or dropout > 0 or q.device.type != "cpu"):
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, scale=scale, is_causal=causal
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout,
+            scale=scale,
+            is_causal=causal,
+            enable_gqa=q.shape[1] != k.shape[1],
         )
     else:
         if causal:
             mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, T, S)
-        softmax_dtype = torch.promote_types(q.dtype, torch.float32)
-        if mask is not None:
-            scores = scores.to(softmax_dtype).masked_fill(~mask, torch.finfo(softmax_dtype).min)
-        probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
-        probs = F.dropout(probs, p=dropout, training=dropout > 0)
-        out = torch.matmul(probs, v)
+        out = grouped_matmul_attention(q, k, v, mask, scale=scale, dropout=dropout)
     b, h, t, d = out.shape
     return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def grouped_matmul_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    scale: float,
+    dropout: float = 0.0,
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v with the softmax in float32 (or wider); the n_rep query heads that share a kv
+    head are stacked along the query axis, so k and v are read once and never repeated. Returns (B, H, T, D).
+    """
+    b, h, t, d = q.shape
+    h_kv, s = k.shape[1], k.shape[2]
+    n_rep = h // h_kv
+    qg = q.reshape(b, h_kv, n_rep * t, d)  # query head kv * n_rep + r uses kv head kv
+    scores = torch.matmul(qg, k.transpose(-1, -2)).view(b, h_kv, n_rep, t, s) * scale
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+    if mask is not None:
+        if mask.dim() == 4:  # heads axis (1 or H) -> (1, 1) or (Hkv, n_rep)
+            heads = (1, 1) if mask.shape[1] == 1 else (h_kv, n_rep)
+            mask = mask.reshape(mask.shape[0], *heads, *mask.shape[2:])
+        scores = scores.to(softmax_dtype).masked_fill(~mask, torch.finfo(softmax_dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    out = torch.matmul(probs.view(b, h_kv, n_rep * t, s), v)  # (B, Hkv, n_rep * T, D)
+    return out.view(b, h, t, d)
 
 
 def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:

@@ -94,5 +94,9 @@ class Idefics2Connector(nn.Module):
         self.perceiver_resampler = PerceiverResampler(config.perceiver_config)
 
     def forward(self, image_features: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        """image_features (N, P, vision hidden), patch_mask bool (N, P) -> (N, n_latents, text hidden)."""
-        return self.perceiver_resampler(self.modality_projection(image_features), patch_mask)
+        """image_features (n_real_patches, vision hidden), the real patches of each image packed in order (as
+        the vision encoder returns them), patch_mask bool (N, P) -> (N, n_latents, text hidden)."""
+        projected = self.modality_projection(image_features)  # (T, text hidden), real patches only
+        context = projected.new_zeros(*patch_mask.shape, projected.shape[-1])
+        context[patch_mask] = projected
+        return self.perceiver_resampler(context, patch_mask)

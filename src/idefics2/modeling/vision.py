@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 from idefics2.config import Idefics2VisionConfig
-from idefics2.modeling.attention import activation, attention, key_padding_mask
+from idefics2.modeling.attention import activation, attention
 
 
 def patch_mask_from_pixels(pixel_attention_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -40,6 +43,54 @@ def bucketed_position_ids(patch_mask: torch.Tensor, num_patches_per_side: int) -
     return torch.where(patch_mask, ids, torch.zeros_like(ids)).reshape(n, gh * gw)
 
 
+def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(N, C, H, W) -> (N, gh * gw, C * p * p): each patch's pixels in (channel, row, column) order."""
+    n, c, h, w = pixel_values.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = pixel_values[:, :, : gh * patch_size, : gw * patch_size]
+    x = x.reshape(n, c, gh, patch_size, gw, patch_size).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(n, gh * gw, c * patch_size * patch_size)
+
+
+@dataclass
+class PackedLayout:
+    """The real patches of N images packed along one token axis, image after image.
+
+    `groups` lists (tokens per image, rows of the packed axis holding the images of that size, image after
+    image): attention runs batched within a group and never across images. `restore` reorders the groups'
+    concatenated rows back to packed order (None when they already are in order).
+    """
+
+    lengths: list[int]
+    groups: list[tuple[int, slice | torch.Tensor]]
+    restore: torch.Tensor | None
+
+    @classmethod
+    def from_patch_mask(cls, patch_mask: torch.Tensor) -> PackedLayout:
+        """patch_mask bool (N, gh, gw) or (N, P) -> layout of its True patches."""
+        lengths = patch_mask.flatten(1).sum(dim=1).tolist()
+        starts = [0]
+        for length in lengths:
+            starts.append(starts[-1] + length)
+        by_length: dict[int, list[int]] = {}
+        for image, length in enumerate(lengths):
+            by_length.setdefault(length, []).append(image)
+        groups: list[tuple[int, slice | torch.Tensor]] = []
+        order = []
+        for length, images in by_length.items():
+            if images == list(range(images[0], images[-1] + 1)):
+                groups.append((length, slice(starts[images[0]], starts[images[-1] + 1])))
+            else:
+                rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in images])
+                groups.append((length, rows.to(patch_mask.device)))
+            order.extend(images)
+        restore = None
+        if order != sorted(order):
+            rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order])
+            restore = torch.argsort(rows).to(patch_mask.device)
+        return cls(lengths, groups, restore)
+
+
 class VisionEmbeddings(nn.Module):
     def __init__(self, config: Idefics2VisionConfig) -> None:
         super().__init__()
@@ -54,10 +105,16 @@ class VisionEmbeddings(nn.Module):
         )
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        # (N, C, H, W) -> (N, gh * gw, hidden)
-        patches = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
-        position_ids = bucketed_position_ids(patch_mask, self.num_patches_per_side)
-        return patches + self.position_embedding(position_ids)
+        """(N, C, H, W), patch_mask (N, gh, gw) -> (n_real_patches, hidden), only the real patches, packed.
+
+        The patch convolution is a matmul over the real patches' pixels (stride == kernel size).
+        """
+        real = patch_mask.flatten(1)
+        patches = patchify(pixel_values, self.patch_size)[real]  # (T, C * p * p)
+        weight = self.patch_embedding.weight
+        x = F.linear(patches, weight.reshape(weight.shape[0], -1), self.patch_embedding.bias)
+        position_ids = bucketed_position_ids(patch_mask, self.num_patches_per_side)[real]
+        return x + self.position_embedding(position_ids)
 
 
 class VisionAttention(nn.Module):
@@ -73,21 +130,30 @@ class VisionAttention(nn.Module):
         self.q_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        b, t, _ = x.shape
-
-        def heads(proj: nn.Linear) -> torch.Tensor:
-            return proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-
-        out = attention(
-            heads(self.q_proj),
-            heads(self.k_proj),
-            heads(self.v_proj),
-            mask,
-            scale=self.head_dim**-0.5,
-            impl=self.attn_implementation,
-            dropout=self.dropout if self.training else 0.0,
+    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """x (T, dim), the packed patches of several images; each image attends to its own patches only."""
+        q, k, v = (
+            proj(x).view(-1, self.num_heads, self.head_dim)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
         )
+        outs = []
+        for length, rows in layout.groups:  # images of one size at once: (n, heads, length, head_dim)
+            qi, ki, vi = (
+                t[rows].view(-1, length, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v)
+            )
+            out = attention(
+                qi,
+                ki,
+                vi,
+                None,
+                scale=self.head_dim**-0.5,
+                impl=self.attn_implementation,
+                dropout=self.dropout if self.training else 0.0,
+            )
+            outs.append(out.reshape(-1, out.shape[-1]))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        if layout.restore is not None:
+            out = out[layout.restore]
         return self.out_proj(out)
 
 
@@ -110,8 +176,8 @@ class VisionEncoderLayer(nn.Module):
         self.mlp = VisionMLP(config)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.layer_norm1(x), mask)
+    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x), layout)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -121,17 +187,17 @@ class VisionEncoder(nn.Module):
         self.layers = nn.ModuleList(VisionEncoderLayer(config) for _ in range(config.num_hidden_layers))
         self.gradient_checkpointing = False
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(layer, x, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, layout, use_reentrant=False)
             else:
-                x = layer(x, mask)
+                x = layer(x, layout)
         return x
 
 
 class Idefics2VisionTransformer(nn.Module):
-    """Patch embedding + encoder + final LayerNorm; padding patches are masked out as keys."""
+    """Patch embedding + encoder + final LayerNorm over the real patches only (packed, no padding work)."""
 
     def __init__(self, config: Idefics2VisionConfig) -> None:
         super().__init__()
@@ -141,7 +207,11 @@ class Idefics2VisionTransformer(nn.Module):
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, pixel_values: torch.Tensor, patch_mask: torch.Tensor) -> torch.Tensor:
-        """pixel_values (N, C, H, W), patch_mask bool (N, H // p, W // p) -> (N, gh * gw, hidden)."""
+        """pixel_values (N, C, H, W), patch_mask bool (N, H // p, W // p) -> (n_real_patches, hidden).
+
+        The real patches of image 0, then of image 1, ...: the same features as encoding the padded images
+        with padding patches masked out as keys, at the cost of the real pixels only.
+        """
         x = self.embeddings(pixel_values, patch_mask)
-        x = self.encoder(x, key_padding_mask(patch_mask.flatten(1)))
+        x = self.encoder(x, PackedLayout.from_patch_mask(patch_mask))
         return self.post_layernorm(x)

@@ -1,0 +1,142 @@
+"""Fast path: packed vision encoding, grouped decode attention, bfloat16 mode, GPU-only paths (skipped on CPU)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
+from idefics2.modeling.attention import grouped_matmul_attention
+from idefics2.modeling.vision import PackedLayout
+from oracle_model import build_reference_checkpoint, rel_diff
+from oracle_processing import build_reference_processor
+
+N_LATENTS = 4
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fast")
+    build_reference_checkpoint(folder, seed=3)
+    build_reference_processor(
+        folder, image_seq_len=N_LATENTS, do_image_splitting=True, longest_edge=70, shortest_edge=28
+    )
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(checkpoint):
+    from transformers import Idefics2ForConditionalGeneration as Reference
+
+    ref = Reference.from_pretrained(checkpoint, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return ref, Idefics2ForConditionalGeneration.from_pretrained(checkpoint).eval()
+
+
+def image(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def reference_features(ref, pixel_values, pixel_attention_mask) -> torch.Tensor:
+    with torch.no_grad():
+        out = ref.model.get_image_features(pixel_values, pixel_attention_mask)
+    return torch.cat(out.pooler_output).view(-1, N_LATENTS, ref.config.text_config.hidden_size)
+
+
+def test_packed_vision_matches_padded_reference_with_splitting(checkpoint, models):
+    """Images of different sizes, split into crops, padded to the batch's largest and padded in count with
+    all-zero images: our packed encoding gives transformers' padded features."""
+    ref, ours = models
+    processor = Idefics2Processor.from_pretrained(checkpoint)
+    texts = ["<image>Two pictures<image>", "<image>One picture"]
+    images = [[image(70, 40, 0), image(30, 66, 1)], [image(56, 56, 2)]]
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    pixel_values, pixel_mask = batch["pixel_values"], batch["pixel_attention_mask"]
+    assert pixel_values.shape[1] == 10  # 2 x (4 crops + image), the second sample padded with 5 zero images
+    assert not bool(pixel_mask.all())  # crops smaller than the batch's largest are padded
+    with torch.no_grad():
+        got = ours.get_image_features(pixel_values, pixel_mask)
+    expected = reference_features(ref, pixel_values, pixel_mask)
+    assert got.shape == expected.shape == (15, N_LATENTS, 64)
+    assert rel_diff(got, expected) <= 1e-5
+    with torch.no_grad():
+        logits = ours(**batch).logits
+        ref_logits = ref(**batch).logits
+    assert rel_diff(logits, ref_logits, batch["attention_mask"]) <= 1e-5
+
+
+def test_packed_vision_any_real_patch_pattern(models):
+    """Real pixels that are not a top-left rectangle, sizes interleaved (A, B, A): same as transformers."""
+    ref, ours = models
+    torch.manual_seed(0)
+    pixel_values = torch.randn(1, 3, 3, 56, 56)
+    mask = torch.zeros(1, 3, 56, 56, dtype=torch.long)
+    mask[0, 0, :28, :42] = 1
+    mask[0, 1] = 1
+    mask[0, 2, 14:42, 0:42] = 1  # same real-patch count as image 0, not at the top-left
+    pixel_values = pixel_values * mask[:, :, None]
+    with torch.no_grad():
+        got = ours.get_image_features(pixel_values, mask)
+    assert rel_diff(got, reference_features(ref, pixel_values, mask)) <= 1e-5
+
+
+def test_packed_layout_groups_and_order():
+    mask = torch.zeros(4, 3, 3, dtype=torch.bool)
+    mask[0, :2, :2] = True  # 4 patches
+    mask[1] = True  # 9
+    mask[2, :1, :] = True  # 3
+    mask[3, :2, :2] = True  # 4
+    layout = PackedLayout.from_patch_mask(mask)
+    assert layout.lengths == [4, 9, 3, 4]
+    rows = [list(range(20))[g] if isinstance(g, slice) else g.tolist() for _, g in layout.groups]
+    assert rows == [[0, 1, 2, 3, 16, 17, 18, 19], list(range(4, 13)), [13, 14, 15]]
+    order = torch.tensor([r for group in rows for r in group])
+    assert torch.equal(order[layout.restore], torch.arange(20))
+    assert PackedLayout.from_patch_mask(torch.ones(3, 2, 2, dtype=torch.bool)).restore is None
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_grouped_matmul_attention_matches_sdpa_on_repeated_heads(t):
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, t, 16, dtype=torch.float64)
+    k, v = torch.randn(2, 2, 11, 16, dtype=torch.float64), torch.randn(2, 2, 11, 16, dtype=torch.float64)
+    mask = torch.rand(2, 1, t, 11) > 0.3
+    mask[..., 0] = True
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), attn_mask=mask, scale=0.3
+    )
+    got = grouped_matmul_attention(q, k, v, mask, scale=0.3)
+    assert rel_diff(got, expected) <= 1e-12
+    per_head = torch.rand(2, 8, t, 11) > 0.3
+    per_head[..., 0] = True
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1), attn_mask=per_head, scale=0.3
+    )
+    assert rel_diff(grouped_matmul_attention(q, k, v, per_head, scale=0.3), expected) <= 1e-12
+
+
+def test_bfloat16_mode_logits_close_to_float32(checkpoint, models):
+    _, ours = models
+    bf16 = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()
+    processor = Idefics2Processor.from_pretrained(checkpoint)
+    batch = processor(text=["<image>A picture of"], images=[[image(60, 44, 5)]], return_tensors="pt")
+    with torch.no_grad():
+        low = bf16(**batch).logits
+        high = ours(**batch).logits
+    assert low.dtype == torch.bfloat16
+    assert rel_diff(low.float(), high) <= 2e-2
+
+
+@needs_cuda
+def test_cuda_generate_matches_cpu(checkpoint, models):
+    _, ours = models
+    gpu = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, device="cuda").eval()
+    processor = Idefics2Processor.from_pretrained(checkpoint)
+    batch = processor(text=["<image>A picture of"], images=[[image(60, 44, 5)]], return_tensors="pt")
+    expected = ours.generate(**batch, max_new_tokens=6, eos_token_id=0)
+    got = gpu.generate(**batch.to("cuda"), max_new_tokens=6, eos_token_id=0)
+    assert torch.equal(got.cpu(), expected)

@@ -1,4 +1,4 @@
-"""Fast path: packed vision encoding, grouped decode attention, bfloat16 mode, GPU-only paths (skipped on CPU)."""
+"""Fast path: packed vision encoding, grouped decode attention, bfloat16 mode, GPU paths (skipped on CPU)."""
 
 from __future__ import annotations
 

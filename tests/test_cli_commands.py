@@ -43,14 +43,8 @@ def images(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def oracle(model_dir):
+def greedy_answerer(model, processor):
     """answer(messages, image paths) -> transformers' greedy reply, decoded without special tokens."""
-    from transformers import AutoProcessor
-    from transformers import Idefics2ForConditionalGeneration as Reference
-
-    model = Reference.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
 
     def answer(messages: list[dict], paths: list[Path]) -> str:
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -65,6 +59,19 @@ def oracle(model_dir):
         return processor.decode(new, skip_special_tokens=True).lstrip()
 
     return answer
+
+
+def reference(model_dir: Path):
+    from transformers import AutoProcessor
+    from transformers import Idefics2ForConditionalGeneration as Reference
+
+    model = Reference.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+@pytest.fixture(scope="module")
+def oracle(model_dir):
+    return greedy_answerer(*reference(model_dir))
 
 
 def user(*parts) -> dict:
@@ -118,6 +125,24 @@ def test_generate_sampling_follows_the_seed(model_dir, capsys):
         assert code == 0, err
         answers.append(out)
     assert answers[0] == answers[1] and answers[0] != answers[2]
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # peft on transformers 5
+def test_generate_applies_a_lora_adapter(model_dir, images, oracle, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    model, processor = reference(model_dir)
+    torch.manual_seed(0)  # random B (init_lora_weights=False): the adapter changes the answers
+    config = LoraConfig(r=4, lora_alpha=32, init_lora_weights=False, target_modules=["q_proj", "v_proj"])
+    peft_model = get_peft_model(model, config).eval()
+    peft_model.save_pretrained(tmp_path / "adapter")
+    a = images / "a.png"
+    run = cli("generate", "--model", model_dir, "--adapter", tmp_path / "adapter", "--image", a,
+              "--prompt", "What is it?", "--max-new-tokens", MAX_NEW)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    expected = greedy_answerer(peft_model, processor)([user(a, "What is it?")], [a])
+    assert expected != oracle([user(a, "What is it?")], [a])
+    assert run.stdout == expected + "\n"
 
 
 # -------------------------------------------------------------------------------------------------- chat
@@ -289,7 +314,7 @@ def mistakes(model_dir, images, tmp_path_factory):
         (["batch", *m, "--input", good], "the following arguments are required: --output"),
         (["batch", *m, "--input", good, "--output", "o", "--batch-size", "0"], "--batch-size: expected"),
         (["eval", *m, "--num-per-type", "-3"], "--num-per-type: expected a positive integer"),
-        (["eval", *m, "--jpeg-quality", "200"], "--jpeg-quality: expected a number in [1, 95]"),
+        (["eval", *m, "--jpeg-quality", "200"], "--jpeg-quality: expected a number in [1, 95], got"),
         (["eval", "--model"], "--model: expected one argument"),
     ]
 

@@ -47,14 +47,15 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def _float_in(low: float, high: float, *, low_open: bool = False):
-    """An argparse type: a float in [low, high] ((low, high] with low_open)."""
+def _number_in(low: float, high: float, *, low_open: bool = False, cast=float):
+    """An argparse type: a number (`cast`: float or int) in [low, high] ((low, high] with low_open)."""
 
     def parse(text: str) -> float:
         try:
-            value = float(text)
+            value = cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            what = "an integer" if cast is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not (low < value if low_open else low <= value) or not value <= high:
             span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
             raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}")
@@ -256,9 +257,13 @@ IMAGE_MARKER = "<image>"
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", help="checkpoint folder or hub repo id (default: the built-in shapes-world model)"
+        "--model",
+        metavar="DIR_OR_REPO",
+        help="checkpoint folder or hub repo id (default: the built-in shapes-world model)",
     )
-    p.add_argument("--adapter", help="LoRA adapter (PEFT format, e.g. from `idefics2 train`) to apply")
+    p.add_argument(
+        "--adapter", metavar="DIR", help="LoRA adapter (PEFT format, e.g. from `idefics2 train`) to apply"
+    )
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is available")
     p.add_argument(
         "--dtype",
@@ -272,17 +277,24 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-new-tokens",
         type=_positive_int,
+        metavar="N",
         help=f"most tokens per answer (default: the checkpoint's, else {DEFAULT_MAX_NEW_TOKENS})",
     )
     p.add_argument(
         "--temperature",
-        type=_float_in(0.0, 100.0),
+        type=_number_in(0.0, 100.0),
+        metavar="T",
         help="sample at this temperature; 0 = greedy (default: the checkpoint's setting, usually greedy)",
     )
     p.add_argument(
-        "--top-p", type=_float_in(0.0, 1.0, low_open=True), help="nucleus sampling (implies sampling)"
+        "--top-p",
+        type=_number_in(0.0, 1.0, low_open=True),
+        metavar="P",
+        help="nucleus sampling: keep the likeliest tokens up to this total probability (implies sampling)",
     )
-    p.add_argument("--seed", type=_non_negative_int, help="random seed for sampling (reproducible answers)")
+    p.add_argument(
+        "--seed", type=_non_negative_int, metavar="S", help="random seed for sampling (reproducible answers)"
+    )
 
 
 def _add_generate_parser(subparsers) -> None:
@@ -296,7 +308,7 @@ def _add_generate_parser(subparsers) -> None:
     p.add_argument(
         "--image", action="append", default=[], metavar="PATH", help="an image file (repeat for several)"
     )
-    p.add_argument("--prompt", required=True, help="the question or instruction")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the question or instruction")
     _add_model_options(p)
     _add_sampling_options(p)
     p.add_argument("--stream", action="store_true", help="print the answer while it is generated")
@@ -324,11 +336,19 @@ def _add_batch_parser(subparsers) -> None:
         '"..."} (image paths relative to the input file\'s folder). Writes {"id": ..., "text": "..."} '
         'lines in input order; a bad line becomes {"id": ..., "error": "..."} and the run goes on.',
     )
-    p.add_argument("--input", required=True, help="JSONL file of prompts")
-    p.add_argument("--output", required=True, help="JSONL file for the answers (overwritten)")
+    p.add_argument("--input", required=True, metavar="IN.jsonl", help="JSONL file of prompts")
+    p.add_argument(
+        "--output", required=True, metavar="OUT.jsonl", help="JSONL file for the answers (overwritten)"
+    )
     _add_model_options(p)
     _add_sampling_options(p)
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per generation batch")
+    p.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=8,
+        metavar="N",
+        help="prompts per generation batch (default: 8)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=_batch)
 
@@ -342,15 +362,28 @@ def _add_eval_parser(subparsers) -> None:
     )
     _add_model_options(p)
     p.add_argument(
-        "--num-per-type", type=_positive_int, default=100, help="questions per type (default: 100)"
+        "--num-per-type",
+        type=_positive_int,
+        default=100,
+        metavar="N",
+        help="questions per type (default: 100)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the questions (default: 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=32, help="questions per generation batch")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the questions (default: 0)")
     p.add_argument(
-        "--supersample", type=_positive_int, default=1, help="draw anti-aliased images (N x N supersampling)"
+        "--batch-size", type=_positive_int, default=32, metavar="N", help="questions per batch (default: 32)"
     )
     p.add_argument(
-        "--jpeg-quality", type=_float_in(1, 95), help="pass the images through JPEG at this quality (1-95)"
+        "--supersample",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="draw the images N times larger and reduce them (anti-aliased edges)",
+    )
+    p.add_argument(
+        "--jpeg-quality",
+        type=_number_in(1, 95, cast=int),
+        metavar="Q",
+        help="pass the images through JPEG at this quality (1-95)",
     )
     p.set_defaults(func=_eval)
 
@@ -386,9 +419,7 @@ def _load_pipeline(args: argparse.Namespace):
     """The ChatPipeline for --model (or the built-in model), --adapter, --device and --dtype."""
     import torch
 
-    from idefics2.modeling import Idefics2ForConditionalGeneration
-    from idefics2.pipeline import ChatPipeline
-    from idefics2.processing import Idefics2Processor
+    from idefics2.pipeline import pipeline
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available")
@@ -399,10 +430,7 @@ def _load_pipeline(args: argparse.Namespace):
         dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     folder = _model_folder(args.model)
     adapter = _adapter_folder(args.adapter) if args.adapter else None
-    model = Idefics2ForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, device=device, adapter=adapter
-    )
-    return ChatPipeline(model.eval(), Idefics2Processor.from_pretrained(folder))
+    return pipeline(folder, dtype=dtype, device=device, adapter=adapter)
 
 
 def _check_sampling_flags(args: argparse.Namespace) -> None:
@@ -698,7 +726,7 @@ def _eval(args: argparse.Namespace) -> int:
         examples=examples,
         batch_size=args.batch_size,
         supersample=args.supersample,
-        jpeg_quality=None if args.jpeg_quality is None else int(args.jpeg_quality),
+        jpeg_quality=args.jpeg_quality,
     )
     print(f"{'question type':<16}{'accuracy':>9}")
     for qtype in [*QUESTION_TYPES, "overall"]:

@@ -15,24 +15,32 @@ Messages = str | list[dict[str, Any]]
 
 
 def pipeline(
-    model_id_or_folder: str | os.PathLike,
+    model_id_or_folder: str | os.PathLike | None = None,
     *,
     dtype: Any = None,
     device: torch.device | str | None = None,
     attn_implementation: str = "sdpa",
+    adapter: str | os.PathLike | None = None,
     **processor_options: Any,
 ) -> ChatPipeline:
     """Load the model and processor of a checkpoint (folder or hub repo id) into a `ChatPipeline`.
 
-    `processor_options` go to `Idefics2Processor.from_pretrained` (e.g. do_image_splitting=False).
+    Without a checkpoint, the built-in shapes-world model shipped with the package (offline). `adapter`: a
+    LoRA adapter (PEFT format) applied on top of the weights. `processor_options` go to
+    `Idefics2Processor.from_pretrained` (e.g. do_image_splitting=False).
     """
     from idefics2.hub import resolve_checkpoint
     from idefics2.modeling import Idefics2ForConditionalGeneration
     from idefics2.processing import Idefics2Processor
 
-    folder = resolve_checkpoint(model_id_or_folder)
+    if model_id_or_folder is None:
+        from idefics2.assets import builtin_model_dir
+
+        folder = builtin_model_dir()
+    else:
+        folder = resolve_checkpoint(model_id_or_folder)
     model = Idefics2ForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, device=device, attn_implementation=attn_implementation
+        folder, dtype=dtype, device=device, attn_implementation=attn_implementation, adapter=adapter
     )
     processor = Idefics2Processor.from_pretrained(folder, **processor_options)
     return ChatPipeline(model.eval(), processor)

@@ -237,6 +237,31 @@ def test_batch_answers_in_order_and_reports_bad_lines(model_dir, images, oracle,
         assert results[i]["error"].startswith(problem), results[i]
 
 
+def test_batch_isolates_a_request_that_fails_in_generation(model_dir, tmp_path, capsys, monkeypatch):
+    import idefics2.cli as cli_module
+
+    answer_batch = cli_module._answer_batch
+
+    def failing_on_poison(pipe, messages, images, controls):
+        if any("POISON" in part.get("text", "") for m in messages for part in m["content"]):
+            raise ValueError("this prompt\ncannot be answered")
+        return answer_batch(pipe, messages, images, controls)
+
+    monkeypatch.setattr(cli_module, "_answer_batch", failing_on_poison)
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    prompts = ["one", "POISON", "three", "four"]
+    source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
+    argv = ["batch", "--model", model_dir, "--input", source, "--output", target, "--batch-size", 4,
+            "--max-new-tokens", 2, "--no-progress"]  # fmt: skip
+    code, _, err = in_process(argv, capsys)
+    assert code == 0, err
+    assert "lines" not in err and "(1 error(s))" in err  # no progress bar
+    results = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["id"] for r in results] == [0, 1, 2, 3]
+    assert results[1] == {"id": 1, "error": "line 2: this prompt cannot be answered"}
+    assert all("text" in r for i, r in enumerate(results) if i != 1)
+
+
 # -------------------------------------------------------------------------------------------------- eval
 def test_eval_prints_the_accuracy_per_question_type(model_dir):
     run = cli("eval", "--model", model_dir, "--num-per-type", 1, "--batch-size", 7, "--seed", 3)

@@ -527,6 +527,10 @@ def _chat(args: argparse.Namespace) -> int:
         print(text, file=sys.stderr, flush=True)
 
     if interactive:
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
         note(f"idefics2 chat: {CHAT_HELP}")
     history: list[dict[str, Any]] = []  # the conversation so far, with its images in order
     images: list[Any] = []
@@ -571,6 +575,10 @@ def _chat(args: argparse.Namespace) -> int:
                 print(flush=True)
             note(f"error: {' '.join(str(error).split())}")
             continue
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat; the turn is forgotten
+            print(flush=True)
+            note("(interrupted)")
+            continue
         history = turns + [{"role": "assistant", "content": [{"type": "text", "text": "".join(reply)}]}]
         images, pending = images + pending, []
     return 0
@@ -603,17 +611,24 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+class _BadLine(Exception):
+    """An input line of `batch` that cannot be answered; `request_id` is its "id" when it has one."""
+
+    def __init__(self, message: str, request_id: Any = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
 def _read_request(number: int, line: str, base: Path) -> tuple[Any, dict[str, Any], list[Any]]:
-    """(id, user message, images) of one input line; UserError (its id in .request_id) for a bad line."""
+    """(id, user message, images) of one input line of `batch`; _BadLine for a bad one."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
-        raise UserError(f"line {number}: invalid JSON: {error.msg} (column {error.colno})") from None
+        raise _BadLine(f"line {number}: invalid JSON: {error.msg} (column {error.colno})") from None
     if not isinstance(record, dict):
-        raise UserError(f"line {number}: expected a JSON object, got {type(record).__name__}")
-    request_id = record.get("id")
+        raise _BadLine(f"line {number}: expected a JSON object, got {type(record).__name__}")
+    request_id, prompt, paths = record.get("id"), record.get("prompt"), record.get("images", [])
     try:
-        prompt, paths = record.get("prompt"), record.get("images", [])
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError('"prompt" must be a non-empty string')
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
@@ -621,9 +636,7 @@ def _read_request(number: int, line: str, base: Path) -> tuple[Any, dict[str, An
         images = [_open_image(base / path) for path in paths]
         return request_id, _user_message(prompt, len(images)), images
     except UserError as error:
-        error.request_id = request_id
-        error.args = (f"line {number}: {error}",)
-        raise
+        raise _BadLine(f"line {number}: {error}", request_id) from None
 
 
 def _prompt_text(processor, message: dict[str, Any]) -> str:
@@ -662,6 +675,24 @@ def _answer_batch(pipe, messages: list[dict], images: list[list], controls: dict
     return answers
 
 
+def _answer_requests(pipe, ready: list[tuple], controls: dict[str, Any]) -> list[dict[str, str]]:
+    """{"text": ...} for each (line number, message, images), generated together; when that fails, one at a
+    time, so that a request that fails alone gets {"error": ...} and the others their answers."""
+    if not ready:
+        return []
+    try:
+        texts = _answer_batch(pipe, [r[1] for r in ready], [r[2] for r in ready], controls)
+        return [{"text": text} for text in texts]
+    except ValueError:
+        outcomes = []
+        for number, message, images in ready:
+            try:
+                outcomes.append({"text": _answer_batch(pipe, [message], [images], controls)[0]})
+            except ValueError as error:
+                outcomes.append({"error": f"line {number}: {' '.join(str(error).split())}"})
+        return outcomes
+
+
 def _batch(args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
     if not source.is_file():
@@ -683,28 +714,19 @@ def _batch(args: argparse.Namespace) -> int:
     with target.open("w", encoding="utf-8") as out:
         for start in range(0, len(lines), args.batch_size):
             results: list[dict[str, Any]] = []
-            ready = []  # (index in results, message, images) of the good lines
+            ready = []  # (line number, message, images) of the good lines
             for number, line in lines[start : start + args.batch_size]:
                 try:
                     request_id, message, images = _read_request(number, line, source.parent)
-                except UserError as error:
-                    results.append({"id": getattr(error, "request_id", None), "error": str(error)})
+                except _BadLine as error:
+                    results.append({"id": error.request_id, "error": str(error)})
                     continue
-                ready.append((len(results), message, images))
+                ready.append((number, message, images))
                 results.append({"id": request_id})
-            if ready:
-                try:
-                    texts = _answer_batch(pipe, [r[1] for r in ready], [r[2] for r in ready], controls)
-                except ValueError:  # one bad request spoils the batch: answer one at a time to find it
-                    texts = []
-                    for _, message, images in ready:
-                        try:
-                            texts.extend(_answer_batch(pipe, [message], [images], controls))
-                        except ValueError as error:
-                            texts.append(error)
-                for (index, _, _), text in zip(ready, texts):
-                    key = "error" if isinstance(text, ValueError) else "text"
-                    results[index][key] = " ".join(str(text).split()) if key == "error" else text
+            outcomes = iter(_answer_requests(pipe, ready, controls))
+            for result in results:
+                if "error" not in result:
+                    result.update(next(outcomes))
             for result in results:
                 n_errors += "error" in result
                 out.write(json.dumps(result, ensure_ascii=False) + "\n")

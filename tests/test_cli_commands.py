@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -281,6 +282,10 @@ def test_help_on_every_command_and_no_heavy_imports():
     assert all(name in run.stdout for name in ("--model", "--data", "--output"))  # train keeps its flags
     check = "import sys; from idefics2.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout == "False\n"
+    script = shutil.which("idefics2")  # the console script pip installs
+    if script:
+        run = subprocess.run([script, "generate", "--help"], capture_output=True, text=True)
+        assert run.returncode == 0 and "--prompt TEXT" in run.stdout
 
 
 def test_user_mistakes_exit_2_with_one_line_from_the_process(model_dir, images):
@@ -325,6 +330,7 @@ def mistakes(model_dir, images, tmp_path_factory):
         ([*gen, "x", "--adapter", str(folder / "nothing")], "--adapter: "),
         ([*gen, "x", "--adapter", str(folder / "not_an_adapter")], "has no adapter_config.json"),
         (["generate", *m, "--image", str(images / "broken.png"), "--prompt", "x"], "not a readable image"),
+        (["generate", *m, "--image", str(images), "--prompt", "x"], "is a folder, not an image file"),
         (["chat", *m, "--temperature", "hot"], "--temperature: expected a number"),
         (["batch", *m, "--input", str(folder / "none.jsonl"), "--output", "o.jsonl"], "input file not found"),
         (

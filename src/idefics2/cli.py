@@ -467,6 +467,8 @@ def _open_image(path: str | os.PathLike):
     """The image file as an RGB PIL image; UserError naming the file when it is missing or unreadable."""
     from idefics2.processing.images import load_rgb
 
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a folder, not an image file")
     if not Path(path).is_file():
         raise UserError(f"image not found: {path}")
     try:

@@ -10,6 +10,7 @@ from PIL import Image
 
 from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
 from idefics2.modeling.attention import grouped_matmul_attention
+from idefics2.modeling.cuda_graphs import GraphedDecodeStep
 from idefics2.modeling.vision import PackedLayout
 from oracle_model import build_reference_checkpoint, rel_diff
 from oracle_processing import build_reference_processor
@@ -129,6 +130,47 @@ def test_bfloat16_mode_logits_close_to_float32(checkpoint, models):
         high = ours(**batch).logits
     assert low.dtype == torch.bfloat16
     assert rel_diff(low.float(), high) <= 2e-2
+
+
+def test_static_decode_step_matches_forward(models):
+    """The step a CUDA graph captures (static buffers, attention over the whole cache masked by slot) gives
+    the ordinary forward's logits; checked eagerly here, so it runs without a GPU."""
+    _, ours = models
+    torch.manual_seed(0)
+    ids = torch.randint(3, 32000, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    with torch.no_grad():
+        cache = ours.new_kv_cache(2, 16)
+        ours(input_ids=ids, attention_mask=mask, kv_cache=cache, cache_position=torch.arange(7))
+        twin = ours.new_kv_cache(2, 16)
+        for a, b in zip(cache.keys + cache.values, twin.keys + twin.values, strict=True):
+            b.copy_(a)
+        step = GraphedDecodeStep(ours, twin, 2)
+        token = torch.tensor([[5], [9]])
+        full = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
+        expected = ours(
+            input_ids=token, attention_mask=full, kv_cache=cache, cache_position=torch.tensor([7])
+        )
+        step.tokens.copy_(token)
+        step.slot.fill_(7)
+        step.mask[:, :8] = full
+        got = step._step()
+    assert rel_diff(got, expected.logits) <= 1e-5
+    assert torch.allclose(twin.keys[0][:, :, :8], cache.keys[0][:, :, :8], atol=1e-6)
+
+
+@needs_cuda
+def test_cuda_graph_decoding_matches_eager(checkpoint):
+    gpu = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, device="cuda").eval()
+    processor = Idefics2Processor.from_pretrained(checkpoint)
+    batch = processor(text=["<image>A picture of"], images=[[image(60, 44, 5)]], return_tensors="pt").to(
+        "cuda"
+    )
+    graphed = gpu.generate(**batch, max_new_tokens=6, eos_token_id=0)
+    assert gpu._graph_decoder is not None and not gpu._graph_decoder.failed
+    gpu.cuda_graphs = False
+    assert torch.equal(graphed, gpu.generate(**batch, max_new_tokens=6, eos_token_id=0))
 
 
 @needs_cuda

@@ -15,8 +15,9 @@ def check_attn_implementation(name: str) -> str:
     return name
 
 
-# Up to this many queries (decode steps), attention runs as two grouped matmuls: no kv-head copies and no
-# parallel kernel launch, which costs more than the work itself for one token on a busy CPU.
+# Up to this many queries (decode steps), attention runs as two grouped matmuls: no kv-head copies, no
+# parallel region that costs more than the work itself for one token on a busy CPU, and on CUDA no fallback
+# to sdpa's math kernel (a boolean mask with grouped kv heads) and nothing that stops graph capture.
 SMALL_QUERY = 8
 
 
@@ -38,7 +39,7 @@ def attention(
     T == S positions when `causal`, which lets sdpa pick its fastest kernels). Returns (B, T, H * D).
     """
     causal = causal and mask is None
-    if impl == "sdpa" and (q.shape[2] > SMALL_QUERY or dropout > 0 or q.device.type != "cpu"):
+    if impl == "sdpa" and (q.shape[2] > SMALL_QUERY or dropout > 0):
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -115,6 +116,38 @@ def causal_mask(
     return allowed | (key_slot[None, :] == query_slot)[None, None]
 
 
+def _onednn_linear_available() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_ONEDNN_LINEAR = _onednn_linear_available()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias. On CPU in float32 / bfloat16 without autograd, through oneDNN's linear kernel,
+    which is 2-2.5x faster than the default float32 GEMM for both one-token decode steps and prefill here."""
+    if (
+        _ONEDNN_LINEAR
+        and x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and weight.dtype == x.dtype
+        and (bias is None or bias.dtype == x.dtype)
+        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+    ):
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, names and hooks) computed with `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in the wider of float32 and the input dtype."""
 
@@ -150,9 +183,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, dim: int, hidden: int, out_dim: int, act: str) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(dim, hidden, bias=False)
-        self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = nn.Linear(hidden, out_dim, bias=False)
+        self.gate_proj = Linear(dim, hidden, bias=False)
+        self.up_proj = Linear(dim, hidden, bias=False)
+        self.down_proj = Linear(hidden, out_dim, bias=False)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

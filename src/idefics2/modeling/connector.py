@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from idefics2.config import Idefics2Config, Idefics2PerceiverConfig
-from idefics2.modeling.attention import GatedMLP, RMSNorm, attention, key_padding_mask
+from idefics2.modeling.attention import GatedMLP, Linear, RMSNorm, attention, key_padding_mask
 
 
 class PerceiverAttention(nn.Module):
@@ -20,10 +20,10 @@ class PerceiverAttention(nn.Module):
         self.head_dim = config.resampler_head_dim
         self.dropout = config.attention_dropout
         self.attn_implementation = "sdpa"
-        self.q_proj = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
+        self.q_proj = Linear(dim, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, dim, bias=False)
 
     def forward(
         self, latents: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None

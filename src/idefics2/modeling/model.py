@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from idefics2.config import Idefics2Config
-from idefics2.modeling.attention import RMSNorm, causal_mask, check_attn_implementation
+from idefics2.modeling.attention import Linear, RMSNorm, causal_mask, check_attn_implementation
 from idefics2.modeling.connector import Idefics2Connector, PerceiverResampler
+from idefics2.modeling.cuda_graphs import CudaGraphDecoder
 from idefics2.modeling.text import KVCache, MistralDecoder
 from idefics2.modeling.vision import Idefics2VisionTransformer, patch_mask_from_pixels
 
@@ -242,11 +243,14 @@ class Idefics2Model(nn.Module):
             raise ValueError(f"position_ids must be ({b}, {t}), got {tuple(position_ids.shape)}")
         window = self.config.text_config.sliding_window
         if (
-            kv_cache is None
-            and (window is None or window >= t)
+            (window is None or window >= t)
+            and (
+                kv_cache is None
+                or (length == t and torch.equal(cache_position, torch.arange(t, device=device)))
+            )
             and (no_padding or bool(attention_mask.all()))
         ):
-            return None, position_ids.to(device), cache_position  # plain causal attention
+            return None, position_ids.to(device), cache_position  # plain causal attention over slots [0, T)
         return causal_mask(attention_mask, cache_position, window), position_ids.to(device), cache_position
 
 
@@ -258,11 +262,14 @@ class Idefics2ForConditionalGeneration(nn.Module):
         self.config = config
         self.model = Idefics2Model(config)
         text = config.text_config
-        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.lm_head = Linear(text.hidden_size, text.vocab_size, bias=False)
         self._init_lm_head()
         self.generation_config: dict[str, Any] = {}
         self.checkpoint_dir: Path | None = None
         self.attn_implementation = "sdpa"
+        # decode steps (one token per row, with a KV cache, no grad) on CUDA replay a captured CUDA graph
+        self.cuda_graphs = True
+        self._graph_decoder: CudaGraphDecoder | None = None
 
     # ---- construction, loading, saving -------------------------------------------------------------------
 
@@ -389,6 +396,14 @@ class Idefics2ForConditionalGeneration(nn.Module):
 
         Padding positions (attention_mask 0) are computed but meaningless; mask them out of labels with -100.
         """
+        if self.cuda_graphs and input_ids is not None and input_ids.is_cuda:
+            self._graph_decoder = self._graph_decoder or CudaGraphDecoder()
+            others = dict(pixel_values=pixel_values, labels=labels, position_ids=position_ids)
+            others.update(inputs_embeds=inputs_embeds, image_hidden_states=image_hidden_states)
+            if self._graph_decoder.applies(input_ids, kv_cache, attention_mask, cache_position, **others):
+                logits = self._graph_decoder(self, input_ids, attention_mask, cache_position, kv_cache)
+                if logits is not None:
+                    return Idefics2Output(logits=logits)
         out = self.model(
             input_ids,
             attention_mask,

@@ -7,7 +7,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from idefics2.config import Idefics2TextConfig
-from idefics2.modeling.attention import GatedMLP, RMSNorm, attention
+from idefics2.modeling.attention import GatedMLP, Linear, RMSNorm, attention
 
 
 class KVCache:
@@ -75,10 +75,10 @@ class TextAttention(nn.Module):
         self.dropout = config.attention_dropout
         self.attn_implementation = "sdpa"
         dim = config.hidden_size
-        self.q_proj = nn.Linear(dim, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, dim, bias=False)
+        self.q_proj = Linear(dim, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(dim, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, dim, bias=False)
 
     def forward(
         self,
@@ -89,14 +89,17 @@ class TextAttention(nn.Module):
         kv_cache: KVCache | None,
         cache_position: torch.Tensor,
     ) -> torch.Tensor:
-        """mask: bool (B, 1, T, S), or None for plain causal attention over the T new tokens (no cache)."""
+        """mask: bool (B, 1, T, S), or None for plain causal attention over the T new tokens (written to slots
+        [0, T) when there is a cache)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, cache_position, k, v, mask.shape[-1])
+            k, v = kv_cache.update(
+                self.layer_idx, cache_position, k, v, t if mask is None else mask.shape[-1]
+            )
             k, v = k.to(q.dtype), v.to(q.dtype)
         out = attention(
             q,

@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
 from idefics2.config import Idefics2VisionConfig
-from idefics2.modeling.attention import activation, attention
+from idefics2.modeling.attention import Linear, activation, attention, linear
 
 
 def patch_mask_from_pixels(pixel_attention_mask: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -112,7 +111,7 @@ class VisionEmbeddings(nn.Module):
         real = patch_mask.flatten(1)
         patches = patchify(pixel_values, self.patch_size)[real]  # (T, C * p * p)
         weight = self.patch_embedding.weight
-        x = F.linear(patches, weight.reshape(weight.shape[0], -1), self.patch_embedding.bias)
+        x = linear(patches, weight.reshape(weight.shape[0], -1), self.patch_embedding.bias)
         position_ids = bucketed_position_ids(patch_mask, self.num_patches_per_side)[real]
         return x + self.position_embedding(position_ids)
 
@@ -125,10 +124,10 @@ class VisionAttention(nn.Module):
         self.head_dim = dim // self.num_heads
         self.dropout = config.attention_dropout
         self.attn_implementation = "sdpa"
-        self.k_proj = nn.Linear(dim, dim)
-        self.v_proj = nn.Linear(dim, dim)
-        self.q_proj = nn.Linear(dim, dim)
-        self.out_proj = nn.Linear(dim, dim)
+        self.k_proj = Linear(dim, dim)
+        self.v_proj = Linear(dim, dim)
+        self.q_proj = Linear(dim, dim)
+        self.out_proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
         """x (T, dim), the packed patches of several images; each image attends to its own patches only."""
@@ -160,8 +159,8 @@ class VisionAttention(nn.Module):
 class VisionMLP(nn.Module):
     def __init__(self, config: Idefics2VisionConfig) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size)
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,103 @@
+"""CUDA-graph decode steps: one token per row replayed from a captured graph, with no host synchronisation.
+
+A decode step of a large model launches hundreds of small kernels; replaying them as one CUDA graph removes
+the launch cost. The graph reads its inputs from static buffers (token, slot, key-padding mask over the
+whole cache) and attends over every slot of the cache, masked by slot, so one capture serves every step of
+a generation. One graph is captured per KV cache (the graph writes into that cache's buffers).
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from idefics2.modeling.attention import causal_mask
+from idefics2.modeling.text import KVCache
+
+
+class GraphedDecodeStep:
+    """Replays `lm_head(decoder(embed(token)))` for one new token per row, writing into `cache`."""
+
+    def __init__(self, model: nn.Module, cache: KVCache, batch_size: int) -> None:
+        self.model = model
+        self.cache = cache
+        device = model.lm_head.weight.device
+        self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch_size, cache.max_length, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def _step(self) -> torch.Tensor:
+        model = self.model
+        text = model.model.text_model
+        embeds = text.embed_tokens(self.tokens)  # (B, 1, dim)
+        positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, max_length)
+        position_ids = positions.index_select(1, self.slot)  # (B, 1)
+        mask = causal_mask(self.mask, self.slot, model.config.text_config.sliding_window)  # (B, 1, 1, L)
+        hidden = text(embeds, position_ids, mask, self.cache, self.slot)
+        return model.lm_head(hidden)  # (B, 1, vocab)
+
+    def _capture(self) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: kernel selection and workspace allocation happen outside the graph
+                self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_position: torch.Tensor):
+        """input_ids (B, 1), attention_mask (B, S) (slots [0, S)), cache_position (1,) -> logits (B, 1, V)"""
+        length = attention_mask.shape[1]
+        self.tokens.copy_(input_ids)
+        self.slot.copy_(cache_position)
+        self.mask[:, :length].copy_(attention_mask)
+        self.mask[:, length:].zero_()
+        if self.graph is None:
+            # the warm-up steps write this slot's key and value too: the same values the replay writes
+            self._capture()
+        self.graph.replay()
+        return self.logits
+
+
+class CudaGraphDecoder:
+    """Per-model registry of graphed decode steps, one per live KV cache; falls back (once, with a warning) to
+    the ordinary forward when capture fails."""
+
+    def __init__(self) -> None:
+        self.steps: weakref.WeakKeyDictionary[KVCache, GraphedDecodeStep] = weakref.WeakKeyDictionary()
+        self.failed = False
+
+    def applies(self, input_ids, kv_cache, attention_mask, cache_position, **others) -> bool:
+        return (
+            not self.failed
+            and kv_cache is not None
+            and input_ids is not None
+            and input_ids.is_cuda
+            and input_ids.shape[1] == 1
+            and attention_mask is not None
+            and cache_position is not None
+            and cache_position.shape == (1,)
+            and kv_cache.batch_size == input_ids.shape[0]
+            and all(value is None for value in others.values())
+            and not torch.is_grad_enabled()
+        )
+
+    def __call__(self, model, input_ids, attention_mask, cache_position, kv_cache) -> torch.Tensor | None:
+        """Logits (B, 1, V) from the graph, or None if capture failed (the caller then runs eagerly)."""
+        step = self.steps.get(kv_cache)
+        if step is None:
+            step = self.steps[kv_cache] = GraphedDecodeStep(model, kv_cache, input_ids.shape[0])
+        try:
+            return step(input_ids, attention_mask.to(torch.long), cache_position)
+        except RuntimeError as error:  # e.g. an operation that cannot be captured on this setup
+            self.failed = True
+            self.steps.pop(kv_cache, None)
+            warnings.warn(f"CUDA graph decoding disabled, running eagerly: {error}", stacklevel=3)
+            return None

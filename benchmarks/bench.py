@@ -1,0 +1,439 @@
+"""Idefics2 speed, ours against transformers, in one process on the same weights and inputs.
+
+One chat turn with one 480x640 image (image splitting on: 4 crops + the image) on random weights, greedy
+decoding of a fixed number of tokens. Each repeat runs transformers (sdpa) then ours, back to back, so both
+see the same machine load; the table shows medians over the repeats. Rows:
+
+  preprocessing     chat template + processor (text and image) -> tensors
+  prefill           tensors in -> first new token out (vision tower + connector + prompt)
+  time to first tok preprocessing + prefill
+  decode b1 / bN    new tokens per second after the first (1 / median step time; batch N: N text prompts)
+  chat latency      end to end: messages + image in -> reply text out (preprocessing + prefill + decode)
+  peak memory       peak above the level before the chat turn (CPU: resident set; CUDA: allocated bytes)
+
+plus the decode bandwidth achieved (weight bytes read per step x steps per second) against the machine's
+measured read bandwidth, and our bfloat16 mode (prefill and decode, logits' relative difference to float32).
+
+    python benchmarks/bench.py                                   # CPU, "mid" config (~246M parameters)
+    python benchmarks/bench.py --repeats 1 --new-tokens 8        # quicker
+    python benchmarks/bench.py --device cuda --config 8b         # GPU, real idefics2-8b shapes, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from bench_generation import MID_CONFIG, PROMPT, decode_weight_bytes, photo_like  # noqa: E402
+
+# The hub idefics2-8b shapes (vision SigLIP-so400m, perceiver 64 latents, Mistral-7B decoder).
+CONFIG_8B = {
+    "image_token_id": 32001,
+    "tie_word_embeddings": False,
+    "vision_config": {
+        "hidden_size": 1152,
+        "intermediate_size": 4304,
+        "num_hidden_layers": 27,
+        "num_attention_heads": 16,
+        "image_size": 980,
+        "patch_size": 14,
+    },
+    "perceiver_config": {
+        "hidden_size": 4096,
+        "resampler_n_latents": 64,
+        "resampler_depth": 3,
+        "resampler_n_heads": 16,
+        "resampler_head_dim": 96,
+        "num_key_value_heads": 4,
+    },
+    "text_config": {
+        "model_type": "mistral",
+        "vocab_size": 32003,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "sliding_window": 4096,
+        "pad_token_id": 0,
+    },
+}
+CONFIGS = {"mid": MID_CONFIG, "8b": CONFIG_8B}
+
+
+def text_prompts(n: int) -> list[str]:
+    return [f"Question {i}: name {i % 7 + 2} colours that go well with a grey sofa." for i in range(n)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---- memory --------------------------------------------------------------------------------------------
+
+
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def fixed_malloc_threshold() -> None:
+    """Make glibc hand every block >= 128 KiB straight back to the system when freed (a fixed mmap
+    threshold), so the resident set follows live memory and one run's peak does not hide the next one's."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: CUDA allocated bytes, or the CPU resident set (sampled)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            sync(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        libc = _libc()
+        if libc is not None:
+            libc.malloc_trim(0)
+        self.base = resident_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            sync(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, resident_bytes())
+
+    @property
+    def megabytes(self) -> float:
+        return (self.peak - self.base) / 1e6
+
+
+def read_bandwidth_gbs(device: torch.device, n_bytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Memory read bandwidth: sum a float32 tensor much larger than the caches, best of a few runs."""
+    x = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        x.sum()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return n_bytes / best / 1e9
+
+
+# ---- models ----------------------------------------------------------------------------------------------
+
+
+def build_models(config: dict, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """(ours, transformers') on the same random weights, built in place on `device` (no download, no disk)."""
+    from transformers import Idefics2Config as RefConfig
+    from transformers import Idefics2ForConditionalGeneration as RefModel
+
+    from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            ours = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(copy.deepcopy(config)))
+            ref_config = RefConfig(**copy.deepcopy(config))
+            ref_config._attn_implementation = "sdpa"
+            reference = RefModel._from_config(ref_config, dtype=dtype, attn_implementation="sdpa")
+    finally:
+        torch.set_default_dtype(default)
+    reference.load_state_dict(ours.state_dict())
+    return ours.eval(), reference.eval()
+
+
+def build_processors(folder: Path):
+    from transformers import Idefics2Processor as RefProcessor
+
+    from idefics2 import Idefics2Processor
+    from oracle_processing import build_reference_processor
+
+    build_reference_processor(folder, image_seq_len=64, do_image_splitting=True)
+    return Idefics2Processor.from_pretrained(folder), RefProcessor.from_pretrained(folder)
+
+
+# ---- one chat turn ---------------------------------------------------------------------------------------
+
+
+class TokenClock:
+    """Time of every new token; a streamer for transformers (put/end, prompt first) and ours (callable)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.times: list[float] = []
+        self.start = time.perf_counter()
+        self._prompt_seen = False
+
+    def put(self, value):
+        if self._prompt_seen:
+            self(value)
+        self._prompt_seen = True
+
+    def end(self):
+        pass
+
+    def __call__(self, tokens):
+        sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def prefill_s(self) -> float:
+        return self.times[0] - self.start
+
+    def decode_tokens_per_s(self) -> float:
+        """1 / median time between consecutive new tokens (robust to other processes' bursts)."""
+        return 1.0 / statistics.median(b - a for a, b in zip(self.times, self.times[1:], strict=False))
+
+
+def chat_turn(model, processor, image, new_tokens: int, device: torch.device, ours: bool) -> dict:
+    """Time one turn: template + processing, prefill, decode, detokenize; and its peak memory."""
+    clock = TokenClock(device)
+    with PeakMemory(device) as memory, torch.inference_mode():
+        sync(device)
+        start = time.perf_counter()
+        prompt = processor.apply_chat_template(PROMPT, add_generation_prompt=True)
+        if ours and device.type == "cuda":
+            inputs = processor(
+                text=prompt, images=[[image]], return_tensors="pt", backend="torch", device=device
+            )
+        else:
+            inputs = processor(text=prompt, images=[[image]], return_tensors="pt").to(device)
+        sync(device)
+        clock.start = processed = time.perf_counter()
+        out = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                             eos_token_id=2, pad_token_id=0, streamer=clock)  # fmt: skip
+        text = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        end = time.perf_counter()
+    assert len(clock.times) == new_tokens and text, (len(clock.times), text)
+    return {
+        "preprocessing_s": processed - start,
+        "prefill_s": clock.prefill_s(),
+        "ttft_s": processed - start + clock.prefill_s(),
+        "decode_b1_tok_s": clock.decode_tokens_per_s(),
+        "chat_latency_s": end - start,
+        "peak_memory_mb": memory.megabytes,
+    }
+
+
+def batch_decode_rate(model, inputs: dict, new_tokens: int, device: torch.device) -> float:
+    """Tokens per second summed over the rows of a text-only batch."""
+    clock = TokenClock(device)
+    with torch.inference_mode():
+        clock.start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       eos_token_id=2, pad_token_id=0, streamer=clock)  # fmt: skip
+    return clock.decode_tokens_per_s() * inputs["input_ids"].shape[0]
+
+
+def logits_relative_diff(fast, slow, inputs: dict) -> float:
+    """max |fast - slow| / max |slow| over the prompt's logits."""
+    with torch.inference_mode():
+        a = fast(**inputs).logits.double()
+        b = slow(**inputs).logits.double()
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+
+ROWS = [  # key, label, unit, higher is better
+    ("preprocessing_s", "preprocessing", "s", False),
+    ("prefill_s", "prefill (vision+connector+prompt)", "s", False),
+    ("ttft_s", "time to first token", "s", False),
+    ("decode_b1_tok_s", "decode batch 1", "tok/s", True),
+    *((f"decode_b{n}_tok_s", f"decode batch {n}", "tok/s", True) for n in (2, 4, 8, 16, 32, 64)),
+    ("chat_latency_s", "chat latency", "s", False),
+    ("peak_memory_mb", "peak memory", "MB", False),
+]
+
+
+def median_of(runs: list[dict]) -> dict:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def print_table(results: dict[str, dict], names: list[str]) -> None:
+    ref = results["transformers"]
+    header = f"{'':36}" + "".join(f"{n:>16}" for n in names) + f"{'ours / ref':>12}"
+    print(header)
+    for key, label, unit, higher in ROWS:
+        if key not in ref:
+            continue
+        cells = "".join(f"{results[n][key]:16.3f}" if key in results[n] else f"{'-':>16}" for n in names)
+        ours = results["ours"][key]
+        ratio = ours / ref[key] if higher else ref[key] / max(ours, 1e-9)
+        print(f"{label + ' (' + unit + ')':36}{cells}{ratio:11.2f}x")
+    print("(ours / ref: speed-up, or memory saving for peak memory; > 1 means ours is better)")
+
+
+def goals(results: dict, summary: dict, device: torch.device) -> dict[str, tuple[float, bool]]:
+    """The issue's targets, each as (measured value, met)."""
+    ref, ours = results["transformers"], results["ours"]
+    out = {}
+    if device.type == "cuda":
+        out["decode b1 >= 150 tok/s"] = (ours["decode_b1_tok_s"], ours["decode_b1_tok_s"] >= 150)
+        ratio = ours["decode_b1_tok_s"] / ref["decode_b1_tok_s"]
+        out["decode b1 >= 4x transformers"] = (ratio, ratio >= 4)
+        out["time to first token <= 0.120 s"] = (ours["ttft_s"], ours["ttft_s"] <= 0.120)
+        if "decode_b16_tok_s" in ours:
+            ratio = ours["decode_b16_tok_s"] / ours["decode_b1_tok_s"]
+            out["batch 16 throughput >= 8x batch 1"] = (ratio, ratio >= 8)
+        return out
+    ratio = ours["decode_b1_tok_s"] / ref["decode_b1_tok_s"]
+    out["float32 decode >= 2.5x transformers"] = (ratio, ratio >= 2.5)
+    fraction = summary["decode_bandwidth_fraction"]["ours"]
+    out["float32 decode >= 60% of read bandwidth"] = (fraction, fraction >= 0.6)
+    ratio = ref["prefill_s"] / ours["prefill_s"]
+    out["float32 prefill >= 2x transformers"] = (ratio, ratio >= 2)
+    if "bf16" in summary:
+        speedup = summary["bf16"]["prefill_speedup_vs_float32"]
+        out["bf16 prefill >= 1.5x our float32"] = (speedup, speedup >= 1.5)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="main dtype (default: float32 on CPU, bfloat16 on CUDA)")  # fmt: skip
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=[8], choices=[2, 4, 8, 16, 32, 64],
+                        help="text-only batches whose decode rate is measured too")  # fmt: skip
+    parser.add_argument("--no-bf16", action="store_true", help="skip our extra bfloat16 run (CPU)")
+    parser.add_argument("--json", default="bench_results.json", help="where to write the results")
+    args = parser.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    fixed_malloc_threshold()
+
+    ours, reference = build_models(CONFIGS[args.config], dtype, device)
+    models = {"transformers": reference, "ours": ours}
+    if device.type == "cpu" and dtype == torch.float32 and not args.no_bf16:
+        models["ours bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        our_processor, ref_processor = build_processors(Path(tmp))
+    processors = {name: ref_processor if name == "transformers" else our_processor for name in models}
+
+    image = photo_like()
+    batches: dict[str, dict[int, dict]] = {name: {} for name in models}
+    for name, processor in processors.items():
+        processor.tokenizer.padding_side = "left"
+        for n in args.batch_sizes:
+            batches[name][n] = processor(text=text_prompts(n), padding=True, return_tensors="pt").to(device)
+
+    step_bytes = decode_weight_bytes(ours)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"torch {torch.__version__}, device {device}, {torch.get_num_threads()} CPU threads, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"config {args.config}: {n_params / 1e6:.0f}M parameters, random weights, {dtype}; "
+          f"decode reads {step_bytes / 1e6:.0f} MB of weights per step")  # fmt: skip
+
+    for name, model in models.items():  # warm-up (first-call allocations, kernel selection)
+        chat_turn(model, processors[name], image, 2, device, ours=name != "transformers")
+    runs: dict[str, list[dict]] = {name: [] for name in models}
+    for _ in range(args.repeats):
+        for name, model in models.items():
+            run = chat_turn(
+                model, processors[name], image, args.new_tokens, device, ours=name != "transformers"
+            )
+            for n, inputs in batches[name].items():
+                run[f"decode_b{n}_tok_s"] = batch_decode_rate(model, inputs, args.new_tokens, device)
+            runs[name].append(run)
+            print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.items()), flush=True)
+    bandwidth = read_bandwidth_gbs(device)
+    results = {name: median_of(r) for name, r in runs.items()}
+
+    print(f"\nmedians of {args.repeats} interleaved repeats, {args.new_tokens} new tokens; "
+          f"load average now {os.getloadavg()[0]:.1f} (other processes share these cores)\n")  # fmt: skip
+    print_table(results, list(models))
+    summary = {
+        "config": args.config,
+        "device": str(device),
+        "dtype": str(dtype),
+        "threads": torch.get_num_threads(),
+        "parameters": n_params,
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "decode_weight_bytes": step_bytes,
+        "read_bandwidth_gbs": bandwidth,
+        "results": results,
+        "runs": runs,
+    }
+    print(f"\nmeasured read bandwidth: {bandwidth:.1f} GB/s")
+    for name in models:
+        step_bw = step_bytes * results[name]["decode_b1_tok_s"] / 1e9
+        if name == "ours bf16":
+            step_bw /= 2  # half the bytes per weight
+        summary.setdefault("decode_bandwidth_fraction", {})[name] = step_bw / bandwidth
+        print(f"decode batch 1, {name}: {step_bw:.1f} GB/s of weights = {step_bw / bandwidth:.0%} of it")
+    if "ours bf16" in models:
+        with torch.inference_mode():
+            prompt = our_processor.apply_chat_template(PROMPT, add_generation_prompt=True)
+            inputs = our_processor(text=prompt, images=[[image]], return_tensors="pt")
+        diff = logits_relative_diff(models["ours bf16"], ours, dict(inputs))
+        speedup = results["ours"]["prefill_s"] / results["ours bf16"]["prefill_s"]
+        summary["bf16"] = {"logits_relative_diff": diff, "prefill_speedup_vs_float32": speedup}
+        print(f"bf16: prefill {speedup:.2f}x our float32 prefill; logits relative difference to float32 "
+              f"{diff:.2e}")  # fmt: skip
+    summary["goals"] = goals(results, summary, device)
+    for goal, (value, met) in summary["goals"].items():
+        print(f"goal {goal}: {value:.2f} -> {'met' if met else 'NOT met'}")
+    Path(args.json).write_text(json.dumps(summary, indent=1))
+    print(f"results written to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

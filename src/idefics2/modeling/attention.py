@@ -126,19 +126,37 @@ def _onednn_linear_available() -> bool:
 _ONEDNN_LINEAR = _onednn_linear_available()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias. On CPU in float32 / bfloat16 without autograd, through oneDNN's linear kernel,
-    which is 2-2.5x faster than the default float32 GEMM for both one-token decode steps and prefill here."""
+# Activations oneDNN can apply inside its linear kernel: config name -> (post-op, algorithm).
+_FUSABLE = {
+    "silu": ("swish", ""),
+    "swish": ("swish", ""),
+    "gelu": ("gelu", "none"),
+    "gelu_pytorch_tanh": ("gelu", "tanh"),
+    "gelu_new": ("gelu", "tanh"),
+}
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, act: str | None = None
+) -> torch.Tensor:
+    """act(x @ weight.T + bias) (no activation when act is None).
+
+    On CPU in float32 / bfloat16 without autograd this runs oneDNN's linear kernel, with the activation fused
+    in when it can: 2-2.5x faster than the default float32 GEMM here, for one-token decode steps and prefill.
+    """
     if (
         _ONEDNN_LINEAR
         and x.device.type == "cpu"
         and x.dtype in (torch.float32, torch.bfloat16)
         and weight.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)
+        and (act is None or act in _FUSABLE)
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     ):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+        post_op, algorithm = _FUSABLE[act] if act is not None else ("none", "")
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post_op, [], algorithm)
+    out = F.linear(x, weight, bias)
+    return out if act is None else activation(act)(out)
 
 
 class Linear(nn.Linear):
@@ -146,6 +164,12 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)
+
+    def forward_activated(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        """act(self(x)), the activation fused into the kernel unless hooks (e.g. LoRA) watch this layer."""
+        if self._forward_hooks or self._forward_pre_hooks:
+            return activation(act)(self(x))
+        return linear(x, self.weight, self.bias, act)
 
 
 class RMSNorm(nn.Module):
@@ -186,7 +210,8 @@ class GatedMLP(nn.Module):
         self.gate_proj = Linear(dim, hidden, bias=False)
         self.up_proj = Linear(dim, hidden, bias=False)
         self.down_proj = Linear(hidden, out_dim, bias=False)
-        self.act = activation(act)
+        self.act = act
+        activation(act)  # unsupported names fail here, at construction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.gate_proj.forward_activated(x, self.act) * self.up_proj(x))

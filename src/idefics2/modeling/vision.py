@@ -161,10 +161,11 @@ class VisionMLP(nn.Module):
         super().__init__()
         self.fc1 = Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = Linear(config.intermediate_size, config.hidden_size)
-        self.act = activation(config.hidden_act)
+        self.act = config.hidden_act
+        activation(self.act)  # unsupported names fail here, at construction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.fc1.forward_activated(x, self.act))
 
 
 class VisionEncoderLayer(nn.Module):

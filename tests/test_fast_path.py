@@ -146,7 +146,7 @@ def test_static_decode_step_matches_forward(models):
         twin = ours.new_kv_cache(2, 16)
         for a, b in zip(cache.keys + cache.values, twin.keys + twin.values, strict=True):
             b.copy_(a)
-        step = GraphedDecodeStep(ours, twin, 2)
+        step = GraphedDecodeStep(ours, 2, 16)
         token = torch.tensor([[5], [9]])
         full = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
         expected = ours(
@@ -155,7 +155,7 @@ def test_static_decode_step_matches_forward(models):
         step.tokens.copy_(token)
         step.slot.fill_(7)
         step.mask[:, :8] = full
-        got = step._step()
+        got = step.step(twin)
     assert rel_diff(got, expected.logits) <= 1e-5
     assert torch.allclose(twin.keys[0][:, :, :8], cache.keys[0][:, :, :8], atol=1e-6)
 

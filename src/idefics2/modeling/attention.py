@@ -15,9 +15,9 @@ def check_attn_implementation(name: str) -> str:
     return name
 
 
-# Up to this many queries (decode steps), attention runs as two grouped matmuls: no kv-head copies, no
-# parallel region that costs more than the work itself for one token on a busy CPU, and on CUDA no fallback
-# to sdpa's math kernel (a boolean mask with grouped kv heads) and nothing that stops graph capture.
+# Up to this many queries (decode steps) and without autograd, attention runs as two grouped matmuls: no
+# kv-head copies, no parallel region that costs more than the work itself for one token on a busy CPU, and on
+# CUDA no fallback to sdpa's math kernel (boolean mask + grouped kv heads), nothing that stops graph capture.
 SMALL_QUERY = 8
 
 
@@ -39,7 +39,12 @@ def attention(
     T == S positions when `causal`, which lets sdpa pick its fastest kernels). Returns (B, T, H * D).
     """
     causal = causal and mask is None
-    if impl == "sdpa" and (q.shape[2] > SMALL_QUERY or dropout > 0):
+    if impl == "sdpa" and (q.shape[2] > SMALL_QUERY or torch.is_grad_enabled()):
+        n_rep = q.shape[1] // k.shape[1]
+        if n_rep > 1 and mask is not None and q.is_cuda:
+            # CUDA's memory-efficient kernel takes a mask but not grouped kv heads: repeat them for it
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+            n_rep = 1
         out = F.scaled_dot_product_attention(
             q,
             k,
@@ -48,7 +53,7 @@ def attention(
             dropout_p=dropout,
             scale=scale,
             is_causal=causal,
-            enable_gqa=q.shape[1] != k.shape[1],
+            enable_gqa=n_rep > 1,
         )
     else:
         if causal:
@@ -141,8 +146,9 @@ def linear(
 ) -> torch.Tensor:
     """act(x @ weight.T + bias) (no activation when act is None).
 
-    On CPU in float32 / bfloat16 without autograd this runs oneDNN's linear kernel, with the activation fused
-    in when it can: 2-2.5x faster than the default float32 GEMM here, for one-token decode steps and prefill.
+    On CPU in float32 / bfloat16 under no_grad / inference_mode this runs oneDNN's linear kernel, with the
+    activation fused in when it can: 2-2.5x faster than the default float32 GEMM here, for one-token decode
+    steps and prefill. Training keeps the default kernels.
     """
     if (
         _ONEDNN_LINEAR
@@ -151,7 +157,7 @@ def linear(
         and weight.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)
         and (act is None or act in _FUSABLE)
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+        and not torch.is_grad_enabled()
     ):
         post_op, algorithm = _FUSABLE[act] if act is not None else ("none", "")
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post_op, [], algorithm)

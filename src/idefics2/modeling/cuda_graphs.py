@@ -19,41 +19,54 @@ from idefics2.modeling.text import KVCache
 
 
 class GraphedDecodeStep:
-    """Replays `lm_head(decoder(embed(token)))` for one new token per row, writing into `cache`."""
+    """Replays `lm_head(decoder(embed(token)))` for one new token per row, writing into one KV cache.
 
-    def __init__(self, model: nn.Module, cache: KVCache, batch_size: int) -> None:
+    The cache is passed on every call (not kept here, so that it can be freed with its registry entry); the
+    graph captured on the first call reads and writes that cache's buffers.
+    """
+
+    def __init__(self, model: nn.Module, batch_size: int, max_length: int) -> None:
         self.model = model
-        self.cache = cache
         device = model.lm_head.weight.device
         self.tokens = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
-        self.mask = torch.zeros(batch_size, cache.max_length, dtype=torch.long, device=device)
+        self.mask = torch.zeros(batch_size, max_length, dtype=torch.long, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
-    def _step(self) -> torch.Tensor:
+    def step(self, cache: KVCache) -> torch.Tensor:
+        """The decode step on the static buffers (what the graph captures); logits (B, 1, vocab)."""
         model = self.model
         text = model.model.text_model
         embeds = text.embed_tokens(self.tokens)  # (B, 1, dim)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, max_length)
         position_ids = positions.index_select(1, self.slot)  # (B, 1)
         mask = causal_mask(self.mask, self.slot, model.config.text_config.sliding_window)  # (B, 1, 1, L)
-        hidden = text(embeds, position_ids, mask, self.cache, self.slot)
-        return model.lm_head(hidden)  # (B, 1, vocab)
+        hidden = text(embeds, position_ids, mask, cache, self.slot)
+        return model.lm_head(hidden)
 
-    def _capture(self) -> None:
+    def _capture(self, cache: KVCache) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: kernel selection and workspace allocation happen outside the graph
-                self._step()
+                self.step(cache)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = self._step()
+            self.logits = self.step(cache)
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache_position: torch.Tensor):
-        """input_ids (B, 1), attention_mask (B, S) (slots [0, S)), cache_position (1,) -> logits (B, 1, V)"""
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache_position: torch.Tensor,
+        cache: KVCache,
+    ) -> torch.Tensor:
+        """input_ids (B, 1), attention_mask (B, S) (slots [0, S)), cache_position (1,) -> logits (B, 1, V).
+
+        The logits live in the graph's memory: read them before the next call.
+        """
         length = attention_mask.shape[1]
         self.tokens.copy_(input_ids)
         self.slot.copy_(cache_position)
@@ -61,7 +74,7 @@ class GraphedDecodeStep:
         self.mask[:, length:].zero_()
         if self.graph is None:
             # the warm-up steps write this slot's key and value too: the same values the replay writes
-            self._capture()
+            self._capture(cache)
         self.graph.replay()
         return self.logits
 
@@ -93,9 +106,10 @@ class CudaGraphDecoder:
         """Logits (B, 1, V) from the graph, or None if capture failed (the caller then runs eagerly)."""
         step = self.steps.get(kv_cache)
         if step is None:
-            step = self.steps[kv_cache] = GraphedDecodeStep(model, kv_cache, input_ids.shape[0])
+            step = GraphedDecodeStep(model, kv_cache.batch_size, kv_cache.max_length)
+            self.steps[kv_cache] = step
         try:
-            return step(input_ids, attention_mask.to(torch.long), cache_position)
+            return step(input_ids, attention_mask.to(torch.long), cache_position, kv_cache)
         except RuntimeError as error:  # e.g. an operation that cannot be captured on this setup
             self.failed = True
             self.steps.pop(kv_cache, None)

@@ -15,9 +15,10 @@ def check_attn_implementation(name: str) -> str:
     return name
 
 
-# Up to this many queries (decode steps) and without autograd, attention runs as two grouped matmuls: no
-# kv-head copies, no parallel region that costs more than the work itself for one token on a busy CPU, and on
-# CUDA no fallback to sdpa's math kernel (boolean mask + grouped kv heads), nothing that stops graph capture.
+# On CUDA, up to this many queries (decode steps) without autograd attend with two grouped matmuls: no
+# fallback to sdpa's math kernel (boolean mask + grouped kv heads) and nothing that stops graph capture. On
+# CPU sdpa with grouped kv heads is as fast for one token, and is a single parallel region (cheaper when other
+# processes share the cores).
 SMALL_QUERY = 8
 
 
@@ -39,7 +40,8 @@ def attention(
     T == S positions when `causal`, which lets sdpa pick its fastest kernels). Returns (B, T, H * D).
     """
     causal = causal and mask is None
-    if impl == "sdpa" and (q.shape[2] > SMALL_QUERY or torch.is_grad_enabled()):
+    small = q.is_cuda and q.shape[2] <= SMALL_QUERY and not torch.is_grad_enabled()
+    if impl == "sdpa" and not small:
         n_rep = q.shape[1] // k.shape[1]
         if n_rep > 1 and mask is not None and q.is_cuda:
             # CUDA's memory-efficient kernel takes a mask but not grouped kv heads: repeat them for it
@@ -131,6 +133,10 @@ def _onednn_linear_available() -> bool:
 _ONEDNN_LINEAR = _onednn_linear_available()
 
 
+# With several threads, a few rows (decode steps) go to the default GEMV: oneDNN enters a parallel region on
+# every call, which stalls for a scheduler slice whenever another process holds one of the cores.
+ONEDNN_MIN_ROWS = 16
+
 # Activations oneDNN can apply inside its linear kernel: config name -> (post-op, algorithm).
 _FUSABLE = {
     "silu": ("swish", ""),
@@ -147,8 +153,8 @@ def linear(
     """act(x @ weight.T + bias) (no activation when act is None).
 
     On CPU in float32 / bfloat16 under no_grad / inference_mode this runs oneDNN's linear kernel, with the
-    activation fused in when it can: 2-2.5x faster than the default float32 GEMM here, for one-token decode
-    steps and prefill. Training keeps the default kernels.
+    activation fused in when it can: 2-2.5x faster than the default float32 GEMM here for prefill, up to 2x
+    for a few rows on one thread (see ONEDNN_MIN_ROWS). Training keeps the default kernels.
     """
     if (
         _ONEDNN_LINEAR
@@ -158,6 +164,7 @@ def linear(
         and (bias is None or bias.dtype == x.dtype)
         and (act is None or act in _FUSABLE)
         and not torch.is_grad_enabled()
+        and (x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] or torch.get_num_threads() == 1)
     ):
         post_op, algorithm = _FUSABLE[act] if act is not None else ("none", "")
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post_op, [], algorithm)

@@ -120,6 +120,27 @@ def test_grouped_matmul_attention_matches_sdpa_on_repeated_heads(t):
     assert rel_diff(grouped_matmul_attention(q, k, v, per_head, scale=0.3), expected) <= 1e-12
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_float32_greedy_generation_matches_transformers(checkpoint, models, threads):
+    """The default fast path end to end in float32 (oneDNN kernels on one thread, the default GEMV for decode
+    steps on several): same greedy tokens as transformers."""
+    ref, ours = models
+    processor = Idefics2Processor.from_pretrained(checkpoint)
+    processor.tokenizer.padding_side = "left"
+    texts = ["<image>What is in the picture", "Say something about<image>"]
+    images = [[image(70, 40, 7)], [image(30, 66, 8)]]
+    batch = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = ours.generate(**batch, max_new_tokens=8, eos_token_id=0, pad_token_id=0)
+    finally:
+        torch.set_num_threads(before)
+    with torch.no_grad():
+        expected = ref.generate(**batch, max_new_tokens=8, do_sample=False, eos_token_id=0, pad_token_id=0)
+    assert torch.equal(got, expected)
+
+
 def test_bfloat16_mode_logits_close_to_float32(checkpoint, models):
     _, ours = models
     bf16 = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16).eval()

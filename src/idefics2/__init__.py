@@ -18,7 +18,8 @@ _EXPORTS = {
     "Idefics2ImageProcessor": "idefics2.processing",
     "Idefics2Tokenizer": "idefics2.processing",
     "Idefics2Processor": "idefics2.processing",
-    "pipeline": "idefics2.pipeline",
+    "pipeline": "idefics2.pipelines",
+    "ChatPipeline": "idefics2.pipelines",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -419,7 +419,7 @@ def _load_pipeline(args: argparse.Namespace):
     """The ChatPipeline for --model (or the built-in model), --adapter, --device and --dtype."""
     import torch
 
-    from idefics2.pipeline import pipeline
+    from idefics2.pipelines import pipeline
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available")

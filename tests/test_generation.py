@@ -5,7 +5,6 @@ import torch
 from transformers import Idefics2ForConditionalGeneration as RefModel
 
 from idefics2 import Idefics2ForConditionalGeneration
-from idefics2.generation import encode_images
 from oracle_model import build_batch, build_reference_checkpoint
 
 N_LATENTS = 4
@@ -155,19 +154,3 @@ def test_default_end_ids_come_from_the_checkpoint(reference, ours):
     assert_same_tokens(
         ours.generate(**batch, max_new_tokens=8), reference_generate(reference, batch, max_new_tokens=8)
     )
-
-
-@pytest.mark.parametrize("case", ["several_images", "mixed_left_padded_batch"])
-def test_unpadded_image_encoding_equals_the_padded_path(ours, case):
-    batch = inputs_for(case)
-    with torch.no_grad():
-        expected = ours.get_image_features(batch["pixel_values"], batch["pixel_attention_mask"])
-        got = encode_images(ours, batch["pixel_values"], batch["pixel_attention_mask"])
-        # a mask that is not a top-left rectangle takes the padded path
-        odd = batch["pixel_attention_mask"].clone()
-        odd[0, 0, 0, 0] = 0
-        fallback = encode_images(ours, batch["pixel_values"], odd)
-    assert got.shape == expected.shape
-    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
-    reference = ours.get_image_features(batch["pixel_values"], odd)
-    torch.testing.assert_close(fallback, reference, rtol=1e-12, atol=1e-12)

@@ -117,7 +117,7 @@ def stream_generate(
         generated = ["" for _ in range(batch)]
     sync_every = 1 if device.type == "cpu" or stop_strings else _SYNC_EVERY
 
-    images = None if pixel_values is None else encode_images(model, pixel_values, pixel_attention_mask)
+    images = None if pixel_values is None else model.get_image_features(pixel_values, pixel_attention_mask)
     out = model(
         input_ids=input_ids,
         attention_mask=mask[:, :prompt_len],
@@ -171,39 +171,6 @@ def stream_generate(
         )
     # Rows that all finished before the last step run: drop the columns nobody needs.
     return sequences[:, : prompt_len + int(n_new.max())]
-
-
-def encode_images(
-    model: torch.nn.Module, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
-) -> torch.Tensor:
-    """`model.get_image_features` without computing padding: (n_real_images, n_latents, hidden).
-
-    The processor pads every image of a batch to the largest height and width (real pixels top-left) and
-    pads the image count with all-zero images. Encoding each image cropped to its real pixels, batched with
-    the images of the same size, gives the same features (padding patches are masked out anyway) for less
-    work and unmasked attention. Images whose real pixels are not a top-left rectangle keep the padded path.
-    """
-    if pixel_values.dim() != 5 or pixel_attention_mask is None or pixel_attention_mask.dim() != 4:
-        return model.get_image_features(pixel_values, pixel_attention_mask)
-    b, n, c, h, w = pixel_values.shape
-    flat = pixel_values.reshape(b * n, c, h, w)
-    masks = pixel_attention_mask.reshape(b * n, h, w).to(flat.device).bool()
-    real = (flat != 0).flatten(1).any(dim=1)  # all-zero images are padding, as in get_image_features
-    flat, masks = flat[real], masks[real]
-    heights = masks.any(dim=2).sum(dim=1)  # (N,) rows / columns holding real pixels
-    widths = masks.any(dim=1).sum(dim=1)
-    boxes = list(zip(heights.tolist(), widths.tolist(), strict=True))
-    rectangles = masks.flatten(1).sum(dim=1) == heights * widths
-    top_left = [bool(masks[i, :hh, :ww].all()) if hh and ww else False for i, (hh, ww) in enumerate(boxes)]
-    if not all(top_left) or not bool(rectangles.all()):
-        return model.get_image_features(pixel_values, pixel_attention_mask)
-    features: list[torch.Tensor | None] = [None] * len(boxes)
-    for box in dict.fromkeys(boxes):  # each distinct size once, in order of first appearance
-        index = [i for i, other in enumerate(boxes) if other == box]
-        crops = flat[index, :, : box[0], : box[1]]
-        for i, feature in zip(index, model.get_image_features(crops), strict=True):
-            features[i] = feature
-    return torch.stack(features)
 
 
 def _window(stop_strings: list[str]) -> int:

@@ -384,10 +384,10 @@ builtin = pytest.mark.skipif(not _builtin_model_present(), reason="the built-in 
 def test_readme_command_answers_the_example_image():
     # examples/shapes.png holds four shapes: an orange square, a green circle, a purple triangle and a
     # yellow square (see scripts/build_builtin_model.py)
-    question = "What color is the circle?"  # the README's first command
+    question = "How many shapes are there?"  # the README's first command
     run = cli("generate", "--image", "examples/shapes.png", "--prompt", question, cwd=REPO)
     assert run.returncode == 0, run.stderr
-    assert run.stdout == "green\n"
+    assert run.stdout == "4\n"
     question = "Is there any blue square?"
     run = cli("generate", "--image", "examples/shapes.png", "--prompt", question, "--stream", cwd=REPO)
     assert run.returncode == 0, run.stderr

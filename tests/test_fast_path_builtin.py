@@ -1,7 +1,8 @@
 """The built-in demo model in bfloat16 answers as in float32 (skipped until the model is shipped).
 
-bfloat16 keeps 8 bits of mantissa, so a question whose two best answers are nearly tied can flip; on an
-interim checkpoint 208 of 210 held-out answers were identical and the accuracy was unchanged.
+bfloat16 keeps 8 bits of mantissa, so a question whose two best answers are nearly tied can flip. The shipped
+model cannot tell shape kinds apart yet (kind_of_color is at chance level), so its near-tied guesses there may
+flip (4 of 10 did); every other answer must be identical, and the accuracy must stay the same.
 """
 
 import pytest
@@ -25,6 +26,7 @@ def test_bfloat16_greedy_answers_match_float32():
         model = Idefics2ForConditionalGeneration.from_pretrained(BUILTIN_DIR, dtype=dtype).eval()
         answers[dtype] = answer_questions(model, processor, examples, batch_size=35)
         correct[dtype] = sum(normalize_answer(a) == e.answer for a, e in zip(answers[dtype], examples))
-    same = sum(a == b for a, b in zip(answers[torch.float32], answers[torch.bfloat16]))
-    assert same >= 0.95 * len(examples), (same, len(examples))
+    pairs = zip(examples, answers[torch.float32], answers[torch.bfloat16])
+    changed = [(e.qtype, e.question, a, b) for e, a, b in pairs if a != b]
+    assert all(qtype == "kind_of_color" for qtype, *_ in changed), changed
     assert abs(correct[torch.bfloat16] - correct[torch.float32]) <= 0.03 * len(examples)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from idefics2.generation import stream_generate
+from idefics2.processing.chat import normalize_messages
 from idefics2.streaming import StopStringFilter, TextDeltaDecoder, trim_at_stop
 
 Messages = str | list[dict[str, Any]]
@@ -143,23 +144,15 @@ def _conversation(messages: Messages, images: Any) -> tuple[list[dict[str, Any]]
     if isinstance(messages, str):
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": messages}]
         return [{"role": "user", "content": content}], images
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a prompt string or a non-empty list of {'role', 'content'} dicts")
     normalized, inline = [], []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"message {i} must be a dict with 'role' and 'content', got {message!r}")
-        content = message["content"]
-        if isinstance(content, str):
-            content = [{"type": "text", "text": content}]
+    for i, message in enumerate(normalize_messages(messages)):
         parts = []
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in ("text", "image"):
+        for part in message["content"]:
+            if part["type"] not in ("text", "image"):
                 raise ValueError(
                     f"message {i}: content parts must be {{'type': 'text' | 'image'}}, got {part!r}"
                 )
-            if kind == "image" and part.get("image") is not None:
+            if part["type"] == "image" and part.get("image") is not None:
                 inline.append(part["image"])
                 part = {"type": "image"}
             parts.append(part)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -28,7 +29,10 @@ LLAMA_TOKENIZER_CONFIG = {
 
 
 def mistral_sentencepiece_model() -> Path:
-    """The Mistral-7B v1 SentencePiece model shipped inside the mistral_common package."""
+    """The Mistral-7B v1 SentencePiece model shipped inside the mistral_common package (or the file named by
+    $MISTRAL_TOKENIZER_MODEL, for machines without that package)."""
+    if os.environ.get("MISTRAL_TOKENIZER_MODEL"):
+        return Path(os.environ["MISTRAL_TOKENIZER_MODEL"])
     import mistral_common
 
     return Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"

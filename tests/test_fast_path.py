@@ -10,7 +10,7 @@ from PIL import Image
 
 from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
 from idefics2.modeling.attention import grouped_matmul_attention
-from idefics2.modeling.cuda_graphs import GraphedDecodeStep
+from idefics2.modeling.cuda_graphs import DecodeCachePool, GraphedDecodeStep
 from idefics2.modeling.vision import PackedLayout
 from oracle_model import build_reference_checkpoint, rel_diff
 from oracle_processing import build_reference_processor
@@ -203,3 +203,42 @@ def test_cuda_generate_matches_cpu(checkpoint, models):
     expected = ours.generate(**batch, max_new_tokens=6, eos_token_id=0)
     got = gpu.generate(**batch.to("cuda"), max_new_tokens=6, eos_token_id=0)
     assert torch.equal(got.cpu(), expected)
+
+
+def test_decode_cache_pool_reuses_zeroed_caches_by_bucket(models):
+    _, ours = models
+    pool = DecodeCachePool(bucket=256, size=2)
+    cpu = torch.device("cpu")
+    first = pool.take(ours, 2, 300, cpu)
+    assert first.max_length == 512 and first.batch_size == 2
+    assert pool.take(ours, 2, 300, cpu) is not first  # handed out: a concurrent generation gets its own
+    first.keys[0].fill_(1.0)
+    pool.give_back(first)
+    again = pool.take(ours, 2, 400, cpu)  # same bucket
+    assert again is first and not again.keys[0].any()  # nothing of the earlier generation is left
+    pool.give_back(again)
+    assert pool.take(ours, 1, 400, cpu) is not first  # another batch size
+    assert pool.take(ours, 2, 600, cpu) is not first  # another bucket
+    for _ in range(3):
+        pool.give_back(ours.new_kv_cache(1, 256))
+    assert first not in pool.idle and len(pool.idle) == 2  # only the newest are kept
+
+
+@needs_cuda
+def test_cuda_graphs_reused_across_generations_and_compiled_decoding_matches_eager(checkpoint):
+    gpu = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, device="cuda").eval()
+    processor = Idefics2Processor.from_pretrained(checkpoint)
+    batch = processor(text=["<image>A picture of"], images=[[image(60, 44, 5)]], return_tensors="pt").to(
+        "cuda"
+    )
+    graphed = gpu.generate(**batch, max_new_tokens=6, eos_token_id=0)
+    (cache,) = gpu.decode_cache_pool().idle
+    (step,) = gpu._graph_decoder.steps[cache].values()
+    assert torch.equal(gpu.generate(**batch, max_new_tokens=6, eos_token_id=0), graphed)
+    assert gpu._graph_decoder.steps[cache][False] is step  # the second generation replayed the same graph
+    gpu.compile_decode = True
+    compiled = gpu.generate(**batch, max_new_tokens=6, eos_token_id=0)
+    assert set(gpu._graph_decoder.steps[cache]) == {False, True} and not gpu._graph_decoder.failed
+    gpu.compile_decode, gpu.cuda_graphs = False, False
+    eager = gpu.generate(**batch, max_new_tokens=6, eos_token_id=0)
+    assert torch.equal(graphed, eager) and torch.equal(compiled, eager)

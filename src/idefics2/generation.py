@@ -99,78 +99,89 @@ def stream_generate(
     mask = torch.ones(batch, total, dtype=torch.long, device=device)
     mask[:, :prompt_len] = attention_mask
     slots = torch.arange(total, device=device)
-    cache = model.new_kv_cache(batch, total, device=device)
-
-    vocab = model.lm_head.weight.shape[0]
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    n_new = torch.full((batch,), max_new, dtype=torch.long, device=device)  # new tokens kept per row
-    penalty = opts["repetition_penalty"]
-    seen = None
-    if penalty != 1.0:
-        seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-        mark_seen_(seen, input_ids, attention_mask.bool())
-    bad_words = BadWords(opts["bad_words_ids"], vocab, eos_ids, device) if opts["bad_words_ids"] else None
-    stop_strings = opts["stop_strings"]
-    if stop_strings:  # each row's text so far, decoded incrementally
-        texts = [TextDeltaDecoder(opts["tokenizer"], skip_special_tokens=False) for _ in range(batch)]
-        generated = ["" for _ in range(batch)]
-    sync_every = 1 if device.type == "cpu" or stop_strings else _SYNC_EVERY
-
-    images = None if pixel_values is None else model.get_image_features(pixel_values, pixel_attention_mask)
-    out = model(
-        input_ids=input_ids,
-        attention_mask=mask[:, :prompt_len],
-        image_hidden_states=images,
-        kv_cache=cache,
-        cache_position=slots[:prompt_len],
-        logits_to_keep=1,
+    # On CUDA the cache comes from the model's pool: its captured decode graph is reused by later calls.
+    pool = (
+        model.decode_cache_pool() if device.type == "cuda" and getattr(model, "cuda_graphs", False) else None
     )
-    for step in range(max_new):
-        length = prompt_len + step
-        # scores are processed in float32 whatever the model dtype, as the reference does
-        scores = out.logits[:, -1].to(torch.float32)
-        if seen is not None:
-            scores = repetition_penalty_(scores, seen, penalty)
-        if bad_words is not None:
-            scores = bad_words(scores, sequences[:, :length])
-        if step < opts["min_new_tokens"] and eos_ids:
-            scores = forbid_tokens(scores, eos)
-        if opts["do_sample"]:
-            if opts["temperature"] != 1.0:
-                scores = scores / opts["temperature"]
-            if opts["top_k"]:
-                scores = top_k_filter(scores, opts["top_k"])
-            if opts["top_p"] < 1.0:
-                scores = top_p_filter(scores, opts["top_p"])
-        tokens = pick_next_tokens(scores, opts["do_sample"], opts["generator"])
-        tokens = tokens.masked_fill(finished, pad_id)
-        sequences[:, length] = tokens
-        if seen is not None:
-            mark_seen_(seen, tokens[:, None])
+    cache = (
+        pool.take(model, batch, total, device) if pool else model.new_kv_cache(batch, total, device=device)
+    )
+    try:
+        vocab = model.lm_head.weight.shape[0]
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        n_new = torch.full((batch,), max_new, dtype=torch.long, device=device)  # new tokens kept per row
+        penalty = opts["repetition_penalty"]
+        seen = None
+        if penalty != 1.0:
+            seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+            mark_seen_(seen, input_ids, attention_mask.bool())
+        bad_words = BadWords(opts["bad_words_ids"], vocab, eos_ids, device) if opts["bad_words_ids"] else None
+        stop_strings = opts["stop_strings"]
+        if stop_strings:  # each row's text so far, decoded incrementally
+            texts = [TextDeltaDecoder(opts["tokenizer"], skip_special_tokens=False) for _ in range(batch)]
+            generated = ["" for _ in range(batch)]
+        sync_every = 1 if device.type == "cpu" or stop_strings else _SYNC_EVERY
 
-        ending = torch.isin(tokens, eos) & ~finished
-        if stop_strings:
-            for row, token in enumerate(tokens.tolist()):
-                if not finished[row]:
-                    generated[row] += texts[row].push(token)
-                    if find_stop(generated[row][-_window(stop_strings) :], stop_strings) is not None:
-                        ending[row] = True
-        n_new = torch.where(ending, step + 1, n_new)
-        finished |= ending
-        yield tokens
-
-        if step + 1 == max_new or ((step + 1) % sync_every == 0 and bool(finished.all())):
-            break
+        images = (
+            None if pixel_values is None else model.get_image_features(pixel_values, pixel_attention_mask)
+        )
         out = model(
-            input_ids=tokens[:, None],
-            attention_mask=mask[:, : length + 1],
+            input_ids=input_ids,
+            attention_mask=mask[:, :prompt_len],
+            image_hidden_states=images,
             kv_cache=cache,
-            cache_position=slots[length : length + 1],
+            cache_position=slots[:prompt_len],
             logits_to_keep=1,
         )
-    # Rows that all finished before the last step run: drop the columns nobody needs.
-    return sequences[:, : prompt_len + int(n_new.max())]
+        for step in range(max_new):
+            length = prompt_len + step
+            # scores are processed in float32 whatever the model dtype, as the reference does
+            scores = out.logits[:, -1].to(torch.float32)
+            if seen is not None:
+                scores = repetition_penalty_(scores, seen, penalty)
+            if bad_words is not None:
+                scores = bad_words(scores, sequences[:, :length])
+            if step < opts["min_new_tokens"] and eos_ids:
+                scores = forbid_tokens(scores, eos)
+            if opts["do_sample"]:
+                if opts["temperature"] != 1.0:
+                    scores = scores / opts["temperature"]
+                if opts["top_k"]:
+                    scores = top_k_filter(scores, opts["top_k"])
+                if opts["top_p"] < 1.0:
+                    scores = top_p_filter(scores, opts["top_p"])
+            tokens = pick_next_tokens(scores, opts["do_sample"], opts["generator"])
+            tokens = tokens.masked_fill(finished, pad_id)
+            sequences[:, length] = tokens
+            if seen is not None:
+                mark_seen_(seen, tokens[:, None])
+
+            ending = torch.isin(tokens, eos) & ~finished
+            if stop_strings:
+                for row, token in enumerate(tokens.tolist()):
+                    if not finished[row]:
+                        generated[row] += texts[row].push(token)
+                        if find_stop(generated[row][-_window(stop_strings) :], stop_strings) is not None:
+                            ending[row] = True
+            n_new = torch.where(ending, step + 1, n_new)
+            finished |= ending
+            yield tokens
+
+            if step + 1 == max_new or ((step + 1) % sync_every == 0 and bool(finished.all())):
+                break
+            out = model(
+                input_ids=tokens[:, None],
+                attention_mask=mask[:, : length + 1],
+                kv_cache=cache,
+                cache_position=slots[length : length + 1],
+                logits_to_keep=1,
+            )
+        # Rows that all finished before the last step run: drop the columns nobody needs.
+        return sequences[:, : prompt_len + int(n_new.max())]
+    finally:
+        if pool:
+            pool.give_back(cache)
 
 
 def _window(stop_strings: list[str]) -> int:

@@ -14,7 +14,7 @@ from torch import nn
 from idefics2.config import Idefics2Config
 from idefics2.modeling.attention import Linear, RMSNorm, causal_mask, check_attn_implementation
 from idefics2.modeling.connector import Idefics2Connector, PerceiverResampler
-from idefics2.modeling.cuda_graphs import CudaGraphDecoder
+from idefics2.modeling.cuda_graphs import CudaGraphDecoder, DecodeCachePool
 from idefics2.modeling.text import KVCache, MistralDecoder
 from idefics2.modeling.vision import Idefics2VisionTransformer, patch_mask_from_pixels
 
@@ -267,9 +267,13 @@ class Idefics2ForConditionalGeneration(nn.Module):
         self.generation_config: dict[str, Any] = {}
         self.checkpoint_dir: Path | None = None
         self.attn_implementation = "sdpa"
-        # decode steps (one token per row, with a KV cache, no grad) on CUDA replay a captured CUDA graph
+        # decode steps (one token per row, with a KV cache, no grad) on CUDA replay a captured CUDA graph;
+        # with compile_decode the step is compiled with torch.compile before capture (faster steps, a one-time
+        # compile per batch size and cache length bucket)
         self.cuda_graphs = True
+        self.compile_decode = False
         self._graph_decoder: CudaGraphDecoder | None = None
+        self._decode_caches: DecodeCachePool | None = None
 
     # ---- construction, loading, saving -------------------------------------------------------------------
 
@@ -370,6 +374,11 @@ class Idefics2ForConditionalGeneration(nn.Module):
             device=device or self.device,
         )
 
+    def decode_cache_pool(self) -> DecodeCachePool:
+        """The pool `generate` takes its KV caches from on CUDA (see DecodeCachePool)."""
+        self._decode_caches = self._decode_caches or DecodeCachePool()
+        return self._decode_caches
+
     # ---- forward -------------------------------------------------------------------------------------------
 
     def get_image_features(
@@ -401,7 +410,9 @@ class Idefics2ForConditionalGeneration(nn.Module):
             others = dict(pixel_values=pixel_values, labels=labels, position_ids=position_ids)
             others.update(inputs_embeds=inputs_embeds, image_hidden_states=image_hidden_states)
             if self._graph_decoder.applies(input_ids, kv_cache, attention_mask, cache_position, **others):
-                logits = self._graph_decoder(self, input_ids, attention_mask, cache_position, kv_cache)
+                logits = self._graph_decoder(
+                    self, input_ids, attention_mask, cache_position, kv_cache, self.compile_decode
+                )
                 if logits is not None:
                     return Idefics2Output(logits=logits)
         out = self.model(

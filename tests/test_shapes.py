@@ -143,6 +143,34 @@ def test_box_supersampling_antialiases_edges():
             assert np.abs(centre - np.array(shape.rgb)).max() <= 2
 
 
+def test_analytic_renderer_draws_the_same_scene_independently():
+    rng = random.Random(6)
+    for _ in range(20):
+        scene = random_scene(rng)
+        pil = np.asarray(scene.render(), dtype=np.int16)
+        analytic = np.asarray(scene.render_analytic(), dtype=np.int16)
+        assert analytic.shape == pil.shape
+        for shape in scene.shapes:
+            x0, y0, x1, y1 = shape.box
+            assert tuple(analytic[(y0 + 3 * y1) // 4, (x0 + x1) // 2]) == shape.rgb
+            assert tuple(analytic[y0 - 2, x0] if y0 >= 2 else analytic[y1 + 2, x1]) == scene.background
+        differ = np.abs(analytic - pil).max(axis=-1) > 40
+        shapes_area = sum((x1 - x0 + 1) * (y1 - y0 + 1) for x0, y0, x1, y1 in (s.box for s in scene.shapes))
+        assert differ.sum() < 0.15 * shapes_area  # other pixels only along the outlines
+        if any(shape.kind != "square" for shape in scene.shapes):  # square edges lie on pixel boundaries
+            colors = len(np.unique(analytic.reshape(-1, 3), axis=0))
+            assert colors > len(np.unique(pil.reshape(-1, 3), axis=0))  # soft edges
+
+
+def test_examples_render_with_either_renderer():
+    example = make_example(random.Random(1), "compare")
+    for renderer in ("pil", "analytic"):
+        images = example.images(renderer=renderer, jpeg_quality=50)
+        assert [im.size for im in images] == [(s.width, s.height) for s in example.scenes]
+    with pytest.raises(ValueError, match="renderer must be one of"):
+        example.images(renderer="cairo")
+
+
 def test_answers_are_normalized_before_comparison():
     assert normalize_answer(" Green.") == "green"
     assert normalize_answer("3\n") == "3"

@@ -385,6 +385,12 @@ def _add_eval_parser(subparsers) -> None:
         metavar="Q",
         help="pass the images through JPEG at this quality (1-95)",
     )
+    p.add_argument(
+        "--renderer",
+        choices=("pil", "analytic"),
+        default="pil",
+        help="how the shapes are drawn: PIL (default), or a second, independent renderer with soft edges",
+    )
     p.set_defaults(func=_eval)
 
 
@@ -751,6 +757,7 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         supersample=args.supersample,
         jpeg_quality=args.jpeg_quality,
+        renderer=args.renderer,
     )
     print(f"{'question type':<16}{'accuracy':>9}")
     for qtype in [*QUESTION_TYPES, "overall"]:

@@ -11,6 +11,7 @@ import io
 import random
 from dataclasses import dataclass, field
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 KINDS = ("circle", "square", "triangle")
@@ -37,6 +38,7 @@ MAX_SHAPES = 6
 COLOR_JITTER = 20
 MIN_GAP = 4
 MIN_SHAPE_PX = 14
+RENDERERS = ("pil", "analytic")
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,50 @@ class Scene:
                 image = image.reduce(scale)
             else:
                 image = image.resize((self.width, self.height), resample)
-        if jpeg_quality is not None:
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=jpeg_quality)
-            image = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
-        return image
+        return _jpeg(image, jpeg_quality) if jpeg_quality is not None else image
+
+    def render_analytic(self, jpeg_quality: int | None = None) -> Image.Image:
+        """Draw the scene with a second, independent renderer: each pixel gets the exact fraction of its area
+        that a shape covers (approximated from the signed distance of the pixel's centre to the shape's
+        outline), blended over the background. Edges are soft, and pixel coverage rules differ from PIL's."""
+        ys, xs = np.mgrid[0 : self.height, 0 : self.width].astype(np.float64) + 0.5  # pixel centres
+        image = np.empty((self.height, self.width, 3))
+        image[:] = self.background
+        for shape in self.shapes:
+            x0, y0, x1, y1 = shape.box
+            left, top, right, bottom = x0, y0, x1 + 1.0, y1 + 1.0  # the box's outer edges
+            cx, cy, half = (left + right) / 2, (top + bottom) / 2, (right - left) / 2
+            if shape.kind == "circle":
+                distance = np.hypot(xs - cx, ys - cy) - half
+            elif shape.kind == "square":
+                distance = np.maximum(np.abs(xs - cx), np.abs(ys - cy)) - half
+            else:  # apex at the top centre, base along the bottom edge
+                distance = np.maximum(
+                    ys - bottom,
+                    np.maximum(
+                        _edge_distance(xs, ys, (cx, top), (left, bottom)),
+                        _edge_distance(xs, ys, (right, bottom), (cx, top)),
+                    ),
+                )
+            coverage = np.clip(0.5 - distance, 0.0, 1.0)[..., None]
+            image = image * (1.0 - coverage) + np.asarray(shape.rgb, dtype=np.float64) * coverage
+        out = Image.fromarray(np.clip(np.rint(image), 0, 255).astype(np.uint8))
+        return _jpeg(out, jpeg_quality) if jpeg_quality is not None else out
+
+
+def _edge_distance(
+    xs: np.ndarray, ys: np.ndarray, a: tuple[float, float], b: tuple[float, float]
+) -> np.ndarray:
+    """Signed distance to the line through a and b: negative on the side of a triangle whose corners, taken
+    in the order ... -> a -> b -> ..., run counter-clockwise on screen (y pointing down)."""
+    (ax, ay), (bx, by) = a, b
+    return ((bx - ax) * (ys - ay) - (by - ay) * (xs - ax)) / np.hypot(bx - ax, by - ay)
+
+
+def _jpeg(image: Image.Image, quality: int) -> Image.Image:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
 @dataclass
@@ -95,7 +136,15 @@ class Example:
     question: str
     answer: str
 
-    def images(self, supersample: int = 1, jpeg_quality: int | None = None) -> list[Image.Image]:
+    def images(
+        self, supersample: int = 1, jpeg_quality: int | None = None, renderer: str = "pil"
+    ) -> list[Image.Image]:
+        """The scenes drawn by `renderer`: "pil" (`Scene.render`) or "analytic" (`Scene.render_analytic`,
+        which ignores `supersample`)."""
+        if renderer == "analytic":
+            return [scene.render_analytic(jpeg_quality) for scene in self.scenes]
+        if renderer != "pil":
+            raise ValueError(f"renderer must be one of {RENDERERS}, got {renderer!r}")
         return [scene.render(supersample, jpeg_quality) for scene in self.scenes]
 
     def messages(self, with_answer: bool = False) -> list[dict]:
@@ -221,13 +270,14 @@ def evaluate(
     batch_size: int = 32,
     supersample: int = 1,
     jpeg_quality: int | None = None,
+    renderer: str = "pil",
     max_new_tokens: int = 6,
 ) -> dict[str, float]:
     """Exact-match accuracy of greedy answers, per question type and "overall".
 
     Pass a model and its processor, or a pipeline (anything with `.model` and `.processor`). The questions are
     asked with the processor's chat template, `batch_size` at a time (left-padded batched generation); the
-    images are rendered with `supersample` / `jpeg_quality` (see `Scene.render`).
+    images are drawn by `renderer` with `supersample` / `jpeg_quality` (see `Example.images`).
     """
     from idefics2.generation import generate
 
@@ -240,9 +290,11 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if renderer not in RENDERERS:
+        raise ValueError(f"renderer must be one of {RENDERERS}, got {renderer!r}")
     predictions = answer_questions(
         model, processor, examples, batch_size=batch_size, supersample=supersample,
-        jpeg_quality=jpeg_quality, max_new_tokens=max_new_tokens, generate=generate,
+        jpeg_quality=jpeg_quality, renderer=renderer, max_new_tokens=max_new_tokens, generate=generate,
     )  # fmt: skip
     correct: dict[str, list[bool]] = {}
     for example, prediction in zip(examples, predictions, strict=True):
@@ -254,7 +306,7 @@ def evaluate(
 
 def answer_questions(
     model, processor, examples: list[Example], *, batch_size: int, supersample: int = 1,
-    jpeg_quality: int | None = None, max_new_tokens: int = 6, generate=None,
+    jpeg_quality: int | None = None, renderer: str = "pil", max_new_tokens: int = 6, generate=None,
 ) -> list[str]:  # fmt: skip
     """The model's greedy answer (text, stripped) to each example's question."""
     import torch
@@ -270,7 +322,7 @@ def answer_questions(
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
             prompts = [processor.apply_chat_template(e.messages(), add_generation_prompt=True) for e in chunk]
-            images = [e.images(supersample, jpeg_quality) for e in chunk]
+            images = [e.images(supersample, jpeg_quality, renderer) for e in chunk]
             batch = processor(text=prompts, images=images, padding=True, return_tensors="pt")
             inputs = {k: v.to(device) for k, v in batch.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)

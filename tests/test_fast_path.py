@@ -181,13 +181,16 @@ def test_static_decode_step_matches_forward(models):
     assert torch.allclose(twin.keys[0][:, :, :8], cache.keys[0][:, :, :8], atol=1e-6)
 
 
-@needs_cuda
-def test_cuda_graph_decoding_matches_eager(checkpoint):
+def gpu_model_and_batch(checkpoint):
     gpu = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, device="cuda").eval()
     processor = Idefics2Processor.from_pretrained(checkpoint)
-    batch = processor(text=["<image>A picture of"], images=[[image(60, 44, 5)]], return_tensors="pt").to(
-        "cuda"
-    )
+    batch = processor(text=["<image>A picture of"], images=[[image(60, 44, 5)]], return_tensors="pt")
+    return gpu, batch.to("cuda")
+
+
+@needs_cuda
+def test_cuda_graph_decoding_matches_eager(checkpoint):
+    gpu, batch = gpu_model_and_batch(checkpoint)
     graphed = gpu.generate(**batch, max_new_tokens=6, eos_token_id=0)
     assert gpu._graph_decoder is not None and not gpu._graph_decoder.failed
     gpu.cuda_graphs = False
@@ -226,11 +229,7 @@ def test_decode_cache_pool_reuses_zeroed_caches_by_bucket(models):
 
 @needs_cuda
 def test_cuda_graphs_reused_across_generations_and_compiled_decoding_matches_eager(checkpoint):
-    gpu = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, device="cuda").eval()
-    processor = Idefics2Processor.from_pretrained(checkpoint)
-    batch = processor(text=["<image>A picture of"], images=[[image(60, 44, 5)]], return_tensors="pt").to(
-        "cuda"
-    )
+    gpu, batch = gpu_model_and_batch(checkpoint)
     graphed = gpu.generate(**batch, max_new_tokens=6, eos_token_id=0)
     (cache,) = gpu.decode_cache_pool().idle
     (step,) = gpu._graph_decoder.steps[cache].values()

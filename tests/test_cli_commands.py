@@ -385,10 +385,10 @@ builtin = pytest.mark.skipif(not _builtin_model_present(), reason="the built-in 
 def test_readme_command_answers_the_example_image():
     # examples/shapes.png holds four shapes: an orange square, a green circle, a purple triangle and a
     # yellow square (see scripts/build_builtin_model.py)
-    question = "How many shapes are there?"  # the README's first command
+    question = "What color is the circle?"  # the README's first command
     run = cli("generate", "--image", "examples/shapes.png", "--prompt", question, cwd=REPO)
     assert run.returncode == 0, run.stderr
-    assert run.stdout == "4\n"
+    assert run.stdout == "green\n"
     question = "Is there any blue square?"
     run = cli("generate", "--image", "examples/shapes.png", "--prompt", question, "--stream", cwd=REPO)
     assert run.returncode == 0, run.stderr
@@ -400,5 +400,6 @@ def test_eval_of_the_builtin_model():
     run = cli("eval", "--num-per-type", 20, "--seed", 5)
     assert run.returncode == 0, run.stderr
     overall = float(run.stdout.splitlines()[-1].split()[-1])
-    # answering every type with its most frequent answer scores about 0.36: the model must clearly beat it
-    assert overall >= 0.5, run.stdout
+    # answering every type with its most frequent answer scores about 0.36; the model answers ~99% of the
+    # held-out questions
+    assert overall >= 0.9, run.stdout

@@ -1,8 +1,5 @@
-"""The built-in demo model in bfloat16 answers as in float32 (skipped until the model is shipped).
-
-bfloat16 keeps 8 bits of mantissa, so a question whose two best answers are nearly tied can flip. The shipped
-model cannot tell shape kinds apart yet (kind_of_color is at chance level), so its near-tied guesses there may
-flip (4 of 10 did); every other answer must be identical, and the accuracy must stay the same.
+"""The built-in demo model in bfloat16 gives the same greedy answers as in float32 (skipped until the model
+is shipped): the issue's "greedy answers of the built-in model unchanged", on 70 held-out questions.
 """
 
 import pytest
@@ -28,5 +25,5 @@ def test_bfloat16_greedy_answers_match_float32():
         correct[dtype] = sum(normalize_answer(a) == e.answer for a, e in zip(answers[dtype], examples))
     pairs = zip(examples, answers[torch.float32], answers[torch.bfloat16])
     changed = [(e.qtype, e.question, a, b) for e, a, b in pairs if a != b]
-    assert all(qtype == "kind_of_color" for qtype, *_ in changed), changed
-    assert abs(correct[torch.bfloat16] - correct[torch.float32]) <= 0.03 * len(examples)
+    assert not changed
+    assert correct[torch.bfloat16] == correct[torch.float32] >= 0.9 * len(examples)

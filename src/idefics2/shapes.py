@@ -290,8 +290,6 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if renderer not in RENDERERS:
-        raise ValueError(f"renderer must be one of {RENDERERS}, got {renderer!r}")
     predictions = answer_questions(
         model, processor, examples, batch_size=batch_size, supersample=supersample,
         jpeg_quality=jpeg_quality, renderer=renderer, max_new_tokens=max_new_tokens, generate=generate,

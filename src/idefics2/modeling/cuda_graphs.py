@@ -57,9 +57,8 @@ class GraphedDecodeStep:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(
-                2
-            ):  # warm-up: compilation, kernel selection and workspaces happen outside the graph
+            # warm-up: compilation, kernel selection and workspaces happen outside the graph
+            for _ in range(2):
                 self.run(cache)
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()

@@ -39,7 +39,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_generation import MID_CONFIG, PROMPT, decode_weight_bytes, photo_like  # noqa: E402
+from bench_generation import (  # noqa: E402
+    MID_CONFIG,
+    PROMPT,
+    decode_weight_bytes,
+    photo_like,
+    read_bandwidth_gbs,
+)
 
 # The hub idefics2-8b shapes (vision SigLIP-so400m, perceiver 64 latents, Mistral-7B decoder).
 CONFIG_8B = {
@@ -151,19 +157,6 @@ class PeakMemory:
     @property
     def megabytes(self) -> float:
         return (self.peak - self.base) / 1e6
-
-
-def read_bandwidth_gbs(device: torch.device, n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Memory read bandwidth: sum a float32 tensor much larger than the caches, best of a few runs."""
-    x = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        x.sum()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return n_bytes / best / 1e9
 
 
 # ---- models ----------------------------------------------------------------------------------------------

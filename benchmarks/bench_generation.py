@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -69,15 +70,22 @@ def photo_like(height: int = 480, width: int = 640, seed: int = 0) -> Image.Imag
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
-def read_bandwidth_gbs(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Memory read bandwidth: sum a tensor much larger than the caches, best of a few runs."""
-    x = torch.ones(n_bytes // 4, dtype=torch.float32)
-    best = float("inf")
+def read_bandwidth_gbs(device: torch.device | str = "cpu", n_bytes: int = 1 << 30, repeats: int = 9) -> float:
+    """Memory read bandwidth: sum a float32 tensor much larger than the caches; the median of a few runs. Not
+    the fastest run: on this project's 2-core VM sums of 1 GB take 42-48 GB/s, but one run in a benchmark
+    once came out at 80 GB/s, which would make every fraction of it look half as good."""
+    device = torch.device(device)
+    x = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    seconds = []
     for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         start = time.perf_counter()
         x.sum()
-        best = min(best, time.perf_counter() - start)
-    return n_bytes / best / 1e9
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+    return n_bytes / statistics.median(seconds) / 1e9
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:

@@ -50,8 +50,11 @@ def train_args(model: Path, data: Path, output: Path, *extra: str) -> list[str]:
 
 
 def torchrun(output: Path, argv: list[str]) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+    }
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command = [*launcher, __file__, str(output), *argv]
     run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -96,7 +99,9 @@ def test_two_process_torchrun_gives_identical_weights(tmp_path):
     print(f"FSDP vs DDP: max adapter difference {diff:.1e}")
     assert diff <= 1e-5
     assert sorted(p.name for p in (fsdp / "checkpoint-2").glob("rng_state_*.json")) == [
-        "rng_state_0.json", "rng_state_1.json"]
+        "rng_state_0.json",
+        "rng_state_1.json",
+    ]
 
 
 def _worker(output: str, argv: list[str]) -> int:
@@ -110,8 +115,10 @@ def _worker(output: str, argv: list[str]) -> int:
         result = real_train(model, *args, **kwargs)
         named = model.named_parameters()
         weights = {n: p.full_tensor() if hasattr(p, "full_tensor") else p for n, p in named}
-        save_file({n: p.detach().contiguous() for n, p in weights.items()},
-                  str(Path(output) / f"rank{torch.distributed.get_rank()}.safetensors"))
+        save_file(
+            {n: p.detach().contiguous() for n, p in weights.items()},
+            str(Path(output) / f"rank{torch.distributed.get_rank()}.safetensors"),
+        )
         return result
 
     training.train = train_and_dump

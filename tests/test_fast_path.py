@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
-from idefics2.modeling.attention import grouped_matmul_attention
+from idefics2.modeling import attention as attention_module
+from idefics2.modeling.attention import attention, grouped_matmul_attention, per_head_attention
 from idefics2.modeling.cuda_graphs import DecodeCachePool, GraphedDecodeStep
 from idefics2.modeling.vision import PackedLayout
 from oracle_model import build_reference_checkpoint, rel_diff
@@ -120,10 +121,50 @@ def test_grouped_matmul_attention_matches_sdpa_on_repeated_heads(t):
     assert rel_diff(grouped_matmul_attention(q, k, v, per_head, scale=0.3), expected) <= 1e-12
 
 
+def test_per_head_attention_matches_sdpa_across_query_blocks_and_grouped_heads(monkeypatch):
+    monkeypatch.setattr(attention_module, "PER_HEAD_QUERY_BLOCK", 4)  # 10 queries: blocks of 4, 4, 2
+    torch.manual_seed(0)
+    q = torch.randn(2, 6, 10, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 3, 13, 8, dtype=torch.float64), torch.randn(2, 3, 13, 8, dtype=torch.float64)
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1), scale=0.4
+    )
+    assert rel_diff(per_head_attention(q, k, v, scale=0.4), expected) <= 1e-12
+
+
+def test_cpu_bfloat16_full_attention_takes_the_per_head_path_and_stays_close():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 30, 16) for _ in range(3))
+    exact = F.scaled_dot_product_attention(q, k, v, scale=0.25).transpose(1, 2).reshape(2, 30, 64)
+    low = [t.bfloat16() for t in (q, k, v)]
+    with torch.no_grad():
+        fast = attention(*low, None, scale=0.25)
+        assert torch.equal(fast, per_head_attention(*low, scale=0.25).transpose(1, 2).reshape(2, 30, 64))
+    assert fast.dtype == torch.bfloat16
+    assert rel_diff(fast.float(), exact) <= 2e-2
+    with torch.enable_grad():  # training keeps sdpa (it has the backward)
+        q_grad = low[0].clone().requires_grad_()
+        attention(q_grad, low[1], low[2], None, scale=0.25).sum().backward()
+    assert q_grad.grad is not None
+
+
+def test_cpu_bfloat16_decode_attention_takes_the_grouped_path_and_stays_close():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 8, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+    mask = torch.rand(2, 1, 1, 40) > 0.2
+    exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    low = [t.bfloat16() for t in (q, k, v)]
+    with torch.no_grad():
+        fast = attention(*low, mask, scale=0.25)
+        grouped = grouped_matmul_attention(*low, mask, scale=0.25)
+    assert torch.equal(fast, grouped.transpose(1, 2).reshape(2, 1, 128))
+    assert rel_diff(fast.float(), exact.transpose(1, 2).reshape(2, 1, 128)) <= 2e-2
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_float32_greedy_generation_matches_transformers(checkpoint, models, threads):
-    """The default fast path end to end in float32 (oneDNN kernels on one thread, the default GEMV for decode
-    steps on several): same greedy tokens as transformers."""
+    """The default fast path end to end in float32 (oneDNN's linear kernels for prefill and decode steps, on
+    one thread and on two): same greedy tokens as transformers."""
     ref, ours = models
     processor = Idefics2Processor.from_pretrained(checkpoint)
     processor.tokenizer.padding_side = "left"

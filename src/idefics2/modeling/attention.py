@@ -15,11 +15,13 @@ def check_attn_implementation(name: str) -> str:
     return name
 
 
-# On CUDA, up to this many queries (decode steps) without autograd attend with two grouped matmuls: no
-# fallback to sdpa's math kernel (boolean mask + grouped kv heads) and nothing that stops graph capture. On
-# CPU sdpa with grouped kv heads is as fast for one token, and is a single parallel region (cheaper when other
-# processes share the cores).
+# Up to this many queries (decode steps) without autograd attend with two grouped matmuls, on CUDA and for
+# 16-bit floats on CPU. On CUDA: no fallback to sdpa's math kernel (boolean mask + grouped kv heads) and
+# nothing that stops graph capture. On CPU in bfloat16: 3-6x faster than sdpa's kernel for one query (0.11
+# instead of 0.28 ms over 400 cached positions, 0.40 instead of 2.1 ms over 3,000, 2 threads). In float32 on
+# CPU whole decode steps take the same time either way (400 and 2,000 positions), so float32 keeps sdpa.
 SMALL_QUERY = 8
+_CPU_GROUPED_DECODE_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def attention(
@@ -40,8 +42,14 @@ def attention(
     T == S positions when `causal`, which lets sdpa pick its fastest kernels). Returns (B, T, H * D).
     """
     causal = causal and mask is None
-    small = q.is_cuda and q.shape[2] <= SMALL_QUERY and not torch.is_grad_enabled()
-    if impl == "sdpa" and not small:
+    small = (
+        (q.is_cuda or q.dtype in _CPU_GROUPED_DECODE_DTYPES)
+        and q.shape[2] <= SMALL_QUERY
+        and not torch.is_grad_enabled()
+    )
+    if impl == "sdpa" and mask is None and not causal and _cpu_bfloat16_inference(q) and dropout == 0.0:
+        out = per_head_attention(q, k, v, scale=scale)
+    elif impl == "sdpa" and not small:
         n_rep = q.shape[1] // k.shape[1]
         if n_rep > 1 and mask is not None and q.is_cuda:
             # CUDA's memory-efficient kernel takes a mask but not grouped kv heads: repeat them for it
@@ -94,6 +102,36 @@ def grouped_matmul_attention(
     return out.view(b, h, t, d)
 
 
+# Query rows per block in per_head_attention: bounds the float32 scores of one head to 1024 x keys.
+PER_HEAD_QUERY_BLOCK = 1024
+
+
+def _cpu_bfloat16_inference(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+
+
+def per_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """Full (unmasked) attention one head at a time, as two plain matrix products with the softmax in
+    float32 between them: for bfloat16 on CPU about twice as fast as sdpa's kernel (which gains nothing from
+    bfloat16 here), with the rounding of transformers' eager path (scores and probabilities in bfloat16).
+
+    q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv. Returns (B, H, T, D).
+    """
+    b, h, t, _ = q.shape
+    n_rep = h // k.shape[1]
+    softmax_dtype = torch.promote_types(q.dtype, torch.float32)
+    out = torch.empty_like(q)
+    for i in range(b):
+        for head in range(h):
+            keys, values = k[i, head // n_rep], v[i, head // n_rep]  # (S, D)
+            for start in range(0, t, PER_HEAD_QUERY_BLOCK):
+                rows = slice(start, start + PER_HEAD_QUERY_BLOCK)
+                scores = torch.mm(q[i, head, rows], keys.t()) * scale  # (rows, S)
+                probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
+                torch.mm(probs, values, out=out[i, head, rows])
+    return out
+
+
 def key_padding_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
     """(B, S) 0/1 key mask -> bool (B, 1, 1, S), or None when every key is real (full attention)."""
     if mask is None:
@@ -133,10 +171,6 @@ def _onednn_linear_available() -> bool:
 _ONEDNN_LINEAR = _onednn_linear_available()
 
 
-# With several threads, a few rows (decode steps) go to the default GEMV: oneDNN enters a parallel region on
-# every call, which stalls for a scheduler slice whenever another process holds one of the cores.
-ONEDNN_MIN_ROWS = 16
-
 # Activations oneDNN can apply inside its linear kernel: config name -> (post-op, algorithm).
 _FUSABLE = {
     "silu": ("swish", ""),
@@ -153,8 +187,9 @@ def linear(
     """act(x @ weight.T + bias) (no activation when act is None).
 
     On CPU in float32 / bfloat16 under no_grad / inference_mode this runs oneDNN's linear kernel, with the
-    activation fused in when it can: 2-2.5x faster than the default float32 GEMM here for prefill, up to 2x
-    for a few rows on one thread (see ONEDNN_MIN_ROWS). Training keeps the default kernels.
+    activation fused in when it can: 2-2.5x faster than the default float32 GEMM here for prefill, and for
+    decode steps it reads the weights at up to 1.7x the default GEMV's bandwidth (the default one stays near
+    21 GB/s whatever the thread count). Training keeps the default kernels.
     """
     if (
         _ONEDNN_LINEAR
@@ -164,7 +199,6 @@ def linear(
         and (bias is None or bias.dtype == x.dtype)
         and (act is None or act in _FUSABLE)
         and not torch.is_grad_enabled()
-        and (x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1] or torch.get_num_threads() == 1)
     ):
         post_op, algorithm = _FUSABLE[act] if act is not None else ("none", "")
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post_op, [], algorithm)

@@ -30,7 +30,6 @@ import os
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -104,21 +103,26 @@ def _libc():
         return None
 
 
-def fixed_malloc_threshold() -> None:
-    """Make glibc hand every block >= 128 KiB straight back to the system when freed (a fixed mmap
-    threshold), so the resident set follows live memory and one run's peak does not hide the next one's."""
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-
-
 def resident_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def reset_peak_resident() -> None:
+    """Set this process's peak resident set (the kernel's VmHWM) back to its current size (Linux)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_resident_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
 class PeakMemory:
-    """Peak memory above the level at entry: CUDA allocated bytes, or the CPU resident set (sampled)."""
+    """Peak memory above the level at entry: CUDA allocated bytes, or the CPU resident set's high-water mark
+    (the heap's free memory is handed back to the system at entry, so an earlier run's freed blocks do not
+    hide this run's peak; malloc keeps its usual settings, so timings are those a user gets)."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -133,26 +137,16 @@ class PeakMemory:
         libc = _libc()
         if libc is not None:
             libc.malloc_trim(0)
+        reset_peak_resident()
         self.base = resident_bytes()
-        self.peak = self.base
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
         return self
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, resident_bytes())
-            time.sleep(0.001)
 
     def __exit__(self, *exc):
         if self.device.type == "cuda":
             sync(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            self._stop.set()
-            self._thread.join()
-            self.peak = max(self.peak, resident_bytes())
+            self.peak = peak_resident_bytes()
 
     @property
     def megabytes(self) -> float:
@@ -374,7 +368,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    fixed_malloc_threshold()
 
     ours, reference = build_models(CONFIGS[args.config], dtype, device)
     models = {"transformers": reference, "ours": ours}

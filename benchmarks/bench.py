@@ -45,6 +45,7 @@ from bench_generation import (  # noqa: E402
     decode_weight_bytes,
     photo_like,
     read_bandwidth_gbs,
+    sync,
 )
 
 # The hub idefics2-8b shapes (vision SigLIP-so400m, perceiver 64 latents, Mistral-7B decoder).
@@ -87,11 +88,6 @@ CONFIGS = {"mid": MID_CONFIG, "8b": CONFIG_8B}
 
 def text_prompts(n: int) -> list[str]:
     return [f"Question {i}: name {i % 7 + 2} colours that go well with a grey sofa." for i in range(n)]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---- memory --------------------------------------------------------------------------------------------

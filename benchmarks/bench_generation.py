@@ -70,20 +70,23 @@ def photo_like(height: int = 480, width: int = 640, seed: int = 0) -> Image.Imag
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def read_bandwidth_gbs(device: torch.device | str = "cpu", n_bytes: int = 1 << 30, repeats: int = 9) -> float:
-    """Memory read bandwidth: sum a float32 tensor much larger than the caches; the median of a few runs. Not
-    the fastest run: on this project's 2-core VM sums of 1 GB take 42-48 GB/s, but one run in a benchmark
-    once came out at 80 GB/s, which would make every fraction of it look half as good."""
+    """Memory read bandwidth: sum a float32 tensor much larger than the caches; the median of a few runs. It
+    drifts on a shared host (this project's 2-core VM sums 1 GB at ~45 GB/s for a while, then at ~75-80 GB/s
+    for a while), so measure it next to what it is compared with."""
     device = torch.device(device)
     x = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
     seconds = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         x.sum()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         seconds.append(time.perf_counter() - start)
     return n_bytes / statistics.median(seconds) / 1e9
 

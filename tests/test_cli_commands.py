@@ -239,7 +239,7 @@ def test_batch_answers_in_order_and_reports_bad_lines(model_dir, images, oracle,
 
 
 def test_batch_isolates_a_request_that_fails_in_generation(model_dir, tmp_path, capsys, monkeypatch):
-    import idefics2.cli as cli_module
+    import idefics2.cli.batch as cli_module
 
     answer_batch = cli_module._answer_batch
 

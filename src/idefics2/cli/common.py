@@ -1,0 +1,215 @@
+"""What every command shares: the user-error type, argument types, model and sampling options, loading the
+pipeline, opening images and building the user's turn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+
+class UserError(Exception):
+    """A mistake in the command's arguments or inputs: reported as one line, exit code 2."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse, with its errors on one line (no usage block) and exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def number_in(low: float, high: float, *, low_open: bool = False, cast=float):
+    """An argparse type: a number (`cast`: float or int) in [low, high] ((low, high] with low_open)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = cast(text)
+        except ValueError:
+            what = "an integer" if cast is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}")
+        return value
+
+    return parse
+
+
+# ------------------------------------------------------------------------------------- model commands
+DEFAULT_MAX_NEW_TOKENS = 256  # when neither --max-new-tokens nor the checkpoint's generation_config sets one
+IMAGE_MARKER = "<image>"
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        metavar="DIR_OR_REPO",
+        help="checkpoint folder or hub repo id (default: the built-in shapes-world model)",
+    )
+    p.add_argument(
+        "--adapter", metavar="DIR", help="LoRA adapter (PEFT format, e.g. from `idefics2 train`) to apply"
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is available")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: bfloat16 on GPUs that support it, else float32; "
+        "auto: the checkpoint's)",
+    )
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        metavar="N",
+        help=f"most tokens per answer (default: the checkpoint's, else {DEFAULT_MAX_NEW_TOKENS})",
+    )
+    p.add_argument(
+        "--temperature",
+        type=number_in(0.0, 100.0),
+        metavar="T",
+        help="sample at this temperature; 0 = greedy (default: the checkpoint's setting, usually greedy)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=number_in(0.0, 1.0, low_open=True),
+        metavar="P",
+        help="nucleus sampling: keep the likeliest tokens up to this total probability (implies sampling)",
+    )
+    p.add_argument(
+        "--seed", type=non_negative_int, metavar="S", help="random seed for sampling (reproducible answers)"
+    )
+
+
+def model_folder(name: str | None) -> Path:
+    from idefics2.hub import resolve_checkpoint
+
+    if name is None:
+        try:
+            from idefics2.assets import builtin_model_dir
+        except ImportError:
+            raise UserError("this install has no built-in model: name a checkpoint with --model") from None
+        return builtin_model_dir()
+    folder = resolve_checkpoint(name)
+    if not (folder / "config.json").is_file():
+        raise UserError(f"{name} is not a checkpoint: it has no config.json")
+    return folder
+
+
+def adapter_folder(name: str) -> Path:
+    from idefics2.hub import CheckpointNotFoundError, resolve_checkpoint
+
+    try:
+        folder = resolve_checkpoint(name)
+    except CheckpointNotFoundError as error:
+        raise UserError(f"--adapter: {error}") from None
+    if not (folder / "adapter_config.json").is_file():
+        raise UserError(f"--adapter: {name} is not a LoRA adapter: it has no adapter_config.json")
+    return folder
+
+
+def load_pipeline(args: argparse.Namespace):
+    """The ChatPipeline for --model (or the built-in model), --adapter, --device and --dtype."""
+    import torch
+
+    from idefics2.pipelines import pipeline
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.dtype is None:
+        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    folder = model_folder(args.model)
+    adapter = adapter_folder(args.adapter) if args.adapter else None
+    return pipeline(folder, dtype=dtype, device=device, adapter=adapter)
+
+
+def check_sampling_flags(args: argparse.Namespace) -> None:
+    """The mistakes visible before the model loads."""
+    if args.temperature == 0 and args.top_p is not None:
+        raise UserError("--top-p needs sampling, but --temperature 0 asks for greedy decoding")
+    if args.temperature == 0 and args.seed is not None:
+        raise UserError("--seed needs sampling, but --temperature 0 asks for greedy decoding")
+
+
+def generation_controls(args: argparse.Namespace, model) -> dict[str, Any]:
+    """Generation controls from the flags; unset ones follow the checkpoint's generation_config."""
+    controls: dict[str, Any] = {}
+    if args.max_new_tokens is not None:
+        controls["max_new_tokens"] = args.max_new_tokens
+    elif not model.generation_config.get("max_new_tokens"):
+        controls["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
+    if args.temperature == 0:
+        controls["do_sample"] = False
+    elif args.temperature is not None or args.top_p is not None:
+        controls["do_sample"] = True
+        if args.temperature is not None:
+            controls["temperature"] = args.temperature
+        if args.top_p is not None:
+            controls["top_p"] = args.top_p
+    if args.seed is not None:
+        if not controls.get("do_sample", bool(model.generation_config.get("do_sample"))):
+            raise UserError("--seed needs sampling: add --temperature (above 0) or --top-p")
+        controls["seed"] = args.seed
+    return controls
+
+
+def open_image(path: str | os.PathLike):
+    """The image file as an RGB PIL image; UserError naming the file when it is missing or unreadable."""
+    from idefics2.processing.images import load_rgb
+
+    if Path(path).is_dir():
+        raise UserError(f"{path} is a folder, not an image file")
+    if not Path(path).is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        return load_rgb(path)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def user_message(prompt: str, num_images: int) -> dict[str, Any]:
+    """One user turn: the images first, then the prompt; or the images where the prompt's <image> markers
+    are (one marker per image)."""
+    pieces = prompt.split(IMAGE_MARKER)
+    if len(pieces) == 1:
+        return {
+            "role": "user",
+            "content": [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}],
+        }
+    if len(pieces) - 1 != num_images:
+        raise UserError(
+            f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} marker(s) but {num_images} image(s)"
+        )
+    content: list[dict[str, Any]] = []
+    for i, piece in enumerate(pieces):
+        if i:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return {"role": "user", "content": content}

@@ -1,0 +1,194 @@
+"""`idefics2 train`: fine-tune on a JSONL file of chat examples (LoRA adapter or full weights)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from idefics2.cli.common import UserError, positive_int
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a model on chat examples (LoRA adapter or full weights)",
+        description="Fine-tune Idefics2 on a JSONL file of chat examples. Each line: "
+        '{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, '
+        '{"role": "assistant", "content": "..."}], "images": ["path.jpg"]}. Only assistant turns are '
+        "learned. Runs data-parallel under `torchrun --nproc_per_node N`.",
+    )
+    p.add_argument("--model", required=True, help="checkpoint folder or hub repo id")
+    p.add_argument("--data", required=True, help="training examples (JSONL)")
+    p.add_argument("--eval-data", help="evaluation examples (JSONL); the loss is reported every --eval-steps")
+    p.add_argument("--output", required=True, help="folder for the adapter (or full model) and checkpoints")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank (default: 8)")
+    mode.add_argument(
+        "--full", action="store_true", help="train all (unfrozen) weights instead of a LoRA adapter"
+    )
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: 2 x rank)")
+    p.add_argument(
+        "--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input (default: 0.05)"
+    )
+    p.add_argument(
+        "--lora-targets",
+        default=None,
+        help="regex matched against full module names (default: every projection of the decoder "
+        "and the connector)",
+    )
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps (default: --epochs over the data)")
+    p.add_argument(
+        "--epochs", type=positive_int, default=1, help="passes over the data when --max-steps is unset"
+    )
+    p.add_argument("--batch-size", type=positive_int, default=1, help="examples per micro-batch per process")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate (default: 1e-4 LoRA, 1e-5 full)"
+    )
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--scheduler", choices=["linear", "cosine", "constant"], default="linear")
+    p.add_argument("--warmup-steps", type=int, default=0)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping; 0 turns it off")
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        help="cut longer examples to this many tokens (never through an image: such examples are "
+        "dropped with a warning)",
+    )
+    p.add_argument(
+        "--precision",
+        choices=["auto", "bf16", "no"],
+        default="auto",
+        help="bf16 autocast: auto = on GPUs that support it",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16", "auto"],
+        default="float32",
+        help="dtype of the loaded weights (default: float32)",
+    )
+    p.add_argument(
+        "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model across processes (FSDP) instead of DDP",
+    )
+    p.add_argument("--freeze-vision", action="store_true", help="do not train the vision tower")
+    p.add_argument("--freeze-connector", action="store_true", help="do not train the connector (perceiver)")
+    p.add_argument("--freeze-decoder", action="store_true", help="do not train the text decoder and lm_head")
+    p.add_argument("--eval-steps", type=positive_int, help="evaluate every N steps (default: at the end)")
+    p.add_argument(
+        "--save-steps",
+        type=positive_int,
+        help="write a resumable checkpoint (output/checkpoint-N) every N steps and at the end; "
+        "without it only the final weights are saved",
+    )
+    p.add_argument("--logging-steps", type=positive_int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import warnings
+
+    import torch
+
+    from idefics2.training import (
+        ChatCollator,
+        ChatDataset,
+        LoraConfig,
+        TrainingArguments,
+        add_lora,
+        freeze,
+        mark_only_lora_trainable,
+        read_jsonl,
+        train,
+    )
+    from idefics2.training.checkpoint import latest_checkpoint
+    from idefics2.training.lora import DEFAULT_TARGET_MODULES
+    from idefics2.training.trainer import distributed_context
+
+    if args.full and args.lora_alpha is not None:
+        raise UserError("--lora-alpha has no effect with --full")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.lr is not None and args.lr <= 0:
+        raise UserError(f"--lr must be positive, got {args.lr}")
+
+    if args.resume and latest_checkpoint(Path(args.output)) is None:
+        raise UserError(f"--resume: no checkpoint to resume from in {args.output}")
+    train_examples = read_jsonl(args.data)  # a bad line stops everything here, before any model loads
+    eval_examples = read_jsonl(args.eval_data) if args.eval_data else None
+
+    from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
+
+    processor = Idefics2Processor.from_pretrained(args.model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        collator = ChatCollator(processor, max_length=args.max_length)
+        train_data = ChatDataset(train_examples, collator)
+        eval_data = ChatDataset(eval_examples, collator) if eval_examples else None
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
+
+    training_args = TrainingArguments(
+        output_dir=args.output,
+        max_steps=args.max_steps,
+        num_epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr or (1e-5 if args.full else 1e-4),
+        weight_decay=args.weight_decay,
+        scheduler=args.scheduler,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else None,
+        mixed_precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        fsdp=args.fsdp,
+        seed=args.seed,
+        eval_steps=args.eval_steps,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        progress=not args.no_progress,
+    )
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    model = Idefics2ForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
+    lora_config = None
+    if not args.full:
+        lora_config = LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank,
+            lora_dropout=args.lora_dropout,
+            target_modules=args.lora_targets or DEFAULT_TARGET_MODULES,
+            base_model_name_or_path=str(args.model),
+        )
+        add_lora(model, lora_config)
+        mark_only_lora_trainable(model)
+    freeze(model, vision=args.freeze_vision, connector=args.freeze_connector, decoder=args.freeze_decoder)
+
+    result = train(
+        model,
+        train_data,
+        collator,
+        training_args,
+        eval_data=eval_data,
+        lora_config=lora_config,
+        resume_from=args.resume or None,
+    )
+    if distributed_context()[0] == 0:
+        if args.full:
+            processor.save_pretrained(args.output)
+        last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
+        what = "model" if args.full else "LoRA adapter"
+        print(f"saved the {what} to {args.output} after {result.step} steps{last}", file=sys.stderr)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    return 0

@@ -83,6 +83,9 @@ def user(*parts) -> dict:
 
 def cli(*args: str, stdin: str | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    if args and args[0] in ("generate", "chat", "batch") and "--dtype" not in args and "--help" not in args:
+        # the oracle runs in float32; --dtype auto would pick bfloat16 on CPUs with bfloat16 instructions
+        args = (*args, "--dtype", "float32")
     command = [sys.executable, "-m", "idefics2.cli", *map(str, args)]
     return subprocess.run(command, input=stdin, capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 

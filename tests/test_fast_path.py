@@ -10,6 +10,7 @@ from PIL import Image
 
 from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
 from idefics2.modeling import attention as attention_module
+from idefics2.modeling import kernels
 from idefics2.modeling.attention import attention, grouped_matmul_attention, per_head_attention
 from idefics2.modeling.cuda_graphs import DecodeCachePool, GraphedDecodeStep
 from idefics2.modeling.vision import PackedLayout
@@ -137,7 +138,7 @@ def test_cpu_bfloat16_full_attention_takes_the_per_head_path_and_stays_close():
     q, k, v = (torch.randn(2, 4, 30, 16) for _ in range(3))
     exact = F.scaled_dot_product_attention(q, k, v, scale=0.25).transpose(1, 2).reshape(2, 30, 64)
     low = [t.bfloat16() for t in (q, k, v)]
-    with torch.no_grad():
+    with torch.no_grad(), kernels.force(native_bfloat16=True):
         fast = attention(*low, None, scale=0.25)
         assert torch.equal(fast, per_head_attention(*low, scale=0.25).transpose(1, 2).reshape(2, 30, 64))
     assert fast.dtype == torch.bfloat16
@@ -154,7 +155,7 @@ def test_cpu_bfloat16_decode_attention_takes_the_grouped_path_and_stays_close():
     mask = torch.rand(2, 1, 1, 40) > 0.2
     exact = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
     low = [t.bfloat16() for t in (q, k, v)]
-    with torch.no_grad():
+    with torch.no_grad(), kernels.force(native_bfloat16=True):
         fast = attention(*low, mask, scale=0.25)
         grouped = grouped_matmul_attention(*low, mask, scale=0.25)
     assert torch.equal(fast, grouped.transpose(1, 2).reshape(2, 1, 128))

@@ -74,9 +74,10 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when a GPU is available")
     p.add_argument(
         "--dtype",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights dtype (default: bfloat16 on GPUs that support it, else float32; "
-        "auto: the checkpoint's)",
+        choices=["auto", "float32", "bfloat16", "float16", "checkpoint"],
+        default="auto",
+        help="weights dtype (default auto: the fastest here, bfloat16 on GPUs and CPUs with bfloat16 "
+        "instructions, else float32; checkpoint: the checkpoint's own)",
     )
 
 
@@ -140,10 +141,7 @@ def load_pipeline(args: argparse.Namespace):
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA GPU is available")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dtype is None:
-        dtype = torch.bfloat16 if device == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    else:
-        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = weights_dtype(args.dtype, device)
     folder = model_folder(args.model)
     adapter = adapter_folder(args.adapter) if args.adapter else None
     return pipeline(folder, dtype=dtype, device=device, adapter=adapter)
@@ -213,3 +211,15 @@ def user_message(prompt: str, num_images: int) -> dict[str, Any]:
         if piece:
             content.append({"type": "text", "text": piece})
     return {"role": "user", "content": content}
+
+
+def weights_dtype(choice: str, device: str):
+    """The --dtype choice as what from_pretrained takes: "auto" is the fastest dtype on the device,
+    "checkpoint" the checkpoint's own."""
+    import torch
+
+    from idefics2.modeling.kernels import fastest_dtype
+
+    if choice == "auto":
+        return fastest_dtype(device)
+    return "auto" if choice == "checkpoint" else getattr(torch, choice)

@@ -65,9 +65,9 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16", "float16", "auto"],
+        choices=["float32", "bfloat16", "float16", "checkpoint"],
         default="float32",
-        help="dtype of the loaded weights (default: float32)",
+        help="dtype of the loaded weights (default: float32; checkpoint: the checkpoint's own)",
     )
     p.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
         logging_steps=args.logging_steps,
         progress=not args.no_progress,
     )
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = "auto" if args.dtype == "checkpoint" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     model = Idefics2ForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
     lora_config = None

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idefics2.modeling import kernels
+
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
@@ -16,9 +18,10 @@ def check_attn_implementation(name: str) -> str:
 
 
 # Up to this many queries (decode steps) without autograd attend with two grouped matmuls, on CUDA and for
-# 16-bit floats on CPU. On CUDA: no fallback to sdpa's math kernel (boolean mask + grouped kv heads) and
-# nothing that stops graph capture. On CPU in bfloat16: 3-6x faster than sdpa's kernel for one query (0.11
-# instead of 0.28 ms over 400 cached positions, 0.40 instead of 2.1 ms over 3,000, 2 threads). In float32 on
+# 16-bit floats on CPUs with bfloat16 instructions. On CUDA: no fallback to sdpa's math kernel (boolean mask +
+# grouped kv heads) and nothing that stops graph capture. On CPU in bfloat16 (AMD Zen5): 3-6x faster than
+# sdpa's kernel for one query (0.11 instead of 0.28 ms over 400 cached positions, 0.40 instead of 2.1 ms
+# over 3,000, 2 threads); without bfloat16 instructions (AVX2 only) both take the same time. In float32 on
 # CPU whole decode steps take the same time either way (400 and 2,000 positions), so float32 keeps sdpa.
 SMALL_QUERY = 8
 _CPU_GROUPED_DECODE_DTYPES = (torch.bfloat16, torch.float16)
@@ -43,7 +46,7 @@ def attention(
     """
     causal = causal and mask is None
     small = (
-        (q.is_cuda or q.dtype in _CPU_GROUPED_DECODE_DTYPES)
+        (q.is_cuda or (q.dtype in _CPU_GROUPED_DECODE_DTYPES and kernels.native_bfloat16()))
         and q.shape[2] <= SMALL_QUERY
         and not torch.is_grad_enabled()
     )
@@ -107,7 +110,14 @@ PER_HEAD_QUERY_BLOCK = 1024
 
 
 def _cpu_bfloat16_inference(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+    """bfloat16 inference on a CPU that multiplies bfloat16 in hardware: there, per_head_attention is about
+    twice as fast as sdpa; without those instructions (AVX2 only) it is ~30x slower, so sdpa is kept."""
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.bfloat16
+        and not torch.is_grad_enabled()
+        and kernels.native_bfloat16()
+    )
 
 
 def per_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
@@ -167,16 +177,6 @@ def causal_mask(
     return allowed | (key_slot[None, :] == query_slot)[None, None]
 
 
-def _onednn_linear_available() -> bool:
-    try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
-        return False
-
-
-_ONEDNN_LINEAR = _onednn_linear_available()
-
-
 # Activations oneDNN can apply inside its linear kernel: config name -> (post-op, algorithm).
 _FUSABLE = {
     "silu": ("swish", ""),
@@ -192,22 +192,24 @@ def linear(
 ) -> torch.Tensor:
     """act(x @ weight.T + bias) (no activation when act is None).
 
-    On CPU in float32 / bfloat16 under no_grad / inference_mode this runs oneDNN's linear kernel, with the
-    activation fused in when it can: 2-2.5x faster than the default float32 GEMM here for prefill, and for
-    decode steps it reads the weights at up to 1.7x the default GEMV's bandwidth (the default one stays near
-    21 GB/s whatever the thread count). Training keeps the default kernels.
+    On CPU under no_grad / inference_mode this runs oneDNN's linear kernel where the CPU supports it for the
+    dtype (see idefics2.modeling.kernels), with the activation fused in when it can: 2-2.5x faster than the
+    default float32 GEMM here for prefill, and for decode steps it reads the weights at up to 1.7x the default
+    GEMV's bandwidth (the default one stays near 21 GB/s whatever the thread count). Elsewhere, and for
+    training, torch's default kernels.
     """
     if (
-        _ONEDNN_LINEAR
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        x.device.type == "cpu"
         and weight.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)
-        and (act is None or act in _FUSABLE)
         and not torch.is_grad_enabled()
+        and kernels.onednn_linear(x.dtype)
     ):
-        post_op, algorithm = _FUSABLE[act] if act is not None else ("none", "")
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post_op, [], algorithm)
+        post_op, algorithm = _FUSABLE.get(act, ("none", ""))
+        if post_op != "none" and not kernels.onednn_linear(x.dtype, post_op, algorithm):
+            post_op, algorithm = "none", ""
+        out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post_op, [], algorithm)
+        return out if act is None or post_op != "none" else activation(act)(out)
     out = F.linear(x, weight, bias)
     return out if act is None else activation(act)(out)
 

@@ -10,7 +10,7 @@ import torch
 
 from idefics2.generation import stream_generate
 from idefics2.processing.chat import normalize_messages
-from idefics2.streaming import StopStringFilter, TextDeltaDecoder, trim_at_stop
+from idefics2.streaming import ReplyStream, trim_at_stop
 
 Messages = str | list[dict[str, Any]]
 
@@ -79,36 +79,23 @@ class ChatPipeline:
         _check_controls(controls)
         eos = set(_end_ids(self.model, self.processor, controls))
         steps = stream_generate(self.model, **inputs, tokenizer=self.processor, **controls)
-        decoder = TextDeltaDecoder(self.processor.tokenizer, skip_special_tokens=True)
-        holdback = StopStringFilter(_stop_strings(controls))
-        started = False
+        reply = ReplyStream(self.processor.tokenizer, _stop_strings(controls))
         for tokens in steps:
             token = int(tokens[0])
             if token in eos:
                 break
-            text = holdback.push(decoder.push(token))
-            if not started:
-                text = text.lstrip()
-                started = bool(text)
+            text = reply.push(token)
             if text:
                 yield text
-            if holdback.stopped:
+            if reply.stopped:
                 break
-        tail = holdback.push(decoder.flush()) + holdback.flush()
-        if not started:
-            tail = tail.lstrip()
+        tail = reply.finish()
         if tail:
             yield tail
 
     def prepare(self, messages: Messages, images: Any = None) -> dict[str, torch.Tensor]:
         """input_ids, attention_mask (and pixel_values, pixel_attention_mask) for one conversation."""
-        messages, images = _conversation(messages, images)
-        if self.processor.chat_template:
-            prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        elif len(messages) == 1:  # a base checkpoint without a chat template: the raw text
-            prompt = "".join(p["text"] if p["type"] == "text" else "<image>" for p in messages[0]["content"])
-        else:
-            raise ValueError("this checkpoint has no chat template: pass a single prompt, not a conversation")
+        prompt, images = chat_prompt(self.processor, messages, images)
         batch = self.processor(text=prompt, images=[images] if images else None, return_tensors="pt")
         device = self.model.lm_head.weight.device
         dtype = self.model.lm_head.weight.dtype
@@ -117,6 +104,19 @@ class ChatPipeline:
             inputs["pixel_values"] = batch["pixel_values"].to(device=device, dtype=dtype)
             inputs["pixel_attention_mask"] = batch["pixel_attention_mask"].to(device)
         return inputs
+
+
+def chat_prompt(processor: Any, messages: Messages, images: Any = None) -> tuple[str, list[Any]]:
+    """The prompt text for a conversation (its chat template with the generation prompt; the raw text of a
+    single message when the checkpoint has no template) and its images in order."""
+    messages, images = _conversation(messages, images)
+    if processor.chat_template:
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    elif len(messages) == 1:  # a base checkpoint without a chat template: the raw text
+        prompt = "".join(p["text"] if p["type"] == "text" else "<image>" for p in messages[0]["content"])
+    else:
+        raise ValueError("this checkpoint has no chat template: pass a single prompt, not a conversation")
+    return prompt, images
 
 
 def _check_controls(controls: dict[str, Any]) -> None:

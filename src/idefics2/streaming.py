@@ -95,3 +95,33 @@ def _longest_partial_stop(text: str, stop_strings: list[str]) -> int:
                 best = n
                 break
     return best
+
+
+class ReplyStream:
+    """An assistant reply as text deltas, token by token: detokenized incrementally (special tokens dropped),
+    leading whitespace removed, cut before the first stop string (held back while it may be forming).
+
+    `push(token)` returns the text that token adds (often ""); `stopped` turns True once a stop string has
+    been seen; `finish()` returns the rest. The deltas concatenate to the reply.
+    """
+
+    def __init__(self, tokenizer: Any, stop_strings: Iterable[str] | None = None):
+        self.decoder = TextDeltaDecoder(tokenizer, skip_special_tokens=True)
+        self.holdback = StopStringFilter(stop_strings or [])
+        self.started = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.holdback.stopped
+
+    def push(self, token: int) -> str:
+        return self._strip_start(self.holdback.push(self.decoder.push(token)))
+
+    def finish(self) -> str:
+        return self._strip_start(self.holdback.push(self.decoder.flush()) + self.holdback.flush())
+
+    def _strip_start(self, text: str) -> str:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        return text

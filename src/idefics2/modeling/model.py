@@ -159,30 +159,37 @@ class Idefics2Model(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and image_hidden_states is not None:
             raise ValueError("pass pixel_values or image_hidden_states, not both")
-        embed = self.text_model.embed_tokens
-        if inputs_embeds is None:
-            if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
-            if input_ids.numel() and (
-                int(input_ids.min()) < 0 or int(input_ids.max()) >= embed.num_embeddings
-            ):
-                raise ValueError(
-                    f"input_ids must lie in [0, {embed.num_embeddings}), got values in "
-                    f"[{int(input_ids.min())}, {int(input_ids.max())}]"
-                )
-            inputs_embeds = embed(input_ids)
-        b, t, _ = inputs_embeds.shape
-
         if pixel_values is not None:
             image_hidden_states = self.get_image_features(pixel_values, pixel_attention_mask)
-        if image_hidden_states is not None:
-            inputs_embeds = self._merge_images(input_ids, inputs_embeds, image_hidden_states)
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_inputs(input_ids, image_hidden_states)
+        elif image_hidden_states is not None:
+            inputs_embeds = self._merge_images(None, inputs_embeds, image_hidden_states)
+        b, t, _ = inputs_embeds.shape
 
         mask, position_ids, cache_position = self._decoder_inputs(
             attention_mask, position_ids, kv_cache, cache_position, b, t, inputs_embeds.device
         )
         hidden = self.text_model(inputs_embeds, position_ids, mask, kv_cache, cache_position)
         return Idefics2ModelOutput(hidden, image_hidden_states)
+
+    def embed_inputs(
+        self, input_ids: torch.Tensor, image_hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, hidden) of input_ids (B, T), with the image latents (n_images, n_latents,
+        hidden), in order, at the `<image>` positions."""
+        embed = self.text_model.embed_tokens
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= embed.num_embeddings):
+            raise ValueError(
+                f"input_ids must lie in [0, {embed.num_embeddings}), got values in "
+                f"[{int(input_ids.min())}, {int(input_ids.max())}]"
+            )
+        inputs_embeds = embed(input_ids)
+        if image_hidden_states is None:
+            return inputs_embeds
+        return self._merge_images(input_ids, inputs_embeds, image_hidden_states)
 
     def _merge_images(
         self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, image_hidden_states: torch.Tensor

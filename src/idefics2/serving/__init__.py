@@ -1,0 +1,29 @@
+"""Serving: the continuous-batching engine (engine.py) that `idefics2 batch` and the HTTP server run on.
+
+Modules, in the order data flows: request.py (what callers hold: handles, events, errors), sequence.py (one
+request inside the engine), scheduler.py (admission, prefill budget, decode batch), kv_rows.py (the cache
+rows), image_cache.py (image features by content), runner.py (the model calls), engine.py (the loop).
+"""
+
+from idefics2.serving.engine import Engine, EngineOptions
+from idefics2.serving.request import (
+    Completion,
+    EngineClosedError,
+    EngineOverloadedError,
+    RequestFailedError,
+    RequestHandle,
+    RequestTooLargeError,
+    StreamEvent,
+)
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "EngineClosedError",
+    "EngineOptions",
+    "EngineOverloadedError",
+    "RequestFailedError",
+    "RequestHandle",
+    "RequestTooLargeError",
+    "StreamEvent",
+]

@@ -1,0 +1,335 @@
+"""The continuous-batching engine: one loaded model, one KV-cache budget, one scheduling loop on its own
+thread; requests join and leave the shared decode batch at every step.
+
+    engine = Engine(model, processor, max_batch=16)
+    handle = engine.submit("What color is the circle?", images=[image], max_new_tokens=32)
+    for event in handle:                      # or `async for event in handle`, or handle.result()
+        print(event.text, end="")
+    engine.close()
+
+`submit` runs in the caller's thread: it renders the chat template, tokenizes, loads and hashes the images
+(processing only those whose features are not cached), checks the controls and the lengths, and queues the
+request; any mistake raises there (ValueError / TypeError), before the request reaches the loop. The loop
+(see scheduler.py for the policy) computes image features, prefills prompt chunks into cache rows, runs one
+decode step over every running row, picks each row's token with its own controls and streams text deltas.
+An exception while serving one request fails that request alone: a decode step that fails as a whole is
+retried row by row, so only the rows that fail alone get an error.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from idefics2.generation import resolve_options
+from idefics2.pipelines import chat_prompt
+from idefics2.processing.images import load_rgb
+from idefics2.serving.image_cache import FeatureCache, image_key
+from idefics2.serving.request import (
+    Completion,
+    EngineClosedError,
+    RequestHandle,
+    RequestTooLargeError,
+    StreamEvent,
+)
+from idefics2.serving.runner import ModelRunner
+from idefics2.serving.scheduler import Scheduler
+from idefics2.serving.sequence import DECODE, ImageInput, Sequence
+
+log = logging.getLogger("idefics2.serving")
+
+# generate's controls that make no sense for one request of a shared batch
+_NOT_PER_REQUEST = ("tokenizer", "streamer", "generator", "pad_token_id")
+
+
+@dataclass
+class EngineOptions:
+    max_batch: int = 16  # rows decoded together (cache rows)
+    max_length: int | None = None  # cache slots per row, prompt + new tokens (default: the model's context)
+    max_queue: int = 256  # requests waiting for a row; more are refused (EngineOverloadedError)
+    prefill_chunk: int = 512  # prompt tokens prefilled per iteration (chunked prefill budget)
+    image_cache_mb: float = 256.0  # image features kept by content hash (0 turns the cache off)
+
+    def check(self) -> None:
+        for name in ("max_batch", "max_queue", "prefill_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.max_length is not None and (not isinstance(self.max_length, int) or self.max_length < 2):
+            raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
+        if not isinstance(self.image_cache_mb, (int, float)) or self.image_cache_mb < 0:
+            raise ValueError(f"image_cache_mb must be >= 0, got {self.image_cache_mb!r}")
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, processor: Any, **options: Any) -> None:
+        self.options = EngineOptions(**options)
+        self.options.check()
+        self.model, self.processor = model.eval(), processor
+        text = model.config.text_config
+        self.context_length = text.max_position_embeddings
+        self.max_length = min(self.options.max_length or self.context_length, self.context_length)
+        self.vocab_size = model.lm_head.weight.shape[0]
+        self.runner = ModelRunner(model, self.options.max_batch, self.max_length)
+        self.scheduler = Scheduler(self.options.max_batch, self.options.prefill_chunk, self.options.max_queue)
+        self.image_cache = FeatureCache(int(self.options.image_cache_mb * 2**20))
+        self._image_settings = json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str)
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._accepting = True
+        self._stopping = False
+        self._finished: list[Sequence] = []
+        self.steps = 0  # decode steps run
+        self._thread = threading.Thread(target=self._loop, name="idefics2-engine", daemon=True)
+        self._thread.start()
+
+    # ---- submitting --------------------------------------------------------------------------------------
+    def submit(self, messages: Any, images: Any = None, **controls: Any) -> RequestHandle:
+        """Queue one chat request (a prompt string or a conversation, as `ChatPipeline.chat` takes it).
+
+        Controls: max_new_tokens (or max_length), min_new_tokens, do_sample, temperature, top_k, top_p,
+        repetition_penalty, bad_words_ids, stop_strings, eos_token_id, seed; unset ones come from the
+        checkpoint's generation_config.json. Raises ValueError/TypeError for a bad request,
+        RequestTooLargeError when it can never fit, EngineOverloadedError when the queue is full and
+        EngineClosedError after `close`.
+        """
+        if not self._accepting:
+            raise EngineClosedError("the engine is closed and accepts no more requests")
+        given = sorted(set(controls) & set(_NOT_PER_REQUEST))
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be set per request of the engine")
+        prompt, images = chat_prompt(self.processor, messages, images)
+        n_markers = prompt.count(self.processor.image_token)
+        if n_markers != len(images):
+            raise ValueError(f"the prompt holds {n_markers} <image> marker(s) but {len(images)} image(s)")
+        prompt_ids = self.processor(text=prompt)["input_ids"][0]
+        options = resolve_options(self.model, len(prompt_ids), {**controls, "tokenizer": self.processor})
+        self._check_length(len(prompt_ids), options["max_new_tokens"])
+        image_inputs = [self._image_input(image, i) for i, image in enumerate(images)]
+        handle = RequestHandle(prompt_tokens=len(prompt_ids))
+        seq = Sequence(
+            handle, prompt_ids, image_inputs, options, self.processor.tokenizer, self.vocab_size,
+            self.runner.device,
+        )  # fmt: skip
+        with self._lock:
+            if not self._accepting:
+                raise EngineClosedError("the engine is closed and accepts no more requests")
+            self.scheduler.add(seq)
+            self._wake.notify()
+        return handle
+
+    def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
+        total = prompt_length + max_new_tokens
+        if total > self.max_length:
+            limit = (
+                f"the model's context of {self.context_length} positions"
+                if self.max_length == self.context_length
+                else f"the engine's {self.max_length} cache slots per request (max_length)"
+            )
+            raise RequestTooLargeError(
+                f"the request needs {total} positions ({prompt_length} prompt tokens + max_new_tokens "
+                f"{max_new_tokens}), more than {limit}"
+            )
+
+    def _image_input(self, image: Any, index: int) -> ImageInput:
+        try:
+            rgb = load_rgb(image, self.processor.image_processor.max_pixels)
+        except ValueError as error:
+            raise ValueError(f"image {index}: {error}") from error
+        key = image_key(rgb, self._image_settings)
+        features = self.image_cache.get(key)
+        if features is not None:
+            return ImageInput(key, features=features)
+        batch = self.processor.image_processor([[rgb]], return_tensors="pt")
+        return ImageInput(key, None, batch["pixel_values"], batch["pixel_attention_mask"])
+
+    # ---- state -----------------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "waiting": len(self.scheduler.waiting),
+                "running": len(self.scheduler.running),
+                "decode_steps": self.steps,
+                "image_cache_hits": self.image_cache.hits,
+                "image_cache_misses": self.image_cache.misses,
+                "image_cache_bytes": self.image_cache.bytes,
+                "kv_cache_bytes": self.runner.cache.nbytes,
+            }
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop accepting requests, let the ones in flight finish (for at most `timeout` seconds; then they
+        are cancelled) and stop the loop."""
+        with self._lock:
+            self._accepting = False
+            self._wake.notify()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            while self.scheduler.has_work():
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+                        seq.handle.cancel()
+                    break
+                self._wake.wait(timeout=left if left is None else min(left, 0.1))
+            self._stopping = True
+            self._wake.notify_all()
+        self._thread.join()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    while not self.scheduler.has_work() and not self._stopping:
+                        self._wake.wait()
+                    if self._stopping and not self.scheduler.has_work():
+                        return
+                    if self._stopping:  # cancelled by close(timeout): finish them now
+                        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+                            seq.handle.cancel()
+                try:
+                    self._iteration()
+                except Exception as error:  # a fault outside any one request: fail those in the batch
+                    log.exception("engine iteration failed")
+                    for seq in list(self.scheduler.running):
+                        self._fail(seq, error)
+                self._retire()
+
+    def _iteration(self) -> None:
+        scheduler = self.scheduler
+        with self._lock:
+            for seq in [s for s in (*scheduler.waiting, *scheduler.running) if s.handle.cancelled]:
+                self._end(seq, "cancelled")
+        self._retire()
+        with self._lock:
+            scheduler.admit()
+        for seq, start, end in scheduler.prefill_chunks():
+            if seq.handle.cancelled:
+                continue
+            try:
+                self._prefill(seq, start, end)
+            except Exception as error:
+                self._fail(seq, error)
+        if scheduler.decoding():
+            self._decode_step()
+
+    def _prefill(self, seq: Sequence, start: int, end: int) -> None:
+        if seq.embeds is None:
+            features = [self._features(image) for image in seq.images]
+            seq.embeds = self.runner.embed_prompt(seq.prompt_ids, torch.cat(features) if features else None)
+        last = end == seq.prompt_length
+        logits = self.runner.prefill(seq.row, seq.embeds[:, start:end], start, want_logits=last)
+        seq.filled = end
+        if last:
+            seq.embeds, seq.state = None, DECODE
+            self._accept(seq, seq.choose(logits))
+
+    def _features(self, image: ImageInput) -> torch.Tensor:
+        if image.features is None:  # an earlier request may have computed them since this one was queued
+            image.features = self.image_cache.get(image.key)
+        if image.features is None:
+            image.features = self.runner.image_features(image.pixel_values, image.pixel_attention_mask)
+            self.image_cache.put(image.key, image.features)
+        image.pixel_values = image.pixel_attention_mask = None
+        return image.features
+
+    def _decode_step(self) -> None:
+        rows = list(self.scheduler.running)
+        live = [seq for seq in rows if seq.state == DECODE and seq not in self._finished]
+        # placeholders for rows still in prefill: a slot their next chunk overwrites
+        tokens = [seq.generated[-1] if seq in live else 0 for seq in rows]
+        positions = [seq.position if seq in live else seq.filled for seq in rows]
+        try:
+            logits = self.runner.decode(tokens, positions)
+        except Exception as error:
+            log.warning("a decode step of %d rows failed (%s); retrying row by row", len(rows), error)
+            self._decode_rows_alone(rows, live, tokens, positions)
+            return
+        self.steps += 1
+        self._pick(live, logits, [seq.row for seq in live])
+
+    def _decode_rows_alone(self, rows, live, tokens, positions) -> None:
+        for i, seq in enumerate(rows):
+            if seq not in live:
+                continue
+            try:
+                logits = self.runner.decode([tokens[i]], [positions[i]], start=i)
+            except Exception as error:
+                self._fail(seq, error)
+                continue
+            self._pick([seq], logits, [0])
+
+    def _pick(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int]) -> None:
+        """Choose and record each request's token from its row of `logits` (B, V)."""
+        plain = [i for i, seq in enumerate(seqs) if seq.greedy_plain]
+        greedy = logits[[rows[i] for i in plain]].argmax(dim=-1).tolist() if plain else []
+        chosen = dict(zip(plain, greedy))
+        for i, seq in enumerate(seqs):
+            try:
+                token = chosen[i] if i in chosen else seq.choose(logits[rows[i]])
+                self._accept(seq, token)
+            except Exception as error:
+                self._fail(seq, error)
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        text, reason = seq.accept(token)
+        seq.text_parts.append(text)
+        completion = None
+        if reason is not None:
+            completion = self._completion(seq, reason)
+            self._finished.append(seq)
+        event = StreamEvent(text, [token], reason, seq.prompt_length, len(seq.generated))
+        seq.handle.publish(event, completion)
+
+    def _completion(self, seq: Sequence, reason: str, error: str | None = None) -> Completion:
+        return Completion(
+            text="".join(seq.text_parts),
+            finish_reason=reason,
+            prompt_tokens=seq.prompt_length,
+            completion_tokens=len(seq.generated),
+            token_ids=list(seq.generated),
+            error=error,
+            submitted_at=seq.handle.submitted_at,
+            finished_at=time.monotonic(),
+        )
+
+    def _end(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        """Finish a request early (cancelled or failed): its last event, and out of the batch."""
+        if seq in self._finished:
+            return
+        completion = self._completion(seq, reason, error)
+        seq.handle.publish(StreamEvent("", [], reason, seq.prompt_length, len(seq.generated)), completion)
+        self._finished.append(seq)
+
+    def _fail(self, seq: Sequence, error: BaseException) -> None:
+        message = " ".join(str(error).split()) or type(error).__name__
+        log.warning("request %d failed: %s: %s", seq.handle.id, type(error).__name__, message)
+        self._end(seq, "error", f"{type(error).__name__}: {message}")
+
+    def _retire(self) -> None:
+        """Take finished requests out of the batch, moving the last row's cache into each freed row."""
+        if not self._finished:
+            return
+        with self._lock:
+            for seq in self._finished:
+                if seq.row < 0 and seq not in self.scheduler.waiting:
+                    continue
+                moved = self.scheduler.remove(seq)
+                if moved is not None:
+                    other, old_row = moved
+                    slots = other.position if other.state == DECODE else other.filled
+                    self.runner.move_row(old_row, other.row, slots)
+            self._finished.clear()
+            self._wake.notify_all()

@@ -1,0 +1,72 @@
+"""The engine's KV cache: `rows` x `length` slots per layer, one row per running request.
+
+Running requests always hold rows [0, n): when one leaves, the request in the last row moves into its row
+(only the slots it has filled are copied), so a decode step reads the cache as one contiguous view, never
+gathering rows. A request's tokens sit at slots 0, 1, 2, ... of its row, so a slot is also its position.
+
+Two views implement the `update` that the decoder's attention layers call (see modeling/text.py):
+- `PrefillView`: one row, a chunk of consecutive slots (cache_position (T,)), as a batch of one;
+- `DecodeView`: rows [start, stop), one new token each, at each row's own slot (cache_position (B,)).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from idefics2.modeling.text import KVCache
+
+
+class RowKVCache:
+    def __init__(self, model: torch.nn.Module, rows: int, length: int) -> None:
+        self.cache: KVCache = model.new_kv_cache(rows, length)
+        self.rows, self.length = rows, length
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.cache.keys, *self.cache.values))
+
+    def move_row(self, source: int, target: int, filled: int) -> None:
+        """Copy the first `filled` slots of row `source` into row `target`."""
+        for buffer in (*self.cache.keys, *self.cache.values):
+            buffer[target, :, :filled].copy_(buffer[source, :, :filled])
+
+    def prefill_view(self, row: int) -> PrefillView:
+        return PrefillView(self.cache, row)
+
+    def decode_view(self, start: int, stop: int) -> DecodeView:
+        return DecodeView(self.cache, start, stop)
+
+
+class PrefillView:
+    """Row `row` of the cache as a KVCache of batch 1."""
+
+    batch_size = 1
+
+    def __init__(self, cache: KVCache, row: int) -> None:
+        self.keys = [k[row : row + 1] for k in cache.keys]
+        self.values = [v[row : row + 1] for v in cache.values]
+        self.max_length = cache.max_length
+
+    def update(self, layer: int, cache_position: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
+        """k, v (1, Hkv, T, D) written at slots cache_position (T,); returns slots [0, length)."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, cache_position, k.to(keys.dtype))
+        values.index_copy_(2, cache_position, v.to(values.dtype))
+        return keys[:, :, :length], values[:, :, :length]
+
+
+class DecodeView:
+    """Rows [start, stop) of the cache, each writing its one new token at its own slot."""
+
+    def __init__(self, cache: KVCache, start: int, stop: int) -> None:
+        self.keys = [k[start:stop] for k in cache.keys]
+        self.values = [v[start:stop] for v in cache.values]
+        self.batch_size = stop - start
+        self.rows = torch.arange(stop - start, device=cache.keys[0].device)
+
+    def update(self, layer: int, cache_position: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
+        """k, v (B, Hkv, 1, D) written at slot cache_position[b] of row b; returns slots [0, length)."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys[self.rows, :, cache_position] = k[:, :, 0].to(keys.dtype)
+        values[self.rows, :, cache_position] = v[:, :, 0].to(values.dtype)
+        return keys[:, :, :length], values[:, :, :length]

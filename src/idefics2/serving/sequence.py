@@ -1,0 +1,114 @@
+"""One request inside the engine: its prompt, images, controls, cache row and progress, and how its next
+token is chosen from its logits (the controls of `generate`, applied in the same order, one row at a time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from idefics2.sampling import (
+    BadWords,
+    forbid_tokens,
+    mark_seen_,
+    pick_next_tokens,
+    repetition_penalty_,
+    top_k_filter,
+    top_p_filter,
+)
+from idefics2.serving.request import RequestHandle
+from idefics2.streaming import ReplyStream
+
+WAITING, PREFILL, DECODE = "waiting", "prefill", "decode"
+
+
+@dataclass
+class ImageInput:
+    key: str  # content hash (see image_cache.image_key)
+    features: torch.Tensor | None = None  # (n_crops, n_latents, hidden) once known
+    pixel_values: torch.Tensor | None = None  # (1, n_crops, C, H, W) when the features must be computed
+    pixel_attention_mask: torch.Tensor | None = None
+
+
+class Sequence:
+    def __init__(
+        self,
+        handle: RequestHandle,
+        prompt_ids: list[int],
+        images: list[ImageInput],
+        options: dict[str, Any],
+        tokenizer: Any,
+        vocab_size: int,
+        device: torch.device,
+    ) -> None:
+        self.handle = handle
+        self.prompt_ids = prompt_ids
+        self.images = images
+        self.options = options
+        self.eos = set(options["eos_token_id"])
+        self.state = WAITING
+        self.row = -1
+        self.embeds: torch.Tensor | None = None  # (1, P, hidden), made when the prefill starts
+        self.filled = 0  # prompt positions already in the cache
+        self.generated: list[int] = []
+        self.reply = ReplyStream(tokenizer, options["stop_strings"])
+        self.text_parts: list[str] = []
+        self.greedy_plain = not (
+            options["do_sample"]
+            or options["repetition_penalty"] != 1.0
+            or options["bad_words_ids"]
+            or options["min_new_tokens"]
+        )
+        self.bad_words = (
+            BadWords(options["bad_words_ids"], vocab_size, options["eos_token_id"], device)
+            if options["bad_words_ids"]
+            else None
+        )
+        self.seen: torch.Tensor | None = None
+        if options["repetition_penalty"] != 1.0:
+            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
+            mark_seen_(self.seen, torch.tensor([prompt_ids], device=device))
+
+    @property
+    def prompt_length(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def position(self) -> int:
+        """The cache slot of the next token fed to the model (its last generated token)."""
+        return self.prompt_length + len(self.generated) - 1
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this row's float32 logits (V,), as `generate` would choose it."""
+        opts = self.options
+        scores, device = logits[None], logits.device
+        if self.seen is not None:
+            scores = repetition_penalty_(scores, self.seen, opts["repetition_penalty"])
+        if self.bad_words is not None:
+            scores = self.bad_words(scores, torch.tensor([self.prompt_ids + self.generated], device=device))
+        if len(self.generated) < opts["min_new_tokens"] and self.eos:
+            scores = forbid_tokens(scores, torch.tensor(sorted(self.eos), device=device))
+        if opts["do_sample"]:
+            if opts["temperature"] != 1.0:
+                scores = scores / opts["temperature"]
+            if opts["top_k"]:
+                scores = top_k_filter(scores, opts["top_k"])
+            if opts["top_p"] < 1.0:
+                scores = top_p_filter(scores, opts["top_p"])
+        return int(pick_next_tokens(scores, opts["do_sample"], opts["generator"])[0])
+
+    def accept(self, token: int) -> tuple[str, str | None]:
+        """Record a new token: (the text it adds, the finish reason or None)."""
+        self.generated.append(token)
+        if self.seen is not None:
+            mark_seen_(self.seen, torch.tensor([[token]], device=self.seen.device))
+        if token in self.eos:
+            return self.reply.finish(), "stop"
+        text = self.reply.push(token)
+        if self.reply.stopped:
+            return text + self.reply.finish(), "stop"
+        if len(self.generated) >= self.options["max_new_tokens"]:
+            return text + self.reply.finish(), "length"
+        return text, None

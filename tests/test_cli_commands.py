@@ -212,7 +212,8 @@ def test_batch_answers_in_order_and_reports_bad_lines(model_dir, images, oracle,
     run = cli("batch", "--model", model_dir, "--input", source, "--output", target, "--batch-size", 3,
               "--max-new-tokens", MAX_NEW)  # fmt: skip
     assert run.returncode == 0, run.stderr
-    assert "12/12 lines" in run.stderr and "(7 error(s))" in run.stderr  # progress bar, summary
+    assert "12/12" in run.stderr and "line/s" in run.stderr and "tok/s" in run.stderr  # tqdm progress bar
+    assert "(7 error(s))" in run.stderr
     results = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r["id"] for r in results] == [1, "two", None, 4, 5, 6, 7, 8, None, 10, 11, 12]
 
@@ -225,7 +226,7 @@ def test_batch_answers_in_order_and_reports_bad_lines(model_dir, images, oracle,
     }
     for i, result in enumerate(results):
         if i in expected:
-            assert result == {"id": result["id"], "text": expected[i].strip()}, i
+            assert result == {"id": result["id"], "text": expected[i].strip(), "finish_reason": "length"}, i
         else:
             assert set(result) == {"id", "error"}, result
     problems = {
@@ -242,28 +243,78 @@ def test_batch_answers_in_order_and_reports_bad_lines(model_dir, images, oracle,
 
 
 def test_batch_isolates_a_request_that_fails_in_generation(model_dir, tmp_path, capsys, monkeypatch):
-    import idefics2.cli.batch as cli_module
+    from idefics2.serving.engine import Engine
 
-    answer_batch = cli_module._answer_batch
+    prefill = Engine._prefill
 
-    def failing_on_poison(pipe, messages, images, controls):
-        if any("POISON" in part.get("text", "") for m in messages for part in m["content"]):
-            raise ValueError("this prompt\ncannot be answered")
-        return answer_batch(pipe, messages, images, controls)
+    def failing_on_poison(self, seq, start, end):
+        if "POISON" in self.processor.decode(seq.prompt_ids):
+            raise RuntimeError("this prompt\ncannot be answered")
+        return prefill(self, seq, start, end)
 
-    monkeypatch.setattr(cli_module, "_answer_batch", failing_on_poison)
+    monkeypatch.setattr(Engine, "_prefill", failing_on_poison)
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     prompts = ["one", "POISON", "three", "four"]
     source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))
-    argv = ["batch", "--model", model_dir, "--input", source, "--output", target, "--batch-size", 4,
+    argv = ["batch", "--model", model_dir, "--input", source, "--output", target, "--max-batch", 4,
             "--max-new-tokens", 2, "--no-progress"]  # fmt: skip
     code, _, err = in_process(argv, capsys)
     assert code == 0, err
-    assert "lines" not in err and "(1 error(s))" in err  # no progress bar
+    assert "line/s" not in err and "(1 error(s))" in err  # no progress bar
     results = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r["id"] for r in results] == [0, 1, 2, 3]
-    assert results[1] == {"id": 1, "error": "line 2: this prompt cannot be answered"}
+    assert results[1] == {"id": 1, "error": "line 2: RuntimeError: this prompt cannot be answered"}
     assert all("text" in r for i, r in enumerate(results) if i != 1)
+
+
+def test_batch_lone_surrogate_and_bad_overrides_fail_their_line_only(model_dir, tmp_path, capsys):
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [
+        '{"id": 0, "prompt": "fine"}',
+        '{"id": 1, "prompt": "lone \\ud800 surrogate"}',
+        '{"id": 2, "prompt": "fine", "max_new_tokens": 0}',
+        '{"id": 3, "prompt": "fine", "temperature": "hot"}',
+        '{"id": 4, "prompt": "fine", "seed": 3}',
+        '{"id": 5, "prompt": "fine", "stop": []}',
+        '{"id": 6, "prompt": "fine", "max_new_tokens": 3, "temperature": 0.7, "seed": 1, "stop": "zzz"}',
+    ]
+    source.write_text("\n".join(lines) + "\n")
+    argv = ["batch", "--model", model_dir, "--input", source, "--output", target, "--max-new-tokens", 2,
+            "--no-progress", "--dtype", "float32"]  # fmt: skip
+    code, _, err = in_process(argv, capsys)
+    assert code == 0, err
+    results = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["id"] for r in results] == list(range(7))
+    assert "text" in results[0] and results[0]["finish_reason"] == "length"
+    assert results[1]["error"].startswith("line 2: ")
+    assert '"max_new_tokens": expected a positive integer' in results[2]["error"]
+    assert '"temperature" must be a number' in results[3]["error"]
+    assert "--seed needs sampling" in results[4]["error"]
+    assert '"stop" must be a non-empty string' in results[5]["error"]
+    assert "text" in results[6] and "error" not in results[6]
+
+
+def test_batch_keeps_what_is_answered_when_interrupted(model_dir, tmp_path, capsys, monkeypatch):
+    from idefics2.serving.engine import Engine
+
+    submit, handles = Engine.submit, []
+
+    def interrupted_third(self, *args, **kwargs):
+        if len(handles) == 2:
+            for handle in handles:
+                handle.result()
+            raise KeyboardInterrupt
+        handles.append(submit(self, *args, **kwargs))
+        return handles[-1]
+
+    monkeypatch.setattr(Engine, "submit", interrupted_third)
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}"}) + "\n" for i in range(5)))
+    argv = ["batch", "--model", model_dir, "--input", source, "--output", target, "--max-new-tokens", 2,
+            "--no-progress"]  # fmt: skip
+    code, _, err = in_process(argv, capsys)
+    assert code == 130 and "interrupted" in err
+    assert [json.loads(line)["id"] for line in target.read_text().splitlines()] == [0, 1]
 
 
 # -------------------------------------------------------------------------------------------------- eval

@@ -277,3 +277,43 @@ def test_close_with_a_deadline_cancels_what_is_left(model32, processor):
     next(iter(slow))
     engine.close(timeout=0.05)
     assert slow.result().finish_reason == "cancelled"
+
+
+def test_graph_step_with_placeholder_rows_and_a_length_bucket_matches_eager_decode(model64):
+    """What a CUDA graph captures (rows padded to the batch bucket with placeholders, attention over the
+    length bucket's slots) gives the eager step's logits for the real rows; checked eagerly on the CPU."""
+    from idefics2.serving.runner import DecodeGraphs, ModelRunner
+
+    runner = ModelRunner(model64, rows=4, length=600)
+    torch.manual_seed(0)
+    prompts = [torch.randint(3, 32000, (n,)).tolist() for n in (7, 12)]
+    for row, ids in enumerate(prompts):
+        runner.prefill(row, runner.embed_prompt(ids, None), 0, want_logits=False)
+    tokens, positions = [11, 17], [7, 12]
+    twin = [t.clone() for t in (*runner.cache.cache.keys, *runner.cache.cache.values)]
+    with torch.no_grad():
+        eager = runner.decode(tokens, positions)
+        for buffer, saved in zip((*runner.cache.cache.keys, *runner.cache.cache.values), twin):
+            buffer.copy_(saved)
+        graphs = DecodeGraphs(runner, rows=4, length=600)
+        batch, n_keys = graphs.bucket(3, 13)
+        assert (batch, n_keys) == (4, 512)
+        assert graphs.bucket(5, 513) == (4, 600)  # capped at the engine's rows and length
+        padded = torch.tensor([[11], [17], [0], [0]]), torch.tensor([7, 12, 0, 0])
+        bucketed = runner.decode_step(*padded, n_keys)
+    assert torch.allclose(bucketed[:2], eager, rtol=0, atol=1e-10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_cuda_graph_engine_tokens_equal_generate_alone(checkpoint, processor):
+    model = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, device="cuda").eval()
+    with Engine(model, processor, max_batch=4) as engine:
+        handles = [
+            engine.submit(prompt, images=[PICTURES[k] for k in images], **controls)
+            for prompt, images, controls in REQUESTS[:4]
+        ]
+        results = [h.result(timeout=120) for h in handles]
+        assert engine.runner.graphs is not None and engine.runner.graphs.graphs
+    for (prompt, images, controls), result in zip(REQUESTS, results):
+        expected, _ = solo_tokens(model, processor, prompt, [PICTURES[k] for k in images], controls)
+        assert result.token_ids == expected

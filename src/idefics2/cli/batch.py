@@ -1,25 +1,43 @@
-"""`idefics2 batch`: answer a JSONL file of prompts, one output line per input line, in input order."""
+"""`idefics2 batch`: answer a JSONL file of prompts on the continuous-batching engine, one output line per
+input line, in input order, written as it goes.
+
+Under torchrun (WORLD_SIZE > 1) each process answers every WORLD_SIZE-th line into a part file next to the
+output; the first process then merges the parts into the output, in input order.
+"""
 
 from __future__ import annotations
 
 import argparse
+import heapq
 import json
+import os
 import sys
+import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 from idefics2.cli.common import (
-    IMAGE_MARKER,
     UserError,
     add_model_options,
     add_sampling_options,
     check_sampling_flags,
     generation_controls,
     load_pipeline,
+    non_negative_int,
+    number_in,
     open_image,
     positive_int,
     user_message,
 )
+
+# a line's own generation settings: JSON key -> (flag attribute, parser of the flag's type)
+LINE_OVERRIDES = {
+    "max_new_tokens": ("max_new_tokens", positive_int),
+    "temperature": ("temperature", number_in(0.0, 100.0)),
+    "top_p": ("top_p", number_in(0.0, 1.0, low_open=True)),
+    "seed": ("seed", non_negative_int),
+}
 
 
 def add_parser(subparsers) -> None:
@@ -27,8 +45,11 @@ def add_parser(subparsers) -> None:
         "batch",
         help="answer a JSONL file of prompts",
         description='Answer every line of a JSONL file: {"id": ..., "images": ["a.png", ...], "prompt": '
-        '"..."} (image paths relative to the input file\'s folder). Writes {"id": ..., "text": "..."} '
-        'lines in input order; a bad line becomes {"id": ..., "error": "..."} and the run goes on.',
+        '"..."} (image paths relative to the input file\'s folder), optionally with its own '
+        '"max_new_tokens", "temperature", "top_p", "seed" and "stop" (a string or a list). Writes {"id": '
+        '..., "text": "...", "finish_reason": ...} lines in input order as they are answered; a bad line '
+        'becomes {"id": ..., "error": "..."} and the run goes on. Requests are decoded together on the '
+        "continuous-batching engine; under torchrun the lines are split between the processes.",
     )
     p.add_argument("--input", required=True, metavar="IN.jsonl", help="JSONL file of prompts")
     p.add_argument(
@@ -37,41 +58,22 @@ def add_parser(subparsers) -> None:
     add_model_options(p)
     add_sampling_options(p)
     p.add_argument(
+        "--max-batch",
         "--batch-size",
+        dest="max_batch",
         type=positive_int,
-        default=8,
+        default=16,
         metavar="N",
-        help="prompts per generation batch (default: 8)",
+        help="requests decoded together (default: 16)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        metavar="N",
+        help="cache slots per request, prompt + new tokens (default: 4096, at most the model's context)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
-
-
-class _Progress:
-    """A one-line progress bar on stderr: [#####.....] done/total, elapsed seconds."""
-
-    def __init__(self, total: int, what: str, enabled: bool = True, width: int = 30):
-        import time
-
-        self.total, self.what, self.enabled, self.width = total, what, enabled, width
-        self.done, self.clock, self.start = 0, time.monotonic, time.monotonic()
-        self._draw()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        self._draw()
-
-    def _draw(self) -> None:
-        if self.enabled:
-            filled = self.width * self.done // max(self.total, 1)
-            bar = "#" * filled + "." * (self.width - filled)
-            elapsed = self.clock() - self.start
-            sys.stderr.write(f"\r[{bar}] {self.done}/{self.total} {self.what} {elapsed:.0f}s")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 class _BadLine(Exception):
@@ -82,8 +84,8 @@ class _BadLine(Exception):
         self.request_id = request_id
 
 
-def _read_request(number: int, line: str, base: Path) -> tuple[Any, dict[str, Any], list[Any]]:
-    """(id, user message, images) of one input line of `batch`; _BadLine for a bad one."""
+def _read_request(number: int, line: str, base: Path) -> tuple[Any, dict[str, Any], list[Any], dict]:
+    """(id, user message, images, the line's own settings) of one input line; _BadLine for a bad one."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as error:
@@ -96,64 +98,58 @@ def _read_request(number: int, line: str, base: Path) -> tuple[Any, dict[str, An
             raise UserError('"prompt" must be a non-empty string')
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise UserError('"images" must be a list of image file paths')
+        settings = _line_settings(record)
         images = [open_image(base / path) for path in paths]
-        return request_id, user_message(prompt, len(images)), images
+        return request_id, user_message(prompt, len(images)), images, settings
     except UserError as error:
         raise _BadLine(f"line {number}: {error}", request_id) from None
 
 
-def _prompt_text(processor, message: dict[str, Any]) -> str:
-    if processor.chat_template:
-        return processor.apply_chat_template([message], add_generation_prompt=True)
-    return "".join(p["text"] if p["type"] == "text" else IMAGE_MARKER for p in message["content"])
-
-
-def _answer_batch(pipe, messages: list[dict], images: list[list], controls: dict[str, Any]) -> list[str]:
-    """Greedy or sampled answers to one user turn each, generated together (prompts left-padded)."""
-    import torch
-
-    from idefics2.generation import default_eos_token_ids
-
-    model, processor = pipe.model, pipe.processor
-    prompts = [_prompt_text(processor, m) for m in messages]
-    tokenizer = processor.tokenizer
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        batch = processor(
-            text=prompts, images=images if any(images) else None, padding=True, return_tensors="pt"
-        )
-    finally:
-        tokenizer.padding_side = side
-    weight = model.lm_head.weight
-    inputs = {k: v.to(weight.device) for k, v in batch.items()}
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(weight.dtype)
-    with torch.no_grad():
-        out = model.generate(**inputs, tokenizer=processor, **controls)
-    ends = set(default_eos_token_ids(model, processor))
-    answers = []
-    for row in out[:, inputs["input_ids"].shape[1] :].tolist():
-        row = row[: next((i for i, t in enumerate(row) if t in ends), len(row))]
-        answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return answers
-
-
-def _answer_requests(pipe, ready: list[tuple], controls: dict[str, Any]) -> list[dict[str, str]]:
-    """{"text": ...} for each (line number, message, images), generated together; when that fails, one at a
-    time, so that a request that fails alone gets {"error": ...} and the others their answers."""
-    if not ready:
-        return []
-    try:
-        texts = _answer_batch(pipe, [r[1] for r in ready], [r[2] for r in ready], controls)
-        return [{"text": text} for text in texts]
-    except ValueError:
-        outcomes = []
-        for number, message, images in ready:
+def _line_settings(record: dict[str, Any]) -> dict[str, Any]:
+    """The line's overrides of the flags, checked like the flags: {flag attribute: value}."""
+    settings = {}
+    for key, (attribute, parse) in LINE_OVERRIDES.items():
+        if key in record:
+            value = record[key]
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f'"{key}" must be a number, got {value!r}')
             try:
-                outcomes.append({"text": _answer_batch(pipe, [message], [images], controls)[0]})
-            except ValueError as error:
-                outcomes.append({"error": f"line {number}: {' '.join(str(error).split())}"})
-        return outcomes
+                settings[attribute] = parse(str(value))
+            except argparse.ArgumentTypeError as error:
+                raise UserError(f'"{key}": {error}') from None
+    if "stop" in record:
+        stop = record["stop"]
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not stop or not all(isinstance(s, str) and s for s in stop):
+            raise UserError('"stop" must be a non-empty string or a list of them')
+        settings["stop_strings"] = stop
+    return settings
+
+
+def _controls(args: argparse.Namespace, settings: dict[str, Any], model) -> dict[str, Any]:
+    """The flags' generation controls with one line's overrides applied (checked as the flags are)."""
+    stop = settings.pop("stop_strings", None)
+    merged = argparse.Namespace(**{**vars(args), **settings})
+    check_sampling_flags(merged)
+    controls = generation_controls(merged, model)
+    if stop:
+        controls["stop_strings"] = stop
+    return controls
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun, with the process group up (gloo); (0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return dist.get_rank(), world
 
 
 def run(args: argparse.Namespace) -> int:
@@ -169,32 +165,142 @@ def run(args: argparse.Namespace) -> int:
     lines = [(n, line) for n, line in lines if line.strip()]
     if not lines:
         raise UserError(f"{source} holds no lines")
+    rank, world = _distributed()
+    mine = lines[rank::world]
+    parts = [target.with_name(f"{target.name}.part-{r}-of-{world}") for r in range(world)]
+    part = target if world == 1 else parts[rank]
     pipe = load_pipeline(args)
-    controls = generation_controls(args, pipe.model)
+    generation_controls(args, pipe.model)  # the flags' mistakes stop the run before any line
 
-    progress = _Progress(len(lines), "lines", enabled=not args.no_progress)
-    n_errors = 0
-    with target.open("w", encoding="utf-8") as out:
-        for start in range(0, len(lines), args.batch_size):
-            results: list[dict[str, Any]] = []
-            ready = []  # (line number, message, images) of the good lines
-            for number, line in lines[start : start + args.batch_size]:
-                try:
-                    request_id, message, images = _read_request(number, line, source.parent)
-                except _BadLine as error:
-                    results.append({"id": error.request_id, "error": str(error)})
-                    continue
-                ready.append((number, message, images))
-                results.append({"id": request_id})
-            outcomes = iter(_answer_requests(pipe, ready, controls))
-            for result in results:
-                if "error" not in result:
-                    result.update(next(outcomes))
-            for result in results:
-                n_errors += "error" in result
-                out.write(json.dumps(result, ensure_ascii=False) + "\n")
-            out.flush()
-            progress.advance(len(results))
-    progress.close()
-    print(f"wrote {len(lines)} results to {target} ({n_errors} error(s))", file=sys.stderr)
+    from idefics2.serving import Engine
+
+    options = {"max_batch": args.max_batch, "max_length": args.max_length}
+    with Engine(pipe.model, pipe.processor, **options) as engine, part.open("w", encoding="utf-8") as out:
+        answer_lines(engine, args, mine, source.parent, out, progress=not args.no_progress and rank == 0)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank == 0:
+            _merge_parts(
+                target, [target.with_name(f"{target.name}.part-{r}-of-{world}") for r in range(world)]
+            )
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        results = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
+        errors = sum("error" in r for r in results)
+        print(f"wrote {len(results)} results to {target} ({errors} error(s))", file=sys.stderr)
     return 0
+
+
+class _OrderedWriter:
+    """Results in input order, written as soon as every earlier line is answered: each added line holds a
+    finished result (a dict) or an engine handle still running. Under torchrun each written line also carries
+    its input line number ("line"), for the merge. A tqdm bar counts lines and tokens per second."""
+
+    def __init__(self, out, total: int, numbered: bool, progress: bool) -> None:
+        from tqdm import tqdm
+
+        self.out, self.numbered = out, numbered
+        self.pending: deque[tuple[int, Any, Any]] = deque()  # (line number, id, handle or result)
+        self.bar = tqdm(total=total, unit="line", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+        self.started, self.tokens = time.monotonic(), 0
+
+    def add(self, number: int, request_id: Any, outcome: Any) -> None:
+        self.pending.append((number, request_id, outcome))
+        self.write_ready(wait=False)
+
+    def in_flight(self) -> int:
+        return sum(not isinstance(outcome, dict) and not outcome.done for _, _, outcome in self.pending)
+
+    def write_ready(self, wait: bool) -> None:
+        """Write the answered lines at the front; with `wait`, wait for the first one if needed."""
+        while self.pending and (wait or isinstance(self.pending[0][2], dict) or self.pending[0][2].done):
+            number, request_id, outcome = self.pending.popleft()
+            if not isinstance(outcome, dict):
+                outcome = _outcome(number, outcome)
+                self.tokens += outcome.pop("tokens", 0)
+            result = {"id": request_id, **outcome}
+            if self.numbered:
+                result = {"line": number, **result}
+            self.out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            self.out.flush()
+            rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
+            self.bar.update(1)
+            self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
+            wait = False
+
+    def close(self, drain: bool) -> None:
+        while drain and self.pending:
+            self.write_ready(wait=True)
+        self.write_ready(wait=False)
+        self.bar.close()
+
+
+def answer_lines(engine, args, lines: list[tuple[int, str]], base: Path, out, progress: bool) -> None:
+    """Submit each line to the engine (keeping about two batches in flight) and write the results in input
+    order as they come. On Ctrl-C the answered lines are kept and the rest is cancelled."""
+    from idefics2.serving import EngineOverloadedError
+
+    numbered = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    writer = _OrderedWriter(out, len(lines), numbered, progress)
+    try:
+        for number, line in lines:
+            while writer.in_flight() >= 2 * engine.options.max_batch:
+                writer.write_ready(wait=True)
+            request_id = None
+            try:
+                request_id, message, images, settings = _read_request(number, line, base)
+                controls = _controls(args, settings, engine.model)
+                while True:
+                    try:
+                        handle = engine.submit([message], images, **controls)
+                        break
+                    except EngineOverloadedError:
+                        writer.write_ready(wait=True)
+            except _BadLine as error:
+                request_id, handle = error.request_id, {"error": str(error)}
+            except Exception as error:  # whatever goes wrong with one line stays with that line
+                handle = {"error": f"line {number}: {_message(error)}"}
+            writer.add(number, request_id, handle)
+    except KeyboardInterrupt:
+        writer.close(drain=False)
+        engine.close(timeout=0)
+        raise
+    writer.close(drain=True)
+
+
+def _message(error: Exception) -> str:
+    """One line: the message of a user-facing error, else the error's type and message."""
+    message = " ".join(str(error).split())
+    if isinstance(error, (UserError, ValueError, TypeError)):
+        return message
+    return f"{type(error).__name__}: {message}"
+
+
+def _outcome(number: int, handle) -> dict[str, Any]:
+    from idefics2.serving import RequestFailedError
+
+    try:
+        completion = handle.result()
+    except RequestFailedError as error:
+        return {"error": f"line {number}: {error}"}
+    return {"text": completion.text, "finish_reason": completion.finish_reason,
+            "tokens": completion.completion_tokens}  # fmt: skip
+
+
+def _merge_parts(target: Path, parts: list[Path]) -> None:
+    """Merge the processes' part files (each in input order) into `target`, in input order."""
+
+    def records(path: Path):
+        with path.open(encoding="utf-8") as lines:
+            for line in lines:
+                yield json.loads(line)
+
+    with target.open("w", encoding="utf-8") as out:
+        for record in heapq.merge(*(records(p) for p in parts), key=lambda r: r["line"]):
+            record.pop("line")
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    for path in parts:
+        path.unlink()

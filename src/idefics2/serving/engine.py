@@ -44,6 +44,8 @@ from idefics2.serving.sequence import DECODE, ImageInput, Sequence
 
 log = logging.getLogger("idefics2.serving")
 
+# cache slots per row when max_length is not given (never more than the model's context)
+DEFAULT_MAX_LENGTH = 4096
 # generate's controls that make no sense for one request of a shared batch
 _NOT_PER_REQUEST = ("tokenizer", "streamer", "generator", "pad_token_id")
 
@@ -51,7 +53,7 @@ _NOT_PER_REQUEST = ("tokenizer", "streamer", "generator", "pad_token_id")
 @dataclass
 class EngineOptions:
     max_batch: int = 16  # rows decoded together (cache rows)
-    max_length: int | None = None  # cache slots per row, prompt + new tokens (default: the model's context)
+    max_length: int | None = None  # cache slots per row, prompt + new tokens (default 4096; <= context)
     max_queue: int = 256  # requests waiting for a row; more are refused (EngineOverloadedError)
     prefill_chunk: int = 512  # prompt tokens prefilled per iteration (chunked prefill budget)
     image_cache_mb: float = 256.0  # image features kept by content hash (0 turns the cache off)
@@ -74,7 +76,7 @@ class Engine:
         self.model, self.processor = model.eval(), processor
         text = model.config.text_config
         self.context_length = text.max_position_embeddings
-        self.max_length = min(self.options.max_length or self.context_length, self.context_length)
+        self.max_length = min(self.options.max_length or DEFAULT_MAX_LENGTH, self.context_length)
         self.vocab_size = model.lm_head.weight.shape[0]
         self.runner = ModelRunner(model, self.options.max_batch, self.max_length)
         self.scheduler = Scheduler(self.options.max_batch, self.options.prefill_chunk, self.options.max_queue)

@@ -6,9 +6,15 @@ sampling controls work in float32 whatever the model dtype, as `generate` does).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from idefics2.serving.kv_rows import RowKVCache
+
+# decode graphs are captured per batch-size bucket (powers of two up to the engine's rows) and per length
+# bucket (a multiple of this many cache slots): a step attends over its bucket's slots, not the whole cache
+LENGTH_BUCKET = 512
 
 
 class ModelRunner:
@@ -17,6 +23,8 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         self.cache = RowKVCache(model, rows, length)
         self.window = model.config.text_config.sliding_window
+        use_graphs = self.device.type == "cuda" and getattr(model, "cuda_graphs", False)
+        self.graphs = DecodeGraphs(self, rows, length) if use_graphs else None
 
     def image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
         """One image's processed crops (1, N, C, H, W) -> features (N, n_latents, hidden)."""
@@ -46,11 +54,23 @@ class ModelRunner:
         return self.model.lm_head(hidden[0, -1:]).float()[0]
 
     def decode(self, tokens: list[int], positions: list[int], start: int = 0) -> torch.Tensor:
-        """One new token for each of rows [start, start + B) at its own slot; logits (B, V)."""
-        text = self.model.model.text_model
+        """One new token for each of rows [start, start + B) at its own slot; logits (B, V).
+
+        On CUDA (with model.cuda_graphs) rows [0, B) replay a captured graph for their batch-size and
+        length bucket."""
+        if self.graphs is not None and start == 0:
+            logits = self.graphs(tokens, positions)
+            if logits is not None:
+                return logits
         token_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
         slots = torch.tensor(positions, dtype=torch.long, device=self.device)  # (B,)
-        keys = torch.arange(max(positions) + 1, device=self.device)
+        return self.decode_step(token_ids, slots, max(positions) + 1, start)
+
+    def decode_step(self, token_ids: torch.Tensor, slots: torch.Tensor, n_keys: int, start: int = 0):
+        """The decode computation on tensors: token_ids (B, 1), slots (B,), attending over cache slots
+        [0, n_keys) of rows [start, start + B), each row masked to its own slots; logits (B, V) float32."""
+        text = self.model.model.text_model
+        keys = torch.arange(n_keys, device=self.device)
         allowed = keys[None, :] <= slots[:, None]  # (B, S): a row sees its own slots up to its new one
         if self.window is not None:
             allowed &= keys[None, :] > slots[:, None] - self.window
@@ -58,10 +78,77 @@ class ModelRunner:
             text.embed_tokens(token_ids),
             slots[:, None],
             allowed[:, None, None, :],
-            self.cache.decode_view(start, start + len(tokens)),
+            self.cache.decode_view(start, start + token_ids.shape[0]),
             slots,
         )
         return self.model.lm_head(hidden[:, -1]).float()
 
     def move_row(self, source: int, target: int, filled: int) -> None:
         self.cache.move_row(source, target, filled)
+
+
+class DecodeGraphs:
+    """CUDA graphs of the decode step, one per (batch-size bucket, length bucket), captured on first use and
+    replayed after; rows beyond the batch in its bucket are placeholders (token 0 at slot 0 of free rows).
+    Capture failure turns graphs off with one warning (the runner then decodes eagerly)."""
+
+    def __init__(self, runner: ModelRunner, rows: int, length: int) -> None:
+        self.runner, self.rows, self.length = runner, rows, length
+        self.graphs: dict[tuple[int, int], CapturedStep] = {}
+        self.pool = None
+        self.failed = False
+
+    def bucket(self, batch: int, n_keys: int) -> tuple[int, int]:
+        size = 1
+        while size < batch:
+            size *= 2
+        slots = -(-n_keys // LENGTH_BUCKET) * LENGTH_BUCKET
+        return min(size, self.rows), min(slots, self.length)
+
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor | None:
+        if self.failed:
+            return None
+        key = self.bucket(len(tokens), max(positions) + 1)
+        step = self.graphs.get(key)
+        if step is None:
+            step = CapturedStep(*key, self.runner.device)
+        step.load(tokens, positions)
+        if key not in self.graphs:
+            try:  # the warm-up steps write the same keys and values the replay writes
+                step.capture(self.runner, self.pool)
+            except RuntimeError as error:
+                self.failed = True
+                warnings.warn(f"CUDA graph decoding disabled, running eagerly: {error}", stacklevel=2)
+                return None
+            self.graphs[key], self.pool = step, step.graph.pool()
+        step.graph.replay()
+        return step.logits[: len(tokens)]
+
+
+class CapturedStep:
+    """Static inputs (token ids, slots), the captured graph and its output logits, for one bucket."""
+
+    def __init__(self, batch: int, n_keys: int, device: torch.device) -> None:
+        self.n_keys = n_keys
+        self.token_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.slots = torch.zeros(batch, dtype=torch.long, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.logits: torch.Tensor | None = None
+
+    def load(self, tokens: list[int], positions: list[int]) -> None:
+        """The batch's tokens and slots; placeholder rows feed token 0 at slot 0 (of free cache rows)."""
+        batch = len(tokens)
+        self.token_ids.zero_()
+        self.slots.zero_()
+        self.token_ids[:batch, 0].copy_(torch.tensor(tokens))
+        self.slots[:batch].copy_(torch.tensor(positions))
+
+    def capture(self, runner: ModelRunner, pool) -> None:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up outside the graph: kernel choice, workspaces
+                runner.decode_step(self.token_ids, self.slots, self.n_keys)
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = runner.decode_step(self.token_ids, self.slots, self.n_keys)

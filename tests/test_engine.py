@@ -317,3 +317,28 @@ def test_cuda_graph_engine_tokens_equal_generate_alone(checkpoint, processor):
     for (prompt, images, controls), result in zip(REQUESTS, results):
         expected, _ = solo_tokens(model, processor, prompt, [PICTURES[k] for k in images], controls)
         assert result.token_ids == expected
+
+
+def test_raw_prompts_logprobs_stop_kinds_and_the_default_length(model64, processor):
+    with Engine(model64, processor, max_batch=2, max_length=64) as engine:
+        raw = engine.submit_prompt(
+            "<image>Raw text, no template", [PICTURES[2]], max_new_tokens=4, logprobs=True
+        )
+        completion = raw.result()
+        by_eos = engine.submit_prompt("Raw", max_new_tokens=6, eos_token_id=completion.token_ids[1]).result()
+        default = engine.submit_prompt("A prompt without max_new_tokens")
+        with pytest.raises(ValueError, match="0 <image> marker"):
+            engine.submit_prompt("no marker", [PICTURES[0]])
+        with pytest.raises(TypeError, match="prompt must be a str"):
+            engine.submit_prompt(["not", "text"])
+    inputs = processor(text="<image>Raw text, no template", images=[[PICTURES[2]]], return_tensors="pt")
+    ids = torch.cat([inputs["input_ids"], torch.tensor([completion.token_ids[:3]])], dim=1)
+    with torch.no_grad():
+        logits = model64(input_ids=ids, pixel_values=inputs["pixel_values"].double(),
+                         pixel_attention_mask=inputs["pixel_attention_mask"]).logits[0]  # fmt: skip
+    positions = range(inputs["input_ids"].shape[1] - 1, ids.shape[1])
+    expected = [float(logits[p].log_softmax(-1)[t]) for p, t in zip(positions, completion.token_ids)]
+    assert completion.logprobs == pytest.approx(expected, abs=1e-5)  # logits come back as float32
+    assert by_eos.finish_reason == "stop" and by_eos.stopped_by == "eos_token"
+    result = default.result()  # generate's default of 20 new tokens fits in 64 slots with this prompt
+    assert result.completion_tokens == min(20, 64 - result.prompt_tokens)

@@ -93,31 +93,48 @@ class Engine:
 
     # ---- submitting --------------------------------------------------------------------------------------
     def submit(self, messages: Any, images: Any = None, **controls: Any) -> RequestHandle:
-        """Queue one chat request (a prompt string or a conversation, as `ChatPipeline.chat` takes it).
+        """Queue one chat request (a prompt string or a conversation, as `ChatPipeline.chat` takes it),
+        rendered with the checkpoint's chat template.
 
-        Controls: max_new_tokens (or max_length), min_new_tokens, do_sample, temperature, top_k, top_p,
+        Controls: max_new_tokens (or max_length; unset: the checkpoint's setting, else generate's default,
+        cut to the cache slots the prompt leaves), min_new_tokens, do_sample, temperature, top_k, top_p,
         repetition_penalty, bad_words_ids, stop_strings, eos_token_id, seed; unset ones come from the
-        checkpoint's generation_config.json. Raises ValueError/TypeError for a bad request,
-        RequestTooLargeError when it can never fit, EngineOverloadedError when the queue is full and
-        EngineClosedError after `close`.
+        checkpoint's generation_config.json. `logprobs=True` adds each new token's log-probability (under
+        the model's distribution, before the controls) to the events. Raises ValueError/TypeError for a bad
+        request, RequestTooLargeError when it can never fit, EngineOverloadedError when the queue is full
+        and EngineClosedError after `close`.
         """
+        prompt, images = chat_prompt(self.processor, messages, images)
+        return self.submit_prompt(prompt, images, **controls)
+
+    def submit_prompt(self, prompt: str, images: Any = None, **controls: Any) -> RequestHandle:
+        """Queue a raw prompt (no chat template), one `<image>` marker per image; see `submit`."""
         if not self._accepting:
             raise EngineClosedError("the engine is closed and accepts no more requests")
         given = sorted(set(controls) & set(_NOT_PER_REQUEST))
         if given:
             raise ValueError(f"{', '.join(given)} cannot be set per request of the engine")
-        prompt, images = chat_prompt(self.processor, messages, images)
+        logprobs = controls.pop("logprobs", False)
+        if not isinstance(logprobs, bool):
+            raise ValueError(f"logprobs must be True or False, got {logprobs!r}")
+        if not isinstance(prompt, str):
+            raise TypeError(f"the prompt must be a str, got {type(prompt).__name__}")
+        images = [] if images is None else list(images)
         n_markers = prompt.count(self.processor.image_token)
         if n_markers != len(images):
             raise ValueError(f"the prompt holds {n_markers} <image> marker(s) but {len(images)} image(s)")
         prompt_ids = self.processor(text=prompt)["input_ids"][0]
         options = resolve_options(self.model, len(prompt_ids), {**controls, "tokenizer": self.processor})
+        if "max_new_tokens" not in controls and "max_length" not in controls:
+            options["max_new_tokens"] = max(
+                1, min(options["max_new_tokens"], self.max_length - len(prompt_ids))
+            )
         self._check_length(len(prompt_ids), options["max_new_tokens"])
         image_inputs = [self._image_input(image, i) for i, image in enumerate(images)]
         handle = RequestHandle(prompt_tokens=len(prompt_ids))
         seq = Sequence(
             handle, prompt_ids, image_inputs, options, self.processor.tokenizer, self.vocab_size,
-            self.runner.device,
+            self.runner.device, logprobs,
         )  # fmt: skip
         with self._lock:
             if not self._accepting:
@@ -236,7 +253,7 @@ class Engine:
         seq.filled = end
         if last:
             seq.embeds, seq.state = None, DECODE
-            self._accept(seq, seq.choose(logits))
+            self._accept(seq, seq.choose(logits), logits)
 
     def _features(self, image: ImageInput) -> torch.Tensor:
         if image.features is None:  # an earlier request may have computed them since this one was queued
@@ -281,18 +298,26 @@ class Engine:
         for i, seq in enumerate(seqs):
             try:
                 token = chosen[i] if i in chosen else seq.choose(logits[rows[i]])
-                self._accept(seq, token)
+                self._accept(seq, token, logits[rows[i]])
             except Exception as error:
                 self._fail(seq, error)
 
-    def _accept(self, seq: Sequence, token: int) -> None:
-        text, reason = seq.accept(token)
+    def _accept(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        logprob = float(torch.log_softmax(logits, dim=-1)[token]) if seq.logprobs is not None else None
+        text, reason = seq.accept(token, logprob)
         seq.text_parts.append(text)
         completion = None
         if reason is not None:
             completion = self._completion(seq, reason)
             self._finished.append(seq)
-        event = StreamEvent(text, [token], reason, seq.prompt_length, len(seq.generated))
+        event = StreamEvent(
+            text,
+            [token],
+            reason,
+            seq.prompt_length,
+            len(seq.generated),
+            None if logprob is None else [logprob],
+        )
         seq.handle.publish(event, completion)
 
     def _completion(self, seq: Sequence, reason: str, error: str | None = None) -> Completion:
@@ -302,6 +327,8 @@ class Engine:
             prompt_tokens=seq.prompt_length,
             completion_tokens=len(seq.generated),
             token_ids=list(seq.generated),
+            logprobs=None if seq.logprobs is None else list(seq.logprobs),
+            stopped_by=seq.stopped_by if reason == "stop" else None,
             error=error,
             submitted_at=seq.handle.submitted_at,
             finished_at=time.monotonic(),

@@ -42,6 +42,7 @@ class StreamEvent:
     finish_reason: str | None = None  # None until the last event; then one of FINISH_REASONS
     prompt_tokens: int = 0
     completion_tokens: int = 0  # tokens generated so far (an end-of-sequence token included)
+    logprobs: list[float] | None = None  # the new tokens' log-probabilities, when asked for
 
 
 @dataclass
@@ -51,6 +52,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     token_ids: list[int]
+    logprobs: list[float] | None = None
+    stopped_by: str | None = None  # with finish_reason "stop": "eos_token" or "stop_sequence"
     error: str | None = None
     submitted_at: float = 0.0  # time.monotonic() stamps
     first_token_at: float | None = None

@@ -42,6 +42,7 @@ class Sequence:
         tokenizer: Any,
         vocab_size: int,
         device: torch.device,
+        logprobs: bool = False,
     ) -> None:
         self.handle = handle
         self.prompt_ids = prompt_ids
@@ -53,6 +54,8 @@ class Sequence:
         self.embeds: torch.Tensor | None = None  # (1, P, hidden), made when the prefill starts
         self.filled = 0  # prompt positions already in the cache
         self.generated: list[int] = []
+        self.logprobs: list[float] | None = [] if logprobs else None
+        self.stopped_by: str | None = None  # "eos_token" or "stop_sequence" once it stops
         self.reply = ReplyStream(tokenizer, options["stop_strings"])
         self.text_parts: list[str] = []
         self.greedy_plain = not (
@@ -99,15 +102,19 @@ class Sequence:
                 scores = top_p_filter(scores, opts["top_p"])
         return int(pick_next_tokens(scores, opts["do_sample"], opts["generator"])[0])
 
-    def accept(self, token: int) -> tuple[str, str | None]:
+    def accept(self, token: int, logprob: float | None = None) -> tuple[str, str | None]:
         """Record a new token: (the text it adds, the finish reason or None)."""
         self.generated.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         if self.seen is not None:
             mark_seen_(self.seen, torch.tensor([[token]], device=self.seen.device))
         if token in self.eos:
+            self.stopped_by = "eos_token"
             return self.reply.finish(), "stop"
         text = self.reply.push(token)
         if self.reply.stopped:
+            self.stopped_by = "stop_sequence"
             return text + self.reply.finish(), "stop"
         if len(self.generated) >= self.options["max_new_tokens"]:
             return text + self.reply.finish(), "length"

@@ -1,0 +1,237 @@
+"""Serving throughput and latency: the continuous-batching engine against one request at a time and against
+static batching, on the same requests, in one process.
+
+N chat requests (each with one small image, no image splitting, prompts and images mixed; max_new_tokens
+fixed or mixed) arrive all at once or as a Poisson process at --rate requests/s. Three ways to serve them:
+
+  engine       idefics2.serving.Engine, --max-batch rows decoded together, requests joining and leaving
+  one at a time  `generate` on each request alone, in arrival order
+  static       `generate` on fixed batches of --max-batch requests (left-padded), each batch until its
+               longest row ends, the next batch when the previous one is done and its requests have arrived
+
+Reported as vLLM's serving benchmark does: time to first token (TTFT, from arrival), time per output token
+(TPOT, a request's decode time over its tokens after the first), inter-token latency (ITL, every gap
+between two tokens) at p50/p90/p99, request throughput and output-token throughput.
+
+    python benchmarks/bench_serving.py                          # CPU, "mid" config, 16 requests at once
+    python benchmarks/bench_serving.py --rate 2 --requests 32   # Poisson arrivals
+    python benchmarks/bench_serving.py --device cuda --config 8b --requests 32 --max-batch 32 --split
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from bench import CONFIGS  # noqa: E402
+from bench_generation import photo_like, sync  # noqa: E402
+
+QUESTIONS = [
+    "Describe this image.",
+    "What colours do you see here?",
+    "Is there anything unusual in this picture? Answer in one sentence.",
+    "Write a short caption.",
+    "What is in the top left corner of the image, and what is in the bottom right corner?",
+]
+
+
+@dataclass
+class Request:
+    arrival: float  # seconds after the start
+    question: str
+    image: object
+    max_new_tokens: int
+    token_times: list[float] = field(default_factory=list)  # seconds after the start
+
+
+def make_requests(n: int, rate: float | None, new_tokens: int, mixed: bool, seed: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    images = [photo_like(rng.choice([200, 240, 300]), rng.choice([220, 260, 320]), seed=i) for i in range(4)]
+    arrival, requests = 0.0, []
+    for i in range(n):
+        if rate:
+            arrival += rng.expovariate(rate)
+        length = rng.randint(new_tokens // 3, new_tokens * 5 // 3) if mixed else new_tokens
+        requests.append(Request(arrival, QUESTIONS[i % len(QUESTIONS)], images[i % len(images)], length))
+    return requests
+
+
+def build(config: dict, dtype: torch.dtype, device: torch.device, split: bool, folder: Path):
+    from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
+    from oracle_processing import build_reference_processor
+
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(copy.deepcopy(config)))
+    finally:
+        torch.set_default_dtype(default)
+    model.generation_config = {"eos_token_id": [2], "pad_token_id": 0}
+    build_reference_processor(folder, image_seq_len=64, do_image_splitting=split)
+    return model.eval(), Idefics2Processor.from_pretrained(folder)
+
+
+def messages(request: Request) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.question}]}]
+
+
+def wait_until(start: float, moment: float) -> None:
+    delay = start + moment - time.perf_counter()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def serve_engine(model, processor, requests: list[Request], max_batch: int, device) -> float:
+    from idefics2.serving import Engine
+
+    with Engine(model, processor, max_batch=max_batch, max_queue=len(requests)) as engine:
+        engine.submit(messages(requests[0]), [requests[0].image], max_new_tokens=2).result()  # warm-up
+        start = time.perf_counter()
+
+        def consume(request, handle):
+            for event in handle:
+                if event.token_ids:
+                    request.token_times.append(time.perf_counter() - start)
+
+        threads = []
+        for request in requests:
+            wait_until(start, request.arrival)
+            handle = engine.submit(messages(request), [request.image], max_new_tokens=request.max_new_tokens,
+                                   min_new_tokens=request.max_new_tokens)  # fmt: skip
+            threads.append(threading.Thread(target=consume, args=(request, handle)))
+            threads[-1].start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - start
+
+
+def _inputs(processor, batch: list[Request], device):
+    from idefics2.pipelines import chat_prompt
+
+    prompts = [chat_prompt(processor, messages(r), [r.image])[0] for r in batch]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=prompts, images=[[r.image] for r in batch], padding=True, return_tensors="pt")
+    return inputs.to(device)
+
+
+def serve_static(model, processor, requests: list[Request], batch_size: int, device) -> float:
+    """`generate` on fixed batches (one at a time when batch_size is 1), in arrival order."""
+    _ = model.generate(**_inputs(processor, requests[:1], device), max_new_tokens=2)  # warm-up
+    start = time.perf_counter()
+    for first in range(0, len(requests), batch_size):
+        batch = requests[first : first + batch_size]
+        wait_until(start, batch[-1].arrival)
+        inputs = _inputs(processor, batch, device)
+        longest = max(r.max_new_tokens for r in batch)
+
+        def clock(tokens, batch=batch):
+            sync(device)
+            now = time.perf_counter() - start
+            step = len(batch[0].token_times) if batch else 0
+            for r in batch:
+                if len(r.token_times) < r.max_new_tokens and len(r.token_times) == step:
+                    r.token_times.append(now)
+
+        model.generate(**inputs, max_new_tokens=longest, min_new_tokens=longest, streamer=clock)
+    return time.perf_counter() - start
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99)}
+
+
+def report(requests: list[Request], seconds: float) -> dict:
+    ttft = [r.token_times[0] - r.arrival for r in requests]
+    tpot = [(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in requests
+            if len(r.token_times) > 1]  # fmt: skip
+    itl = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])]
+    tokens = sum(len(r.token_times) for r in requests)
+    assert all(len(r.token_times) == r.max_new_tokens for r in requests)
+    return {
+        "seconds": seconds,
+        "requests_per_s": len(requests) / seconds,
+        "output_tokens_per_s": tokens / seconds,
+        "ttft_s": percentiles(ttft),
+        "tpot_s": percentiles(tpot),
+        "itl_s": percentiles(itl),
+        "ttft_mean_s": statistics.mean(ttft),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="mid")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument(
+        "--rate", type=float, default=None, help="Poisson arrivals per second (default: all at once)"
+    )
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument(
+        "--mixed", action="store_true", help="max_new_tokens drawn from [1/3, 5/3] x --new-tokens"
+    )
+    parser.add_argument("--split", action="store_true", help="image splitting on (4 crops + the image)")
+    parser.add_argument("--modes", nargs="*", default=["engine", "one at a time", "static"])
+    parser.add_argument("--json", default="bench_serving.json")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    with tempfile.TemporaryDirectory() as folder:
+        model, processor = build(CONFIGS[args.config], dtype, device, args.split, Path(folder))
+    arrivals = f"Poisson {args.rate:.2f}/s" if args.rate else "all at once"
+    lengths = f"{'mixed ' if args.mixed else ''}{args.new_tokens} new tokens"
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} CPU threads, "
+          f"config {args.config}, {dtype}, {args.requests} requests, max batch {args.max_batch}, "
+          f"{arrivals}, {lengths}, splitting {args.split}")  # fmt: skip
+    results = {}
+    with torch.inference_mode():
+        for mode in args.modes:
+            requests = make_requests(args.requests, args.rate, args.new_tokens, args.mixed)
+            if mode == "engine":
+                seconds = serve_engine(model, processor, requests, args.max_batch, device)
+            else:
+                size = 1 if mode == "one at a time" else args.max_batch
+                seconds = serve_static(model, processor, requests, size, device)
+            results[mode] = report(requests, seconds)
+            row = results[mode]
+            print(f"{mode:>14}: {row['output_tokens_per_s']:8.1f} tok/s, {row['requests_per_s']:.2f} req/s, "
+                  f"TTFT p50/p90/p99 {row['ttft_s']['p50']:.2f}/{row['ttft_s']['p90']:.2f}/"
+                  f"{row['ttft_s']['p99']:.2f} s, TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms, "
+                  f"ITL p50/p99 {row['itl_s']['p50'] * 1e3:.1f}/{row['itl_s']['p99'] * 1e3:.1f} ms",
+                  flush=True)  # fmt: skip
+    if "engine" in results:
+        for other in ("one at a time", "static"):
+            if other in results:
+                ratio = results["engine"]["output_tokens_per_s"] / results[other]["output_tokens_per_s"]
+                print(f"engine / {other}: {ratio:.2f}x output-token throughput")
+                results[f"engine_vs_{other.replace(' ', '_')}"] = ratio
+    Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

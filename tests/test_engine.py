@@ -325,7 +325,9 @@ def test_raw_prompts_logprobs_stop_kinds_and_the_default_length(model64, process
             "<image>Raw text, no template", [PICTURES[2]], max_new_tokens=4, logprobs=True
         )
         completion = raw.result()
-        by_eos = engine.submit_prompt("Raw", max_new_tokens=6, eos_token_id=completion.token_ids[1]).result()
+        end = completion.token_ids[1]
+        by_eos = engine.submit_prompt("<image>Raw text, no template", [PICTURES[2]], max_new_tokens=6,
+                                      eos_token_id=end).result()  # fmt: skip
         default = engine.submit_prompt("A prompt without max_new_tokens")
         with pytest.raises(ValueError, match="0 <image> marker"):
             engine.submit_prompt("no marker", [PICTURES[0]])

@@ -102,10 +102,11 @@ def run_mixed_traffic(engine: Engine) -> dict[int, object]:
     return results
 
 
-def test_float64_tokens_equal_generate_alone_under_mixed_traffic(model64, processor):
-    with Engine(model64, processor, max_batch=3, prefill_chunk=16) as engine:
+@pytest.mark.parametrize("prefill_chunk", [16, 512])  # prompts in chunks; whole prompts batched together
+def test_float64_tokens_equal_generate_alone_under_mixed_traffic(model64, processor, prefill_chunk):
+    with Engine(model64, processor, max_batch=3, prefill_chunk=prefill_chunk) as engine:
         results = run_mixed_traffic(engine)
-        stats = engine.stats()
+    stats = engine.stats()  # once closed: every finished request has left its row
     for i, (prompt, images, controls) in enumerate(REQUESTS):
         expected, _ = solo_tokens(model64, processor, prompt, [PICTURES[k] for k in images], controls)
         assert results[i].token_ids == expected, (i, prompt)

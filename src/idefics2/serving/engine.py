@@ -234,35 +234,88 @@ class Engine:
         self._retire()
         with self._lock:
             scheduler.admit()
-        for seq, start, end in scheduler.prefill_chunks():
-            if seq.handle.cancelled:
-                continue
-            try:
-                self._prefill(seq, start, end)
-            except Exception as error:
-                self._fail(seq, error)
+        chunks = [chunk for chunk in scheduler.prefill_chunks() if not chunk[0].handle.cancelled]
+        self._embed_prompts([seq for seq, _, _ in chunks if seq.embeds is None])
+        chunks = [chunk for chunk in chunks if chunk[0] not in self._finished]
+        whole = [seq for seq, start, end in chunks if start == 0 and end == seq.prompt_length]
+        for run in _consecutive_rows(whole):
+            self._prefill_whole(run)
+        for seq, start, end in chunks:
+            if seq not in whole:
+                try:
+                    self._prefill_chunk(seq, start, end)
+                except Exception as error:
+                    self._fail(seq, error)
         if scheduler.decoding():
             self._decode_step()
 
-    def _prefill(self, seq: Sequence, start: int, end: int) -> None:
-        if seq.embeds is None:
-            features = [self._features(image) for image in seq.images]
-            seq.embeds = self.runner.embed_prompt(seq.prompt_ids, torch.cat(features) if features else None)
+    def _embed_prompts(self, seqs: list[Sequence]) -> None:
+        """Prompt embeddings of requests starting their prefill, their uncached images encoded together
+        (request by request if that fails, so that a bad image fails only its request)."""
+        try:
+            self._encode_images([image for seq in seqs for image in seq.images])
+        except Exception as error:
+            log.warning(
+                "encoding the images of %d requests failed (%s); request by request", len(seqs), error
+            )
+        for seq in seqs:
+            try:
+                self._encode_images(seq.images)
+                features = [image.features for image in seq.images]
+                seq.embeds = self.runner.embed_prompt(
+                    seq.prompt_ids, torch.cat(features) if features else None
+                )
+            except Exception as error:
+                self._fail(seq, error)
+
+    def _encode_images(self, images: list[ImageInput]) -> None:
+        """Features for every image without them: from the cache (an earlier request may have computed them
+        since this one was queued), else computed, each distinct image once, in one call."""
+        missing: dict[str, ImageInput] = {}
+        for image in images:
+            if image.features is None:
+                image.features = self.image_cache.get(image.key)
+            if image.features is None and image.key not in missing:
+                missing[image.key] = image
+        if missing:
+            pixels = [(image.pixel_values, image.pixel_attention_mask) for image in missing.values()]
+            for key, features in zip(missing, self.runner.image_features(pixels)):
+                self.image_cache.put(key, features)
+                missing[key].features = features
+        for image in images:
+            if image.features is None:  # a repeat of an image encoded just now
+                image.features = missing[image.key].features
+            image.pixel_values = image.pixel_attention_mask = None
+
+    def _prefill_whole(self, seqs: list[Sequence]) -> None:
+        """Whole prompts of requests in consecutive rows, in one forward (one by one if that fails)."""
+        try:
+            logits = self.runner.prefill_whole(seqs[0].row, [seq.embeds for seq in seqs])
+        except Exception as error:
+            if len(seqs) == 1:
+                self._fail(seqs[0], error)
+                return
+            log.warning("prefilling %d requests together failed (%s); one by one", len(seqs), error)
+            for seq in seqs:
+                try:
+                    self._prefill_chunk(seq, 0, seq.prompt_length)
+                except Exception as error:
+                    self._fail(seq, error)
+            return
+        for i, seq in enumerate(seqs):
+            seq.filled, seq.embeds, seq.state = seq.prompt_length, None, DECODE
+            try:
+                self._accept(seq, seq.choose(logits[i]), logits[i])
+            except Exception as error:
+                self._fail(seq, error)
+
+    def _prefill_chunk(self, seq: Sequence, start: int, end: int) -> None:
         last = end == seq.prompt_length
         logits = self.runner.prefill(seq.row, seq.embeds[:, start:end], start, want_logits=last)
         seq.filled = end
         if last:
             seq.embeds, seq.state = None, DECODE
             self._accept(seq, seq.choose(logits), logits)
-
-    def _features(self, image: ImageInput) -> torch.Tensor:
-        if image.features is None:  # an earlier request may have computed them since this one was queued
-            image.features = self.image_cache.get(image.key)
-        if image.features is None:
-            image.features = self.runner.image_features(image.pixel_values, image.pixel_attention_mask)
-            self.image_cache.put(image.key, image.features)
-        image.pixel_values = image.pixel_attention_mask = None
-        return image.features
 
     def _decode_step(self) -> None:
         rows = list(self.scheduler.running)
@@ -362,3 +415,14 @@ class Engine:
                     self.runner.move_row(old_row, other.row, slots)
             self._finished.clear()
             self._wake.notify_all()
+
+
+def _consecutive_rows(seqs: list[Sequence]) -> list[list[Sequence]]:
+    """Requests grouped into runs of consecutive cache rows."""
+    runs: list[list[Sequence]] = []
+    for seq in sorted(seqs, key=lambda s: s.row):
+        if runs and runs[-1][-1].row + 1 == seq.row:
+            runs[-1].append(seq)
+        else:
+            runs.append([seq])
+    return runs

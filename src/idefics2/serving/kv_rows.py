@@ -5,7 +5,7 @@ Running requests always hold rows [0, n): when one leaves, the request in the la
 gathering rows. A request's tokens sit at slots 0, 1, 2, ... of its row, so a slot is also its position.
 
 Two views implement the `update` that the decoder's attention layers call (see modeling/text.py):
-- `PrefillView`: one row, a chunk of consecutive slots (cache_position (T,)), as a batch of one;
+- `PrefillView`: rows [start, stop), each writing the same consecutive slots (cache_position (T,));
 - `DecodeView`: rows [start, stop), one new token each, at each row's own slot (cache_position (B,)).
 """
 
@@ -30,25 +30,24 @@ class RowKVCache:
         for buffer in (*self.cache.keys, *self.cache.values):
             buffer[target, :, :filled].copy_(buffer[source, :, :filled])
 
-    def prefill_view(self, row: int) -> PrefillView:
-        return PrefillView(self.cache, row)
+    def prefill_view(self, start: int, stop: int) -> PrefillView:
+        return PrefillView(self.cache, start, stop)
 
     def decode_view(self, start: int, stop: int) -> DecodeView:
         return DecodeView(self.cache, start, stop)
 
 
 class PrefillView:
-    """Row `row` of the cache as a KVCache of batch 1."""
+    """Rows [start, stop) of the cache as a KVCache, every row writing the same slots."""
 
-    batch_size = 1
-
-    def __init__(self, cache: KVCache, row: int) -> None:
-        self.keys = [k[row : row + 1] for k in cache.keys]
-        self.values = [v[row : row + 1] for v in cache.values]
+    def __init__(self, cache: KVCache, start: int, stop: int) -> None:
+        self.keys = [k[start:stop] for k in cache.keys]
+        self.values = [v[start:stop] for v in cache.values]
+        self.batch_size = stop - start
         self.max_length = cache.max_length
 
     def update(self, layer: int, cache_position: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
-        """k, v (1, Hkv, T, D) written at slots cache_position (T,); returns slots [0, length)."""
+        """k, v (B, Hkv, T, D) written at slots cache_position (T,); returns slots [0, length)."""
         keys, values = self.keys[layer], self.values[layer]
         keys.index_copy_(2, cache_position, k.to(keys.dtype))
         values.index_copy_(2, cache_position, v.to(values.dtype))

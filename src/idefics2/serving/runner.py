@@ -26,10 +26,18 @@ class ModelRunner:
         use_graphs = self.device.type == "cuda" and getattr(model, "cuda_graphs", False)
         self.graphs = DecodeGraphs(self, rows, length) if use_graphs else None
 
-    def image_features(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor) -> torch.Tensor:
-        """One image's processed crops (1, N, C, H, W) -> features (N, n_latents, hidden)."""
-        pixel_values = pixel_values.to(device=self.device, dtype=self.model.dtype)
-        return self.model.get_image_features(pixel_values, pixel_attention_mask.to(self.device))
+    def image_features(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Processed images, each (pixel_values (1, N, C, H, W), pixel_attention_mask (1, N, H, W)), encoded
+        in one call (crops padded to the largest, padding masked) -> features (N, n_latents, hidden) each."""
+        height = max(pixels.shape[-2] for pixels, _ in images)
+        width = max(pixels.shape[-1] for pixels, _ in images)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[-1], 0, height - t.shape[-2]))
+        pixel_values = torch.cat([pad(pixels) for pixels, _ in images], dim=1)
+        pixel_mask = torch.cat([pad(mask) for _, mask in images], dim=1)
+        features = self.model.get_image_features(
+            pixel_values.to(device=self.device, dtype=self.model.dtype), pixel_mask.to(self.device)
+        )
+        return list(features.split([pixels.shape[1] for pixels, _ in images]))
 
     def embed_prompt(self, input_ids: list[int], image_features: torch.Tensor | None) -> torch.Tensor:
         """Prompt embeddings (1, P, hidden) with the image features at the `<image>` tokens."""
@@ -46,12 +54,27 @@ class ModelRunner:
         hidden = self.model.model(
             inputs_embeds=embeds,
             attention_mask=mask,
-            kv_cache=self.cache.prefill_view(row),
+            kv_cache=self.cache.prefill_view(row, row + 1),
             cache_position=slots,
         ).last_hidden_state
         if not want_logits:
             return None
         return self.model.lm_head(hidden[0, -1:]).float()[0]
+
+    def prefill_whole(self, first_row: int, embeds: list[torch.Tensor]) -> torch.Tensor:
+        """Whole prompts, embeds[i] (1, P_i, hidden), into rows first_row + i, as one right-padded batch:
+        plain causal attention, so a real position never sees the padding after it (padding positions write
+        slots the request overwrites before it reads them). The logits (B, V) of each last real position."""
+        lengths = [e.shape[1] for e in embeds]
+        longest = max(lengths)
+        batch = torch.cat([torch.nn.functional.pad(e, (0, 0, 0, longest - e.shape[1])) for e in embeds])
+        hidden = self.model.model(
+            inputs_embeds=batch,
+            kv_cache=self.cache.prefill_view(first_row, first_row + len(embeds)),
+            cache_position=torch.arange(longest, device=self.device),
+        ).last_hidden_state
+        last = hidden[torch.arange(len(embeds)), torch.tensor(lengths) - 1]  # (B, hidden)
+        return self.model.lm_head(last).float()
 
     def decode(self, tokens: list[int], positions: list[int], start: int = 0) -> torch.Tensor:
         """One new token for each of rows [start, start + B) at its own slot; logits (B, V).

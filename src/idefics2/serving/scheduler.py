@@ -3,7 +3,9 @@
 - **Admission**: waiting requests take free cache rows first come, first served. The waiting queue is bounded;
   a request arriving when it is full is refused at once (`EngineOverloadedError`).
 - **Prefill under a token budget**: each iteration prefills at most `prefill_budget` prompt tokens, oldest
-  request first; a longer prompt is split into chunks over several iterations (chunked prefill).
+  request first; a longer prompt is split into chunks over several iterations (chunked prefill). The images
+  of the requests starting their prefill are encoded in one vision call, and whole prompts in consecutive
+  rows are prefilled as one batch.
 - **Decode**: then every running row takes one decode step together. Rows whose prompt is still being
   prefilled ride along as placeholders (their step writes a slot that their next chunk overwrites), so the
   batch is always rows [0, n) of the cache.

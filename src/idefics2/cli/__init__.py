@@ -1,8 +1,8 @@
 """The `idefics2` command line: one module per subcommand.
 
 `generate` answers one prompt about images, `chat` holds a conversation on stdin/stdout, `batch` answers a
-JSONL file of prompts, `eval` scores a model on the shapes world, `train` fine-tunes. Heavy modules (torch,
-the model) are imported inside the commands, so `idefics2 --help` is instant.
+JSONL file of prompts, `eval` scores a model on the shapes world, `train` fine-tunes, `serve` runs the HTTP
+server. Heavy modules (torch, the model) are imported inside the commands, so `idefics2 --help` is instant.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from idefics2.cli import batch, chat, evaluate, generate, train
+from idefics2.cli import batch, chat, evaluate, generate, serve, train
 from idefics2.cli.common import CommandParser, UserError
 
-COMMANDS = (generate, chat, batch, evaluate, train)
+COMMANDS = (generate, chat, batch, evaluate, train, serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,4 +41,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"idefics2 {args.command}: interrupted", file=sys.stderr)
         return 130
-

@@ -169,6 +169,11 @@ class Engine:
         return ImageInput(key, None, batch["pixel_values"], batch["pixel_attention_mask"])
 
     # ---- state -----------------------------------------------------------------------------------------
+    @property
+    def accepting(self) -> bool:
+        """False once `close` has begun."""
+        return self._accepting
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {

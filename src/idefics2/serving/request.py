@@ -115,6 +115,11 @@ class RequestHandle:
     def done(self) -> bool:
         return self._completion is not None
 
+    @property
+    def completion(self) -> Completion | None:
+        """The finished request, failed or not (None while it runs); `result()` raises for a failure."""
+        return self._completion
+
     def __iter__(self) -> Iterator[StreamEvent]:
         seen = 0
         while True:

@@ -1,0 +1,181 @@
+"""The HTTP server: a FastAPI app over one engine, with OpenAI's and text-generation-inference's routes,
+Prometheus metrics, a chat page, an API key, a body-size limit and a graceful drain.
+
+    app = create_app(engine, ServerSettings(model_name="my-model", api_key="secret"))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import hmac
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from idefics2.server import openai, tgi
+from idefics2.server.errors import APIError
+from idefics2.server.media import MediaPolicy
+from idefics2.server.metrics import ServerMetrics
+from idefics2.server.running import ClientGone
+from idefics2.serving import Engine
+
+TGI_ROUTES = ("/generate", "/generate_stream", "/info")  # errors in TGI's body here (and on POST /)
+# no API key on these: the liveness probe, and the static chat page (which asks for the key)
+OPEN_ROUTES = (("GET", "/health"), ("GET", "/"))
+
+
+@dataclass
+class ServerSettings:
+    model_name: str = "idefics2"
+    api_key: str | None = None
+    max_images_per_request: int = 8
+    max_image_pixels: int | None = None  # default: the processor's limit
+    max_body_bytes: int = 32 * 2**20
+    allowed_local_media_path: Path | None = None
+    allow_remote_images: bool = False
+    drain_timeout_s: float = 30.0
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAPI:
+    settings = settings or ServerSettings()
+    if settings.max_image_pixels is not None:
+        engine.processor.image_processor.max_pixels = settings.max_image_pixels
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        await run_in_threadpool(engine.close, settings.drain_timeout_s)  # requests in flight finish first
+
+    app = FastAPI(title="idefics2", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.settings, app.state.model_name = engine, settings, settings.model_name
+    app.state.metrics = ServerMetrics(engine)
+    app.state.started = int(time.time())
+    app.state.media_policy = MediaPolicy(
+        allowed_local_path=settings.allowed_local_media_path, allow_remote=settings.allow_remote_images
+    )
+    app.include_router(openai.router)
+    app.include_router(tgi.router)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        app.state.metrics.failures.labels(reason=_reason(error)).inc()
+        body = error.tgi_body() if _tgi(request.method, request.url.path) else error.openai_body()
+        return JSONResponse(body, status_code=error.status)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, error: ClientGone) -> Response:
+        app.state.metrics.failures.labels(reason="client_gone").inc()
+        return Response(status_code=499)  # nobody reads it
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.accepting:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(resources.files("idefics2.server").joinpath("static/chat.html").read_text())
+
+    app.add_middleware(Guard, settings=settings, metrics=app.state.metrics)
+    return app
+
+
+def _reason(error: APIError) -> str:
+    if error.status == 413:
+        return "body_too_large"
+    if error.status == 401:
+        return "unauthorized"
+    return error.code or {429: "overloaded", 503: "shutting_down"}.get(error.status, f"http_{error.status}")
+
+
+def _version() -> str:
+    import idefics2
+
+    return idefics2.__version__
+
+
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than this server's limit of {limit} bytes",
+                         code="body_too_large")  # fmt: skip
+
+
+class Guard:
+    """ASGI middleware in front of the app: the API key (compared in constant time; every route but
+    OPEN_ROUTES), the body-size limit (Content-Length at once, streamed bodies as they arrive), and a count
+    of answers by route and status."""
+
+    def __init__(self, app, settings: ServerSettings, metrics: ServerMetrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+        self._key = settings.api_key.encode() if settings.api_key else None
+
+    async def __call__(self, scope: dict[str, Any], receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        headers = dict(scope["headers"])
+        open_route = (scope["method"], path) in OPEN_ROUTES
+        if self._key is not None and not open_route and not self._authorized(headers):
+            error = APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
+                             code="invalid_api_key")  # fmt: skip
+            await self._refuse(error, scope, send)
+            return
+        limit = self.settings.max_body_bytes
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await self._refuse(BodyTooLarge(limit), scope, send)
+            return
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(route=_route(path), status=str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, limited_receive, counting_send)
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)
+
+    async def _refuse(self, error: APIError, scope: dict[str, Any], send) -> None:
+        path = scope["path"]
+        self.metrics.failures.labels(reason=_reason(error)).inc()
+        self.metrics.requests.labels(route=_route(path), status=str(error.status)).inc()
+        body = error.tgi_body() if _tgi(scope["method"], path) else error.openai_body()
+        await JSONResponse(body, status_code=error.status)(scope, None, send)
+
+
+_KNOWN_ROUTES = ("/v1/chat/completions", "/v1/models", *TGI_ROUTES, "/health", "/metrics", "/")
+
+
+def _tgi(method: str, path: str) -> bool:
+    return path in TGI_ROUTES or (method == "POST" and path == "/")
+
+
+def _route(path: str) -> str:
+    return path if path in _KNOWN_ROUTES else "other"

@@ -1,0 +1,57 @@
+"""The server's Prometheus metrics (prometheus-client), in a registry of their own per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from idefics2.serving import Completion, Engine
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self, engine: Engine) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("idefics2_queue_size", "Requests waiting for a cache row", registry=r).set_function(
+            lambda: engine.stats()["waiting"]
+        )
+        Gauge("idefics2_batch_size", "Requests in the running batch", registry=r).set_function(
+            lambda: engine.stats()["running"]
+        )
+        self.requests = Counter(
+            "idefics2_requests", "Requests answered, by route and status", ["route", "status"], registry=r
+        )
+        self.failures = Counter(
+            "idefics2_request_failures", "Failed requests, by reason", ["reason"], registry=r
+        )
+        self.duration = Histogram(
+            "idefics2_request_duration_seconds",
+            "Submission to last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "idefics2_time_to_first_token_seconds", "Submission to first token", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            "idefics2_time_per_output_token_seconds", "Decode time per token after the first",
+            buckets=_TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens = Counter("idefics2_generated_tokens", "Tokens generated", registry=r)
+        self.prompt_tokens = Counter("idefics2_prompt_tokens", "Prompt tokens processed", registry=r)
+
+    def finished(self, completion: Completion) -> None:
+        """Record a finished request (any finish reason)."""
+        self.tokens.inc(completion.completion_tokens)
+        self.prompt_tokens.inc(completion.prompt_tokens)
+        self.duration.observe(completion.finished_at - completion.submitted_at)
+        if completion.first_token_at is not None:
+            self.ttft.observe(completion.first_token_at - completion.submitted_at)
+            if completion.completion_tokens > 1:
+                decode = completion.finished_at - completion.first_token_at
+                self.tpot.observe(decode / (completion.completion_tokens - 1))
+        if completion.finish_reason in ("cancelled", "error"):
+            self.failures.labels(reason=completion.finish_reason).inc()

@@ -1,0 +1,249 @@
+"""OpenAI's chat completions API: `POST /v1/chat/completions` (plain or streamed) and `GET /v1/models`."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from idefics2.server.errors import APIError
+from idefics2.server.media import fetch_image
+from idefics2.server.running import read_json, sse, submit, until_done
+from idefics2.serving import RequestFailedError
+
+router = APIRouter()
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP_STRINGS = 16
+# parameters of OpenAI's API this server does not implement: any value other than these defaults is refused
+UNSUPPORTED = {
+    "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None),
+    "logit_bias": (None, {}),
+    "top_logprobs": (None, 0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict[str, Any]]
+    image_urls: list[tuple[str, str]]  # (url, the request field that named it)
+    controls: dict[str, Any] = field(default_factory=dict)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+
+
+def parse_chat_request(body: dict[str, Any], max_images: int) -> ChatRequest:
+    """OpenAI's request body -> our conversation, image URLs and generation controls; APIError(400)
+    naming the field for anything wrong or unsupported."""
+    if "model" in body and not isinstance(body["model"], str):
+        raise APIError(400, "model must be a string", param="model")
+    for name, defaults in UNSUPPORTED.items():
+        if name in body and body[name] not in defaults:
+            raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported")
+    n = body.get("n", 1)
+    if n not in (1, None):
+        raise APIError(400, f"n must be 1 (one choice per request), got {n!r}", param="n")
+    response_format = body.get("response_format")
+    if response_format not in (None, {"type": "text"}):
+        raise APIError(400, "response_format is not supported yet", param="response_format")
+    messages, image_urls = _conversation(body.get("messages"))
+    if len(image_urls) > max_images:
+        raise APIError(
+            400, f"the request has {len(image_urls)} images, more than this server's limit of {max_images}",
+            param="messages", code="too_many_images",
+        )  # fmt: skip
+    request = ChatRequest(messages, image_urls, _controls(body))
+    request.stream = _flag(body, "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise APIError(400, "stream_options must be an object", param="stream_options")
+        if not request.stream:
+            raise APIError(400, "stream_options needs stream: true", param="stream_options")
+        request.include_usage = _flag(options, "include_usage", "stream_options.include_usage")
+    request.logprobs = _flag(body, "logprobs")
+    return request
+
+
+def _flag(body: dict[str, Any], name: str, param: str | None = None) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise APIError(400, f"{param or name} must be true or false, got {value!r}", param=param or name)
+    return value
+
+
+def _conversation(messages: Any) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list", param="messages")
+    conversation, urls = [], []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise APIError(400, f"{where} must be an object", param=where)
+        role = message.get("role")
+        if role not in ROLES:
+            raise APIError(400, f"{where}.role must be one of {', '.join(ROLES)}, got {role!r}", param=where)
+        content = message.get("content")
+        if isinstance(content, str):
+            conversation.append({"role": role, "content": [{"type": "text", "text": content}]})
+            continue
+        if not isinstance(content, list) or not content:
+            raise APIError(400, f"{where}.content must be a string or a non-empty list of parts", param=where)
+        parts = []
+        for j, part in enumerate(content):
+            at = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url" and role != "assistant":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, dict) else image
+                if not isinstance(url, str):
+                    raise APIError(400, f"{at}.image_url must be {{'url': ...}}", param=at)
+                urls.append((url, f"{at}.image_url"))
+                parts.append({"type": "image"})
+            else:
+                expected = "{'type': 'text', 'text': ...} or {'type': 'image_url', 'image_url': {'url': ...}}"
+                raise APIError(400, f"{at} must be {expected} (images in user and system turns)", param=at)
+        conversation.append({"role": role, "content": parts})
+    return conversation, urls
+
+
+def _controls(body: dict[str, Any]) -> dict[str, Any]:
+    controls: dict[str, Any] = {}
+    lengths = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None}
+    if len(set(map(repr, lengths.values()))) > 1:
+        raise APIError(400, "max_tokens and max_completion_tokens disagree", param="max_completion_tokens")
+    for name, value in lengths.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise APIError(400, f"{name} must be an integer >= 1, got {value!r}", param=name)
+        controls["max_new_tokens"] = value
+    temperature, top_p = body.get("temperature"), body.get("top_p")
+    for name, value, high in (("temperature", temperature, 2.0), ("top_p", top_p, 1.0)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 <= value <= high):  # fmt: skip
+            raise APIError(400, f"{name} must be a number in [0, {high:g}], got {value!r}", param=name)
+    if top_p == 0:
+        raise APIError(400, "top_p must be above 0", param="top_p")
+    if temperature == 0:
+        controls["do_sample"] = False  # greedy; top_p and seed do not apply
+    elif temperature is not None or top_p is not None:
+        controls["do_sample"] = True
+        if temperature is not None:
+            controls["temperature"] = float(temperature)
+        if top_p is not None:
+            controls["top_p"] = float(top_p)
+    seed = body.get("seed")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise APIError(400, f"seed must be an integer >= 0, got {seed!r}", param="seed")
+        if controls.get("do_sample"):
+            controls["seed"] = seed
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if (not isinstance(stop, list) or not stop or len(stop) > MAX_STOP_STRINGS
+                or not all(isinstance(s, str) and s for s in stop)):  # fmt: skip
+            raise APIError(
+                400,
+                f"stop must be a non-empty string or a list of 1 to {MAX_STOP_STRINGS} of them",
+                param="stop",
+            )
+        controls["stop_strings"] = stop
+    return controls
+
+
+async def resolve_images(urls: list[tuple[str, str]], request: Request) -> list[bytes]:
+    policy = request.app.state.media_policy
+    return [await run_in_threadpool(fetch_image, url, policy, param) for url, param in urls]
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request):
+    state = request.app.state
+    chat = parse_chat_request(await read_json(request), state.settings.max_images_per_request)
+    images = await resolve_images(chat.image_urls, request)
+    handle = await submit(state.engine.submit, chat.messages, images, logprobs=chat.logprobs, **chat.controls)
+    reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": reply_id, "created": created, "model": state.model_name}
+    if chat.stream:
+        chunks = _stream_chunks(handle, head, chat, state.metrics)
+        return StreamingResponse(sse(chunks, handle, state.metrics), media_type="text/event-stream")
+    events = await until_done(handle, request)
+    completion = handle.result()
+    state.metrics.finished(completion)
+    message = {"role": "assistant", "content": completion.text}
+    choice = {"index": 0, "message": message, "finish_reason": completion.finish_reason, "logprobs": None}
+    if chat.logprobs:
+        choice["logprobs"] = {"content": [_logprob(e) for e in events if e.token_ids]}
+    usage = _usage(completion.prompt_tokens, completion.completion_tokens)
+    body = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+    return JSONResponse(body)
+
+
+async def _stream_chunks(handle, head: dict, chat: ChatRequest, metrics):
+    base = {**head, "object": "chat.completion.chunk"}
+
+    def chunk(delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
+        return {**base, "choices": [choice]}
+
+    yield chunk({"role": "assistant", "content": ""})
+    last = None
+    try:
+        async for event in handle:
+            last = event
+            logprobs = {"content": [_logprob(event)]} if chat.logprobs and event.token_ids else None
+            if event.text or logprobs:
+                yield chunk({"content": event.text}, None, logprobs)
+            if event.finish_reason is not None:
+                yield chunk({}, event.finish_reason)
+    except RequestFailedError as error:
+        metrics.finished(handle.completion)
+        yield {
+            "error": {
+                "message": str(error),
+                "type": "server_error",
+                "param": None,
+                "code": "generation_failed",
+            }
+        }
+        yield "[DONE]"
+        return
+    metrics.finished(handle.result())
+    if chat.include_usage and last is not None:
+        yield {**base, "choices": [], "usage": _usage(last.prompt_tokens, last.completion_tokens)}
+    yield "[DONE]"
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _logprob(event) -> dict[str, Any]:
+    text = event.text
+    return {"token": text, "logprob": event.logprobs[0], "bytes": list(text.encode()), "top_logprobs": []}
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+    state = request.app.state
+    card = {"id": state.model_name, "object": "model", "created": state.started, "owned_by": "idefics2"}
+    return {"object": "list", "data": [card]}

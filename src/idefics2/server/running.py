@@ -1,0 +1,88 @@
+"""What the routes share: submitting to the engine off the event loop, waiting for a request while watching
+for the client hanging up, and the events of a request as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+
+from idefics2.server.errors import APIError, engine_error
+from idefics2.server.metrics import ServerMetrics
+from idefics2.serving import RequestFailedError, RequestHandle, StreamEvent
+
+
+class ClientGone(Exception):
+    """The client hung up before its answer was ready (its request was cancelled)."""
+
+
+async def read_json(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise APIError(400, f"the request body is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+async def submit(submit_fn: Callable[..., RequestHandle], *args: Any, **kwargs: Any) -> RequestHandle:
+    """Run the engine's submit (tokenizing, image loading) in a worker thread; engine errors as APIError."""
+    try:
+        return await run_in_threadpool(submit_fn, *args, **kwargs)
+    except APIError:
+        raise
+    except Exception as error:
+        raise engine_error(error) from None
+
+
+async def until_done(handle: RequestHandle, request: Request) -> list[StreamEvent]:
+    """Every event of the request; ClientGone (after cancelling it) if the client hangs up first."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    events: list[StreamEvent] = []
+
+    async def collect() -> None:
+        async for event in handle:
+            events.append(event)
+
+    collector = asyncio.ensure_future(collect())
+    try:
+        done, _ = await asyncio.wait({watcher, collector}, return_when=asyncio.FIRST_COMPLETED)
+        if collector not in done:
+            handle.cancel()
+            collector.cancel()
+            raise ClientGone()
+        error = collector.exception()
+        if isinstance(error, RequestFailedError):
+            raise engine_error(error)
+        if error is not None:
+            raise error
+        return events
+    finally:
+        watcher.cancel()
+        if not handle.done:
+            handle.cancel()
+
+
+async def sse(
+    chunks: AsyncIterator[dict[str, Any] | str], handle: RequestHandle, metrics: ServerMetrics
+) -> AsyncIterator[str]:
+    """Server-sent events of the JSON chunks (a str chunk is sent as it is); the request is cancelled when
+    the client goes away and the stream stops."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk, ensure_ascii=False)}\n\n"
+    finally:
+        if not handle.done:
+            handle.cancel()
+            metrics.failures.labels(reason="client_gone").inc()

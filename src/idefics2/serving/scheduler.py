@@ -33,7 +33,10 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def add(self, seq: Sequence) -> None:
-        if len(self.waiting) >= self.max_waiting:
+        """Queue a request; refused when the queue is full (requests that free rows will take at the next
+        iteration do not count)."""
+        free_rows = self.rows - len(self.running)
+        if len(self.waiting) >= self.max_waiting + free_rows:
             raise EngineOverloadedError(
                 f"the engine is overloaded: {len(self.waiting)} requests are already waiting "
                 f"(max_queue={self.max_waiting}); retry later"

@@ -1,0 +1,88 @@
+"""A real uvicorn server on a free loopback port, in a thread, for tests and benchmarks."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import uvicorn
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+
+
+@contextlib.contextmanager
+def serving(app, drain_s: float = 5.0) -> Iterator[str]:
+    """Run `app` on 127.0.0.1 (a free port) while the block runs; yields the base URL."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=drain_s
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=60)
+
+
+def data_url(path: Path = EXAMPLE) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def image_message(text: str, url: str | None = None) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url or data_url()}},
+                                         {"type": "text", "text": text}]}]  # fmt: skip
+
+
+def post_raw(base: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict | str]:
+    """POST bytes with http.client (no client-side checks); (status, parsed JSON or text)."""
+    import http.client
+    import urllib.parse
+
+    url = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    connection.request(
+        "POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+    )
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    try:
+        return response.status, json.loads(text)
+    except json.JSONDecodeError:
+        return response.status, text
+
+
+def post_json(base: str, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict | str]:
+    return post_raw(base, path, json.dumps(body).encode(), headers)
+
+
+def get(base: str, path: str, headers: dict | None = None) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(base + path, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

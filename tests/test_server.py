@@ -1,0 +1,313 @@
+"""`idefics2 serve`'s app, over real HTTP on loopback: clients no one here wrote (openai, huggingface_hub),
+raw malformed bodies, limits, the API key, client hang-ups, metrics, image URL policy."""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import socket
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+from idefics2 import pipeline
+from idefics2.server import ServerSettings, create_app
+from idefics2.serving import Engine
+from server_utils import EXAMPLE, data_url, get, image_message, post_json, post_raw, serving
+
+QUESTION = "What color is the circle?"
+TGI_PROMPT = f"User:![]({{url}}){QUESTION}<end_of_utterance>\nAssistant:"
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return pipeline()
+
+
+@pytest.fixture(scope="module")
+def server(builtin, tmp_path_factory):
+    media = tmp_path_factory.mktemp("media")
+    (media / "shapes.png").write_bytes(EXAMPLE.read_bytes())
+    engine = Engine(builtin.model, builtin.processor, max_batch=4)
+    settings = ServerSettings(model_name="builtin", max_images_per_request=2, max_image_pixels=500_000,
+                              max_body_bytes=2_000_000, allowed_local_media_path=media)  # fmt: skip
+    with serving(create_app(engine, settings)) as base:
+        yield base, engine, media
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    """A random tiny checkpoint that rarely ends early: long answers, to hang up in the middle of."""
+    from oracle_model import build_reference_checkpoint
+    from oracle_processing import build_reference_processor
+
+    folder = tmp_path_factory.mktemp("random")
+    build_reference_checkpoint(folder)
+    build_reference_processor(folder, image_seq_len=4, longest_edge=56, shortest_edge=28)
+    chat = pipeline(folder)
+    engine = Engine(chat.model, chat.processor, max_batch=2, max_queue=1, max_length=512)
+    with serving(create_app(engine, ServerSettings(model_name="random"))) as base:
+        yield base, engine
+
+
+def test_openai_client_plain_and_streaming_with_usage(server):
+    from openai import OpenAI
+
+    base, _, _ = server
+    client = OpenAI(base_url=base + "/v1", api_key="unused")
+    reply = client.chat.completions.create(model="builtin", messages=image_message(QUESTION), max_tokens=8)
+    assert reply.choices[0].message.content == "green"
+    assert reply.choices[0].finish_reason == "stop" and reply.model == "builtin"
+    assert reply.usage.completion_tokens == 2 and reply.usage.prompt_tokens > 20
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    chunks = list(client.chat.completions.create(
+        model="builtin", messages=image_message(QUESTION), max_tokens=8, stream=True,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "green"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 2
+    assert [m.id for m in client.models.list()] == ["builtin"]
+
+
+def test_huggingface_hub_client_on_both_apis(server):
+    from huggingface_hub import InferenceClient
+
+    base, _, _ = server
+    client = InferenceClient(base_url=base)
+    assert client.chat_completion(messages=image_message(QUESTION), max_tokens=8).choices[
+        0
+    ].message.content == ("green")
+    prompt = TGI_PROMPT.format(url=data_url())
+    out = client.text_generation(prompt, max_new_tokens=5, details=True)
+    assert out.generated_text == "green" and out.details.finish_reason == "eos_token"
+    assert [t.special for t in out.details.tokens] == [False, True] and out.details.tokens[0].logprob < 0
+    stream = list(client.text_generation(prompt, max_new_tokens=5, stream=True, details=True))
+    assert "".join(s.token.text for s in stream) == "green" and stream[-1].generated_text == "green"
+    assert stream[-1].details.generated_tokens == 2 and stream[-1].details.input_length > 20
+    status, body = post_json(base, "/generate", {"inputs": prompt, "parameters": {"max_new_tokens": 5}})
+    assert status == 200 and body == {"generated_text": "green"}
+    status, info = get(base, "/info")
+    assert status == 200 and json.loads(info)["max_total_tokens"] == 512
+
+
+MALFORMED = [
+    (b"{not json", "not valid JSON", None),
+    (b"[1, 2]", "must be a JSON object", None),
+    (json.dumps({"messages": []}).encode(), "non-empty list", "messages"),
+    (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}).encode(), "role must be", "messages[0]"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "video"}]}]}).encode(), "must be",
+     "messages[0].content[0]"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 2}).encode(), "n must be 1", "n"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).encode(), ">= 1",
+     "max_tokens"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}).encode(), "number",
+     "temperature"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "tools": [{"x": 1}]}).encode(),
+     "not supported", "tools"),
+    (json.dumps({"messages": [{"role": "user", "content": "hi"}], "stop": [""]}).encode(), "stop must",
+     "stop"),
+    (json.dumps({"messages": image_message("x", "data:image/png;base64,@@@")}).encode(), "not valid base64",
+     "messages[0].content[0].image_url"),
+    (json.dumps({"messages": image_message("x", "data:image/png;base64,aGVsbG8=")}).encode(),
+     "not a readable image", None),
+    (json.dumps({"messages": image_message("x", "http://127.0.0.1:1/x.png")}).encode(),
+     "--allow-remote-images", "messages[0].content[0].image_url"),
+    (json.dumps({"messages": image_message("x", "file:///etc/passwd")}).encode(), "must point inside",
+     "messages[0].content[0].image_url"),
+    (json.dumps({"messages": [{"role": "user", "content": "lone \ud800 surrogate"}]}).encode(), "", None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("body, message, param", MALFORMED)
+def test_malformed_bodies_get_a_400_in_openais_format(server, body, message, param):
+    base, _, _ = server
+    status, answer = post_raw(base, "/v1/chat/completions", body)
+    assert status == 400, answer
+    error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert message in error["message"] and error["param"] == param
+
+
+def test_limits_answer_with_the_numbers(server):
+    base, _, _ = server
+    image = {"type": "image_url", "image_url": {"url": data_url()}}
+    three = {"messages": [{"role": "user", "content": [image] * 3 + [{"type": "text", "text": "x"}]}]}
+    status, answer = post_json(base, "/v1/chat/completions", three)
+    assert status == 400 and "3 images, more than this server's limit of 2" in answer["error"]["message"]
+    status, answer = post_raw(base, "/v1/chat/completions", b"x" * 2_000_001)
+    assert status == 413 and "2000000 bytes" in answer["error"]["message"]
+    big = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 600}
+    status, answer = post_json(base, "/v1/chat/completions", big)
+    assert status == 400 and answer["error"]["code"] == "context_length_exceeded"
+    assert "600" in answer["error"]["message"] and "512" in answer["error"]["message"]
+    from PIL import Image
+
+    huge = "data:image/png;base64,"
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (1000, 600)).save(buffer, format="PNG")
+    huge += base64.b64encode(buffer.getvalue()).decode()
+    status, answer = post_json(base, "/v1/chat/completions", {"messages": image_message("x", huge)})
+    assert status == 400 and "600000 pixels, above the limit of 500000" in answer["error"]["message"]
+    status, answer = post_json(base, "/generate", {"inputs": "hi", "parameters": {"temperature": 0}})
+    assert status == 422 and answer["error_type"] == "validation" and "temperature" in answer["error"]
+
+
+def test_local_files_only_inside_the_allowed_folder(server):
+    base, _, media = server
+    url = (media / "shapes.png").as_uri()
+    status, answer = post_json(base, "/v1/chat/completions", {"messages": image_message(QUESTION, url)})
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "green"
+    escape = (media / ".." / media.name / ".." / "elsewhere.png").as_uri()
+    status, answer = post_json(base, "/v1/chat/completions", {"messages": image_message(QUESTION, escape)})
+    assert status == 400 and "must point inside" in answer["error"]["message"]
+
+
+def test_remote_images_need_the_flag_and_are_checked(builtin):
+    png = EXAMPLE.read_bytes()
+
+    class Images(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            kind, body = {"/shapes.png": ("image/png", png), "/page.html": ("text/html", b"<html>"),
+                          "/big.png": ("image/png", png * 20)}[self.path]  # fmt: skip
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
+    threading.Thread(target=images.serve_forever, daemon=True).start()
+    root = f"http://127.0.0.1:{images.server_address[1]}"
+    engine = Engine(builtin.model, builtin.processor, max_batch=2)
+    app = create_app(engine, ServerSettings(allow_remote_images=True))
+    app.state.media_policy.remote_max_bytes = len(png) * 2
+    try:
+        with serving(app) as base:
+            ask = lambda url: post_json(
+                base, "/v1/chat/completions", {"messages": image_message(QUESTION, url)}
+            )
+            status, answer = ask(root + "/shapes.png")
+            assert status == 200 and answer["choices"][0]["message"]["content"] == "green"
+            status, answer = ask(root + "/page.html")
+            assert status == 400 and "text/html, not an image" in answer["error"]["message"]
+            status, answer = ask(root + "/big.png")
+            assert status == 400 and "larger than" in answer["error"]["message"]
+    finally:
+        images.shutdown()
+
+
+def test_api_key_on_every_route_but_health_and_the_page(builtin):
+    engine = Engine(builtin.model, builtin.processor, max_batch=2)
+    with serving(create_app(engine, ServerSettings(api_key="s3cret"))) as base:
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for path in ("/v1/chat/completions", "/generate", "/"):
+            status, answer = post_json(base, path, body if path.startswith("/v1") else {"inputs": "hi"})
+            assert status == 401, path
+        for path in ("/v1/models", "/metrics", "/info"):
+            assert get(base, path)[0] == 401
+            assert get(base, path, {"Authorization": "Bearer wrong"})[0] == 401
+            assert get(base, path, {"Authorization": "Bearer s3cret"})[0] == 200
+        assert get(base, "/health")[0] == 200 and get(base, "/")[0] == 200
+        status, answer = post_json(base, "/v1/chat/completions", body, {"Authorization": "Bearer s3cret"})
+        assert status == 200 and answer["usage"]["completion_tokens"] >= 1
+
+
+def _hang_up_after_first_bytes(base: str, path: str, body: dict, stream: bool) -> None:
+    url = urllib.parse.urlsplit(base)
+    sock = socket.create_connection((url.hostname, url.port))
+    payload = json.dumps(body).encode()
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)  # fmt: skip
+    if stream:
+        received = b""
+        while b"data:" not in received:  # the headers, then the first chunk
+            received += sock.recv(4096)
+    else:
+        time.sleep(0.3)  # generating
+    sock.close()
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_client_that_hangs_up_cancels_its_request(long_server, stream):
+    base, engine = long_server
+    body = {"messages": [{"role": "user", "content": "Talk for a long time."}], "max_tokens": 400,
+            "stream": stream}  # fmt: skip
+    _hang_up_after_first_bytes(base, "/v1/chat/completions", body, stream)
+    deadline = time.monotonic() + 10
+    while engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["running"] == 0  # the 400 tokens were not generated
+    assert engine.steps < 400
+    _, metrics = get(base, "/metrics")
+    assert 'idefics2_request_failures_total{reason="client_gone"}' in metrics
+
+
+def test_a_full_queue_answers_429_at_once_and_others_are_undisturbed(long_server):
+    base, engine = long_server
+    long = {"messages": [{"role": "user", "content": "Long."}], "max_tokens": 120}
+    results = {}
+
+    def ask(i):
+        results[i] = post_json(base, "/v1/chat/completions", long)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]  # 2 rows + 1 queue place
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while engine.stats()["waiting"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    start = time.monotonic()
+    status, answer = post_json(base, "/v1/chat/completions", long)
+    assert status == 429 and answer["error"]["type"] == "server_overloaded"
+    assert time.monotonic() - start < 1.0
+    status, answer = post_raw(base, "/v1/chat/completions", b"{broken")  # a bad request meanwhile
+    assert status == 400
+    for thread in threads:
+        thread.join()
+    assert [status for status, _ in results.values()] == [200] * 3, results
+
+
+def test_metrics_in_prometheus_text(server):
+    base, _, _ = server
+    post_json(base, "/v1/chat/completions", {"messages": image_message(QUESTION), "max_tokens": 4})
+    status, text = get(base, "/metrics")
+    assert status == 200
+    for name in ("idefics2_queue_size", "idefics2_batch_size", "idefics2_request_duration_seconds_bucket",
+                 "idefics2_time_to_first_token_seconds_count", "idefics2_time_per_output_token_seconds_count",
+                 "idefics2_generated_tokens_total", "idefics2_request_failures_total",
+                 'idefics2_requests_total{route="/v1/chat/completions",status="200"}'):  # fmt: skip
+        assert name in text, name
+
+
+def test_health_and_chat_page(server):
+    base, _, _ = server
+    assert get(base, "/health") == (200, '{"status":"ok"}')
+    status, page = get(base, "/")
+    assert (
+        status == 200 and "<title>idefics2 chat</title>" in page and "http" not in page.split("<script>")[0]
+    )
+
+
+def test_streamed_http_connection_reads_sse_chunks_in_openai_format(server):
+    base, _, _ = server
+    url = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    body = {"messages": image_message(QUESTION), "stream": True, "max_tokens": 8}
+    connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200 and response.getheader("content-type").startswith("text/event-stream")
+    events = [line for line in response.read().decode().split("\n\n") if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}

@@ -74,9 +74,7 @@ def run(args: argparse.Namespace) -> int:
         media = Path(args.allowed_local_media_path).expanduser()
         if not media.is_dir():
             raise UserError(f"--allowed-local-media-path: {media} is not a folder")
-    import uvicorn
-
-    from idefics2.server import ServerSettings, create_app
+    from idefics2.server import ServerSettings, create_app, run_server
     from idefics2.serving import Engine
 
     pipe = load_pipeline(args)
@@ -95,7 +93,6 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, settings)
     url = f"http://{args.host}:{args.port}"
     print(f"idefics2 serve: {settings.model_name} on {url} (chat page: {url}/)", file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.drain_timeout,
-                log_level="warning")  # fmt: skip
+    run_server(app, args.host, args.port, args.drain_timeout)
     engine.close(timeout=0)
     return 0

@@ -3,6 +3,6 @@ inference's routes, Prometheus metrics and a chat page. Modules: app.py (the app
 routes), openai.py and tgi.py (the two APIs), running.py (what they share), media.py (image URLs),
 metrics.py, errors.py, static/chat.html."""
 
-from idefics2.server.app import ServerSettings, create_app
+from idefics2.server.app import ServerSettings, create_app, run_server
 
-__all__ = ["ServerSettings", "create_app"]
+__all__ = ["ServerSettings", "create_app", "run_server"]

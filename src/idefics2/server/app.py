@@ -7,7 +7,9 @@ Prometheus metrics, a chat page, an API key, a body-size limit and a graceful dr
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import signal
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -179,3 +182,25 @@ def _tgi(method: str, path: str) -> bool:
 
 def _route(path: str) -> str:
     return path if path in _KNOWN_ROUTES else "other"
+
+
+def run_server(app: FastAPI, host: str, port: int, drain_timeout_s: float) -> None:
+    """Serve until SIGTERM or SIGINT, then drain: no new connections, requests in flight finish (for at most
+    `drain_timeout_s`), and return (exit code 0 for the caller)."""
+    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout_s,
+                            log_level="warning")  # fmt: skip
+    _DrainingServer(config).run()
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, without raising the signal again after its graceful shutdown (so the process can
+    exit 0). A second signal stops at once."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

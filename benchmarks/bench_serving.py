@@ -5,6 +5,7 @@ N chat requests (each with one small image, no image splitting, prompts and imag
 fixed or mixed) arrive all at once or as a Poisson process at --rate requests/s. Three ways to serve them:
 
   engine       idefics2.serving.Engine, --max-batch rows decoded together, requests joining and leaving
+  http         (--http) the same engine behind `idefics2 serve`'s app, each request a streaming HTTP client
   one at a time  `generate` on each request alone, in arrival order
   static       `generate` on fixed batches of --max-batch requests (left-padded), each batch until its
                longest row ends, the next batch when the previous one is done and its requests have arrived
@@ -15,6 +16,7 @@ between two tokens) at p50/p90/p99, request throughput and output-token throughp
 
     python benchmarks/bench_serving.py                          # CPU, "mid" config, 16 requests at once
     python benchmarks/bench_serving.py --rate 2 --requests 32   # Poisson arrivals
+    python benchmarks/bench_serving.py --http --modes engine    # engine against HTTP
     python benchmarks/bench_serving.py --device cuda --config 8b --requests 32 --max-batch 32 --split
 """
 
@@ -121,6 +123,69 @@ def serve_engine(model, processor, requests: list[Request], max_batch: int, devi
         return time.perf_counter() - start
 
 
+def serve_http(model, processor, requests: list[Request], max_batch: int, device) -> float:
+    """The engine behind `idefics2 serve`'s app (uvicorn, loopback), each request a streaming client thread
+    (OpenAI's API, the image as a PNG data URL encoded beforehand)."""
+    import base64
+    import http.client
+    import io
+
+    from idefics2.server import ServerSettings, create_app
+    from idefics2.serving import Engine
+    from server_utils import serving
+
+    bodies = []
+    for request in requests:
+        buffer = io.BytesIO()
+        request.image.save(buffer, format="PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        content = [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": request.question},
+        ]
+        bodies.append(json.dumps({"messages": [{"role": "user", "content": content}], "stream": True,
+                                  "max_tokens": request.max_new_tokens}).encode())  # fmt: skip
+    engine = Engine(model, processor, max_batch=max_batch, max_queue=len(requests))
+    app = create_app(engine, ServerSettings(max_body_bytes=64 * 2**20))
+    # every row runs to max_new_tokens, as in the other modes
+    engine.submit = _forcing_min_new_tokens(engine.submit)
+    with serving(app) as base:
+        port = int(base.rsplit(":", 1)[1])
+
+        def stream(request: Request, body: bytes) -> None:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            buffer = b""
+            while chunk := response.read1(65536):
+                buffer += chunk
+                *events, buffer = buffer.split(b"\n\n")
+                now = time.perf_counter() - start
+                for event in events:
+                    if b'"content":"' in event and b'"content":""' not in event:
+                        request.token_times.append(now)
+            connection.close()
+
+        stream(requests[0], bodies[0])  # warm-up
+        requests[0].token_times.clear()
+        start = time.perf_counter()
+        threads = []
+        for request, body in zip(requests, bodies):
+            wait_until(start, request.arrival)
+            threads.append(threading.Thread(target=stream, args=(request, body)))
+            threads[-1].start()
+        for thread in threads:
+            thread.join()
+        return time.perf_counter() - start
+
+
+def _forcing_min_new_tokens(submit):
+    def forced(*args, **controls):
+        return submit(*args, min_new_tokens=controls.get("max_new_tokens", 1), **controls)
+
+    return forced
+
+
 def _inputs(processor, batch: list[Request], device):
     from idefics2.pipelines import chat_prompt
 
@@ -165,8 +230,9 @@ def report(requests: list[Request], seconds: float) -> dict:
     tpot = [(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in requests
             if len(r.token_times) > 1]  # fmt: skip
     itl = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])]
-    tokens = sum(len(r.token_times) for r in requests)
-    assert all(len(r.token_times) == r.max_new_tokens for r in requests)
+    tokens = sum(r.max_new_tokens for r in requests)
+    # through HTTP a chunk can carry more than one token (text held back until it is whole)
+    assert all(0 < len(r.token_times) <= r.max_new_tokens for r in requests)
     return {
         "seconds": seconds,
         "requests_per_s": len(requests) / seconds,
@@ -195,10 +261,14 @@ def main() -> None:
         "--mixed", action="store_true", help="max_new_tokens drawn from [1/3, 5/3] x --new-tokens"
     )
     parser.add_argument("--split", action="store_true", help="image splitting on (4 crops + the image)")
-    parser.add_argument("--modes", nargs="*", default=["engine", "one at a time", "static"])
+    parser.add_argument("--modes", nargs="*", default=["engine", "one at a time", "static"],
+                        choices=["engine", "http", "one at a time", "static"])  # fmt: skip
+    parser.add_argument("--http", action="store_true", help="also serve through HTTP (idefics2 serve's app)")
     parser.add_argument("--json", default="bench_serving.json")
     args = parser.parse_args()
 
+    if args.http and "http" not in args.modes:
+        args.modes.insert(1, "http")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     with tempfile.TemporaryDirectory() as folder:
@@ -214,6 +284,8 @@ def main() -> None:
             requests = make_requests(args.requests, args.rate, args.new_tokens, args.mixed)
             if mode == "engine":
                 seconds = serve_engine(model, processor, requests, args.max_batch, device)
+            elif mode == "http":
+                seconds = serve_http(model, processor, requests, args.max_batch, device)
             else:
                 size = 1 if mode == "one at a time" else args.max_batch
                 seconds = serve_static(model, processor, requests, size, device)
@@ -225,6 +297,10 @@ def main() -> None:
                   f"ITL p50/p99 {row['itl_s']['p50'] * 1e3:.1f}/{row['itl_s']['p99'] * 1e3:.1f} ms",
                   flush=True)  # fmt: skip
     if "engine" in results:
+        if "http" in results:
+            cost = 1 - results["http"]["output_tokens_per_s"] / results["engine"]["output_tokens_per_s"]
+            print(f"HTTP costs {cost:.1%} of the engine-level output-token throughput")
+            results["http_cost"] = cost
         for other in ("one at a time", "static"):
             if other in results:
                 ratio = results["engine"]["output_tokens_per_s"] / results[other]["output_tokens_per_s"]

@@ -217,6 +217,33 @@ def serve_static(model, processor, requests: list[Request], batch_size: int, dev
     return time.perf_counter() - start
 
 
+def second_turn_ttft(model, processor, split: bool, repeats: int = 3) -> dict[str, float]:
+    """Time to first token of a conversation's first turn and of its second turn, which sends the same image
+    again (as OpenAI-style clients do), with the image-feature cache and without it; medians of `repeats`."""
+    from idefics2.serving import Engine
+
+    image = photo_like(480, 640, seed=11)
+    first = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]}]
+    second = first + [{"role": "assistant", "content": "A picture."},
+                      {"role": "user", "content": [{"type": "text", "text": QUESTIONS[1]}]}]  # fmt: skip
+
+    def ttft(engine, messages) -> float:
+        """From the call to submit (processing included) to the first token."""
+        start = time.monotonic()
+        handle = engine.submit(messages, [image], max_new_tokens=1)
+        handle.result()
+        return handle.first_token_at - start
+
+    times: dict[str, list[float]] = {"first turn": [], "second turn, cached": [], "second turn, no cache": []}
+    for _ in range(repeats):
+        with Engine(model, processor, max_batch=1) as engine:
+            times["first turn"].append(ttft(engine, first))
+            times["second turn, cached"].append(ttft(engine, second))
+        with Engine(model, processor, max_batch=1, image_cache_mb=0) as engine:
+            times["second turn, no cache"].append(ttft(engine, second))
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def percentiles(values: list[float]) -> dict[str, float]:
     if not values:
         return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
@@ -264,6 +291,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="*", default=["engine", "one at a time", "static"],
                         choices=["engine", "http", "one at a time", "static"])  # fmt: skip
     parser.add_argument("--http", action="store_true", help="also serve through HTTP (idefics2 serve's app)")
+    parser.add_argument("--second-turn", action="store_true",
+                        help="time to first token of a second turn that sends its image again")  # fmt: skip
     parser.add_argument("--json", default="bench_serving.json")
     args = parser.parse_args()
 
@@ -296,6 +325,13 @@ def main() -> None:
                   f"{row['ttft_s']['p99']:.2f} s, TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms, "
                   f"ITL p50/p99 {row['itl_s']['p50'] * 1e3:.1f}/{row['itl_s']['p99'] * 1e3:.1f} ms",
                   flush=True)  # fmt: skip
+    if args.second_turn:
+        with torch.inference_mode():
+            turns = second_turn_ttft(model, processor, args.split)
+        results["second_turn_ttft_s"] = turns
+        ratio = turns["second turn, cached"] / turns["first turn"]
+        print("time to first token: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in turns.items())
+              + f"; the second turn takes {ratio:.2f}x the first's")  # fmt: skip
     if "engine" in results:
         if "http" in results:
             cost = 1 - results["http"]["output_tokens_per_s"] / results["engine"]["output_tokens_per_s"]

@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from idefics2 import Idefics2Processor
 from idefics2.cli import main
 from idefics2.shapes import QUESTION_TYPES
 from test_distributed import build_model_folder
@@ -243,16 +244,16 @@ def test_batch_answers_in_order_and_reports_bad_lines(model_dir, images, oracle,
 
 
 def test_batch_isolates_a_request_that_fails_in_generation(model_dir, tmp_path, capsys, monkeypatch):
-    from idefics2.serving.engine import Engine
+    from idefics2.serving.runner import ModelRunner
 
-    prefill = Engine._prefill
+    embed, tokenizer = ModelRunner.embed_prompt, Idefics2Processor.from_pretrained(model_dir).tokenizer
 
-    def failing_on_poison(self, seq, start, end):
-        if "POISON" in self.processor.decode(seq.prompt_ids):
+    def failing_on_poison(self, input_ids, image_features):
+        if "POISON" in tokenizer.decode(input_ids):
             raise RuntimeError("this prompt\ncannot be answered")
-        return prefill(self, seq, start, end)
+        return embed(self, input_ids, image_features)
 
-    monkeypatch.setattr(Engine, "_prefill", failing_on_poison)
+    monkeypatch.setattr(ModelRunner, "embed_prompt", failing_on_poison)
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     prompts = ["one", "POISON", "three", "four"]
     source.write_text("".join(json.dumps({"id": i, "prompt": p}) + "\n" for i, p in enumerate(prompts)))

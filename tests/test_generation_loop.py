@@ -11,6 +11,7 @@ import torch
 from idefics2.generation import default_eos_token_ids, generate, stream_generate
 
 V = 26
+CONTEXT = 64  # the stand-in's max_position_embeddings
 
 
 class ChainModel(torch.nn.Module):
@@ -18,6 +19,7 @@ class ChainModel(torch.nn.Module):
         super().__init__()
         self.lm_head = torch.nn.Linear(2, V, bias=False)
         self.generation_config = generation_config or {}
+        self.config = SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=CONTEXT))
         table = torch.full((V, V), -4.0)
         for t in range(V):
             table[t, (t + 1) % V] = 4.0
@@ -186,3 +188,31 @@ def test_bad_prompts_give_clear_errors():
         generate(ChainModel(), torch.tensor([[1, 2, 3]]), torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="left padding"):
         generate(ChainModel(), torch.tensor([[1, 2, 0]]), torch.tensor([[1, 1, 0]]))
+
+
+def test_prompt_and_new_tokens_beyond_the_context_are_refused_with_the_numbers():
+    from idefics2.generation import ContextLengthError
+
+    model = ChainModel()
+    prompt = torch.ones(1, CONTEXT - 4, dtype=torch.long)
+    assert generate(model, prompt, max_new_tokens=4).shape == (1, CONTEXT)  # exactly full: allowed
+    model = ChainModel()
+    with pytest.raises(ContextLengthError) as caught:
+        generate(model, prompt, max_new_tokens=5)
+    message = str(caught.value)
+    assert "60 tokens" in message and "max_new_tokens is 5" in message and "context of 64 tokens" in message
+    assert "max_position_embeddings" in message and "at most 4" in message
+    assert (caught.value.prompt_length, caught.value.max_new_tokens, caught.value.limit) == (60, 5, 64)
+    assert not model.calls  # refused before the model ran
+    with pytest.raises(ValueError, match="shorten the prompt;|shorten the prompt$"):
+        next(stream_generate(model, torch.ones(1, 200, dtype=torch.long), max_new_tokens=1))
+
+
+def test_context_counts_the_real_tokens_of_left_padded_rows():
+    model = ChainModel()
+    prompt = torch.ones(2, CONTEXT, dtype=torch.long)
+    mask = torch.ones(2, CONTEXT, dtype=torch.long)
+    mask[:, : CONTEXT - 10] = 0  # 10 real tokens per row, padded to the context length
+    assert generate(model, prompt, mask, max_new_tokens=54).shape == (2, CONTEXT + 54)
+    with pytest.raises(ValueError, match="the prompt has 10 tokens and max_new_tokens is 55"):
+        generate(model, prompt, mask, max_new_tokens=55)

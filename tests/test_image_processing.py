@@ -33,9 +33,11 @@ def noise(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarr
     return ((smooth + jitter) % 256).astype(np.uint8)
 
 
-def assert_matches(images, splitting=False, **options):
-    """Our pil backend equals the reference; returns both outputs."""
-    expected = reference_processor(do_image_splitting=splitting, **options)(images, return_tensors="pt")
+def assert_matches(images, splitting=False, reference_options=None, **options):
+    """Our pil backend equals the reference (run with `reference_options` on top of `options`); returns both
+    outputs."""
+    reference = reference_processor(do_image_splitting=splitting, **{**options, **(reference_options or {})})
+    expected = reference(images, return_tensors="pt")
     actual = Idefics2ImageProcessor(do_image_splitting=splitting, **options)(images)
     assert actual["pixel_values"].dtype == torch.float32
     assert actual["pixel_values"].shape == expected["pixel_values"].shape
@@ -74,16 +76,28 @@ ARRAYS = {
 }
 
 
+# float arrays in [0, 1] are read as already scaled: transformers gives the same only with do_rescale=False
+# (with do_rescale=True it scales them a second time, to a near-black image)
+UNIT_RANGE = {"chw-rgba-float", "hwc-float-0-1", "torch-hwc-float"}
+
+
 @pytest.mark.parametrize("name", sorted(ARRAYS))
-@pytest.mark.filterwarnings("ignore:float image in")
 def test_arrays_and_tensors_like_reference(name):
-    assert_matches([[ARRAYS[name]()]], size=SMALL)
-    assert_matches([[ARRAYS[name]()]], splitting=True, size=SMALL)
+    reference_options = {"do_rescale": False} if name in UNIT_RANGE else None
+    assert_matches([[ARRAYS[name]()]], size=SMALL, reference_options=reference_options)
+    assert_matches([[ARRAYS[name]()]], splitting=True, size=SMALL, reference_options=reference_options)
 
 
-def test_float_images_in_unit_range_warn():
-    with pytest.warns(UserWarning, match="quantized"):
-        Idefics2ImageProcessor(size=SMALL)((noise(8, 8) / 255.0).astype(np.float32))
+@pytest.mark.parametrize("backend", ["pil", "torch"])
+@pytest.mark.parametrize("do_resize", [True, False])
+@pytest.mark.filterwarnings("error")
+def test_float_images_in_unit_range_read_as_already_scaled(backend, do_resize):
+    levels = noise(24, 18)
+    as_uint8 = Idefics2ImageProcessor(size=SMALL, backend=backend, do_resize=do_resize)([[levels]])
+    unit = Idefics2ImageProcessor(size=SMALL, backend=backend, do_resize=do_resize)([[levels / 255.0]])
+    difference = (unit["pixel_values"] - as_uint8["pixel_values"]).abs().max().item()
+    assert difference <= 2 / 255 * 2  # one 8-bit level (quantization), in normalized units (std 0.5)
+    assert unit["pixel_values"].max().item() > 0  # a real image, not the near-black double rescale (< -0.99)
 
 
 @pytest.mark.filterwarnings("error")
@@ -128,8 +142,9 @@ def test_options_like_reference(options, splitting):
 
 
 def test_float_pixels_without_resize_like_reference():
-    images = [[(noise(10, 14) / 255.0).astype(np.float32), noise(7, 3).astype(np.float64) * 1.0]]
-    assert_matches(images, do_resize=False)
+    assert_matches([[noise(7, 3).astype(np.float64) * 1.0]], do_resize=False)
+    unit = [[(noise(10, 14) / 255.0).astype(np.float32)]]
+    assert_matches(unit, do_resize=False, reference_options={"do_rescale": False})
 
 
 def test_no_padding_gives_per_image_arrays():
@@ -175,14 +190,13 @@ def photo(height: int, width: int, seed: int) -> Image.Image:
     return Image.fromarray(np.clip(base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8))
 
 
-def torch_backend_error(images, **options):
-    expected = reference_processor(**options)(images, return_tensors="pt")
+def torch_backend_error(images, reference_options=None, **options):
+    expected = reference_processor(**{**options, **(reference_options or {})})(images, return_tensors="pt")
     actual = Idefics2ImageProcessor(backend="torch", **options)(images)
     assert torch.equal(actual["pixel_attention_mask"], expected["pixel_attention_mask"])
     return (actual["pixel_values"] - expected["pixel_values"]).abs()
 
 
-@pytest.mark.filterwarnings("ignore:float image in")
 def test_torch_backend_close_to_reference():
     images = [[photo(600, 800, 0), photo(1000, 333, 1)], [photo(250, 250, 2)]]
     for splitting in (False, True):
@@ -190,7 +204,8 @@ def test_torch_backend_close_to_reference():
         assert error.mean().item() <= 0.01 and error.max().item() <= 0.1, (error.mean(), error.max())
     error = torch_backend_error(images, resample=PIL.Image.Resampling.BICUBIC)
     assert error.mean().item() <= 0.01 and error.max().item() <= 0.1, (error.mean(), error.max())
-    error = torch_backend_error([[(noise(40, 30) / 255.0).astype(np.float32)]], size=SMALL)
+    unit = [[(noise(40, 30) / 255.0).astype(np.float32)]]
+    error = torch_backend_error(unit, size=SMALL, reference_options={"do_rescale": False})
     assert error.max().item() <= 0.1
     error = torch_backend_error([[noise(15, 9).astype(np.float32)]], do_resize=False)
     assert error.max().item() <= 1e-5

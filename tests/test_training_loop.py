@@ -167,3 +167,21 @@ def test_progress_line_on_stderr(tmp_path, capsys):
     )
     err = capsys.readouterr().err
     assert "step 2/2" in err and "loss" in err and "tok/s" in err
+
+
+def test_a_fresh_run_never_mixes_with_an_old_one(tmp_path):
+    data = toy_data()
+    args = dict(output_dir=str(tmp_path), save_steps=1, progress=False)
+    train(fresh_model(), data, collate, TrainingArguments(max_steps=3, **args))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    (tmp_path / "notes.txt").write_text("kept")
+    with pytest.raises(ValueError, match=r"a previous run \(checkpoint-2, checkpoint-3, model.safetensors\)"):
+        train(fresh_model(), data, collate, TrainingArguments(max_steps=1, **args))
+    train(fresh_model(), data, collate, TrainingArguments(max_steps=1, overwrite_output_dir=True, **args))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "model.safetensors", "notes.txt"]
+
+
+def test_a_warmup_longer_than_the_run_warns(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, warmup_steps=4, progress=False)
+    with pytest.warns(UserWarning, match=r"warmup_steps \(4\) is not shorter than the run \(4 steps\)"):
+        train(fresh_model(), toy_data(), collate, args)

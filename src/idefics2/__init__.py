@@ -22,10 +22,15 @@ _EXPORTS = {
     "ChatPipeline": "idefics2.pipelines",
 }
 
+# Submodules reachable as attributes after a plain `import idefics2` (`idefics2.assets.builtin_model_dir()`).
+_SUBMODULES = ("assets",)
+
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"idefics2.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'idefics2' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -91,6 +91,8 @@ def stream_generate(
     batch, prompt_len = input_ids.shape
     opts = resolve_options(model, prompt_len, controls)
     max_new, eos_ids, pad_id = opts["max_new_tokens"], opts["eos_token_id"], opts["pad_token_id"]
+    # positions follow the attention mask: the longest row's real tokens are what must fit
+    check_context_length(model.config, int(attention_mask.sum(dim=1).max()), max_new)
     total = prompt_len + max_new
 
     # Everything the loop writes to is allocated once: sequences, key-padding mask, slot positions, cache.
@@ -182,6 +184,45 @@ def stream_generate(
     finally:
         if pool:
             pool.give_back(cache)
+
+
+class ContextLengthError(ValueError):
+    """The prompt and the new tokens do not fit in the model's context; the numbers are attributes."""
+
+    def __init__(self, message: str, *, prompt_length: int, max_new_tokens: int, limit: int):
+        super().__init__(message)
+        self.prompt_length, self.max_new_tokens, self.limit = prompt_length, max_new_tokens, limit
+
+
+def context_length(model_config: Any) -> int:
+    """How many positions (prompt + new tokens) the model can attend over: the text decoder's
+    `max_position_embeddings`, the positions its rotary embedding was trained for. `model_config` is an
+    Idefics2Config or its text config."""
+    return int(getattr(model_config, "text_config", model_config).max_position_embeddings)
+
+
+def check_context_length(model_config: Any, prompt_length: int, max_new_tokens: int) -> None:
+    """Raise ContextLengthError (a ValueError) naming the numbers when a `prompt_length`-token prompt plus
+    `max_new_tokens` new tokens do not fit in the context (`context_length(model_config)`).
+
+    Beyond `max_position_embeddings` the rotary positions were never seen in training and the model answers
+    garbage. A sliding window (`text_config.sliding_window`, Mistral's 4096) does not shorten the context:
+    attention keeps the keys of the last `sliding_window` positions, as in training, and the cache holds the
+    whole sequence, so prompts longer than the window are valid.
+    """
+    limit = context_length(model_config)
+    total = prompt_length + max_new_tokens
+    if total <= limit:
+        return
+    advice = "shorten the prompt"
+    if prompt_length < limit:
+        advice += f" or lower max_new_tokens to at most {limit - prompt_length}"
+    message = (
+        f"the prompt has {prompt_length} tokens and max_new_tokens is {max_new_tokens}: {total} positions, "
+        f"more than the model's context of {limit} tokens (text_config.max_position_embeddings, the "
+        f"positions its rotary embedding covers); {advice}"
+    )
+    raise ContextLengthError(message, prompt_length=prompt_length, max_new_tokens=max_new_tokens, limit=limit)
 
 
 def _window(stop_strings: list[str]) -> int:

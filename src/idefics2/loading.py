@@ -206,6 +206,23 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: Idefics2Config) -> to
     return dtype
 
 
+def check_device(device: torch.device | str | None) -> None:
+    """A ValueError naming the problem for a device that is misspelled or absent from this machine."""
+    if device is None:
+        return
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device={device!r} is not a device torch knows ({error})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r}: no CUDA GPU is available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+
+
 def load_pretrained(
     cls: type[Idefics2ForConditionalGeneration],
     path_or_repo_id: str | os.PathLike,
@@ -216,6 +233,7 @@ def load_pretrained(
     revision: str | None = None,
 ) -> Idefics2ForConditionalGeneration:
     """Build `cls` on the meta device and assign the checkpoint's memory-mapped tensors to it."""
+    check_device(device)
     folder = resolve_checkpoint(path_or_repo_id, revision=revision)
     config = Idefics2Config.from_pretrained(folder)
     target_dtype = resolve_dtype(dtype, config)

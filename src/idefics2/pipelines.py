@@ -10,6 +10,7 @@ import torch
 
 from idefics2.generation import stream_generate
 from idefics2.processing.chat import normalize_messages
+from idefics2.processing.tokenizer import IMAGE_TOKEN
 from idefics2.streaming import ReplyStream, trim_at_stop
 
 Messages = str | list[dict[str, Any]]
@@ -138,12 +139,37 @@ def _end_ids(model, processor, controls) -> list[int]:
     return default_eos_token_ids(model, processor)
 
 
+def user_turn(prompt: str, num_images: int) -> dict[str, Any]:
+    """One user message from a plain prompt: the images first, then the prompt; or, when the prompt holds
+    `<image>` markers, the images where the markers are (one marker per image)."""
+    pieces = prompt.split(IMAGE_TOKEN)
+    if len(pieces) == 1:
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+        return {"role": "user", "content": content}
+    if len(pieces) - 1 != num_images:
+        raise ValueError(
+            f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} marker(s) but {num_images} image(s)"
+        )
+    return {"role": "user", "content": _split_at_markers(prompt)}
+
+
+def _split_at_markers(text: str) -> list[dict[str, Any]]:
+    """Text parts and an image part at each `<image>` marker."""
+    parts: list[dict[str, Any]] = []
+    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
+        if i:
+            parts.append({"type": "image"})
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
 def _conversation(messages: Messages, images: Any) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Normalize to a list of messages with list content, and the flat list of images in order."""
+    """Normalize to a list of messages with list content, and the flat list of images in order. `<image>`
+    markers written in text become image parts (the processor would read them as images anyway)."""
     images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
     if isinstance(messages, str):
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": messages}]
-        return [{"role": "user", "content": content}], images
+        return [user_turn(messages, len(images))], images
     normalized, inline = [], []
     for i, message in enumerate(normalize_messages(messages)):
         parts = []
@@ -152,6 +178,9 @@ def _conversation(messages: Messages, images: Any) -> tuple[list[dict[str, Any]]
                 raise ValueError(
                     f"message {i}: content parts must be {{'type': 'text' | 'image'}}, got {part!r}"
                 )
+            if part["type"] == "text" and isinstance(part.get("text"), str) and IMAGE_TOKEN in part["text"]:
+                parts += _split_at_markers(part["text"])
+                continue
             if part["type"] == "image" and part.get("image") is not None:
                 inline.append(part["image"])
                 part = {"type": "image"}
@@ -162,5 +191,8 @@ def _conversation(messages: Messages, images: Any) -> tuple[list[dict[str, Any]]
     images = inline or images
     n_parts = sum(p["type"] == "image" for m in normalized for p in m["content"])
     if n_parts != len(images):
-        raise ValueError(f"the messages have {n_parts} image parts but {len(images)} images were given")
+        raise ValueError(
+            f"the messages have {n_parts} image part(s) (counting {IMAGE_TOKEN} markers in their text) but "
+            f"{len(images)} image(s) were given"
+        )
     return normalized, images

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from typing import Any
 
@@ -35,6 +36,8 @@ CHAT_HELP = "/image PATH attaches an image to your next message; /reset starts o
 
 
 def run(args: argparse.Namespace) -> int:
+    from idefics2.generation import ContextLengthError
+
     check_sampling_flags(args)
     pipe = load_pipeline(args)
     controls = generation_controls(args, pipe.model)
@@ -83,7 +86,24 @@ def run(args: argparse.Namespace) -> int:
         reply: list[str] = []
         try:
             turns = history + [user_message(line, len(pending))]
-            for piece in pipe.stream(turns, images + pending, **controls):
+            turn_images = images + pending
+            dropped, limit = 0, 0
+            while True:
+                try:
+                    pieces = pipe.stream(turns, turn_images, **controls)
+                    first = next(pieces, "")  # a context overflow is raised here, before any token
+                    break
+                except ContextLengthError as error:
+                    if len(turns) == 1:  # the message alone does not fit
+                        raise
+                    turns, turn_images = drop_oldest_exchange(turns, turn_images)
+                    dropped, limit = dropped + 1, error.limit
+            if dropped:
+                note(
+                    f"(the conversation outgrew the model's context of {limit} tokens: dropped its oldest "
+                    f"{dropped} exchange(s); /reset starts over)"
+                )
+            for piece in itertools.chain([first], pieces):
                 print(piece, end="", flush=True)
                 reply.append(piece)
             print(flush=True)
@@ -97,5 +117,13 @@ def run(args: argparse.Namespace) -> int:
             note("(interrupted)")
             continue
         history = turns + [{"role": "assistant", "content": [{"type": "text", "text": "".join(reply)}]}]
-        images, pending = images + pending, []
+        images, pending = turn_images, []
     return 0
+
+
+def drop_oldest_exchange(turns: list[dict[str, Any]], images: list[Any]) -> tuple[list[dict], list[Any]]:
+    """The conversation without its first user turn and the assistant's answer to it, and without the
+    images those two turns held (the images are in the order of the image parts)."""
+    cut = 2 if len(turns) > 2 and turns[1]["role"] == "assistant" else 1
+    n_images = sum(part["type"] == "image" for turn in turns[:cut] for part in turn["content"])
+    return turns[cut:], images[n_images:]

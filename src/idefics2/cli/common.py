@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,18 @@ def model_folder(name: str | None) -> Path:
 def adapter_folder(name: str) -> Path:
     from idefics2.hub import CheckpointNotFoundError, resolve_checkpoint
 
+    local = Path(name).expanduser()
+    parent = local.parent
+    # A name whose first part is a local folder, or that ends in a training checkpoint's folder name, is a
+    # mistyped local path, not a hub repo id: say so instead of trying the hub.
+    looks_local = (parent != Path(".") and parent.is_dir()) or re.fullmatch(r"checkpoint-\d+", local.name)
+    if not local.exists() and looks_local:
+        if parent.is_dir():
+            inside = sorted(p.name for p in parent.iterdir() if (p / "adapter_config.json").is_file())
+            hint = f"; {parent} holds: {', '.join(inside)}" if inside else f"; {parent} holds no adapter"
+        else:
+            hint = f"; there is no folder {parent} either"
+        raise UserError(f"--adapter: no such folder: {name}{hint}")
     try:
         folder = resolve_checkpoint(name)
     except CheckpointNotFoundError as error:
@@ -178,12 +191,14 @@ def generation_controls(args: argparse.Namespace, model) -> dict[str, Any]:
 
 
 def open_image(path: str | os.PathLike):
-    """The image file as an RGB PIL image; UserError naming the file when it is missing or unreadable."""
+    """The image file (`~` expanded) as an RGB PIL image; UserError naming the file when it is missing or
+    unreadable."""
     from idefics2.processing.images import load_rgb
 
-    if Path(path).is_dir():
+    path = Path(path).expanduser()
+    if path.is_dir():
         raise UserError(f"{path} is a folder, not an image file")
-    if not Path(path).is_file():
+    if not path.is_file():
         raise UserError(f"image not found: {path}")
     try:
         return load_rgb(path)
@@ -194,23 +209,12 @@ def open_image(path: str | os.PathLike):
 def user_message(prompt: str, num_images: int) -> dict[str, Any]:
     """One user turn: the images first, then the prompt; or the images where the prompt's <image> markers
     are (one marker per image)."""
-    pieces = prompt.split(IMAGE_MARKER)
-    if len(pieces) == 1:
-        return {
-            "role": "user",
-            "content": [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}],
-        }
-    if len(pieces) - 1 != num_images:
-        raise UserError(
-            f"the prompt has {len(pieces) - 1} {IMAGE_MARKER} marker(s) but {num_images} image(s)"
-        )
-    content: list[dict[str, Any]] = []
-    for i, piece in enumerate(pieces):
-        if i:
-            content.append({"type": "image"})
-        if piece:
-            content.append({"type": "text", "text": piece})
-    return {"role": "user", "content": content}
+    from idefics2.pipelines import user_turn
+
+    try:
+        return user_turn(prompt, num_images)
+    except ValueError as error:
+        raise UserError(str(error)) from None
 
 
 def weights_dtype(choice: str, device: str):

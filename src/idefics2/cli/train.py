@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from idefics2.cli.common import UserError, positive_int
+from idefics2.cli.common import UserError, model_folder, non_negative_int, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -19,7 +19,11 @@ def add_parser(subparsers) -> None:
         '{"role": "assistant", "content": "..."}], "images": ["path.jpg"]}. Only assistant turns are '
         "learned. Runs data-parallel under `torchrun --nproc_per_node N`.",
     )
-    p.add_argument("--model", required=True, help="checkpoint folder or hub repo id")
+    p.add_argument(
+        "--model",
+        metavar="DIR_OR_REPO",
+        help="checkpoint folder or hub repo id (default: the built-in shapes-world model)",
+    )
     p.add_argument("--data", required=True, help="training examples (JSONL)")
     p.add_argument("--eval-data", help="evaluation examples (JSONL); the loss is reported every --eval-steps")
     p.add_argument("--output", required=True, help="folder for the adapter (or full model) and checkpoints")
@@ -89,7 +93,20 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--logging-steps", type=positive_int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--save-total-limit",
+        type=non_negative_int,
+        default=2,
+        metavar="N",
+        help="keep only the newest N checkpoint-N folders, deleting older ones (default: 2; 0 keeps all)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in an --output folder that holds a previous run: its checkpoints and weights "
+        "are deleted first (without --resume or --overwrite such a folder is refused)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     p.set_defaults(func=run)
 
@@ -97,6 +114,19 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import warnings
 
+    # warnings (dropped examples, a warmup longer than the run) are one line each on stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        warnings.showwarning = _print_warning
+        return _run(args)
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _run(args: argparse.Namespace) -> int:
     import torch
 
     from idefics2.training import (
@@ -110,9 +140,9 @@ def run(args: argparse.Namespace) -> int:
         read_jsonl,
         train,
     )
-    from idefics2.training.checkpoint import latest_checkpoint
+    from idefics2.training.checkpoint import latest_checkpoint, previous_run
     from idefics2.training.lora import DEFAULT_TARGET_MODULES
-    from idefics2.training.trainer import distributed_context
+    from idefics2.training.trainer import distributed_context, previous_run_message
 
     if args.full and args.lora_alpha is not None:
         raise UserError("--lora-alpha has no effect with --full")
@@ -121,25 +151,29 @@ def run(args: argparse.Namespace) -> int:
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
 
-    if args.resume and latest_checkpoint(Path(args.output)) is None:
+    if args.resume and args.overwrite:
+        raise UserError("--resume continues the run in --output, --overwrite deletes it: choose one")
+    output = Path(args.output).expanduser()
+    if args.resume and latest_checkpoint(output) is None:
         raise UserError(f"--resume: no checkpoint to resume from in {args.output}")
+    previous = previous_run(output)
+    if previous and not args.resume and not args.overwrite:
+        raise UserError(previous_run_message(output, previous))
     train_examples = read_jsonl(args.data)  # a bad line stops everything here, before any model loads
     eval_examples = read_jsonl(args.eval_data) if args.eval_data else None
+    folder = model_folder(args.model)  # a hub id is downloaded here, once the data is known to be good
+    if output.resolve() == folder.resolve():
+        raise UserError(f"--output {args.output} is the --model folder: choose another output folder")
 
     from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
 
-    processor = Idefics2Processor.from_pretrained(args.model)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        collator = ChatCollator(processor, max_length=args.max_length)
-        train_data = ChatDataset(train_examples, collator)
-        eval_data = ChatDataset(eval_examples, collator) if eval_examples else None
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, say it once
-        for warning in caught:
-            print(f"warning: {warning.message}", file=sys.stderr)
+    processor = Idefics2Processor.from_pretrained(folder)
+    collator = ChatCollator(processor, max_length=args.max_length)
+    train_data = ChatDataset(train_examples, collator)
+    eval_data = ChatDataset(eval_examples, collator) if eval_examples else None
 
     training_args = TrainingArguments(
-        output_dir=args.output,
+        output_dir=str(output),
         max_steps=args.max_steps,
         num_epochs=args.epochs,
         batch_size=args.batch_size,
@@ -155,12 +189,14 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         eval_steps=args.eval_steps,
         save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit or None,
+        overwrite_output_dir=args.overwrite,
         logging_steps=args.logging_steps,
         progress=not args.no_progress,
     )
     dtype = "auto" if args.dtype == "checkpoint" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    model = Idefics2ForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
+    model = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     lora_config = None
     if not args.full:
         lora_config = LoraConfig(
@@ -168,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             lora_alpha=args.lora_alpha if args.lora_alpha is not None else 2 * args.lora_rank,
             lora_dropout=args.lora_dropout,
             target_modules=args.lora_targets or DEFAULT_TARGET_MODULES,
-            base_model_name_or_path=str(args.model),
+            base_model_name_or_path=str(args.model or folder),
         )
         add_lora(model, lora_config)
         mark_only_lora_trainable(model)
@@ -185,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if distributed_context()[0] == 0:
         if args.full:
-            processor.save_pretrained(args.output)
+            processor.save_pretrained(output)
         last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
         what = "model" if args.full else "LoRA adapter"
         print(f"saved the {what} to {args.output} after {result.step} steps{last}", file=sys.stderr)

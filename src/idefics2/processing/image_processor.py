@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -101,29 +100,36 @@ class _Crop:
     sample: int
     slot: int
     pixels: np.ndarray  # (h, w, C) uint8 or float view
-    prescaled: bool  # float input in [0, 1] that was quantized to uint8 for resizing (divide by 255 after)
+    # a float input in [0, 1]: already scaled, so do_rescale leaves it alone; when resized, its pixels were
+    # quantized to uint8 levels (value * 255) for Pillow and are divided by 255 afterwards
+    prescaled: bool
     out_size: tuple[int, int]
 
 
-def _quantize_for_resize(pixels: np.ndarray, rescale: bool) -> tuple[np.ndarray, bool]:
-    """uint8 pixels for Pillow resampling, as the reference converts float arrays before resizing."""
+def _in_unit_range(pixels: np.ndarray) -> bool:
+    """A float image already scaled to [0, 1], by transformers' rule for float arrays: not every value a whole
+    number, and all of them in [0, 1]."""
+    return (
+        np.issubdtype(pixels.dtype, np.floating)
+        and not np.allclose(pixels, pixels.astype(int))
+        and bool(pixels.min() >= 0 and pixels.max() <= 1)
+    )
+
+
+def _quantize_for_resize(pixels: np.ndarray) -> tuple[np.ndarray, bool]:
+    """uint8 pixels for Pillow resampling, as the reference converts float arrays before resizing; True
+    when the input was a float image in [0, 1] (quantized as value * 255)."""
     if pixels.dtype == np.uint8:
         return pixels, False
+    if _in_unit_range(pixels):
+        return (pixels.astype(np.float64) * 255).astype(np.float32).astype(np.uint8), True
     if np.allclose(pixels, pixels.astype(int)):
         if pixels.min() >= 0 and pixels.max() <= 255:
             return pixels.astype(np.uint8), False
         raise ValueError(f"image values must lie in [0, 255], got [{pixels.min()}, {pixels.max()}]")
-    if pixels.min() >= 0 and pixels.max() <= 1:
-        if rescale:
-            warnings.warn(
-                "float image in [0, 1] given with do_rescale=True: it is quantized to [0, 255] for resizing "
-                "and then rescaled again, as transformers does; pass uint8 images (or values in [0, 255]) or "
-                "set do_rescale=False",
-                stacklevel=4,
-            )
-        return (pixels.astype(np.float64) * 255).astype(np.float32).astype(np.uint8), True
     raise ValueError(
-        f"float image values must lie in [0, 1] or [0, 255], got [{pixels.min()}, {pixels.max()}]"
+        f"float image values must lie in [0, 1] or be whole numbers in [0, 255], got "
+        f"[{pixels.min()}, {pixels.max()}]"
     )
 
 
@@ -255,12 +261,11 @@ class Idefics2ImageProcessor:
                 else:
                     parts = [pixels]
                 for part in parts:
-                    prescaled = False
                     if opts["do_resize"]:
-                        part, prescaled = _quantize_for_resize(part, opts["do_rescale"])
+                        part, prescaled = _quantize_for_resize(part)
                         out_size = resize_output_size(part.shape[0], part.shape[1], opts["size"])
                     else:
-                        out_size = (part.shape[0], part.shape[1])
+                        prescaled, out_size = _in_unit_range(part), (part.shape[0], part.shape[1])
                     crops.append(_Crop(s, len(crops), part, prescaled, out_size))
             planned.append(crops)
         return planned
@@ -305,7 +310,7 @@ class Idefics2ImageProcessor:
             if pixels.dtype == np.uint8:
                 _apply_lookup(luts[crop.prescaled], pixels, dst)
             else:
-                dst[:] = _float_pixels(np.moveaxis(pixels, -1, 0), opts)
+                dst[:] = _float_pixels(np.moveaxis(pixels, -1, 0), opts, crop.prescaled)
 
         _run_in_threads(run, [crop for sample in crops for crop in sample])
         return values, masks
@@ -332,7 +337,7 @@ class Idefics2ImageProcessor:
             for i, crop in enumerate(members):
                 dst = values[crop.sample, crop.slot, :, :h, :w]
                 if batch.dtype != torch.uint8:
-                    dst.copy_(_float_pixels_torch(batch[i], opts, device))
+                    dst.copy_(_float_pixels_torch(batch[i], opts, device, prescaled))
                 elif on_cpu:  # a table lookup is the cheapest way from uint8 levels to floats on a CPU
                     _apply_lookup(luts[prescaled], batch[i].permute(1, 2, 0).numpy(), dst.numpy())
                 else:
@@ -404,7 +409,7 @@ def _lookup_table(opts: dict[str, Any], channels: int, prescaled: bool) -> np.nd
     (rescale in float64 then float32, normalize in float32)."""
     levels = np.arange(256, dtype=np.float64)
     x = (levels * (1 / 255)).astype(np.float32) if prescaled else levels.astype(np.float32)
-    if opts["do_rescale"]:
+    if opts["do_rescale"] and not prescaled:
         x = (x.astype(np.float64) * opts["rescale_factor"]).astype(np.float32)
     x = np.broadcast_to(x, (channels, 256))
     if opts["do_normalize"]:
@@ -414,10 +419,11 @@ def _lookup_table(opts: dict[str, Any], channels: int, prescaled: bool) -> np.nd
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
-def _float_pixels(pixels: np.ndarray, opts: dict[str, Any]) -> np.ndarray:
-    """(C, h, w) float pixels (no resize happened) rescaled and normalized like the reference."""
+def _float_pixels(pixels: np.ndarray, opts: dict[str, Any], prescaled: bool) -> np.ndarray:
+    """(C, h, w) float pixels (no resize happened) rescaled (unless already in [0, 1]) and normalized like
+    the reference."""
     x = pixels
-    if opts["do_rescale"]:
+    if opts["do_rescale"] and not prescaled:
         x = (x.astype(np.float64) * opts["rescale_factor"]).astype(np.float32)
     if opts["do_normalize"]:
         channels = x.shape[0]
@@ -427,10 +433,12 @@ def _float_pixels(pixels: np.ndarray, opts: dict[str, Any]) -> np.ndarray:
     return x
 
 
-def _float_pixels_torch(pixels: torch.Tensor, opts: dict[str, Any], device: torch.device) -> torch.Tensor:
+def _float_pixels_torch(
+    pixels: torch.Tensor, opts: dict[str, Any], device: torch.device, prescaled: bool
+) -> torch.Tensor:
     x = pixels.to(torch.float32)
     channels = x.shape[0]
-    if opts["do_rescale"]:
+    if opts["do_rescale"] and not prescaled:
         x = x * opts["rescale_factor"]
     if opts["do_normalize"]:
         mean = torch.tensor(_per_channel(opts["image_mean"], channels, "image_mean"), dtype=torch.float32)
@@ -443,7 +451,7 @@ def _affine(opts: dict[str, Any], channels: int, prescaled: bool, device: torch.
     """(C, 1, 1) scale and shift turning uint8 levels into normalized values (level * scale + shift)."""
     scale = np.full(channels, 1 / 255 if prescaled else 1.0)
     shift = np.zeros(channels)
-    if opts["do_rescale"]:
+    if opts["do_rescale"] and not prescaled:
         scale = scale * opts["rescale_factor"]
     if opts["do_normalize"]:
         mean = _per_channel(opts["image_mean"], channels, "image_mean")

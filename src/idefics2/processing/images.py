@@ -13,15 +13,22 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
-ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes
+ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike | bytes | io.IOBase
 
 # The default pixel limit follows Pillow's decompression-bomb threshold (warning level).
 DEFAULT_MAX_PIXELS: int = PIL.Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 def is_image_like(obj: Any) -> bool:
-    """True for one image: a PIL image, array, tensor, file path or encoded bytes."""
-    return isinstance(obj, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike, bytes, bytearray))
+    """True for one image: a PIL image, array, tensor, file path, encoded bytes or a binary file object."""
+    return isinstance(
+        obj, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike, bytes, bytearray)
+    ) or is_file_object(obj)
+
+
+def is_file_object(obj: Any) -> bool:
+    """An open binary file or stream (io.BytesIO, open(path, "rb"), an HTTP response...): it has read()."""
+    return callable(getattr(obj, "read", None)) and not isinstance(obj, PIL.Image.Image)
 
 
 def check_pixel_count(height: int, width: int, max_pixels: int | None, what: str = "image") -> None:
@@ -36,9 +43,20 @@ def check_pixel_count(height: int, width: int, max_pixels: int | None, what: str
         )
 
 
-def open_image(source: str | os.PathLike | bytes | bytearray, max_pixels: int | None = DEFAULT_MAX_PIXELS):
-    """Decode an image file (path) or encoded bytes into a fully loaded PIL image, with clear errors."""
-    if isinstance(source, (bytes, bytearray)):
+def open_image(
+    source: str | os.PathLike | bytes | bytearray | io.IOBase, max_pixels: int | None = DEFAULT_MAX_PIXELS
+):
+    """Decode an image file (path), encoded bytes or a binary file object (read from its current position)
+    into a fully loaded PIL image, with clear errors."""
+    if is_file_object(source):
+        data = source.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise ValueError(
+                f"image file object {type(source).__name__} gave {type(data).__name__}, not bytes: "
+                "open the file in binary mode ('rb')"
+            )
+        name, stream = f"image file object {type(source).__name__}", io.BytesIO(bytes(data))
+    elif isinstance(source, (bytes, bytearray)):
         name, stream = "image bytes", io.BytesIO(bytes(source))
     else:
         path = Path(source)
@@ -62,10 +80,10 @@ def open_image(source: str | os.PathLike | bytes | bytearray, max_pixels: int | 
 
 
 def load_rgb(source: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageLike:
-    """What the processor does to each input: files and bytes are decoded, PIL images are turned upright
-    (EXIF orientation) and converted to RGB with Pillow's own conversion (alpha dropped, not composited);
-    arrays and tensors pass through unchanged."""
-    if isinstance(source, (str, os.PathLike, bytes, bytearray)):
+    """What the processor does to each input: files, bytes and file objects are decoded, PIL images are
+    turned upright (EXIF orientation) and converted to RGB with Pillow's own conversion (alpha dropped, not
+    composited); arrays and tensors pass through unchanged."""
+    if isinstance(source, (str, os.PathLike, bytes, bytearray)) or is_file_object(source):
         source = open_image(source, max_pixels)
     if not isinstance(source, PIL.Image.Image):
         return source
@@ -141,7 +159,7 @@ def to_pixel_array(
     image: ImageLike, *, convert_rgb: bool = True, max_pixels: int | None = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
     """One image as an (H, W, C) array, uint8 or float (C = 3 when `convert_rgb`)."""
-    if isinstance(image, (str, os.PathLike, bytes, bytearray)):
+    if isinstance(image, (str, os.PathLike, bytes, bytearray)) or is_file_object(image):
         image = load_rgb(image, max_pixels)
     if isinstance(image, PIL.Image.Image):
         check_pixel_count(image.height, image.width, max_pixels)
@@ -154,7 +172,7 @@ def to_pixel_array(
     if not isinstance(image, np.ndarray):
         raise ValueError(
             f"unsupported image type {type(image).__name__}: expected a PIL image, numpy array, torch "
-            "tensor, file path or encoded bytes"
+            "tensor, file path, encoded bytes or a binary file object"
         )
     array = _as_pixel_dtype(_channels_last(image))
     check_pixel_count(array.shape[0], array.shape[1], max_pixels)

@@ -155,7 +155,7 @@ class Idefics2Processor:
             raise ValueError(f"unknown processor argument(s): {sorted(unknown)}")
         splitting = image_options.get("do_image_splitting", self.image_processor.do_image_splitting)
         outputs = BatchFeature()
-        counts = None
+        texts, counts = None, None
         if text is not None:
             texts = (
                 [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
@@ -163,6 +163,9 @@ class Idefics2Processor:
             if not texts or not all(isinstance(t, str) for t in texts):
                 raise ValueError("text must be a str or a non-empty list of str")
             counts = [t.count(IMAGE_TOKEN) for t in texts]
+        # images are matched to the prompts first: a wrong count is the first thing to report
+        samples = None if images is None else self._images_per_sample(images, counts)
+        if texts is not None:
             prompts = [self.expand_image_tokens(t, splitting) for t in texts]
             encoded = self.tokenizer(
                 prompts,
@@ -174,8 +177,7 @@ class Idefics2Processor:
             )
             self._check_truncation(prompts, encoded["input_ids"])
             outputs.update(convert_tensors(encoded, return_tensors))
-        if images is not None:
-            samples = self._images_per_sample(images, counts)
+        if samples is not None:
             samples = [
                 [self._load(image, s, k) for k, image in enumerate(sample)]
                 for s, sample in enumerate(samples)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from idefics2.generation import resolve_options
+from idefics2.generation import ContextLengthError, check_context_length, context_length, resolve_options
 from idefics2.pipelines import chat_prompt
 from idefics2.processing.images import load_rgb
 from idefics2.serving.image_cache import FeatureCache, image_key
@@ -74,8 +74,7 @@ class Engine:
         self.options = EngineOptions(**options)
         self.options.check()
         self.model, self.processor = model.eval(), processor
-        text = model.config.text_config
-        self.context_length = text.max_position_embeddings
+        self.context_length = context_length(model.config)
         self.max_length = min(self.options.max_length or DEFAULT_MAX_LENGTH, self.context_length)
         self.vocab_size = model.lm_head.weight.shape[0]
         self.runner = ModelRunner(model, self.options.max_batch, self.max_length)
@@ -144,17 +143,18 @@ class Engine:
         return handle
 
     def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
-        total = prompt_length + max_new_tokens
-        if total > self.max_length:
-            limit = (
-                f"the model's context of {self.context_length} positions"
-                if self.max_length == self.context_length
-                else f"the engine's {self.max_length} cache slots per request (max_length)"
-            )
-            raise RequestTooLargeError(
+        numbers = {"prompt_length": prompt_length, "max_new_tokens": max_new_tokens}
+        try:
+            check_context_length(self.model.config, prompt_length, max_new_tokens)
+        except ContextLengthError as error:
+            raise RequestTooLargeError(str(error), limit=error.limit, **numbers) from None
+        if prompt_length + max_new_tokens > self.max_length:
+            total = prompt_length + max_new_tokens
+            message = (
                 f"the request needs {total} positions ({prompt_length} prompt tokens + max_new_tokens "
-                f"{max_new_tokens}), more than {limit}"
+                f"{max_new_tokens}), more than the engine's {self.max_length} cache slots (max_length)"
             )
+            raise RequestTooLargeError(message, limit=self.max_length, **numbers)
 
     def _image_input(self, image: Any, index: int) -> ImageInput:
         try:

@@ -15,6 +15,8 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
+from idefics2.generation import ContextLengthError
+
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
@@ -26,9 +28,9 @@ class EngineClosedError(RuntimeError):
     """The engine no longer accepts requests (it is shutting down or closed)."""
 
 
-class RequestTooLargeError(ValueError):
-    """The request can never fit: its prompt plus max_new_tokens exceed the engine's cache or the model's
-    context."""
+class RequestTooLargeError(ContextLengthError):
+    """The request can never fit: its prompt plus max_new_tokens exceed the model's context or the engine's
+    cache slots per request (a ValueError; the numbers are attributes)."""
 
 
 class RequestFailedError(RuntimeError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -231,3 +232,49 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
         if suffix.isdigit() and (path / TRAINER_STATE).is_file():
             found.append((int(suffix), path))
     return max(found)[1] if found else None
+
+
+# What a run writes into its output folder besides checkpoint-N/: the adapter (LoRA) or the model and its
+# processor (full training).
+RUN_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+# Any of these means the folder holds a run's result (the processor files alone do not).
+_RUN_MARKERS = ("adapter_config.json", "adapter_model.safetensors", "config.json", "model*.safetensors")
+
+
+def previous_run(output_dir: Path) -> list[Path]:
+    """The checkpoint-N folders and the weights a previous run left in `output_dir` (empty: none)."""
+    if not output_dir.is_dir():
+        return []
+    found = {p for p in output_dir.glob("checkpoint-*") if p.name.removeprefix("checkpoint-").isdigit()}
+    found |= {p for pattern in _RUN_MARKERS for p in output_dir.glob(pattern) if p.is_file()}
+    return sorted(found, key=lambda p: (not p.is_dir(), _step(p), p.name))
+
+
+def remove_previous_run(output_dir: Path) -> None:
+    """Delete the checkpoint-N folders and the files a run writes (RUN_FILES); anything else stays."""
+    for path in output_dir.glob("checkpoint-*"):
+        if path.name.removeprefix("checkpoint-").isdigit() and path.is_dir():
+            shutil.rmtree(path)
+    for pattern in RUN_FILES:
+        for path in output_dir.glob(pattern):
+            if path.is_file():
+                path.unlink()
+
+
+def _step(path: Path) -> int:
+    suffix = path.name.removeprefix("checkpoint-")
+    return int(suffix) if suffix.isdigit() else -1

@@ -2,7 +2,8 @@
 
 An example is `{"messages": [{"role": "user" | "assistant" | "system", "content": str | [parts]}, ...],
 "images": [path or PIL image, ...]}`; a part is `{"type": "text", "text": ...}` or `{"type": "image"}`, and
-the images fill the image parts in order. Only assistant turns are learned: their text and their
+the images fill the image parts in order (or each image part names its own, `{"type": "image", "image":
+"a.png"}`, as the pipeline accepts). Only assistant turns are learned: their text and their
 `<end_of_utterance>`, not the "Assistant:" role prefix. Everything else is -100 in the labels: the system and
 user turns with their role prefixes, BOS, the image tokens and their `<fake_token_around_image>` markers,
 padding.
@@ -61,7 +62,7 @@ def normalize_example(example: Any, base_dir: Path | None = None) -> dict:
     messages = example.get("messages")
     if not isinstance(messages, list) or not messages:
         raise DataError('"messages" must be a non-empty list')
-    out_messages, n_image_parts = [], 0
+    out_messages, n_image_parts, inline = [], 0, []
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise DataError(f"messages[{i}] must be an object with role and content")
@@ -82,6 +83,8 @@ def normalize_example(example: Any, base_dir: Path | None = None) -> dict:
             elif kind == "image":
                 parts.append({"type": "image"})
                 n_image_parts += 1
+                if part.get("image") is not None:
+                    inline.append(part["image"])
             else:
                 raise DataError(
                     f'messages[{i}].content[{j}]: a part must be {{"type": "text", "text": ...}} '
@@ -93,6 +96,15 @@ def normalize_example(example: Any, base_dir: Path | None = None) -> dict:
     images = example.get("images", [])
     if not isinstance(images, list):
         raise DataError('"images" must be a list of image paths')
+    if inline:
+        if images:
+            raise DataError('give the images either inside the image parts or in "images", not both')
+        if len(inline) != n_image_parts:
+            raise DataError(
+                f'{len(inline)} of the {n_image_parts} image parts hold an "image": give every image part '
+                'its image, or list the images in "images"'
+            )
+        images = inline
     if len(images) != n_image_parts:
         raise DataError(
             f'{n_image_parts} image part(s) in the messages but {len(images)} image(s) in "images"'

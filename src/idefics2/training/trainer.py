@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,7 +51,10 @@ class TrainingArguments:
     seed: int = 0
     eval_steps: int | None = None  # evaluate every N steps (and at the end) when eval data is given
     save_steps: int | None = None  # write output_dir/checkpoint-N every N steps (and at the end)
-    save_total_limit: int | None = 2  # keep only the newest checkpoints
+    save_total_limit: int | None = 2  # keep only the newest N checkpoints; None keeps them all
+    # a fresh run (no resume) into a folder holding a previous run's checkpoints or weights removes them
+    # first; without it such a folder is refused, so that two runs never mix
+    overwrite_output_dir: bool = False
     logging_steps: int = 10
     progress: bool = True
 
@@ -374,9 +378,16 @@ def _load_checkpoint(
     world: int,
     rank: int,
     sharded: bool,
+    lora_config: lora.LoraConfig | None,
 ) -> int:
     state = json.loads((folder / ckpt.TRAINER_STATE).read_text())
     saved = state["args"]
+    if bool(state.get("lora")) != (lora_config is not None):
+        saved_kind, this_kind = ("a LoRA run", "all weights") if state.get("lora") else ("a full run", "LoRA")
+        raise ValueError(
+            f"cannot resume from {folder}: it is {saved_kind}, this run trains {this_kind}; resume with the "
+            "original run's setting (LoRA or full)"
+        )
     for key in ("batch_size", "grad_accum", "seed", "shuffle"):
         if saved.get(key) != getattr(args, key):
             raise ValueError(
@@ -393,6 +404,15 @@ def _load_checkpoint(
     scheduler.load_state_dict(state["scheduler"])
     ckpt.load_rng(folder, rank)
     return int(state["step"])
+
+
+def previous_run_message(output_dir: Path, previous: list[Path]) -> str:
+    names = ", ".join(p.name for p in previous[:6]) + (", ..." if len(previous) > 6 else "")
+    return (
+        f"{output_dir} holds a previous run ({names}): resume it (resume_from / --resume), replace it "
+        "(overwrite_output_dir / --overwrite: its checkpoints and weights are deleted first) or choose "
+        "another output folder"
+    )
 
 
 # --- the loop
@@ -423,6 +443,14 @@ def train(
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     output_dir = Path(args.output_dir)
+    if not resume_from:
+        previous = ckpt.previous_run(output_dir)
+        if previous and not args.overwrite_output_dir:
+            raise ValueError(previous_run_message(output_dir, previous))
+        if previous and rank == 0:
+            ckpt.remove_previous_run(output_dir)
+        if world > 1:
+            dist.barrier()
     output_dir.mkdir(parents=True, exist_ok=True)
 
     model.to(device)
@@ -437,6 +465,13 @@ def train(
         shard_model(model)
     optimizer, names = build_optimizer(model, args)
     total = steps_for(len(train_data), args, world)
+    if args.warmup_steps >= total and args.warmup_steps > 0 and rank == 0:
+        last = args.lr * lr_factor(total - 1, args.scheduler, args.warmup_steps, total)
+        warnings.warn(
+            f"warmup_steps ({args.warmup_steps}) is not shorter than the run ({total} steps): the learning "
+            f"rate never reaches lr={args.lr:g} (the last step uses {last:.2e}); lower warmup_steps",
+            stacklevel=2,
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_factor, kind=args.scheduler, warmup=args.warmup_steps, total=total)
     )
@@ -446,7 +481,9 @@ def train(
         folder = ckpt.latest_checkpoint(output_dir) if resume_from is True else Path(resume_from)
         if folder is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {output_dir}")
-        step = _load_checkpoint(folder, model, optimizer, scheduler, names, args, world, rank, sharded)
+        step = _load_checkpoint(
+            folder, model, optimizer, scheduler, names, args, world, rank, sharded, lora_config
+        )
 
     ddp_model = model
     if world > 1 and not sharded:

@@ -210,6 +210,7 @@ def summarize(report: Report, warmup: float) -> dict:
         "rss_max_mb": round(max(after), 1) if after else None,
         "rss_end_mb": round(after[-1], 1) if after else None,
         "rss_growth": round(max(after) / base - 1, 4) if after else None,
+        "rss_every_10s_mb": [round(mb) for t, mb in report.rss_mb][::10],
         "examples": (report.failed + report.wrong + report.fault_errors)[:5],
     }
 
@@ -220,7 +221,7 @@ def main() -> None:
     )
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--clients", type=int, default=32)
-    parser.add_argument("--warmup", type=float, default=20, help="seconds before memory must stay flat")
+    parser.add_argument("--warmup", type=float, default=60, help="seconds before memory must stay flat")
     parser.add_argument("--questions", type=int, default=24)
     parser.add_argument("--port", type=int, default=8731)
     args = parser.parse_args()

@@ -37,7 +37,9 @@ class ModelRunner:
         features = self.model.get_image_features(
             pixel_values.to(device=self.device, dtype=self.model.dtype), pixel_mask.to(self.device)
         )
-        return list(features.split([pixels.shape[1] for pixels, _ in images]))
+        parts = features.split([pixels.shape[1] for pixels, _ in images])
+        # copies, so that a cached image's features do not keep the whole batch's tensor alive
+        return [part.clone() for part in parts] if len(parts) > 1 else list(parts)
 
     def embed_prompt(self, input_ids: list[int], image_features: torch.Tensor | None) -> torch.Tensor:
         """Prompt embeddings (1, P, hidden) with the image features at the `<image>` tokens."""

@@ -1,0 +1,344 @@
+"""QuantizedLinear: a linear layer with an int8 or int4 weight, computed by the fastest route the device has.
+
+Routes (chosen per call; see idefics2.modeling.kernels for what each device supports):
+
+- **kernel** (few rows: decode steps): torch's weight-only kernels, int8 `_weight_int8pack_mm` and int4
+  `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` (CUDA tinygemm), with bfloat16 activations (the
+  only ones their x86 code is vectorised for; the result is cast back to the input's dtype).
+- **dequantize** (many rows: prefill, vision tower, perceiver; or where no kernel runs): the weight is
+  dequantized, a slice of rows at a time, into a float buffer reused by every layer (one per thread and
+  dtype, at most WORKSPACE_BYTES), and multiplied with the ordinary float product.
+- **training** (autograd on): the same dequantized product inside an autograd function that keeps nothing
+  for the backward pass but the layer and dequantizes again there, so gradients flow to the input (and to
+  LoRA adapters) while the frozen quantized weight never gets a float copy that lives across the step.
+
+A layer holds its weight once. int4 weights live in the device kernel's packed layout once the layer is on
+a device that has one (the CPU layout depends on the instruction set, so it is made when loading, never
+saved); `state_dict()` and `save_pretrained` always give the portable form of idefics2.quantization.formats.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idefics2.modeling import kernels
+from idefics2.modeling.attention import activation, linear
+from idefics2.quantization.formats import (
+    INT4_GROUP_SIZES,
+    dequantize_int4,
+    dequantize_int8,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    unpack_nibbles,
+)
+
+BITS = (8, 4)
+WORKSPACE_BYTES = 64 * 2**20  # the dequantize route works on slices of rows that fit in this many bytes
+_PAD_ROWS = 64  # packed int4 weights have their rows padded to a multiple of this (the kernels' blocks)
+_workspaces = threading.local()
+
+
+def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A flat buffer of `numel` elements, reused by every call on this thread with this dtype and device (a
+    fresh buffer per call would cost page faults on every layer)."""
+    buffers = _workspaces.__dict__.setdefault("buffers", {})
+    key = (dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ W.T + b with W stored as int8 (per output channel) or int4 (per group of inputs).
+
+    Buffers (portable form): `qweight`, `scales` and, for int4, `zeros`; `bias` is a float parameter.
+    `weight` is a stand-in with the float weight's shape, dtype and device (for code that asks a layer for
+    those) holding no values: `dequantized_weight()` gives the values.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int | None = None,
+        bias: bool = False,
+        *,
+        dtype: torch.dtype = torch.float32,
+        scale_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in BITS:
+            raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        n, k = out_features, in_features
+        if bits == 8:
+            self.group_size = k
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(n, dtype=torch.float32, device=device))
+            self.zeros: torch.Tensor | None = None
+        else:
+            if group_size is None or k % group_size or k % 2:
+                raise ValueError(
+                    f"int4 needs an even input width divisible by the group size: {k}, {group_size}"
+                )
+            self.group_size = group_size
+            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(n, k // group_size, dtype=scale_dtype, device=device))
+            self.register_buffer("zeros", torch.empty(n, k // group_size, dtype=scale_dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(n, dtype=dtype, device=device)) if bias else None
+        # the float dtype and device of the layer's inputs and outputs; converted by .to() like any float
+        self.register_buffer("_standin", torch.full((1,), float("nan"), dtype=dtype, device=device), False)
+        self.packing: str | None = None  # None: qweight is portable; else the kernel layout it is packed in
+        self.kernel_scales: torch.Tensor | None = None  # the kernel's bfloat16 scales (and zeros), if any
+
+    # ---- construction ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int | None = None
+    ) -> QuantizedLinear:
+        """Quantize a float weight [N, K] (and keep the bias as it is)."""
+        n, k = weight.shape
+        layer = cls(k, n, bits, group_size, bias is not None, dtype=weight.dtype, device="meta")
+        if bits == 8:
+            tensors = dict(zip(("qweight", "scales"), quantize_int8(weight), strict=True))
+        else:
+            tensors = dict(
+                zip(("qweight", "scales", "zeros"), quantize_int4(weight, group_size), strict=True)
+            )
+        layer.set_tensors(tensors, bias=bias, dtype=weight.dtype)
+        return layer
+
+    def set_tensors(
+        self, tensors: dict[str, torch.Tensor], *, bias: torch.Tensor | None = None, dtype: torch.dtype
+    ) -> None:
+        """Take the portable tensors (`qweight`, `scales`, `zeros`) as they are (names and shapes checked by
+        the caller) and pack them for their device's kernel."""
+        device = tensors["qweight"].device
+        for name, tensor in tensors.items():
+            setattr(self, name, tensor)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+        self._standin = torch.full((1,), float("nan"), dtype=dtype, device=device)
+        self.packing = None
+        self.pack_for_device()
+
+    # ---- the device's layout -----------------------------------------------------------------------------
+
+    def pack_for_device(self) -> None:
+        """Put the weight in the layout of this device's kernel (int4), and make the kernel's scales."""
+        self.kernel_scales = None
+        if self.qweight.is_meta:
+            return
+        device = self.qweight.device
+        if self.bits == 8:
+            self.kernel_scales = self.scales.to(torch.bfloat16)
+            return
+        layout = kernels.int4_weight_layout(device)
+        k = self.in_features
+        if layout is None or self.group_size not in INT4_GROUP_SIZES or (layout == "tinygemm" and k % 32):
+            return
+        n = self.out_features
+        rows = -(-n // _PAD_ROWS) * _PAD_ROWS
+        values = F.pad(unpack_nibbles(self.qweight), (0, 0, 0, rows - n))  # [rows, K] in 0..15
+        if layout == "tinygemm":
+            inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+            packed = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(values), inner_k_tiles)
+        else:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.int(), 2)
+        scale_zeros = torch.stack([self.scales, self.zeros], dim=-1).to(torch.bfloat16)  # [N, K/g, 2]
+        scale_zeros = F.pad(scale_zeros, (0, 0, 0, 0, 0, rows - n))
+        self.kernel_scales = scale_zeros.transpose(0, 1).contiguous()  # [K/g, rows, 2]
+        self.qweight, self.packing = packed, layout
+
+    def nibbles(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The int4 values (uint8 in 0..15) of weight rows [start, stop), whatever the layout holding them."""
+        stop = self.out_features if stop is None else stop
+        if self.packing is None:
+            return unpack_nibbles(self.qweight[start:stop])
+        if self.packing.startswith("cpu"):
+            block = int(self.packing[3:])
+            first, last = start // block * block, -(-stop // block) * block
+            rows = kernels.cpu_int4_rows(self.qweight[first:last], block)
+            return rows[start - first : stop - first]
+        return self._nibbles_from_kernel()[start:stop]
+
+    def _nibbles_from_kernel(self) -> torch.Tensor:
+        """Read a packed layout back through the kernel itself: with unit scales and zero offsets it returns
+        q - 8 exactly (small integers are exact in bfloat16), whatever the layout."""
+        k = self.in_features
+        rows = self.kernel_scales.shape[1]
+        unit = torch.zeros_like(self.kernel_scales)
+        unit[..., 0] = 1.0
+        identity = torch.eye(k, dtype=torch.bfloat16, device=self.qweight.device)
+        run = (
+            torch.ops.aten._weight_int4pack_mm
+            if self.packing == "tinygemm"
+            else (torch.ops.aten._weight_int4pack_mm_for_cpu)
+        )
+        values = run(identity, self.qweight, self.group_size, unit)  # [K, rows] = (q - 8).T
+        return (values.t()[:rows] + 8).round().to(torch.uint8)
+
+    def _unpack(self) -> None:
+        """Back to the portable layout (before a device change or loading new values)."""
+        if self.packing is not None:
+            self.qweight, self.packing, self.kernel_scales = pack_nibbles(self.nibbles()), None, None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(device) and .to(dtype) go through here: the portable form moves, the float stand-in and bias
+        # follow the float conversions, and the scales keep their own dtype (a bfloat16 model keeps exact
+        # float32 int8 scales; a float16 model keeps bfloat16 int4 scales and zeros)
+        self._unpack()
+        scale_dtypes = {
+            name: getattr(self, name).dtype for name in ("scales", "zeros") if getattr(self, name) is not None
+        }
+        super()._apply(fn, recurse)
+        for name, dtype in scale_dtypes.items():
+            setattr(self, name, getattr(self, name).to(dtype))
+        self.pack_for_device()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packing is not None:
+            destination[prefix + "qweight"] = pack_nibbles(self.nibbles())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        loads = any(prefix + name in state_dict for name in ("qweight", "scales", "zeros"))
+        if loads:
+            self._unpack()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if loads:
+            self.pack_for_device()
+
+    # ---- values ------------------------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in [N, K] with the float weight's dtype and device; it holds no values (NaN)."""
+        return self._standin.expand(self.out_features, self.in_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._standin.dtype
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [N, K] that every route computes with."""
+        dtype = dtype or self.dtype
+        if self.bits == 8:
+            return dequantize_int8(self.qweight, self.scales, dtype)
+        return dequantize_int4(pack_nibbles(self.nibbles()), self.scales, self.zeros, dtype)
+
+    def _dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Weight rows [start, stop) written into `out` [stop - start, K] (float)."""
+        if self.bits == 8:
+            out.copy_(self.qweight[start:stop])
+            return out.mul_(self.scales[start:stop, None])
+        out.copy_(self.nibbles(start, stop))
+        scales, zeros = self.scales[start:stop, :, None], self.zeros[start:stop, :, None]
+        groups = out.view(stop - start, -1, self.group_size)
+        groups.sub_(8.0).mul_(scales).add_(zeros)
+        return out
+
+    # ---- forward -----------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compute(x, None)
+
+    def forward_activated(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        """act(self(x)); the activation fused into the float product unless hooks (LoRA) watch the layer."""
+        if self._forward_hooks or self._forward_pre_hooks:
+            return activation(act)(self(x))
+        return self._compute(x, act)
+
+    def _compute(self, x: torch.Tensor, act: str | None) -> torch.Tensor:
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        ):
+            out = _DequantizedProduct.apply(x, self.bias, self)
+            return out if act is None else activation(act)(out)
+        rows = x.numel() // self.in_features
+        out = None
+        if rows <= kernels.QUANTIZED_KERNEL_MAX_ROWS[self.bits]:
+            out = self._kernel_product(x)
+        if out is None:
+            return self.dequantized_product(x, act)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out if act is None else activation(act)(out)
+
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ W.T on the device's int8 / int4 kernel (bfloat16 activations), or None where none runs."""
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if self.bits == 8:
+            if not kernels.int8_weight_kernel(x.device):
+                return None
+            out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scales)
+        else:
+            if self.packing is None or kernels.int4_weight_layout(x.device) != self.packing:
+                return None
+            run = (
+                torch.ops.aten._weight_int4pack_mm
+                if self.packing == "tinygemm"
+                else (torch.ops.aten._weight_int4pack_mm_for_cpu)
+            )
+            out = run(x2, self.qweight, self.group_size, self.kernel_scales)[:, : self.out_features]
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_product(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        """act(x @ W.T + b) with W dequantized into the shared buffer, a slice of output rows at a time."""
+        n, k = self.out_features, self.in_features
+        x2 = x.reshape(-1, k)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        step = max(_PAD_ROWS, WORKSPACE_BYTES // (k * x.element_size()) // _PAD_ROWS * _PAD_ROWS)
+        buffer = workspace(min(step, n) * k, x.dtype, x.device)
+        if step >= n:
+            out = linear(x2, self._dequantize_rows(0, n, buffer.view(n, k)), bias, act)
+        else:
+            out = x2.new_empty(x2.shape[0], n)
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                weight = self._dequantize_rows(start, stop, buffer[: (stop - start) * k].view(-1, k))
+                part_bias = None if bias is None else bias[start:stop]
+                out[:, start:stop] = linear(x2, weight, part_bias, act)
+        return out.reshape(*x.shape[:-1], n)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        packing = f", packing={self.packing}" if self.packing else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}, "
+            f"bias={self.bias is not None}{packing}"
+        )
+
+
+class _DequantizedProduct(torch.autograd.Function):
+    """x @ W.T + b for a frozen quantized W: nothing but the layer is kept for backward, where W is
+    dequantized again to give the input's gradient (and the bias's, when it trains)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        ctx.x_shape = x.shape
+        return layer.dequantized_product(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        layer = ctx.layer
+        grad_x = grad_bias = None
+        grad2 = grad_out.reshape(-1, layer.out_features)
+        if ctx.needs_input_grad[0]:
+            weight = layer.dequantized_weight(grad_out.dtype)
+            grad_x = (grad2 @ weight).reshape(ctx.x_shape)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad2.sum(dim=0)
+        return grad_x, grad_bias, None

@@ -86,9 +86,14 @@ class MappedSafetensors:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise corrupted(f"only {size} bytes")
-            if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
-                raise CheckpointError(f"{path} is a pickle/PyTorch file renamed as safetensors; refusing it")
             header_len = int.from_bytes(prefix, "little")
+            # a zip (torch.save) or a pickle; a safetensors header length can start with these bytes too, but
+            # its header then starts with "{"
+            if (prefix[:2] == b"PK" or prefix[:1] == b"\x80") and not (
+                header_len <= size - 8 and f.read(1) == b"{"
+            ):
+                raise CheckpointError(f"{path} is a pickle/PyTorch file renamed as safetensors; refusing it")
+            f.seek(8)
             if header_len > size - 8:
                 raise corrupted(f"header length {header_len} exceeds the file size {size}")
             try:

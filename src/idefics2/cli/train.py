@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from idefics2.cli.common import UserError, positive_int
+from idefics2.cli.common import UserError, add_quantize_option, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -69,6 +69,7 @@ def add_parser(subparsers) -> None:
         default="float32",
         help="dtype of the loaded weights (default: float32; checkpoint: the checkpoint's own)",
     )
+    add_quantize_option(p)
     p.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
     )
@@ -120,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.full and args.quantize:
+        raise UserError("--quantize trains LoRA adapters on a frozen quantized model (QLoRA), not --full")
 
     if args.resume and latest_checkpoint(Path(args.output)) is None:
         raise UserError(f"--resume: no checkpoint to resume from in {args.output}")
@@ -160,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
     )
     dtype = "auto" if args.dtype == "checkpoint" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    model = Idefics2ForConditionalGeneration.from_pretrained(args.model, dtype=dtype)
+    model = Idefics2ForConditionalGeneration.from_pretrained(args.model, dtype=dtype, quantize=args.quantize)
     lora_config = None
     if not args.full:
         lora_config = LoraConfig(

@@ -14,6 +14,8 @@ model class passes itself in (`Idefics2ForConditionalGeneration.from_pretrained`
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import mmap
@@ -320,6 +322,8 @@ def load_pretrained(
     layer_set = set(layers)
     for name in layers:  # one layer at a time: each float weight is dropped once quantized
         _fill_quantized(model.get_submodule(name), name, tensors, source, stored, device, target_dtype)
+        if stored is None:
+            _return_freed_memory()
     quantized_names = {f"{n}.{key}" for n in layers for key in ("qweight", "scales", "zeros")}
     state = {}
     for name in expected:
@@ -342,6 +346,22 @@ def load_pretrained(
     model.generation_config = _read_generation_config(folder)
     model.checkpoint_dir = folder
     return model.eval()
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the pages of freed heap blocks back to the system (glibc): quantizing leaves many freed
+    temporaries between the small quantized tensors, which would otherwise stay resident."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _parts_of(layers: list[str]) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import torch
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # the group sizes torch's int4 kernels accept
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ: nibble i of a packed int32 holds column AWQ_ORDER[i] of 8
+CHUNK_BYTES = 8 * 2**20
 
 
 def group_size_for(in_features: int, requested: int) -> int:
@@ -32,11 +33,21 @@ def group_size_for(in_features: int, requested: int) -> int:
 # ---- int8 -------------------------------------------------------------------------------------------------
 
 
+def _row_slices(weight: torch.Tensor):
+    """Slices of rows of about CHUNK_BYTES in float32: quantizing a slice at a time keeps the temporaries
+    small (a whole lm_head in float32 is hundreds of MB)."""
+    step = max(1, CHUNK_BYTES // (4 * weight.shape[1]))
+    return (slice(start, start + step) for start in range(0, weight.shape[0], step))
+
+
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float weight [N, K] -> (qweight int8 [N, K], scales float32 [N]), rounding to the nearest step."""
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
-    qweight = torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8)
+    qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for rows in _row_slices(weight):
+        w = weight[rows].detach().float()
+        scales[rows] = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+        qweight[rows] = torch.round(w / scales[rows, None]).clamp_(-127, 127)
     return qweight, scales
 
 
@@ -50,7 +61,7 @@ def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype: torch.dt
 def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
     """values in 0..15, [N, K] (K even) -> uint8 [N, K/2], even columns in the high nibble."""
     v = values.to(torch.uint8)
-    return (v[:, 0::2] << 4) | v[:, 1::2]
+    return ((v[:, 0::2] << 4) | v[:, 1::2]).contiguous()
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -69,13 +80,17 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
         raise ValueError(
             f"int4 needs an even input width divisible by the group size, got {k} and {group_size}"
         )
-    w = weight.detach().float().reshape(n, k // group_size, group_size)
-    low, high = w.amin(dim=-1), w.amax(dim=-1)
-    scales = ((high - low) / 15.0).clamp(min=1e-8).to(torch.bfloat16)
-    zeros = (low + 8.0 * scales.float()).to(torch.bfloat16)  # the weight value of nibble 8
-    s, z = scales.float()[..., None], zeros.float()[..., None]
-    q = torch.round((w - z) / s + 8.0).clamp_(0, 15).reshape(n, k)
-    return pack_nibbles(q), scales, zeros
+    qweight = torch.empty(n, k // 2, dtype=torch.uint8, device=weight.device)
+    scales = torch.empty(n, k // group_size, dtype=torch.bfloat16, device=weight.device)
+    zeros = torch.empty_like(scales)
+    for rows in _row_slices(weight):
+        w = weight[rows].detach().float().reshape(-1, k // group_size, group_size)
+        low, high = w.amin(dim=-1), w.amax(dim=-1)
+        scales[rows] = ((high - low) / 15.0).clamp(min=1e-8)
+        zeros[rows] = low + 8.0 * scales[rows].float()  # the weight value of nibble 8
+        s, z = scales[rows].float()[..., None], zeros[rows].float()[..., None]
+        qweight[rows] = pack_nibbles(torch.round((w - z) / s + 8.0).clamp_(0, 15).reshape(-1, k))
+    return qweight, scales, zeros
 
 
 def dequantize_int4(

@@ -148,12 +148,18 @@ class QuantizedLinear(nn.Module):
             return
         n = self.out_features
         rows = -(-n // _PAD_ROWS) * _PAD_ROWS
-        values = F.pad(unpack_nibbles(self.qweight), (0, 0, 0, rows - n))  # [rows, K] in 0..15
+        portable = F.pad(self.qweight, (0, 0, 0, rows - n))  # [rows, K / 2]
         if layout == "tinygemm":
             inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
-            packed = torch.ops.aten._convert_weight_to_int4pack(pack_nibbles(values), inner_k_tiles)
+            packed = torch.ops.aten._convert_weight_to_int4pack(portable, inner_k_tiles)
         else:
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values.int(), 2)
+            # blocks of 64 rows are packed independently and stored one after the other, so slices of rows
+            # are packed one at a time (the kernel's input is int32: 8x the packed size)
+            packed = torch.empty(portable.shape, dtype=torch.uint8, device=portable.device)
+            step = max(_PAD_ROWS, WORKSPACE_BYTES // 4 // (4 * k) // _PAD_ROWS * _PAD_ROWS)
+            for start in range(0, rows, step):
+                values = unpack_nibbles(portable[start : start + step]).int()
+                packed[start : start + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
         scale_zeros = torch.stack([self.scales, self.zeros], dim=-1).to(torch.bfloat16)  # [N, K/g, 2]
         scale_zeros = F.pad(scale_zeros, (0, 0, 0, 0, 0, rows - n))
         self.kernel_scales = scale_zeros.transpose(0, 1).contiguous()  # [K/g, rows, 2]

@@ -450,3 +450,51 @@ def test_int4_kernel_layout_on_a_cpu_limited_to_avx2():
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.split() == ["True", "cpu32", "cpu32", "True"]
+
+
+def test_loading_and_quantization_import_one_way():
+    """idefics2.loading and idefics2.quantization build on the model's leaf modules, never on the model
+    (which imports them): importing them first works and leaves the model unimported."""
+    code = (
+        "import sys, idefics2.quantization, idefics2.loading; print('idefics2.modeling.model' in sys.modules)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "False"
+
+
+def test_merging_an_adapter_happens_before_quantizing(checkpoint, tmp_path):
+    from idefics2.training import LoraConfig, add_lora, save_adapter
+
+    donor = Idefics2ForConditionalGeneration.from_pretrained(checkpoint)
+    config = LoraConfig(r=2, target_modules=["q_proj", "down_proj"])
+    add_lora(donor, config)
+    with torch.no_grad():
+        for name, param in donor.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+    save_adapter(donor, config, tmp_path)
+    inputs = batch()
+    merged_float = Idefics2ForConditionalGeneration.from_pretrained(
+        checkpoint, adapter=tmp_path, merge_adapter=True
+    )
+    merged = Idefics2ForConditionalGeneration.from_pretrained(
+        checkpoint, adapter=tmp_path, merge_adapter=True, quantize="int8"
+    )
+    assert not [n for n in merged.state_dict() if "lora_" in n] and quantized_layers(merged)
+    assert rel_diff(logits(merged, inputs).double(), logits(merged_float, inputs).double()) <= 2e-2
+    unmerged = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, adapter=tmp_path, quantize="int8")
+    with pytest.raises(ValueError, match="cannot merge a LoRA adapter into quantized weights"):
+        from idefics2.training import merge_lora
+
+        merge_lora(unmerged)
+
+
+def test_bfloat16_autocast_training_step_through_a_quantized_layer():
+    layer = quantized(4)
+    x = torch.randn(4, 256, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    out.float().sum().backward()
+    assert x.grad is not None and x.grad.dtype == torch.float32
+    assert rel_diff(x.grad.double(), layer.dequantized_weight(torch.float64).sum(0).expand(4, -1)) <= 2e-2

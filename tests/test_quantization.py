@@ -120,6 +120,7 @@ def test_every_route_equals_the_dequantized_float_product(bits, rows, route):
         pytest.skip(f"no int{bits} kernel on this CPU (the dequantize route is tested)")
     x = torch.randn(rows, 256)
     off = {} if route == "kernel" else {"int8_weight_kernel": False, "int4_weight_kernel": False}
+    off["native_bfloat16"] = False  # the dequantize route in float32 (its bfloat16 variant: below)
     with torch.no_grad(), kernels.force(**off):
         got = layer(x)
         activated = layer.forward_activated(x, "silu")
@@ -137,12 +138,16 @@ def test_dequantize_route_in_slices_of_rows_and_in_bfloat16(bits, monkeypatch):
     x = torch.randn(2, 20, 256)
     want = expected(layer, x)
     with torch.no_grad():
-        whole = layer(x)
-        monkeypatch.setattr(layer_module, "WORKSPACE_BYTES", 64 * 256 * 4)  # 64 rows at a time
-        sliced = layer(x)
+        with kernels.force(native_bfloat16=False):
+            whole = layer(x)
+            monkeypatch.setattr(layer_module, "WORKSPACE_BYTES", 64 * 256 * 4)  # 64 rows at a time
+            sliced = layer(x)
+        with kernels.force(native_bfloat16=True):
+            bf16_product = layer(x)  # float32 in and out, the product in bfloat16
         low = layer.to(torch.bfloat16)(x.bfloat16())  # .to() converts the layer in place
     assert torch.allclose(sliced, whole, atol=1e-6)
     assert rel_diff(whole.double(), want) <= 1e-5
+    assert bf16_product.dtype == torch.float32 and rel_diff(bf16_product.double(), want) <= 2e-2
     assert low.dtype == torch.bfloat16 and rel_diff(low.double(), want) <= 2e-2
     assert layer.scales.dtype == (torch.float32 if bits == 8 else torch.bfloat16)  # .to() keeps the scales
 
@@ -286,18 +291,27 @@ def test_generation_runs_quantized(checkpoint):
 
 
 def test_mid_config_int8_logits_within_3e_2_of_float32():
+    """The benchmark's "mid" config (246M parameters, random weights): prefill (the dequantize route) and a
+    decode step (the kernel route) within 3e-2 (max |diff| / max |logit|) of float32."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_generation import MID_CONFIG
 
     torch.manual_seed(0)
     model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(copy.deepcopy(MID_CONFIG))).eval()
     ids = torch.randint(3, 32000, (1, 24))
-    reference = logits(model, {"input_ids": ids})
-    decode_reference = reference[:, -1:]
+
+    def prefill_and_step():
+        with torch.no_grad():
+            full = model(ids).logits
+            cache = model.new_kv_cache(1, 24)
+            model(ids[:, :23], kv_cache=cache, cache_position=torch.arange(23))
+            mask = torch.ones(1, 24, dtype=torch.long)
+            step = model(ids[:, 23:], mask, kv_cache=cache, cache_position=torch.tensor([23])).logits
+        return full, step
+
+    references = prefill_and_step()
     model.quantize("int8")
-    prefill = logits(model, {"input_ids": ids})
-    step = logits(model, {"input_ids": ids})[:, -1:]
-    for got, want in ((prefill, reference), (step, decode_reference)):
+    for got, want in zip(prefill_and_step(), references, strict=True):
         diff = ((got - want).abs().max() / want.abs().max()).item()
         assert diff <= 3e-2, diff
 
@@ -405,7 +419,9 @@ def test_awq_checkpoint_runs_on_the_int4_path(awq_checkpoint, route):
         tolerance = 3e-2
     else:
         steps, tolerance = inputs, 2e-3
-    with kernels.force(**({} if route == "kernel" else {"int4_weight_kernel": False})):
+    with kernels.force(
+        **({} if route == "kernel" else {"int4_weight_kernel": False, "native_bfloat16": False})
+    ):
         got = logits(model, steps)
     assert rel_diff(got.double(), logits(twin, steps).double()) <= tolerance
 

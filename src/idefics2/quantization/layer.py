@@ -7,7 +7,9 @@ Routes (chosen per call; see idefics2.modeling.kernels for what each device supp
   only ones their x86 code is vectorised for; the result is cast back to the input's dtype).
 - **dequantize** (many rows: prefill, vision tower, perceiver; or where no kernel runs): the weight is
   dequantized, a slice of rows at a time, into a float buffer reused by every layer (one per thread and
-  dtype, at most WORKSPACE_BYTES), and multiplied with the ordinary float product.
+  dtype, at most WORKSPACE_BYTES), and multiplied with the ordinary float product; in bfloat16 for float32
+  inputs on CPUs with bfloat16 instructions (twice as fast there, and the activations' rounding of the
+  kernel route), in the input's dtype elsewhere.
 - **training** (autograd on): the same dequantized product inside an autograd function that keeps nothing
   for the backward pass but the layer and dequantizes again there, so gradients flow to the input (and to
   LoRA adapters) while the frozen quantized weight never gets a float copy that lives across the step.
@@ -244,15 +246,32 @@ class QuantizedLinear(nn.Module):
         return dequantize_int4(pack_nibbles(self.nibbles()), self.scales, self.zeros, dtype)
 
     def _dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Weight rows [start, stop) written into `out` [stop - start, K] (float)."""
+        """Weight rows [start, stop) written into `out` [stop - start, K] (float), in few passes: int8 is one
+        multiplication; int4 writes its nibbles as floats, then one multiply-add per group."""
+        rows = stop - start
+        scales = self.scales[start:stop].float()
         if self.bits == 8:
-            out.copy_(self.qweight[start:stop])
-            return out.mul_(self.scales[start:stop, None])
-        out.copy_(self.nibbles(start, stop))
-        scales, zeros = self.scales[start:stop, :, None], self.zeros[start:stop, :, None]
-        groups = out.view(stop - start, -1, self.group_size)
-        groups.sub_(8.0).mul_(scales).add_(zeros)
-        return out
+            return torch.mul(self.qweight[start:stop], scales[:, None], out=out)
+        if self.packing is not None and self.packing.startswith("cpu"):
+            self._cpu_nibbles_into(start, stop, out)
+        else:
+            out.copy_(self.nibbles(start, stop))
+        offsets = self.zeros[start:stop].float() - 8.0 * scales  # the weight value of nibble 0
+        groups = out.view(rows, -1, self.group_size)
+        return torch.addcmul(offsets[..., None], groups, scales[..., None], out=groups).view(rows, -1)
+
+    def _cpu_nibbles_into(self, start: int, stop: int, out: torch.Tensor) -> None:
+        """Nibbles of rows [start, stop) of the CPU packed layout written into `out` as floats, straight from
+        the packed bytes (rows j and j + block / 2 of each block share a byte)."""
+        block = int(self.packing[3:])
+        whole = (stop - start) // block * block if start % block == 0 else 0  # rows in whole blocks
+        if whole:
+            packed = self.qweight[start : start + whole].view(-1, self.in_features, block // 2)
+            target = out[:whole].view(-1, block, self.in_features)  # packed: [blocks, K, block / 2]
+            target[:, : block // 2].copy_((packed & 15).transpose(1, 2))
+            target[:, block // 2 :].copy_((packed >> 4).transpose(1, 2))
+        if start + whole < stop:
+            out[whole:].copy_(self.nibbles(start + whole, stop))
 
     # ---- forward -----------------------------------------------------------------------------------------
 
@@ -276,7 +295,10 @@ class QuantizedLinear(nn.Module):
         if rows <= kernels.QUANTIZED_KERNEL_MAX_ROWS[self.bits]:
             out = self._kernel_product(x)
         if out is None:
-            return self.dequantized_product(x, act)
+            # float32 inputs on a CPU with bfloat16 instructions: the product in bfloat16 (the activations the
+            # kernel route rounds to as well), twice as fast as float32 there
+            low = x.device.type == "cpu" and x.dtype == torch.float32 and kernels.native_bfloat16()
+            return self.dequantized_product(x, act, torch.bfloat16 if low else None)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out if act is None else activation(act)(out)
@@ -299,13 +321,17 @@ class QuantizedLinear(nn.Module):
             out = run(x2, self.qweight, self.group_size, self.kernel_scales)[:, : self.out_features]
         return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
-    def dequantized_product(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
-        """act(x @ W.T + b) with W dequantized into the shared buffer, a slice of output rows at a time."""
+    def dequantized_product(
+        self, x: torch.Tensor, act: str | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """act(x @ W.T + b) with W dequantized into the shared buffer, a slice of output rows at a time;
+        computed in `dtype` (default: x's), returned in x's dtype."""
         n, k = self.out_features, self.in_features
-        x2 = x.reshape(-1, k)
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        step = max(_PAD_ROWS, WORKSPACE_BYTES // (k * x.element_size()) // _PAD_ROWS * _PAD_ROWS)
-        buffer = workspace(min(step, n) * k, x.dtype, x.device)
+        dtype = dtype or x.dtype
+        x2 = x.reshape(-1, k).to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        step = max(_PAD_ROWS, WORKSPACE_BYTES // (k * x2.element_size()) // _PAD_ROWS * _PAD_ROWS)
+        buffer = workspace(min(step, n) * k, dtype, x.device)
         if step >= n:
             out = linear(x2, self._dequantize_rows(0, n, buffer.view(n, k)), bias, act)
         else:
@@ -315,7 +341,7 @@ class QuantizedLinear(nn.Module):
                 weight = self._dequantize_rows(start, stop, buffer[: (stop - start) * k].view(-1, k))
                 part_bias = None if bias is None else bias[start:stop]
                 out[:, start:stop] = linear(x2, weight, part_bias, act)
-        return out.reshape(*x.shape[:-1], n)
+        return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""

@@ -60,12 +60,16 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="*", default=MID_SHAPES, help="OUTxIN weight shapes")
     parser.add_argument("--rows", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64, 256])
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--emulate-avx2", action="store_true", help="run limited to AVX2 in a child process")
     args = parser.parse_args()
     if args.emulate_avx2:
         command = [sys.executable, __file__, "--shapes", *args.shapes, "--rows", *map(str, args.rows)]
         command += ["--group-size", str(args.group_size)]
+        command += ["--threads", str(args.threads)] if args.threads else []
         sys.exit(subprocess.run(command, env={**os.environ, **AVX2_ONLY}).returncode)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"{torch.get_num_threads()} threads; int8 kernel: {kernels.int8_weight_kernel('cpu')}, "

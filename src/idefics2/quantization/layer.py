@@ -204,14 +204,17 @@ class QuantizedLinear(nn.Module):
         # .to(device) and .to(dtype) go through here: the portable form moves, the float stand-in and bias
         # follow the float conversions, and the scales keep their own dtype (a bfloat16 model keeps exact
         # float32 int8 scales; a float16 model keeps bfloat16 int4 scales and zeros)
-        self._unpack()
+        moves = fn(self._standin).device != self.qweight.device
+        if moves:  # a packed layout belongs to its device: unpack here, pack again there
+            self._unpack()
         scale_dtypes = {
             name: getattr(self, name).dtype for name in ("scales", "zeros") if getattr(self, name) is not None
         }
         super()._apply(fn, recurse)
         for name, dtype in scale_dtypes.items():
             setattr(self, name, getattr(self, name).to(dtype))
-        self.pack_for_device()
+        if moves or self.bits == 8:
+            self.pack_for_device()
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -115,7 +115,7 @@ def fastest_dtype(device: torch.device | str) -> torch.dtype:
 
 # Up to this many rows (tokens) a quantized layer runs torch's int8 / int4 kernel; above it, dequantizing the
 # weight into a reused buffer and running the float product is faster (see benchmarks/bench_quantized.py).
-QUANTIZED_KERNEL_MAX_ROWS = {8: 16, 4: 16}
+QUANTIZED_KERNEL_MAX_ROWS = {8: 16, 4: 32}
 _VECTORISED_CPUS = ("AVX2", "AVX512")  # the int8 / int4 CPU kernels have vector code for these only
 
 

@@ -45,11 +45,11 @@ _PAD_ROWS = 64  # packed int4 weights have their rows padded to a multiple of th
 _workspaces = threading.local()
 
 
-def workspace(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A flat buffer of `numel` elements, reused by every call on this thread with this dtype and device (a
-    fresh buffer per call would cost page faults on every layer)."""
+def workspace(numel: int, dtype: torch.dtype, device: torch.device, use: str = "weight") -> torch.Tensor:
+    """A flat buffer of `numel` elements, reused by every call on this thread for this use, dtype and device
+    (a fresh buffer per call would cost page faults on every layer)."""
     buffers = _workspaces.__dict__.setdefault("buffers", {})
-    key = (dtype, device)
+    key = (use, dtype, device)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
         buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
@@ -249,32 +249,22 @@ class QuantizedLinear(nn.Module):
         return dequantize_int4(pack_nibbles(self.nibbles()), self.scales, self.zeros, dtype)
 
     def _dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
-        """Weight rows [start, stop) written into `out` [stop - start, K] (float), in few passes: int8 is one
-        multiplication; int4 writes its nibbles as floats, then one multiply-add per group."""
-        rows = stop - start
-        scales = self.scales[start:stop].float()
+        """Weight rows [start, stop) written into `out` [stop - start, K] (float). int8 writes the integers
+        alone (exact in any float dtype): its scales multiply the product's output columns instead. int4
+        writes its nibbles into float32, applies scales and zeros per group, then converts to out's dtype."""
         if self.bits == 8:
-            return torch.mul(self.qweight[start:stop], scales[:, None], out=out)
-        if self.packing is not None and self.packing.startswith("cpu"):
-            self._cpu_nibbles_into(start, stop, out)
-        else:
-            out.copy_(self.nibbles(start, stop))
+            return out.copy_(self.qweight[start:stop])
+        rows = stop - start
+        full = (
+            out if out.dtype == torch.float32 else workspace(out.numel(), torch.float32, out.device, "int4")
+        )
+        full = full.view(rows, self.in_features)
+        full.copy_(self.nibbles(start, stop))
+        scales = self.scales[start:stop].float()
         offsets = self.zeros[start:stop].float() - 8.0 * scales  # the weight value of nibble 0
-        groups = out.view(rows, -1, self.group_size)
-        return torch.addcmul(offsets[..., None], groups, scales[..., None], out=groups).view(rows, -1)
-
-    def _cpu_nibbles_into(self, start: int, stop: int, out: torch.Tensor) -> None:
-        """Nibbles of rows [start, stop) of the CPU packed layout written into `out` as floats, straight from
-        the packed bytes (rows j and j + block / 2 of each block share a byte)."""
-        block = int(self.packing[3:])
-        whole = (stop - start) // block * block if start % block == 0 else 0  # rows in whole blocks
-        if whole:
-            packed = self.qweight[start : start + whole].view(-1, self.in_features, block // 2)
-            target = out[:whole].view(-1, block, self.in_features)  # packed: [blocks, K, block / 2]
-            target[:, : block // 2].copy_((packed & 15).transpose(1, 2))
-            target[:, block // 2 :].copy_((packed >> 4).transpose(1, 2))
-        if start + whole < stop:
-            out[whole:].copy_(self.nibbles(start + whole, stop))
+        groups = full.view(rows, -1, self.group_size)
+        torch.addcmul(offsets[..., None], groups, scales[..., None], out=groups)
+        return out if full is out else out.copy_(full)
 
     # ---- forward -----------------------------------------------------------------------------------------
 
@@ -335,15 +325,21 @@ class QuantizedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(dtype)
         step = max(_PAD_ROWS, WORKSPACE_BYTES // (k * x2.element_size()) // _PAD_ROWS * _PAD_ROWS)
         buffer = workspace(min(step, n) * k, dtype, x.device)
+        scaled_after = self.bits == 8  # int8: x @ q.T, then each output column times its scale
+        fused_bias, fused_act = (None, None) if scaled_after else (bias, act)
         if step >= n:
-            out = linear(x2, self._dequantize_rows(0, n, buffer.view(n, k)), bias, act)
+            out = linear(x2, self._dequantize_rows(0, n, buffer.view(n, k)), fused_bias, fused_act)
         else:
             out = x2.new_empty(x2.shape[0], n)
             for start in range(0, n, step):
                 stop = min(start + step, n)
                 weight = self._dequantize_rows(start, stop, buffer[: (stop - start) * k].view(-1, k))
-                part_bias = None if bias is None else bias[start:stop]
-                out[:, start:stop] = linear(x2, weight, part_bias, act)
+                part_bias = None if fused_bias is None else fused_bias[start:stop]
+                out[:, start:stop] = linear(x2, weight, part_bias, fused_act)
+        if scaled_after:
+            out = out.mul_(self.scales.to(dtype))
+            out = out if bias is None else out.add_(bias)
+            out = out if act is None else activation(act)(out)
         return out.to(x.dtype).reshape(*x.shape[:-1], n)
 
     def extra_repr(self) -> str:

@@ -141,8 +141,8 @@ class QuantizedLinear(nn.Module):
         if self.qweight.is_meta:
             return
         device = self.qweight.device
-        if self.bits == 8:
-            self.kernel_scales = self.scales.to(torch.bfloat16)
+        if self.bits == 8:  # unit scales: the real ones multiply the output in float32
+            self.kernel_scales = torch.ones(self.out_features, dtype=torch.bfloat16, device=device)
             return
         layout = kernels.int4_weight_layout(device)
         k = self.in_features
@@ -302,7 +302,9 @@ class QuantizedLinear(nn.Module):
         if self.bits == 8:
             if not kernels.int8_weight_kernel(x.device):
                 return None
-            out = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scales)
+            out = (
+                torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scales).float() * self.scales
+            )
         else:
             if self.packing is None or kernels.int4_weight_layout(x.device) != self.packing:
                 return None
@@ -336,8 +338,8 @@ class QuantizedLinear(nn.Module):
                 weight = self._dequantize_rows(start, stop, buffer[: (stop - start) * k].view(-1, k))
                 part_bias = None if fused_bias is None else fused_bias[start:stop]
                 out[:, start:stop] = linear(x2, weight, part_bias, fused_act)
-        if scaled_after:
-            out = out.mul_(self.scales.to(dtype))
+        if scaled_after:  # in float32 (or wider): the scales stay exact
+            out = out.to(torch.promote_types(dtype, torch.float32)).mul_(self.scales)
             out = out if bias is None else out.add_(bias)
             out = out if act is None else activation(act)(out)
         return out.to(x.dtype).reshape(*x.shape[:-1], n)

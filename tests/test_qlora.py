@@ -4,6 +4,8 @@ uninterrupted run, the adapter reloads on the quantized and on the float model, 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -125,3 +127,22 @@ def test_builtin_model_accuracy_quantized():
     assert scores[None] >= 0.9
     assert scores["int8"] >= scores[None] - 0.01
     assert scores["int4"] >= scores[None] - 0.03
+
+
+def test_model_commands_take_quantize(capsys):
+    """--quantize on a model command (here generate, on the built-in model) loads the decoder quantized."""
+    image = str(Path(__file__).resolve().parents[1] / "examples" / "shapes.png")
+    for mode in ("int8", "int4"):
+        code = main(
+            ["generate", "--image", image, "--prompt", "What color is the circle?", "--quantize", mode]
+        )
+        out = capsys.readouterr()
+        assert code == 0, out.err
+        assert out.out == "green\n"
+
+
+def test_bad_quantize_choice_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--prompt", "hi", "--quantize", "int2"])
+    assert exit_info.value.code == 2
+    assert "--quantize" in capsys.readouterr().err

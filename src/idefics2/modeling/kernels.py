@@ -114,8 +114,10 @@ def fastest_dtype(device: torch.device | str) -> torch.dtype:
 # ---- weight-only quantized products -----------------------------------------------------------------------
 
 # Up to this many rows (tokens) a quantized layer runs torch's int8 / int4 kernel; above it, dequantizing the
-# weight into a reused buffer and running the float product is faster (see benchmarks/bench_quantized.py).
-QUANTIZED_KERNEL_MAX_ROWS = {8: 16, 4: 32}
+# weight into a reused buffer and running the float product is faster. Measured with
+# benchmarks/bench_quantized.py on the "mid" config's shapes (one thread, AMD Zen5 and limited to AVX2): the
+# int8 kernel wins up to 16-32 rows, the int4 kernel up to 64, on both instruction sets.
+QUANTIZED_KERNEL_MAX_ROWS = {8: 16, 4: 64}
 _VECTORISED_CPUS = ("AVX2", "AVX512")  # the int8 / int4 CPU kernels have vector code for these only
 
 

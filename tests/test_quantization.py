@@ -137,14 +137,16 @@ def test_dequantize_route_in_slices_of_rows_and_in_bfloat16(bits, monkeypatch):
     layer = quantized(bits, n=300)  # not a multiple of the 64-row blocks
     x = torch.randn(2, 20, 256)
     want = expected(layer, x)
+    no_kernel = {"int8_weight_kernel": False, "int4_weight_kernel": False}
     with torch.no_grad():
-        with kernels.force(native_bfloat16=False):
+        with kernels.force(native_bfloat16=False, **no_kernel):
             whole = layer(x)
             monkeypatch.setattr(layer_module, "WORKSPACE_BYTES", 64 * 256 * 4)  # 64 rows at a time
             sliced = layer(x)
-        with kernels.force(native_bfloat16=True):
+        with kernels.force(native_bfloat16=True, **no_kernel):
             bf16_product = layer(x)  # float32 in and out, the product in bfloat16
-        low = layer.to(torch.bfloat16)(x.bfloat16())  # .to() converts the layer in place
+        with kernels.force(**no_kernel):
+            low = layer.to(torch.bfloat16)(x.bfloat16())  # .to() converts the layer in place
     assert torch.allclose(sliced, whole, atol=1e-6)
     assert rel_diff(whole.double(), want) <= 1e-5
     assert bf16_product.dtype == torch.float32 and rel_diff(bf16_product.double(), want) <= 2e-2

@@ -16,9 +16,14 @@ plus the decode bandwidth achieved (weight bytes read per step x steps per secon
 read bandwidth measured right after each run (median of the per-run fractions), and our bfloat16 mode
 (prefill and decode, logits' relative difference to float32).
 
+`--quantize int8 int4` adds our model with its decoder quantized (idefics2.quantization), with the weights'
+resident bytes against float32 (the quantized layers, the bytes a decode step reads, the whole model) and the
+logits' relative difference to float32.
+
     python benchmarks/bench.py                                   # CPU, "mid" config (~246M parameters)
     python benchmarks/bench.py --repeats 1 --new-tokens 8        # quicker
     python benchmarks/bench.py --device cuda --config 8b         # GPU, real idefics2-8b shapes, bf16
+    python benchmarks/bench.py --quantize int8 int4 --no-bf16   # CPU: quantized decoder against float32
 """
 
 from __future__ import annotations
@@ -312,6 +317,36 @@ def print_table(results: dict[str, dict], names: list[str]) -> None:
     print("(ours / ref: speed-up, or memory saving for peak memory; > 1 means ours is better)")
 
 
+def tensor_bytes(modules) -> int:
+    """Resident bytes of the parameters and buffers of these modules (each tensor once), with the kernel
+    scales quantized layers keep beside their portable ones."""
+    from idefics2.quantization import QuantizedLinear
+
+    seen, total = set(), 0
+    for module in modules:
+        for sub in module.modules():
+            tensors = [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]
+            if isinstance(sub, QuantizedLinear) and sub.kernel_scales is not None:
+                tensors.append(sub.kernel_scales)
+            for t in tensors:
+                if id(t) not in seen:
+                    seen.add(id(t))
+                    total += t.numel() * t.element_size()
+    return total
+
+
+def weight_footprint(model) -> dict[str, int]:
+    """Bytes of the decoder's linear layers (the part quantization targets), of what one decode step reads
+    (decoder layers, final norm, lm_head) and of the whole model."""
+    text = model.model.text_model
+    linears = [m for layer in text.layers for m in layer.modules() if hasattr(m, "in_features")]
+    return {
+        "decoder_linear_bytes": tensor_bytes([*linears, model.lm_head]),
+        "decode_step_bytes": tensor_bytes([text.layers, text.norm, model.lm_head]),
+        "model_bytes": tensor_bytes([model]),
+    }
+
+
 def goals(results: dict, summary: dict, device: torch.device) -> dict[str, tuple[float, bool]]:
     """The issue's targets, each as (measured value, met)."""
     ref, ours = results["transformers"], results["ours"]
@@ -339,6 +374,19 @@ def goals(results: dict, summary: dict, device: torch.device) -> dict[str, tuple
     if "bf16" in summary:
         speedup = summary["bf16"]["prefill_speedup_vs_float32"]
         out["bf16 prefill >= 1.5x our float32"] = (speedup, speedup >= 1.5)
+    for mode, limit in (("int8", 0.3), ("int4", 0.17)):
+        if f"ours {mode}" not in results:
+            continue
+        quantized = results[f"ours {mode}"]
+        if mode == "int8":
+            ratio = quantized["decode_b1_tok_s"] / ours["decode_b1_tok_s"]
+            out["int8 decode b1 >= 3x our float32"] = (ratio, ratio >= 3)
+            ratio = quantized["decode_b1_tok_s"] / ref["decode_b1_tok_s"]
+            out["int8 decode b1 >= 4x transformers float32"] = (ratio, ratio >= 4)
+        ratio = ours["prefill_s"] / quantized["prefill_s"]
+        out[f"{mode} prefill no slower than our float32 (ratio >= 1)"] = (ratio, ratio >= 1.0)
+        ratio = summary["quantized"][mode]["decoder_linear_bytes_ratio"]
+        out[f"{mode} decoder weights resident <= {limit}x float32"] = (ratio, ratio <= limit)
     return out
 
 
@@ -358,6 +406,8 @@ def main() -> None:
     parser.add_argument("--no-bf16", action="store_true", help="skip our extra bfloat16 run (CPU)")
     parser.add_argument("--compile", action="store_true",
                         help="CUDA: also run ours with compiled decode steps (chat turn only)")  # fmt: skip
+    parser.add_argument("--quantize", nargs="*", default=[], choices=["int8", "int4"],
+                        help="also run ours with the decoder quantized (float32 elsewhere)")  # fmt: skip
     parser.add_argument("--json", default="bench_results.json", help="where to write the results")
     args = parser.parse_args()
 
@@ -370,6 +420,8 @@ def main() -> None:
     models = {"transformers": reference, "ours": ours}
     if device.type == "cpu" and dtype == torch.float32 and not args.no_bf16:
         models["ours bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
+    for mode in args.quantize:
+        models[f"ours {mode}"] = copy.deepcopy(ours).quantize(mode)
     if device.type == "cuda" and args.compile:
         models["ours compiled"] = ours  # the same weights; compile_decode is switched on for its runs
     with tempfile.TemporaryDirectory() as tmp:
@@ -404,6 +456,8 @@ def main() -> None:
             # project's VM reads 42-48 GB/s for a while, then ~80 GB/s for a while)
             run["read_bandwidth_gbs"] = read_bandwidth_gbs(device)
             weight_bytes = step_bytes / 2 if name == "ours bf16" else step_bytes  # bf16: half the bytes
+            if name.startswith("ours int"):
+                weight_bytes = weight_footprint(model)["decode_step_bytes"]
             run["decode_bandwidth_fraction"] = (
                 weight_bytes * run["decode_b1_tok_s"] / 1e9 / run["read_bandwidth_gbs"]
             )
@@ -443,6 +497,32 @@ def main() -> None:
         summary["bf16"] = {"logits_relative_diff": diff, "prefill_speedup_vs_float32": speedup}
         print(f"bf16: prefill {speedup:.2f}x our float32 prefill; logits relative difference to float32 "
               f"{diff:.2e}")  # fmt: skip
+    if args.quantize:
+        with torch.inference_mode():
+            prompt = our_processor.apply_chat_template(PROMPT, add_generation_prompt=True)
+            inputs = dict(our_processor(text=prompt, images=[[image]], return_tensors="pt").to(device))
+        float_footprint = weight_footprint(ours)
+        summary["quantized"] = {}
+        for mode in args.quantize:
+            model = models[f"ours {mode}"]
+            footprint = weight_footprint(model)
+            entry = {key: footprint[key] for key in footprint}
+            entry.update({f"{key}_ratio": footprint[key] / float_footprint[key] for key in footprint})
+            entry["logits_relative_diff"] = logits_relative_diff(model, ours, inputs)
+            entry["decode_speedup_vs_float32"] = (
+                results[f"ours {mode}"]["decode_b1_tok_s"] / results["ours"]["decode_b1_tok_s"]
+            )
+            speedup = results["ours"]["prefill_s"] / results[f"ours {mode}"]["prefill_s"]
+            entry["prefill_speedup_vs_float32"] = speedup
+            summary["quantized"][mode] = entry
+            e, linear_mb = entry, footprint["decoder_linear_bytes"] / 1e6
+            print(
+                f"{mode}: decode b1 {e['decode_speedup_vs_float32']:.2f}x our float32, "
+                f"prefill {speedup:.2f}x; "
+                f"resident bytes vs float32: decoder linear layers {e['decoder_linear_bytes_ratio']:.3f}x "
+                f"({linear_mb:.0f} MB), decode step {e['decode_step_bytes_ratio']:.3f}x, whole model "
+                f"{e['model_bytes_ratio']:.3f}x; logits relative difference {e['logits_relative_diff']:.2e}"
+            )
     summary["goals"] = goals(results, summary, device)
     for goal, (value, met) in summary["goals"].items():
         print(f"goal {goal}: {value:.2f} -> {'met' if met else 'NOT met'}")

@@ -205,3 +205,15 @@ def test_missing_weights_config_or_repo(copy, tmp_path):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "copy" / "..")  # a folder without config
     with pytest.raises(CheckpointNotFoundError, match="no-such-user/no-such-idefics2"):
         Idefics2ForConditionalGeneration.from_pretrained("no-such-user/no-such-idefics2")
+
+
+def test_header_length_starting_like_a_pickle_is_still_safetensors(tmp_path):
+    """A header whose length's first byte is 0x80 (a pickle's first byte) is a valid file, not a pickle."""
+    for extra in range(0, 256, 8):
+        path = tmp_path / "model.safetensors"
+        write_safetensors(path, {"w" * (1 + extra): torch.ones(2)})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no name length gave a header length starting with 0x80")
+    assert torch.equal(read_safetensors(path)["w" * (1 + extra)], torch.ones(2))

@@ -3,25 +3,36 @@
 Loading builds the module on the meta device (no allocation), memory-maps each safetensors file
 copy-on-write and assigns the mapped tensors as parameters, so weights are read from disk only when used
 and peak memory stays near the size of the weights. Pickle-based checkpoints are refused, never unpickled.
+
+Quantized loading: layers stored quantized (ours or AutoAWQ's) get their tensors as they are (AWQ's are
+converted); float layers chosen for quantization are quantized one tensor at a time, each float tensor's
+pages dropped right after, so peak memory stays near the quantized size.
+
+This module builds on idefics2.config, idefics2.hub and idefics2.quantization, never on the model: the
+model class passes itself in (`Idefics2ForConditionalGeneration.from_pretrained` calls load_pretrained).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import math
 import mmap
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from torch import nn
 
 from idefics2.config import Idefics2Config
 from idefics2.hub import resolve_checkpoint
-
-if TYPE_CHECKING:
-    from idefics2.modeling.model import Idefics2ForConditionalGeneration
+from idefics2.quantization import PARTS, QuantizationSpec, QuantizedLinear, stored_quantization, target_layers
+from idefics2.quantization.convert import StoredQuantization, empty_quantized, replace_module
+from idefics2.quantization.formats import awq_to_int4, quantize_int4, quantize_int8
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -77,9 +88,14 @@ class MappedSafetensors:
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise corrupted(f"only {size} bytes")
-            if prefix[:2] == b"PK" or prefix[:1] == b"\x80":
-                raise CheckpointError(f"{path} is a pickle/PyTorch file renamed as safetensors; refusing it")
             header_len = int.from_bytes(prefix, "little")
+            # a zip (torch.save) or a pickle; a safetensors header length can start with these bytes too, but
+            # its header then starts with "{"
+            if (prefix[:2] == b"PK" or prefix[:1] == b"\x80") and not (
+                header_len <= size - 8 and f.read(1) == b"{"
+            ):
+                raise CheckpointError(f"{path} is a pickle/PyTorch file renamed as safetensors; refusing it")
+            f.seek(8)
             if header_len > size - 8:
                 raise corrupted(f"header length {header_len} exceeds the file size {size}")
             try:
@@ -141,6 +157,10 @@ class MappedSafetensors:
             chunk_start = start + i * tensor.element_size()
             self._release(chunk_start, chunk_start + min(step, src.numel() - i) * tensor.element_size())
         return out
+
+    def release(self, name: str) -> None:
+        """Drop the resident pages of tensor `name` (once it has been copied or quantized)."""
+        self._release(*self._spans[name])
 
     def _release(self, start: int, end: int) -> None:
         """Drop the resident pages lying wholly inside bytes [start, end) of the file.
@@ -224,25 +244,34 @@ def check_device(device: torch.device | str | None) -> None:
 
 
 def load_pretrained(
-    cls: type[Idefics2ForConditionalGeneration],
+    build: Callable[[Idefics2Config], nn.Module],
     path_or_repo_id: str | os.PathLike,
     *,
     dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
-    attn_implementation: str = "sdpa",
     revision: str | None = None,
-) -> Idefics2ForConditionalGeneration:
-    """Build `cls` on the meta device and assign the checkpoint's memory-mapped tensors to it."""
+    quantization: QuantizationSpec | None = None,
+) -> nn.Module:
+    """`build(config)` on the meta device, given the checkpoint's memory-mapped tensors.
+
+    `quantization`: quantize these parts of a float checkpoint while loading. A checkpoint stored quantized
+    (config.json's `quantization_config`: ours or AutoAWQ GEMM) loads quantized whatever is asked, as long as
+    the bits agree.
+    """
     check_device(device)
     folder = resolve_checkpoint(path_or_repo_id, revision=revision)
     config = Idefics2Config.from_pretrained(folder)
     target_dtype = resolve_dtype(dtype, config)
+    stored = stored_quantization(config.extra.get("quantization_config"))
+    if stored is not None and quantization is not None and stored.bits != quantization.bits:
+        raise ValueError(
+            f"the checkpoint in {folder} holds int{stored.bits} weights and cannot be loaded as "
+            f"int{quantization.bits}; load its float checkpoint to quantize it another way"
+        )
     files, weight_map = checkpoint_files(folder)
 
     with torch.device("meta"):
-        model = cls(config)
-    model.set_attn_implementation(attn_implementation)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+        model = build(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
 
     tensors: dict[str, torch.Tensor] = {}
@@ -262,6 +291,31 @@ def load_pretrained(
             for name, shard in weight_map.items()
             if name not in tensors
         ]
+
+    # the layers that end up quantized, and the names and shapes the checkpoint must have for them
+    if stored is not None:
+        layers = sorted({name.removesuffix(".qweight") for name in tensors if name.endswith(".qweight")})
+        spec = QuantizationSpec(stored.bits, stored.group_size or 128, _parts_of(layers))
+    elif quantization is not None:
+        layers, spec = target_layers(model, quantization.parts, config.tie_word_embeddings), quantization
+    else:
+        layers, spec = [], None
+    float_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    modules = dict(model.named_modules())
+    not_linear = [name for name in layers if not isinstance(modules.get(name), nn.Linear)]
+    if not_linear:
+        raise CheckpointError(
+            f"the checkpoint in {folder} has quantized tensors for {', '.join(not_linear[:5])}, but the "
+            f"model its config.json describes has no linear layer there"
+        )
+    scale_dtype = torch.float16 if stored is not None and stored.method == "awq" else torch.bfloat16
+    expected = dict(float_shapes)
+    for name in layers:
+        linear = modules[name]
+        layer = empty_quantized(linear, spec, dtype=target_dtype, scale_dtype=scale_dtype)
+        replace_module(model, name, layer)
+        del expected[f"{name}.weight"]
+        expected.update({f"{name}.{key}": shape for key, shape in _stored_shapes(layer, stored).items()})
 
     missing = sorted(n for n in expected if n not in tensors and n not in optional)
     unexpected = sorted(n for n in tensors if n not in expected)
@@ -283,22 +337,106 @@ def load_pretrained(
             + "\n".join(lines)
         )
 
+    layer_set = set(layers)
+    for name in layers:  # one layer at a time: each float weight is dropped once quantized
+        _fill_quantized(model.get_submodule(name), name, tensors, source, stored, device, target_dtype)
+        if stored is None:
+            _return_freed_memory()
+    quantized_names = {f"{n}.{key}" for n in layers for key in ("qweight", "scales", "zeros")}
     state = {}
     for name in expected:
         tensor = tensors.get(name)
-        if tensor is None:  # tied lm_head absent from the checkpoint
-            continue
+        if tensor is None or name.rpartition(".")[0] in layer_set and not name.endswith(".bias"):
+            continue  # tied lm_head absent from the checkpoint, or a quantized layer's tensor (done above)
         state[name] = source[name].converted(name, target_dtype, device)
     if config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.text_model.embed_tokens.weight"]
-    model.load_state_dict(state, strict=True, assign=True)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    left = set(result.missing_keys) - quantized_names
+    if left or result.unexpected_keys:  # the checks above make this impossible; never load half a model
+        raise CheckpointError(f"loading {folder} left {sorted(left)} unset, {result.unexpected_keys} unused")
     model.tie_weights()
     del tensors, source, state
 
+    if spec is not None:
+        model.config.extra["quantization_config"] = spec.config_entry()
     model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
     model.generation_config = _read_generation_config(folder)
     model.checkpoint_dir = folder
     return model.eval()
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _return_freed_memory() -> None:
+    """Give the pages of freed heap blocks back to the system (glibc): quantizing leaves many freed
+    temporaries between the small quantized tensors, which would otherwise stay resident."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _parts_of(layers: list[str]) -> tuple[str, ...]:
+    """The model parts (idefics2.quantization.PARTS) that hold these layers."""
+    parts = [
+        p for p, prefixes in PARTS.items() if any(n.startswith(prefixes) or n in prefixes for n in layers)
+    ]
+    return tuple(parts)
+
+
+def _stored_shapes(layer: QuantizedLinear, stored: StoredQuantization | None) -> dict[str, tuple[int, ...]]:
+    """The tensors (names within the layer, shapes) a checkpoint holds for this layer."""
+    n, k = layer.out_features, layer.in_features
+    shapes: dict[str, tuple[int, ...]] = {"bias": (n,)} if layer.bias is not None else {}
+    if stored is None:
+        shapes["weight"] = (n, k)
+    elif stored.method == "awq":
+        groups = k // layer.group_size
+        shapes.update(qweight=(k, n // 8), qzeros=(groups, n // 8), scales=(groups, n))
+    else:
+        shapes.update({key: tuple(getattr(layer, key).shape) for key in ("qweight", "scales", "zeros")
+                       if getattr(layer, key) is not None})  # fmt: skip
+    return shapes
+
+
+def _fill_quantized(
+    layer: QuantizedLinear,
+    name: str,
+    tensors: dict[str, torch.Tensor],
+    source: dict[str, MappedSafetensors],
+    stored: StoredQuantization | None,
+    device: torch.device | str | None,
+    dtype: torch.dtype,
+) -> None:
+    """Give one quantized layer its values: quantize the float weight, convert AWQ's tensors, or take ours."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if stored is None:
+        key = f"{name}.weight"
+        weight = source[key].converted(key, torch.float32, device)
+        if layer.bits == 8:
+            values = dict(zip(("qweight", "scales"), quantize_int8(weight), strict=True))
+        else:
+            values = dict(
+                zip(("qweight", "scales", "zeros"), quantize_int4(weight, layer.group_size), strict=True)
+            )
+        used = [key]
+    elif stored.method == "awq":
+        used = [f"{name}.{key}" for key in ("qweight", "qzeros", "scales")]
+        qweight, scales, zeros = awq_to_int4(*(tensors[key] for key in used))
+        values = {"qweight": qweight.to(device), "scales": scales.to(device), "zeros": zeros.to(device)}
+    else:
+        used = [f"{name}.{key}" for key in ("qweight", "scales", "zeros") if f"{name}.{key}" in tensors]
+        values = {key.rpartition(".")[2]: tensors[key].to(device) for key in used}
+    layer.set_tensors(values, dtype=dtype)
+    if layer.packing is not None or device.type != "cpu" or stored is None or stored.method == "awq":
+        for key in used:  # the mapped pages were copied or quantized: drop them
+            source[key].release(key)
 
 
 def _read_generation_config(folder: Path) -> dict[str, Any]:
@@ -359,7 +497,7 @@ def write_safetensors(
 
 
 def save_pretrained(
-    model: Idefics2ForConditionalGeneration, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB"
+    model: nn.Module, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB"
 ) -> Path:
     """config.json (+ generation_config.json) and weights as model.safetensors, or shards + index."""
     folder = Path(folder)

@@ -23,12 +23,14 @@ def pipeline(
     device: torch.device | str | None = None,
     attn_implementation: str = "sdpa",
     adapter: str | os.PathLike | None = None,
+    quantize: str | None = None,
     **processor_options: Any,
 ) -> ChatPipeline:
     """Load the model and processor of a checkpoint (folder or hub repo id) into a `ChatPipeline`.
 
     Without a checkpoint, the built-in shapes-world model shipped with the package (offline). `adapter`: a
-    LoRA adapter (PEFT format) applied on top of the weights. `processor_options` go to
+    LoRA adapter (PEFT format) applied on top of the weights. `quantize`: "int8" or "int4" quantizes the
+    decoder while loading (see idefics2.quantization). `processor_options` go to
     `Idefics2Processor.from_pretrained` (e.g. do_image_splitting=False).
     """
     from idefics2.hub import resolve_checkpoint
@@ -42,7 +44,12 @@ def pipeline(
     else:
         folder = resolve_checkpoint(model_id_or_folder)
     model = Idefics2ForConditionalGeneration.from_pretrained(
-        folder, dtype=dtype, device=device, attn_implementation=attn_implementation, adapter=adapter
+        folder,
+        dtype=dtype,
+        device=device,
+        attn_implementation=attn_implementation,
+        adapter=adapter,
+        quantize=quantize,
     )
     processor = Idefics2Processor.from_pretrained(folder, **processor_options)
     return ChatPipeline(model.eval(), processor)

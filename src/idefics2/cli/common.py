@@ -80,6 +80,16 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         help="weights dtype (default auto: the fastest here, bfloat16 on GPUs and CPUs with bfloat16 "
         "instructions, else float32; checkpoint: the checkpoint's own)",
     )
+    add_quantize_option(p)
+
+
+def add_quantize_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        help="quantize the decoder's weights while loading: int8 (per channel) or int4 (groups of 128); "
+        "faster decoding on CPUs and a quarter / an eighth of the decoder's memory",
+    )
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -146,7 +156,7 @@ def adapter_folder(name: str) -> Path:
 
 
 def load_pipeline(args: argparse.Namespace):
-    """The ChatPipeline for --model (or the built-in model), --adapter, --device and --dtype."""
+    """The ChatPipeline for --model (or the built-in model), --adapter, --device, --dtype and --quantize."""
     import torch
 
     from idefics2.pipelines import pipeline
@@ -157,7 +167,7 @@ def load_pipeline(args: argparse.Namespace):
     dtype = weights_dtype(args.dtype, device)
     folder = model_folder(args.model)
     adapter = adapter_folder(args.adapter) if args.adapter else None
-    return pipeline(folder, dtype=dtype, device=device, adapter=adapter)
+    return pipeline(folder, dtype=dtype, device=device, adapter=adapter, quantize=args.quantize)
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from idefics2.cli.common import UserError, model_folder, non_negative_int, positive_int
+from idefics2.cli.common import UserError, add_quantize_option, model_folder, non_negative_int, positive_int
 
 
 def add_parser(subparsers) -> None:
@@ -73,6 +73,7 @@ def add_parser(subparsers) -> None:
         default="float32",
         help="dtype of the loaded weights (default: float32; checkpoint: the checkpoint's own)",
     )
+    add_quantize_option(p)
     p.add_argument(
         "--gradient-checkpointing", action="store_true", help="trade compute for activation memory"
     )
@@ -150,6 +151,8 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
     if args.lr is not None and args.lr <= 0:
         raise UserError(f"--lr must be positive, got {args.lr}")
+    if args.full and args.quantize:
+        raise UserError("--quantize trains LoRA adapters on a frozen quantized model (QLoRA), not --full")
 
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --output, --overwrite deletes it: choose one")
@@ -196,7 +199,7 @@ def _run(args: argparse.Namespace) -> int:
     )
     dtype = "auto" if args.dtype == "checkpoint" else getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
-    model = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    model = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, quantize=args.quantize)
     lora_config = None
     if not args.full:
         lora_config = LoraConfig(

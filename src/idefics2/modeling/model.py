@@ -11,12 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from idefics2 import loading
 from idefics2.config import Idefics2Config
 from idefics2.modeling.attention import Linear, RMSNorm, causal_mask, check_attn_implementation
 from idefics2.modeling.connector import Idefics2Connector, PerceiverResampler
 from idefics2.modeling.cuda_graphs import CudaGraphDecoder, DecodeCachePool
 from idefics2.modeling.text import KVCache, MistralDecoder
 from idefics2.modeling.vision import Idefics2VisionTransformer, patch_mask_from_pixels
+from idefics2.quantization import DEFAULT_PARTS, QuantizationSpec, quantize_model
 
 
 @dataclass
@@ -307,33 +309,57 @@ class Idefics2ForConditionalGeneration(nn.Module):
         revision: str | None = None,
         adapter: str | os.PathLike | None = None,
         merge_adapter: bool = False,
+        quantize: str | None = None,
+        group_size: int = 128,
+        quantize_modules: tuple[str, ...] = DEFAULT_PARTS,
     ) -> Idefics2ForConditionalGeneration:
         """Load a checkpoint folder or hub repo id (safetensors only; see idefics2.loading).
 
         `adapter`: a LoRA adapter in PEFT's format (folder or hub repo id) applied on top of the weights;
         `merge_adapter=True` folds it into them (see idefics2.training.lora).
+        `quantize="int8" | "int4"`: quantize the linear layers of `quantize_modules` ("decoder",
+        "connector", "perceiver", "vision") while loading, int4 in groups of `group_size` inputs (see
+        idefics2.quantization).
+        Checkpoints saved quantized, and AutoAWQ GEMM checkpoints, load quantized without asking.
         """
-        from idefics2.loading import load_pretrained
-
-        model = load_pretrained(
+        spec = None if quantize is None else QuantizationSpec.parse(quantize, group_size, quantize_modules)
+        merge_first = spec is not None and adapter is not None and merge_adapter
+        model = loading.load_pretrained(
             cls,
             path_or_repo_id,
             dtype=dtype if dtype is not None else torch_dtype,
             device=device,
-            attn_implementation=attn_implementation,
             revision=revision,
+            quantization=None if merge_first else spec,
         )
+        model.set_attn_implementation(attn_implementation)
         if adapter is not None:
             from idefics2.training.lora import load_adapter
 
             load_adapter(model, adapter, merge=merge_adapter)
+        if merge_first:  # the adapter was folded into the float weights: quantize the result
+            model.quantize(quantize, group_size=group_size, modules=quantize_modules)
         return model
 
-    def save_pretrained(self, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
-        """Write config.json (+ generation_config.json) and safetensors weights (sharded above a size)."""
-        from idefics2.loading import save_pretrained
+    def quantize(
+        self, mode: str = "int8", *, group_size: int = 128, modules: tuple[str, ...] = DEFAULT_PARTS
+    ) -> Idefics2ForConditionalGeneration:
+        """Quantize the linear layers of `modules` in place ("int8": per output channel; "int4": groups of
+        `group_size` inputs); by default the decoder (its layers and an untied lm_head). Returns the model."""
+        spec = QuantizationSpec.parse(mode, group_size, modules)
+        if self.config.extra.get("quantization_config"):
+            raise ValueError(
+                "this model is already quantized; load the float checkpoint to quantize it again"
+            )
+        quantize_model(self, spec, tied_lm_head=self.config.tie_word_embeddings)
+        self.config.extra["quantization_config"] = spec.config_entry()
+        self._graph_decoder = None  # captured graphs hold the float layers
+        return self
 
-        return save_pretrained(self, folder, max_shard_size=max_shard_size)
+    def save_pretrained(self, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
+        """Write config.json (+ generation_config.json) and safetensors weights (sharded above a size);
+        a quantized model writes its portable quantized tensors and `quantization_config`."""
+        return loading.save_pretrained(self, folder, max_shard_size=max_shard_size)
 
     def set_attn_implementation(self, name: str) -> None:
         """Switch every attention layer between "sdpa" and "eager"."""

@@ -20,10 +20,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from idefics2.hub import resolve_checkpoint
+from idefics2.quantization import QuantizedLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# Layers adapters attach to: float linear layers, and quantized ones (QLoRA: the adapter trains in float on a
+# frozen int8 / int4 base; its weights have the same names and apply to the float model as well).
+ADAPTABLE = (nn.Linear, QuantizedLinear)
 
 # Every projection of the decoder and of the connector (modality projection + perceiver); the vision tower is
 # left alone, as in the usual Idefics2 fine-tuning recipes.
@@ -129,11 +133,12 @@ def _lora_hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Te
 
 
 def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Attach fresh LoRA adapters (A: Kaiming-uniform, B: zeros, as PEFT) to every targeted nn.Linear.
+    """Attach fresh LoRA adapters (A: Kaiming-uniform, B: zeros, as PEFT) to every targeted linear layer
+    (nn.Linear or QuantizedLinear).
 
     Returns the names of the adapted modules. Raises ValueError when nothing matches.
     """
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and config.targets(n)]
+    names = [n for n, m in model.named_modules() if isinstance(m, ADAPTABLE) and config.targets(n)]
     if not names:
         raise ValueError(f"no linear layer matches the LoRA target_modules {config.target_modules!r}")
     modules = dict(model.named_modules())
@@ -154,8 +159,8 @@ def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
-def lora_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and hasattr(m, "lora_A")}
+def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTABLE) and hasattr(m, "lora_A")}
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
@@ -210,7 +215,7 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, merge: bool = F
     config, weights = read_adapter(folder)
     targets = {n[: -len(".lora_A.weight")] for n in weights if n.endswith(".lora_A.weight")}
     modules = dict(model.named_modules())
-    missing = sorted(t for t in targets if not isinstance(modules.get(t), nn.Linear))
+    missing = sorted(t for t in targets if not isinstance(modules.get(t), ADAPTABLE))
     if missing:
         raise ValueError(
             f"adapter {folder} targets layers this model does not have: {', '.join(missing[:5])}"
@@ -237,6 +242,13 @@ def load_adapter(model: nn.Module, folder: str | os.PathLike, *, merge: bool = F
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> None:
     """Fold every adapter into its base weight (W += scaling * B @ A) and remove the adapter."""
+    quantized = [n for n, m in lora_modules(model).items() if isinstance(m, QuantizedLinear)]
+    if quantized:
+        raise ValueError(
+            f"cannot merge a LoRA adapter into quantized weights ({quantized[0]}, ...): merge it into the "
+            f"float model, then quantize (from_pretrained(..., adapter=..., merge_adapter=True, "
+            f"quantize=...) does that)"
+        )
     for module in lora_modules(model).values():
         delta = module.lora_B.weight.float() @ module.lora_A.weight.float() * module.lora_scaling
         module.weight += delta.to(module.weight.dtype)

@@ -1,0 +1,377 @@
+"""QuantizedLinear: a linear layer with an int8 or int4 weight, computed by the fastest route the device has.
+
+Routes (chosen per call; see idefics2.modeling.kernels for what each device supports):
+
+- **kernel** (few rows: decode steps): torch's weight-only kernels, int8 `_weight_int8pack_mm` and int4
+  `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` (CUDA tinygemm), with bfloat16 activations (the
+  only ones their x86 code is vectorised for; the result is cast back to the input's dtype).
+- **dequantize** (many rows: prefill, vision tower, perceiver; or where no kernel runs): the weight is
+  dequantized, a slice of rows at a time, into a float buffer reused by every layer (one per thread and
+  dtype, at most WORKSPACE_BYTES), and multiplied with the ordinary float product; in bfloat16 for float32
+  inputs on CPUs with bfloat16 instructions (twice as fast there, and the activations' rounding of the
+  kernel route), in the input's dtype elsewhere.
+- **training** (autograd on): the same dequantized product inside an autograd function that keeps nothing
+  for the backward pass but the layer and dequantizes again there, so gradients flow to the input (and to
+  LoRA adapters) while the frozen quantized weight never gets a float copy that lives across the step.
+
+A layer holds its weight once. int4 weights live in the device kernel's packed layout once the layer is on
+a device that has one (the CPU layout depends on the instruction set, so it is made when loading, never
+saved); `state_dict()` and `save_pretrained` always give the portable form of idefics2.quantization.formats.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from idefics2.modeling import kernels
+from idefics2.modeling.attention import activation, linear
+from idefics2.quantization.formats import (
+    INT4_GROUP_SIZES,
+    dequantize_int4,
+    dequantize_int8,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    unpack_nibbles,
+)
+
+BITS = (8, 4)
+WORKSPACE_BYTES = 64 * 2**20  # the dequantize route works on slices of rows that fit in this many bytes
+_PAD_ROWS = 64  # packed int4 weights have their rows padded to a multiple of this (the kernels' blocks)
+_workspaces = threading.local()
+
+
+def workspace(numel: int, dtype: torch.dtype, device: torch.device, use: str = "weight") -> torch.Tensor:
+    """A flat buffer of `numel` elements, reused by every call on this thread for this use, dtype and device
+    (a fresh buffer per call would cost page faults on every layer)."""
+    buffers = _workspaces.__dict__.setdefault("buffers", {})
+    key = (use, dtype, device)
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ W.T + b with W stored as int8 (per output channel) or int4 (per group of inputs).
+
+    Buffers (portable form): `qweight`, `scales` and, for int4, `zeros`; `bias` is a float parameter.
+    `weight` is a stand-in with the float weight's shape, dtype and device (for code that asks a layer for
+    those) holding no values: `dequantized_weight()` gives the values.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int | None = None,
+        bias: bool = False,
+        *,
+        dtype: torch.dtype = torch.float32,
+        scale_dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in BITS:
+            raise ValueError(f"bits must be 8 or 4, got {bits!r}")
+        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        n, k = out_features, in_features
+        if bits == 8:
+            self.group_size = k
+            self.register_buffer("qweight", torch.empty(n, k, dtype=torch.int8, device=device))
+            self.register_buffer("scales", torch.empty(n, dtype=torch.float32, device=device))
+            self.zeros: torch.Tensor | None = None
+        else:
+            if group_size is None or k % group_size or k % 2:
+                raise ValueError(
+                    f"int4 needs an even input width divisible by the group size: {k}, {group_size}"
+                )
+            self.group_size = group_size
+            self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("scales", torch.empty(n, k // group_size, dtype=scale_dtype, device=device))
+            self.register_buffer("zeros", torch.empty(n, k // group_size, dtype=scale_dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(n, dtype=dtype, device=device)) if bias else None
+        # the float dtype and device of the layer's inputs and outputs; converted by .to() like any float
+        self.register_buffer("_standin", torch.full((1,), float("nan"), dtype=dtype, device=device), False)
+        self.packing: str | None = None  # None: qweight is portable; else the kernel layout it is packed in
+        self.kernel_scales: torch.Tensor | None = None  # the kernel's bfloat16 scales (and zeros), if any
+
+    # ---- construction ------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int | None = None
+    ) -> QuantizedLinear:
+        """Quantize a float weight [N, K] (and keep the bias as it is)."""
+        n, k = weight.shape
+        layer = cls(k, n, bits, group_size, bias is not None, dtype=weight.dtype, device="meta")
+        if bits == 8:
+            tensors = dict(zip(("qweight", "scales"), quantize_int8(weight), strict=True))
+        else:
+            tensors = dict(
+                zip(("qweight", "scales", "zeros"), quantize_int4(weight, group_size), strict=True)
+            )
+        layer.set_tensors(tensors, bias=bias, dtype=weight.dtype)
+        return layer
+
+    def set_tensors(
+        self, tensors: dict[str, torch.Tensor], *, bias: torch.Tensor | None = None, dtype: torch.dtype
+    ) -> None:
+        """Take the portable tensors (`qweight`, `scales`, `zeros`) as they are (names and shapes checked by
+        the caller) and pack them for their device's kernel."""
+        device = tensors["qweight"].device
+        for name, tensor in tensors.items():
+            setattr(self, name, tensor)
+        if bias is not None:
+            self.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+        self._standin = torch.full((1,), float("nan"), dtype=dtype, device=device)
+        self.packing = None
+        self.pack_for_device()
+
+    # ---- the device's layout -----------------------------------------------------------------------------
+
+    def pack_for_device(self) -> None:
+        """Put the weight in the layout of this device's kernel (int4), and make the kernel's scales."""
+        self.kernel_scales = None
+        if self.qweight.is_meta:
+            return
+        device = self.qweight.device
+        if self.bits == 8:  # unit scales: the real ones multiply the output in float32
+            self.kernel_scales = torch.ones(self.out_features, dtype=torch.bfloat16, device=device)
+            return
+        layout = kernels.int4_weight_layout(device)
+        k = self.in_features
+        if layout is None or self.group_size not in INT4_GROUP_SIZES or (layout == "tinygemm" and k % 32):
+            return
+        n = self.out_features
+        rows = -(-n // _PAD_ROWS) * _PAD_ROWS
+        portable = F.pad(self.qweight, (0, 0, 0, rows - n))  # [rows, K / 2]
+        if layout == "tinygemm":
+            inner_k_tiles = 8 if k % 128 == 0 else 4 if k % 64 == 0 else 2
+            packed = torch.ops.aten._convert_weight_to_int4pack(portable, inner_k_tiles)
+        else:
+            # blocks of 64 rows are packed independently and stored one after the other, so slices of rows
+            # are packed one at a time (the kernel's input is int32: 8x the packed size)
+            packed = torch.empty(portable.shape, dtype=torch.uint8, device=portable.device)
+            step = max(_PAD_ROWS, WORKSPACE_BYTES // 4 // (4 * k) // _PAD_ROWS * _PAD_ROWS)
+            for start in range(0, rows, step):
+                values = unpack_nibbles(portable[start : start + step]).int()
+                packed[start : start + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
+        scale_zeros = torch.stack([self.scales, self.zeros], dim=-1).to(torch.bfloat16)  # [N, K/g, 2]
+        scale_zeros = F.pad(scale_zeros, (0, 0, 0, 0, 0, rows - n))
+        self.kernel_scales = scale_zeros.transpose(0, 1).contiguous()  # [K/g, rows, 2]
+        self.qweight, self.packing = packed, layout
+
+    def nibbles(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The int4 values (uint8 in 0..15) of weight rows [start, stop), whatever the layout holding them."""
+        stop = self.out_features if stop is None else stop
+        if self.packing is None:
+            return unpack_nibbles(self.qweight[start:stop])
+        if self.packing.startswith("cpu"):
+            block = int(self.packing[3:])
+            first, last = start // block * block, -(-stop // block) * block
+            rows = kernels.cpu_int4_rows(self.qweight[first:last], block)
+            return rows[start - first : stop - first]
+        return self._nibbles_from_kernel()[start:stop]
+
+    def _nibbles_from_kernel(self) -> torch.Tensor:
+        """Read a packed layout back through the kernel itself: with unit scales and zero offsets it returns
+        q - 8 exactly (small integers are exact in bfloat16), whatever the layout."""
+        k = self.in_features
+        rows = self.kernel_scales.shape[1]
+        unit = torch.zeros_like(self.kernel_scales)
+        unit[..., 0] = 1.0
+        identity = torch.eye(k, dtype=torch.bfloat16, device=self.qweight.device)
+        run = (
+            torch.ops.aten._weight_int4pack_mm
+            if self.packing == "tinygemm"
+            else (torch.ops.aten._weight_int4pack_mm_for_cpu)
+        )
+        values = run(identity, self.qweight, self.group_size, unit)  # [K, rows] = (q - 8).T
+        return (values.t()[:rows] + 8).round().to(torch.uint8)
+
+    def _unpack(self) -> None:
+        """Back to the portable layout (before a device change or loading new values)."""
+        if self.packing is not None:
+            self.qweight, self.packing, self.kernel_scales = pack_nibbles(self.nibbles()), None, None
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(device) and .to(dtype) go through here: the portable form moves, the float stand-in and bias
+        # follow the float conversions, and the scales keep their own dtype (a bfloat16 model keeps exact
+        # float32 int8 scales; a float16 model keeps bfloat16 int4 scales and zeros)
+        moves = fn(self._standin).device != self.qweight.device
+        if moves:  # a packed layout belongs to its device: unpack here, pack again there
+            self._unpack()
+        scale_dtypes = {
+            name: getattr(self, name).dtype for name in ("scales", "zeros") if getattr(self, name) is not None
+        }
+        super()._apply(fn, recurse)
+        for name, dtype in scale_dtypes.items():
+            setattr(self, name, getattr(self, name).to(dtype))
+        if moves or self.bits == 8:
+            self.pack_for_device()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.packing is not None:
+            destination[prefix + "qweight"] = pack_nibbles(self.nibbles())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        loads = any(prefix + name in state_dict for name in ("qweight", "scales", "zeros"))
+        if loads:
+            self._unpack()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if loads:
+            self.pack_for_device()
+
+    # ---- values ------------------------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in [N, K] with the float weight's dtype and device; it holds no values (NaN)."""
+        return self._standin.expand(self.out_features, self.in_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._standin.dtype
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [N, K] that every route computes with."""
+        dtype = dtype or self.dtype
+        if self.bits == 8:
+            return dequantize_int8(self.qweight, self.scales, dtype)
+        return dequantize_int4(pack_nibbles(self.nibbles()), self.scales, self.zeros, dtype)
+
+    def _dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Weight rows [start, stop) written into `out` [stop - start, K] (float). int8 writes the integers
+        alone (exact in any float dtype): its scales multiply the product's output columns instead. int4
+        writes its nibbles into float32, applies scales and zeros per group, then converts to out's dtype."""
+        if self.bits == 8:
+            return out.copy_(self.qweight[start:stop])
+        rows = stop - start
+        full = (
+            out if out.dtype == torch.float32 else workspace(out.numel(), torch.float32, out.device, "int4")
+        )
+        full = full.view(rows, self.in_features)
+        full.copy_(self.nibbles(start, stop))
+        scales = self.scales[start:stop].float()
+        offsets = self.zeros[start:stop].float() - 8.0 * scales  # the weight value of nibble 0
+        groups = full.view(rows, -1, self.group_size)
+        torch.addcmul(offsets[..., None], groups, scales[..., None], out=groups)
+        return out if full is out else out.copy_(full)
+
+    # ---- forward -----------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._compute(x, None)
+
+    def forward_activated(self, x: torch.Tensor, act: str) -> torch.Tensor:
+        """act(self(x)); the activation fused into the float product unless hooks (LoRA) watch the layer."""
+        if self._forward_hooks or self._forward_pre_hooks:
+            return activation(act)(self(x))
+        return self._compute(x, act)
+
+    def _compute(self, x: torch.Tensor, act: str | None) -> torch.Tensor:
+        if torch.is_grad_enabled() and (
+            x.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        ):
+            out = _DequantizedProduct.apply(x, self.bias, self)
+            return out if act is None else activation(act)(out)
+        rows = x.numel() // self.in_features
+        out = None
+        if rows <= kernels.QUANTIZED_KERNEL_MAX_ROWS[self.bits]:
+            out = self._kernel_product(x)
+        if out is None:
+            # float32 inputs on a CPU with bfloat16 instructions: the product in bfloat16 (the activations the
+            # kernel route rounds to as well), twice as fast as float32 there
+            low = x.device.type == "cpu" and x.dtype == torch.float32 and kernels.native_bfloat16()
+            return self.dequantized_product(x, act, torch.bfloat16 if low else None)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out if act is None else activation(act)(out)
+
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x @ W.T on the device's int8 / int4 kernel (bfloat16 activations), or None where none runs."""
+        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+        if self.bits == 8:
+            if not kernels.int8_weight_kernel(x.device):
+                return None
+            out = (
+                torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scales).float() * self.scales
+            )
+        else:
+            if self.packing is None or kernels.int4_weight_layout(x.device) != self.packing:
+                return None
+            run = (
+                torch.ops.aten._weight_int4pack_mm
+                if self.packing == "tinygemm"
+                else (torch.ops.aten._weight_int4pack_mm_for_cpu)
+            )
+            out = run(x2, self.qweight, self.group_size, self.kernel_scales)[:, : self.out_features]
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def dequantized_product(
+        self, x: torch.Tensor, act: str | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """act(x @ W.T + b) with W dequantized into the shared buffer, a slice of output rows at a time;
+        computed in `dtype` (default: x's), returned in x's dtype."""
+        n, k = self.out_features, self.in_features
+        dtype = dtype or x.dtype
+        x2 = x.reshape(-1, k).to(dtype)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        step = max(_PAD_ROWS, WORKSPACE_BYTES // (k * x2.element_size()) // _PAD_ROWS * _PAD_ROWS)
+        buffer = workspace(min(step, n) * k, dtype, x.device)
+        scaled_after = self.bits == 8  # int8: x @ q.T, then each output column times its scale
+        fused_bias, fused_act = (None, None) if scaled_after else (bias, act)
+        if step >= n:
+            out = linear(x2, self._dequantize_rows(0, n, buffer.view(n, k)), fused_bias, fused_act)
+        else:
+            out = x2.new_empty(x2.shape[0], n)
+            for start in range(0, n, step):
+                stop = min(start + step, n)
+                weight = self._dequantize_rows(start, stop, buffer[: (stop - start) * k].view(-1, k))
+                part_bias = None if fused_bias is None else fused_bias[start:stop]
+                out[:, start:stop] = linear(x2, weight, part_bias, fused_act)
+        if scaled_after:  # in float32 (or wider): the scales stay exact
+            out = out.to(torch.promote_types(dtype, torch.float32)).mul_(self.scales)
+            out = out if bias is None else out.add_(bias)
+            out = out if act is None else activation(act)(out)
+        return out.to(x.dtype).reshape(*x.shape[:-1], n)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        packing = f", packing={self.packing}" if self.packing else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}, "
+            f"bias={self.bias is not None}{packing}"
+        )
+
+
+class _DequantizedProduct(torch.autograd.Function):
+    """x @ W.T + b for a frozen quantized W: nothing but the layer is kept for backward, where W is
+    dequantized again to give the input's gradient (and the bias's, when it trains)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: QuantizedLinear) -> torch.Tensor:
+        ctx.layer = layer
+        ctx.has_bias = bias is not None
+        ctx.x_shape = x.shape
+        return layer.dequantized_product(x)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        layer = ctx.layer
+        grad_x = grad_bias = None
+        grad2 = grad_out.reshape(-1, layer.out_features)
+        if ctx.needs_input_grad[0]:
+            weight = layer.dequantized_weight(grad_out.dtype)
+            grad_x = (grad2 @ weight).reshape(ctx.x_shape)
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad2.sum(dim=0)
+        return grad_x, grad_bias, None

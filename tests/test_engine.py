@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from oracle_model import build_reference_checkpoint
 from oracle_processing import build_reference_processor
 
 END_OF_UTTERANCE = 32002
+SHAPES = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 
 
 @pytest.fixture(scope="module")
@@ -345,3 +347,16 @@ def test_raw_prompts_logprobs_stop_kinds_and_the_default_length(model64, process
     assert by_eos.finish_reason == "stop" and by_eos.stopped_by == "eos_token"
     result = default.result()  # generate's default of 20 new tokens fits in 64 slots with this prompt
     assert result.completion_tokens == min(20, 64 - result.prompt_tokens)
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4"])
+def test_a_quantized_model_serves_the_same_answers_as_its_pipeline(bits):
+    from idefics2 import pipeline
+
+    chat = pipeline(quantize=bits, dtype=torch.float32)
+    questions = ["What color is the circle?", "How many squares are there?", "What shape is the purple one?"]
+    with Engine(chat.model, chat.processor, max_batch=3) as engine:
+        handles = [engine.submit(q, images=[SHAPES], max_new_tokens=8) for q in questions]
+        served = [h.result().text for h in handles]
+    assert served == [chat.chat(q, images=[SHAPES], max_new_tokens=8) for q in questions]
+    assert served[0] == "green"

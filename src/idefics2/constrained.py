@@ -121,7 +121,8 @@ class GrammarState:
         return forbidden
 
     def mask_(self, scores: torch.Tensor) -> torch.Tensor:
-        """Set the scores of forbidden tokens to -inf in place; `scores` is (vocab,) or (rows, vocab)."""
+        """Set the scores of forbidden tokens to -inf in place; `scores` is (vocab,), or (rows, vocab) to give
+        several rows this state's mask (the model's vocabulary may be wider than the tokenizer's)."""
         forbidden = torch.from_numpy(self.forbidden(scores.shape[-1])).to(scores.device, non_blocking=True)
         return scores.masked_fill_(forbidden, float("-inf"))
 
@@ -152,7 +153,8 @@ def mask_rows_(scores: torch.Tensor, states: Sequence[GrammarState | None]) -> t
 
 
 def advance_rows(states: Sequence[GrammarState | None], tokens: Sequence[int], skip: Sequence[bool]) -> None:
-    """Advance every state that is not None, unfinished and whose row is not skipped by its token."""
+    """Advance each unfinished state (None: a free row) with its row's token; rows whose `skip` is True (rows
+    that had already ended, whose token is padding) are left alone."""
     for state, token, skipped in zip(states, tokens, skip):
         if state is not None and not skipped and not state.is_finished():
             state.advance(token)

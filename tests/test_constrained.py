@@ -56,6 +56,12 @@ PERSON = {
     "additionalProperties": False,
 }
 CODE = r"[A-Z]{3}-[0-9]{2,4}"
+SMALL = {
+    "type": "object",
+    "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "required": ["ok", "n"],
+    "additionalProperties": False,
+}
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +253,7 @@ def test_per_row_grammars(processor):
 
 # ------------------------------------------------------------------------------------------ generation
 def test_random_model_writes_schema_valid_json_only_under_the_constraint(processor, random_model):
-    inputs = prompts(processor, ["Describe the person."] * 6)
+    inputs = prompts(processor, ["Describe the person."] * 4)
     prompt_len = inputs["input_ids"].shape[1]
     free = generate(random_model, **inputs, max_new_tokens=40, do_sample=True, seed=1, tokenizer=processor)
     for text, _ in answers(processor, free, prompt_len):
@@ -262,24 +268,23 @@ def test_random_model_writes_schema_valid_json_only_under_the_constraint(process
         assert ended, text  # the schema bounds every field, so every answer completes and ends
         jsonschema.validate(json.loads(text), PERSON)
         texts.append(text)
-    assert len(set(texts)) == len(texts)  # sampled: six different people
+    assert len(set(texts)) == len(texts)  # sampled: four different people
 
 
 def test_regex_and_a_batch_mixing_constrained_and_free_rows(processor, random_model):
-    inputs = prompts(processor, ["A code?", "Tell me something.", "A person?", "Anything."])
+    inputs = prompts(processor, ["A code?", "Tell me something.", "Is it ok?", "Anything."])
     prompt_len = inputs["input_ids"].shape[1]
-    free = generate(random_model, **inputs, max_new_tokens=24, tokenizer=processor)
+    free = generate(random_model, **inputs, max_new_tokens=32, tokenizer=processor)
     out = generate(
-        random_model, **inputs, max_new_tokens=200, tokenizer=processor,
-        json_schema=[None, None, PERSON, None], regex=[CODE, None, None, None],
+        random_model, **inputs, max_new_tokens=32, tokenizer=processor,
+        json_schema=[None, None, SMALL, None], regex=[CODE, None, None, None],
     )  # fmt: skip
-    (code, code_ended), _, (person, person_ended), _ = answers(processor, out, prompt_len)
+    (code, code_ended), _, (small, small_ended), _ = answers(processor, out, prompt_len)
     assert code_ended and re.fullmatch(CODE, code)
-    assert person_ended
-    jsonschema.validate(json.loads(person), PERSON)
+    assert small_ended
+    jsonschema.validate(json.loads(small), SMALL)
     for row in (1, 3):  # the free rows are exactly what they are without constraints
-        n = free.shape[1] - prompt_len
-        assert torch.equal(out[row, prompt_len : prompt_len + n], free[row, prompt_len:])
+        assert torch.equal(out[row], free[row])
 
 
 def test_max_new_tokens_cuts_the_answer_as_it_is(processor, random_model):

@@ -347,12 +347,6 @@ def test_builtin_model_answers_give_schema_valid_json_every_time(builtin_answers
         jsonschema.validate(json.loads(text), answer_schema(example.qtype))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the built-in model's JSON answers are less accurate than its plain ones (on these 200 questions:"
-    " 80.5% against 97.5%; colour questions 40% on the held-out set): its third training stage was too short"
-    " to learn to write colour words inside JSON strings (README, Structured output)",
-)
 def test_builtin_model_answers_in_json_as_accurately_as_in_words(builtin_answers):
     examples, plain, structured = builtin_answers
     plain_accuracy = sum(normalize_answer(a) == e.answer for e, a in zip(examples, plain)) / len(examples)

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from idefics2.constrained import advance_rows, mask_rows_, row_grammars
 from idefics2.sampling import (
     BadWords,
     forbid_tokens,
@@ -32,7 +33,7 @@ _SYNC_EVERY = 8
 SUPPORTED_ARGUMENTS = (
     "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
     "repetition_penalty", "bad_words_ids", "eos_token_id", "pad_token_id", "stop_strings", "tokenizer",
-    "seed", "generator", "streamer",
+    "seed", "generator", "streamer", "json_schema", "regex",
 )  # fmt: skip
 
 
@@ -55,7 +56,10 @@ def generate(
     `tokenizer`; a row stops once its generated text contains one), tokenizer (a tokenizer or processor:
     also adds `<end_of_utterance>` to the default end ids when the processor's chat template uses it),
     seed or generator (sampling), streamer (a callable called with the (B,) tokens of every step, or an
-    object with transformers' put/end protocol, e.g. transformers.TextStreamer(tokenizer, skip_prompt=True)).
+    object with transformers' put/end protocol, e.g. transformers.TextStreamer(tokenizer, skip_prompt=True)),
+    json_schema or regex (structured output, needs `tokenizer`: each row's answer follows the JSON schema, a
+    dict or its JSON text, or matches the regex; a list gives one per row, None for a free row; the end
+    tokens are allowed only once the answer is complete; see idefics2.constrained).
     """
     steps = stream_generate(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, **controls)
     # a transformers-style streamer (put/end) first gets the prompt, as transformers does
@@ -89,7 +93,7 @@ def stream_generate(
     device = model.lm_head.weight.device
     input_ids, attention_mask = _check_prompt(input_ids, attention_mask, device)
     batch, prompt_len = input_ids.shape
-    opts = resolve_options(model, prompt_len, controls)
+    opts = resolve_options(model, prompt_len, controls, rows=batch)
     max_new, eos_ids, pad_id = opts["max_new_tokens"], opts["eos_token_id"], opts["pad_token_id"]
     # positions follow the attention mask: the longest row's real tokens are what must fit
     check_context_length(model.config, int(attention_mask.sum(dim=1).max()), max_new)
@@ -123,7 +127,9 @@ def stream_generate(
         if stop_strings:  # each row's text so far, decoded incrementally
             texts = [TextDeltaDecoder(opts["tokenizer"], skip_special_tokens=False) for _ in range(batch)]
             generated = ["" for _ in range(batch)]
-        sync_every = 1 if device.type == "cpu" or stop_strings else _SYNC_EVERY
+        # one grammar state per constrained row (None: a free row)
+        states = [None if g is None else g.new_state(eos_ids) for g in opts["grammars"] or []] or None
+        sync_every = 1 if device.type == "cpu" or stop_strings or states else _SYNC_EVERY
 
         images = (
             None if pixel_values is None else model.get_image_features(pixel_values, pixel_attention_mask)
@@ -146,6 +152,8 @@ def stream_generate(
                 scores = bad_words(scores, sequences[:, :length])
             if step < opts["min_new_tokens"] and eos_ids:
                 scores = forbid_tokens(scores, eos)
+            if states is not None:
+                _check_some_allowed(mask_rows_(scores, states), finished)
             if opts["do_sample"]:
                 if opts["temperature"] != 1.0:
                     scores = scores / opts["temperature"]
@@ -158,6 +166,8 @@ def stream_generate(
             sequences[:, length] = tokens
             if seen is not None:
                 mark_seen_(seen, tokens[:, None])
+            if states is not None:
+                advance_rows(states, tokens.tolist(), finished.tolist())
 
             ending = torch.isin(tokens, eos) & ~finished
             if stop_strings:
@@ -225,6 +235,17 @@ def check_context_length(model_config: Any, prompt_length: int, max_new_tokens: 
     raise ContextLengthError(message, prompt_length=prompt_length, max_new_tokens=max_new_tokens, limit=limit)
 
 
+def _check_some_allowed(scores: torch.Tensor, finished: torch.Tensor) -> None:
+    """A constrained row whose every allowed token was also forbidden by bad_words_ids cannot go on."""
+    stuck = ~torch.isfinite(scores).any(-1) & ~finished
+    if bool(stuck.any()):
+        row = int(stuck.nonzero()[0, 0])
+        raise ValueError(
+            f"row {row}: no token is allowed next (bad_words_ids forbid every token its json_schema or "
+            "regex allows here)"
+        )
+
+
 def _window(stop_strings: list[str]) -> int:
     """How much trailing text can hold a stop string completed by the newest token (a generous bound)."""
     return 2 * max(len(s) for s in stop_strings) + 64
@@ -252,8 +273,11 @@ def _check_prompt(input_ids, attention_mask, device) -> tuple[torch.Tensor, torc
     return input_ids.to(device), attention_mask.to(device=device, dtype=torch.long)
 
 
-def resolve_options(model: torch.nn.Module, prompt_len: int, controls: dict[str, Any]) -> dict[str, Any]:
-    """Validate the user's controls and fill the rest from generation_config.json and DEFAULTS."""
+def resolve_options(
+    model: torch.nn.Module, prompt_len: int, controls: dict[str, Any], rows: int = 1
+) -> dict[str, Any]:
+    """Validate the user's controls and fill the rest from generation_config.json and DEFAULTS (`rows`: the
+    batch size, for per-row controls)."""
     unknown = sorted(set(controls) - set(SUPPORTED_ARGUMENTS))
     if unknown:
         raise ValueError(
@@ -311,6 +335,19 @@ def resolve_options(model: torch.nn.Module, prompt_len: int, controls: dict[str,
                 "stop_strings need tokenizer= (a tokenizer or processor) to read the generated text"
             )
     opts["stop_strings"] = list(stop) if stop else None
+
+    # compiled before anything runs, so a bad schema or regex fails first
+    opts["grammars"] = None
+    if given.get("json_schema") is not None or given.get("regex") is not None:
+        opts["grammars"] = row_grammars(
+            tokenizer, rows, json_schema=given.get("json_schema"), regex=given.get("regex")
+        )
+        if any(opts["grammars"]):
+            if opts["min_new_tokens"]:
+                raise ValueError("min_new_tokens cannot be combined with json_schema or regex: the grammar "
+                                 "decides where the answer ends")  # fmt: skip
+            if not opts["eos_token_id"]:
+                raise ValueError("json_schema and regex need an end-of-sequence token (eos_token_id)")
 
     generator = given.get("generator")
     if "seed" in given:

@@ -62,8 +62,10 @@ class ChatPipeline:
     a list of {"role": ..., "content": str | list of {"type": "text", "text": ...} / {"type": "image"}}
     parts. Images go in `images=` in the order of the image parts, or inside the parts as {"type": "image",
     "image": <image>}. Generation controls (max_new_tokens, do_sample, temperature, top_k, top_p,
-    repetition_penalty, bad_words_ids, eos_token_id, stop_strings, seed, ...) are passed through to
-    `idefics2.generation.generate`; the reply is cut before the first stop string.
+    repetition_penalty, bad_words_ids, eos_token_id, stop_strings, seed, json_schema, regex, ...) are passed
+    through to `idefics2.generation.generate`; the reply is cut before the first stop string. With
+    json_schema= (a dict or its JSON text) or regex= the reply follows the schema or matches the regex,
+    unless max_new_tokens cuts it first (then it is returned as it is).
     """
 
     def __init__(self, model: torch.nn.Module, processor: Any):

@@ -8,6 +8,7 @@ digits. Everything is drawn from a seeded `random.Random`, so a seed gives the s
 from __future__ import annotations
 
 import io
+import json
 import random
 from dataclasses import dataclass, field
 
@@ -147,12 +148,15 @@ class Example:
             raise ValueError(f"renderer must be one of {RENDERERS}, got {renderer!r}")
         return [scene.render(supersample, jpeg_quality) for scene in self.scenes]
 
-    def messages(self, with_answer: bool = False) -> list[dict]:
-        """One user turn, the image(s) first then the question; optionally the assistant's answer."""
-        content = [{"type": "image"} for _ in self.scenes] + [{"type": "text", "text": self.question}]
+    def messages(self, with_answer: bool = False, structured: bool = False) -> list[dict]:
+        """One user turn, the image(s) first then the question; optionally the assistant's answer.
+        `structured`: the question asks for a JSON answer (JSON_INSTRUCTION), the answer is `json_answer`."""
+        question = f"{JSON_INSTRUCTION} {self.question}" if structured else self.question
+        answer = json_answer(self.qtype, self.answer) if structured else self.answer
+        content = [{"type": "image"} for _ in self.scenes] + [{"type": "text", "text": question}]
         turns = [{"role": "user", "content": content}]
         if with_answer:
-            turns.append({"role": "assistant", "content": [{"type": "text", "text": self.answer}]})
+            turns.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
         return turns
 
 
@@ -257,6 +261,52 @@ def make_dataset(num_per_type: int, seed: int, qtypes: tuple[str, ...] = QUESTIO
     return [make_example(rng, qtype) for _ in range(num_per_type) for qtype in qtypes]
 
 
+# Structured answers: a question preceded by JSON_INSTRUCTION is answered with one JSON object whose single
+# property holds the answer (the built-in model learned this in its third training stage).
+JSON_INSTRUCTION = "Answer in JSON."
+ANSWER_PROPERTIES = {
+    "count_all": "count", "count_color": "count", "count_kind": "count", "color_of_kind": "color",
+    "kind_of_color": "shape", "exists": "present", "compare": "image",
+}  # fmt: skip
+_PROPERTY_SCHEMAS = {
+    "count": {"type": "integer", "minimum": 0, "maximum": 9},
+    "color": {"enum": list(COLORS)},
+    "shape": {"enum": list(KINDS)},
+    "present": {"type": "boolean"},
+    "image": {"enum": ["first", "second"]},
+}
+
+
+def answer_schema(qtype: str) -> dict:
+    """The JSON schema of a structured answer to a question of type `qtype`, e.g. for "color_of_kind"
+    {"type": "object", "properties": {"color": {"enum": [six colours]}}, "required": ["color"], ...}."""
+    key = ANSWER_PROPERTIES[qtype]
+    return {
+        "type": "object",
+        "properties": {key: _PROPERTY_SCHEMAS[key]},
+        "required": [key],
+        "additionalProperties": False,
+    }
+
+
+def json_answer(qtype: str, answer: str) -> str:
+    """The structured form of a plain answer: "2" -> '{"count": 2}', "yes" -> '{"present": true}'."""
+    key = ANSWER_PROPERTIES[qtype]
+    value = int(answer) if key == "count" else (answer == "yes") if key == "present" else answer
+    return json.dumps({key: value})
+
+
+def plain_answer(qtype: str, text: str) -> str | None:
+    """The plain answer inside a structured one (the inverse of `json_answer`); None if it does not parse."""
+    try:
+        value = json.loads(text)[ANSWER_PROPERTIES[qtype]]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
 def normalize_answer(text: str) -> str:
     """The answer as compared: surrounding spaces and a final full stop dropped, lowercase."""
     return text.strip().rstrip(".").strip().lower()
@@ -271,13 +321,17 @@ def evaluate(
     supersample: int = 1,
     jpeg_quality: int | None = None,
     renderer: str = "pil",
-    max_new_tokens: int = 6,
+    max_new_tokens: int | None = None,
+    structured: bool = False,
 ) -> dict[str, float]:
     """Exact-match accuracy of greedy answers, per question type and "overall".
 
     Pass a model and its processor, or a pipeline (anything with `.model` and `.processor`). The questions are
     asked with the processor's chat template, `batch_size` at a time (left-padded batched generation); the
-    images are drawn by `renderer` with `supersample` / `jpeg_quality` (see `Example.images`).
+    images are drawn by `renderer` with `supersample` / `jpeg_quality` (see `Example.images`). `structured`:
+    every question starts with JSON_INSTRUCTION and is answered under its type's `answer_schema`
+    (constrained decoding); the answer is the property's value (an answer that does not parse is wrong).
+    `max_new_tokens` defaults to 6 (plain) or 32 (structured).
     """
     from idefics2.generation import generate
 
@@ -293,9 +347,12 @@ def evaluate(
     predictions = answer_questions(
         model, processor, examples, batch_size=batch_size, supersample=supersample,
         jpeg_quality=jpeg_quality, renderer=renderer, max_new_tokens=max_new_tokens, generate=generate,
+        structured=structured,
     )  # fmt: skip
     correct: dict[str, list[bool]] = {}
     for example, prediction in zip(examples, predictions, strict=True):
+        if structured:
+            prediction = plain_answer(example.qtype, prediction) or ""
         correct.setdefault(example.qtype, []).append(normalize_answer(prediction) == example.answer)
     scores = {qtype: sum(v) / len(v) for qtype, v in correct.items()}
     scores["overall"] = sum(sum(v) for v in correct.values()) / len(examples)
@@ -304,13 +361,17 @@ def evaluate(
 
 def answer_questions(
     model, processor, examples: list[Example], *, batch_size: int, supersample: int = 1,
-    jpeg_quality: int | None = None, renderer: str = "pil", max_new_tokens: int = 6, generate=None,
+    jpeg_quality: int | None = None, renderer: str = "pil", max_new_tokens: int | None = None, generate=None,
+    structured: bool = False,
 ) -> list[str]:  # fmt: skip
-    """The model's greedy answer (text, stripped) to each example's question."""
+    """The model's greedy answer (text, stripped) to each example's question; `structured`: asked for JSON
+    (JSON_INSTRUCTION) under each question type's `answer_schema`."""
     import torch
 
     if generate is None:
         from idefics2.generation import generate
+    if max_new_tokens is None:
+        max_new_tokens = 32 if structured else 6
     tokenizer = processor.tokenizer
     old_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
@@ -319,15 +380,20 @@ def answer_questions(
     try:
         for start in range(0, len(examples), batch_size):
             chunk = examples[start : start + batch_size]
-            prompts = [processor.apply_chat_template(e.messages(), add_generation_prompt=True) for e in chunk]
+            prompts = [
+                processor.apply_chat_template(e.messages(structured=structured), add_generation_prompt=True)
+                for e in chunk
+            ]
+            schemas = {"json_schema": [answer_schema(e.qtype) for e in chunk]} if structured else {}
             images = [e.images(supersample, jpeg_quality, renderer) for e in chunk]
             batch = processor(text=prompts, images=images, padding=True, return_tensors="pt")
             inputs = {k: v.to(device) for k, v in batch.items()}
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
             with torch.no_grad():
                 out = generate(
-                    model, **inputs, max_new_tokens=max_new_tokens, do_sample=False, tokenizer=processor
-                )
+                    model, **inputs, max_new_tokens=max_new_tokens, do_sample=False, tokenizer=processor,
+                    **schemas,
+                )  # fmt: skip
             new = out[:, inputs["input_ids"].shape[1] :]
             answers += [t.strip() for t in processor.batch_decode(new, skip_special_tokens=True)]
     finally:

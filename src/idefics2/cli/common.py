@@ -4,6 +4,7 @@ pipeline, opening images and building the user's turn."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from pathlib import Path
@@ -116,6 +117,60 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_constraint_options(p: argparse.ArgumentParser) -> None:
+    """--json-schema FILE|JSON and --regex RE (structured output; one or the other)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--json-schema",
+        metavar="FILE|JSON",
+        help="answer with JSON that follows this JSON schema: a file, or the schema itself",
+    )
+    group.add_argument(
+        "--regex", metavar="RE", help="answer with text that matches this regular expression (all of it)"
+    )
+
+
+def constraint_controls(args: argparse.Namespace) -> dict[str, Any]:
+    """json_schema= or regex= for generation from --json-schema / --regex, read and checked without the
+    model (so a bad schema or regex is reported before anything loads)."""
+    from idefics2.constrained import validate
+
+    if getattr(args, "json_schema", None) is not None:
+        schema = read_json_schema(args.json_schema, "--json-schema")
+        try:
+            validate(json_schema=schema)
+        except ValueError as error:
+            raise UserError(f"--json-schema: {error}") from None
+        return {"json_schema": schema}
+    if getattr(args, "regex", None) is not None:
+        try:
+            validate(regex=args.regex)
+        except ValueError as error:
+            raise UserError(f"--regex: {error}") from None
+        return {"regex": args.regex}
+    return {}
+
+
+def read_json_schema(file_or_json: str, what: str) -> dict[str, Any]:
+    """A JSON schema given inline (text starting with "{") or as a file path; UserError naming `what`."""
+    text = file_or_json
+    if not file_or_json.lstrip().startswith("{"):
+        path = Path(file_or_json)
+        if not path.is_file():
+            raise UserError(f"{what}: {file_or_json} is neither a file nor a JSON object")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"{what}: cannot read {file_or_json}: {error}") from None
+    try:
+        schema = json.loads(text)
+    except ValueError as error:
+        raise UserError(f"{what}: not valid JSON: {error}") from None
+    if not isinstance(schema, dict):
+        raise UserError(f"{what}: a JSON schema must be a JSON object, got {type(schema).__name__}")
+    return schema
+
+
 def model_folder(name: str | None) -> Path:
     from idefics2.hub import resolve_checkpoint
 
@@ -179,11 +234,14 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
 
 
 def generation_controls(args: argparse.Namespace, model) -> dict[str, Any]:
-    """Generation controls from the flags; unset ones follow the checkpoint's generation_config."""
+    """Generation controls from the flags; unset ones follow the checkpoint's generation_config. With
+    --json-schema or --regex the grammar ends the answer, so the default limit is DEFAULT_MAX_NEW_TOKENS
+    rather than the checkpoint's (the built-in model's 8 suits one-word answers, not JSON)."""
     controls: dict[str, Any] = {}
+    constrained = getattr(args, "json_schema", None) is not None or getattr(args, "regex", None) is not None
     if args.max_new_tokens is not None:
         controls["max_new_tokens"] = args.max_new_tokens
-    elif not model.generation_config.get("max_new_tokens"):
+    elif constrained or not model.generation_config.get("max_new_tokens"):
         controls["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
     if args.temperature == 0:
         controls["do_sample"] = False

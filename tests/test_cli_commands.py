@@ -458,3 +458,37 @@ def test_eval_of_the_builtin_model():
     # answering every type with its most frequent answer scores about 0.36; the model answers ~99% of the
     # held-out questions
     assert overall >= 0.9, run.stdout
+
+
+def test_batch_structured_output_from_flags_and_lines(tmp_path, capsys):
+    """--json-schema for every line, a line's own json_schema or regex instead, a bad schema on its line."""
+    from idefics2.constrained import compile_grammar
+
+    shapes = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+    color = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue", "yellow", "purple",
+             "orange"]}}, "required": ["color"], "additionalProperties": False}  # fmt: skip
+    count = {"type": "object", "properties": {"count": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["count"], "additionalProperties": False}  # fmt: skip
+    lines = [
+        {"id": 0, "images": [str(shapes)], "prompt": "Answer in JSON. What color is the circle?"},
+        {"id": 1, "images": [str(shapes)], "prompt": "Answer in JSON. How many squares are there?",
+         "json_schema": count},
+        {"id": 2, "images": [str(shapes)], "prompt": "How many squares are there?", "regex": "[0-9]"},
+        {"id": 3, "prompt": "x", "json_schema": {"type": "no-such-type"}},
+        {"id": 4, "prompt": "x", "json_schema": "not an object"},
+    ]  # fmt: skip
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    argv = ["batch", "--input", source, "--output", target, "--json-schema", json.dumps(color),
+            "--no-progress", "--dtype", "float32"]  # fmt: skip
+    code, _, err = in_process(argv, capsys)
+    assert code == 0, err
+    results = [json.loads(line) for line in target.read_text().splitlines()]
+    assert json.loads(results[0]["text"]) == {"color": "green"}
+    assert json.loads(results[1]["text"]) == {"count": 2}
+    assert results[2]["text"] == "2"
+    assert "invalid" in results[3]["error"] and '"json_schema" must be' in results[4]["error"]
+    from idefics2.assets import builtin_model_dir
+
+    processor = Idefics2Processor.from_pretrained(builtin_model_dir())
+    assert compile_grammar(processor, json_schema=color).matches(results[0]["text"])

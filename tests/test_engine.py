@@ -360,3 +360,29 @@ def test_a_quantized_model_serves_the_same_answers_as_its_pipeline(bits):
         served = [h.result().text for h in handles]
     assert served == [chat.chat(q, images=[SHAPES], max_new_tokens=8) for q in questions]
     assert served[0] == "green"
+
+
+def test_structured_output_per_request_equals_generate_alone(model64, processor):
+    """Rows with a JSON schema, a regex or nothing, decoded together: each gives `generate`'s tokens alone
+    and a complete, valid answer."""
+    import json
+    import re
+
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+              "n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["name", "n"],
+              "additionalProperties": False}  # fmt: skip
+    requests = [
+        ("Fill in the form.", {"max_new_tokens": 40, "json_schema": schema}),
+        ("Three digits and two letters.", {"max_new_tokens": 12, "regex": r"[0-9]{3}-[a-z]{2}"}),
+        ("Say anything.", {"max_new_tokens": 6}),
+    ]
+    with Engine(model64, processor, max_batch=3) as engine:
+        handles = [engine.submit(prompt, **controls) for prompt, controls in requests]
+        results = [h.result() for h in handles]
+        with pytest.raises(ValueError, match="invalid"):
+            engine.submit("Bad schema", json_schema={"type": "no-such-type"})
+    for (prompt, controls), result in zip(requests, results):
+        assert result.token_ids == solo_tokens(model64, processor, prompt, [], controls)[0]
+    answer = json.loads(results[0].text)
+    assert results[0].finish_reason == "stop" and 0 <= answer["n"] <= 9 and len(answer["name"]) <= 6
+    assert results[1].finish_reason == "stop" and re.fullmatch(r"[0-9]{3}-[a-z]{2}", results[1].text.strip())

@@ -311,3 +311,42 @@ def test_streamed_http_connection_reads_sse_chunks_in_openai_format(server):
     chunks = [json.loads(e[6:]) for e in events[:-1]]
     assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+
+
+COLORS = ["red", "green", "blue", "yellow", "purple", "orange"]
+COLOR_SCHEMA = {"type": "object", "properties": {"color": {"enum": COLORS}}, "required": ["color"],
+                "additionalProperties": False}  # fmt: skip
+
+
+def test_structured_output_on_both_apis(server):
+    from openai import OpenAI
+
+    base, _, _ = server
+    client = OpenAI(base_url=base + "/v1", api_key="unused")
+    question = "Answer in JSON. What color is the circle?"
+    reply = client.chat.completions.create(
+        model="builtin", messages=image_message(question), max_tokens=32,
+        response_format={"type": "json_schema", "json_schema": {"name": "shape", "schema": COLOR_SCHEMA,
+                                                                "strict": True}},
+    )  # fmt: skip
+    assert json.loads(reply.choices[0].message.content) == {"color": "green"}
+    reply = client.chat.completions.create(model="builtin", messages=image_message(question), max_tokens=32,
+                                           response_format={"type": "json_object"})  # fmt: skip
+    assert isinstance(json.loads(reply.choices[0].message.content), dict)
+    bad = {"messages": image_message(question), "response_format": {"type": "json_schema",
+           "json_schema": {"name": "x", "schema": {"type": "no-such-type"}}}}  # fmt: skip
+    status, answer = post_json(base, "/v1/chat/completions", bad)
+    assert status == 400 and "invalid" in answer["error"]["message"]
+    prompt = TGI_PROMPT.format(url=data_url()).replace(QUESTION, question)
+    grammar = {"type": "json", "value": COLOR_SCHEMA}
+    status, answer = post_json(
+        base, "/generate", {"inputs": prompt, "parameters": {"grammar": grammar, "max_new_tokens": 32}}
+    )
+    assert status == 200 and json.loads(answer["generated_text"]) == {"color": "green"}
+    regex = {"type": "regex", "value": "(red|green|blue)"}
+    status, answer = post_json(base, "/generate", {"inputs": prompt, "parameters": {"grammar": regex}})
+    assert status == 200 and answer["generated_text"] in ("red", "green", "blue")
+    status, answer = post_json(
+        base, "/generate", {"inputs": prompt, "parameters": {"grammar": {"type": "x"}}}
+    )
+    assert status == 422 and "grammar" in answer["error"]

@@ -19,9 +19,11 @@ from typing import Any
 
 from idefics2.cli.common import (
     UserError,
+    add_constraint_options,
     add_model_options,
     add_sampling_options,
     check_sampling_flags,
+    constraint_controls,
     generation_controls,
     load_pipeline,
     non_negative_int,
@@ -46,7 +48,8 @@ def add_parser(subparsers) -> None:
         help="answer a JSONL file of prompts",
         description='Answer every line of a JSONL file: {"id": ..., "images": ["a.png", ...], "prompt": '
         '"..."} (image paths relative to the input file\'s folder), optionally with its own '
-        '"max_new_tokens", "temperature", "top_p", "seed" and "stop" (a string or a list). Writes {"id": '
+        '"max_new_tokens", "temperature", "top_p", "seed", "stop" (a string or a list), "json_schema" (an '
+        'object) or "regex". Writes {"id": '
         '..., "text": "...", "finish_reason": ...} lines in input order as they are answered; a bad line '
         'becomes {"id": ..., "error": "..."} and the run goes on. Requests are decoded together on the '
         "continuous-batching engine; under torchrun the lines are split between the processes.",
@@ -57,6 +60,7 @@ def add_parser(subparsers) -> None:
     )
     add_model_options(p)
     add_sampling_options(p)
+    add_constraint_options(p)
     p.add_argument(
         "--max-batch",
         "--batch-size",
@@ -117,6 +121,16 @@ def _line_settings(record: dict[str, Any]) -> dict[str, Any]:
                 settings[attribute] = parse(str(value))
             except argparse.ArgumentTypeError as error:
                 raise UserError(f'"{key}": {error}') from None
+    if "json_schema" in record and "regex" in record:
+        raise UserError('give "json_schema" or "regex", not both')
+    if "json_schema" in record:
+        if not isinstance(record["json_schema"], dict):
+            raise UserError('"json_schema" must be a JSON schema (an object)')
+        settings["json_schema"] = record["json_schema"]
+    if "regex" in record:
+        if not isinstance(record["regex"], str) or not record["regex"]:
+            raise UserError('"regex" must be a non-empty string')
+        settings["regex"] = record["regex"]
     if "stop" in record:
         stop = record["stop"]
         stop = [stop] if isinstance(stop, str) else stop
@@ -127,11 +141,16 @@ def _line_settings(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _controls(args: argparse.Namespace, settings: dict[str, Any], model) -> dict[str, Any]:
-    """The flags' generation controls with one line's overrides applied (checked as the flags are)."""
+    """The flags' generation controls with one line's overrides applied (checked as the flags are); a
+    line's json_schema or regex replaces the flags'."""
     stop = settings.pop("stop_strings", None)
+    constraint = {k: settings[k] for k in ("json_schema", "regex") if k in settings}
+    if constraint:  # the line's own constraint
+        settings = {**settings, "json_schema": None, "regex": None, **constraint}
     merged = argparse.Namespace(**{**vars(args), **settings})
     check_sampling_flags(merged)
     controls = generation_controls(merged, model)
+    controls.update(constraint or args.constraint)
     if stop:
         controls["stop_strings"] = stop
     return controls
@@ -161,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if not target.parent.is_dir():
         raise UserError(f"output folder does not exist: {target.parent}")
     check_sampling_flags(args)
+    args.constraint = constraint_controls(args)  # a bad schema or regex fails before the model loads
     lines = [(n, line) for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1)]
     lines = [(n, line) for n, line in lines if line.strip()]
     if not lines:

@@ -58,16 +58,13 @@ def parse_chat_request(body: dict[str, Any], max_images: int) -> ChatRequest:
     n = body.get("n", 1)
     if n not in (1, None):
         raise APIError(400, f"n must be 1 (one choice per request), got {n!r}", param="n")
-    response_format = body.get("response_format")
-    if response_format not in (None, {"type": "text"}):
-        raise APIError(400, "response_format is not supported yet", param="response_format")
     messages, image_urls = _conversation(body.get("messages"))
     if len(image_urls) > max_images:
         raise APIError(
             400, f"the request has {len(image_urls)} images, more than this server's limit of {max_images}",
             param="messages", code="too_many_images",
         )  # fmt: skip
-    request = ChatRequest(messages, image_urls, _controls(body))
+    request = ChatRequest(messages, image_urls, {**_controls(body), **_response_format(body)})
     request.stream = _flag(body, "stream")
     options = body.get("stream_options")
     if options is not None:
@@ -168,6 +165,29 @@ def _controls(body: dict[str, Any]) -> dict[str, Any]:
             )
         controls["stop_strings"] = stop
     return controls
+
+
+def _response_format(body: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's response_format as a constraint: `json_object` (any JSON object), `json_schema` (that schema;
+    always enforced, `strict` or not), `text` (none)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return {}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_schema": {"type": "object"}}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise APIError(400, "response_format.json_schema.schema must be a JSON schema (an object)",
+                           param="response_format.json_schema.schema")  # fmt: skip
+        return {"json_schema": schema}
+    raise APIError(
+        400, "response_format.type must be text, json_object or json_schema", param="response_format"
+    )
 
 
 async def resolve_images(urls: list[tuple[str, str]], request: Request) -> list[bytes]:

@@ -34,7 +34,6 @@ UNSUPPORTED = {
     "decoder_input_details": (None, False),
     "frequency_penalty": (None, 0, 0.0),
     "adapter_id": (None,),
-    "grammar": (None,),
 }
 
 
@@ -79,12 +78,27 @@ def parse_generate_request(body: dict[str, Any], max_images: int) -> tuple[str, 
         raise APIError(422, f"parameters.stop must be a list of at most {MAX_STOP_STRINGS} non-empty strings")
     if stop:
         controls["stop_strings"] = stop
+    controls.update(_grammar(parameters.get("grammar")))
     options = {name: parameters.get(name, False) for name in ("details", "return_full_text")}
     if not all(isinstance(v, bool) for v in options.values()):
         raise APIError(422, "parameters.details and parameters.return_full_text must be true or false")
     options["seed"] = controls.get("seed")
     options["inputs"] = inputs
     return prompt, urls, controls, options
+
+
+def _grammar(grammar: Any) -> dict[str, Any]:
+    """TGI's grammar parameter: {"type": "json", "value": schema} or {"type": "regex", "value": pattern}."""
+    if grammar is None:
+        return {}
+    kind = grammar.get("type") if isinstance(grammar, dict) else None
+    value = grammar.get("value") if isinstance(grammar, dict) else None
+    if kind in ("json", "json_object") and isinstance(value, dict):
+        return {"json_schema": value}
+    if kind == "regex" and isinstance(value, str) and value:
+        return {"regex": value}
+    raise APIError(422, 'parameters.grammar must be {"type": "json", "value": <schema>} or '
+                   '{"type": "regex", "value": <pattern>}', param="grammar")  # fmt: skip
 
 
 def _number(parameters: dict, name: str, kind, low=None, high=None, open_low: bool = False):

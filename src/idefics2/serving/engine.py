@@ -97,11 +97,12 @@ class Engine:
 
         Controls: max_new_tokens (or max_length; unset: the checkpoint's setting, else generate's default,
         cut to the cache slots the prompt leaves), min_new_tokens, do_sample, temperature, top_k, top_p,
-        repetition_penalty, bad_words_ids, stop_strings, eos_token_id, seed; unset ones come from the
-        checkpoint's generation_config.json. `logprobs=True` adds each new token's log-probability (under
-        the model's distribution, before the controls) to the events. Raises ValueError/TypeError for a bad
-        request, RequestTooLargeError when it can never fit, EngineOverloadedError when the queue is full
-        and EngineClosedError after `close`.
+        repetition_penalty, bad_words_ids, stop_strings, eos_token_id, seed, json_schema or regex (structured
+        output: the answer follows the schema or matches the regex; see idefics2.constrained); unset ones
+        come from the checkpoint's generation_config.json. `logprobs=True` adds each new token's
+        log-probability (under the model's distribution, before the controls) to the events. Raises
+        ValueError/TypeError for a bad request, RequestTooLargeError when it can never fit,
+        EngineOverloadedError when the queue is full and EngineClosedError after `close`.
         """
         prompt, images = chat_prompt(self.processor, messages, images)
         return self.submit_prompt(prompt, images, **controls)

@@ -58,11 +58,15 @@ class Sequence:
         self.stopped_by: str | None = None  # "eos_token" or "stop_sequence" once it stops
         self.reply = ReplyStream(tokenizer, options["stop_strings"])
         self.text_parts: list[str] = []
+        grammars = options.get("grammars") or [None]
+        # the request's place in its JSON schema or regex (structured output), None when it is free
+        self.grammar = grammars[0].new_state(options["eos_token_id"]) if grammars[0] is not None else None
         self.greedy_plain = not (
             options["do_sample"]
             or options["repetition_penalty"] != 1.0
             or options["bad_words_ids"]
             or options["min_new_tokens"]
+            or self.grammar is not None
         )
         self.bad_words = (
             BadWords(options["bad_words_ids"], vocab_size, options["eos_token_id"], device)
@@ -93,6 +97,12 @@ class Sequence:
             scores = self.bad_words(scores, torch.tensor([self.prompt_ids + self.generated], device=device))
         if len(self.generated) < opts["min_new_tokens"] and self.eos:
             scores = forbid_tokens(scores, torch.tensor(sorted(self.eos), device=device))
+        if self.grammar is not None:
+            scores = self.grammar.mask_(scores.clone())  # the caller's logits stay unmasked
+            if not bool(torch.isfinite(scores).any()):
+                raise ValueError(
+                    "no token is allowed next (bad_words_ids forbid every token the grammar allows)"
+                )
         if opts["do_sample"]:
             if opts["temperature"] != 1.0:
                 scores = scores / opts["temperature"]
@@ -105,6 +115,8 @@ class Sequence:
     def accept(self, token: int, logprob: float | None = None) -> tuple[str, str | None]:
         """Record a new token: (the text it adds, the finish reason or None)."""
         self.generated.append(token)
+        if self.grammar is not None:
+            self.grammar.advance(token)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
         if self.seen is not None:

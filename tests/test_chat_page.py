@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -32,28 +33,34 @@ DATA_TRANSFER = """
 
 
 @pytest.fixture(scope="module")
-def page():
+def browser():
     from playwright.sync_api import sync_playwright
 
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-sync",
+                "--disable-component-update",
+                "--no-first-run",
+            ],  # fmt: skip
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser):
     chat = pipeline()
     engine = Engine(chat.model, chat.processor, max_batch=4)
     with serving(create_app(engine, ServerSettings(model_name="idefics2-builtin"))) as base:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=CHROMIUM,
-                args=[
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-background-networking",
-                    "--disable-sync",
-                    "--disable-component-update",
-                    "--no-first-run",
-                ],  # fmt: skip
-            )
-            page = browser.new_page(viewport={"width": 1000, "height": 720})
-            page.goto(base)
-            yield page
-            browser.close()
+        page = browser.new_page(viewport={"width": 1000, "height": 720})
+        page.goto(base)
+        yield page
+        page.close()
 
 
 def answers(page) -> list[str]:
@@ -111,11 +118,9 @@ def test_the_servers_errors_are_shown(page):
     page.fill("#max-tokens", "256")
 
 
-def test_stop_cancels_a_long_answer(tmp_path_factory):
+def test_stop_cancels_a_long_answer(browser, tmp_path_factory):
     """A random checkpoint that talks for long: Stop ends the answer in the page and cancels it on the
     server."""
-    from playwright.sync_api import sync_playwright
-
     from oracle_model import build_reference_checkpoint
     from oracle_processing import build_reference_processor
 
@@ -124,8 +129,7 @@ def test_stop_cancels_a_long_answer(tmp_path_factory):
     build_reference_processor(folder, image_seq_len=4, longest_edge=56, shortest_edge=28)
     chat = pipeline(folder)
     engine = Engine(chat.model, chat.processor, max_batch=2, max_length=512)
-    with serving(create_app(engine)) as base, sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+    with serving(create_app(engine)) as base:
         page = browser.new_page()
         page.goto(base)
         page.fill("#max-tokens", "450")
@@ -135,5 +139,8 @@ def test_stop_cancels_a_long_answer(tmp_path_factory):
         page.click("#stop")
         page.wait_for_selector("#stop", state="hidden")
         assert answers(page)[-1].endswith("[stopped]")
-        browser.close()
+        page.close()
+        deadline = time.monotonic() + 10  # the server cancels at its next decode step
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert engine.stats()["running"] == 0 and engine.steps < 440

@@ -166,6 +166,7 @@ def serve_http(model, processor, requests: list[Request], max_batch: int, device
                         request.token_times.append(now)
             connection.close()
 
+        start = time.perf_counter()
         stream(requests[0], bodies[0])  # warm-up
         requests[0].token_times.clear()
         start = time.perf_counter()

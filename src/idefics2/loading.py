@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from idefics2.config import Idefics2Config
-from idefics2.hub import resolve_checkpoint
+from idefics2.hub import CheckpointError, read_json, resolve_checkpoint
 
 if TYPE_CHECKING:
     from idefics2.modeling.model import Idefics2ForConditionalGeneration
@@ -43,10 +43,7 @@ _DTYPES = {
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _CHUNK_BYTES = 16 * 2**20  # conversion granularity when loading with another dtype or device
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unusable: corrupted or pickled files, or tensors that do not fit the model."""
+_EXTRA_LAYERS_REPORTED = 64  # missing layers beyond this many are refused before the model is built
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -163,12 +160,14 @@ def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint folder and, for sharded checkpoints, the index's weight map."""
     index_path = folder / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index: {error}") from None
+        weight_map = read_json(index_path, what="safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) and shard and Path(shard).name == shard for shard in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index_path} is not a valid safetensors index: its weight_map must map tensor names to "
+                "shard file names in the same folder"
+            )
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
@@ -197,12 +196,15 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: Idefics2Config) -> to
     """None -> float32; "auto" -> the config's torch_dtype (float32 when unset); names like "bfloat16"."""
     if dtype is None:
         return torch.float32
-    if dtype == "auto":
-        dtype = config.torch_dtype or "float32"
+    given = dtype
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = given = config.torch_dtype or "float32"
+        if not isinstance(getattr(torch, given.removeprefix("torch."), None), torch.dtype):
+            raise ValueError(f"config.json's torch_dtype {given!r} is not a torch dtype")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype, its name, or 'auto'; got {dtype!r}")
+        raise ValueError(f"dtype must be a floating torch dtype, its name, or 'auto'; got {given!r}")
     return dtype
 
 
@@ -220,12 +222,6 @@ def load_pretrained(
     config = Idefics2Config.from_pretrained(folder)
     target_dtype = resolve_dtype(dtype, config)
     files, weight_map = checkpoint_files(folder)
-
-    with torch.device("meta"):
-        model = cls(config)
-    model.set_attn_implementation(attn_implementation)
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
 
     tensors: dict[str, torch.Tensor] = {}
     source: dict[str, MappedSafetensors] = {}
@@ -245,6 +241,19 @@ def load_pretrained(
             if name not in tensors
         ]
 
+    _check_layer_counts(config, tensors, folder)
+    try:
+        with torch.device("meta"):
+            model = cls(config)
+    except (RuntimeError, OverflowError, TypeError) as error:  # sizes whose products overflow int64
+        raise CheckpointError(
+            f"the model config.json in {folder} describes cannot be built: its sizes make a tensor too large "
+            f"({type(error).__name__})"
+        ) from None
+    model.set_attn_implementation(attn_implementation)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+
     missing = sorted(n for n in expected if n not in tensors and n not in optional)
     unexpected = sorted(n for n in tensors if n not in expected)
     mismatched = sorted(
@@ -252,10 +261,16 @@ def load_pretrained(
         for n in expected
         if n in tensors and tuple(tensors[n].shape) != expected[n]
     )
+    not_float = sorted(
+        f"{n}: {str(tensors[n].dtype).removeprefix('torch.')}"
+        for n in expected
+        if n in tensors and not tensors[n].dtype.is_floating_point
+    )
     lines = (
         _describe(missing, "missing tensors")
         + _describe(unexpected, "unexpected tensors")
         + _describe(mismatched, "shape mismatches")
+        + _describe(not_float, "weights that are not floating point")
         + _describe(problems_dup, "duplicated tensors")
         + _describe(problems_index, "index inconsistencies")
     )
@@ -283,17 +298,28 @@ def load_pretrained(
     return model.eval()
 
 
+def _check_layer_counts(config: Idefics2Config, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """A config.json asking for far more layers than the checkpoint has weights for is refused before the
+    layers are built: millions of layers would take that long to build, only to be reported missing. A few
+    extra layers are cheap to build and reported with the other mismatches, tensor by tensor."""
+    stacks = (
+        ("model.vision_model.encoder.layers.", "vision_config", "num_hidden_layers"),
+        ("model.connector.perceiver_resampler.layers.", "perceiver_config", "resampler_depth"),
+        ("model.text_model.layers.", "text_config", "num_hidden_layers"),
+    )
+    for prefix, section, key in stacks:
+        wanted = getattr(getattr(config, section), key)
+        indices = [name[len(prefix) :].split(".", 1)[0] for name in tensors if name.startswith(prefix)]
+        held = max((int(i) + 1 for i in indices if i.isdigit()), default=0)
+        if wanted > held + _EXTRA_LAYERS_REPORTED:
+            raise CheckpointError(
+                f"{folder}/config.json asks for {section}.{key} = {wanted} layers but the checkpoint holds "
+                f"weights for {held}"
+            )
+
+
 def _read_generation_config(folder: Path) -> dict[str, Any]:
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
+    return read_json(folder / "generation_config.json", what="generation config")
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

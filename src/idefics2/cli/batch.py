@@ -82,24 +82,46 @@ class _BadLine(Exception):
         self.request_id = request_id
 
 
-def _read_request(number: int, line: str, base: Path) -> tuple[Any, dict[str, Any], list[Any]]:
+def _read_lines(source: Path) -> list[tuple[int, bytes]]:
+    """(line number, bytes) of the non-blank lines of a JSONL file. Lines end at "\n" only (a JSON string may
+    hold other line separators), and each is decoded on its own, so one that is not UTF-8 is one bad line."""
+    lines = source.read_bytes().split(b"\n")
+    return [(n, line) for n, line in enumerate(lines, 1) if line.decode("utf-8", "replace").strip()]
+
+
+def _read_request(number: int, line: bytes, base: Path) -> tuple[Any, dict[str, Any], list[Any]]:
     """(id, user message, images) of one input line of `batch`; _BadLine for a bad one."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise _BadLine(f"line {number}: invalid JSON: {error.msg} (column {error.colno})") from None
+    from idefics2.processing.tokenizer import check_text
+    from idefics2.training.data import parse_json_line
+
+    record = parse_json_line(line, lambda message: _BadLine(f"line {number}: {message}"))
     if not isinstance(record, dict):
         raise _BadLine(f"line {number}: expected a JSON object, got {type(record).__name__}")
     request_id, prompt, paths = record.get("id"), record.get("prompt"), record.get("images", [])
     try:
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError('"prompt" must be a non-empty string')
+        try:
+            check_text(prompt, '"prompt"')
+        except ValueError as error:
+            raise UserError(str(error)) from None
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise UserError('"images" must be a list of image file paths')
         images = [open_image(base / path) for path in paths]
         return request_id, user_message(prompt, len(images)), images
     except UserError as error:
         raise _BadLine(f"line {number}: {error}", request_id) from None
+
+
+def _json_line(result: dict[str, Any]) -> str:
+    """An output line; UTF-8 as it is, unless it holds a lone surrogate (an "id" such as "\\ud800", valid
+    JSON): then with JSON's \\u escapes, as UTF-8 cannot hold it."""
+    line = json.dumps(result, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(result)
+    return line
 
 
 def _prompt_text(processor, message: dict[str, Any]) -> str:
@@ -165,8 +187,7 @@ def run(args: argparse.Namespace) -> int:
     if not target.parent.is_dir():
         raise UserError(f"output folder does not exist: {target.parent}")
     check_sampling_flags(args)
-    lines = [(n, line) for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1)]
-    lines = [(n, line) for n, line in lines if line.strip()]
+    lines = _read_lines(source)
     if not lines:
         raise UserError(f"{source} holds no lines")
     pipe = load_pipeline(args)
@@ -192,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
                     result.update(next(outcomes))
             for result in results:
                 n_errors += "error" in result
-                out.write(json.dumps(result, ensure_ascii=False) + "\n")
+                out.write(_json_line(result) + "\n")
             out.flush()
             progress.advance(len(results))
     progress.close()

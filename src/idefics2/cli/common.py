@@ -181,9 +181,13 @@ def open_image(path: str | os.PathLike):
     """The image file as an RGB PIL image; UserError naming the file when it is missing or unreadable."""
     from idefics2.processing.images import load_rgb
 
-    if Path(path).is_dir():
+    try:
+        folder, found = Path(path).is_dir(), Path(path).is_file()
+    except OSError as error:  # e.g. a name longer than the file system allows
+        raise UserError(f"cannot open image {path}: {error.strerror}") from None
+    if folder:
         raise UserError(f"{path} is a folder, not an image file")
-    if not Path(path).is_file():
+    if not found:
         raise UserError(f"image not found: {path}")
     try:
         return load_rgb(path)

@@ -243,6 +243,23 @@ def test_a_missing_file_is_both_file_not_found_and_value_error(checkpoint):
 
 
 @pytest.mark.parametrize(
+    "key, value, problem",
+    [
+        ("eos_token_id", 2**64, "eos_token_id must be a token id"),  # was torch's overflow while generating
+        ("max_length", "long", "max_length must be an integer"),  # was Python's TypeError
+    ],
+)
+def test_bad_generation_config_values(checkpoint, key, value, problem):
+    path = checkpoint / "generation_config.json"
+    config = {k: v for k, v in json.loads(path.read_text()).items() if k != "max_new_tokens"}
+    path.write_text(json.dumps({**config, key: value}))
+    model = Idefics2ForConditionalGeneration.from_pretrained(checkpoint)
+    processor = Idefics2Processor.from_pretrained(checkpoint)
+    with pytest.raises(ValueError, match=problem):
+        model.generate(**processor(text="Hi", return_tensors="pt"), tokenizer=processor)
+
+
+@pytest.mark.parametrize(
     "change, problem",
     [
         (lambda c: c.update(r="8"), "rank r"),  # was int("8") passing, or a TypeError

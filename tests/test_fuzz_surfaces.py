@@ -1,5 +1,5 @@
 """The fuzzing campaign, short: every surface of tests/fuzz_surfaces.py with a fixed seed (derandomized) and a
-fixed number of cases, about 40 s in all on two cores. Long campaigns: scripts/fuzz.py.
+fixed number of cases, about 20 s in all on two cores. Long campaigns: scripts/fuzz.py.
 
 Each case must end as "ok" or "rejected" (a clear ValueError/TypeError, or the command's one-line error);
 anything else fails the test, and hypothesis shrinks the case that caused it. Each surface must also reach

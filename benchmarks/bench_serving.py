@@ -162,8 +162,11 @@ def serve_http(model, processor, requests: list[Request], max_batch: int, device
                 *events, buffer = buffer.split(b"\n\n")
                 now = time.perf_counter() - start
                 for event in events:
-                    if b'"content":"' in event and b'"content":""' not in event:
-                        request.token_times.append(now)
+                    data = event.decode().removeprefix("data: ")
+                    if data != "[DONE]":
+                        choices = json.loads(data)["choices"]
+                        if choices and choices[0]["delta"].get("content"):
+                            request.token_times.append(now)
             connection.close()
 
         start = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,48 @@ def _split(cls: type, data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return known, extra
 
 
+# Sizes beyond int32 describe no real model, and products of them would overflow tensor sizes.
+MAX_SIZE = 2**31 - 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_positive(obj: Any, *names: str) -> None:
     for name in names:
         value = getattr(obj, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"{type(obj).__name__}.{name} must be a positive integer, got {value!r}")
+        if not _is_int(value) or not 0 < value <= MAX_SIZE:
+            raise ValueError(
+                f"{type(obj).__name__}.{name} must be a positive integer (at most {MAX_SIZE}), got {value!r}"
+            )
+
+
+def _check_number(
+    obj: Any, name: str, low: float, high: float = math.inf, *, high_open: bool = False
+) -> None:
+    """A finite int or float in [low, high] ([low, high) with high_open)."""
+    value = getattr(obj, name)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < low or value > high or (high_open and value == high):
+        span = f"[{low:g}, {high:g}{')' if high_open else ']'}" if math.isfinite(high) else f">= {low:g}"
+        raise ValueError(f"{type(obj).__name__}.{name} must be a finite number {span}, got {value!r}")
+
+
+def _check_token_ids(obj: Any, name: str) -> None:
+    """None, a non-negative token id, or (eos) a list of them."""
+    value = getattr(obj, name)
+    ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+    if value is not None and not all(_is_int(i) and i >= 0 for i in ids):
+        raise ValueError(
+            f"{type(obj).__name__}.{name} must be a non-negative token id or null, got {value!r}"
+        )
+
+
+def _check_rates(obj: Any) -> None:
+    """The float settings every part has: dropout in [0, 1), a non-negative initializer_range."""
+    _check_number(obj, "attention_dropout", 0.0, 1.0, high_open=True)
+    _check_number(obj, "initializer_range", 0.0)
 
 
 def _check_activation(obj: Any, name: str) -> None:
@@ -88,6 +126,8 @@ class Idefics2VisionConfig:
                 f"vision image_size {self.image_size} is smaller than patch_size {self.patch_size}"
             )
         _check_activation(self, "hidden_act")
+        _check_number(self, "layer_norm_eps", 0.0)
+        _check_rates(self)
 
     @property
     def num_patches_per_side(self) -> int:
@@ -128,6 +168,8 @@ class Idefics2PerceiverConfig:
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
         _check_activation(self, "hidden_act")
+        _check_number(self, "rms_norm_eps", 0.0)
+        _check_rates(self)
 
 
 @dataclass
@@ -156,6 +198,7 @@ class Idefics2TextConfig:
     model_type = "mistral"
 
     def __post_init__(self) -> None:
+        _check_positive(self, "hidden_size", "num_attention_heads")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -163,12 +206,11 @@ class Idefics2TextConfig:
         _check_positive(
             self,
             "vocab_size",
-            "hidden_size",
             "intermediate_size",
             "num_hidden_layers",
-            "num_attention_heads",
             "num_key_value_heads",
             "head_dim",
+            "max_position_embeddings",
         )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
@@ -179,16 +221,25 @@ class Idefics2TextConfig:
             raise ValueError(f"text head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.sliding_window is not None:
             _check_positive(self, "sliding_window")
-        if self.pad_token_id is not None and not 0 <= self.pad_token_id < self.vocab_size:
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            _check_token_ids(self, name)
+        if self.pad_token_id is not None and not self.pad_token_id < self.vocab_size:
             raise ValueError(
                 f"text pad_token_id {self.pad_token_id} is outside the vocabulary ({self.vocab_size})"
             )
         _check_activation(self, "hidden_act")
+        _check_number(self, "rms_norm_eps", 0.0)
+        _check_number(self, "rope_theta", 0.0)
+        if self.rope_theta == 0:
+            raise ValueError("Idefics2TextConfig.rope_theta must be positive, got 0")
+        _check_rates(self)
 
     @classmethod
     def _from_dict(cls, data: dict[str, Any]) -> Idefics2TextConfig:
         data = dict(data)
         rope = data.pop("rope_parameters", None) or data.pop("rope_scaling", None)
+        if rope is not None and not isinstance(rope, dict):
+            raise ValueError(f"text_config rope_parameters must be an object, got {rope!r}")
         if rope:
             rope_type = rope.get("rope_type", rope.get("type", "default"))
             if rope_type != "default":
@@ -244,6 +295,14 @@ class Idefics2Config:
             )
         elif isinstance(self.text_config, dict):
             self.text_config = Idefics2TextConfig._from_dict(self.text_config)
+        if not _is_int(self.image_token_id) or self.image_token_id < 0:
+            raise ValueError(f"image_token_id must be a non-negative token id, got {self.image_token_id!r}")
+        for name in ("tie_word_embeddings", "use_cache"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        given_dtype = type(self.torch_dtype)
+        if self.torch_dtype is not None and given_dtype is not str and given_dtype.__module__ != "torch":
+            raise ValueError(f"torch_dtype must be the name of a dtype, got {self.torch_dtype!r}")
         self.torch_dtype = _dtype_name(self.torch_dtype)
         # The perceiver works in the text width; a perceiver config that disagrees was left at its defaults.
         if self.perceiver_config.hidden_size != self.text_config.hidden_size:
@@ -269,16 +328,14 @@ class Idefics2Config:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike) -> Idefics2Config:
         """Read `config.json` from a checkpoint folder or hub repo id."""
-        from idefics2.hub import resolve_checkpoint
+        from idefics2.hub import CheckpointError, read_json, resolve_checkpoint
 
         path = resolve_checkpoint(path_or_repo_id) / "config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no config.json in {path.parent}")
+        data = read_json(path, what="model config", required=True)
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from error
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """A `config.json` dict that both this package and transformers load back."""

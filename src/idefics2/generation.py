@@ -394,14 +394,19 @@ def _max_new_tokens(given: dict, config: dict, prompt_len: int) -> int:
         return _int(given["max_new_tokens"], "max_new_tokens", minimum=1)
     if config.get("max_new_tokens") is not None:
         return _int(config["max_new_tokens"], "generation_config max_new_tokens", minimum=1)
-    if config.get("max_length") is not None and config["max_length"] - prompt_len >= 1:
-        return config["max_length"] - prompt_len
+    if config.get("max_length") is not None:
+        room = _int(config["max_length"], "generation_config max_length", minimum=1) - prompt_len
+        if room >= 1:
+            return room
     return DEFAULTS["max_new_tokens"]
 
 
+_INT64_MAX = 2**63 - 1  # token ids and counts become int64 tensors
+
+
 def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= _INT64_MAX:
+        raise ValueError(f"{name} must be an integer >= {minimum} (and below 2**63), got {value!r}")
     return value
 
 
@@ -417,7 +422,9 @@ def _token_list(value: Any, name: str) -> list[int]:
     values = [value] if isinstance(value, int) else value
     if isinstance(values, torch.Tensor):
         values = values.flatten().tolist()
-    if not isinstance(values, Iterable) or not all(isinstance(v, int) and v >= 0 for v in values):
+    if not isinstance(values, Iterable) or not all(
+        isinstance(v, int) and 0 <= v <= _INT64_MAX for v in values
+    ):
         raise ValueError(f"{name} must be a token id or a list of them, got {value!r}")
     return [int(v) for v in values]
 

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from idefics2.config import Idefics2Config
-from idefics2.hub import resolve_checkpoint
+from idefics2.hub import CheckpointError, read_json, resolve_checkpoint
 from idefics2.quantization import PARTS, QuantizationSpec, QuantizedLinear, stored_quantization, target_layers
 from idefics2.quantization.convert import StoredQuantization, empty_quantized, replace_module
 from idefics2.quantization.formats import awq_to_int4, quantize_int4, quantize_int8
@@ -54,10 +54,7 @@ _DTYPES = {
 }
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _CHUNK_BYTES = 16 * 2**20  # conversion granularity when loading with another dtype or device
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is unusable: corrupted or pickled files, or tensors that do not fit the model."""
+_EXTRA_LAYERS_REPORTED = 64  # missing layers beyond this many are refused before the model is built
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
@@ -183,12 +180,14 @@ def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of a checkpoint folder and, for sharded checkpoints, the index's weight map."""
     index_path = folder / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError("weight_map is not an object")
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-            raise CheckpointError(f"{index_path} is not a valid safetensors index: {error}") from None
+        weight_map = read_json(index_path, what="safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(shard, str) and shard and Path(shard).name == shard for shard in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"{index_path} is not a valid safetensors index: its weight_map must map tensor names to "
+                "shard file names in the same folder"
+            )
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
@@ -217,12 +216,15 @@ def resolve_dtype(dtype: torch.dtype | str | None, config: Idefics2Config) -> to
     """None -> float32; "auto" -> the config's torch_dtype (float32 when unset); names like "bfloat16"."""
     if dtype is None:
         return torch.float32
-    if dtype == "auto":
-        dtype = config.torch_dtype or "float32"
+    given = dtype
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = given = config.torch_dtype or "float32"
+        if not isinstance(getattr(torch, given.removeprefix("torch."), None), torch.dtype):
+            raise ValueError(f"config.json's torch_dtype {given!r} is not a torch dtype")
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype, its name, or 'auto'; got {dtype!r}")
+        raise ValueError(f"dtype must be a floating torch dtype, its name, or 'auto'; got {given!r}")
     return dtype
 
 
@@ -270,10 +272,6 @@ def load_pretrained(
         )
     files, weight_map = checkpoint_files(folder)
 
-    with torch.device("meta"):
-        model = build(config)
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-
     tensors: dict[str, torch.Tensor] = {}
     source: dict[str, MappedSafetensors] = {}
     problems_dup, problems_index = [], []
@@ -291,6 +289,17 @@ def load_pretrained(
             for name, shard in weight_map.items()
             if name not in tensors
         ]
+
+    _check_layer_counts(config, tensors, folder)
+    try:
+        with torch.device("meta"):
+            model = build(config)
+    except (RuntimeError, OverflowError, TypeError) as error:  # sizes whose products overflow int64
+        raise CheckpointError(
+            f"the model config.json in {folder} describes cannot be built: its sizes make a tensor too large "
+            f"({type(error).__name__})"
+        ) from None
+    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
 
     # the layers that end up quantized, and the names and shapes the checkpoint must have for them
     if stored is not None:
@@ -324,10 +333,16 @@ def load_pretrained(
         for n in expected
         if n in tensors and tuple(tensors[n].shape) != expected[n]
     )
+    not_float = sorted(  # the float model's tensors; quantized layers hold integer tensors on purpose
+        f"{n}: {str(tensors[n].dtype).removeprefix('torch.')}"
+        for n in expected
+        if n in tensors and n in float_shapes and not tensors[n].dtype.is_floating_point
+    )
     lines = (
         _describe(missing, "missing tensors")
         + _describe(unexpected, "unexpected tensors")
         + _describe(mismatched, "shape mismatches")
+        + _describe(not_float, "weights that are not floating point")
         + _describe(problems_dup, "duplicated tensors")
         + _describe(problems_index, "index inconsistencies")
     )
@@ -439,17 +454,28 @@ def _fill_quantized(
             source[key].release(key)
 
 
+def _check_layer_counts(config: Idefics2Config, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    """A config.json asking for far more layers than the checkpoint has weights for is refused before the
+    layers are built: millions of layers would take that long to build, only to be reported missing. A few
+    extra layers are cheap to build and reported with the other mismatches, tensor by tensor."""
+    stacks = (
+        ("model.vision_model.encoder.layers.", "vision_config", "num_hidden_layers"),
+        ("model.connector.perceiver_resampler.layers.", "perceiver_config", "resampler_depth"),
+        ("model.text_model.layers.", "text_config", "num_hidden_layers"),
+    )
+    for prefix, section, key in stacks:
+        wanted = getattr(getattr(config, section), key)
+        indices = [name[len(prefix) :].split(".", 1)[0] for name in tensors if name.startswith(prefix)]
+        held = max((int(i) + 1 for i in indices if i.isdigit()), default=0)
+        if wanted > held + _EXTRA_LAYERS_REPORTED:
+            raise CheckpointError(
+                f"{folder}/config.json asks for {section}.{key} = {wanted} layers but the checkpoint holds "
+                f"weights for {held}"
+            )
+
+
 def _read_generation_config(folder: Path) -> dict[str, Any]:
-    path = folder / "generation_config.json"
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object")
-    return data
+    return read_json(folder / "generation_config.json", what="generation config")
 
 
 # ---- writing ---------------------------------------------------------------------------------------------

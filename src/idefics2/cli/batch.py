@@ -88,18 +88,29 @@ class _BadLine(Exception):
         self.request_id = request_id
 
 
-def _read_request(number: int, line: str, base: Path) -> tuple[Any, dict[str, Any], list[Any], dict]:
+def _read_lines(source: Path) -> list[tuple[int, bytes]]:
+    """(line number, bytes) of the non-blank lines of a JSONL file. Lines end at "\n" only (a JSON string may
+    hold other line separators), and each is decoded on its own, so one that is not UTF-8 is one bad line."""
+    lines = source.read_bytes().split(b"\n")
+    return [(n, line) for n, line in enumerate(lines, 1) if line.decode("utf-8", "replace").strip()]
+
+
+def _read_request(number: int, line: bytes, base: Path) -> tuple[Any, dict[str, Any], list[Any], dict]:
     """(id, user message, images, the line's own settings) of one input line; _BadLine for a bad one."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise _BadLine(f"line {number}: invalid JSON: {error.msg} (column {error.colno})") from None
+    from idefics2.processing.tokenizer import check_text
+    from idefics2.training.data import parse_json_line
+
+    record = parse_json_line(line, lambda message: _BadLine(f"line {number}: {message}"))
     if not isinstance(record, dict):
         raise _BadLine(f"line {number}: expected a JSON object, got {type(record).__name__}")
     request_id, prompt, paths = record.get("id"), record.get("prompt"), record.get("images", [])
     try:
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError('"prompt" must be a non-empty string')
+        try:
+            check_text(prompt, '"prompt"')
+        except ValueError as error:
+            raise UserError(str(error)) from None
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise UserError('"images" must be a list of image file paths')
         settings = _line_settings(record)
@@ -156,6 +167,17 @@ def _controls(args: argparse.Namespace, settings: dict[str, Any], model) -> dict
     return controls
 
 
+def _json_line(result: dict[str, Any]) -> str:
+    """An output line; UTF-8 as it is, unless it holds a lone surrogate (an "id" such as "\\ud800", valid
+    JSON): then with JSON's \\u escapes, as UTF-8 cannot hold it."""
+    line = json.dumps(result, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(result)
+    return line
+
+
 def _distributed() -> tuple[int, int]:
     """(rank, world size) under torchrun, with the process group up (gloo); (0, 1) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -181,8 +203,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"output folder does not exist: {target.parent}")
     check_sampling_flags(args)
     args.constraint = constraint_controls(args)  # a bad schema or regex fails before the model loads
-    lines = [(n, line) for n, line in enumerate(source.read_text(encoding="utf-8").splitlines(), 1)]
-    lines = [(n, line) for n, line in lines if line.strip()]
+    lines = _read_lines(source)
     if not lines:
         raise UserError(f"{source} holds no lines")
     rank, world = _distributed()
@@ -208,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        results = [json.loads(line) for line in target.read_text(encoding="utf-8").splitlines()]
+        results = [json.loads(line) for line in target.read_text(encoding="utf-8").split("\n") if line]
         errors = sum("error" in r for r in results)
         print(f"wrote {len(results)} results to {target} ({errors} error(s))", file=sys.stderr)
     return 0
@@ -244,7 +265,7 @@ class _OrderedWriter:
             result = {"id": request_id, **outcome}
             if self.numbered:
                 result = {"line": number, **result}
-            self.out.write(json.dumps(result, ensure_ascii=False) + "\n")
+            self.out.write(_json_line(result) + "\n")
             self.out.flush()
             rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
             self.bar.update(1)
@@ -258,7 +279,7 @@ class _OrderedWriter:
         self.bar.close()
 
 
-def answer_lines(engine, args, lines: list[tuple[int, str]], base: Path, out, progress: bool) -> None:
+def answer_lines(engine, args, lines: list[tuple[int, bytes]], base: Path, out, progress: bool) -> None:
     """Submit each line to the engine (keeping about two batches in flight) and write the results in input
     order as they come. On Ctrl-C the answered lines are kept and the rest is cancelled."""
     from idefics2.serving import EngineOverloadedError
@@ -321,6 +342,6 @@ def _merge_parts(target: Path, parts: list[Path]) -> None:
     with target.open("w", encoding="utf-8") as out:
         for record in heapq.merge(*(records(p) for p in parts), key=lambda r: r["line"]):
             record.pop("line")
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.write(_json_line(record) + "\n")
     for path in parts:
         path.unlink()

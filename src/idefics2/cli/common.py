@@ -264,9 +264,13 @@ def open_image(path: str | os.PathLike):
     from idefics2.processing.images import load_rgb
 
     path = Path(path).expanduser()
-    if path.is_dir():
+    try:
+        folder, found = path.is_dir(), path.is_file()
+    except OSError as error:  # e.g. a name longer than the file system allows
+        raise UserError(f"cannot open image {path}: {error.strerror}") from None
+    if folder:
         raise UserError(f"{path} is a folder, not an image file")
-    if not path.is_file():
+    if not found:
         raise UserError(f"image not found: {path}")
     try:
         return load_rgb(path)

@@ -9,6 +9,7 @@ Two backends share one interface:
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "do_image_splitting": False,
 }
 RUNTIME_OPTIONS = ("backend", "device", "max_pixels")
+RESAMPLE_FILTERS = tuple(int(f) for f in PIL.Image.Resampling)
+MAX_EDGE = 8192  # a larger resize target per side is refused: its float32 batch alone would pass 800 MB
 TORCH_MODES = {PIL.Image.Resampling.BILINEAR.value: "bilinear", PIL.Image.Resampling.BICUBIC.value: "bicubic"}
 
 
@@ -87,9 +90,14 @@ def nest_images(images: Any) -> list[list[ImageLike]]:
             nested = None
         if nested is not None and all(is_image_like(image) for sample in nested for image in sample):
             return nested
+    got = type(images).__name__
+    if isinstance(images, (list, tuple)):
+        items = [i for sample in images for i in (sample if isinstance(sample, (list, tuple)) else [sample])]
+        odd = [type(i).__name__ for i in items if not is_image_like(i)]
+        got = f"a {got} holding {', '.join(dict.fromkeys(odd))}" if odd else f"an empty or mixed {got}"
     raise ValueError(
         "images must be one image (PIL image, numpy array, torch tensor, file path or bytes), a list of "
-        f"images, or one list of images per sample; got {type(images).__name__}"
+        f"images, or one list of images per sample; got {got}"
     )
 
 
@@ -133,6 +141,44 @@ def _quantize_for_resize(pixels: np.ndarray) -> tuple[np.ndarray, bool]:
     )
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """Every image option has a usable value (they come from checkpoint files and from callers)."""
+    for name in ("do_convert_rgb", "do_resize", "do_rescale", "do_normalize", "do_pad", "do_image_splitting"):
+        if not isinstance(options[name], bool):
+            raise ValueError(f"{name} must be true or false, got {options[name]!r}")
+    size = options["size"]
+    if not isinstance(size, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_EDGE for v in size.values()
+    ):
+        raise ValueError(f"size must hold edge lengths in pixels (integers in [1, {MAX_EDGE}]), got {size!r}")
+    resize_output_size(1, 1, size)  # has the keys of one of the two forms
+    if options["resample"] not in RESAMPLE_FILTERS:
+        raise ValueError(
+            f"resample must be one of Pillow's filters {RESAMPLE_FILTERS}, got {options['resample']!r}"
+        )
+    for name in ("rescale_factor", "image_mean", "image_std"):
+        values = options[name] if isinstance(options[name], (list, tuple)) else [options[name]]
+        if not values or not all(_finite_number(v) for v in values) or (name == "image_std" and 0 in values):
+            nonzero = " (not 0)" if name == "image_std" else ""
+            raise ValueError(
+                f"{name} must be a finite number or a list of them{nonzero}, got {options[name]!r}"
+            )
+
+
+def _check_device(device: Any) -> Any:
+    if device is None or isinstance(device, torch.device):
+        return device
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be a torch device or its name (e.g. 'cuda'), got {device!r}") from None
+    return device
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class Idefics2ImageProcessor:
     """Turns images into `pixel_values` (batch, images, 3, H, W) float32 and `pixel_attention_mask`
     (batch, images, H, W) int64, padding every image to the batch's largest height and width and every
@@ -150,8 +196,13 @@ class Idefics2ImageProcessor:
         if unknown:
             raise ValueError(f"unknown image processor option(s): {sorted(unknown)}")
         self.options = {key: options.get(key, value) for key, value in DEFAULTS.items()}
-        self.options["size"] = dict(self.options["size"])
-        self.backend, self.device, self.max_pixels = backend, device, max_pixels
+        if isinstance(self.options["size"], dict):
+            self.options["size"] = dict(self.options["size"])
+        if max_pixels is not None and (
+            not isinstance(max_pixels, int) or isinstance(max_pixels, bool) or max_pixels < 1
+        ):
+            raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
+        self.backend, self.device, self.max_pixels = backend, _check_device(device), max_pixels
         self._check(self.options, backend)
 
     # Options are also attributes: `image_processor.do_image_splitting = False` changes the option.
@@ -173,7 +224,7 @@ class Idefics2ImageProcessor:
     def _check(options: dict[str, Any], backend: str) -> None:
         if backend not in ("pil", "torch"):
             raise ValueError(f"backend must be 'pil' or 'torch', got {backend!r}")
-        resize_output_size(1, 1, options["size"])  # validates the size dict
+        check_options(options)
         if backend == "torch" and options["do_resize"] and options["resample"] not in TORCH_MODES:
             raise ValueError(
                 f"the torch backend supports resample in {sorted(TORCH_MODES)}, got {options['resample']}"
@@ -219,7 +270,7 @@ class Idefics2ImageProcessor:
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
         opts = {**self.options, **overrides}
         backend = backend or self.backend
-        device = device if device is not None else self.device
+        device = _check_device(device) if device is not None else self.device
         self._check(opts, backend)
         if backend == "pil" and device is not None and torch.device(device).type != "cpu":
             raise ValueError("the pil backend runs on the CPU; use backend='torch' for device=" + str(device))
@@ -262,7 +313,10 @@ class Idefics2ImageProcessor:
                     parts = [pixels]
                 for part in parts:
                     if opts["do_resize"]:
-                        part, prescaled = _quantize_for_resize(part)
+                        try:
+                            part, prescaled = _quantize_for_resize(part)
+                        except ValueError as error:
+                            raise ValueError(f"sample {s}, image {k}: {error}") from error
                         out_size = resize_output_size(part.shape[0], part.shape[1], opts["size"])
                     else:
                         prescaled, out_size = _in_unit_range(part), (part.shape[0], part.shape[1])
@@ -482,10 +536,13 @@ def _unpadded(values: torch.Tensor, crops: list[list[_Crop]], return_tensors: st
 
 def read_image_processor_config(folder: Path) -> dict[str, Any]:
     """Image options from a checkpoint folder (hub layout or transformers-5 layout); {} if none."""
+    from ..hub import CheckpointError, read_json
+
     preprocessor = folder / "preprocessor_config.json"
     if preprocessor.is_file():
-        return json.loads(preprocessor.read_text())
+        return read_json(preprocessor, what="image processor config")
     processor = folder / "processor_config.json"
-    if processor.is_file():
-        return json.loads(processor.read_text()).get("image_processor", {})
-    return {}
+    section = read_json(processor, what="processor config").get("image_processor", {})
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{processor}: image_processor must be an object, got {type(section).__name__}")
+    return section

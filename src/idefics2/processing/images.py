@@ -61,21 +61,46 @@ def open_image(
     else:
         path = Path(source)
         name = f"image file {str(path)!r}"
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as error:  # e.g. a name longer than the file system allows
+            raise ValueError(f"{name} cannot be opened: {error.strerror}") from None
+        if not found:
             raise ValueError(f"{name} does not exist (images given as str must be paths to local files)")
         stream = path
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
             image = PIL.Image.open(stream)
-            check_pixel_count(image.height, image.width, max_pixels, name)
-            image.load()
     except PIL.Image.DecompressionBombError as error:
         raise ValueError(f"{name} is too large to decode safely: {error}") from error
     except PIL.UnidentifiedImageError as error:
         raise ValueError(f"{name} is not a readable image (unknown or unsupported format)") from error
-    except (OSError, SyntaxError, EOFError) as error:
-        raise ValueError(f"{name} could not be decoded (truncated or corrupt file?): {error}") from error
+    except Exception as error:  # a corrupt header: Pillow's format plugins raise all sorts of exceptions
+        raise _undecodable(name, error) from error
+    check_pixel_count(image.height, image.width, max_pixels, name)
+    return decoded(image, name)
+
+
+def _undecodable(name: str, error: Exception) -> ValueError:
+    """The error for an image whose data Pillow cannot decode; Pillow's own message is kept as a detail."""
+    return ValueError(
+        f"{name} could not be decoded (truncated or corrupt file?): {type(error).__name__}: {error}"
+    )
+
+
+def decoded(image: PIL.Image.Image, name: str = "PIL image") -> PIL.Image.Image:
+    """The image with its pixels decoded: a PIL image opened from a file decodes them lazily, and a truncated
+    or corrupt file only fails then. Its EXIF orientation is read here too (a corrupt EXIF block fails)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            image.load()
+            image.getexif()
+    except PIL.Image.DecompressionBombError as error:
+        raise ValueError(f"{name} is too large to decode safely: {error}") from error
+    except Exception as error:  # Pillow's decoders and plugins raise all sorts of exceptions on corrupt data
+        raise _undecodable(name, error) from error
     return image
 
 
@@ -88,21 +113,42 @@ def load_rgb(source: ImageLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> 
     if not isinstance(source, PIL.Image.Image):
         return source
     check_pixel_count(source.height, source.width, max_pixels)
+    source = decoded(source)
     if source.getexif().get(0x0112, 1) != 1:  # EXIF orientation tag
-        source = PIL.ImageOps.exif_transpose(source)
+        try:
+            source = PIL.ImageOps.exif_transpose(source)
+        except Exception as error:  # an orientation Pillow cannot apply (a corrupt EXIF block)
+            raise ValueError(
+                f"the image's EXIF orientation cannot be applied: {type(error).__name__}"
+            ) from error
     if source.mode == "RGB" and "transparency" not in source.info:
         return source  # converting again would only copy it
-    return source.convert("RGB")
+    return _converted(source, "RGB")
+
+
+def _converted(image: PIL.Image.Image, mode: str) -> PIL.Image.Image:
+    """Pillow's conversion to `mode`, with a clear error. Premultiplied "La", which Pillow converts to "LA"
+    only, goes through "LA"."""
+    try:
+        if image.mode == "La" and mode != "LA":
+            image = image.convert("LA")
+        return image.convert(mode)
+    except Exception as error:  # e.g. a "transparency" entry Pillow cannot apply
+        raise ValueError(
+            f"a {image.mode} image cannot be converted to {mode}: {type(error).__name__}"
+        ) from error
 
 
 def _rgb_from_pil(image: PIL.Image.Image) -> np.ndarray:
     """(H, W, 3) uint8; transparency is composited on a white background."""
+    if image.mode == "La":  # its alpha band is "a": make it "A"
+        image = _converted(image, "LA")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
+        rgba = _converted(image, "RGBA")
         white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = PIL.Image.alpha_composite(white, rgba)
     if image.mode != "RGB":
-        image = image.convert("RGB")
+        image = _converted(image, "RGB")
     return np.asarray(image)
 
 
@@ -127,6 +173,22 @@ def _channels_last(array: np.ndarray) -> np.ndarray:
     raise ValueError(
         f"cannot tell the channel axis of image array with shape {array.shape} (need 1, 3 or 4 channels)"
     )
+
+
+def _array_from_tensor(tensor: torch.Tensor) -> np.ndarray:
+    """A CPU numpy array of an image tensor; dtypes numpy lacks (bfloat16, float8) become float32."""
+    if tensor.is_meta:
+        raise ValueError("an image tensor on the meta device has no data")
+    if tensor.is_complex():
+        raise ValueError(f"unsupported image tensor dtype {tensor.dtype} (complex)")
+    if tensor.layout != torch.strided:
+        tensor = tensor.to_dense()
+    if tensor.dtype in (torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2):
+        tensor = tensor.float()
+    try:
+        return tensor.detach().cpu().numpy()
+    except TypeError as error:  # a dtype numpy has no equivalent for
+        raise ValueError(f"unsupported image tensor dtype {tensor.dtype}") from error
 
 
 def _as_pixel_dtype(array: np.ndarray) -> np.ndarray:
@@ -163,12 +225,13 @@ def to_pixel_array(
         image = load_rgb(image, max_pixels)
     if isinstance(image, PIL.Image.Image):
         check_pixel_count(image.height, image.width, max_pixels)
+        image = decoded(image)
         if convert_rgb:
             return _rgb_from_pil(image)
         array = np.asarray(image)
         return array[:, :, None] if array.ndim == 2 else array
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = _array_from_tensor(image)
     if not isinstance(image, np.ndarray):
         raise ValueError(
             f"unsupported image type {type(image).__name__}: expected a PIL image, numpy array, torch "

@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..hub import CheckpointError, read_json
 from .batch import BatchFeature, convert_tensors
 from .chat import normalize_messages, render
 from .image_processor import DEFAULTS as IMAGE_OPTIONS
 from .image_processor import RUNTIME_OPTIONS, Idefics2ImageProcessor, nest_images, read_image_processor_config
 from .images import is_image_like, load_rgb
-from .tokenizer import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Idefics2Tokenizer
+from .tokenizer import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, Idefics2Tokenizer, check_text
 
 TOKENIZER_OPTIONS = (
     "padding_side",
@@ -31,25 +32,27 @@ TOKENIZER_OPTIONS = (
 _FAKE_THEN_WORD = re.compile(re.escape(FAKE_IMAGE_TOKEN) + r"(?=[^\s<])")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
-def _template_text(value: Any) -> str | None:
+def _template_text(value: Any, path: Path) -> str | None:
     """A chat template from a config: a string, or a list of {"name", "template"} entries."""
     if isinstance(value, list):
         named = {entry.get("name"): entry.get("template") for entry in value if isinstance(entry, dict)}
-        return named.get("default")
+        value = named.get("default")
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"{path}: chat_template must be a str, got {type(value).__name__}")
     return value
 
 
 def read_chat_template(folder: Path) -> str | None:
     """The checkpoint's chat template: chat_template.jinja, chat_template.json, processor_config.json or
     tokenizer_config.json, in that order."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+    path = folder / "chat_template.jinja"
+    if path.is_file():
+        try:
+            return path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise CheckpointError(f"{path} is not UTF-8 text (byte {error.start})") from None
     for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
-        template = _template_text(_read_json(folder / name).get("chat_template"))
+        template = _template_text(read_json(folder / name).get("chat_template"), folder / name)
         if template:
             return template
     return None
@@ -91,7 +94,7 @@ class Idefics2Processor:
             raise ValueError(f"unknown processor option(s): {sorted(unknown)}")
         image_overrides = {k: v for k, v in overrides.items() if k in image_keys}
         tokenizer_overrides = {k: v for k, v in overrides.items() if k in TOKENIZER_OPTIONS}
-        config = _read_json(folder / "processor_config.json")
+        config = read_json(folder / "processor_config.json", what="processor config")
         image_processor = Idefics2ImageProcessor.from_dict(
             read_image_processor_config(folder), **image_overrides
         )
@@ -162,6 +165,8 @@ class Idefics2Processor:
             )
             if not texts or not all(isinstance(t, str) for t in texts):
                 raise ValueError("text must be a str or a non-empty list of str")
+            for i, item in enumerate(texts):
+                check_text(item, "text" if isinstance(text, str) else f"text {i}")
             counts = [t.count(IMAGE_TOKEN) for t in texts]
         # images are matched to the prompts first: a wrong count is the first thing to report
         samples = None if images is None else self._images_per_sample(images, counts)

@@ -32,16 +32,92 @@ def _token_content(value: Any) -> str | None:
     return value
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def check_text(text: Any, what: str = "text") -> str:
+    """`text` itself when it is a str of valid Unicode. Otherwise a ValueError naming the problem: not a str,
+    or a lone surrogate (half of a UTF-16 pair, e.g. "\\ud800", which no tokenizer can encode) and where."""
+    if not isinstance(text, str):
+        raise ValueError(f"{what} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{what} holds a lone surrogate {text[error.start]!r} at position {error.start}: it is not valid "
+            "Unicode text; remove it (text decoded with errors='surrogateescape', or from broken UTF-16, has "
+            "them)"
+        ) from None
+    return text
 
 
-def _as_id_list(ids: Any) -> list[int]:
+def _is_token_id(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _as_id_list(ids: Any, what: str = "token ids") -> list[int]:
+    """One sequence of token ids (an int, a list/tuple of ints, a 0-D or 1-D integer tensor or array) as a
+    list of non-negative Python ints; TypeError/ValueError naming what is wrong."""
     if isinstance(ids, (torch.Tensor, np.ndarray)):
+        integer = (
+            not (ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool)
+            if isinstance(ids, torch.Tensor)
+            else np.issubdtype(ids.dtype, np.integer) or ids.dtype == object
+        )
+        if not integer:
+            raise TypeError(f"{what} must be integers, got a {type(ids).__name__} of dtype {ids.dtype}")
+        if ids.ndim > 1:
+            raise TypeError(
+                f"{what} must be one sequence (1-D), got shape {tuple(ids.shape)}; batch_decode takes several"
+            )
         ids = ids.tolist()
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
+    if _is_token_id(ids):
+        ids = [ids]
+    if not isinstance(ids, (list, tuple)):
+        raise TypeError(
+            f"{what} must be an int, a list of ints or a 1-D integer tensor, got {type(ids).__name__}"
+        )
+    for position, token_id in enumerate(ids):
+        if not _is_token_id(token_id):
+            raise TypeError(f"{what} must be integers, got {token_id!r} at position {position}")
+        if token_id < 0:
+            raise ValueError(f"{what} must not be negative, got {token_id} at position {position}")
+    return [int(token_id) for token_id in ids]
+
+
+def _check_config(config: dict[str, Any]) -> None:
+    """The tokenizer settings of tokenizer_config.json / special_tokens_map.json that this class reads."""
+
+    def token(value: Any) -> bool:
+        return (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, dict) and isinstance(value.get("content"), str))
+        )
+
+    for key in SPECIAL_TOKEN_KEYS:
+        if not token(config.get(key)):
+            raise ValueError(
+                f"{key} must be a token (a str or an object with a str 'content'), got {config[key]!r}"
+            )
+    for key in ("add_bos_token", "add_eos_token"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise ValueError(f"{key} must be true, false or null, got {config[key]!r}")
+    extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
+    tokens = list(extra.values()) if isinstance(extra, dict) else extra
+    if not isinstance(tokens, list) or not all(token(t) and t is not None for t in tokens):
+        raise ValueError(f"additional_special_tokens must be a list of tokens, got {extra!r}")
+    declared = config.get("added_tokens_decoder") or {}
+    if not isinstance(declared, dict) or not all(
+        isinstance(key, str)
+        and key.isdigit()
+        and isinstance(spec, dict)
+        and isinstance(spec.get("content"), str)
+        for key, spec in declared.items()
+    ):
+        raise ValueError("added_tokens_decoder must map token ids to objects with a str 'content'")
+    length = config.get("model_max_length")
+    if length is not None and not (
+        isinstance(length, (int, float)) and not isinstance(length, bool) and 0 < length < float("inf")
+    ):
+        raise ValueError(f"model_max_length must be a positive number, got {length!r}")
 
 
 class Idefics2Tokenizer:
@@ -101,21 +177,30 @@ class Idefics2Tokenizer:
     @classmethod
     def from_pretrained(cls, path_or_repo_id: str | os.PathLike, **overrides: Any) -> Idefics2Tokenizer:
         """Load tokenizer.json with the settings of tokenizer_config.json and special_tokens_map.json."""
-        from ..hub import resolve_checkpoint
+        from ..hub import CheckpointError, read_json, resolve_checkpoint
 
         folder = resolve_checkpoint(path_or_repo_id)
         if not (folder / "tokenizer.json").is_file():
             raise ValueError(f"{folder} has no tokenizer.json")
-        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        try:
+            backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot read
+            raise CheckpointError(
+                f"{folder / 'tokenizer.json'} is not a valid tokenizer file: {error}"
+            ) from None
         config = {
-            **_read_json(folder / "special_tokens_map.json"),
-            **_read_json(folder / "tokenizer_config.json"),
+            **read_json(folder / "special_tokens_map.json", what="special tokens map"),
+            **read_json(folder / "tokenizer_config.json", what="tokenizer config"),
         }
-        return cls.from_config(backend, config, **overrides)
+        try:
+            return cls.from_config(backend, config, **overrides)
+        except ValueError as error:
+            raise CheckpointError(f"{folder}: the tokenizer settings are not valid: {error}") from None
 
     @classmethod
     def from_config(cls, backend: Tokenizer, config: dict[str, Any], **overrides: Any) -> Idefics2Tokenizer:
         config = {**config, **overrides}
+        _check_config(config)
         # Tokens the config declares with their ids; those the tokenizer.json lacks are added in id order.
         declared = config.get("added_tokens_decoder") or {}
         for _, spec in sorted(declared.items(), key=lambda item: int(item[0])):
@@ -139,7 +224,7 @@ class Idefics2Tokenizer:
             add_eos_token=config.get("add_eos_token"),
             padding_side=padding_side,
             truncation_side=config.get("truncation_side", "right"),
-            model_max_length=config.get("model_max_length") or int(1e30),
+            model_max_length=int(config.get("model_max_length") or 1e30),
             additional_special_tokens=[_token_content(t) for t in extra],
             config=config,
         )
@@ -208,23 +293,30 @@ class Idefics2Tokenizer:
         return self.backend.get_vocab(with_added_tokens=True)
 
     def token_to_id(self, token: str) -> int | None:
+        if not isinstance(token, str):
+            raise TypeError(f"a token is a str, got {type(token).__name__}")
         return self.backend.token_to_id(token)
 
     def id_to_token(self, token_id: int) -> str | None:
-        return self.backend.id_to_token(token_id)
+        """The token of an id; None for an id the vocabulary does not have."""
+        (token_id,) = _as_id_list(token_id, "a token id")
+        return self.backend.id_to_token(token_id) if token_id < len(self) else None
 
     def convert_tokens_to_ids(self, tokens: str | Iterable[str]) -> int | None | list[int | None]:
         """Token ids; a token outside the vocabulary maps to the unk token id (None without one)."""
         if isinstance(tokens, str):
             found = self.backend.token_to_id(tokens)
             return self.unk_token_id if found is None else found
+        if not isinstance(tokens, (list, tuple)) or not all(isinstance(t, str) for t in tokens):
+            raise TypeError(f"tokens must be a str or a list of str, got {type(tokens).__name__}")
         return [self.convert_tokens_to_ids(t) for t in tokens]
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int], skip_special_tokens: bool = False):
-        if isinstance(ids, int):
-            return self.backend.id_to_token(ids)
+        """Tokens of ids (None for an id the vocabulary does not have); one token for one int id."""
+        if _is_token_id(ids):
+            return self.id_to_token(ids)
         special = set(self.all_special_ids) if skip_special_tokens else set()
-        return [self.backend.id_to_token(i) for i in _as_id_list(ids) if i not in special]
+        return [self.id_to_token(i) for i in _as_id_list(ids) if i not in special]
 
     def _id(self, token: str | None) -> int | None:
         return None if token is None else self.backend.token_to_id(token)
@@ -257,12 +349,10 @@ class Idefics2Tokenizer:
 
     # ---- encoding -----------------------------------------------------------------------------------
     def tokenize(self, text: str) -> list[str]:
-        return self.backend.encode(text, add_special_tokens=False).tokens
+        return self.backend.encode(check_text(text), add_special_tokens=False).tokens
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if not isinstance(text, str):
-            raise ValueError(f"text must be a str, got {type(text).__name__}")
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+        ids = self.backend.encode(check_text(text), add_special_tokens=False).ids
         return [*self.prefix_ids, *ids, *self.suffix_ids] if add_special_tokens else ids
 
     def __call__(
@@ -284,7 +374,13 @@ class Idefics2Tokenizer:
             raise ValueError("text must be a str or a list of str")
         if not texts:
             raise ValueError("text must not be an empty list")
-        encodings = self.backend.encode_batch(texts, add_special_tokens=False) if texts else []
+        for i, item in enumerate(texts):
+            check_text(item, "text" if single else f"text {i}")
+        if max_length is not None and (not _is_token_id(max_length) or max_length < 0):
+            raise ValueError(f"max_length must be a non-negative int or None, got {max_length!r}")
+        if padding_side not in (None, "left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
         special = len(self.prefix_ids) + len(self.suffix_ids) if add_special_tokens else 0
         limit = self._truncation_limit(truncation, max_length, special)
         rows = []
@@ -351,10 +447,27 @@ class Idefics2Tokenizer:
 
     # ---- decoding -----------------------------------------------------------------------------------
     def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
-        return self.backend.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of one sequence of ids. Negative or non-integer ids are an error; ids at or above the
+        vocabulary size decode to nothing, as in transformers (a model's embedding rows may outnumber the
+        tokenizer's tokens: the built-in model has 512 rows for 382 tokens, and sampling can pick the extra
+        ones)."""
+        return self.backend.decode(self._known(_as_id_list(ids)), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        """Texts of several sequences of ids (a list of sequences, or a 2-D tensor/array); see decode."""
         if isinstance(sequences, (torch.Tensor, np.ndarray)):
-            sequences = sequences.tolist()
-        rows = [_as_id_list(ids) for ids in sequences]
+            if sequences.ndim == 0:
+                raise TypeError("batch_decode takes several sequences of ids, got a single id")
+            sequences = list(sequences)
+        if not isinstance(sequences, (list, tuple)):
+            raise TypeError(
+                f"batch_decode takes a list of id sequences or a 2-D tensor, got {type(sequences).__name__}"
+            )
+        rows = [
+            self._known(_as_id_list(ids, f"token ids of sequence {i}")) for i, ids in enumerate(sequences)
+        ]
         return self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
+
+    def _known(self, ids: list[int]) -> list[int]:
+        size = len(self)
+        return ids if all(i < size for i in ids) else [i for i in ids if i < size]

@@ -11,6 +11,7 @@ padding.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -77,9 +78,9 @@ def normalize_example(example: Any, base_dir: Path | None = None) -> dict:
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise DataError(f'messages[{i}].content[{j}]: a text part needs a string "text"')
-                parts.append({"type": "text", "text": part["text"]})
+                parts.append(
+                    {"type": "text", "text": _checked_text(part.get("text"), f"messages[{i}].content[{j}]")}
+                )
             elif kind == "image":
                 parts.append({"type": "image"})
                 n_image_parts += 1
@@ -115,7 +116,11 @@ def normalize_example(example: Any, base_dir: Path | None = None) -> dict:
             path = Path(image).expanduser()
             if not path.is_absolute() and base_dir is not None:
                 path = base_dir / path
-            if not path.is_file():
+            try:
+                found = path.is_file()
+            except OSError as error:  # e.g. a name longer than the file system allows
+                raise DataError(f"images[{k}]: cannot open {path}: {error.strerror}") from None
+            if not found:
                 raise DataError(f"images[{k}]: file not found: {path}")
             _check_image_header(path, k)
             resolved.append(str(path))
@@ -126,17 +131,46 @@ def normalize_example(example: Any, base_dir: Path | None = None) -> dict:
     return {"messages": out_messages, "images": resolved}
 
 
+def _checked_text(text: Any, where: str) -> str:
+    """A text part's text: a str of valid Unicode without the image markers, whose count must match the
+    image parts (an image goes in a {"type": "image"} part, not in the text)."""
+    from idefics2.processing.tokenizer import FAKE_IMAGE_TOKEN, IMAGE_TOKEN, check_text
+
+    if not isinstance(text, str):
+        raise DataError(f'{where}: a text part needs a string "text"')
+    try:
+        check_text(text, "its text")
+    except ValueError as error:
+        raise DataError(f"{where}: {error}") from None
+    for marker in (IMAGE_TOKEN, FAKE_IMAGE_TOKEN):
+        if marker in text:
+            raise DataError(f'{where}: the text holds {marker}; put images in {{"type": "image"}} parts')
+    return text
+
+
 def _check_image_header(path: Path, index: int) -> None:
-    """Open the file lazily (header only): a file that is not an image fails here, before training."""
-    from PIL import Image, UnidentifiedImageError
+    """Open the file lazily (header only): a file that is not an image, or too large to decode safely, fails
+    here, before training. (A file truncated after its header only fails when its batch is built.)"""
+    import warnings
+
+    from PIL import Image
+
+    from idefics2.processing.images import DEFAULT_MAX_PIXELS
 
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise DataError(f"images[{index}]: {path} is not a readable image ({error})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Exception as error:  # Pillow's format plugins raise all sorts of exceptions on corrupt headers
+        raise DataError(f"images[{index}]: {path} is not a readable image ({type(error).__name__})") from None
     if width == 0 or height == 0:
         raise DataError(f"images[{index}]: {path} is an empty image")
+    if width * height > DEFAULT_MAX_PIXELS:
+        raise DataError(
+            f"images[{index}]: {path} has {width}x{height} pixels, above the limit of {DEFAULT_MAX_PIXELS} "
+            "(a possible decompression bomb)"
+        )
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -146,16 +180,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
     examples = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, start=1):
+            example = parse_json_line(raw, functools.partial(DataError, path=path, line=number))
+            if example is None:
                 continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(
-                    f"invalid JSON: {error.msg} (column {error.colno})", path=path, line=number
-                ) from None
             try:
                 examples.append(normalize_example(example, base_dir=path.parent))
             except DataError as error:
@@ -163,6 +192,25 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     if not examples:
         raise DataError(f"{path} holds no examples")
     return examples
+
+
+def parse_json_line(raw: bytes, error: Any) -> Any:
+    """The JSON value of one line of a JSONL file (bytes, without or with its newline); None for a blank line.
+    A line that is not UTF-8 or not JSON raises `error(message)`."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as problem:
+        raise error(f"not UTF-8 text (byte {problem.start + 1} of the line)") from None
+    if not line.strip():
+        return None
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as problem:
+        raise error(f"invalid JSON: {problem.msg} (column {problem.colno})") from None
+    except RecursionError:
+        raise error("invalid JSON: nested too deeply") from None
+    except ValueError:  # json reads integers of at most 4300 digits
+        raise error("invalid JSON: a number with too many digits") from None
 
 
 # ----------------------------------------------------------------------------------------------- encoding

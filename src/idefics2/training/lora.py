@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from idefics2.hub import resolve_checkpoint
+from idefics2.hub import CheckpointError, CheckpointNotFoundError, read_json, resolve_checkpoint
 from idefics2.quantization import QuantizedLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -50,15 +50,30 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
 
     def __post_init__(self):
-        if self.r <= 0:
-            raise ValueError(f"LoRA rank must be a positive integer, got {self.r}")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.lora_dropout}")
+        if not _is_int(self.r) or self.r <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {self.r!r}")
+        if not _is_number(self.lora_alpha):
+            raise ValueError(f"LoRA alpha must be a finite number, got {self.lora_alpha!r}")
+        if not _is_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ValueError(f"use_rslora must be true or false, got {self.use_rslora!r}")
+        targets = self.target_modules
+        if not isinstance(targets, str) and not (
+            isinstance(targets, (list, tuple)) and all(isinstance(t, str) for t in targets)
+        ):
+            raise ValueError(f"target_modules must be a regex or a list of module names, got {targets!r}")
+        for name, check in (("rank_pattern", _is_int), ("alpha_pattern", _is_number)):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, dict) or not all(
+                isinstance(k, str) and check(v) and v > (0 if name == "rank_pattern" else -math.inf)
+                for k, v in pattern.items()
+            ):
+                raise ValueError(f"{name} must map module-name patterns to numbers, got {pattern!r}")
+            for key in pattern:
+                _compile(key, name)
         if isinstance(self.target_modules, str):
-            try:
-                re.compile(self.target_modules)
-            except re.error as error:
-                raise ValueError(f"invalid target_modules regex {self.target_modules!r}: {error}") from None
+            _compile(self.target_modules, "target_modules")
 
     def targets(self, module_name: str) -> bool:
         """PEFT's rule: a string is a regex that must match the whole name; a list matches by name suffix."""
@@ -92,6 +107,9 @@ class LoraConfig:
 
     @classmethod
     def from_peft_dict(cls, d: dict) -> LoraConfig:
+        """The config of adapter_config.json; ValueError naming a missing, unsupported or ill-typed field."""
+        if not _is_int(d.get("r")):
+            raise ValueError(f"adapter_config.json needs the rank r (a positive integer), got {d.get('r')!r}")
         if d.get("peft_type", "LORA") != "LORA":
             raise ValueError(f"only LoRA adapters are supported, this one is {d.get('peft_type')!r}")
         unsupported = {
@@ -109,15 +127,30 @@ class LoraConfig:
         if targets is None:
             raise ValueError("adapter_config.json has no target_modules")
         return cls(
-            r=int(d["r"]),
-            lora_alpha=float(d.get("lora_alpha", 8)),
-            lora_dropout=float(d.get("lora_dropout", 0.0)),
-            target_modules=targets if isinstance(targets, str) else list(targets),
-            use_rslora=bool(d.get("use_rslora", False)),
-            rank_pattern=dict(d.get("rank_pattern") or {}),
-            alpha_pattern=dict(d.get("alpha_pattern") or {}),
+            r=d["r"],
+            lora_alpha=d.get("lora_alpha", 8),
+            lora_dropout=d.get("lora_dropout", 0.0),
+            target_modules=list(targets) if isinstance(targets, (list, tuple)) else targets,
+            use_rslora=d.get("use_rslora", False),
+            rank_pattern=d.get("rank_pattern") or {},
+            alpha_pattern=d.get("alpha_pattern") or {},
             base_model_name_or_path=d.get("base_model_name_or_path"),
         )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _compile(pattern: str, what: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        raise ValueError(f"invalid {what} regex {pattern!r}: {error}") from None
 
 
 def _pattern_value(patterns: dict, module_name: str, default):
@@ -192,17 +225,24 @@ def read_adapter(folder: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch
     config_path, weights_path = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"{folder} is not a LoRA adapter folder: {path.name} is missing")
+            raise CheckpointNotFoundError(f"{folder} is not a LoRA adapter folder: {path.name} is missing")
     try:
-        config = LoraConfig.from_peft_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{config_path} is not a valid adapter config: {error}") from None
+        config = LoraConfig.from_peft_dict(read_json(config_path, what="adapter config"))
+    except CheckpointError:
+        raise
+    except ValueError as error:
+        raise CheckpointError(f"{config_path}: {error}") from None
     try:
         raw = load_file(str(weights_path))
     except Exception as error:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"{weights_path} could not be read: {error}") from None
+        raise CheckpointError(f"{weights_path} could not be read: {error}") from None
     weights = {}
     for key, tensor in raw.items():
+        if tensor.ndim != 2 or not tensor.dtype.is_floating_point:
+            raise CheckpointError(
+                f"{weights_path}: adapter tensor {key} must be a 2-D floating-point matrix, got shape "
+                f"{tuple(tensor.shape)} of {tensor.dtype}"
+            )
         name = key.removeprefix(PEFT_PREFIX)
         # PEFT may keep the adapter name in keys saved by some versions: "...lora_A.default.weight".
         name = re.sub(r"\.(lora_[AB])\.[^.]+\.weight$", r".\1.weight", name)

@@ -297,7 +297,7 @@ def main() -> None:
     parser.add_argument("--http", action="store_true", help="also serve through HTTP (idefics2 serve's app)")
     parser.add_argument("--second-turn", action="store_true",
                         help="time to first token of a second turn that sends its image again")  # fmt: skip
-    parser.add_argument("--json", default="bench_serving.json")
+    parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
     if args.http and "http" not in args.modes:
@@ -346,7 +346,8 @@ def main() -> None:
                 ratio = results["engine"]["output_tokens_per_s"] / results[other]["output_tokens_per_s"]
                 print(f"engine / {other}: {ratio:.2f}x output-token throughput")
                 results[f"engine_vs_{other.replace(' ', '_')}"] = ratio
-    Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
 
 
 if __name__ == "__main__":

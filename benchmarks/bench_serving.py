@@ -1,8 +1,8 @@
 """Serving throughput and latency: the continuous-batching engine against one request at a time and against
-static batching, on the same requests, in one process.
+static batching, on the same requests (the HTTP clients in a second process).
 
-N chat requests (each with one small image, no image splitting, prompts and images mixed; max_new_tokens
-fixed or mixed) arrive all at once or as a Poisson process at --rate requests/s. Three ways to serve them:
+N chat requests (each with a small image of its own, no image splitting, prompts mixed; max_new_tokens fixed
+or mixed) arrive all at once or as a Poisson process at --rate requests/s. Three ways to serve them:
 
   engine       idefics2.serving.Engine, --max-batch rows decoded together, requests joining and leaving
   http         (--http) the same engine behind `idefics2 serve`'s app, each request a streaming HTTP client
@@ -62,13 +62,14 @@ class Request:
 
 def make_requests(n: int, rate: float | None, new_tokens: int, mixed: bool, seed: int = 0) -> list[Request]:
     rng = random.Random(seed)
-    images = [photo_like(rng.choice([200, 240, 300]), rng.choice([220, 260, 320]), seed=i) for i in range(4)]
     arrival, requests = 0.0, []
     for i in range(n):
         if rate:
             arrival += rng.expovariate(rate)
         length = rng.randint(new_tokens // 3, new_tokens * 5 // 3) if mixed else new_tokens
-        requests.append(Request(arrival, QUESTIONS[i % len(QUESTIONS)], images[i % len(images)], length))
+        # an image of its own (no help from the engine's image cache), of one of a few sizes
+        image = photo_like(rng.choice([200, 240, 300]), rng.choice([220, 260, 320]), seed=i)
+        requests.append(Request(arrival, QUESTIONS[i % len(QUESTIONS)], image, length))
     return requests
 
 
@@ -124,11 +125,14 @@ def serve_engine(model, processor, requests: list[Request], max_batch: int, devi
 
 
 def serve_http(model, processor, requests: list[Request], max_batch: int, device) -> float:
-    """The engine behind `idefics2 serve`'s app (uvicorn, loopback), each request a streaming client thread
-    (OpenAI's API, the image as a PNG data URL encoded beforehand)."""
+    """The engine behind `idefics2 serve`'s app (uvicorn, loopback), each request a streaming client (OpenAI's
+    API, the image as a PNG data URL encoded beforehand). The clients run in a process of their own, as they
+    would on other machines, so that what is measured is the server's cost and not the clients' parsing
+    competing with the server for the interpreter."""
     import base64
-    import http.client
     import io
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
     from idefics2.server import ServerSettings, create_app
     from idefics2.serving import Engine
@@ -149,38 +153,49 @@ def serve_http(model, processor, requests: list[Request], max_batch: int, device
     app = create_app(engine, ServerSettings(max_body_bytes=64 * 2**20))
     # every row runs to max_new_tokens, as in the other modes
     engine.submit = _forcing_min_new_tokens(engine.submit)
-    with serving(app) as base:
+    with serving(app) as base, ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as clients:
         port = int(base.rsplit(":", 1)[1])
+        arrivals = [r.arrival for r in requests]
+        seconds, token_times = clients.submit(http_clients, port, bodies, arrivals).result()
+    for request, times in zip(requests, token_times, strict=True):
+        request.token_times = times
+    return seconds
 
-        def stream(request: Request, body: bytes) -> None:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
-            connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-            response = connection.getresponse()
-            buffer = b""
-            while chunk := response.read1(65536):
-                buffer += chunk
-                *events, buffer = buffer.split(b"\n\n")
-                now = time.perf_counter() - start
-                for event in events:
-                    data = event.decode().removeprefix("data: ")
-                    if data != "[DONE]":
-                        choices = json.loads(data)["choices"]
-                        if choices and choices[0]["delta"].get("content"):
-                            request.token_times.append(now)
-            connection.close()
 
-        start = time.perf_counter()
-        stream(requests[0], bodies[0])  # warm-up
-        requests[0].token_times.clear()
-        start = time.perf_counter()
-        threads = []
-        for request, body in zip(requests, bodies):
-            wait_until(start, request.arrival)
-            threads.append(threading.Thread(target=stream, args=(request, body)))
-            threads[-1].start()
-        for thread in threads:
-            thread.join()
-        return time.perf_counter() - start
+def http_clients(port: int, bodies: list[bytes], arrivals: list[float]) -> tuple[float, list[list[float]]]:
+    """One streaming client thread per body, started at its arrival (after one warm-up request); the seconds
+    they took together, and the moments (seconds after the start) when each one received a token."""
+    import http.client
+
+    def stream(body: bytes, times: list[float]) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        buffer = b""
+        while chunk := response.read1(65536):
+            buffer += chunk
+            *events, buffer = buffer.split(b"\n\n")
+            now = time.perf_counter() - start
+            for event in events:
+                data = event.decode().removeprefix("data: ")
+                if data != "[DONE]":
+                    choices = json.loads(data)["choices"]
+                    if choices and choices[0]["delta"].get("content"):
+                        times.append(now)
+        connection.close()
+
+    start = time.perf_counter()
+    stream(bodies[0], [])  # warm-up
+    token_times: list[list[float]] = [[] for _ in bodies]
+    start = time.perf_counter()
+    threads = []
+    for body, arrival, times in zip(bodies, arrivals, token_times, strict=True):
+        wait_until(start, arrival)
+        threads.append(threading.Thread(target=stream, args=(body, times)))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, token_times
 
 
 def _forcing_min_new_tokens(submit):

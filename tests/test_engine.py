@@ -168,6 +168,21 @@ def test_stop_strings_and_eos_ids_per_request(model32, processor):
     assert by_stop.finish_reason == "stop"
 
 
+def test_min_new_tokens_holds_back_the_end_tokens_of_greedy_rows(model64, processor):
+    """Greedy rows are chosen together, with one argmax; a row under its min_new_tokens has its end tokens
+    forbidden there, as `generate` does, while the row next to it may end."""
+    free, _ = solo_tokens(model64, processor, "Say something.", [], {"max_new_tokens": 10})
+    end = free[1]  # an end token that the free answer reaches at its second token
+    controls = {"max_new_tokens": 10, "eos_token_id": [end]}
+    held_back = {**controls, "min_new_tokens": 6}
+    expected, _ = solo_tokens(model64, processor, "Say something.", [], held_back)
+    with Engine(model64, processor, max_batch=2) as engine:
+        rows = [engine.submit("Say something.", **c) for c in (held_back, controls)]
+        long, short = (row.result(timeout=120) for row in rows)
+    assert long.token_ids == expected and len(expected) >= 6 and end not in expected[:5]
+    assert short.token_ids == free[:2] and short.finish_reason == "stop"
+
+
 def test_seeded_sampling_is_the_same_whatever_else_runs(model64, processor):
     controls = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5, "top_p": 0.95, "seed": 7}
     with Engine(model64, processor, max_batch=4) as engine:

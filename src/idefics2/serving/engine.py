@@ -352,7 +352,13 @@ class Engine:
     def _pick(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int]) -> None:
         """Choose and record each request's token from its row of `logits` (B, V)."""
         plain = [i for i, seq in enumerate(seqs) if seq.greedy_plain]
-        greedy = logits[[rows[i] for i in plain]].argmax(dim=-1).tolist() if plain else []
+        greedy = []
+        if plain:
+            scores = logits[[rows[i] for i in plain]]  # (P, V), a copy
+            for j, i in enumerate(plain):
+                if seqs[i].holds_back_eos():
+                    scores[j, sorted(seqs[i].eos)] = float("-inf")
+            greedy = scores.argmax(dim=-1).tolist()
         chosen = dict(zip(plain, greedy))
         for i, seq in enumerate(seqs):
             try:

@@ -61,11 +61,11 @@ class Sequence:
         grammars = options.get("grammars") or [None]
         # the request's place in its JSON schema or regex (structured output), None when it is free
         self.grammar = grammars[0].new_state(options["eos_token_id"]) if grammars[0] is not None else None
+        # greedy rows that the engine picks together, with one argmax over their logits
         self.greedy_plain = not (
             options["do_sample"]
             or options["repetition_penalty"] != 1.0
             or options["bad_words_ids"]
-            or options["min_new_tokens"]
             or self.grammar is not None
         )
         self.bad_words = (
@@ -87,6 +87,10 @@ class Sequence:
         """The cache slot of the next token fed to the model (its last generated token)."""
         return self.prompt_length + len(self.generated) - 1
 
+    def holds_back_eos(self) -> bool:
+        """Whether min_new_tokens still forbids the end-of-sequence tokens."""
+        return len(self.generated) < self.options["min_new_tokens"] and bool(self.eos)
+
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's float32 logits (V,), as `generate` would choose it."""
         opts = self.options
@@ -95,7 +99,7 @@ class Sequence:
             scores = repetition_penalty_(scores, self.seen, opts["repetition_penalty"])
         if self.bad_words is not None:
             scores = self.bad_words(scores, torch.tensor([self.prompt_ids + self.generated], device=device))
-        if len(self.generated) < opts["min_new_tokens"] and self.eos:
+        if self.holds_back_eos():
             scores = forbid_tokens(scores, torch.tensor(sorted(self.eos), device=device))
         if self.grammar is not None:
             scores = self.grammar.mask_(scores.clone())  # the caller's logits stay unmasked

@@ -1,8 +1,9 @@
 """Serving throughput and latency: the continuous-batching engine against one request at a time and against
 static batching, on the same requests (the HTTP clients in a second process).
 
-N chat requests (each with a small image of its own, no image splitting, prompts mixed; max_new_tokens fixed
-or mixed) arrive all at once or as a Poisson process at --rate requests/s. Three ways to serve them:
+N chat requests (each with a small image of its own unless --images says how many there are, no image
+splitting, prompts mixed; max_new_tokens fixed or mixed) arrive all at once or as a Poisson process at
+--rate requests/s. Three ways to serve them:
 
   engine       idefics2.serving.Engine, --max-batch rows decoded together, requests joining and leaving
   http         (--http) the same engine behind `idefics2 serve`'s app, each request a streaming HTTP client
@@ -60,16 +61,20 @@ class Request:
     token_times: list[float] = field(default_factory=list)  # seconds after the start
 
 
-def make_requests(n: int, rate: float | None, new_tokens: int, mixed: bool, seed: int = 0) -> list[Request]:
+def make_requests(
+    n: int, rate: float | None, new_tokens: int, mixed: bool, images: int | None = None, seed: int = 0
+) -> list[Request]:
+    """n requests; request i shows image i % `images` (default: each its own, so that the engine's image
+    cache does not help), of one of a few sizes."""
     rng = random.Random(seed)
+    pictures = [photo_like(rng.choice([200, 240, 300]), rng.choice([220, 260, 320]), seed=i)
+                for i in range(images or n)]  # fmt: skip
     arrival, requests = 0.0, []
     for i in range(n):
         if rate:
             arrival += rng.expovariate(rate)
         length = rng.randint(new_tokens // 3, new_tokens * 5 // 3) if mixed else new_tokens
-        # an image of its own (no help from the engine's image cache), of one of a few sizes
-        image = photo_like(rng.choice([200, 240, 300]), rng.choice([220, 260, 320]), seed=i)
-        requests.append(Request(arrival, QUESTIONS[i % len(QUESTIONS)], image, length))
+        requests.append(Request(arrival, QUESTIONS[i % len(QUESTIONS)], pictures[i % len(pictures)], length))
     return requests
 
 
@@ -307,6 +312,9 @@ def main() -> None:
         "--mixed", action="store_true", help="max_new_tokens drawn from [1/3, 5/3] x --new-tokens"
     )
     parser.add_argument("--split", action="store_true", help="image splitting on (4 crops + the image)")
+    parser.add_argument(
+        "--images", type=int, help="distinct images, shared out in turn (default: one per request)"
+    )
     parser.add_argument("--modes", nargs="*", default=["engine", "one at a time", "static"],
                         choices=["engine", "http", "one at a time", "static"])  # fmt: skip
     parser.add_argument("--http", action="store_true", help="also serve through HTTP (idefics2 serve's app)")
@@ -325,11 +333,12 @@ def main() -> None:
     lengths = f"{'mixed ' if args.mixed else ''}{args.new_tokens} new tokens"
     print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} CPU threads, "
           f"config {args.config}, {dtype}, {args.requests} requests, max batch {args.max_batch}, "
-          f"{arrivals}, {lengths}, splitting {args.split}")  # fmt: skip
+          f"{arrivals}, {lengths}, {args.images or args.requests} distinct images, "
+          f"splitting {args.split}")  # fmt: skip
     results = {}
     with torch.inference_mode():
         for mode in args.modes:
-            requests = make_requests(args.requests, args.rate, args.new_tokens, args.mixed)
+            requests = make_requests(args.requests, args.rate, args.new_tokens, args.mixed, args.images)
             if mode == "engine":
                 seconds = serve_engine(model, processor, requests, args.max_batch, device)
             elif mode == "http":

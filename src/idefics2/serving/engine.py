@@ -56,10 +56,11 @@ class EngineOptions:
     max_length: int | None = None  # cache slots per row, prompt + new tokens (default 4096; <= context)
     max_queue: int = 256  # requests waiting for a row; more are refused (EngineOverloadedError)
     prefill_chunk: int = 512  # prompt tokens prefilled per iteration (chunked prefill budget)
+    vision_chunk: int = 1024  # image patches encoded per iteration (at least one request's images)
     image_cache_mb: float = 256.0  # image features kept by content hash (0 turns the cache off)
 
     def check(self) -> None:
-        for name in ("max_batch", "max_queue", "prefill_chunk"):
+        for name in ("max_batch", "max_queue", "prefill_chunk", "vision_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -78,7 +79,10 @@ class Engine:
         self.max_length = min(self.options.max_length or DEFAULT_MAX_LENGTH, self.context_length)
         self.vocab_size = model.lm_head.weight.shape[0]
         self.runner = ModelRunner(model, self.options.max_batch, self.max_length)
-        self.scheduler = Scheduler(self.options.max_batch, self.options.prefill_chunk, self.options.max_queue)
+        options = self.options
+        self.scheduler = Scheduler(
+            options.max_batch, options.prefill_chunk, options.max_queue, options.vision_chunk
+        )
         self.image_cache = FeatureCache(int(self.options.image_cache_mb * 2**20))
         self._image_settings = json.dumps(processor.image_processor.to_dict(), sort_keys=True, default=str)
         self._lock = threading.Lock()
@@ -167,7 +171,9 @@ class Engine:
         if features is not None:
             return ImageInput(key, features=features)
         batch = self.processor.image_processor([[rgb]], return_tensors="pt")
-        return ImageInput(key, None, batch["pixel_values"], batch["pixel_attention_mask"])
+        patch = self.model.config.vision_config.patch_size
+        real = batch["pixel_attention_mask"][..., ::patch, ::patch]  # (1, n_crops, H / patch, W / patch)
+        return ImageInput(key, None, batch["pixel_values"], batch["pixel_attention_mask"], int(real.sum()))
 
     # ---- state -----------------------------------------------------------------------------------------
     @property
@@ -240,6 +246,10 @@ class Engine:
         self._retire()
         with self._lock:
             scheduler.admit()
+        # images that another request has had encoded since this one was queued cost nothing
+        starting = [seq for seq in scheduler.running if seq.embeds is None and seq.filled == 0]
+        for image in (image for seq in starting for image in seq.images if image.features is None):
+            image.features = self.image_cache.get(image.key)
         chunks = [chunk for chunk in scheduler.prefill_chunks() if not chunk[0].handle.cancelled]
         self._embed_prompts([seq for seq, _, _ in chunks if seq.embeds is None])
         chunks = [chunk for chunk in chunks if chunk[0] not in self._finished]

@@ -30,6 +30,7 @@ class ImageInput:
     features: torch.Tensor | None = None  # (n_crops, n_latents, hidden) once known
     pixel_values: torch.Tensor | None = None  # (1, n_crops, C, H, W) when the features must be computed
     pixel_attention_mask: torch.Tensor | None = None
+    patches: int = 0  # vision-encoder patches of its real pixels, while the features are still to compute
 
 
 class Sequence:
@@ -86,6 +87,10 @@ class Sequence:
     def position(self) -> int:
         """The cache slot of the next token fed to the model (its last generated token)."""
         return self.prompt_length + len(self.generated) - 1
+
+    def vision_cost(self) -> int:
+        """Image patches the vision encoder still has to run for this request."""
+        return sum(image.patches for image in self.images if image.features is None)
 
     def holds_back_eos(self) -> bool:
         """Whether min_new_tokens still forbids the end-of-sequence tokens."""

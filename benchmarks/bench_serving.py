@@ -158,7 +158,8 @@ def serve_http(model, processor, requests: list[Request], max_batch: int, device
     app = create_app(engine, ServerSettings(max_body_bytes=64 * 2**20))
     # every row runs to max_new_tokens, as in the other modes
     engine.submit = _forcing_min_new_tokens(engine.submit)
-    with serving(app) as base, ProcessPoolExecutor(1, multiprocessing.get_context("spawn")) as clients:
+    spawn = multiprocessing.get_context("spawn")
+    with engine, serving(app) as base, ProcessPoolExecutor(1, spawn) as clients:
         port = int(base.rsplit(":", 1)[1])
         arrivals = [r.arrival for r in requests]
         seconds, token_times = clients.submit(http_clients, port, bodies, arrivals).result()

@@ -12,10 +12,10 @@
   prefilled ride along as placeholders (their step writes a slot that their next chunk overwrites), so the
   batch is always rows [0, n) of the cache.
 
-So between two tokens of a decoding request there is at most one budget's worth of prefill (and of image
-encoding, or one request's images): a stream of long
-new prompts slows decoding rows down by a bounded amount and never stops them. Finished requests leave at
-the end of the iteration; the request in the last row moves into the freed row.
+So between two tokens of a decoding request there is at most one budget's worth of prefill and of image
+encoding (or one request's images): a stream of long new prompts slows decoding rows down by a bounded amount
+and never stops them. Finished requests leave at the end of the iteration; the request in the last row moves
+into the freed row.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Serving throughput and latency: the continuous-batching engine against one request at a time and against
 static batching, on the same requests (the HTTP clients in a second process).
 
-N chat requests (each with a small image of its own unless --images says how many there are, no image
-splitting, prompts mixed; max_new_tokens fixed or mixed) arrive all at once or as a Poisson process at
---rate requests/s. Three ways to serve them:
+N chat requests (each with an image of its own unless --images says how many there are; small ones unless
+--image-size says; no image splitting unless --split; prompts mixed; max_new_tokens fixed or mixed) arrive
+all at once or as a Poisson process at --rate requests/s. Three ways to serve them:
 
   engine       idefics2.serving.Engine, --max-batch rows decoded together, requests joining and leaving
   http         (--http) the same engine behind `idefics2 serve`'s app, each request a streaming HTTP client
@@ -62,13 +62,19 @@ class Request:
 
 
 def make_requests(
-    n: int, rate: float | None, new_tokens: int, mixed: bool, images: int | None = None, seed: int = 0
+    n: int,
+    rate: float | None,
+    new_tokens: int,
+    mixed: bool,
+    images: int | None = None,
+    size: tuple[int, int] | None = None,
+    seed: int = 0,
 ) -> list[Request]:
     """n requests; request i shows image i % `images` (default: each its own, so that the engine's image
-    cache does not help), of one of a few sizes."""
+    cache does not help), of `size` (height, width) or of one of a few small sizes."""
     rng = random.Random(seed)
-    pictures = [photo_like(rng.choice([200, 240, 300]), rng.choice([220, 260, 320]), seed=i)
-                for i in range(images or n)]  # fmt: skip
+    sizes = [size or (rng.choice([200, 240, 300]), rng.choice([220, 260, 320])) for _ in range(images or n)]
+    pictures = [photo_like(*hw, seed=i) for i, hw in enumerate(sizes)]
     arrival, requests = 0.0, []
     for i in range(n):
         if rate:
@@ -105,10 +111,10 @@ def wait_until(start: float, moment: float) -> None:
         time.sleep(delay)
 
 
-def serve_engine(model, processor, requests: list[Request], max_batch: int, device) -> float:
+def serve_engine(model, processor, requests: list[Request], max_batch: int, device, **budgets) -> float:
     from idefics2.serving import Engine
 
-    with Engine(model, processor, max_batch=max_batch, max_queue=len(requests)) as engine:
+    with Engine(model, processor, max_batch=max_batch, max_queue=len(requests), **budgets) as engine:
         engine.submit(messages(requests[0]), [requests[0].image], max_new_tokens=2).result()  # warm-up
         start = time.perf_counter()
 
@@ -129,7 +135,7 @@ def serve_engine(model, processor, requests: list[Request], max_batch: int, devi
         return time.perf_counter() - start
 
 
-def serve_http(model, processor, requests: list[Request], max_batch: int, device) -> float:
+def serve_http(model, processor, requests: list[Request], max_batch: int, device, **budgets) -> float:
     """The engine behind `idefics2 serve`'s app (uvicorn, loopback), each request a streaming client (OpenAI's
     API, the image as a PNG data URL encoded beforehand). The clients run in a process of their own, as they
     would on other machines, so that what is measured is the server's cost and not the clients' parsing
@@ -154,7 +160,7 @@ def serve_http(model, processor, requests: list[Request], max_batch: int, device
         ]
         bodies.append(json.dumps({"messages": [{"role": "user", "content": content}], "stream": True,
                                   "max_tokens": request.max_new_tokens}).encode())  # fmt: skip
-    engine = Engine(model, processor, max_batch=max_batch, max_queue=len(requests))
+    engine = Engine(model, processor, max_batch=max_batch, max_queue=len(requests), **budgets)
     app = create_app(engine, ServerSettings(max_body_bytes=64 * 2**20))
     # every row runs to max_new_tokens, as in the other modes
     engine.submit = _forcing_min_new_tokens(engine.submit)
@@ -296,6 +302,11 @@ def report(requests: list[Request], seconds: float) -> dict:
     }
 
 
+def image_size(text: str) -> tuple[int, int]:
+    height, width = (int(side) for side in text.lower().split("x"))
+    return height, width
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -321,6 +332,10 @@ def main() -> None:
     parser.add_argument("--http", action="store_true", help="also serve through HTTP (idefics2 serve's app)")
     parser.add_argument("--second-turn", action="store_true",
                         help="time to first token of a second turn that sends its image again")  # fmt: skip
+    parser.add_argument("--image-size", type=image_size, metavar="HxW",
+                        help="every image this size (default: 200-300 x 220-320 pixels)")  # fmt: skip
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="the engine's prompt-token budget")
+    parser.add_argument("--vision-chunk", type=int, default=1024, help="the engine's image-patch budget")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args()
 
@@ -337,13 +352,16 @@ def main() -> None:
           f"{arrivals}, {lengths}, {args.images or args.requests} distinct images, "
           f"splitting {args.split}")  # fmt: skip
     results = {}
+    budgets = {"prefill_chunk": args.prefill_chunk, "vision_chunk": args.vision_chunk}
     with torch.inference_mode():
         for mode in args.modes:
-            requests = make_requests(args.requests, args.rate, args.new_tokens, args.mixed, args.images)
+            requests = make_requests(
+                args.requests, args.rate, args.new_tokens, args.mixed, args.images, args.image_size
+            )
             if mode == "engine":
-                seconds = serve_engine(model, processor, requests, args.max_batch, device)
+                seconds = serve_engine(model, processor, requests, args.max_batch, device, **budgets)
             elif mode == "http":
-                seconds = serve_http(model, processor, requests, args.max_batch, device)
+                seconds = serve_http(model, processor, requests, args.max_batch, device, **budgets)
             else:
                 size = 1 if mode == "one at a time" else args.max_batch
                 seconds = serve_static(model, processor, requests, size, device)

@@ -10,8 +10,8 @@
 #      decode at batch 1 / 8 / 16, ours (plain and with compiled decode steps) and transformers interleaved
 #      in one process, table + JSON.
 #   3. benchmarks/bench_serving.py --device cuda --config 8b: 32 requests at once, one split 480x640 image
-#      each, through the continuous-batching engine and through HTTP (idefics2 serve's app), against static
-#      batching; TTFT / TPOT / ITL percentiles and throughput.
+#      each, through the continuous-batching engine (prefill budgets raised for the GPU) and through HTTP
+#      (idefics2 serve's app), against static batching; TTFT / TPOT / ITL percentiles and throughput.
 # Goals printed at the end: decode batch 1 >= 150 tok/s and >= 4x transformers, time to first token
 # <= 120 ms, batch 16 throughput >= 8x batch 1; serving: 32 streams >= 2,500 output tokens/s with p99 time to
 # first token <= 1 s.
@@ -36,5 +36,6 @@ timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_fast_path.py t
 timeout 390 "$PYTHON" benchmarks/bench.py --device cuda --config 8b --repeats 3 --new-tokens 64 \
     --batch-sizes 8 16 --compile --json "${BENCH_JSON:-gpu_bench.json}" "$@" || status=$?
 timeout 300 "$PYTHON" benchmarks/bench_serving.py --device cuda --config 8b --requests 32 --max-batch 32 \
-    --split --new-tokens 64 --modes engine http static --json "${SERVING_JSON:-gpu_serving.json}" || status=$?
+    --split --image-size 480x640 --new-tokens 64 --prefill-chunk 8192 --vision-chunk 65536 --modes engine http static \
+    --json "${SERVING_JSON:-gpu_serving.json}" || status=$?
 exit $status

@@ -492,3 +492,36 @@ def test_batch_structured_output_from_flags_and_lines(tmp_path, capsys):
 
     processor = Idefics2Processor.from_pretrained(builtin_model_dir())
     assert compile_grammar(processor, json_schema=color).matches(results[0]["text"])
+
+
+def test_batch_engine_budgets_change_the_schedule_not_the_answers(tmp_path, capsys, monkeypatch):
+    """--prefill-chunk and --vision-chunk reach the engine; tiny budgets (prompts in 8-token chunks, one
+    request's images at a time) give the default budgets' answers."""
+    from idefics2.serving import Engine
+
+    seen = []
+    original = Engine.__init__
+
+    def recording(self, *args, **options):
+        seen.append(options)
+        original(self, *args, **options)
+
+    monkeypatch.setattr(Engine, "__init__", recording)
+    shapes = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
+    questions = ["What color is the circle?", "How many squares are there?", "Is there a red triangle?"]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "images": [str(shapes)], "prompt": q}) + "\n"
+                              for i, q in enumerate(questions)))  # fmt: skip
+    outputs = []
+    for budgets in ([], ["--prefill-chunk", "8", "--vision-chunk", "1"]):
+        target = tmp_path / f"out-{len(outputs)}.jsonl"
+        argv = ["batch", "--input", source, "--output", target, "--no-progress", "--dtype", "float32"]
+        argv += budgets
+        code, _, err = in_process(argv, capsys)
+        assert code == 0, err
+        outputs.append(target.read_text())
+    assert outputs[0] == outputs[1] and '"text": "green"' in outputs[0]
+    assert [(o["prefill_chunk"], o["vision_chunk"]) for o in seen] == [(512, 1024), (8, 1)]
+    code, _, err = in_process(["batch", "--input", source, "--output", tmp_path / "x", "--vision-chunk", "0"],
+                              capsys)  # fmt: skip
+    assert code == 2 and "--vision-chunk" in err

@@ -23,7 +23,8 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
     build_reference_processor(folder, image_seq_len=4, longest_edge=56, shortest_edge=28)
     port = free_port()
     command = [sys.executable, "-m", "idefics2.cli", "serve", "--model", str(folder), "--port", str(port),
-               "--dtype", "float32", "--drain-timeout", "60", "--max-length", "512"]  # fmt: skip
+               "--dtype", "float32", "--drain-timeout", "60", "--max-length", "512",
+               "--prefill-chunk", "64", "--vision-chunk", "4096"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     server = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"

@@ -20,10 +20,12 @@ from typing import Any
 from idefics2.cli.common import (
     UserError,
     add_constraint_options,
+    add_engine_budget_options,
     add_model_options,
     add_sampling_options,
     check_sampling_flags,
     constraint_controls,
+    engine_budgets,
     generation_controls,
     load_pipeline,
     non_negative_int,
@@ -76,6 +78,7 @@ def add_parser(subparsers) -> None:
         metavar="N",
         help="cache slots per request, prompt + new tokens (default: 4096, at most the model's context)",
     )
+    add_engine_budget_options(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
 
@@ -215,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
     from idefics2.serving import Engine
 
-    options = {"max_batch": args.max_batch, "max_length": args.max_length}
+    options = {"max_batch": args.max_batch, "max_length": args.max_length, **engine_budgets(args)}
     with Engine(pipe.model, pipe.processor, **options) as engine, part.open("w", encoding="utf-8") as out:
         answer_lines(engine, args, mine, source.parent, out, progress=not args.no_progress and rank == 0)
     if world > 1:

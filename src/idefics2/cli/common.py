@@ -117,6 +117,23 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_engine_budget_options(p: argparse.ArgumentParser) -> None:
+    """The continuous-batching engine's prefill budgets per iteration (see idefics2.serving.scheduler)."""
+    p.add_argument(
+        "--prefill-chunk", type=positive_int, default=512, metavar="N",
+        help="prompt tokens prefilled between two decode steps (default: 512; raise it on a GPU)",
+    )  # fmt: skip
+    p.add_argument(
+        "--vision-chunk", type=positive_int, default=1024, metavar="N",
+        help="image patches encoded between two decode steps, at least one request's (default: 1024, "
+        "about one small image; raise it on a GPU)",
+    )  # fmt: skip
+
+
+def engine_budgets(args: argparse.Namespace) -> dict[str, int]:
+    return {"prefill_chunk": args.prefill_chunk, "vision_chunk": args.vision_chunk}
+
+
 def add_constraint_options(p: argparse.ArgumentParser) -> None:
     """--json-schema FILE|JSON and --regex RE (structured output; one or the other)."""
     group = p.add_mutually_exclusive_group()

@@ -7,7 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-from idefics2.cli.common import UserError, add_model_options, load_pipeline, positive_int
+from idefics2.cli.common import (
+    UserError,
+    add_engine_budget_options,
+    add_model_options,
+    engine_budgets,
+    load_pipeline,
+    positive_int,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -42,6 +49,7 @@ def add_parser(subparsers) -> None:
         "--max-length", type=positive_int, metavar="N",
         help="cache slots per request, prompt + new tokens (default: 4096, at most the model's context)",
     )  # fmt: skip
+    add_engine_budget_options(p)
     p.add_argument("--max-images-per-request", type=positive_int, default=8, metavar="N", help="(default: 8)")
     p.add_argument(
         "--max-image-pixels", type=positive_int, metavar="N",
@@ -79,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     pipe = load_pipeline(args)
     engine = Engine(pipe.model, pipe.processor, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_length=args.max_length)  # fmt: skip
+                    max_length=args.max_length, **engine_budgets(args))  # fmt: skip
     settings = ServerSettings(
         model_name=args.served_model_name or args.model or "idefics2-builtin",
         api_key=args.api_key or None,

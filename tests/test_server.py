@@ -350,3 +350,40 @@ def test_structured_output_on_both_apis(server):
         base, "/generate", {"inputs": prompt, "parameters": {"grammar": {"type": "x"}}}
     )
     assert status == 422 and "grammar" in answer["error"]
+
+
+def test_a_burst_of_requests_is_prepared_a_few_at_a_time(builtin):
+    """Preparing a request (tokenizing, decoding and resizing its images) is CPU work: 12 requests sent
+    together are prepared at most as many at once as there are cores (at least 2), and all are answered."""
+    import os
+
+    engine = Engine(builtin.model, builtin.processor, max_batch=4)
+    slots = max(2, os.cpu_count() or 2)
+    busy, most, lock = 0, 0, threading.Lock()
+    submit = engine.submit
+
+    def slow_submit(*args, **kwargs):
+        nonlocal busy, most
+        with lock:
+            busy += 1
+            most = max(most, busy)
+        time.sleep(0.2)
+        with lock:
+            busy -= 1
+        return submit(*args, **kwargs)
+
+    engine.submit = slow_submit
+    body = {"messages": image_message("What color is the circle?"), "max_tokens": 2}
+    with serving(create_app(engine, ServerSettings())) as base:
+        answers = [None] * 12
+
+        def ask(i):
+            answers[i] = post_json(base, "/v1/chat/completions", body)[0]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert answers == [200] * 12
+    assert 2 <= most <= slots

@@ -28,7 +28,7 @@ from idefics2.server import openai, tgi
 from idefics2.server.errors import APIError
 from idefics2.server.media import MediaPolicy
 from idefics2.server.metrics import ServerMetrics
-from idefics2.server.running import ClientGone
+from idefics2.server.running import ClientGone, preparation_slots
 from idefics2.serving import Engine
 
 TGI_ROUTES = ("/generate", "/generate_stream", "/info")  # errors in TGI's body here (and on POST /)
@@ -62,6 +62,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.state.engine, app.state.settings, app.state.model_name = engine, settings, settings.model_name
     app.state.metrics = ServerMetrics(engine)
     app.state.started = int(time.time())
+    app.state.preparation_slots = preparation_slots()
     app.state.media_policy = MediaPolicy(
         allowed_local_path=settings.allowed_local_media_path, allow_remote=settings.allow_remote_images
     )

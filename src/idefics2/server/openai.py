@@ -200,7 +200,10 @@ async def chat_completions(request: Request):
     state = request.app.state
     chat = parse_chat_request(await read_json(request), state.settings.max_images_per_request)
     images = await resolve_images(chat.image_urls, request)
-    handle = await submit(state.engine.submit, chat.messages, images, logprobs=chat.logprobs, **chat.controls)
+    handle = await submit(
+        state.preparation_slots, state.engine.submit, chat.messages, images, logprobs=chat.logprobs,
+        **chat.controls,
+    )  # fmt: skip
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": reply_id, "created": created, "model": state.model_name}
     if chat.stream:

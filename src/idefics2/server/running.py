@@ -4,11 +4,13 @@ for the client hanging up, and the events of a request as server-sent events."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from starlette.concurrency import run_in_threadpool
+import anyio
 from starlette.requests import Request
 
 from idefics2.server.errors import APIError, engine_error
@@ -31,10 +33,20 @@ async def read_json(request: Request) -> dict[str, Any]:
     return data
 
 
-async def submit(submit_fn: Callable[..., RequestHandle], *args: Any, **kwargs: Any) -> RequestHandle:
-    """Run the engine's submit (tokenizing, image loading) in a worker thread; engine errors as APIError."""
+def preparation_slots() -> anyio.CapacityLimiter:
+    """How many requests are prepared (tokenized, their images decoded and resized) at once: the work is
+    CPU-bound, so more at once than there are cores only multiplies threads and the memory of images in flight
+    (a burst of large images would otherwise be decoded all together)."""
+    return anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
+
+
+async def submit(
+    slots: anyio.CapacityLimiter, submit_fn: Callable[..., RequestHandle], *args: Any, **kwargs: Any
+) -> RequestHandle:
+    """Run the engine's submit (tokenizing, image loading) in a worker thread, at most `slots` at once;
+    engine errors as APIError."""
     try:
-        return await run_in_threadpool(submit_fn, *args, **kwargs)
+        return await anyio.to_thread.run_sync(functools.partial(submit_fn, *args, **kwargs), limiter=slots)
     except APIError:
         raise
     except Exception as error:

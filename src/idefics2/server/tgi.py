@@ -132,7 +132,9 @@ async def _start(request: Request):
             await read_json(request), state.settings.max_images_per_request
         )
         images = await resolve_images(urls, request)
-        handle = await submit(state.engine.submit_prompt, prompt, images, logprobs=True, **controls)
+        handle = await submit(
+            state.preparation_slots, state.engine.submit_prompt, prompt, images, logprobs=True, **controls
+        )
     except APIError as error:
         if error.status == 400:
             error.status = 422  # TGI answers validation errors with 422

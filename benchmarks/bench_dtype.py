@@ -29,8 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench import build_processors, chat_turn  # noqa: E402
 from bench_generation import MID_CONFIG, photo_like  # noqa: E402
 
-AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
-
 
 def build_model(dtype: torch.dtype):
     import copy
@@ -48,14 +46,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--emulate-avx2", action="store_true", help="run limited to AVX2 in a child process")
     args = parser.parse_args()
+    from idefics2.modeling import kernels
+    from idefics2.modeling.kernels import fastest_dtype
+
     if args.emulate_avx2:
-        env = {**os.environ, **AVX2_ONLY}
+        env = {**os.environ, **kernels.AVX2_ONLY_ENV}
         command = [sys.executable, __file__, "--repeats", str(args.repeats)]
         command += ["--new-tokens", str(args.new_tokens)]
         sys.exit(subprocess.run(command, env=env).returncode)
-
-    from idefics2.modeling import kernels
-    from idefics2.modeling.kernels import fastest_dtype
 
     device = torch.device("cpu")
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "

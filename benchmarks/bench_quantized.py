@@ -28,7 +28,6 @@ from idefics2.modeling import kernels
 from idefics2.modeling.attention import linear
 from idefics2.quantization import QuantizedLinear
 
-AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 MID_SHAPES = ["1024x1024", "2560x1024", "1024x2560", "32003x1024"]  # out x in: attention, MLP, lm_head
 
 
@@ -67,7 +66,7 @@ def main() -> None:
         command = [sys.executable, __file__, "--shapes", *args.shapes, "--rows", *map(str, args.rows)]
         command += ["--group-size", str(args.group_size)]
         command += ["--threads", str(args.threads)] if args.threads else []
-        sys.exit(subprocess.run(command, env={**os.environ, **AVX2_ONLY}).returncode)
+        sys.exit(subprocess.run(command, env={**os.environ, **kernels.AVX2_ONLY_ENV}).returncode)
     if args.threads:
         torch.set_num_threads(args.threads)
 

@@ -41,6 +41,7 @@ from hypothesis import strategies as st
 
 import idefics2
 from idefics2.cli.common import UserError
+from idefics2.loading import SAFETENSORS_DTYPES
 
 PACKAGE_DIR = Path(idefics2.__file__).resolve().parent
 
@@ -1436,20 +1437,7 @@ def _write_safetensors(header: dict, body: bytes) -> bytes:
     return len(raw).to_bytes(8, "little") + raw + body
 
 
-_ITEM_SIZES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-}
+_ITEM_SIZES = {name: dtype.itemsize for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def _rebuild(header: dict, body: bytes, change: Callable[[dict, dict[str, bytes]], None]) -> bytes:
@@ -1496,20 +1484,7 @@ def _mutate_safetensors(data: bytes, mutation: tuple) -> bytes:
             dtype = mutation[3]
             if values is not None and dtype in _ITEM_SIZES:
                 as_torch = torch.from_numpy(values.copy())
-                target = {
-                    "F64": torch.float64,
-                    "F32": torch.float32,
-                    "F16": torch.float16,
-                    "BF16": torch.bfloat16,
-                    "I64": torch.int64,
-                    "I32": torch.int32,
-                    "I16": torch.int16,
-                    "I8": torch.int8,
-                    "U8": torch.uint8,
-                    "BOOL": torch.bool,
-                    "F8_E4M3": torch.float8_e4m3fn,
-                    "F8_E5M2": torch.float8_e5m2,
-                }[dtype]
+                target = SAFETENSORS_DTYPES[dtype]
                 tensors[name] = as_torch.to(target).view(torch.uint8).numpy().tobytes()
                 infos[name]["dtype"] = dtype
         elif kind == "reshape":  # another shape, with data to match

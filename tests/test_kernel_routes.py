@@ -112,7 +112,6 @@ def test_force_rejects_unknown_routes_and_restores():
     assert kernels.native_bfloat16() == before
 
 
-AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 ON_AVX2_ONLY = """
 import torch
 from idefics2 import pipeline
@@ -130,7 +129,7 @@ def test_bfloat16_runs_on_a_cpu_limited_to_avx2():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     run = subprocess.run(
         [sys.executable, "-c", ON_AVX2_ONLY],
-        env={**os.environ, **AVX2_ONLY},
+        env={**os.environ, **kernels.AVX2_ONLY_ENV},
         capture_output=True,
         text=True,
         cwd=root,

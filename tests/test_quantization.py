@@ -36,7 +36,6 @@ from idefics2.quantization.formats import (
 from oracle_model import build_batch, build_reference_checkpoint, rel_diff
 
 REPO = Path(__file__).resolve().parents[1]
-AVX2_ONLY = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 def weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -460,7 +459,7 @@ def test_int4_kernel_layout_on_a_cpu_limited_to_avx2():
     """AVX2 only (as on AMD Zen3): the int4 kernel packs rows in blocks of 32, found by the probe."""
     run = subprocess.run(
         [sys.executable, "-c", ON_AVX2_ONLY],
-        env={**os.environ, **AVX2_ONLY},
+        env={**os.environ, **kernels.AVX2_ONLY_ENV},
         capture_output=True,
         text=True,
         cwd=REPO,

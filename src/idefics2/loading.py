@@ -38,7 +38,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
-_DTYPES = {
+# the safetensors header's dtype names, as torch dtypes
+SAFETENSORS_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
     "F16": torch.float16,
@@ -52,7 +53,7 @@ _DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 _CHUNK_BYTES = 16 * 2**20  # conversion granularity when loading with another dtype or device
 _EXTRA_LAYERS_REPORTED = 64  # missing layers beyond this many are refused before the model is built
 
@@ -108,7 +109,7 @@ class MappedSafetensors:
         entries = []
         for name, info in header.items():
             try:
-                dtype = _DTYPES[info["dtype"]]
+                dtype = SAFETENSORS_DTYPES[info["dtype"]]
                 shape = [int(d) for d in info["shape"]]
                 start, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError):

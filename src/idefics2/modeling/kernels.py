@@ -117,6 +117,14 @@ def fastest_dtype(device: torch.device | str) -> torch.dtype:
 # weight into a reused buffer and running the float product is faster. Measured with
 # benchmarks/bench_quantized.py on the "mid" config's shapes (one thread, AMD Zen5 and limited to AVX2): the
 # int8 kernel wins up to 16-32 rows, the int4 kernel up to 64, on both instruction sets.
+# environment that limits oneDNN, ATen and MKL to AVX2 in a new process, as on a CPU without AVX-512 or
+# bfloat16 instructions (AMD Zen3): how tests and benchmarks reach the fallback routes on any x86 machine
+AVX2_ONLY_ENV = {
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+}
+
 QUANTIZED_KERNEL_MAX_ROWS = {8: 16, 4: 64}
 _VECTORISED_CPUS = ("AVX2", "AVX512")  # the int8 / int4 CPU kernels have vector code for these only
 

@@ -86,3 +86,64 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class TargetServer:
+    """An HTTP(S) server on 127.0.0.1 standing in for an image host or an internal service: `routes` maps a
+    path to a function that answers on the handler; every request that reaches it is recorded (path, Host)."""
+
+    def __init__(self, routes: dict, tls=None) -> None:
+        import http.server
+
+        requests: list[tuple[str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                requests.append((self.path, self.headers.get("Host", "")))
+                answer = routes.get(self.path.partition("?")[0])
+                if answer is None:
+                    self.send_error(404)
+                    return
+                try:
+                    answer(self)
+                except OSError:  # the client hung up
+                    self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.requests = requests
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        if tls is not None:
+            self.httpd.socket = tls.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.base = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> TargetServer:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def answer(body: bytes, kind: str = "image/png", status: int = 200, headers: dict | None = None):
+    """A route that answers `body` with Content-Length."""
+
+    def respond(handler) -> None:
+        handler.send_response(status)
+        handler.send_header("Content-Type", kind)
+        handler.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            handler.send_header(name, value)
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    return respond
+
+
+def redirect(location: str, status: int = 302):
+    return answer(b"", "text/plain", status, {"Location": location})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from idefics2.cli.common import (
     add_model_options,
     engine_budgets,
     load_pipeline,
+    non_negative_int,
+    number_in,
     positive_int,
 )
 
@@ -64,13 +67,60 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--allow-remote-images", action="store_true",
-        help="fetch http(s) image URLs (at most 20 MB, 10 s, image content types only)",
+        help="fetch http(s) image URLs (at most 20 MB, image content types only), from public addresses only "
+        "(loopback, private, link-local and other internal addresses are refused)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allowed-media-domains", nargs="+", type=_domain, metavar="HOST",
+        help="with --allow-remote-images: only these hosts, on every redirect hop too (example.com exactly, "
+        "*.example.com for its subdomains)",
+    )  # fmt: skip
+    p.add_argument(
+        "--allow-private-media-hosts", action="store_true",
+        help="with --allow-remote-images: also fetch from loopback, private and other internal addresses "
+        "(for a deliberate internal image store; UNSAFE on a public server: clients reach your network)",
+    )  # fmt: skip
+    p.add_argument(
+        "--media-max-redirects", type=non_negative_int, metavar="N",
+        help="with --allow-remote-images: redirects followed, each checked again, never https to http "
+        "(default: 3; 0 refuses redirects)",
+    )  # fmt: skip
+    p.add_argument(
+        "--media-fetch-timeout", type=number_in(0, 3600, low_open=True), metavar="S",
+        help="with --allow-remote-images: the whole fetch of an image, redirects included (default: 10)",
+    )  # fmt: skip
+    p.add_argument(
+        "--cors-allow-origin", nargs="+", type=_origin, metavar="ORIGIN",
+        help="let web pages of these origins (https://app.example.com, or * for any) call the API from a "
+        "browser (default: none)",
     )  # fmt: skip
     p.add_argument(
         "--drain-timeout", type=float, default=30.0, metavar="S",
         help="on shutdown, how long requests in flight may take to finish (default: 30)",
     )  # fmt: skip
     p.set_defaults(func=run)
+
+
+def _domain(text: str) -> str:
+    from idefics2.server.remote import domain_pattern
+
+    try:
+        return domain_pattern(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+_ORIGIN = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?")
+
+
+def _origin(text: str) -> str:
+    """A web origin as browsers send it (scheme://host[:port], lower case, no path), or * for any."""
+    origin = text.strip().lower().rstrip("/")
+    if origin != "*" and not _ORIGIN.fullmatch(origin):
+        raise argparse.ArgumentTypeError(
+            f"expected an origin like https://app.example.com or *, got {text!r}"
+        )
+    return origin
 
 
 # glibc's mallopt parameter for the most malloc arenas (heaps for threads that allocate at the same time)
@@ -93,6 +143,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--port must be in 1-65535, got {args.port}")
     if args.max_body_mb <= 0:
         raise UserError(f"--max-body-mb must be positive, got {args.max_body_mb}")
+    remote_flags = {"--allowed-media-domains": args.allowed_media_domains,
+                    "--allow-private-media-hosts": args.allow_private_media_hosts or None,
+                    "--media-max-redirects": args.media_max_redirects,
+                    "--media-fetch-timeout": args.media_fetch_timeout}  # fmt: skip
+    for flag, value in remote_flags.items():
+        if value is not None and not args.allow_remote_images:
+            raise UserError(f"{flag} applies to remote images: add --allow-remote-images")
+    given = {
+        "media_max_redirects": args.media_max_redirects,
+        "media_fetch_timeout_s": args.media_fetch_timeout,
+    }
+    remote_limits = {name: value for name, value in given.items() if value is not None}  # else the defaults
     media = None
     if args.allowed_local_media_path:
         media = Path(args.allowed_local_media_path).expanduser()
@@ -113,6 +175,10 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=int(args.max_body_mb * 2**20),
         allowed_local_media_path=media,
         allow_remote_images=args.allow_remote_images,
+        allow_private_media_hosts=args.allow_private_media_hosts,
+        allowed_media_domains=tuple(args.allowed_media_domains) if args.allowed_media_domains else None,
+        **remote_limits,
+        cors_allow_origins=tuple(args.cors_allow_origin or ()),
         drain_timeout_s=args.drain_timeout,
     )
     app = create_app(engine, settings)

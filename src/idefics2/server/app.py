@@ -19,6 +19,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -28,6 +29,7 @@ from idefics2.server import openai, tgi
 from idefics2.server.errors import APIError
 from idefics2.server.media import MediaPolicy
 from idefics2.server.metrics import ServerMetrics
+from idefics2.server.remote import RemotePolicy
 from idefics2.server.running import ClientGone, preparation_slots
 from idefics2.serving import Engine
 
@@ -45,6 +47,12 @@ class ServerSettings:
     max_body_bytes: int = 32 * 2**20
     allowed_local_media_path: Path | None = None
     allow_remote_images: bool = False
+    # with remote images: the address guard's override, the allow-list, redirects, the whole fetch's deadline
+    allow_private_media_hosts: bool = False
+    allowed_media_domains: tuple[str, ...] | None = None  # remote.domain_pattern() forms
+    media_max_redirects: int = 3
+    media_fetch_timeout_s: float = 10.0
+    cors_allow_origins: tuple[str, ...] = ()  # none: no CORS headers, web pages of other origins cannot call
     drain_timeout_s: float = 30.0
 
 
@@ -63,9 +71,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
     app.state.metrics = ServerMetrics(engine)
     app.state.started = int(time.time())
     app.state.preparation_slots = preparation_slots()
-    app.state.media_policy = MediaPolicy(
-        allowed_local_path=settings.allowed_local_media_path, allow_remote=settings.allow_remote_images
-    )
+    app.state.media_policy = MediaPolicy(settings.allowed_local_media_path, _remote_policy(settings))
     app.include_router(openai.router)
     app.include_router(tgi.router)
 
@@ -95,7 +101,25 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
         return HTMLResponse(resources.files("idefics2.server").joinpath("static/chat.html").read_text())
 
     app.add_middleware(Guard, settings=settings, metrics=app.state.metrics)
+    if settings.cors_allow_origins:  # outside the guard: a preflight carries no API key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
+
+
+def _remote_policy(settings: ServerSettings) -> RemotePolicy | None:
+    if not settings.allow_remote_images:
+        return None
+    return RemotePolicy(
+        allow_private_hosts=settings.allow_private_media_hosts,
+        allowed_domains=settings.allowed_media_domains,
+        max_redirects=settings.media_max_redirects,
+        deadline_s=settings.media_fetch_timeout_s,
+    )
 
 
 def _reason(error: APIError) -> str:

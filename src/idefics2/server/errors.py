@@ -12,6 +12,8 @@ from idefics2.serving import (
     RequestTooLargeError,
 )
 
+_TGI_ERROR_TYPES = dict.fromkeys((400, 413, 415, 422), "validation") | {429: "overloaded"}
+
 
 class APIError(Exception):
     """One failed request: HTTP status, message, OpenAI error type, the request field at fault, a code."""
@@ -31,8 +33,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def tgi_body(self) -> dict[str, Any]:
-        kinds = {400: "validation", 413: "validation", 422: "validation", 429: "overloaded"}
-        return {"error": self.message, "error_type": kinds.get(self.status, "generation")}
+        return {"error": self.message, "error_type": _TGI_ERROR_TYPES.get(self.status, "generation")}
 
 
 def engine_error(error: Exception) -> APIError:

@@ -1,46 +1,81 @@
 """Images named in requests: `data:` URLs (always), `file://` URLs (only under the allowed folder) and
-http(s) URLs (only when remote images are allowed; with a byte cap, a timeout and a content-type check)."""
+http(s) URLs (only when remote images are allowed, through remote.py's guarded fetch). A request's images
+are loaded concurrently, a few at a time."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import logging
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from idefics2.server.errors import APIError
+from starlette.concurrency import run_in_threadpool
 
+from idefics2.server.errors import APIError
+from idefics2.server.remote import RemoteImageError, RemotePolicy, fetch_remote
+
+# the one answer to any remote image that failed: which of refused, unreachable, closed, slow or not an image
+# it was stays in the log, or a client could map the server's network with it
+UNUSABLE_URL = "the image URL could not be used"
+LOADS_AT_ONCE = 4  # per request
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
+log = logging.getLogger("idefics2.server")
 
 
 @dataclass
 class MediaPolicy:
     allowed_local_path: Path | None = None  # file:// URLs must resolve inside this folder
-    allow_remote: bool = False
-    remote_max_bytes: int = 20 * 2**20
-    remote_timeout_s: float = 10.0
+    remote: RemotePolicy | None = None  # None: http(s) URLs are refused
 
 
-def fetch_image(url: str, policy: MediaPolicy, param: str) -> bytes:
+async def load_images(
+    urls: list[tuple[str, str]], policy: MediaPolicy, on_remote_failure: Callable[[str], None]
+) -> list[bytes]:
+    """The encoded image bytes of each (URL, the request field that named it), in order, at most
+    LOADS_AT_ONCE loading at a time; the first failure as APIError(400, param=...), the others cancelled.
+    `on_remote_failure` is told the reason (remote.REASONS) of a remote image that failed."""
+    slots = asyncio.Semaphore(LOADS_AT_ONCE)
+
+    async def load(url: str, param: str) -> bytes:
+        async with slots:
+            return await load_image(url, policy, param, on_remote_failure)
+
+    tasks = [asyncio.ensure_future(load(url, param)) for url, param in urls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def load_image(
+    url: str, policy: MediaPolicy, param: str, on_remote_failure: Callable[[str], None]
+) -> bytes:
     """The encoded image bytes an image URL names; APIError(400, param=...) when it cannot be used."""
     if not isinstance(url, str) or not url:
         raise APIError(400, "an image URL must be a non-empty string", param=param)
     if url.startswith("data:"):
-        return _data_url(url, param)
+        return await run_in_threadpool(_data_url, url, param)
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme == "file":
-        return _local_file(url, policy, param)
-    if scheme in ("http", "https"):
-        if not policy.allow_remote:
-            message = "remote image URLs are off on this server (--allow-remote-images); send a data: URL"
-            raise APIError(400, message, param=param, code="remote_images_disabled")
-        return _remote(url, policy, param)
-    raise APIError(400, f"unsupported image URL scheme {scheme or url[:16]!r}: use data:, file:// or http(s)",
-                   param=param)  # fmt: skip
+        return await run_in_threadpool(_local_file, url, policy, param)
+    if scheme not in ("http", "https"):
+        raise APIError(400, f"unsupported image URL scheme {scheme or url[:16]!r}: use data:, file:// or "
+                       "http(s)", param=param)  # fmt: skip
+    if policy.remote is None:
+        message = "remote image URLs are off on this server (--allow-remote-images); send a data: URL"
+        raise APIError(400, message, param=param, code="remote_images_disabled")
+    try:
+        return await fetch_remote(url, policy.remote)
+    except RemoteImageError as error:
+        log.warning("image URL %s (%s) refused: %s: %s", url[:200], param, error.reason, error.detail)
+        on_remote_failure(error.reason)
+        raise APIError(400, UNUSABLE_URL, param=param, code="image_url_unusable") from None
 
 
 def _data_url(url: str, param: str) -> bytes:
@@ -68,21 +103,3 @@ def _local_file(url: str, policy: MediaPolicy, param: str) -> bytes:
     if not path.is_file():
         raise APIError(400, f"no such image file: {path}", param=param)
     return path.read_bytes()
-
-
-def _remote(url: str, policy: MediaPolicy, param: str) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "idefics2-server"})
-    try:
-        with urllib.request.urlopen(request, timeout=policy.remote_timeout_s) as response:
-            kind = response.headers.get_content_type()
-            if not kind.startswith("image/"):
-                raise APIError(400, f"{url} answered with content type {kind}, not an image", param=param)
-            data = response.read(policy.remote_max_bytes + 1)
-    except APIError:
-        raise
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        reason = getattr(error, "reason", error)
-        raise APIError(400, f"could not fetch the image {url}: {reason}", param=param) from None
-    if len(data) > policy.remote_max_bytes:
-        raise APIError(400, f"the image at {url} is larger than {policy.remote_max_bytes} bytes", param=param)
-    return data

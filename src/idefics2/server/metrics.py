@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from idefics2.server.remote import REASONS
 from idefics2.serving import Completion, Engine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -42,6 +43,12 @@ class ServerMetrics:
         )  # fmt: skip
         self.tokens = Counter("idefics2_generated_tokens", "Tokens generated", registry=r)
         self.prompt_tokens = Counter("idefics2_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.remote_image_failures = Counter(
+            "idefics2_remote_image_failures", "http(s) image URLs that could not be used, by reason",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        for reason in REASONS:  # every reason listed from the start, at 0
+            self.remote_image_failures.labels(reason=reason)
 
     def finished(self, completion: Completion) -> None:
         """Record a finished request (any finish reason)."""

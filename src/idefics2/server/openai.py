@@ -9,11 +9,10 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from idefics2.server.errors import APIError
-from idefics2.server.media import fetch_image
+from idefics2.server.media import load_images
 from idefics2.server.running import read_json, sse, submit, until_done
 from idefics2.serving import RequestFailedError
 
@@ -191,8 +190,9 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def resolve_images(urls: list[tuple[str, str]], request: Request) -> list[bytes]:
-    policy = request.app.state.media_policy
-    return [await run_in_threadpool(fetch_image, url, policy, param) for url, param in urls]
+    state = request.app.state
+    failures = state.metrics.remote_image_failures
+    return await load_images(urls, state.media_policy, lambda reason: failures.labels(reason=reason).inc())
 
 
 @router.post("/v1/chat/completions")

@@ -23,6 +23,13 @@ class ClientGone(Exception):
 
 
 async def read_json(request: Request) -> dict[str, Any]:
+    """The request's body, a JSON object; 415 unless it is sent as application/json, so that a web page of
+    another origin cannot post to the server with a form or a text/plain fetch (only application/json
+    needs the CORS preflight this server answers when --cors-allow-origin lets it)."""
+    kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(415, f"the request body must be JSON sent with Content-Type: application/json, not "
+                       f"{kind or 'no Content-Type'}", code="unsupported_media_type")  # fmt: skip
     body = await request.body()
     try:
         data = json.loads(body)

@@ -54,9 +54,9 @@ def post_raw(base: str, path: str, body: bytes, headers: dict | None = None) -> 
 
     url = urllib.parse.urlsplit(base)
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    connection.request(
-        "POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
-    )
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    headers = {name: value for name, value in headers.items() if value is not None}  # None: not sent
+    connection.request("POST", path, body=body, headers=headers)
     response = connection.getresponse()
     text = response.read().decode()
     connection.close()

@@ -170,40 +170,118 @@ def test_local_files_only_inside_the_allowed_folder(server):
     assert status == 400 and "must point inside" in answer["error"]["message"]
 
 
-def test_remote_images_need_the_flag_and_are_checked(builtin):
-    png = EXAMPLE.read_bytes()
+def test_remote_images_guarded_by_default_and_every_failure_reads_the_same(builtin, caplog):
+    """The issue's attack, through the server: with --allow-remote-images alone, an internal service on
+    127.0.0.1 is out of reach in every spelling (it sees no request); with the override it is reached. A
+    refused address, a closed port, a timeout and a page that is not an image all get the same answer, with
+    the field that named the URL; the log and /metrics tell them apart."""
+    from server_utils import TargetServer, answer, free_port
 
-    class Images(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            kind, body = {"/shapes.png": ("image/png", png), "/page.html": ("text/html", b"<html>"),
-                          "/big.png": ("image/png", png * 20)}[self.path]  # fmt: skip
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.end_headers()
-            self.wfile.write(body)
+    def drip(handler):
+        handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 99\r\n\r\n")
+        for _ in range(30):
+            handler.wfile.write(b"x")
+            handler.wfile.flush()
+            time.sleep(0.1)
 
-        def log_message(self, *args):
-            pass
+    routes = {"/shapes.png": answer(EXAMPLE.read_bytes()), "/page.html": answer(b"<html>", "text/html"),
+              "/drip.png": drip}  # fmt: skip
+    guarded = ServerSettings(allow_remote_images=True, media_fetch_timeout_s=0.5)
+    unguarded = ServerSettings(
+        allow_remote_images=True, allow_private_media_hosts=True, media_fetch_timeout_s=0.5
+    )
+    ask = lambda base, url: post_json(
+        base, "/v1/chat/completions", {"messages": image_message(QUESTION, url)}
+    )
+    param = "messages[0].content[0].image_url"
+    unusable = {"message": "the image URL could not be used", "type": "invalid_request_error", "param": param,
+                "code": "image_url_unusable"}  # fmt: skip
+    with TargetServer(routes) as internal:
+        port = internal.port
+        with serving(create_app(Engine(builtin.model, builtin.processor, max_batch=2), guarded)) as base:
+            for host in ("127.0.0.1", "localhost", "2130706433", "0x7f.1", "[::1]", "[::ffff:127.0.0.1]"):
+                assert ask(base, f"http://{host}:{port}/shapes.png") == (400, {"error": unusable}), host
+            prompt = TGI_PROMPT.format(url=f"http://127.0.0.1:{port}/shapes.png")
+            status, reply = post_json(base, "/generate", {"inputs": prompt})
+            assert (status, reply) == (422, {"error": unusable["message"], "error_type": "validation"})
+            _, metrics = get(base, "/metrics")
+            assert 'idefics2_remote_image_failures_total{reason="forbidden_address"} 7.0' in metrics
+            assert 'idefics2_request_failures_total{reason="image_url_unusable"} 7.0' in metrics
+        assert internal.requests == []
+        assert any("forbidden_address" in r.message and "loopback" in r.message for r in caplog.records)
+        with serving(create_app(Engine(builtin.model, builtin.processor, max_batch=2), unguarded)) as base:
+            status, reply = ask(base, f"http://127.0.0.1:{port}/shapes.png")
+            assert status == 200 and reply["choices"][0]["message"]["content"] == "green"
+            for url in (f"http://127.0.0.1:{free_port()}/x.png", f"http://127.0.0.1:{port}/page.html",
+                        f"http://127.0.0.1:{port}/drip.png"):  # fmt: skip
+                assert ask(base, url) == (400, {"error": unusable}), url
+            _, metrics = get(base, "/metrics")
+            for reason in ("connect_failed", "not_an_image", "timeout"):
+                assert f'idefics2_remote_image_failures_total{{reason="{reason}"}} 1.0' in metrics
+            assert 'idefics2_remote_image_failures_total{reason="forbidden_address"} 0.0' in metrics
+        assert [path for path, _ in internal.requests] == ["/shapes.png", "/page.html", "/drip.png"]
 
-    images = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Images)
-    threading.Thread(target=images.serve_forever, daemon=True).start()
-    root = f"http://127.0.0.1:{images.server_address[1]}"
-    engine = Engine(builtin.model, builtin.processor, max_batch=2)
-    app = create_app(engine, ServerSettings(allow_remote_images=True))
-    app.state.media_policy.remote_max_bytes = len(png) * 2
-    try:
-        with serving(app) as base:
-            ask = lambda url: post_json(
-                base, "/v1/chat/completions", {"messages": image_message(QUESTION, url)}
-            )
-            status, answer = ask(root + "/shapes.png")
-            assert status == 200 and answer["choices"][0]["message"]["content"] == "green"
-            status, answer = ask(root + "/page.html")
-            assert status == 400 and "text/html, not an image" in answer["error"]["message"]
-            status, answer = ask(root + "/big.png")
-            assert status == 400 and "larger than" in answer["error"]["message"]
-    finally:
-        images.shutdown()
+
+def _call(base: str, method: str, path: str, headers: dict, body: bytes | None = None):
+    """(status, lower-cased response headers) of one raw request."""
+    url = urllib.parse.urlsplit(base)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
+    connection.request(method, path, body=body, headers=headers)
+    response = connection.getresponse()
+    response.read()
+    connection.close()
+    return response.status, {name.lower(): value for name, value in response.getheaders()}
+
+
+def test_bodies_must_be_json_so_a_web_page_cannot_post_a_form(server):
+    base, engine, _ = server
+    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}).encode()
+    tgi = json.dumps({"inputs": "hi", "parameters": {"max_new_tokens": 1}}).encode()
+    steps = engine.steps
+    for path, body in (
+        ("/v1/chat/completions", chat),
+        ("/generate", tgi),
+        ("/generate_stream", tgi),
+        ("/", tgi),
+    ):
+        for kind in (
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            None,
+        ):
+            status, answer = post_raw(base, path, body, {"Content-Type": kind})
+            assert status == 415, (path, kind)
+            message = answer["error"] if path != "/v1/chat/completions" else answer["error"]["message"]
+            assert "Content-Type: application/json" in message
+    assert engine.steps == steps  # none of them reached the engine
+    status, _ = post_raw(
+        base, "/v1/chat/completions", chat, {"Content-Type": "Application/JSON; charset=utf-8"}
+    )
+    assert status == 200
+
+
+def test_cors_is_off_unless_origins_are_given(server, builtin):
+    base, _, _ = server
+    preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}  # fmt: skip
+    status, headers = _call(base, "OPTIONS", "/v1/chat/completions", preflight)
+    assert status == 405 and "access-control-allow-origin" not in headers
+    status, headers = _call(base, "GET", "/v1/models", {"Origin": "https://evil.example"})
+    assert status == 200 and "access-control-allow-origin" not in headers
+    settings = ServerSettings(api_key="k", cors_allow_origins=("https://app.example",))
+    with serving(create_app(Engine(builtin.model, builtin.processor, max_batch=2), settings)) as base:
+        allowed = {**preflight, "Origin": "https://app.example", "Access-Control-Request-Headers":
+                   "authorization, content-type"}  # fmt: skip
+        status, headers = _call(base, "OPTIONS", "/v1/chat/completions", allowed)  # no key on a preflight
+        assert status == 200 and headers["access-control-allow-origin"] == "https://app.example"
+        assert "authorization" in headers["access-control-allow-headers"].lower()
+        status, headers = _call(base, "OPTIONS", "/v1/chat/completions", preflight)
+        assert status == 400 and "access-control-allow-origin" not in headers
+        status, headers = _call(base, "GET", "/v1/models", {"Origin": "https://app.example"})
+        assert status == 401 and headers["access-control-allow-origin"] == "https://app.example"
+        auth = {"Origin": "https://app.example", "Authorization": "Bearer k"}
+        assert _call(base, "GET", "/v1/models", auth)[0] == 200
 
 
 def test_api_key_on_every_route_but_health_and_the_page(builtin):

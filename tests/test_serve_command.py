@@ -77,3 +77,57 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
     usage = json.loads(events[-2][6:])["usage"]
     finish = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-2]]
     assert finish[-1] in ("length", "stop") and (finish[-1] == "stop" or usage["completion_tokens"] == 300)
+
+
+SERVE_MISTAKES = [
+    (["--allow-private-media-hosts"], "--allow-private-media-hosts applies to remote images"),
+    (["--allowed-media-domains", "example.com"], "--allowed-media-domains applies to remote images"),
+    (["--media-max-redirects", "1"], "--media-max-redirects applies to remote images"),
+    (["--allow-remote-images", "--allowed-media-domains", "http://example.com"], "expected a host name"),
+    (["--allow-remote-images", "--allowed-media-domains", "a.*.com"], "expected a host name"),
+    (["--allow-remote-images", "--media-max-redirects", "-1"], "expected a non-negative integer"),
+    (["--allow-remote-images", "--media-fetch-timeout", "0"], "expected a number in (0, 3600]"),
+    (["--cors-allow-origin", "app.example.com"], "expected an origin like https://app.example.com"),
+    (["--cors-allow-origin", "https://app.example.com/page"], "expected an origin"),
+]
+
+
+def test_serve_flag_mistakes_are_one_line_and_exit_2(capsys):
+    from idefics2.cli import main
+
+    for argv, problem in SERVE_MISTAKES:
+        try:
+            code = main(["serve", *argv])
+        except SystemExit as exit_:  # argparse
+            code = exit_.code
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and err.startswith("idefics2 serve: error:"), (argv, err)
+        assert problem in err, (argv, err)
+
+
+def test_serve_flags_reach_the_server_settings(monkeypatch):
+    """The security flags as the app receives them (the model is the built-in one, nothing is served)."""
+    import idefics2.server
+    from idefics2.cli import main
+
+    seen = {}
+
+    def create_app(engine, settings):
+        seen["settings"] = settings
+        return None
+
+    monkeypatch.setattr(idefics2.server, "create_app", create_app)
+    monkeypatch.setattr(idefics2.server, "run_server", lambda *args: None)
+    monkeypatch.setattr("idefics2.cli.serve.limit_malloc_arenas", lambda: True)  # not in the test process
+    assert main(["serve", "--allow-remote-images", "--allowed-media-domains", "Images.Example.com.",
+                 "*.cdn.example.net", "--media-max-redirects", "0", "--media-fetch-timeout", "2.5",
+                 "--cors-allow-origin", "https://App.example", "http://localhost:3000/"]) == 0  # fmt: skip
+    settings = seen["settings"]
+    assert settings.allow_remote_images and not settings.allow_private_media_hosts
+    assert settings.allowed_media_domains == ("images.example.com", "*.cdn.example.net")
+    assert (settings.media_max_redirects, settings.media_fetch_timeout_s) == (0, 2.5)
+    assert settings.cors_allow_origins == ("https://app.example", "http://localhost:3000")
+    main(["serve"])
+    defaults = seen["settings"]
+    assert not defaults.allow_remote_images and defaults.cors_allow_origins == ()
+    assert (defaults.media_max_redirects, defaults.media_fetch_timeout_s) == (3, 10.0)

@@ -213,8 +213,10 @@ def test_a_redirect_to_an_internal_address_is_refused_at_that_hop(target, monkey
 
 
 def test_redirects_to_other_schemes_are_refused(target):
-    with TargetServer({"/file": redirect("file:///etc/passwd"), "/gopher": redirect("gopher://x/")}) as hop:
-        for path in ("/file", "/gopher"):
+    routes = {"/file": redirect("file:///etc/passwd"), "/gopher": redirect("gopher://x/"),
+              "/broken": redirect("http://[::1/x")}  # fmt: skip
+    with TargetServer(routes) as hop:
+        for path in ("/file", "/gopher", "/broken"):
             assert refused(hop.base + path, private_ok()).reason == "redirect_refused"
 
 
@@ -336,7 +338,7 @@ def test_answers_that_are_not_images(target):
     from server_utils import free_port
 
     assert refused(f"http://127.0.0.1:{free_port()}/x.png", private_ok()).reason == "connect_failed"
-    for url in ("http://:80/x", "http://127.0.0.1:99999/x", "ftp://127.0.0.1/x"):
+    for url in ("http://:80/x", "http://127.0.0.1:99999/x", "ftp://127.0.0.1/x", "http://[::1/x"):
         assert refused(url, private_ok()).reason == "bad_url"
 
 

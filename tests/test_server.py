@@ -119,6 +119,10 @@ MALFORMED = [
      "--allow-remote-images", "messages[0].content[0].image_url"),
     (json.dumps({"messages": image_message("x", "file:///etc/passwd")}).encode(), "must point inside",
      "messages[0].content[0].image_url"),
+    (json.dumps({"messages": image_message("x", "file://[::1/x.png")}).encode(), "not a valid file:// URL",
+     "messages[0].content[0].image_url"),
+    (json.dumps({"messages": image_message("x", "http://[::1/x.png")}).encode(), "--allow-remote-images",
+     "messages[0].content[0].image_url"),
     (json.dumps({"messages": [{"role": "user", "content": "lone \ud800 surrogate"}]}).encode(), "", None),
 ]  # fmt: skip
 

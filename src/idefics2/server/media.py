@@ -17,7 +17,7 @@ from pathlib import Path
 from starlette.concurrency import run_in_threadpool
 
 from idefics2.server.errors import APIError
-from idefics2.server.remote import RemoteImageError, RemotePolicy, fetch_remote
+from idefics2.server.remote import RemoteImageError, RemotePolicy, fetch_remote, for_log
 
 # the one answer to any remote image that failed: which of refused, unreachable, closed, slow or not an image
 # it was stays in the log, or a client could map the server's network with it
@@ -61,7 +61,7 @@ async def load_image(
         raise APIError(400, "an image URL must be a non-empty string", param=param)
     if url.startswith("data:"):
         return await run_in_threadpool(_data_url, url, param)
-    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    scheme = url.partition(":")[0].lower() if ":" in url else ""
     if scheme == "file":
         return await run_in_threadpool(_local_file, url, policy, param)
     if scheme not in ("http", "https"):
@@ -73,7 +73,7 @@ async def load_image(
     try:
         return await fetch_remote(url, policy.remote)
     except RemoteImageError as error:
-        log.warning("image URL %s (%s) refused: %s: %s", url[:200], param, error.reason, error.detail)
+        log.warning("image URL %s (%s) refused: %s: %s", for_log(url), param, error.reason, error.detail)
         on_remote_failure(error.reason)
         raise APIError(400, UNUSABLE_URL, param=param, code="image_url_unusable") from None
 
@@ -94,7 +94,10 @@ def _local_file(url: str, policy: MediaPolicy, param: str) -> bytes:
     if policy.allowed_local_path is None:
         message = "file:// image URLs are off on this server (--allowed-local-media-path DIR)"
         raise APIError(400, message, param=param, code="local_media_disabled")
-    path = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).resolve()
+    try:
+        path = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).resolve()
+    except ValueError:
+        raise APIError(400, "not a valid file:// URL", param=param) from None
     root = policy.allowed_local_path.resolve()
     if not path.is_relative_to(root):
         raise APIError(

@@ -100,6 +100,16 @@ class RemotePolicy:
     tls: ssl.SSLContext = field(default_factory=ssl.create_default_context)  # verifies the host's certificate
 
 
+def for_log(url: str) -> str:
+    """A URL as the log shows it: no user name or password, no query (signed URLs carry secrets there)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        where = parts.netloc.rpartition("@")[2] + parts.path
+    except ValueError:
+        return repr(url[:40])
+    return f"{parts.scheme}://{where}"[:160] + ("?..." if parts.query else "")
+
+
 def domain_pattern(text: str) -> str:
     """An allow-list entry in its canonical form: a host name or IP address (matched exactly), or
     `*.example.com` (any subdomain of example.com, not example.com itself). ValueError when malformed."""
@@ -170,7 +180,7 @@ async def fetch_remote(url: str, policy: RemotePolicy) -> bytes:
     try:
         return await asyncio.wait_for(_follow(url, policy), policy.deadline_s)
     except asyncio.TimeoutError:
-        detail = f"{url[:64]}: no complete answer within {policy.deadline_s:g} s"
+        detail = f"{for_log(url)}: no complete answer within {policy.deadline_s:g} s"
         raise RemoteImageError("timeout", detail) from None
 
 
@@ -181,27 +191,29 @@ class _Hop:
     port: int
     target: str  # path and query, percent-encoded
     host_header: str
+    where: str  # for the log
 
     @classmethod
-    def parse(cls, url: str) -> _Hop:
-        parts = urllib.parse.urlsplit(url)
-        scheme = parts.scheme.lower()
-        if scheme not in DEFAULT_PORTS:
-            raise RemoteImageError("bad_url", f"{url[:64]}: not an http(s) URL")
+    def parse(cls, url: str, refusal: str = "bad_url") -> _Hop:
+        """RemoteImageError(refusal) unless `url` is an http(s) URL with a host."""
         try:
+            parts = urllib.parse.urlsplit(url)
+            scheme = parts.scheme.lower()
+            if scheme not in DEFAULT_PORTS:
+                raise ValueError("not an http(s) URL")
             port = parts.port or DEFAULT_PORTS[scheme]
             host = (parts.hostname or "").rstrip(".")
             host = host if host.isascii() else host.encode("idna").decode("ascii")
+            if not host:
+                raise ValueError("no host")
         except (ValueError, UnicodeError) as error:
-            raise RemoteImageError("bad_url", f"{url[:64]}: {error}") from None
-        if not host:
-            raise RemoteImageError("bad_url", f"{url[:64]}: no host")
+            raise RemoteImageError(refusal, f"{for_log(url)}: {error}") from None
         target = urllib.parse.quote(parts.path or "/", safe="/%:@!$&'()*+,;=~")
         if parts.query:
             target += "?" + urllib.parse.quote(parts.query, safe="/%:@!$&'()*+,;=?~")
         name = f"[{host}]" if ":" in host else host
         host_header = name if port == DEFAULT_PORTS[scheme] else f"{name}:{port}"
-        return cls(scheme, host, port, target, host_header)
+        return cls(scheme, host, port, target, host_header, for_log(url))
 
 
 async def _follow(url: str, policy: RemotePolicy) -> bytes:
@@ -213,12 +225,15 @@ async def _follow(url: str, policy: RemotePolicy) -> bytes:
         answer = await _get(hop, addresses, policy)
         if isinstance(answer, bytes):
             return answer
-        url = urllib.parse.urljoin(url, answer)
-        following = _Hop.parse(url) if urllib.parse.urlsplit(url).scheme.lower() in DEFAULT_PORTS else None
-        if following is None or (hop.scheme == "https" and following.scheme == "http"):
-            raise RemoteImageError("redirect_refused", f"{hop.host} redirects to {url[:64]}")
+        try:
+            url = urllib.parse.urljoin(url, answer)
+        except ValueError:
+            raise RemoteImageError("redirect_refused", f"{hop.where} redirects to {answer[:40]!r}") from None
+        following = _Hop.parse(url, refusal="redirect_refused")
+        if hop.scheme == "https" and following.scheme == "http":
+            raise RemoteImageError("redirect_refused", f"{hop.where} redirects to {for_log(url)}")
         hop = following
-    detail = f"more than {policy.max_redirects} redirects, the last to {url[:64]}"
+    detail = f"more than {policy.max_redirects} redirects, the last to {for_log(url)}"
     raise RemoteImageError("too_many_redirects", detail)
 
 
@@ -232,7 +247,7 @@ async def _get(hop: _Hop, addresses: list[IPAddress], policy: RemotePolicy) -> b
         try:
             request = h11.Request(method="GET", target=hop.target, headers=headers)
         except h11.LocalProtocolError as error:
-            raise RemoteImageError("bad_url", f"{hop.host}{hop.target[:64]}: {error}") from None
+            raise RemoteImageError("bad_url", f"{hop.where}: {error}") from None
         writer.write(connection.send(request) + connection.send(h11.EndOfMessage()))
         response = await _next_event(connection, reader, hop)
         while isinstance(response, h11.InformationalResponse):
@@ -242,10 +257,10 @@ async def _get(hop: _Hop, addresses: list[IPAddress], policy: RemotePolicy) -> b
         if status in REDIRECT_STATUSES and fields.get("location"):
             return fields["location"]
         if status != 200:
-            raise RemoteImageError("http_status", f"{hop.host}{hop.target[:64]} answered {status}")
+            raise RemoteImageError("http_status", f"{hop.where} answered {status}")
         kind = fields.get("content-type", "").partition(";")[0].strip().lower()
         if not kind.startswith("image/"):
-            raise RemoteImageError("not_an_image", f"{hop.host}{hop.target[:64]} sent {kind or 'no type'}")
+            raise RemoteImageError("not_an_image", f"{hop.where} sent {kind or 'no type'}")
         length = fields.get("content-length", "")
         if length.isdigit() and int(length) > policy.max_bytes:
             raise RemoteImageError("too_large", f"Content-Length {length} > {policy.max_bytes}")

@@ -29,7 +29,7 @@ from idefics2.server import openai, tgi
 from idefics2.server.errors import APIError
 from idefics2.server.media import MediaPolicy
 from idefics2.server.metrics import ServerMetrics
-from idefics2.server.remote import RemotePolicy
+from idefics2.server.remote import RemotePolicy, domain_pattern
 from idefics2.server.running import ClientGone, preparation_slots
 from idefics2.serving import Engine
 
@@ -49,7 +49,7 @@ class ServerSettings:
     allow_remote_images: bool = False
     # with remote images: the address guard's override, the allow-list, redirects, the whole fetch's deadline
     allow_private_media_hosts: bool = False
-    allowed_media_domains: tuple[str, ...] | None = None  # remote.domain_pattern() forms
+    allowed_media_domains: tuple[str, ...] | None = None  # example.com, *.example.com (remote.domain_pattern)
     media_max_redirects: int = 3
     media_fetch_timeout_s: float = 10.0
     cors_allow_origins: tuple[str, ...] = ()  # none: no CORS headers, web pages of other origins cannot call
@@ -114,9 +114,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 def _remote_policy(settings: ServerSettings) -> RemotePolicy | None:
     if not settings.allow_remote_images:
         return None
+    domains = settings.allowed_media_domains
     return RemotePolicy(
         allow_private_hosts=settings.allow_private_media_hosts,
-        allowed_domains=settings.allowed_media_domains,
+        allowed_domains=None if domains is None else tuple(map(domain_pattern, domains)),
         max_redirects=settings.media_max_redirects,
         deadline_s=settings.media_fetch_timeout_s,
     )

@@ -23,9 +23,9 @@ class ClientGone(Exception):
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request's body, a JSON object; 415 unless it is sent as application/json, so that a web page of
-    another origin cannot post to the server with a form or a text/plain fetch (only application/json
-    needs the CORS preflight this server answers when --cors-allow-origin lets it)."""
+    """The request's body, a JSON object; 415 unless it is sent as application/json. A web page of another
+    origin can post a form or text/plain without asking; application/json needs a CORS preflight first,
+    which this server answers only for the origins of --cors-allow-origin."""
     kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if kind != "application/json":
         raise APIError(415, f"the request body must be JSON sent with Content-Type: application/json, not "

@@ -132,16 +132,19 @@ def test_the_builtin_model_loads_alike_in_transformers():
     assert_loads_alike(builtin_model_dir())
 
 
-def test_a_saved_idefics2_8b_tokenizer_keeps_the_references_ids(reference_processor_dir, tmp_path):
-    """The Mistral vocabulary (idefics2-8b's) saved by us: transformers reads our folder as its own."""
+def test_a_saved_idefics2_8b_processor_keeps_the_references_ids(reference_processor_dir, tmp_path):
+    """The Mistral vocabulary (idefics2-8b's) saved by us, with image splitting: transformers reads our folder
+    as it reads its own."""
     from transformers import AutoTokenizer
 
     reference = AutoTokenizer.from_pretrained(reference_processor_dir)
-    Idefics2Tokenizer.from_pretrained(reference_processor_dir).save_pretrained(tmp_path)
+    processor = Idefics2Processor.from_pretrained(reference_processor_dir, do_image_splitting=True)
+    processor.save_pretrained(tmp_path)
     reread = AutoTokenizer.from_pretrained(tmp_path)
     for prompt in PROMPTS:
         assert reread(prompt)["input_ids"] == reference(prompt)["input_ids"], prompt
     assert_tokenizers_agree(tmp_path)
+    assert_processors_agree(tmp_path)
 
 
 def _train(args: list[str]) -> None:

@@ -77,6 +77,23 @@ def test_stop_string_filter_stops_trims_and_never_shows_part_of_a_stop(text, sto
         assert emitted == expected
 
 
+@pytest.mark.parametrize(("text", "stops"), [*STOP_CASES, ("overlapping: ab then abc", ["abc", "ab"])])
+def test_stop_string_filter_keeping_the_stop_ends_right_after_it(text, stops):
+    starts = [(text.find(s), -len(s)) for s in stops if s in text]  # the earliest, then the longest there
+    start, minus_length = min(starts) if starts else (len(text), 0)
+    expected = text[: start - minus_length]
+    for seed in range(5):
+        rng = random.Random(seed)
+        f, emitted, i = StopStringFilter(stops, keep_stop=True), "", 0
+        while i < len(text) and not f.stopped:
+            n = rng.randint(1, 5)
+            emitted += f.push(text[i : i + n])
+            i += n
+            assert expected.startswith(emitted)
+        emitted += f.flush()
+        assert emitted == expected
+
+
 def test_trim_at_stop_uses_the_earliest_stop():
     assert trim_at_stop("a STOP b END", ["END", "STOP"]) == "a "
     assert trim_at_stop("nothing", None) == "nothing"

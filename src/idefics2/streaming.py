@@ -47,11 +47,13 @@ class TextDeltaDecoder:
 
 
 class StopStringFilter:
-    """Cuts a text stream at the first stop string (which is not emitted) and holds back any trailing text
-    that could still grow into one, so streamed text never shows part of a stop string."""
+    """Cuts a text stream at the first stop string (which is not emitted, unless `keep_stop`: then the cut
+    follows it) and holds back any trailing text that could still grow into one, so streamed text never
+    shows part of a stop string."""
 
-    def __init__(self, stop_strings: Iterable[str]):
+    def __init__(self, stop_strings: Iterable[str], keep_stop: bool = False):
         self.stop_strings = [s for s in stop_strings]
+        self.keep_stop = keep_stop
         self.pending = ""
         self.stopped = False
 
@@ -62,6 +64,8 @@ class StopStringFilter:
         cut = find_stop(self.pending, self.stop_strings)
         if cut is not None:
             self.stopped = True
+            if self.keep_stop:  # the longest stop string starting there
+                cut += max(len(s) for s in self.stop_strings if self.pending.startswith(s, cut))
             out, self.pending = self.pending[:cut], ""
             return out
         keep = _longest_partial_stop(self.pending, self.stop_strings)
@@ -98,16 +102,25 @@ def _longest_partial_stop(text: str, stop_strings: list[str]) -> int:
 
 
 class ReplyStream:
-    """An assistant reply as text deltas, token by token: detokenized incrementally (special tokens dropped),
-    leading whitespace removed, cut before the first stop string (held back while it may be forming).
+    """An assistant reply as text deltas, token by token: detokenized incrementally (special tokens dropped
+    unless `skip_special_tokens=False`), leading whitespace removed, cut before the first stop string (held
+    back while it may be forming; with `include_stop=True` the cut follows the stop string instead).
 
     `push(token)` returns the text that token adds (often ""); `stopped` turns True once a stop string has
     been seen; `finish()` returns the rest. The deltas concatenate to the reply.
     """
 
-    def __init__(self, tokenizer: Any, stop_strings: Iterable[str] | None = None):
-        self.decoder = TextDeltaDecoder(tokenizer, skip_special_tokens=True)
-        self.holdback = StopStringFilter(stop_strings or [])
+    def __init__(
+        self,
+        tokenizer: Any,
+        stop_strings: Iterable[str] | None = None,
+        *,
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+    ):
+        self.decoder = TextDeltaDecoder(tokenizer, skip_special_tokens=skip_special_tokens)
+        self.holdback = StopStringFilter(stop_strings or [], keep_stop=include_stop)
+        self.include_stop = include_stop
         self.started = False
 
     @property
@@ -117,8 +130,11 @@ class ReplyStream:
     def push(self, token: int) -> str:
         return self._strip_start(self.holdback.push(self.decoder.push(token)))
 
-    def finish(self) -> str:
-        return self._strip_start(self.holdback.push(self.decoder.flush()) + self.holdback.flush())
+    def finish(self, end_token: int | None = None) -> str:
+        """The rest of the reply; `end_token`: the end-of-sequence token that ended it, whose text (if any)
+        is part of the reply with `include_stop=True`."""
+        text = self.push(end_token) if end_token is not None and self.include_stop else ""
+        return text + self._strip_start(self.holdback.push(self.decoder.flush()) + self.holdback.flush())
 
     def _strip_start(self, text: str) -> str:
         if not self.started:

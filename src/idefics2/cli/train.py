@@ -221,10 +221,9 @@ def _run(args: argparse.Namespace) -> int:
         eval_data=eval_data,
         lora_config=lora_config,
         resume_from=args.resume or None,
+        processor=processor if args.full else None,
     )
     if distributed_context()[0] == 0:
-        if args.full:
-            processor.save_pretrained(output)
         last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
         what = "model" if args.full else "LoRA adapter"
         print(f"saved the {what} to {args.output} after {result.step} steps{last}", file=sys.stderr)

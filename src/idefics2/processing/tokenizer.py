@@ -233,13 +233,12 @@ class Idefics2Tokenizer:
         path = Path(folder)
         path.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(path / "tokenizer.json"))
-        keep = {
-            k: v
-            for k, v in self.config.items()
-            if k in ("tokenizer_class", "legacy", "clean_up_tokenization_spaces")
-        }
         config = {
-            **keep,
+            # transformers then runs tokenizer.json exactly as written, as this class does; left unnamed, it
+            # picks the model type's class (a Llama tokenizer for idefics2), whose own pre-tokenizer and
+            # normalizer replace the file's (byte-level spaces and newlines are lost)
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,  # decode gives the backend's text, untouched
             **{key: getattr(self, key) for key in SPECIAL_TOKEN_KEYS},
             "add_bos_token": self.prefix_ids == [self.bos_token_id],
             "add_eos_token": self.suffix_ids == [self.eos_token_id],

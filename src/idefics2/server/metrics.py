@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from idefics2.server.remote import REASONS
@@ -9,6 +12,11 @@ from idefics2.serving import Completion, Engine
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+# distinct unknown field names given a label of their own (clients choose them: the series must stay few);
+# the others are counted under OTHER_FIELD
+MAX_UNKNOWN_FIELD_NAMES = 64
+OTHER_FIELD = "(other)"
+log = logging.getLogger("idefics2.server")
 
 
 class ServerMetrics:
@@ -49,6 +57,30 @@ class ServerMetrics:
         )  # fmt: skip
         for reason in REASONS:  # every reason listed from the start, at 0
             self.remote_image_failures.labels(reason=reason)
+        self.unknown_fields = Counter(
+            "idefics2_unknown_request_fields", "Request fields this server does not know (accepted, no "
+            "effect), by route and field name", ["route", "field"], registry=r,
+        )  # fmt: skip
+        self._seen_fields: set[tuple[str, str]] = set()
+        self._seen_lock = threading.Lock()
+
+    def unknown(self, route: str, names: list[str]) -> None:
+        """Count the request fields of `route` that have no effect here; each name is logged once."""
+        for name in names:
+            key = (route, name[:100])
+            with self._seen_lock:
+                first = key not in self._seen_fields
+                if first and len(self._seen_fields) < MAX_UNKNOWN_FIELD_NAMES:
+                    self._seen_fields.add(key)
+                elif first:
+                    key = (route, OTHER_FIELD)
+                    first = key not in self._seen_fields
+                    self._seen_fields.add(key)
+            if first:
+                what = f"field {key[1]!r}" if key[1] != OTHER_FIELD else "more unknown fields"
+                log.warning("%s: %s is not known to this server: accepted, with no effect (counted in "
+                            "idefics2_unknown_request_fields_total)", route, what)  # fmt: skip
+            self.unknown_fields.labels(route=key[0], field=key[1]).inc()
 
     def finished(self, completion: Completion) -> None:
         """Record a finished request (any finish reason)."""

@@ -13,13 +13,14 @@ from starlette.requests import Request
 
 from idefics2.server.errors import APIError
 from idefics2.server.media import load_images
-from idefics2.server.running import read_json, sse, submit, until_done
+from idefics2.server.running import EndTokens, read_json, sse, submit, until_done
 from idefics2.serving import RequestFailedError
 
 router = APIRouter()
 
 ROLES = ("system", "user", "assistant")
 MAX_STOP_STRINGS = 16
+MAX_STOP_TOKEN_IDS = 64
 # parameters of OpenAI's API this server does not implement: any value other than these defaults is refused
 UNSUPPORTED = {
     "presence_penalty": (0, 0.0, None),
@@ -34,6 +35,19 @@ UNSUPPORTED = {
     "modalities": (None, ["text"]),
     "prediction": (None,),
 }
+# every request field this route reads (UNSUPPORTED ones included); others are accepted, logged and counted
+KNOWN_FIELDS = frozenset(
+    {
+        "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream",
+        "stream_options", "stop", "seed", "response_format", "logprobs",
+        "user",  # an end-user id for OpenAI's abuse monitoring: no effect here
+        # vLLM's extensions
+        "top_k", "min_tokens", "repetition_penalty", "ignore_eos", "stop_token_ids", "skip_special_tokens",
+        "include_stop_str_in_output",
+        *UNSUPPORTED,
+    }
+)  # fmt: skip
+STREAM_OPTIONS = frozenset({"include_usage", "continuous_usage_stats"})
 
 
 @dataclass
@@ -42,8 +56,11 @@ class ChatRequest:
     image_urls: list[tuple[str, str]]  # (url, the request field that named it)
     controls: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
-    include_usage: bool = False
+    include_usage: bool = False  # a last chunk with the usage
+    continuous_usage: bool = False  # the usage so far in every chunk
     logprobs: bool = False
+    end_tokens: EndTokens = field(default_factory=EndTokens)
+    unknown_fields: list[str] = field(default_factory=list)
 
 
 def parse_chat_request(body: dict[str, Any], max_images: int) -> ChatRequest:
@@ -64,6 +81,7 @@ def parse_chat_request(body: dict[str, Any], max_images: int) -> ChatRequest:
             param="messages", code="too_many_images",
         )  # fmt: skip
     request = ChatRequest(messages, image_urls, {**_controls(body), **_response_format(body)})
+    request.unknown_fields = sorted(set(body) - KNOWN_FIELDS)
     request.stream = _flag(body, "stream")
     options = body.get("stream_options")
     if options is not None:
@@ -72,8 +90,32 @@ def parse_chat_request(body: dict[str, Any], max_images: int) -> ChatRequest:
         if not request.stream:
             raise APIError(400, "stream_options needs stream: true", param="stream_options")
         request.include_usage = _flag(options, "include_usage", "stream_options.include_usage")
+        request.continuous_usage = _flag(
+            options, "continuous_usage_stats", "stream_options.continuous_usage_stats"
+        )
+        request.unknown_fields += [f"stream_options.{name}" for name in sorted(set(options) - STREAM_OPTIONS)]
     request.logprobs = _flag(body, "logprobs")
+    for name in ("skip_special_tokens", "include_stop_str_in_output"):
+        if body.get(name) is not None:
+            request.controls[name] = _flag(body, name)
+    request.end_tokens = EndTokens(_flag(body, "ignore_eos"), _stop_token_ids(body.get("stop_token_ids")))
     return request
+
+
+def _stop_token_ids(value: Any) -> list[int]:
+    if value is None:
+        return []
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_STOP_TOKEN_IDS
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in value)
+    ):
+        raise APIError(
+            400,
+            f"stop_token_ids must be a list of at most {MAX_STOP_TOKEN_IDS} token ids (integers >= 0)",
+            param="stop_token_ids",
+        )
+    return value
 
 
 def _flag(body: dict[str, Any], name: str, param: str | None = None) -> bool:
@@ -131,21 +173,41 @@ def _controls(body: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise APIError(400, f"{name} must be an integer >= 1, got {value!r}", param=name)
         controls["max_new_tokens"] = value
-    temperature, top_p = body.get("temperature"), body.get("top_p")
+    min_tokens = body.get("min_tokens")
+    if min_tokens is not None:
+        if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 0:
+            raise APIError(400, f"min_tokens must be an integer >= 0, got {min_tokens!r}", param="min_tokens")
+        if min_tokens > controls.get("max_new_tokens", min_tokens):
+            limit = controls["max_new_tokens"]
+            raise APIError(400, f"min_tokens ({min_tokens}) exceeds max_tokens ({limit})", param="min_tokens")
+        controls["min_new_tokens"] = min_tokens
+    temperature, top_p, top_k = body.get("temperature"), body.get("top_p"), body.get("top_k")
     for name, value, high in (("temperature", temperature, 2.0), ("top_p", top_p, 1.0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not 0 <= value <= high):  # fmt: skip
             raise APIError(400, f"{name} must be a number in [0, {high:g}], got {value!r}", param=name)
     if top_p == 0:
         raise APIError(400, "top_p must be above 0", param="top_p")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < -1):
+        raise APIError(400, f"top_k must be an integer >= 1, or 0 or -1 (all tokens), got {top_k!r}",
+                       param="top_k")  # fmt: skip
+    top_k = None if top_k is None else max(top_k, 0)  # 0: every token
     if temperature == 0:
-        controls["do_sample"] = False  # greedy; top_p and seed do not apply
-    elif temperature is not None or top_p is not None:
+        controls["do_sample"] = False  # greedy; top_p, top_k and seed do not apply
+    elif temperature is not None or top_p is not None or top_k:
         controls["do_sample"] = True
         if temperature is not None:
             controls["temperature"] = float(temperature)
         if top_p is not None:
             controls["top_p"] = float(top_p)
+    if controls.get("do_sample") and top_k is not None:
+        controls["top_k"] = top_k
+    penalty = body.get("repetition_penalty")
+    if penalty is not None:
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or not 0 < penalty <= 2:
+            raise APIError(400, f"repetition_penalty must be a number in (0, 2], got {penalty!r}",
+                           param="repetition_penalty")  # fmt: skip
+        controls["repetition_penalty"] = float(penalty)
     seed = body.get("seed")
     if seed is not None:
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -199,10 +261,11 @@ async def resolve_images(urls: list[tuple[str, str]], request: Request) -> list[
 async def chat_completions(request: Request):
     state = request.app.state
     chat = parse_chat_request(await read_json(request), state.settings.max_images_per_request)
+    state.metrics.unknown("/v1/chat/completions", chat.unknown_fields)
     images = await resolve_images(chat.image_urls, request)
     handle = await submit(
         state.preparation_slots, state.engine.submit, chat.messages, images, logprobs=chat.logprobs,
-        **chat.controls,
+        **chat.controls, **chat.end_tokens.controls(state.engine),
     )  # fmt: skip
     reply_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     head = {"id": reply_id, "created": created, "model": state.model_name}
@@ -223,16 +286,20 @@ async def chat_completions(request: Request):
 
 async def _stream_chunks(handle, head: dict, chat: ChatRequest, metrics):
     base = {**head, "object": "chat.completion.chunk"}
+    counts = (handle.prompt_tokens, 0)  # (prompt, completion) tokens so far
 
     def chunk(delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
         choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}
-        return {**base, "choices": [choice]}
+        out = {**base, "choices": [choice]}
+        if chat.continuous_usage:
+            out["usage"] = _usage(*counts)
+        return out
 
     yield chunk({"role": "assistant", "content": ""})
     last = None
     try:
         async for event in handle:
-            last = event
+            last, counts = event, (event.prompt_tokens, event.completion_tokens)
             logprobs = {"content": [_logprob(event)]} if chat.logprobs and event.token_ids else None
             if event.text or logprobs:
                 yield chunk({"content": event.text}, None, logprobs)

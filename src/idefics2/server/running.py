@@ -8,18 +8,36 @@ import functools
 import json
 import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 from starlette.requests import Request
 
+from idefics2.generation import default_eos_token_ids
 from idefics2.server.errors import APIError, engine_error
 from idefics2.server.metrics import ServerMetrics
-from idefics2.serving import RequestFailedError, RequestHandle, StreamEvent
+from idefics2.serving import Engine, RequestFailedError, RequestHandle, StreamEvent
 
 
 class ClientGone(Exception):
     """The client hung up before its answer was ready (its request was cancelled)."""
+
+
+@dataclass
+class EndTokens:
+    """The tokens that end a reply (besides max tokens and stop strings): the model's own end tokens unless
+    `ignore_eos`, and the request's `stop_token_ids`."""
+
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = field(default_factory=list)
+
+    def controls(self, engine: Engine) -> dict[str, Any]:
+        """The engine's `eos_token_id` control for them (none when the request changes nothing)."""
+        if not self.ignore_eos and not self.stop_token_ids:
+            return {}
+        ends = [] if self.ignore_eos else default_eos_token_ids(engine.model, engine.processor)
+        return {"eos_token_id": list(dict.fromkeys([*ends, *self.stop_token_ids]))}
 
 
 async def read_json(request: Request) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from starlette.requests import Request
 import idefics2
 from idefics2.server.errors import APIError
 from idefics2.server.openai import MAX_STOP_STRINGS, resolve_images
-from idefics2.server.running import read_json, sse, submit, until_done
+from idefics2.server.running import EndTokens, read_json, sse, submit, until_done
 from idefics2.serving import RequestFailedError
 
 router = APIRouter()
@@ -35,10 +35,21 @@ UNSUPPORTED = {
     "frequency_penalty": (None, 0, 0.0),
     "adapter_id": (None,),
 }
+# the fields these routes read (UNSUPPORTED ones included); others are accepted, logged and counted
+KNOWN_FIELDS = frozenset({"inputs", "parameters", "stream"})
+KNOWN_PARAMETERS = frozenset(
+    {
+        "max_new_tokens", "temperature", "top_p", "top_k", "do_sample", "seed", "repetition_penalty", "stop",
+        "grammar", "details", "return_full_text",
+        "ignore_eos_token",  # the name of TGI's own stopping parameter (its benchmark tool sets it)
+        *UNSUPPORTED,
+    }
+)  # fmt: skip
 
 
 def parse_generate_request(body: dict[str, Any], max_images: int) -> tuple[str, list, dict, dict]:
-    """(prompt with <image> markers, image URLs with their fields, controls, options) of a TGI body."""
+    """(prompt with <image> markers, image URLs with their fields, controls, options) of a TGI body; the
+    options' "unknown_fields" are the fields with no effect here, "end_tokens" what ends the reply."""
     inputs = body.get("inputs")
     if not isinstance(inputs, str) or not inputs:
         raise APIError(422, "inputs must be a non-empty string", param="inputs")
@@ -82,8 +93,15 @@ def parse_generate_request(body: dict[str, Any], max_images: int) -> tuple[str, 
     options = {name: parameters.get(name, False) for name in ("details", "return_full_text")}
     if not all(isinstance(v, bool) for v in options.values()):
         raise APIError(422, "parameters.details and parameters.return_full_text must be true or false")
+    ignore_eos = parameters.get("ignore_eos_token", False)
+    if not isinstance(ignore_eos, bool):
+        raise APIError(422, "parameters.ignore_eos_token must be true or false", param="ignore_eos_token")
+    options["end_tokens"] = EndTokens(ignore_eos)
     options["seed"] = controls.get("seed")
     options["inputs"] = inputs
+    options["unknown_fields"] = sorted(set(body) - KNOWN_FIELDS) + [
+        f"parameters.{name}" for name in sorted(set(parameters) - KNOWN_PARAMETERS)
+    ]
     return prompt, urls, controls, options
 
 
@@ -131,10 +149,12 @@ async def _start(request: Request):
         prompt, urls, controls, options = parse_generate_request(
             await read_json(request), state.settings.max_images_per_request
         )
+        state.metrics.unknown(request.url.path, options["unknown_fields"])
         images = await resolve_images(urls, request)
         handle = await submit(
-            state.preparation_slots, state.engine.submit_prompt, prompt, images, logprobs=True, **controls
-        )
+            state.preparation_slots, state.engine.submit_prompt, prompt, images, logprobs=True, **controls,
+            **options["end_tokens"].controls(state.engine),
+        )  # fmt: skip
     except APIError as error:
         if error.status == 400:
             error.status = 422  # TGI answers validation errors with 422

@@ -104,7 +104,9 @@ class Engine:
         repetition_penalty, bad_words_ids, stop_strings, eos_token_id, seed, json_schema or regex (structured
         output: the answer follows the schema or matches the regex; see idefics2.constrained); unset ones
         come from the checkpoint's generation_config.json. `logprobs=True` adds each new token's
-        log-probability (under the model's distribution, before the controls) to the events. Raises
+        log-probability (under the model's distribution, before the controls) to the events. The reply's
+        text: `skip_special_tokens=False` keeps special tokens in it, `include_stop_str_in_output=True` keeps
+        the stop string (or the end token's text) that ended it. Raises
         ValueError/TypeError for a bad request, RequestTooLargeError when it can never fit,
         EngineOverloadedError when the queue is full and EngineClosedError after `close`.
         """
@@ -118,9 +120,17 @@ class Engine:
         given = sorted(set(controls) & set(_NOT_PER_REQUEST))
         if given:
             raise ValueError(f"{', '.join(given)} cannot be set per request of the engine")
-        logprobs = controls.pop("logprobs", False)
-        if not isinstance(logprobs, bool):
-            raise ValueError(f"logprobs must be True or False, got {logprobs!r}")
+        flags = {
+            name: controls.pop(name, default)
+            for name, default in (
+                ("logprobs", False),
+                ("skip_special_tokens", True),
+                ("include_stop_str_in_output", False),
+            )
+        }
+        for name, value in flags.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
         if not isinstance(prompt, str):
             raise TypeError(f"the prompt must be a str, got {type(prompt).__name__}")
         images = [] if images is None else list(images)
@@ -138,7 +148,7 @@ class Engine:
         handle = RequestHandle(prompt_tokens=len(prompt_ids))
         seq = Sequence(
             handle, prompt_ids, image_inputs, options, self.processor.tokenizer, self.vocab_size,
-            self.runner.device, logprobs,
+            self.runner.device, **flags,
         )  # fmt: skip
         with self._lock:
             if not self._accepting:

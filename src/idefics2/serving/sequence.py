@@ -44,6 +44,8 @@ class Sequence:
         vocab_size: int,
         device: torch.device,
         logprobs: bool = False,
+        skip_special_tokens: bool = True,
+        include_stop_str_in_output: bool = False,
     ) -> None:
         self.handle = handle
         self.prompt_ids = prompt_ids
@@ -57,7 +59,12 @@ class Sequence:
         self.generated: list[int] = []
         self.logprobs: list[float] | None = [] if logprobs else None
         self.stopped_by: str | None = None  # "eos_token" or "stop_sequence" once it stops
-        self.reply = ReplyStream(tokenizer, options["stop_strings"])
+        self.reply = ReplyStream(
+            tokenizer,
+            options["stop_strings"],
+            skip_special_tokens=skip_special_tokens,
+            include_stop=include_stop_str_in_output,
+        )
         self.text_parts: list[str] = []
         grammars = options.get("grammars") or [None]
         # the request's place in its JSON schema or regex (structured output), None when it is free
@@ -132,7 +139,7 @@ class Sequence:
             mark_seen_(self.seen, torch.tensor([[token]], device=self.seen.device))
         if token in self.eos:
             self.stopped_by = "eos_token"
-            return self.reply.finish(), "stop"
+            return self.reply.finish(token), "stop"
         text = self.reply.push(token)
         if self.reply.stopped:
             self.stopped_by = "stop_sequence"

@@ -11,6 +11,7 @@ import json
 import random
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +19,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from idefics2.training import lora
+
+if TYPE_CHECKING:
+    from idefics2.processing import Idefics2Processor
 
 TRAINER_STATE = "trainer_state.json"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -47,15 +51,22 @@ def model_state(model: nn.Module, sharded: bool) -> dict[str, torch.Tensor]:
 
 
 def save_model_weights(
-    model: nn.Module, state: dict[str, torch.Tensor], folder: Path, lora_config: lora.LoraConfig | None
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    folder: Path,
+    lora_config: lora.LoraConfig | None,
+    processor: Idefics2Processor | None = None,
 ) -> None:
     """Write `state` (from model_state) as a PEFT adapter (LoRA), a complete checkpoint (models with
-    save_pretrained) or a plain model.safetensors."""
+    save_pretrained; with `processor`, its files too, so that the folder loads on its own, in transformers as
+    well) or a plain model.safetensors."""
     if lora_config is not None:
         tensors = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
         lora.write_adapter(tensors, lora_config, folder)
     elif hasattr(model, "save_pretrained"):
         _plain_module(model, state).save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
     else:
         save_file(_unique_storage(state), str(folder / "model.safetensors"))
 

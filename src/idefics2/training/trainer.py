@@ -16,6 +16,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from idefics2.training import checkpoint as ckpt
 from idefics2.training import lora
+
+if TYPE_CHECKING:
+    from idefics2.processing import Idefics2Processor
 
 SCHEDULERS = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "bf16", "no")
@@ -335,13 +339,14 @@ def save_checkpoint(
     rank: int,
     lora_config: lora.LoraConfig | None,
     sharded: bool = False,
+    processor: Idefics2Processor | None = None,
 ) -> Path:
     folder = Path(args.output_dir) / f"checkpoint-{step}"
     weights = ckpt.model_state(model, sharded)  # collective calls when sharded: every rank takes part
     optimizer_state = ckpt.optimizer_state(model, optimizer, names, sharded)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        ckpt.save_model_weights(model, weights, folder, lora_config)
+        ckpt.save_model_weights(model, weights, folder, lora_config, processor)
         ckpt.save_optimizer_state(optimizer_state, folder)
         state = {
             "step": step,
@@ -426,6 +431,7 @@ def train(
     lora_config: lora.LoraConfig | None = None,
     resume_from: str | os.PathLike | bool | None = None,
     device: str | torch.device | None = None,
+    processor: Idefics2Processor | None = None,
 ) -> TrainResult:
     """Train `model` (already set up: LoRA added, parts frozen) on `train_data` and save the result.
 
@@ -434,7 +440,9 @@ def train(
     DDP, or with `args.fsdp` the model is sharded across the ranks (FSDP2: each decoder, vision and perceiver
     layer is one unit).
     `resume_from`: a checkpoint folder, or True for the newest one in `args.output_dir`. With LoRA the output
-    folder receives the PEFT adapter; otherwise the full model (`save_pretrained`).
+    folder receives the PEFT adapter; otherwise the full model (`save_pretrained`), with `processor`'s files
+    when one is given (in every checkpoint-N too), so that each such folder is a complete checkpoint that
+    idefics2 and transformers load alike.
     """
     if len(train_data) == 0:
         raise ValueError("the training data is empty")
@@ -535,7 +543,9 @@ def train(
             result.eval_losses.append((step, eval_loss))
             progress.message(f"step {step}: eval loss {eval_loss:.4f}")
         if args.save_steps and (step % args.save_steps == 0 or step == total):
-            save_checkpoint(model, optimizer, scheduler, names, args, step, world, rank, lora_config, sharded)
+            save_checkpoint(
+                model, optimizer, scheduler, names, args, step, world, rank, lora_config, sharded, processor
+            )
     progress.close()
 
     if eval_data is not None and not args.eval_steps:
@@ -544,7 +554,7 @@ def train(
         progress.message(f"step {step}: eval loss {eval_loss:.4f}")
     weights = ckpt.model_state(model, sharded)
     if rank == 0:
-        ckpt.save_model_weights(model, weights, output_dir, lora_config)
+        ckpt.save_model_weights(model, weights, output_dir, lora_config, processor)
     if world > 1:
         dist.barrier()
     result.step = step

@@ -77,3 +77,11 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
     usage = json.loads(events[-2][6:])["usage"]
     finish = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-2]]
     assert finish[-1] in ("length", "stop") and (finish[-1] == "stop" or usage["completion_tokens"] == 300)
+
+
+def test_ray_flags_without_ray_are_one_line_and_exit_2(capsys):
+    from idefics2.cli import main
+
+    assert main(["serve", "--replicas", "2", "--gpus-per-replica", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "idefics2 serve: error: --replicas, --gpus-per-replica need --ray\n"

@@ -167,3 +167,10 @@ def test_bad_ray_flags_are_one_line_and_exit_2(capsys, flags, message):
     assert main(["serve", "--ray", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("idefics2 serve: error: ") and message in err and err.count("\n") == 1
+
+
+def test_app_builder_names_unknown_arguments():
+    from idefics2.integrations.ray import app_builder
+
+    with pytest.raises(ValueError, match="unknown argument.* modle; known: adapter, api_key"):
+        app_builder({"modle": "HuggingFaceM4/idefics2-8b"})

@@ -47,7 +47,7 @@ class ReplicaSpec:
 
     model: str | None = None
     adapter: str | None = None
-    dtype: Any = None
+    dtype: Any = "auto"
     device: str = "cpu"
     quantize: str | None = None
     engine: dict[str, Any] = field(default_factory=dict)

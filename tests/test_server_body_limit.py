@@ -1,7 +1,7 @@
 """A body over `idefics2 serve`'s limit gets the JSON 413 over a real socket, whatever the client: urllib
 (which sends the whole body before it reads), requests, openai and curl, with Content-Length and chunked
-bodies, on both of uvicorn's HTTP implementations; and the server reads only a bounded amount of a refused
-body.
+bodies, on both of uvicorn's HTTP implementations (and the 401 of a large body sent without the key); and the
+server reads only a bounded amount of a refused body.
 
 The server's sockets get a small receive buffer so that a few MB of body are more than the kernel holds in
 flight (with the default, autotuned buffers a 40 MB body was needed to lose the 413 to a connection reset).
@@ -152,3 +152,17 @@ def test_a_stalled_refused_body_is_given_up_after_the_discard_time(server):
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413") and b"connection: close" in head.lower()
     assert json.loads(body)["error"]["code"] == "body_too_large"
+
+
+def test_urllib_reads_the_401_of_a_large_body_sent_without_the_key(builtin, big_body):
+    engine = Engine(builtin.model, builtin.processor, max_batch=2)
+    settings = ServerSettings(api_key="s3cret", refused_body_discard_bytes=8_000_000)
+    with serving(create_app(engine, settings), receive_buffer=32768) as base:
+        request = urllib.request.Request(
+            base + ROUTE, data=big_body, headers={"Content-Type": "application/json"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=30)
+        assert (
+            error.value.code == 401 and json.loads(error.value.read())["error"]["code"] == "invalid_api_key"
+        )

@@ -44,9 +44,9 @@ class ServerSettings:
     max_images_per_request: int = 8
     max_image_pixels: int | None = None  # default: the processor's limit
     max_body_bytes: int = 32 * 2**20
-    # after a 413, the rest of the refused body is read and dropped (at most this much, for at most this
-    # long) before the connection is closed: closing with unread bytes would make the kernel answer with a
-    # reset, which loses the 413 for clients that send the whole body before they read
+    # after a 413 or 401, the rest of the refused body is read and dropped (at most this much, for at most
+    # this long) before the connection is closed: closing with unread bytes would make the kernel answer
+    # with a reset, which loses the answer for clients that send the whole body before they read
     refused_body_discard_bytes: int = 64 * 2**20
     refused_body_discard_s: float = 10.0
     allowed_local_media_path: Path | None = None
@@ -129,10 +129,11 @@ class Guard:
     OPEN_ROUTES), the body-size limit (Content-Length at once, streamed bodies as they arrive), and a count
     of answers by route and status.
 
-    A body over the limit is answered 413 with `Connection: close`, sent at once; the rest of the body is
-    then read and dropped (up to the settings' discard budget) before the response ends and the connection
-    closes, so that the client reads the 413 whether or not it reads before it has sent everything. A client
-    that asked `Expect: 100-continue` has sent nothing yet and gets the 413 instead of the go-ahead."""
+    A request refused before its body is read (401, or 413 for a body over the limit) is answered with
+    `Connection: close`, at once; the rest of the body is then read and dropped (up to the settings' discard
+    budget) before the response ends and the connection closes, so that the client reads the answer whether
+    or not it reads before it has sent everything. A client that asked `Expect: 100-continue` has sent
+    nothing yet and gets the answer instead of the go-ahead."""
 
     def __init__(self, app, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
@@ -145,17 +146,17 @@ class Guard:
         path = scope["path"]
         headers = dict(scope["headers"])
         open_route = (scope["method"], path) in OPEN_ROUTES
+        waiting_to_send = headers.get(b"expect", b"").lower() == b"100-continue"
+        refusing_send = self._closing(send, None if waiting_to_send else receive)
         if self._key is not None and not open_route and not self._authorized(headers):
             error = APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                              code="invalid_api_key")  # fmt: skip
-            await self._refuse(error, scope, send)
+            await self._refuse(error, scope, refusing_send)
             return
         limit = self.settings.max_body_bytes
         length = headers.get(b"content-length", b"")
-        waiting_to_send = headers.get(b"expect", b"").lower() == b"100-continue"
         if length.isdigit() and int(length) > limit:
-            closing_send = self._closing(send, None if waiting_to_send else receive)
-            await self._refuse(BodyTooLarge(limit), scope, closing_send)
+            await self._refuse(BodyTooLarge(limit), scope, refusing_send)
             return
         received, refused_send = 0, None
 
@@ -189,7 +190,7 @@ class Guard:
         await JSONResponse(body, status_code=error.status)(scope, None, send)
 
     def _closing(self, send, receive):
-        """`send` for the answer to a refused body: with `Connection: close`, and, when `receive` is given,
+        """`send` for the answer to a refused request: with `Connection: close`, and, when `receive` is given,
         the rest of the request body read and dropped (within the discard budget) after the answer is
         written and before it ends (the server closes the connection once it has ended)."""
 

@@ -140,14 +140,32 @@ def serve_http(model, processor, requests: list[Request], max_batch: int, device
     API, the image as a PNG data URL encoded beforehand). The clients run in a process of their own, as they
     would on other machines, so that what is measured is the server's cost and not the clients' parsing
     competing with the server for the interpreter."""
-    import base64
-    import io
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     from idefics2.server import ServerSettings, create_app
     from idefics2.serving import Engine
     from server_utils import serving
+
+    bodies = http_bodies(requests)
+    engine = Engine(model, processor, max_batch=max_batch, max_queue=len(requests), **budgets)
+    app = create_app(engine, ServerSettings(max_body_bytes=64 * 2**20))
+    # every row runs to max_new_tokens, as in the other modes
+    engine.submit = _forcing_min_new_tokens(engine.submit)
+    spawn = multiprocessing.get_context("spawn")
+    with engine, serving(app) as base, ProcessPoolExecutor(1, spawn) as clients:
+        port = int(base.rsplit(":", 1)[1])
+        arrivals = [r.arrival for r in requests]
+        seconds, token_times, _ = clients.submit(http_clients, port, bodies, arrivals).result()
+    for request, times in zip(requests, token_times, strict=True):
+        request.token_times = times
+    return seconds
+
+
+def http_bodies(requests: list[Request]) -> list[bytes]:
+    """Each request as a streamed OpenAI chat request (its image a PNG data URL), with usage at the end."""
+    import base64
+    import io
 
     bodies = []
     for request in requests:
@@ -159,27 +177,20 @@ def serve_http(model, processor, requests: list[Request], max_batch: int, device
             {"type": "text", "text": request.question},
         ]
         bodies.append(json.dumps({"messages": [{"role": "user", "content": content}], "stream": True,
+                                  "stream_options": {"include_usage": True},
                                   "max_tokens": request.max_new_tokens}).encode())  # fmt: skip
-    engine = Engine(model, processor, max_batch=max_batch, max_queue=len(requests), **budgets)
-    app = create_app(engine, ServerSettings(max_body_bytes=64 * 2**20))
-    # every row runs to max_new_tokens, as in the other modes
-    engine.submit = _forcing_min_new_tokens(engine.submit)
-    spawn = multiprocessing.get_context("spawn")
-    with engine, serving(app) as base, ProcessPoolExecutor(1, spawn) as clients:
-        port = int(base.rsplit(":", 1)[1])
-        arrivals = [r.arrival for r in requests]
-        seconds, token_times = clients.submit(http_clients, port, bodies, arrivals).result()
-    for request, times in zip(requests, token_times, strict=True):
-        request.token_times = times
-    return seconds
+    return bodies
 
 
-def http_clients(port: int, bodies: list[bytes], arrivals: list[float]) -> tuple[float, list[list[float]]]:
+def http_clients(
+    port: int, bodies: list[bytes], arrivals: list[float]
+) -> tuple[float, list[list[float]], list[int]]:
     """One streaming client thread per body, started at its arrival (after one warm-up request); the seconds
-    they took together, and the moments (seconds after the start) when each one received a token."""
+    they took together, the moments (seconds after the start) when each one received a token, and each
+    one's completion tokens (from the usage the server sends at the end)."""
     import http.client
 
-    def stream(body: bytes, times: list[float]) -> None:
+    def stream(body: bytes, times: list[float], tokens: list[int]) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
         connection.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
         response = connection.getresponse()
@@ -191,23 +202,27 @@ def http_clients(port: int, bodies: list[bytes], arrivals: list[float]) -> tuple
             for event in events:
                 data = event.decode().removeprefix("data: ")
                 if data != "[DONE]":
-                    choices = json.loads(data)["choices"]
+                    parsed = json.loads(data)
+                    choices = parsed["choices"]
                     if choices and choices[0]["delta"].get("content"):
                         times.append(now)
+                    if parsed.get("usage"):
+                        tokens.append(parsed["usage"]["completion_tokens"])
         connection.close()
 
     start = time.perf_counter()
-    stream(bodies[0], [])  # warm-up
+    stream(bodies[0], [], [])  # warm-up
     token_times: list[list[float]] = [[] for _ in bodies]
+    tokens: list[list[int]] = [[] for _ in bodies]
     start = time.perf_counter()
     threads = []
-    for body, arrival, times in zip(bodies, arrivals, token_times, strict=True):
+    for body, arrival, times, count in zip(bodies, arrivals, token_times, tokens, strict=True):
         wait_until(start, arrival)
-        threads.append(threading.Thread(target=stream, args=(body, times)))
+        threads.append(threading.Thread(target=stream, args=(body, times, count)))
         threads[-1].start()
     for thread in threads:
         thread.join()
-    return time.perf_counter() - start, token_times
+    return time.perf_counter() - start, token_times, [sum(count) for count in tokens]
 
 
 def _forcing_min_new_tokens(submit):

@@ -17,13 +17,26 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 
 
 @contextlib.contextmanager
-def serving(app, drain_s: float = 5.0) -> Iterator[str]:
-    """Run `app` on 127.0.0.1 (a free port) while the block runs; yields the base URL."""
+def serving(
+    app, drain_s: float = 5.0, http: str = "auto", receive_buffer: int | None = None
+) -> Iterator[str]:
+    """Run `app` on 127.0.0.1 (a free port) while the block runs; yields the base URL. `http` picks uvicorn's
+    HTTP implementation (h11, httptools); `receive_buffer` sets the sockets' SO_RCVBUF (which also stops the
+    kernel from growing it), so that a test needs only a few MB of body to fill what is in flight."""
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=drain_s
+        app, host="127.0.0.1", port=0, log_level="warning", timeout_graceful_shutdown=drain_s, http=http
     )
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    sockets = None
+    if receive_buffer is not None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer
+        )  # accepted sockets inherit it
+        listener.bind(("127.0.0.1", 0))
+        sockets = [listener]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": sockets}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:

@@ -131,3 +131,11 @@ def test_serve_flags_reach_the_server_settings(monkeypatch):
     defaults = seen["settings"]
     assert not defaults.allow_remote_images and defaults.cors_allow_origins == ()
     assert (defaults.media_max_redirects, defaults.media_fetch_timeout_s) == (3, 10.0)
+
+
+def test_ray_flags_without_ray_are_one_line_and_exit_2(capsys):
+    from idefics2.cli import main
+
+    assert main(["serve", "--replicas", "2", "--gpus-per-replica", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "idefics2 serve: error: --replicas, --gpus-per-replica need --ray\n"

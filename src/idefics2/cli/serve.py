@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ from idefics2.cli.common import (
     non_negative_int,
     number_in,
     positive_int,
+    weights_dtype,
 )
 
 
@@ -98,6 +100,29 @@ def add_parser(subparsers) -> None:
         "--drain-timeout", type=float, default=30.0, metavar="S",
         help="on shutdown, how long requests in flight may take to finish (default: 30)",
     )  # fmt: skip
+    ray = p.add_argument_group("replicas on Ray Serve (pip install 'idefics2[ray]')")
+    ray.add_argument(
+        "--ray", nargs="?", const="", metavar="auto|ADDRESS",
+        help="serve with Ray Serve: replicas of the model behind one HTTP front on --host/--port; alone, "
+        "on a Ray started here (or the one RAY_ADDRESS names), 'auto' or an address: an existing cluster",
+    )  # fmt: skip
+    ray.add_argument("--replicas", type=positive_int, metavar="N", help="replicas (default: 1)")
+    ray.add_argument(
+        "--gpus-per-replica", type=float, default=0.0, metavar="G",
+        help="GPUs each replica holds (fractions share one; default: 0, the replicas run on CPUs)",
+    )  # fmt: skip
+    ray.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=1.0,
+        metavar="C",
+        help="CPUs each replica holds (default: 1)",
+    )
+    ray.add_argument(
+        "--autoscaling-config", metavar="JSON",
+        help="Ray Serve's autoscaling_config instead of --replicas, e.g. "
+        '\'{"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 8}\'',
+    )  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -155,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         "media_fetch_timeout_s": args.media_fetch_timeout,
     }
     remote_limits = {name: value for name, value in given.items() if value is not None}  # else the defaults
+    ray_options = _ray_options(args)
     media = None
     if args.allowed_local_media_path:
         media = Path(args.allowed_local_media_path).expanduser()
@@ -163,10 +189,6 @@ def run(args: argparse.Namespace) -> int:
     from idefics2.server import ServerSettings, create_app, run_server
     from idefics2.serving import Engine
 
-    limit_malloc_arenas()
-    pipe = load_pipeline(args)
-    engine = Engine(pipe.model, pipe.processor, max_batch=args.max_batch, max_queue=args.max_queue,
-                    max_length=args.max_length, **engine_budgets(args))  # fmt: skip
     settings = ServerSettings(
         model_name=args.served_model_name or args.model or "idefics2-builtin",
         api_key=args.api_key or None,
@@ -181,9 +203,85 @@ def run(args: argparse.Namespace) -> int:
         cors_allow_origins=tuple(args.cors_allow_origin or ()),
         drain_timeout_s=args.drain_timeout,
     )
+    engine_options = {"max_batch": args.max_batch, "max_queue": args.max_queue, "max_length": args.max_length,
+                      **engine_budgets(args)}  # fmt: skip
+    if ray_options is not None:
+        return _run_on_ray(args, settings, engine_options, ray_options)
+    limit_malloc_arenas()
+    pipe = load_pipeline(args)
+    engine = Engine(pipe.model, pipe.processor, **engine_options)
     app = create_app(engine, settings)
     url = f"http://{args.host}:{args.port}"
     print(f"idefics2 serve: {settings.model_name} on {url} (chat page: {url}/)", file=sys.stderr, flush=True)
     run_server(app, args.host, args.port, args.drain_timeout)
     engine.close(timeout=0)
+    return 0
+
+
+def _ray_options(args: argparse.Namespace) -> dict | None:
+    """serve_application's keyword arguments from the Ray flags (None without --ray), checked before
+    anything loads."""
+    ray_only = {
+        "--replicas": args.replicas is not None,
+        "--gpus-per-replica": args.gpus_per_replica != 0,
+        "--cpus-per-replica": args.cpus_per_replica != 1,
+        "--autoscaling-config": args.autoscaling_config is not None,
+    }
+    if args.ray is None:
+        given = [flag for flag, set_ in ray_only.items() if set_]
+        if given:
+            raise UserError(f"{', '.join(given)} need --ray")
+        return None
+    if args.gpus_per_replica < 0 or args.cpus_per_replica < 0:
+        raise UserError("--gpus-per-replica and --cpus-per-replica must be >= 0")
+    if args.device == "cuda" and args.gpus_per_replica == 0:
+        raise UserError("--device cuda with --ray needs --gpus-per-replica")
+    autoscaling = None
+    if args.autoscaling_config is not None:
+        if args.replicas is not None:
+            raise UserError("--replicas and --autoscaling-config exclude each other (min/max_replicas)")
+        try:
+            autoscaling = json.loads(args.autoscaling_config)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--autoscaling-config is not valid JSON: {error}") from None
+        if not isinstance(autoscaling, dict):
+            raise UserError("--autoscaling-config must be a JSON object")
+        _check_autoscaling(autoscaling)
+    return {"num_replicas": args.replicas or 1, "gpus_per_replica": args.gpus_per_replica,
+            "cpus_per_replica": args.cpus_per_replica, "autoscaling_config": autoscaling}  # fmt: skip
+
+
+def _check_autoscaling(config: dict) -> None:
+    from idefics2.integrations.ray import MISSING_RAY_SERVE
+
+    try:
+        from ray.serve.config import AutoscalingConfig
+    except ImportError:
+        raise UserError(MISSING_RAY_SERVE) from None
+    try:
+        AutoscalingConfig(**config)
+    except Exception as error:  # pydantic's ValidationError, whichever pydantic Ray uses
+        raise UserError(f"--autoscaling-config: {' '.join(str(error).split())}") from None
+
+
+def _run_on_ray(args: argparse.Namespace, settings, engine_options: dict, ray_options: dict) -> int:
+    from idefics2.integrations.ray import ReplicaSpec, run_on_ray, serve_application
+
+    device = "cuda" if ray_options["gpus_per_replica"] > 0 else "cpu"
+    spec = ReplicaSpec(
+        model=args.model, adapter=args.adapter, dtype=weights_dtype(args.dtype, device), device=device,
+        quantize=args.quantize, engine=engine_options, settings=settings,
+    )  # fmt: skip
+    try:
+        application = serve_application(spec, **ray_options)
+    except ImportError as error:
+        raise UserError(str(error)) from None
+    url = f"http://{args.host}:{args.port}"
+    replicas = "autoscaled" if ray_options["autoscaling_config"] else ray_options["num_replicas"]
+
+    def ready() -> None:
+        print(f"idefics2 serve: {settings.model_name} on {url}, {replicas} replica(s) on Ray Serve "
+              f"(chat page: {url}/)", file=sys.stderr, flush=True)  # fmt: skip
+
+    run_on_ray(application, address=args.ray or None, host=args.host, port=args.port, on_ready=ready)
     return 0

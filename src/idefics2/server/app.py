@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import anyio
 import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -45,6 +46,11 @@ class ServerSettings:
     max_images_per_request: int = 8
     max_image_pixels: int | None = None  # default: the processor's limit
     max_body_bytes: int = 32 * 2**20
+    # after a 413 or 401, the rest of the refused body is read and dropped (at most this much, for at most
+    # this long) before the connection is closed: closing with unread bytes would make the kernel answer
+    # with a reset, which loses the answer for clients that send the whole body before they read
+    refused_body_discard_bytes: int = 64 * 2**20
+    refused_body_discard_s: float = 10.0
     allowed_local_media_path: Path | None = None
     allow_remote_images: bool = False
     # with remote images: the address guard's override, the allow-list, redirects, the whole fetch's deadline
@@ -146,7 +152,13 @@ class BodyTooLarge(APIError):
 class Guard:
     """ASGI middleware in front of the app: the API key (compared in constant time; every route but
     OPEN_ROUTES), the body-size limit (Content-Length at once, streamed bodies as they arrive), and a count
-    of answers by route and status."""
+    of answers by route and status.
+
+    A request refused before its body is read (401, or 413 for a body over the limit) is answered with
+    `Connection: close`, at once; the rest of the body is then read and dropped (up to the settings' discard
+    budget) before the response ends and the connection closes, so that the client reads the answer whether
+    or not it reads before it has sent everything. A client that asked `Expect: 100-continue` has sent
+    nothing yet and gets the answer instead of the go-ahead."""
 
     def __init__(self, app, settings: ServerSettings, metrics: ServerMetrics) -> None:
         self.app, self.settings, self.metrics = app, settings, metrics
@@ -159,31 +171,35 @@ class Guard:
         path = scope["path"]
         headers = dict(scope["headers"])
         open_route = (scope["method"], path) in OPEN_ROUTES
+        waiting_to_send = headers.get(b"expect", b"").lower() == b"100-continue"
+        refusing_send = self._closing(send, None if waiting_to_send else receive)
         if self._key is not None and not open_route and not self._authorized(headers):
             error = APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
                              code="invalid_api_key")  # fmt: skip
-            await self._refuse(error, scope, send)
+            await self._refuse(error, scope, refusing_send)
             return
         limit = self.settings.max_body_bytes
         length = headers.get(b"content-length", b"")
         if length.isdigit() and int(length) > limit:
-            await self._refuse(BodyTooLarge(limit), scope, send)
+            await self._refuse(BodyTooLarge(limit), scope, refusing_send)
             return
-        received = 0
+        received, refused_send = 0, None
 
         async def limited_receive():
-            nonlocal received
+            nonlocal received, refused_send
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    rest = receive if message.get("more_body", False) else None
+                    refused_send = self._closing(send, rest)
                     raise BodyTooLarge(limit)
             return message
 
         async def counting_send(message):
             if message["type"] == "http.response.start":
                 self.metrics.requests.labels(route=_route(path), status=str(message["status"])).inc()
-            await send(message)
+            await (refused_send or send)(message)
 
         await self.app(scope, limited_receive, counting_send)
 
@@ -197,6 +213,33 @@ class Guard:
         self.metrics.requests.labels(route=_route(path), status=str(error.status)).inc()
         body = error.tgi_body() if _tgi(scope["method"], path) else error.openai_body()
         await JSONResponse(body, status_code=error.status)(scope, None, send)
+
+    def _closing(self, send, receive):
+        """`send` for the answer to a refused request: with `Connection: close`, and, when `receive` is given,
+        the rest of the request body read and dropped (within the discard budget) after the answer is
+        written and before it ends (the server closes the connection once it has ended)."""
+
+        async def closing_send(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            elif message["type"] == "http.response.body" and not message.get("more_body") and receive:
+                await send({**message, "more_body": True})
+                await self._discard(receive)
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        return closing_send
+
+    async def _discard(self, receive) -> None:
+        budget = self.settings.refused_body_discard_bytes
+        with anyio.move_on_after(self.settings.refused_body_discard_s):
+            while budget > 0:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client hung up
+                budget -= len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return
 
 
 _KNOWN_ROUTES = ("/v1/chat/completions", "/v1/models", *TGI_ROUTES, "/health", "/metrics", "/")

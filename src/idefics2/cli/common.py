@@ -278,19 +278,10 @@ def generation_controls(args: argparse.Namespace, model) -> dict[str, Any]:
 def open_image(path: str | os.PathLike):
     """The image file (`~` expanded) as an RGB PIL image; UserError naming the file when it is missing or
     unreadable."""
-    from idefics2.processing.images import load_rgb
+    from idefics2.data.images import load_image
 
-    path = Path(path).expanduser()
     try:
-        folder, found = path.is_dir(), path.is_file()
-    except OSError as error:  # e.g. a name longer than the file system allows
-        raise UserError(f"cannot open image {path}: {error.strerror}") from None
-    if folder:
-        raise UserError(f"{path} is a folder, not an image file")
-    if not found:
-        raise UserError(f"image not found: {path}")
-    try:
-        return load_rgb(path)
+        return load_image(Path(path))
     except ValueError as error:
         raise UserError(str(error)) from None
 

@@ -195,7 +195,7 @@ def test_parquet_folder_glob_and_jsonl_with_paths(tmp_path):
 
 
 def test_source_and_mapping_mistakes_are_one_line(tmp_path, docvqa):
-    with pytest.raises(DataSourceError, match="input not found: nowhere/at/all.parquet"):
+    with pytest.raises(DataSourceError, match="input file not found: nowhere/at/all.parquet"):
         read_rows("nowhere/at/all.parquet")
     with pytest.raises(DataSourceError, match=r"no file matches .*\*\.parquet"):
         read_rows(str(tmp_path / "none-*.parquet"))

@@ -143,6 +143,7 @@ class _Getter:
 
     label: str
     path: list[str]
+    seen: bool = True  # False: a JSONL key the first line lacks, read from the lines that have it
 
     def __call__(self, record: dict[str, Any]) -> Any:
         if self.label in record:
@@ -177,7 +178,7 @@ class _Layout:
 
     @property
     def description(self) -> str:
-        return f"{self.name} ({', '.join(g.label for g in self.getters.values())})"
+        return f"{self.name} ({', '.join(g.label for g in self.getters.values() if g.seen)})"
 
     def row(self, index: int, raw: RawRecord, base_dir: Path | None, ids_from_index: bool) -> Row:
         row = Row(index=index, id=index if ids_from_index else None, where=raw.where)
@@ -231,10 +232,20 @@ def _choose_layout(source: Source, mapping: dict[str, str]) -> _Layout:
         if found is not None and found not in mapping.values():
             getters[name] = _Getter(found, [found])
 
+    schemaless = source.schema is None  # JSONL or Python rows: each record may have other keys
+
     def layout(name: str, build, *used: str) -> _Layout:
+        if schemaless:
+            for field in ("id", *used):
+                primary = RECOGNISED[field][0]
+                if field not in getters and field not in mapping and primary not in mapping.values():
+                    getters[field] = _Getter(primary, [primary], seen=False)
         return _Layout(name, {k: getters[k] for k in ("id", *used) if k in getters}, build)
 
-    image_fields = ("image",) if "image" in getters and "images" not in getters else ("images",)
+    if schemaless:
+        image_fields: tuple[str, ...] = ("image", "images")
+    else:
+        image_fields = ("image",) if "image" in getters and "images" not in getters else ("images",)
     extras = (*image_fields, "answers", "choices")
     if {"prompt", "chosen", "rejected"} <= getters.keys():
         return layout("preference", _build_preference, "prompt", "chosen", "rejected", *image_fields)
@@ -247,7 +258,6 @@ def _choose_layout(source: Source, mapping: dict[str, str]) -> _Layout:
         name = "prompt" if prompt.label == "prompt" else "question/answer"
         return layout(name, _build_prompt, "prompt", *extras)
     if source.kind == "jsonl":  # our batch layout, whose lines then say what they lack
-        getters["prompt"] = _Getter("prompt", ["prompt"])
         return layout("prompt", _build_prompt, "prompt", *extras)
     raise DataSourceError(
         f"cannot tell the layout of {source.description} from its columns ({', '.join(source.columns)}): "
@@ -258,7 +268,7 @@ def _choose_layout(source: Source, mapping: dict[str, str]) -> _Layout:
 # -------------------------------------------------------------------------------------- building rows
 def _images(values: _Values, base_dir: Path | None) -> list[Any]:
     """The row's images, decoded: `images` holds a list, `image` one image (or none)."""
-    if "image" in values:
+    if values.get("image") is not None or "images" not in values:
         value, label = values["image"], values.label("image")
         items = [] if value is None else [value]
     else:

@@ -92,7 +92,7 @@ def open_source(
         return _ParquetSource(shards, text)
     if _looks_like_hub_id(text):
         return _hub_dataset(text, subset, split)
-    raise DataSourceError(f"input not found: {text}")
+    raise DataSourceError(f"input file not found: {text}")
 
 
 def _no_subset_or_split(subset: str | None, split: str | None, text: str) -> None:
@@ -112,8 +112,10 @@ def _is_parquet_file(path: Path) -> bool:
 
 
 def _looks_like_hub_id(text: str) -> bool:
+    """ "owner/name" (or a bare name), not a file name such as "data.jsonl"."""
     parts = text.split("/")
-    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and "\\" not in text
+    file_name = Path(text).suffix in (".jsonl", ".json", ".parquet", ".arrow", ".csv")
+    return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and not file_name
 
 
 # ------------------------------------------------------------------------------------------------ JSONL
@@ -133,15 +135,10 @@ class _JsonlSource(Source):
                     yield number, line
 
     def _first_columns(self) -> list[str]:
-        import json
-
-        for _, line in self._lines():
-            try:
-                value = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return list(value)
+        """The keys of the first line that holds a JSON object."""
+        for record in self:
+            if isinstance(record.value, dict):
+                return list(record.value)
         return []
 
     @property
@@ -151,14 +148,15 @@ class _JsonlSource(Source):
     def __iter__(self) -> Iterator[RawRecord]:
         from idefics2.training.data import parse_json_line
 
-        class LineError(Exception):
-            pass
-
         for number, line in self._lines():
             try:
-                yield RawRecord(f"line {number}", parse_json_line(line, LineError))
-            except LineError as error:
+                yield RawRecord(f"line {number}", parse_json_line(line, _LineError))
+            except _LineError as error:
                 yield RawRecord(f"line {number}", None, str(error))
+
+
+class _LineError(Exception):
+    """A JSONL line that is not JSON (its message says why)."""
 
 
 # ----------------------------------------------------------------------------------------------- Python

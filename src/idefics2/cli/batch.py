@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from idefics2.cli.common import (
     UserError,
     add_constraint_options,
+    add_data_options,
     add_engine_budget_options,
     add_model_options,
     add_sampling_options,
@@ -32,6 +33,7 @@ from idefics2.cli.common import (
     load_pipeline,
     non_negative_int,
     number_in,
+    open_rows,
     positive_int,
 )
 
@@ -193,36 +195,6 @@ def _controls(args: argparse.Namespace, settings: dict[str, Any], model) -> dict
     if stop:
         controls["stop_strings"] = stop
     return controls
-
-
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    """--subset, --split and --columns: how a dataset is read (see idefics2.data)."""
-    p.add_argument("--subset", metavar="NAME", help="the hub dataset's subset (configuration)")
-    p.add_argument("--split", metavar="NAME", help="the split of a hub dataset or `datasets` folder")
-    p.add_argument(
-        "--columns",
-        metavar="FIELD=COLUMN,...",
-        help="which columns hold what, for layouts not recognised by their names: fields prompt, image, "
-        "images, answers, choices, messages, texts, chosen, rejected, id; dotted paths reach into structs, "
-        "e.g. prompt=query.en,image=image,answers=answers",
-    )
-
-
-def open_rows(args: argparse.Namespace, source: str, what: str = "--input") -> RowStream:
-    """The rows of `source` with --subset/--split/--columns, the layout printed on stderr; UserError (one
-    line) when it cannot be read or holds no rows."""
-    from idefics2.data import DataSourceError, parse_columns, read_rows
-
-    try:
-        columns = parse_columns(args.columns) if args.columns else None
-        rows = read_rows(source, subset=args.subset, split=args.split, columns=columns)
-    except DataSourceError as error:
-        raise UserError(str(error) if what == "--input" else f"{what}: {error}") from None
-    if rows.num_rows == 0:
-        raise UserError(f"{source} holds no {'lines' if rows.source.kind == 'jsonl' else 'rows'}")
-    count = f"{rows.num_rows} rows" if rows.num_rows is not None else "rows"
-    print(f"reading {rows.description}: {count}, layout {rows.layout}", file=sys.stderr, flush=True)
-    return rows
 
 
 def _distributed() -> tuple[int, int]:

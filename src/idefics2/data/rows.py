@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idefics2.data.images import load_image
+from idefics2.data.images import image_file, load_image
 from idefics2.data.sources import DataSourceError, RawRecord, Source, open_source
 
 # the fields --columns may name; `image` is one image per row, `images` a list
@@ -99,16 +99,19 @@ def read_rows(
     split: str | None = None,
     columns: dict[str, str] | str | None = None,
     base_dir: str | os.PathLike | None = None,
+    decode_images: bool = True,
 ) -> RowStream:
     """The rows of `source` (see open_source), streamed. `columns` maps fields to (dotted) column paths for
-    layouts that are not recognised by their names. DataSourceError (one line) when the input cannot be read
-    or its layout cannot be told."""
+    layouts that are not recognised by their names. With `decode_images=False` a Row's images are left as
+    the input holds them (paths resolved against the input's folder, bytes, structs): a pass over the texts
+    that decodes no image. DataSourceError (one line) when the input cannot be read or its layout cannot be
+    told."""
     if isinstance(columns, str):
         columns = parse_columns(columns)
     opened = open_source(source, subset=subset, split=split, base_dir=base_dir)
     if base_dir is not None:
         opened.base_dir = Path(base_dir)
-    return RowStream(opened, _choose_layout(opened, dict(columns or {})))
+    return RowStream(opened, _choose_layout(opened, dict(columns or {})), decode_images)
 
 
 class RowStream:
@@ -116,8 +119,8 @@ class RowStream:
     the columns it reads, e.g. "cauldron (texts, images)"; `num_rows` is None when unknown; `schema` is the
     input's Arrow schema for tables, else None."""
 
-    def __init__(self, source: Source, layout: _Layout):
-        self.source, self._layout = source, layout
+    def __init__(self, source: Source, layout: _Layout, decode_images: bool = True):
+        self.source, self._layout, self.decode_images = source, layout, decode_images
         self.layout = layout.description
         self.schema = source.schema
         self.columns = source.columns
@@ -131,9 +134,16 @@ class RowStream:
         return self.source.description
 
     def __iter__(self) -> Iterator[Row]:
-        ids_from_index = self.source.kind != "jsonl"
         for index, raw in enumerate(self.source):
-            yield self._layout.row(index, raw, self.source.base_dir, ids_from_index)
+            yield self._row(index, raw, self.decode_images)
+
+    def row_at(self, index: int, *, decode_images: bool = True) -> Row:
+        """The row at position `index` (random access: a Parquet input reads the row group holding it)."""
+        return self._row(index, self.source.record_at(index), decode_images)
+
+    def _row(self, index: int, raw: RawRecord, decode_images: bool) -> Row:
+        ids_from_index = self.source.kind != "jsonl"
+        return self._layout.row(index, raw, self.source.base_dir, ids_from_index, decode_images)
 
 
 # ------------------------------------------------------------------------------------------------ layouts
@@ -162,9 +172,9 @@ class _Getter:
 class _Values(dict):
     """A record's fields ({field: value}) with the label of each (its column or --columns path) for errors."""
 
-    def __init__(self, values: dict[str, Any], labels: dict[str, str]):
+    def __init__(self, values: dict[str, Any], labels: dict[str, str], decode_images: bool = True):
         super().__init__(values)
-        self.labels = labels
+        self.labels, self.decode_images = labels, decode_images
 
     def label(self, name: str) -> str:
         return self.labels.get(name, name)
@@ -180,7 +190,9 @@ class _Layout:
     def description(self) -> str:
         return f"{self.name} ({', '.join(g.label for g in self.getters.values() if g.seen)})"
 
-    def row(self, index: int, raw: RawRecord, base_dir: Path | None, ids_from_index: bool) -> Row:
+    def row(
+        self, index: int, raw: RawRecord, base_dir: Path | None, ids_from_index: bool, decode_images: bool
+    ) -> Row:
         row = Row(index=index, id=index if ids_from_index else None, where=raw.where)
         if raw.error is not None:
             row.error = f"{raw.where}: {raw.error}"
@@ -192,6 +204,7 @@ class _Layout:
         values = _Values(
             {name: getter(raw.value) for name, getter in self.getters.items()},
             {name: getter.label for name, getter in self.getters.items()},
+            decode_images,
         )
         if "id" in self.getters:
             row.id = values["id"] if values["id"] is not None or not ids_from_index else index
@@ -281,10 +294,21 @@ def _images(values: _Values, base_dir: Path | None) -> list[Any]:
     images = []
     for k, item in enumerate(items):
         try:
-            images.append(load_image(item, base_dir))
+            images.append(load_image(item, base_dir) if values.decode_images else _undecoded(item, base_dir))
         except ValueError as error:
             raise RowProblem(label if "image" in values else f"{label}[{k}]", str(error)) from None
     return images
+
+
+def _undecoded(item: Any, base_dir: Path | None) -> Any:
+    """An image left as it is, but a path resolved (and checked to exist) and a struct's bytes taken."""
+    if isinstance(item, dict) and item.get("bytes") is not None:
+        return item["bytes"]
+    if isinstance(item, dict) and item.get("path"):
+        item = item["path"]
+    if isinstance(item, (str, os.PathLike)):
+        return str(image_file(item, base_dir))
+    return item
 
 
 def _text(value: Any, label: str) -> str:
@@ -369,7 +393,7 @@ def _with_images(row: Row, values: _Values, base_dir: Path | None, label: str) -
     """The images of a conversation: the `images` column, or those its image parts name themselves."""
     inline = [p.pop("image") for m in row.messages for p in m["content"] if "image" in p]
     if inline and values.get("images") is None and values.get("image") is None:
-        values = _Values({"images": inline}, {"images": label})
+        values = _Values({"images": inline}, {"images": label}, values.decode_images)
     row.images = _images(values, base_dir)
     parts = _count_image_parts(row.messages)
     if parts != len(row.images):

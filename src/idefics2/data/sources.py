@@ -50,6 +50,10 @@ class Source:
     def __iter__(self) -> Iterator[RawRecord]:
         raise NotImplementedError
 
+    def record_at(self, index: int) -> RawRecord:
+        """The record at position `index` (random access, for training in a shuffled order)."""
+        raise NotImplementedError
+
 
 def open_source(
     source: Any,
@@ -146,13 +150,30 @@ class _JsonlSource(Source):
         return sum(1 for _ in self._lines())
 
     def __iter__(self) -> Iterator[RawRecord]:
-        from idefics2.training.data import parse_json_line
-
         for number, line in self._lines():
-            try:
-                yield RawRecord(f"line {number}", parse_json_line(line, _LineError))
-            except _LineError as error:
-                yield RawRecord(f"line {number}", None, str(error))
+            yield _parsed(number, line)
+
+    def record_at(self, index: int) -> RawRecord:
+        if not hasattr(self, "_offsets"):  # (line number, byte offset) of each non-blank line
+            self._offsets, offset = [], 0
+            with self.path.open("rb") as lines:
+                for number, line in enumerate(lines, 1):
+                    if line.decode("utf-8", "replace").strip():
+                        self._offsets.append((number, offset))
+                    offset += len(line)
+        number, offset = self._offsets[index]
+        with self.path.open("rb") as f:
+            f.seek(offset)
+            return _parsed(number, f.readline())
+
+
+def _parsed(number: int, line: bytes) -> RawRecord:
+    from idefics2.training.data import parse_json_line
+
+    try:
+        return RawRecord(f"line {number}", parse_json_line(line, _LineError))
+    except _LineError as error:
+        return RawRecord(f"line {number}", None, str(error))
 
 
 class _LineError(Exception):
@@ -174,6 +195,11 @@ class _PythonSource(Source):
     def __iter__(self) -> Iterator[RawRecord]:
         for index, value in enumerate(self.records):
             yield RawRecord(f"row {index}", value)
+
+    def record_at(self, index: int) -> RawRecord:
+        if not hasattr(self.records, "__getitem__"):
+            self.records = list(self.records)
+        return RawRecord(f"row {index}", self.records[index])
 
 
 # ---------------------------------------------------------------------------------------------- Arrow
@@ -220,6 +246,28 @@ class _ParquetSource(Source):
 
         return _arrow_records(batches())
 
+    def record_at(self, index: int) -> RawRecord:
+        """The row group holding the row is read (and kept, for the next rows of the same group)."""
+        import bisect
+
+        import pyarrow.parquet as pq
+
+        if not hasattr(self, "_groups"):  # (first row, file, row group) of every row group
+            self._groups, first = [], 0
+            for path in self.paths:
+                metadata = pq.ParquetFile(path).metadata
+                for group in range(metadata.num_row_groups):
+                    self._groups.append((first, path, group))
+                    first += metadata.row_group(group).num_rows
+            self._cached: tuple[int, Any] = (-1, None)
+        k = bisect.bisect_right([g[0] for g in self._groups], index) - 1
+        if self._cached[0] != k:
+            first, path, group = self._groups[k]
+            with pq.ParquetFile(path) as f:
+                self._cached = (k, f.read_row_group(group, use_threads=False))
+        table = self._cached[1]
+        return RawRecord(f"row {index}", table.slice(index - self._groups[k][0], 1).to_pylist()[0])
+
 
 # -------------------------------------------------------------------------------------------- datasets
 def _import_datasets():
@@ -252,6 +300,9 @@ class _DatasetsSource(Source):
 
     def __iter__(self) -> Iterator[RawRecord]:
         return _arrow_records(self.dataset.with_format("arrow").iter(batch_size=ARROW_BATCH_ROWS))
+
+    def record_at(self, index: int) -> RawRecord:
+        return RawRecord(f"row {index}", self.dataset.with_format("arrow")[index].to_pylist()[0])
 
 
 def _one_split(dataset: Any, split: str | None, description: str) -> Any:

@@ -189,17 +189,31 @@ class _PythonSource(Source):
             records = list(records)
         self.records, self.base_dir, self.description = records, base_dir, "the given rows"
         first = next(iter(records), None)
+        if isinstance(first, RawRecord):  # JSONL lines parsed by parse_line: read as a JSONL file is
+            self.kind = "jsonl"
+            first = next((r.value for r in records if isinstance(r.value, dict)), None)
         self.columns = list(first) if isinstance(first, dict) else []
         self.num_rows = len(records) if hasattr(records, "__len__") else None
 
     def __iter__(self) -> Iterator[RawRecord]:
         for index, value in enumerate(self.records):
-            yield RawRecord(f"row {index}", value)
+            yield _python_record(index, value)
 
     def record_at(self, index: int) -> RawRecord:
         if not hasattr(self.records, "__getitem__"):
             self.records = list(self.records)
-        return RawRecord(f"row {index}", self.records[index])
+        return _python_record(index, self.records[index])
+
+
+def _python_record(index: int, value: Any) -> RawRecord:
+    """A record given in Python; a RawRecord (e.g. a JSONL line parsed by `parse_line`) as it is."""
+    return value if isinstance(value, RawRecord) else RawRecord(f"row {index}", value)
+
+
+def parse_line(number: int, line: bytes) -> RawRecord:
+    """The RawRecord of one JSONL line (`number`: its 1-based line number), with an error if it is not
+    JSON."""
+    return _parsed(number, line)
 
 
 # ---------------------------------------------------------------------------------------------- Arrow

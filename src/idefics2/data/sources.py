@@ -99,6 +99,14 @@ def open_source(
     raise DataSourceError(f"input file not found: {text}")
 
 
+def require_pyarrow() -> None:
+    """One line saying what to install when pyarrow (Parquet) is missing."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise DataSourceError("Parquet needs pyarrow: pip install 'idefics2[data]' (or pyarrow)") from None
+
+
 def _no_subset_or_split(subset: str | None, split: str | None, text: str) -> None:
     if subset is not None or split is not None:
         flag = "--subset" if subset is not None else "--split"
@@ -232,6 +240,7 @@ class _ParquetSource(Source):
     kind = "parquet"
 
     def __init__(self, paths: list[Path], description: str):
+        require_pyarrow()
         import pyarrow.parquet as pq
 
         self.paths, self.description = paths, description
@@ -289,7 +298,8 @@ def _import_datasets():
         import datasets
     except ImportError:
         raise DataSourceError(
-            "reading `datasets` folders and hub datasets needs the datasets package: pip install datasets"
+            "reading `datasets` folders and hub datasets needs the datasets package: "
+            "pip install 'idefics2[data]' (or datasets)"
         ) from None
     return datasets
 

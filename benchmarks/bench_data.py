@@ -4,10 +4,11 @@ one process against `--ray` with 1 and 2 actors (the built-in model, on this mac
     python benchmarks/bench_data.py --rows 100000 --answer-rows 48
 
 Memory: a Parquet file of `--rows` rows, each a distinct noise image (PNG bytes) and a question, is read
-through idefics2.data (every image decoded) in a fresh process, whose peak RSS is compared with the RSS after
-the imports and with a process that reads the same file whole (pyarrow.parquet.read_table).
-Throughput: the first `--answer-rows` rows answered by `idefics2 batch` (wall time of the whole command, so
-Ray's start and the actors' model loading are included; the ratios are what to compare).
+through idefics2.data (every image decoded) in a fresh process, whose peak RSS is compared with the same read
+of the file's first tenth, and with a process that reads the file whole (pyarrow.parquet.read_table).
+Throughput: the first `--answer-rows` rows answered by `idefics2 batch` in one process (the whole command,
+model loading included) and by Predictor actors on a local 2-CPU Ray cluster (started beforehand; the actors'
+start and model loading included). On a shared machine, the ratios are what to compare.
 """
 
 from __future__ import annotations
@@ -23,26 +24,27 @@ from pathlib import Path
 
 import numpy as np
 
-READ_WITH_LAYER = """
-import resource, sys
+# the peak RSS of this process (VmHWM, kB; unlike ru_maxrss it does not carry over the parent's peak)
+PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1])"
+READ_WITH_LAYER = f"""
+import sys
+import idefics2.pipelines  # what reading a row imports (torch), before the first measure
 from idefics2.data import read_rows
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = {PEAK}
 rows = errors = 0
 for row in read_rows(sys.argv[1]):
     rows += 1
     errors += row.error is not None
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(rows, errors, before, peak)
+print(rows, errors, before, {PEAK})
 """
 
-READ_WHOLE = """
-import resource, sys
+READ_WHOLE = f"""
+import sys
+import idefics2.pipelines
 import pyarrow.parquet as pq
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = {PEAK}
 table = pq.read_table(sys.argv[1])
-rows = table.num_rows
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(rows, 0, before, peak)
+print(table.num_rows, 0, before, {PEAK})
 """
 
 
@@ -107,26 +109,56 @@ def main() -> None:
         write_input(large, args.rows, args.side)
         size = large.stat().st_size / 2**20
         print(f"wrote {args.rows} rows, {size:.0f} MiB, in {time.perf_counter() - started:.0f} s", flush=True)
-        for name, script in (("idefics2.data, streamed", READ_WITH_LAYER), ("read_table, whole", READ_WHOLE)):
-            rows, errors, before, peak, seconds = peak_rss(script, large)
+        import pyarrow.parquet as pq
+
+        tenth = folder / "tenth.parquet"  # the first tenth: a bounded reader peaks as high on it
+        pq.write_table(pq.read_table(large).slice(0, args.rows // 10), tenth, row_group_size=1000)
+        readers = [("idefics2.data, 1/10", READ_WITH_LAYER, tenth), ("idefics2.data", READ_WITH_LAYER, large),
+                   ("read_table, whole", READ_WHOLE, large)]  # fmt: skip
+        for name, script, path in readers:
+            rows, errors, before, peak, seconds = peak_rss(script, path)
             rate = rows / seconds
             print(f"{name:<24} {rows} rows ({errors} errors) in {seconds:5.1f} s ({rate:7.0f} rows/s): "
                   f"peak RSS {peak:6.0f} MiB, {peak - before:+6.0f} MiB over the imports",
                   flush=True)  # fmt: skip
 
-        import pyarrow.parquet as pq
-
         small = folder / "small.parquet"
         pq.write_table(pq.read_table(large).slice(0, args.answer_rows), small)
-        ray = ["--ray", "--cpus-per-actor", "0.5", "--actors"]
-        runs = [("one process", []), ("--ray, 1 actor", [*ray, "1"]), ("--ray, 2 actors", [*ray, "2"])]
-        baseline = None
-        for name, extra in runs:
-            seconds = answer(small, folder / "out.jsonl", extra, args.max_new_tokens)
+        seconds = answer(small, folder / "out.jsonl", [], args.max_new_tokens)
+        baseline = args.answer_rows / seconds
+        print(
+            f"{'one process':<16} {args.answer_rows} rows in {seconds:5.1f} s: {baseline:5.2f} rows/s",
+            flush=True,
+        )
+        for actors in (1, 2):
+            seconds = answer_on_ray(small, actors, args.max_new_tokens)
             rate = args.answer_rows / seconds
-            baseline = baseline or rate
+            name = f"Ray, {actors} actor(s)"
             print(f"{name:<16} {args.answer_rows} rows in {seconds:5.1f} s: {rate:5.2f} rows/s "
                   f"({rate / baseline:.2f}x one process)", flush=True)  # fmt: skip
+
+
+def answer_on_ray(source: Path, actors: int, max_new_tokens: int) -> float:
+    """Seconds of answering `source` with Predictor actors on a local 2-CPU Ray cluster (started once, not
+    timed; the actors' start and model loading are timed, as the one process's are)."""
+    import ray
+    import ray.data
+
+    from idefics2.integrations.ray import Predictor
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    started = time.perf_counter()
+    ray.data.read_parquet(str(source)).repartition(4 * actors).map_batches(
+        Predictor,
+        fn_constructor_kwargs={"max_new_tokens": max_new_tokens},
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=0.5,
+        batch_size=8,
+        batch_format="pyarrow",
+    ).materialize()
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":

@@ -60,7 +60,7 @@ def test_predictor_in_map_batches_answers_like_one_process(cluster, inputs):
 
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
-    dataset = ray.data.read_parquet(str(inputs / "in.parquet"), override_num_blocks=3)
+    dataset = ray.data.read_parquet(str(inputs / "in.parquet")).repartition(3)  # work for both actors
     answered = dataset.map_batches(
         Predictor,
         fn_constructor_kwargs={"dtype": "float32", "max_new_tokens": 3},

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -112,9 +112,10 @@ def add_parser(subparsers) -> None:
         "--ray",
         nargs="?",
         const="auto",
-        metavar="auto|ADDRESS",
+        metavar="auto|local|ADDRESS",
         help="answer on a Ray cluster with Ray Data (pip install 'idefics2[ray]'): auto = the running "
-        "cluster, else a local one; or the cluster's address, e.g. ray://head:10001",
+        "cluster, else a new local one; local = a new local one; or the cluster's address, e.g. "
+        "ray://head:10001",
     )
     p.add_argument(
         "--actors", type=positive_int, default=1, metavar="N", help="with --ray: model replicas (default: 1)"
@@ -252,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and rank == 0
     with _terminate_as_interrupt(), Engine(pipe.model, pipe.processor, **options) as engine:
         with open_writer(part, keep=keep, schema=rows.schema, resume=args.resume) as out:
-            mine = _share(rows, rank, world, done)
+            mine = rows.select(rank=rank, world=world, skip_ids=done)
             answer_rows(engine, args, mine, out, _share_size(rows.num_rows, rank, world), progress)
     if world > 1:
         import torch.distributed as dist
@@ -287,15 +288,6 @@ def _answered(target: Path) -> set[str]:
         return answered_ids(target)
     except DataSourceError as error:
         raise UserError(f"--resume: {error}") from None
-
-
-def _share(rows: RowStream, rank: int, world: int, done: set[str]) -> Iterator[Row]:
-    """This process's rows (every world-th), without those --resume finds answered."""
-    from idefics2.data import id_key
-
-    for row in rows:
-        if row.index % world == rank and (row.id is None or id_key(row.id) not in done):
-            yield row
 
 
 def _share_size(num_rows: int | None, rank: int, world: int) -> int | None:

@@ -187,8 +187,8 @@ def _run(args: argparse.Namespace) -> int:
         eval_rows = open_rows(
             args, args.eval_data, "--eval-data", split=args.eval_split, announce=False, decode_images=False
         )
-    train_examples = _jsonl_examples(train_rows)
-    eval_examples = _jsonl_examples(eval_rows) if eval_rows is not None else None
+    train_examples = _jsonl_examples(train_rows, args.columns)
+    eval_examples = _jsonl_examples(eval_rows, args.columns) if eval_rows is not None else None
     folder = model_folder(args.model)  # a hub id is downloaded here, once the data is known to be good
     if output.resolve() == folder.resolve():
         raise UserError(f"--output {args.output} is the --model folder: choose another output folder")
@@ -258,13 +258,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _jsonl_examples(rows) -> list[dict] | None:
+def _jsonl_examples(rows, columns: str | None) -> list[dict] | None:
     """Our JSONL chat files are read as they always were: every line checked (image headers too) before any
     model loads, the first bad one stopping the run. Other inputs: None (read as rows when the processor is
     loaded, see _dataset)."""
     from idefics2.training import read_jsonl
 
-    if rows.source.kind == "jsonl" and (rows.layout.startswith("messages") or not rows.recognised):
+    ours = rows.layout.startswith("messages") or not rows.recognised
+    if rows.source.kind == "jsonl" and ours and not columns:
         return read_jsonl(rows.source.path)
     return None
 

@@ -138,6 +138,23 @@ class RowStream:
         for index, raw in enumerate(self.source):
             yield self._row(index, raw, self.decode_images)
 
+    def select(
+        self, *, rank: int = 0, world: int = 1, skip_ids: set[str] | frozenset = frozenset()
+    ) -> Iterator[Row]:
+        """The rows of one shard (every `world`-th row from `rank`) whose id (as `id_key` gives it) is not in
+        `skip_ids`; the rows left out are not built (their images not decoded)."""
+        from idefics2.data.writers import id_key
+
+        ids_from_index = self.source.kind != "jsonl"
+        for index, raw in enumerate(self.source):
+            if index % world != rank:
+                continue
+            if skip_ids and raw.error is None:
+                row_id = self._layout.row_id(raw.value, index, ids_from_index)
+                if row_id is not None and id_key(row_id) in skip_ids:
+                    continue
+            yield self._row(index, raw, self.decode_images)
+
     def row_at(self, index: int, *, decode_images: bool = True) -> Row:
         """The row at position `index` (random access: a Parquet input reads the row group holding it)."""
         return self._row(index, self.source.record_at(index), decode_images)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -191,14 +190,12 @@ def run_batch(args: argparse.Namespace, rows) -> int:
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # results in input order
     context.enable_progress_bars = not args.no_progress
-    # blocks of about 8 batches, at least two per actor, so that every actor gets work
-    blocks = max(2 * args.actors, math.ceil((rows.num_rows or 0) / (16 * args.max_batch)))
     if kind == "parquet":
-        paths = [str(p) for p in rows.source.paths]
-        dataset, jsonl_column = ray.data.read_parquet(paths, override_num_blocks=blocks), None
+        dataset, jsonl_column = ray.data.read_parquet([str(p) for p in rows.source.paths]), None
     else:
-        dataset = ray.data.read_text(str(rows.source.path), override_num_blocks=blocks)
-        jsonl_column = "text"
+        dataset, jsonl_column = ray.data.read_text(str(rows.source.path)), "text"
+    # blocks of one batch each (a streaming step), so that a small input still reaches every actor
+    dataset = dataset.map_batches(_same, batch_size=2 * args.max_batch, batch_format="pyarrow")
     options = {
         "model": args.model, "adapter": args.adapter, "device": args.device, "dtype": args.dtype,
         "quantize": args.quantize, "columns": args.columns, "base_dir": str(rows.source.base_dir),
@@ -231,9 +228,17 @@ def run_batch(args: argparse.Namespace, rows) -> int:
     return 0
 
 
+def _same(batch):
+    return batch
+
+
 def _connect(ray, address: str) -> None:
-    """auto: the running cluster (RAY_ADDRESS or one started with `ray start`), else a local one."""
+    """auto: the running cluster (RAY_ADDRESS or one started with `ray start`), else a local one; local: a
+    new local one."""
     if ray.is_initialized():
+        return
+    if address == "local":
+        ray.init(address="local")
         return
     if address != "auto":
         try:

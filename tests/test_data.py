@@ -260,3 +260,12 @@ def test_result_files_keep_ids_and_columns_and_resume(tmp_path, docvqa):
         writer.write({"id": "x", "text": "b", "finish_reason": "stop"})
     assert pq.read_table(text_ids).column("id").to_pylist() == ["3", "x"]
     assert answered_ids(text_ids) == {id_key(3), id_key("x")}
+
+
+def test_text_only_table_and_a_bad_image_in_a_list(tmp_path):
+    pq.write_table(pa.table({"question": ["Hello?"], "answer": ["Hi."]}), tmp_path / "text.parquet")
+    (row,) = read_rows(tmp_path / "text.parquet")
+    assert (row.prompt, row.images, row.answers, row.error) == ("Hello?", [], ["Hi."], None)
+    rows = read_rows([{"prompt": "Two?", "images": [RED, b"junk"]}])
+    (bad,) = rows
+    assert bad.error.startswith("row 0, column images[1]: image bytes is not a readable image")

@@ -308,8 +308,9 @@ def _choose_layout(source: Source, mapping: dict[str, str]) -> _Layout:
 # -------------------------------------------------------------------------------------- building rows
 def _images(values: _Values, base_dir: Path | None) -> list[Any]:
     """The row's images, decoded: `images` holds a list, `image` one image (or none)."""
-    if values.get("image") is not None or "images" not in values:
-        value, label = values["image"], values.label("image")
+    single = values.get("image") is not None or "images" not in values
+    if single:
+        value, label = values.get("image"), values.label("image")
         items = [] if value is None else [value]
     else:
         value, label = values.get("images"), values.label("images")
@@ -323,7 +324,7 @@ def _images(values: _Values, base_dir: Path | None) -> list[Any]:
         try:
             images.append(load_image(item, base_dir) if values.decode_images else _undecoded(item, base_dir))
         except ValueError as error:
-            raise RowProblem(label if "image" in values else f"{label}[{k}]", str(error)) from None
+            raise RowProblem(label if single else f"{label}[{k}]", str(error)) from None
     return images
 
 

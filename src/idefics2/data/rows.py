@@ -241,6 +241,8 @@ class _Layout:
             row.error = _where(raw.where, problem.column, str(problem))
         except ValueError as problem:  # a problem the chat helpers found, outside any one column
             row.error = f"{raw.where}: {problem}"
+        except Exception as problem:  # whatever else goes wrong with one row stays with that row
+            row.error = f"{raw.where}: {type(problem).__name__}: {' '.join(str(problem).split())}"
         return row
 
 

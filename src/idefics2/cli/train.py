@@ -7,25 +7,45 @@ import os
 import sys
 from pathlib import Path
 
-from idefics2.cli.common import UserError, add_quantize_option, model_folder, non_negative_int, positive_int
+from idefics2.cli.common import (
+    UserError,
+    add_data_options,
+    add_quantize_option,
+    announce_rows,
+    model_folder,
+    non_negative_int,
+    open_rows,
+    positive_int,
+)
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="fine-tune a model on chat examples (LoRA adapter or full weights)",
-        description="Fine-tune Idefics2 on a JSONL file of chat examples. Each line: "
+        description="Fine-tune Idefics2 on chat examples: a JSONL file, each line "
         '{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, '
-        '{"role": "assistant", "content": "..."}], "images": ["path.jpg"]}. Only assistant turns are '
-        "learned. Runs data-parallel under `torchrun --nproc_per_node N`.",
+        '{"role": "assistant", "content": "..."}], "images": ["path.jpg"]}; or a Parquet file / folder / '
+        "glob, `datasets` folder or hub dataset in a layout idefics2 recognises (messages, the cauldron's "
+        "texts, question/answer columns) or names with --columns, its images read as batches are built. "
+        "Only assistant turns are learned. Runs data-parallel under `torchrun --nproc_per_node N`.",
     )
     p.add_argument(
         "--model",
         metavar="DIR_OR_REPO",
         help="checkpoint folder or hub repo id (default: the built-in shapes-world model)",
     )
-    p.add_argument("--data", required=True, help="training examples (JSONL)")
-    p.add_argument("--eval-data", help="evaluation examples (JSONL); the loss is reported every --eval-steps")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="training examples: JSONL, Parquet file / folder / glob, `datasets` folder or hub dataset id",
+    )
+    p.add_argument(
+        "--eval-data",
+        help="evaluation examples (the same kinds of input); the loss is reported every --eval-steps",
+    )
+    add_data_options(p)
+    p.add_argument("--eval-split", metavar="NAME", help="the split of --eval-data (default: --split)")
     p.add_argument("--output", required=True, help="folder for the adapter (or full model) and checkpoints")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank (default: 8)")
@@ -132,13 +152,11 @@ def _run(args: argparse.Namespace) -> int:
 
     from idefics2.training import (
         ChatCollator,
-        ChatDataset,
         LoraConfig,
         TrainingArguments,
         add_lora,
         freeze,
         mark_only_lora_trainable,
-        read_jsonl,
         train,
     )
     from idefics2.training.checkpoint import latest_checkpoint, previous_run
@@ -162,8 +180,15 @@ def _run(args: argparse.Namespace) -> int:
     previous = previous_run(output)
     if previous and not args.resume and not args.overwrite:
         raise UserError(previous_run_message(output, previous))
-    train_examples = read_jsonl(args.data)  # a bad line stops everything here, before any model loads
-    eval_examples = read_jsonl(args.eval_data) if args.eval_data else None
+    # a bad JSONL line, an unreadable input or unknown layout stops everything here, before any model loads
+    train_rows = open_rows(args, args.data, "--data", announce=False, decode_images=False)
+    eval_rows = None
+    if args.eval_data:
+        eval_rows = open_rows(
+            args, args.eval_data, "--eval-data", split=args.eval_split, announce=False, decode_images=False
+        )
+    train_examples = _jsonl_examples(train_rows)
+    eval_examples = _jsonl_examples(eval_rows) if eval_rows is not None else None
     folder = model_folder(args.model)  # a hub id is downloaded here, once the data is known to be good
     if output.resolve() == folder.resolve():
         raise UserError(f"--output {args.output} is the --model folder: choose another output folder")
@@ -172,8 +197,8 @@ def _run(args: argparse.Namespace) -> int:
 
     processor = Idefics2Processor.from_pretrained(folder)
     collator = ChatCollator(processor, max_length=args.max_length)
-    train_data = ChatDataset(train_examples, collator)
-    eval_data = ChatDataset(eval_examples, collator) if eval_examples else None
+    train_data = _dataset(train_rows, train_examples, collator)
+    eval_data = _dataset(eval_rows, eval_examples, collator) if eval_rows is not None else None
 
     training_args = TrainingArguments(
         output_dir=str(output),
@@ -231,3 +256,20 @@ def _run(args: argparse.Namespace) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _jsonl_examples(rows) -> list[dict] | None:
+    """Our JSONL chat files are read as they always were: every line checked (image headers too) before any
+    model loads, the first bad one stopping the run. Other inputs: None (read as rows, see _dataset)."""
+    from idefics2.training import read_jsonl
+
+    if rows.source.kind == "jsonl" and rows.layout.startswith("messages"):
+        return read_jsonl(rows.source.path)
+    announce_rows(rows)
+    return None
+
+
+def _dataset(rows, examples: list[dict] | None, collator):
+    from idefics2.training import ChatDataset, RowsDataset
+
+    return ChatDataset(examples, collator) if examples is not None else RowsDataset(rows, collator)

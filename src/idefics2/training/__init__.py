@@ -5,6 +5,7 @@ from idefics2.training.data import (
     ChatDataset,
     DataError,
     EncodedExample,
+    RowsDataset,
     normalize_example,
     read_jsonl,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "DataError",
     "EncodedExample",
     "LoraConfig",
+    "RowsDataset",
     "TrainResult",
     "TrainingArguments",
     "add_lora",

@@ -71,7 +71,8 @@ def prepare(rows: Iterable[Any], metric: Metric, template: str, group_by: str | 
             raise EvalError(
                 f"--group-by: the data has no column {group_by!r} (it has: {', '.join(row.columns)})"
             )
-        item = Item(row.id, None, [], row.answers, row.choices, _group_label(group), row.error)
+        row_id = row.id if row.id is not None else row.index  # a JSONL line without an "id": its number
+        item = Item(row_id, None, [], row.answers, row.choices, _group_label(group), row.error)
         if item.error is None:
             if not row.prompt:
                 item.error = f"{row.where}: no question (a prompt, question or query column)"
@@ -304,11 +305,15 @@ def check_predictions_path(path: str) -> Path:
 
 
 def write_predictions(path: Path, records: Iterable[dict[str, Any]]) -> None:
-    """The records to `path`: JSONL (each written as it comes) or Parquet (at the end)."""
+    """The records to `path`: JSONL (each written as it comes) or Parquet (at the end; the columns are the
+    records' own, with their types, unlike the fixed columns of idefics2.data's result writers)."""
+    from idefics2.data.writers import json_line
+
     if path.suffix == ".jsonl":
         with path.open("w", encoding="utf-8") as out:
             for record_ in records:
-                out.write(json.dumps(record_, ensure_ascii=False) + "\n")
+                out.write(json_line(record_) + "\n")
+                out.flush()
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -325,25 +330,12 @@ def read_predictions(path: str) -> list[dict[str, Any]]:
     source = check_predictions_path(path)
     if not source.is_file():
         raise EvalError(f"predictions file not found: {path}")
-    if source.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    from idefics2.data.writers import read_results
 
-        try:
-            return pq.read_table(source).to_pylist()
-        except Exception as error:  # pyarrow's errors have no common base
-            raise EvalError(f"{path}: not a readable Parquet file: {error}") from None
-    records = []
-    with source.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except ValueError as error:
-                raise EvalError(f"{path}, line {number}: not JSON: {error}") from None
-            if not isinstance(value, dict):
-                raise EvalError(f"{path}, line {number}: expected a JSON object")
-            records.append(value)
+    records = list(read_results(source))
+    for number, value in enumerate(records, 1):
+        if not isinstance(value, dict):
+            raise EvalError(f"{path}, line {number}: expected a JSON object")
     if not records:
         raise EvalError(f"{path} holds no predictions")
     return records

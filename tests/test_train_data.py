@@ -109,4 +109,5 @@ def test_train_from_a_cauldron_folder_and_a_docvqa_parquet(inputs, tmp_path, cap
         ["train", "--data", str(tmp_path / "unanswered.parquet"), "--output", str(tmp_path / "c"), *flags]
     )
     err = capsys.readouterr().err
-    assert code == 2 and "error: row 0: no assistant message" in err.splitlines()[-1]
+    assert code == 2 and err.count("\n") == 1 and "error: row 0: no assistant message" in err
+    assert "as layout question/answer (question, image)" in err

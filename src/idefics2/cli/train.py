@@ -260,16 +260,23 @@ def _run(args: argparse.Namespace) -> int:
 
 def _jsonl_examples(rows) -> list[dict] | None:
     """Our JSONL chat files are read as they always were: every line checked (image headers too) before any
-    model loads, the first bad one stopping the run. Other inputs: None (read as rows, see _dataset)."""
+    model loads, the first bad one stopping the run. Other inputs: None (read as rows when the processor is
+    loaded, see _dataset)."""
     from idefics2.training import read_jsonl
 
-    if rows.source.kind == "jsonl" and rows.layout.startswith("messages"):
+    if rows.source.kind == "jsonl" and (rows.layout.startswith("messages") or not rows.recognised):
         return read_jsonl(rows.source.path)
-    announce_rows(rows)
     return None
 
 
 def _dataset(rows, examples: list[dict] | None, collator):
-    from idefics2.training import ChatDataset, RowsDataset
+    from idefics2.training import ChatDataset, DataError, RowsDataset
 
-    return ChatDataset(examples, collator) if examples is not None else RowsDataset(rows, collator)
+    if examples is not None:
+        return ChatDataset(examples, collator)
+    try:
+        dataset = RowsDataset(rows, collator)
+    except DataError as error:
+        raise DataError(f"{error} (reading {rows.description} as layout {rows.layout})") from None
+    announce_rows(rows)
+    return dataset

@@ -122,6 +122,7 @@ class RowStream:
     def __init__(self, source: Source, layout: _Layout, decode_images: bool = True):
         self.source, self._layout, self.decode_images = source, layout, decode_images
         self.layout = layout.description
+        self.recognised = layout.recognised  # False when a JSONL file's layout is a guess
         self.schema = source.schema
         self.columns = source.columns
 
@@ -185,6 +186,7 @@ class _Layout:
     name: str
     getters: dict[str, _Getter]
     build: Callable[[Row, _Values, Path | None], None]
+    recognised: bool = True  # False: a JSONL file none of whose first lines is an object of a known layout
 
     @property
     def description(self) -> str:
@@ -247,13 +249,13 @@ def _choose_layout(source: Source, mapping: dict[str, str]) -> _Layout:
 
     schemaless = source.schema is None  # JSONL or Python rows: each record may have other keys
 
-    def layout(name: str, build, *used: str) -> _Layout:
+    def layout(name: str, build, *used: str, recognised: bool = True) -> _Layout:
         if schemaless:
             for field in ("id", *used):
                 primary = RECOGNISED[field][0]
                 if field not in getters and field not in mapping and primary not in mapping.values():
                     getters[field] = _Getter(primary, [primary], seen=False)
-        return _Layout(name, {k: getters[k] for k in ("id", *used) if k in getters}, build)
+        return _Layout(name, {k: getters[k] for k in ("id", *used) if k in getters}, build, recognised)
 
     if schemaless:
         image_fields: tuple[str, ...] = ("image", "images")
@@ -271,7 +273,7 @@ def _choose_layout(source: Source, mapping: dict[str, str]) -> _Layout:
         name = "prompt" if prompt.label == "prompt" else "question/answer"
         return layout(name, _build_prompt, "prompt", *extras)
     if source.kind == "jsonl":  # our batch layout, whose lines then say what they lack
-        return layout("prompt", _build_prompt, "prompt", *extras)
+        return layout("prompt", _build_prompt, "prompt", *extras, recognised=False)
     raise DataSourceError(
         f"cannot tell the layout of {source.description} from its columns ({', '.join(source.columns)}): "
         "name them with --columns, e.g. --columns prompt=question,image=image,answers=answers"

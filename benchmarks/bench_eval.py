@@ -1,7 +1,8 @@
 """Evaluation throughput: `idefics2 eval`'s engine path (continuous batching) against a plain loop over
 `generate`, one item at a time (the way lmms-eval drives a transformers model, batch size 1), on the same
 shapes-world items with the built-in model, in one process, alternating. Images are drawn once beforehand;
-both paths ask the same prompts greedily with the same token limit. Reports items/s of each (best of the
+both paths ask the same prompts greedily with the same token limit (the engine without its image-feature
+cache, which would serve the repeats' images from memory). Reports items/s of each (best of the
 repeats), their ratio, and how many answers the two agree on.
 
     python benchmarks/bench_eval.py [--per-type 10] [--max-batch 32] [--repeats 2] [--dtype float32]
@@ -68,14 +69,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="the engine's budget (eval's default)")
+    parser.add_argument("--vision-chunk", type=int, default=1024, help="the engine's budget (eval's default)")
     args = parser.parse_args()
 
     pipe = idefics2.pipeline(dtype=weights_dtype(args.dtype, "cpu"), device="cpu")
     items = shapes_items(args.per_type, seed=11)
     print(f"{len(items)} items, built-in model ({next(pipe.model.parameters()).dtype}), "
-          f"{torch.get_num_threads()} threads, max_batch {args.max_batch}")  # fmt: skip
+          f"{torch.get_num_threads()} threads, max_batch {args.max_batch}, prefill/vision chunks "
+          f"{args.prefill_chunk}/{args.vision_chunk}")  # fmt: skip
     timings: dict[str, list[float]] = {"generate loop": [], "eval engine": []}
-    with Engine(pipe.model, pipe.processor, max_batch=args.max_batch) as engine:
+    # no image-feature cache: each repeat asks about the same images, which a real evaluation sees once
+    budgets = {"prefill_chunk": args.prefill_chunk, "vision_chunk": args.vision_chunk}
+    with Engine(pipe.model, pipe.processor, max_batch=args.max_batch, image_cache_mb=0, **budgets) as engine:
         engine_answers(engine, items[:4], args.max_new_tokens)  # warm-up: both paths
         loop_answers(pipe, items[:2], args.max_new_tokens)
         for _ in range(args.repeats):

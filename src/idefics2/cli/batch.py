@@ -126,6 +126,13 @@ def add_parser(subparsers) -> None:
         metavar="G",
         help="with --ray: GPUs each replica holds (default: 0, CPU)",
     )
+    p.add_argument(
+        "--cpus-per-actor",
+        type=number_in(0.0, 1024.0, low_open=True),
+        default=1.0,
+        metavar="C",
+        help="with --ray: CPUs each replica holds (default: 1; leave some to Ray Data's reading tasks)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
 

@@ -142,6 +142,10 @@ class RowStream:
         """The row at position `index` (random access: a Parquet input reads the row group holding it)."""
         return self._row(index, self.source.record_at(index), decode_images)
 
+    def id_of(self, record: Any, index: int) -> Any:
+        """The id a row of this input gets (see Row.id) from its raw record and position."""
+        return self._layout.row_id(record, index, self.source.kind != "jsonl")
+
     def _row(self, index: int, raw: RawRecord, decode_images: bool) -> Row:
         ids_from_index = self.source.kind != "jsonl"
         return self._layout.row(index, raw, self.source.base_dir, ids_from_index, decode_images)
@@ -192,6 +196,11 @@ class _Layout:
     def description(self) -> str:
         return f"{self.name} ({', '.join(g.label for g in self.getters.values() if g.seen)})"
 
+    def row_id(self, record: Any, index: int, ids_from_index: bool) -> Any:
+        """The id column's value, else the index (None for a JSONL line without an id)."""
+        value = self.getters["id"](record) if "id" in self.getters and isinstance(record, dict) else None
+        return index if value is None and ids_from_index else value
+
     def row(
         self, index: int, raw: RawRecord, base_dir: Path | None, ids_from_index: bool, decode_images: bool
     ) -> Row:
@@ -203,13 +212,12 @@ class _Layout:
             row.error = f"{raw.where}: expected a JSON object, got {type(raw.value).__name__}"
             return row
         row.columns = raw.value
+        row.id = self.row_id(raw.value, index, ids_from_index)
         values = _Values(
             {name: getter(raw.value) for name, getter in self.getters.items()},
             {name: getter.label for name, getter in self.getters.items()},
             decode_images,
         )
-        if "id" in self.getters:
-            row.id = values["id"] if values["id"] is not None or not ids_from_index else index
         try:
             self.build(row, values, base_dir)
         except RowProblem as problem:

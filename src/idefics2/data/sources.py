@@ -99,6 +99,14 @@ def open_source(
     raise DataSourceError(f"input file not found: {text}")
 
 
+def require_pyarrow() -> None:
+    """One line saying what to install when pyarrow (Parquet) is missing."""
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        raise DataSourceError("Parquet needs pyarrow: pip install 'idefics2[data]' (or pyarrow)") from None
+
+
 def _no_subset_or_split(subset: str | None, split: str | None, text: str) -> None:
     if subset is not None or split is not None:
         flag = "--subset" if subset is not None else "--split"
@@ -189,17 +197,31 @@ class _PythonSource(Source):
             records = list(records)
         self.records, self.base_dir, self.description = records, base_dir, "the given rows"
         first = next(iter(records), None)
+        if isinstance(first, RawRecord):  # JSONL lines parsed by parse_line: read as a JSONL file is
+            self.kind = "jsonl"
+            first = next((r.value for r in records if isinstance(r.value, dict)), None)
         self.columns = list(first) if isinstance(first, dict) else []
         self.num_rows = len(records) if hasattr(records, "__len__") else None
 
     def __iter__(self) -> Iterator[RawRecord]:
         for index, value in enumerate(self.records):
-            yield RawRecord(f"row {index}", value)
+            yield _python_record(index, value)
 
     def record_at(self, index: int) -> RawRecord:
         if not hasattr(self.records, "__getitem__"):
             self.records = list(self.records)
-        return RawRecord(f"row {index}", self.records[index])
+        return _python_record(index, self.records[index])
+
+
+def _python_record(index: int, value: Any) -> RawRecord:
+    """A record given in Python; a RawRecord (e.g. a JSONL line parsed by `parse_line`) as it is."""
+    return value if isinstance(value, RawRecord) else RawRecord(f"row {index}", value)
+
+
+def parse_line(number: int, line: bytes) -> RawRecord:
+    """The RawRecord of one JSONL line (`number`: its 1-based line number), with an error if it is not
+    JSON."""
+    return _parsed(number, line)
 
 
 # ---------------------------------------------------------------------------------------------- Arrow
@@ -218,6 +240,7 @@ class _ParquetSource(Source):
     kind = "parquet"
 
     def __init__(self, paths: list[Path], description: str):
+        require_pyarrow()
         import pyarrow.parquet as pq
 
         self.paths, self.description = paths, description
@@ -275,7 +298,8 @@ def _import_datasets():
         import datasets
     except ImportError:
         raise DataSourceError(
-            "reading `datasets` folders and hub datasets needs the datasets package: pip install datasets"
+            "reading `datasets` folders and hub datasets needs the datasets package: "
+            "pip install 'idefics2[data]' (or datasets)"
         ) from None
     return datasets
 

@@ -78,6 +78,9 @@ class _JsonlWriter(ResultWriter):
 
 class _ParquetWriter(ResultWriter):
     def __init__(self, path: Path, keep: list[str], schema: Any, rows_per_group: int):
+        from idefics2.data.sources import require_pyarrow
+
+        require_pyarrow()
         import pyarrow as pa
 
         super().__init__(path)
@@ -164,6 +167,9 @@ def read_results(path: str | os.PathLike):
 
     path = Path(path)
     if path.suffix == ".parquet":
+        from idefics2.data.sources import require_pyarrow
+
+        require_pyarrow()
         import pyarrow.parquet as pq
 
         try:

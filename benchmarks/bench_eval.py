@@ -6,6 +6,7 @@ cache, which would serve the repeats' images from memory). Reports items/s of ea
 repeats), their ratio, and how many answers the two agree on.
 
     python benchmarks/bench_eval.py [--per-type 10] [--max-batch 32] [--repeats 2] [--dtype float32]
+        [--model DIR_OR_REPO] [--device cuda]
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def loop_answers(pipe, items: list, max_new_tokens: int) -> list[str]:
         text = processor.apply_chat_template(
             [user_message(item.prompt, len(item.images))], add_generation_prompt=True
         )
-        inputs = processor(text=[text], images=[item.images], return_tensors="pt")
+        inputs = processor(text=[text], images=[item.images], return_tensors="pt").to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
         with torch.no_grad():
             out = generate(
@@ -68,14 +69,16 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--model", help="checkpoint folder or hub id (default: the built-in model)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     parser.add_argument("--prefill-chunk", type=int, default=512, help="the engine's budget (eval's default)")
     parser.add_argument("--vision-chunk", type=int, default=1024, help="the engine's budget (eval's default)")
     args = parser.parse_args()
 
-    pipe = idefics2.pipeline(dtype=weights_dtype(args.dtype, "cpu"), device="cpu")
+    pipe = idefics2.pipeline(args.model, dtype=weights_dtype(args.dtype, args.device), device=args.device)
     items = shapes_items(args.per_type, seed=11)
-    print(f"{len(items)} items, built-in model ({next(pipe.model.parameters()).dtype}), "
+    print(f"{len(items)} items, {args.model or 'built-in model'} ({next(pipe.model.parameters()).dtype}), "
           f"{torch.get_num_threads()} threads, max_batch {args.max_batch}, prefill/vision chunks "
           f"{args.prefill_chunk}/{args.vision_chunk}")  # fmt: skip
     timings: dict[str, list[float]] = {"generate loop": [], "eval engine": []}

@@ -174,3 +174,33 @@ def test_user_mistakes_are_one_line(argv, message, tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     code, out, err = run(["eval", *argv, "--no-progress"], capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_parquet_input_with_a_column_mapping(tmp_path, capsys):
+    """Columns the layouts do not know, mapped with --columns (dotted paths), images as bytes in a struct;
+    ANLS over a list of references."""
+    import io
+
+    import pyarrow as pa
+
+    rng = random.Random(9)
+    records = []
+    for i in range(3):
+        example = make_example(rng, "kind_of_color")
+        buffer = io.BytesIO()
+        example.images()[0].save(buffer, format="PNG")
+        picture = {"bytes": buffer.getvalue()}
+        records.append({"key": f"k{i}", "query": {"en": example.question}, "picture": picture,
+                        "refs": [example.answer, "a shape"]})  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "data.parquet")
+    out_file = tmp_path / "out.jsonl"
+    mapping = "id=key,prompt=query.en,image=picture,answers=refs"
+    code, out, err = run(["eval", "--data", tmp_path / "data.parquet", "--metric", "anls", "--columns",
+                          mapping, "--prompt-template", "{question}", "--predictions-out", out_file,
+                          "--no-progress"], capsys)  # fmt: skip
+    assert code == 0, err
+    results = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["id"] for r in results] == ["k0", "k1", "k2"]
+    assert [r["references"] for r in results] == [r["refs"] for r in records]
+    assert [r["prompt"] for r in results] == [r["query"]["en"] for r in records]
+    assert sum(r["score"] for r in results) >= 2  # the built-in model names the shape

@@ -298,9 +298,14 @@ def comparison_summary(metric: str, comparison: Comparison, name_a: str, name_b:
 
 # ---------------------------------------------------------------------------------------- prediction files
 def check_predictions_path(path: str) -> Path:
+    """The path of a predictions file: .jsonl, or .parquet (with pyarrow installed)."""
+    from idefics2.data.sources import require_pyarrow
+
     target = Path(path)
     if target.suffix not in PREDICTION_FORMATS:
         raise EvalError(f"{path}: a predictions file ends in .jsonl or .parquet")
+    if target.suffix == ".parquet":
+        require_pyarrow()
     return target
 
 

@@ -83,6 +83,21 @@ def add_parser(subparsers) -> None:
     )  # fmt: skip
     add_engine_budget_options(gen)
     gen.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    ray = p.add_argument_group("Ray (as `idefics2 batch --ray`)")
+    ray.add_argument(
+        "--ray", nargs="?", const="auto", metavar="auto|ADDRESS",
+        help="answer on a Ray cluster with Ray Data (pip install 'idefics2[ray]'; a Parquet or JSONL input): "
+        "auto = the running cluster, else a local one; or the cluster's address, e.g. ray://head:10001",
+    )  # fmt: skip
+    ray.add_argument("--actors", type=positive_int, default=1, metavar="N", help="with --ray: model replicas")
+    ray.add_argument(
+        "--gpus-per-actor", type=number_in(0.0, 64.0), default=0.0, metavar="G",
+        help="with --ray: GPUs each replica holds (default: 0, CPU)",
+    )  # fmt: skip
+    ray.add_argument(
+        "--cpus-per-actor", type=number_in(0.0, 1024.0, low_open=True), default=1.0, metavar="C",
+        help="with --ray: CPUs each replica holds (default: 1)",
+    )  # fmt: skip
     shapes = p.add_argument_group("the shapes world (no --data, or --data shapes)")
     shapes.add_argument(
         "--num-per-type",
@@ -199,15 +214,17 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{rows.description}: {rows.layout}", file=sys.stderr)
     if args.limit is not None:
         total = args.limit if total is None else min(total, args.limit)
-    pipe = load_pipeline(args)
-    max_new_tokens = (
-        args.max_new_tokens or pipe.model.generation_config.get("max_new_tokens") or EVAL_MAX_NEW_TOKENS
-    )
+    if args.ray is not None:
+        if shapes:
+            raise UserError("--ray reads a Parquet or JSONL input, not --data shapes")
+        pipe = None  # the actors load the model
+        max_new_tokens = args.max_new_tokens or _checkpoint_max_new_tokens(args) or EVAL_MAX_NEW_TOKENS
+    else:
+        pipe = load_pipeline(args)
+        max_new_tokens = args.max_new_tokens or pipe.model.generation_config.get("max_new_tokens")
+        max_new_tokens = max_new_tokens or EVAL_MAX_NEW_TOKENS
     controls = {"max_new_tokens": max_new_tokens, "do_sample": False}
 
-    from idefics2.serving import Engine
-
-    items = prepare(itertools.islice(rows, args.limit), metric, template, args.group_by)
     records: list[dict[str, Any]] = []
 
     def collected(stream):
@@ -215,15 +232,26 @@ def _evaluate(args: argparse.Namespace) -> int:
             records.append(record)
             yield record
 
-    options = {"max_batch": args.batch_size, **engine_budgets(args)}
-    with Engine(pipe.model, pipe.processor, **options) as engine:
-        stream = collected(answer_items(engine, items, metric, controls, group_by=args.group_by, total=total,
-                                        progress=not args.no_progress))  # fmt: skip
+    def keep(stream) -> None:
         if predictions_path is not None:
-            write_predictions(predictions_path, stream)
+            write_predictions(predictions_path, collected(stream))
         else:
-            for _ in stream:
-                pass
+            records.extend(stream)
+
+    if args.ray is not None:
+        from idefics2.evaluation.on_ray import evaluate_on_ray
+
+        if args.group_by and rows.columns and args.group_by not in rows.columns:
+            raise UserError(f"--group-by: the data has no column {args.group_by!r}")
+        keep(evaluate_on_ray(args, rows, metric, template, max_new_tokens))
+    else:
+        from idefics2.serving import Engine
+
+        items = prepare(itertools.islice(rows, args.limit), metric, template, args.group_by)
+        options = {"max_batch": args.batch_size, **engine_budgets(args)}
+        with Engine(pipe.model, pipe.processor, **options) as engine:
+            keep(answer_items(engine, items, metric, controls, group_by=args.group_by, total=total,
+                              progress=not args.no_progress))  # fmt: skip
     if not records:
         raise UserError(f"{args.data} holds no rows")
     result = report(records, metric, args.group_by)
@@ -235,6 +263,14 @@ def _evaluate(args: argparse.Namespace) -> int:
                    "decoding": "greedy", **_bootstrap_settings()}  # fmt: skip
         _write_json(summary_path, summary)
     return 0
+
+
+def _checkpoint_max_new_tokens(args: argparse.Namespace) -> int | None:
+    """The checkpoint's max_new_tokens (generation_config.json), read without loading the model."""
+    from idefics2.cli.common import model_folder
+
+    path = model_folder(args.model) / "generation_config.json"
+    return json.loads(path.read_text()).get("max_new_tokens") if path.is_file() else None
 
 
 def _print_scores(result, args: argparse.Namespace, total: int) -> None:

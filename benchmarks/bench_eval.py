@@ -17,11 +17,12 @@ import time
 import torch
 
 import idefics2
-from idefics2.cli.common import user_message, weights_dtype
+from idefics2.cli.common import weights_dtype
 from idefics2.data import read_rows
 from idefics2.evaluation.metrics import METRICS
 from idefics2.evaluation.runner import answer_items, prepare
 from idefics2.generation import generate
+from idefics2.pipelines import user_turn
 from idefics2.serving import Engine
 from idefics2.shapes import make_dataset
 
@@ -50,7 +51,7 @@ def loop_answers(pipe, items: list, max_new_tokens: int) -> list[str]:
     answers = []
     for item in items:
         text = processor.apply_chat_template(
-            [user_message(item.prompt, len(item.images))], add_generation_prompt=True
+            [user_turn(item.prompt, len(item.images))], add_generation_prompt=True
         )
         inputs = processor(text=[text], images=[item.images], return_tensors="pt").to(model.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)

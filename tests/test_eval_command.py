@@ -204,3 +204,19 @@ def test_parquet_input_with_a_column_mapping(tmp_path, capsys):
     assert [r["references"] for r in results] == [r["refs"] for r in records]
     assert [r["prompt"] for r in results] == [r["query"]["en"] for r in records]
     assert sum(r["score"] for r in results) >= 2  # the built-in model names the shape
+
+
+def test_a_row_the_model_cannot_take_is_its_own_error(tmp_path, capsys):
+    rng = random.Random(2)
+    example = make_example(rng, "count_all")
+    example.images()[0].save(tmp_path / "0.png")
+    rows = [{"question": example.question, "image": "0.png", "answer": example.answer},
+            {"question": "How many shapes? " * 300, "image": "0.png", "answer": "1"}]  # fmt: skip
+    (tmp_path / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out_file = tmp_path / "out.jsonl"
+    code, out, err = run(["eval", "--data", tmp_path / "qa.jsonl", "--metric", "exact", "--predictions-out",
+                          out_file, "--no-progress"], capsys)  # fmt: skip
+    assert code == 0, err
+    first, second = (json.loads(line) for line in out_file.read_text().splitlines())
+    assert first["score"] == 1.0 and second["score"] is None and "512" in second["error"]
+    assert out.splitlines()[-1].split()[-1] == "1" and "1 item(s) not scored" in err

@@ -123,7 +123,7 @@ def answer_items(
     in input order as they are answered; a tqdm bar counts items."""
     from tqdm import tqdm
 
-    from idefics2.cli.common import user_message
+    from idefics2.pipelines import user_turn
     from idefics2.serving import EngineOverloadedError, RequestFailedError
 
     pending: deque[tuple[Item, Any]] = deque()  # (item, engine handle or an error message)
@@ -151,7 +151,7 @@ def answer_items(
             outcome: Any = item.error
             if outcome is None:
                 try:
-                    message = user_message(item.prompt, len(item.images))
+                    message = user_turn(item.prompt, len(item.images))
                     while True:
                         try:
                             outcome = engine.submit([message], item.images, **controls)
@@ -159,7 +159,9 @@ def answer_items(
                         except EngineOverloadedError:
                             yield from finished(wait=True)
                 except Exception as error:  # whatever goes wrong with one item stays with that item
-                    outcome = f"{type(error).__name__}: {' '.join(str(error).split())}"
+                    message = " ".join(str(error).split())
+                    user_facing = isinstance(error, (ValueError, TypeError))  # e.g. a prompt too long
+                    outcome = message if user_facing else f"{type(error).__name__}: {message}"
             pending.append((item, outcome))
             yield from finished(wait=False)
         while pending:

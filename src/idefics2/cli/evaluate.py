@@ -239,7 +239,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             records.extend(stream)
 
     if args.ray is not None:
-        from idefics2.evaluation.on_ray import evaluate_on_ray
+        from idefics2.integrations.ray import evaluate_on_ray
 
         if args.group_by and rows.columns and args.group_by not in rows.columns:
             raise UserError(f"--group-by: the data has no column {args.group_by!r}")

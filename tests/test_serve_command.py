@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from server_utils import free_port, get
+from server_utils import free_port, get, post_json
 
 
 def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
@@ -77,3 +77,39 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
     usage = json.loads(events[-2][6:])["usage"]
     finish = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-2]]
     assert finish[-1] in ("length", "stop") and (finish[-1] == "stop" or usage["completion_tokens"] == 300)
+
+
+def test_a_dead_engine_answers_503_and_serve_exits_1(capsys, monkeypatch):
+    """A fault that kills the engine: the request in flight gets 503 (engine_dead), and `idefics2 serve`
+    shuts down on its own with exit code 1, for a supervisor to restart it."""
+    from idefics2.cli import main
+    from idefics2.serving.scheduler import Scheduler
+
+    def admit(self):
+        raise RuntimeError("admission fault")
+
+    monkeypatch.setattr(Scheduler, "admit", admit)
+    port, answers = free_port(), []
+    base = f"http://127.0.0.1:{port}"
+
+    def client():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if get(base, "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        answers.append(
+            post_json(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        )
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    code = main(["serve", "--port", str(port), "--drain-timeout", "5"])  # returns when the engine dies
+    thread.join(timeout=60)
+    err = capsys.readouterr().err
+    assert code == 1 and "the engine died (RuntimeError: admission fault)" in err, err
+    status, body = answers[0]
+    assert status == 503 and body["error"]["code"] == "engine_dead", body
+    assert "admission fault" in body["error"]["message"]

@@ -387,3 +387,23 @@ def test_a_burst_of_requests_is_prepared_a_few_at_a_time(builtin):
             thread.join()
     assert answers == [200] * 12
     assert 2 <= most <= slots
+
+
+def test_a_dead_engine_is_seen_on_health_metrics_and_every_route(builtin, monkeypatch):
+    engine = Engine(builtin.model, builtin.processor, max_batch=2)
+
+    def admit():
+        raise RuntimeError("admission fault")
+
+    with serving(create_app(engine, ServerSettings())) as base:
+        assert get(base, "/health") == (200, '{"status":"ok"}')
+        assert "idefics2_engine_dead 0.0" in get(base, "/metrics")[1]
+        monkeypatch.setattr(engine.scheduler, "admit", admit)
+        status, answer = post_json(base, "/v1/chat/completions", {"messages": image_message(QUESTION)})
+        assert status == 503 and answer["error"]["code"] == "engine_dead"
+        status, body = get(base, "/health")
+        assert status == 503
+        assert json.loads(body) == {"status": "dead", "reason": "RuntimeError: admission fault"}
+        assert "idefics2_engine_dead 1.0" in get(base, "/metrics")[1]
+        status, answer = post_json(base, "/generate", {"inputs": "hi"})  # refused at submit
+        assert status == 503 and "engine is dead" in answer["error"]

@@ -54,7 +54,9 @@ def add_parser(subparsers) -> None:
         'object) or "regex". Writes {"id": '
         '..., "text": "...", "finish_reason": ...} lines in input order as they are answered; a bad line '
         'becomes {"id": ..., "error": "..."} and the run goes on. Requests are decoded together on the '
-        "continuous-batching engine; under torchrun the lines are split between the processes.",
+        "continuous-batching engine; under torchrun the lines are split between the processes. If the engine "
+        "dies (a fault, or a step longer than --step-timeout), every line it did not answer gets an error "
+        "line and the command exits with code 1.",
     )
     p.add_argument("--input", required=True, metavar="IN.jsonl", help="JSONL file of prompts")
     p.add_argument(
@@ -235,6 +237,9 @@ def run(args: argparse.Namespace) -> int:
         results = [json.loads(line) for line in target.read_text(encoding="utf-8").split("\n") if line]
         errors = sum("error" in r for r in results)
         print(f"wrote {len(results)} results to {target} ({errors} error(s))", file=sys.stderr)
+    if engine.dead:  # every line it left unanswered has an error row
+        print(f"idefics2 batch: the engine died ({engine.dead_reason}); exiting with code 1", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -316,7 +316,7 @@ class Engine:
         # images that another request has had encoded since this one was queued cost nothing
         starting = [seq for seq in scheduler.running if seq.embeds is None and seq.filled == 0]
         for image in (image for seq in starting for image in seq.images if image.features is None):
-            image.features = self.image_cache.get(image.key)
+            image.features = self.image_cache.get(image.key, count=False)
         chunks = [chunk for chunk in scheduler.prefill_chunks() if not chunk[0].handle.cancelled]
         self._embed_prompts([seq for seq, _, _ in chunks if seq.embeds is None])
         chunks = [chunk for chunk in chunks if chunk[0] not in self._finished]
@@ -357,7 +357,7 @@ class Engine:
         missing: dict[str, ImageInput] = {}
         for image in images:
             if image.features is None:
-                image.features = self.image_cache.get(image.key)
+                image.features = self.image_cache.get(image.key, count=False)
             if image.features is None and image.key not in missing:
                 missing[image.key] = image
         if missing:

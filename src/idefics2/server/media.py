@@ -14,6 +14,7 @@ from pathlib import Path
 
 from idefics2.server.errors import APIError
 
+_B64_SLICE = 2**20  # base64 characters decoded per call (a multiple of 4)
 _DATA_URL = re.compile(r"data:(?P<type>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[^;,]*)*)(?P<b64>;base64)?,")
 
 
@@ -49,8 +50,13 @@ def _data_url(url: str, param: str) -> bytes:
         raise APIError(400, "a data: image URL must be data:image/<type>;base64,<data>", param=param)
     if match.group("type") and not match.group("type").startswith("image/"):
         raise APIError(400, f"the data: URL holds {match.group('type')}, not an image", param=param)
+    payload = url[match.end() :]
     try:
-        return base64.b64decode(url[match.end() :], validate=True)
+        # in slices, each holding the GIL a few ms: a large image never stalls the event loop for long
+        slices = [payload[i : i + _B64_SLICE] for i in range(0, len(payload), _B64_SLICE)]
+        if any("=" in part for part in slices[:-1]):
+            raise ValueError("padding before the end")
+        return b"".join(base64.b64decode(part, validate=True) for part in slices)
     except (binascii.Error, ValueError):
         raise APIError(400, "the data: URL's base64 payload is not valid base64", param=param) from None
 

@@ -7,9 +7,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from idefics2.server.errors import APIError
@@ -191,8 +191,10 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def resolve_images(urls: list[tuple[str, str]], request: Request) -> list[bytes]:
-    policy = request.app.state.media_policy
-    return [await run_in_threadpool(fetch_image, url, policy, param) for url, param in urls]
+    """The images' bytes, fetched or decoded in worker threads within the preparation slots."""
+    policy, slots = request.app.state.media_policy, request.app.state.preparation_slots
+    return [await anyio.to_thread.run_sync(fetch_image, url, policy, param, limiter=slots)
+            for url, param in urls]  # fmt: skip
 
 
 @router.post("/v1/chat/completions")

@@ -24,10 +24,11 @@ class ClientGone(Exception):
 
 async def read_json(request: Request) -> dict[str, Any]:
     """The request's JSON object, parsed in a worker thread (a body of large base64 images takes a while to
-    parse: the event loop keeps answering meanwhile, /health and /metrics included)."""
+    parse: the event loop keeps answering meanwhile, /health and /metrics included), within the preparation
+    slots (a burst of requests does not start a thread each: starting threads stalls the event loop)."""
     body = await request.body()
     try:
-        data = await anyio.to_thread.run_sync(json.loads, body)
+        data = await anyio.to_thread.run_sync(json.loads, body, limiter=request.app.state.preparation_slots)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"the request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):

@@ -277,16 +277,40 @@ def test_a_full_queue_answers_429_at_once_and_others_are_undisturbed(long_server
     assert [status for status, _ in results.values()] == [200] * 3, results
 
 
-def test_metrics_in_prometheus_text(server):
+def _samples(text: str) -> dict[str, float]:
+    """Prometheus text -> {series with its labels: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        sample.name + str(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_move_with_each_request(server):
+    """One request answered moves each latency histogram by one observation, the generated and prompt
+    token counters by the request's own counts and the route's answer counter by one."""
     base, _, _ = server
-    post_json(base, "/v1/chat/completions", {"messages": image_message(QUESTION), "max_tokens": 4})
-    status, text = get(base, "/metrics")
+    status, before = get(base, "/metrics")
     assert status == 200
-    for name in ("idefics2_queue_size", "idefics2_batch_size", "idefics2_request_duration_seconds_bucket",
-                 "idefics2_time_to_first_token_seconds_count", "idefics2_time_per_output_token_seconds_count",
-                 "idefics2_generated_tokens_total", "idefics2_request_failures_total",
-                 'idefics2_requests_total{route="/v1/chat/completions",status="200"}'):  # fmt: skip
-        assert name in text, name
+    status, answer = post_json(base, "/v1/chat/completions", {"messages": image_message("Describe it."),
+                                                               "max_tokens": 4})  # fmt: skip
+    assert status == 200
+    usage = answer["usage"]
+    assert usage["completion_tokens"] >= 2  # the time per output token needs two tokens
+    after = _samples(get(base, "/metrics")[1])
+    before = _samples(before)
+    moved = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
+    for histogram in ("idefics2_request_duration_seconds", "idefics2_time_to_first_token_seconds",
+                      "idefics2_time_per_output_token_seconds"):  # fmt: skip
+        assert moved(f"{histogram}_count[]") == 1, histogram
+        assert moved(f"{histogram}_sum[]") > 0, histogram
+    assert moved("idefics2_generated_tokens_total[]") == usage["completion_tokens"]
+    assert moved("idefics2_prompt_tokens_total[]") == usage["prompt_tokens"]
+    route = "idefics2_requests_total[('route', '/v1/chat/completions'), ('status', '200')]"
+    assert moved(route) == 1
+    assert {"idefics2_queue_size[]", "idefics2_batch_size[]", "idefics2_engine_dead[]"} <= set(after)
 
 
 def test_health_and_chat_page(server):

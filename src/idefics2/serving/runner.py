@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from idefics2.modeling import cuda_graphs
 from idefics2.serving.kv_rows import RowKVCache
 
 # decode graphs are captured per batch-size bucket (powers of two up to the engine's rows) and per length
@@ -113,14 +114,17 @@ class ModelRunner:
 
 
 class DecodeGraphs:
-    """CUDA graphs of the decode step, one per (batch-size bucket, length bucket), captured on first use and
-    replayed after; rows beyond the batch in its bucket are placeholders (token 0 at slot 0 of free rows).
-    Capture failure turns graphs off with one warning (the runner then decodes eagerly)."""
+    """CUDA graphs of the decode step, one per (batch-size bucket, length bucket), captured on first use (on
+    the engine's thread, which does all of the engine's torch work) and replayed after; rows beyond the batch
+    in its bucket are placeholders (token 0 at slot 0 of free rows). All are dropped when the model's
+    weights_version moves (they would replay the old weights). The logits returned are a copy of the graph's
+    output. Capture failure turns graphs off with one warning (the runner then decodes eagerly)."""
 
     def __init__(self, runner: ModelRunner, rows: int, length: int) -> None:
         self.runner, self.rows, self.length = runner, rows, length
         self.graphs: dict[tuple[int, int], CapturedStep] = {}
         self.pool = None
+        self.weights_version = runner.model.weights_version
         self.failed = False
 
     def bucket(self, batch: int, n_keys: int) -> tuple[int, int]:
@@ -133,6 +137,9 @@ class DecodeGraphs:
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor | None:
         if self.failed:
             return None
+        if self.runner.model.weights_version != self.weights_version:
+            self.graphs, self.pool = {}, None
+            self.weights_version = self.runner.model.weights_version
         key = self.bucket(len(tokens), max(positions) + 1)
         step = self.graphs.get(key)
         if step is None:
@@ -147,7 +154,7 @@ class DecodeGraphs:
                 return None
             self.graphs[key], self.pool = step, step.graph.pool()
         step.graph.replay()
-        return step.logits[: len(tokens)]
+        return step.logits[: len(tokens)].clone()
 
 
 class CapturedStep:
@@ -157,7 +164,7 @@ class CapturedStep:
         self.n_keys = n_keys
         self.token_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slots = torch.zeros(batch, dtype=torch.long, device=device)
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def load(self, tokens: list[int], positions: list[int]) -> None:
@@ -169,11 +176,5 @@ class CapturedStep:
         self.slots[:batch].copy_(torch.tensor(positions))
 
     def capture(self, runner: ModelRunner, pool) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph: kernel choice, workspaces
-                runner.decode_step(self.token_ids, self.slots, self.n_keys)
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = runner.decode_step(self.token_ids, self.slots, self.n_keys)
+        run = lambda: runner.decode_step(self.token_ids, self.slots, self.n_keys)  # noqa: E731
+        self.graph, self.logits = cuda_graphs.capture(run, pool)

@@ -69,14 +69,10 @@ class GraphedDecodeStep:
 
     def step(self, cache: KVCache) -> torch.Tensor:
         """The decode step on the static buffers (what the graph captures); logits (B, 1, vocab)."""
-        model = self.model
-        text = model.model.text_model
-        embeds = text.embed_tokens(self.tokens)  # (B, 1, dim)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, max_length)
         position_ids = positions.index_select(1, self.slot)  # (B, 1)
-        mask = causal_mask(self.mask, self.slot, model.config.text_config.sliding_window)  # (B, 1, 1, L)
-        hidden = text(embeds, position_ids, mask, cache, self.slot)
-        return model.lm_head(hidden)
+        mask = causal_mask(self.mask, self.slot, self.model.config.text_config.sliding_window)  # (B, 1, 1, L)
+        return self.model.decode_logits(self.tokens, position_ids, mask, cache, self.slot)
 
     def __call__(
         self,

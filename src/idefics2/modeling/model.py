@@ -444,6 +444,27 @@ class Idefics2ForConditionalGeneration(nn.Module):
     ) -> torch.Tensor:
         return self.model.get_image_features(pixel_values, pixel_attention_mask)
 
+    def embed_inputs(
+        self, input_ids: torch.Tensor, image_hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, hidden) with the image features at the `<image>` tokens."""
+        return self.model.embed_inputs(input_ids, image_hidden_states)
+
+    def decode_logits(
+        self,
+        token_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        kv_cache: Any,
+        cache_position: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step on prepared tensors (what generate's and the engine's CUDA graphs capture): one
+        token per row, token_ids (B, 1) at position_ids (B, 1), attending over the cache slots that the bool
+        mask (B, 1, 1, S) allows, its keys and values written at cache_position; logits (B, 1, V)."""
+        text = self.model.text_model
+        hidden = text(text.embed_tokens(token_ids), position_ids, mask, kv_cache, cache_position)
+        return self.lm_head(hidden)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

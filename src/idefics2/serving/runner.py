@@ -45,7 +45,7 @@ class ModelRunner:
     def embed_prompt(self, input_ids: list[int], image_features: torch.Tensor | None) -> torch.Tensor:
         """Prompt embeddings (1, P, hidden) with the image features at the `<image>` tokens."""
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        return self.model.model.embed_inputs(ids, image_features)
+        return self.model.embed_inputs(ids, image_features)
 
     def prefill(self, row: int, embeds: torch.Tensor, start: int, want_logits: bool) -> torch.Tensor | None:
         """Write prompt positions [start, start + T) of `row` from embeds (1, T, hidden); the last position's
@@ -95,19 +95,13 @@ class ModelRunner:
     def decode_step(self, token_ids: torch.Tensor, slots: torch.Tensor, n_keys: int, start: int = 0):
         """The decode computation on tensors: token_ids (B, 1), slots (B,), attending over cache slots
         [0, n_keys) of rows [start, start + B), each row masked to its own slots; logits (B, V) float32."""
-        text = self.model.model.text_model
         keys = torch.arange(n_keys, device=self.device)
         allowed = keys[None, :] <= slots[:, None]  # (B, S): a row sees its own slots up to its new one
         if self.window is not None:
             allowed &= keys[None, :] > slots[:, None] - self.window
-        hidden = text(
-            text.embed_tokens(token_ids),
-            slots[:, None],
-            allowed[:, None, None, :],
-            self.cache.decode_view(start, start + token_ids.shape[0]),
-            slots,
-        )
-        return self.model.lm_head(hidden[:, -1]).float()
+        view = self.cache.decode_view(start, start + token_ids.shape[0])
+        logits = self.model.decode_logits(token_ids, slots[:, None], allowed[:, None, None, :], view, slots)
+        return logits[:, -1].float()
 
     def move_row(self, source: int, target: int, filled: int) -> None:
         self.cache.move_row(source, target, filled)

@@ -305,7 +305,7 @@ def open_image(path: str | os.PathLike):
 def user_message(prompt: str, num_images: int) -> dict[str, Any]:
     """One user turn: the images first, then the prompt; or the images where the prompt's <image> markers
     are (one marker per image)."""
-    from idefics2.pipelines import user_turn
+    from idefics2.processing.chat import user_turn
 
     try:
         return user_turn(prompt, num_images)

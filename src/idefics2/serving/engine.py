@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from idefics2.generation import ContextLengthError, check_context_length, context_length, resolve_options
-from idefics2.pipelines import chat_prompt
+from idefics2.processing.chat import chat_prompt
 from idefics2.processing.images import load_rgb
 from idefics2.serving.image_cache import FeatureCache, image_key
 from idefics2.serving.request import (

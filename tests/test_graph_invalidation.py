@@ -17,6 +17,7 @@ from idefics2.modeling.cuda_graphs import CudaGraphDecoder
 from idefics2.serving.runner import DecodeGraphs, ModelRunner
 from idefics2.training.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
 from oracle_model import build_reference_checkpoint
+from oracle_processing import build_reference_processor
 
 
 def layout(model: torch.nn.Module) -> tuple:
@@ -57,7 +58,9 @@ def captures(monkeypatch, model):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    return build_reference_checkpoint(tmp_path_factory.mktemp("graphs"), seed=3)
+    folder = build_reference_checkpoint(tmp_path_factory.mktemp("graphs"), seed=3)
+    build_reference_processor(folder, image_seq_len=4, longest_edge=56, shortest_edge=28)
+    return folder
 
 
 @pytest.fixture
@@ -166,3 +169,27 @@ def test_forward_is_pure_on_every_device(model):
     b = eager_step(model, cache, tokens, mask, slot)
     assert torch.equal(a, b)
     assert model._graph_decoder is None  # nothing was created behind the caller's back
+
+
+def test_an_engine_on_stand_in_graphs_answers_as_without_and_recaptures_after_a_lora(model, captures):
+    """The engine's graph path (batch-size and length buckets, placeholder rows, copies of the logits) gives
+    the eager engine's tokens; after add_lora the next steps run on new graphs, and give the adapted model's
+    tokens."""
+    from idefics2 import Idefics2Processor
+    from idefics2.serving import Engine
+
+    processor = Idefics2Processor.from_pretrained(model.checkpoint_dir)
+    prompts = ["One", "Two, a longer prompt", "Three"]
+
+    def answers(graphs: bool) -> list[list[int]]:
+        with Engine(model, processor, max_batch=4, max_length=64) as engine:
+            if graphs:
+                engine.runner.graphs = DecodeGraphs(engine.runner, rows=4, length=64)
+            handles = [engine.submit_prompt(p, max_new_tokens=6, min_new_tokens=6) for p in prompts]
+            return [h.result(timeout=60).token_ids for h in handles]
+
+    assert answers(graphs=True) == answers(graphs=False) and captures
+    before = len(captures)
+    random_lora(model)
+    adapted = answers(graphs=True)
+    assert len(captures) > before and adapted == answers(graphs=False)

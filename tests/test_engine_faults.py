@@ -180,3 +180,25 @@ def test_a_slow_step_within_the_timeout_is_not_a_hang(builtin):
         assert not engine.dead
     with pytest.raises(ValueError, match="step_timeout"):
         Engine(builtin.model, builtin.processor, step_timeout=0)
+
+
+def test_a_request_lost_halfway_through_admission_is_still_answered(builtin, monkeypatch):
+    """A fault after admission took a request from the queue but before it reached a row: the request is in
+    neither list, and the dying engine still ends it (it answers every request it accepted)."""
+    engine = Engine(builtin.model, builtin.processor, max_batch=2)
+    armed = threading.Event()
+    real_admit = engine.scheduler.admit
+
+    def admit():
+        if armed.is_set() and engine.scheduler.waiting:
+            engine.scheduler.waiting.popleft()
+            raise Fault("admission lost a request")
+        return real_admit()
+
+    monkeypatch.setattr(engine.scheduler, "admit", admit)
+    running = engine.submit("Running", max_new_tokens=30, min_new_tokens=30)
+    next(iter(running))
+    armed.set()
+    lost = engine.submit("Lost", max_new_tokens=2)
+    assert outcomes([running, lost]) == ["dead", "dead"]
+    engine.close()

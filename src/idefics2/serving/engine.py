@@ -105,6 +105,8 @@ class Engine:
         self._iteration_started: float | None = None  # time.monotonic() while an iteration runs
         self._loop_done = threading.Event()
         self._finished: list[Sequence] = []
+        # every request submitted and not yet retired, wherever it is (what a dying engine must answer)
+        self._open: set[Sequence] = set()
         self.steps = 0  # decode steps run
         self._thread = threading.Thread(target=self._loop, name="idefics2-engine", daemon=True)
         self._thread.start()
@@ -160,6 +162,7 @@ class Engine:
         with self._lock:
             self._check_accepting()
             self.scheduler.add(seq)
+            self._open.add(seq)
             self._wake.notify()
         return handle
 
@@ -295,7 +298,8 @@ class Engine:
             if self.dead:
                 return
             self._dead_reason, self._accepting = reason, False
-            seqs = [*self.scheduler.waiting, *self.scheduler.running]
+            seqs = sorted(self._open, key=lambda seq: seq.handle.id)
+            self._open.clear()
             self.scheduler.waiting.clear()
             self.scheduler.running.clear()
             self._wake.notify_all()
@@ -504,6 +508,7 @@ class Engine:
                     slots = other.position if other.state == DECODE else other.filled
                     moves.append((other, old_row, other.row, slots))
             finished = set(self._finished)
+            self._open -= finished
             self._finished.clear()
             self._wake.notify_all()
         # outside the lock (only this thread touches cache rows): submit, stats and close never wait on it;

@@ -196,7 +196,7 @@ def test_a_request_lost_halfway_through_admission_is_still_answered(builtin, mon
         return real_admit()
 
     monkeypatch.setattr(engine.scheduler, "admit", admit)
-    running = engine.submit("Running", max_new_tokens=30, min_new_tokens=30)
+    running = engine.submit("Running", max_new_tokens=200, min_new_tokens=200)
     next(iter(running))
     armed.set()
     lost = engine.submit("Lost", max_new_tokens=2)

@@ -233,7 +233,7 @@ def _forcing_min_new_tokens(submit):
 
 
 def _inputs(processor, batch: list[Request], device):
-    from idefics2.pipelines import chat_prompt
+    from idefics2.processing.chat import chat_prompt
 
     prompts = [chat_prompt(processor, messages(r), [r.image])[0] for r in batch]
     processor.tokenizer.padding_side = "left"

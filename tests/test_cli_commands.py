@@ -286,7 +286,7 @@ def test_batch_lone_surrogate_and_bad_overrides_fail_their_line_only(model_dir, 
     assert code == 0, err
     results = [json.loads(line) for line in target.read_text().splitlines()]
     assert [r["id"] for r in results] == list(range(7))
-    assert "text" in results[0] and results[0]["finish_reason"] == "length"
+    assert "text" in results[0] and results[0]["finish_reason"] in ("stop", "length")
     assert results[1]["error"].startswith("line 2: ")
     assert '"max_new_tokens": expected a positive integer' in results[2]["error"]
     assert '"temperature" must be a number' in results[3]["error"]
@@ -525,3 +525,32 @@ def test_batch_engine_budgets_change_the_schedule_not_the_answers(tmp_path, caps
     code, _, err = in_process(["batch", "--input", source, "--output", tmp_path / "x", "--vision-chunk", "0"],
                               capsys)  # fmt: skip
     assert code == 2 and "--vision-chunk" in err
+
+
+def test_batch_writes_an_error_line_for_every_line_a_dead_engine_left_and_exits_1(
+    tmp_path, capsys, monkeypatch
+):
+    """The engine dies after its first request leaves (a fault in retiring the second): the lines answered
+    before keep their answers, every other line gets an error line, in order, and the exit code is 1."""
+    from idefics2.serving.scheduler import Scheduler
+
+    remove, removed = Scheduler.remove, []
+
+    def failing_second_time(self, seq):
+        removed.append(seq)
+        if len(removed) == 2:
+            raise RuntimeError("retirement fault")
+        return remove(self, seq)
+
+    monkeypatch.setattr(Scheduler, "remove", failing_second_time)
+    source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}"}) + "\n" for i in range(6)))
+    argv = ["batch", "--input", source, "--output", target, "--max-new-tokens", 3, "--max-batch", 1,
+            "--no-progress", "--step-timeout", 60]  # fmt: skip
+    code, _, err = in_process(argv, capsys)
+    assert code == 1 and "the engine died (RuntimeError: retirement fault)" in err, err
+    results = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["id"] for r in results] == list(range(6))
+    assert "text" in results[0] and results[0]["finish_reason"] in ("stop", "length")
+    assert "text" in results[1]  # answered; the fault came as it left its row
+    assert all("engine is dead: RuntimeError: retirement fault" in r["error"] for r in results[2:]), results

@@ -401,3 +401,15 @@ def test_structured_output_per_request_equals_generate_alone(model64, processor)
     answer = json.loads(results[0].text)
     assert results[0].finish_reason == "stop" and 0 <= answer["n"] <= 9 and len(answer["name"]) <= 6
     assert results[1].finish_reason == "stop" and re.fullmatch(r"[0-9]{3}-[a-z]{2}", results[1].text.strip())
+
+
+def test_the_image_cache_counts_each_image_of_a_request_once(model32, processor):
+    """Two new pictures are two misses (not one per look the engine takes on its way to encoding them);
+    the same request again is two hits."""
+    with Engine(model32, processor, max_batch=2) as engine:
+        engine.submit("Two pictures.", images=PICTURES[:2], max_new_tokens=2).result(timeout=60)
+        first = engine.stats()
+        engine.submit("Two pictures.", images=PICTURES[:2], max_new_tokens=2).result(timeout=60)
+        second = engine.stats()
+    assert (first["image_cache_misses"], first["image_cache_hits"]) == (2, 0)
+    assert (second["image_cache_misses"], second["image_cache_hits"]) == (2, 2)

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from server_utils import free_port, get
+from server_utils import free_port, get, post_json
 
 
 def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
@@ -117,7 +117,7 @@ def test_serve_flags_reach_the_server_settings(monkeypatch):
         return None
 
     monkeypatch.setattr(idefics2.server, "create_app", create_app)
-    monkeypatch.setattr(idefics2.server, "run_server", lambda *args: None)
+    monkeypatch.setattr(idefics2.server, "run_server", lambda *args: True)  # served, the engine alive
     monkeypatch.setattr("idefics2.cli.serve.limit_malloc_arenas", lambda: True)  # not in the test process
     assert main(["serve", "--allow-remote-images", "--allowed-media-domains", "Images.Example.com.",
                  "*.cdn.example.net", "--media-max-redirects", "0", "--media-fetch-timeout", "2.5",
@@ -139,3 +139,39 @@ def test_ray_flags_without_ray_are_one_line_and_exit_2(capsys):
     assert main(["serve", "--replicas", "2", "--gpus-per-replica", "1"]) == 2
     err = capsys.readouterr().err
     assert err == "idefics2 serve: error: --replicas, --gpus-per-replica need --ray\n"
+
+
+def test_a_dead_engine_answers_503_and_serve_exits_1(capsys, monkeypatch):
+    """A fault that kills the engine: the request in flight gets 503 (engine_dead), and `idefics2 serve`
+    shuts down on its own with exit code 1, for a supervisor to restart it."""
+    from idefics2.cli import main
+    from idefics2.serving.scheduler import Scheduler
+
+    def admit(self):
+        raise RuntimeError("admission fault")
+
+    monkeypatch.setattr(Scheduler, "admit", admit)
+    port, answers = free_port(), []
+    base = f"http://127.0.0.1:{port}"
+
+    def client():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if get(base, "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        answers.append(
+            post_json(base, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        )
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    code = main(["serve", "--port", str(port), "--drain-timeout", "5"])  # returns when the engine dies
+    thread.join(timeout=60)
+    err = capsys.readouterr().err
+    assert code == 1 and "the engine died (RuntimeError: admission fault)" in err, err
+    status, body = answers[0]
+    assert status == 503 and body["error"]["code"] == "engine_dead", body
+    assert "admission fault" in body["error"]["message"]

@@ -112,6 +112,7 @@ def stream_generate(
     cache = (
         pool.take(model, batch, total, device) if pool else model.new_kv_cache(batch, total, device=device)
     )
+    graphs = model.decode_graphs() if pool else None  # decode steps replayed from CUDA graphs
     try:
         vocab = model.lm_head.weight.shape[0]
         eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
@@ -134,18 +135,18 @@ def stream_generate(
         images = (
             None if pixel_values is None else model.get_image_features(pixel_values, pixel_attention_mask)
         )
-        out = model(
+        logits = model(
             input_ids=input_ids,
             attention_mask=mask[:, :prompt_len],
             image_hidden_states=images,
             kv_cache=cache,
             cache_position=slots[:prompt_len],
             logits_to_keep=1,
-        )
+        ).logits
         for step in range(max_new):
             length = prompt_len + step
             # scores are processed in float32 whatever the model dtype, as the reference does
-            scores = out.logits[:, -1].to(torch.float32)
+            scores = logits[:, -1].to(torch.float32)
             if seen is not None:
                 scores = repetition_penalty_(scores, seen, penalty)
             if bad_words is not None:
@@ -182,13 +183,11 @@ def stream_generate(
 
             if step + 1 == max_new or ((step + 1) % sync_every == 0 and bool(finished.all())):
                 break
-            out = model(
-                input_ids=tokens[:, None],
-                attention_mask=mask[:, : length + 1],
-                kv_cache=cache,
-                cache_position=slots[length : length + 1],
-                logits_to_keep=1,
-            )
+            step_inputs = (tokens[:, None], mask[:, : length + 1], slots[length : length + 1], cache)
+            logits = graphs(*step_inputs) if graphs is not None else None
+            if logits is None:
+                logits = model(*step_inputs[:2], kv_cache=cache, cache_position=step_inputs[2],
+                               logits_to_keep=1).logits  # fmt: skip
         # Rows that all finished before the last step run: drop the columns nobody needs.
         return sequences[:, : prompt_len + int(n_new.max())]
     finally:

@@ -9,8 +9,7 @@ from typing import Any
 import torch
 
 from idefics2.generation import stream_generate
-from idefics2.processing.chat import normalize_messages
-from idefics2.processing.tokenizer import IMAGE_TOKEN
+from idefics2.processing.chat import chat_prompt
 from idefics2.streaming import ReplyStream, trim_at_stop
 
 Messages = str | list[dict[str, Any]]
@@ -116,19 +115,6 @@ class ChatPipeline:
         return inputs
 
 
-def chat_prompt(processor: Any, messages: Messages, images: Any = None) -> tuple[str, list[Any]]:
-    """The prompt text for a conversation (its chat template with the generation prompt; the raw text of a
-    single message when the checkpoint has no template) and its images in order."""
-    messages, images = _conversation(messages, images)
-    if processor.chat_template:
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    elif len(messages) == 1:  # a base checkpoint without a chat template: the raw text
-        prompt = "".join(p["text"] if p["type"] == "text" else "<image>" for p in messages[0]["content"])
-    else:
-        raise ValueError("this checkpoint has no chat template: pass a single prompt, not a conversation")
-    return prompt, images
-
-
 def _check_controls(controls: dict[str, Any]) -> None:
     for name in ("tokenizer", "streamer"):
         if name in controls:
@@ -146,62 +132,3 @@ def _end_ids(model, processor, controls) -> list[int]:
     if controls.get("eos_token_id") is not None:
         return _token_list(controls["eos_token_id"], "eos_token_id")
     return default_eos_token_ids(model, processor)
-
-
-def user_turn(prompt: str, num_images: int) -> dict[str, Any]:
-    """One user message from a plain prompt: the images first, then the prompt; or, when the prompt holds
-    `<image>` markers, the images where the markers are (one marker per image)."""
-    pieces = prompt.split(IMAGE_TOKEN)
-    if len(pieces) == 1:
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
-        return {"role": "user", "content": content}
-    if len(pieces) - 1 != num_images:
-        raise ValueError(
-            f"the prompt has {len(pieces) - 1} {IMAGE_TOKEN} marker(s) but {num_images} image(s)"
-        )
-    return {"role": "user", "content": _split_at_markers(prompt)}
-
-
-def _split_at_markers(text: str) -> list[dict[str, Any]]:
-    """Text parts and an image part at each `<image>` marker."""
-    parts: list[dict[str, Any]] = []
-    for i, piece in enumerate(text.split(IMAGE_TOKEN)):
-        if i:
-            parts.append({"type": "image"})
-        if piece:
-            parts.append({"type": "text", "text": piece})
-    return parts
-
-
-def _conversation(messages: Messages, images: Any) -> tuple[list[dict[str, Any]], list[Any]]:
-    """Normalize to a list of messages with list content, and the flat list of images in order. `<image>`
-    markers written in text become image parts (the processor would read them as images anyway)."""
-    images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
-    if isinstance(messages, str):
-        return [user_turn(messages, len(images))], images
-    normalized, inline = [], []
-    for i, message in enumerate(normalize_messages(messages)):
-        parts = []
-        for part in message["content"]:
-            if part["type"] not in ("text", "image"):
-                raise ValueError(
-                    f"message {i}: content parts must be {{'type': 'text' | 'image'}}, got {part!r}"
-                )
-            if part["type"] == "text" and isinstance(part.get("text"), str) and IMAGE_TOKEN in part["text"]:
-                parts += _split_at_markers(part["text"])
-                continue
-            if part["type"] == "image" and part.get("image") is not None:
-                inline.append(part["image"])
-                part = {"type": "image"}
-            parts.append(part)
-        normalized.append({**message, "content": parts})
-    if inline and images:
-        raise ValueError("give images either inside the messages or with images=, not both")
-    images = inline or images
-    n_parts = sum(p["type"] == "image" for m in normalized for p in m["content"])
-    if n_parts != len(images):
-        raise ValueError(
-            f"the messages have {n_parts} image part(s) (counting {IMAGE_TOKEN} markers in their text) but "
-            f"{len(images)} image(s) were given"
-        )
-    return normalized, images

@@ -62,7 +62,9 @@ def add_parser(subparsers) -> None:
         'input order as they are answered; a bad row becomes {"id": ..., "error": "..."} and the run goes '
         "on. "
         "Requests are decoded together on the continuous-batching engine; under torchrun the rows are split "
-        "between the processes; with --ray, between the actors of a Ray cluster.",
+        "between the processes; with --ray, between the actors of a Ray cluster. If the engine dies (a "
+        "fault, or a step longer than --step-timeout), every row it did not answer gets an error row and the "
+        "command exits with code 1.",
     )
     p.add_argument(
         "--input",
@@ -266,6 +268,9 @@ def run(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
     if rank == 0:
         _report(target)
+    if engine.dead:  # every line it left unanswered has an error row
+        print(f"idefics2 batch: the engine died ({engine.dead_reason}); exiting with code 1", file=sys.stderr)
+        return 1
     return 0
 
 

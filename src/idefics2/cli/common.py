@@ -164,7 +164,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_engine_budget_options(p: argparse.ArgumentParser) -> None:
-    """The continuous-batching engine's prefill budgets per iteration (see idefics2.serving.scheduler)."""
+    """The continuous-batching engine's prefill budgets per iteration (see idefics2.serving.scheduler) and
+    its watchdog."""
     p.add_argument(
         "--prefill-chunk", type=positive_int, default=512, metavar="N",
         help="prompt tokens prefilled between two decode steps (default: 512; raise it on a GPU)",
@@ -174,10 +175,16 @@ def add_engine_budget_options(p: argparse.ArgumentParser) -> None:
         help="image patches encoded between two decode steps, at least one request's (default: 1024, "
         "about one small image; raise it on a GPU)",
     )  # fmt: skip
+    p.add_argument(
+        "--step-timeout", type=number_in(0.0, 1e6, low_open=True), metavar="S",
+        help="declare the engine dead when one iteration of its loop runs longer than S seconds (a hung "
+        "device call): its requests fail and the command exits non-zero (default: no limit)",
+    )  # fmt: skip
 
 
-def engine_budgets(args: argparse.Namespace) -> dict[str, int]:
-    return {"prefill_chunk": args.prefill_chunk, "vision_chunk": args.vision_chunk}
+def engine_budgets(args: argparse.Namespace) -> dict[str, Any]:
+    return {"prefill_chunk": args.prefill_chunk, "vision_chunk": args.vision_chunk,
+            "step_timeout": args.step_timeout}  # fmt: skip
 
 
 def add_constraint_options(p: argparse.ArgumentParser) -> None:
@@ -335,7 +342,7 @@ def open_image(path: str | os.PathLike):
 def user_message(prompt: str, num_images: int) -> dict[str, Any]:
     """One user turn: the images first, then the prompt; or the images where the prompt's <image> markers
     are (one marker per image)."""
-    from idefics2.pipelines import user_turn
+    from idefics2.processing.chat import user_turn
 
     try:
         return user_turn(prompt, num_images)

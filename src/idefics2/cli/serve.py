@@ -30,7 +30,9 @@ def add_parser(subparsers) -> None:
         description="Serve a model over HTTP: POST /v1/chat/completions (OpenAI), POST /generate and "
         "/generate_stream (text-generation-inference), GET /v1/models, /info, /health, /metrics "
         "(Prometheus) and a chat page at /. Requests are decoded together on the continuous-batching "
-        "engine. SIGTERM or Ctrl-C drains: no new requests, those in flight finish (up to --drain-timeout).",
+        "engine. SIGTERM or Ctrl-C drains: no new requests, those in flight finish (up to --drain-timeout). "
+        "If the engine dies (a fault, or a step longer than --step-timeout), /health answers 503, the "
+        "requests in flight get errors and the server exits with code 1, for a supervisor to restart it.",
     )
     add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
@@ -213,8 +215,12 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, settings)
     url = f"http://{args.host}:{args.port}"
     print(f"idefics2 serve: {settings.model_name} on {url} (chat page: {url}/)", file=sys.stderr, flush=True)
-    run_server(app, args.host, args.port, args.drain_timeout)
+    served = run_server(app, args.host, args.port, args.drain_timeout)
     engine.close(timeout=0)
+    if not served:
+        print(f"idefics2 serve: the engine died ({engine.dead_reason}); exiting with code 1",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

@@ -111,6 +111,12 @@ class EngineReplica:
         app.add_middleware(_NameReplica, replica_id=self.replica_id)
         return app
 
+    def check_health(self) -> None:
+        """Ray Serve's periodic health check: a replica whose engine died fails it, so Ray Serve replaces
+        the replica instead of routing requests to it."""
+        if self.engine.dead:
+            raise RuntimeError(f"the engine died: {self.engine.dead_reason}")
+
 
 class _NameReplica:
     """ASGI middleware: the replica's id in a header on every HTTP answer."""

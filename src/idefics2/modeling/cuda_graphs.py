@@ -7,6 +7,12 @@ a generation. One graph is captured per KV cache (the graph writes into that cac
 takes its caches from a small pool, so later generations of the same batch size and length bucket replay the
 graph captured by the first one.
 
+`generate` calls the graphs itself (the model's forward never does): `model.decode_graphs()`. A graph replays
+the kernels and the memory it was captured with, so every graph and compiled step is dropped at its next use
+once the model's `weights_version` has moved (LoRA adapters added, loaded or merged, quantization,
+load_state_dict, dtype or device moves; see `Idefics2ForConditionalGeneration.weights_changed`). The logits
+handed back are a copy, never the graph's output buffer that the next replay overwrites.
+
 With `compile=True` the step is first compiled with torch.compile (its many small element-wise kernels fused),
 then captured: measured on one H100 with the idefics2-8b shapes, 6.5 ms a step instead of 8.7 ms, for a
 one-time compile of about a minute per batch size and length bucket.
@@ -17,12 +23,31 @@ from __future__ import annotations
 import threading
 import warnings
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from idefics2.modeling.attention import causal_mask
 from idefics2.modeling.text import KVCache
+
+
+def capture(run: Callable[[], torch.Tensor], pool: Any = None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture `run` (a step on static buffers) as a CUDA graph, after two warm-up runs on a side stream
+    (compilation, kernel choice and workspaces happen outside the graph): (graph, its output buffer). Graphs
+    given the same `pool` (an earlier graph's `pool()`) share their memory. Other threads may keep working
+    meanwhile (thread-local capture mode). The one place graphs are captured; tests replace it on the CPU."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+        output = run()
+    return graph, output
 
 
 class GraphedDecodeStep:
@@ -44,26 +69,10 @@ class GraphedDecodeStep:
 
     def step(self, cache: KVCache) -> torch.Tensor:
         """The decode step on the static buffers (what the graph captures); logits (B, 1, vocab)."""
-        model = self.model
-        text = model.model.text_model
-        embeds = text.embed_tokens(self.tokens)  # (B, 1, dim)
         positions = (self.mask.cumsum(-1) - 1).clamp(min=0)  # (B, max_length)
         position_ids = positions.index_select(1, self.slot)  # (B, 1)
-        mask = causal_mask(self.mask, self.slot, model.config.text_config.sliding_window)  # (B, 1, 1, L)
-        hidden = text(embeds, position_ids, mask, cache, self.slot)
-        return model.lm_head(hidden)
-
-    def _capture(self, cache: KVCache) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            # warm-up: compilation, kernel selection and workspaces happen outside the graph
-            for _ in range(2):
-                self.run(cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.run(cache)
+        mask = causal_mask(self.mask, self.slot, self.model.config.text_config.sliding_window)  # (B, 1, 1, L)
+        return self.model.decode_logits(self.tokens, position_ids, mask, cache, self.slot)
 
     def __call__(
         self,
@@ -72,10 +81,8 @@ class GraphedDecodeStep:
         cache_position: torch.Tensor,
         cache: KVCache,
     ) -> torch.Tensor:
-        """input_ids (B, 1), attention_mask (B, S) (slots [0, S)), cache_position (1,) -> logits (B, 1, V).
-
-        The logits live in the graph's memory: read them before the next call.
-        """
+        """input_ids (B, 1), attention_mask (B, S) (slots [0, S)), cache_position (1,) -> logits (B, 1, V),
+        a copy of the graph's output."""
         length = attention_mask.shape[1]
         self.tokens.copy_(input_ids)
         self.slot.copy_(cache_position)
@@ -83,43 +90,42 @@ class GraphedDecodeStep:
         self.mask[:, length:].zero_()
         if self.graph is None:
             # the warm-up steps write this slot's key and value too: the same values the replay writes
-            self._capture(cache)
+            self.graph, self.logits = capture(lambda: self.run(cache))
         self.graph.replay()
-        return self.logits
+        return self.logits.clone()
 
 
 class CudaGraphDecoder:
-    """Per-model registry of graphed decode steps, one per live KV cache and `compile` setting; falls back
-    (once, with a warning) to the ordinary forward when capture fails."""
+    """One model's graphed decode steps, one per live KV cache and `compile` setting (the model's
+    `compile_decode`), all dropped when the model's weights_version moves; falls back (once, with a warning)
+    to the ordinary forward when capture fails."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
         self.steps: weakref.WeakKeyDictionary[KVCache, dict[bool, GraphedDecodeStep]] = (
             weakref.WeakKeyDictionary()
         )
+        self.weights_version = model.weights_version
         self.failed = False
 
-    def applies(self, input_ids, kv_cache, attention_mask, cache_position, **others) -> bool:
-        return (
-            not self.failed
-            and kv_cache is not None
-            and input_ids is not None
-            and input_ids.is_cuda
-            and input_ids.shape[1] == 1
-            and attention_mask is not None
-            and cache_position is not None
-            and cache_position.shape == (1,)
-            and kv_cache.batch_size == input_ids.shape[0]
-            and all(value is None for value in others.values())
-            and not torch.is_grad_enabled()
-        )
-
     def __call__(
-        self, model, input_ids, attention_mask, cache_position, kv_cache, compile: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache_position: torch.Tensor,
+        kv_cache: KVCache,
     ) -> torch.Tensor | None:
-        """Logits (B, 1, V) from the graph, or None if capture failed (the caller then runs eagerly)."""
+        """One decode step: input_ids (B, 1), attention_mask (B, S), cache_position (1,) -> logits (B, 1, V)
+        from the graph, or None when graphs are off for this model (capture failed: run eagerly)."""
+        if self.failed:
+            return None
+        if self.model.weights_version != self.weights_version:  # the graphs replay the old weights
+            self.steps = weakref.WeakKeyDictionary()
+            self.weights_version = self.model.weights_version
+        compile = bool(getattr(self.model, "compile_decode", False))
         steps = self.steps.setdefault(kv_cache, {})
         if compile not in steps:
-            steps[compile] = GraphedDecodeStep(model, kv_cache.batch_size, kv_cache.max_length, compile)
+            steps[compile] = GraphedDecodeStep(self.model, kv_cache.batch_size, kv_cache.max_length, compile)
         try:
             return steps[compile](input_ids, attention_mask.to(torch.long), cache_position, kv_cache)
         except RuntimeError as error:  # e.g. an operation that cannot be captured on this setup

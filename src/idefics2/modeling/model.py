@@ -276,11 +276,13 @@ class Idefics2ForConditionalGeneration(nn.Module):
         self.generation_config: dict[str, Any] = {}
         self.checkpoint_dir: Path | None = None
         self.attn_implementation = "sdpa"
-        # decode steps (one token per row, with a KV cache, no grad) on CUDA replay a captured CUDA graph;
-        # with compile_decode the step is compiled with torch.compile before capture (faster steps, a one-time
+        # generate's decode steps on CUDA replay a captured CUDA graph (see decode_graphs); with
+        # compile_decode the step is compiled with torch.compile before capture (faster steps, a one-time
         # compile per batch size and cache length bucket)
         self.cuda_graphs = True
         self.compile_decode = False
+        # moves whenever weights or modules change: captured graphs and compiled steps are dropped then
+        self.weights_version = 0
         self._graph_decoder: CudaGraphDecoder | None = None
         self._decode_caches: DecodeCachePool | None = None
 
@@ -353,8 +355,26 @@ class Idefics2ForConditionalGeneration(nn.Module):
             )
         quantize_model(self, spec, tied_lm_head=self.config.tie_word_embeddings)
         self.config.extra["quantization_config"] = spec.config_entry()
-        self._graph_decoder = None  # captured graphs hold the float layers
+        self.weights_changed()
         return self
+
+    def weights_changed(self) -> None:
+        """Note that weights or modules changed: every captured CUDA graph and compiled decode step (of
+        `generate` and of the serving engine) is dropped at its next use, as it would replay the old
+        weights or read freed memory. The model's own methods call it (quantize, load_state_dict, to / cuda /
+        half and other moves) and so do the LoRA functions (add_lora, load_adapter, merge_lora); call it
+        after changing the model's modules or parameters any other way (assigning new tensors)."""
+        self.weights_version += 1
+
+    def _apply(self, fn, recurse: bool = True):  # every dtype and device move (to, cuda, half, ...)
+        result = super()._apply(fn, recurse)
+        self.weights_changed()
+        return result
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.weights_changed()
+        return result
 
     def save_pretrained(self, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
         """Write config.json (+ generation_config.json) and safetensors weights (sharded above a size);
@@ -407,6 +427,11 @@ class Idefics2ForConditionalGeneration(nn.Module):
             device=device or self.device,
         )
 
+    def decode_graphs(self) -> CudaGraphDecoder:
+        """`generate`'s graphed decode steps on CUDA (see CudaGraphDecoder)."""
+        self._graph_decoder = self._graph_decoder or CudaGraphDecoder(self)
+        return self._graph_decoder
+
     def decode_cache_pool(self) -> DecodeCachePool:
         """The pool `generate` takes its KV caches from on CUDA (see DecodeCachePool)."""
         self._decode_caches = self._decode_caches or DecodeCachePool()
@@ -418,6 +443,27 @@ class Idefics2ForConditionalGeneration(nn.Module):
         self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         return self.model.get_image_features(pixel_values, pixel_attention_mask)
+
+    def embed_inputs(
+        self, input_ids: torch.Tensor, image_hidden_states: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, hidden) with the image features at the `<image>` tokens."""
+        return self.model.embed_inputs(input_ids, image_hidden_states)
+
+    def decode_logits(
+        self,
+        token_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask: torch.Tensor,
+        kv_cache: Any,
+        cache_position: torch.Tensor,
+    ) -> torch.Tensor:
+        """One decode step on prepared tensors (what generate's and the engine's CUDA graphs capture): one
+        token per row, token_ids (B, 1) at position_ids (B, 1), attending over the cache slots that the bool
+        mask (B, 1, 1, S) allows, its keys and values written at cache_position; logits (B, 1, V)."""
+        text = self.model.text_model
+        hidden = text(text.embed_tokens(token_ids), position_ids, mask, kv_cache, cache_position)
+        return self.lm_head(hidden)
 
     def forward(
         self,
@@ -438,16 +484,6 @@ class Idefics2ForConditionalGeneration(nn.Module):
 
         Padding positions (attention_mask 0) are computed but meaningless; mask them out of labels with -100.
         """
-        if self.cuda_graphs and input_ids is not None and input_ids.is_cuda:
-            self._graph_decoder = self._graph_decoder or CudaGraphDecoder()
-            others = dict(pixel_values=pixel_values, labels=labels, position_ids=position_ids)
-            others.update(inputs_embeds=inputs_embeds, image_hidden_states=image_hidden_states)
-            if self._graph_decoder.applies(input_ids, kv_cache, attention_mask, cache_position, **others):
-                logits = self._graph_decoder(
-                    self, input_ids, attention_mask, cache_position, kv_cache, self.compile_decode
-                )
-                if logits is not None:
-                    return Idefics2Output(logits=logits)
         out = self.model(
             input_ids,
             attention_mask,

@@ -94,6 +94,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None) -> FastAP
 
     @app.get("/health")
     async def health() -> Response:
+        if engine.dead:
+            return JSONResponse({"status": "dead", "reason": engine.dead_reason}, status_code=503)
         if not engine.accepting:
             return JSONResponse({"status": "draining"}, status_code=503)
         return JSONResponse({"status": "ok"})
@@ -253,17 +255,27 @@ def _route(path: str) -> str:
     return path if path in _KNOWN_ROUTES else "other"
 
 
-def run_server(app: FastAPI, host: str, port: int, drain_timeout_s: float) -> None:
+def run_server(app: FastAPI, host: str, port: int, drain_timeout_s: float) -> bool:
     """Serve until SIGTERM or SIGINT, then drain: no new connections, requests in flight finish (for at most
-    `drain_timeout_s`), and return (exit code 0 for the caller)."""
+    `drain_timeout_s`), and return True (exit code 0 for the caller). When the engine dies, its requests
+    have been answered with errors: the server shuts down the same way and returns False (the caller exits
+    non-zero, for a supervisor to restart the process)."""
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain_timeout_s,
                             log_level="warning")  # fmt: skip
-    _DrainingServer(config).run()
+    _DrainingServer(config, app.state.engine).run()
+    return not app.state.engine.dead
 
 
 class _DrainingServer(uvicorn.Server):
     """uvicorn's server, without raising the signal again after its graceful shutdown (so the process can
-    exit 0). A second signal stops at once."""
+    exit 0), and shutting down on its own once the engine has died. A second signal stops at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: Engine) -> None:
+        super().__init__(config)
+        self.engine = engine
+
+    async def on_tick(self, counter: int) -> bool:  # every 0.1 s
+        return self.engine.dead or await super().on_tick(counter)
 
     @contextlib.contextmanager
     def capture_signals(self):

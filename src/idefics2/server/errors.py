@@ -7,6 +7,7 @@ from typing import Any
 
 from idefics2.serving import (
     EngineClosedError,
+    EngineDeadError,
     EngineOverloadedError,
     RequestFailedError,
     RequestTooLargeError,
@@ -43,6 +44,8 @@ def engine_error(error: Exception) -> APIError:
         return APIError(400, message, code="context_length_exceeded")
     if isinstance(error, EngineOverloadedError):
         return APIError(429, message, type="server_overloaded", code="overloaded")
+    if isinstance(error, EngineDeadError):  # the process is about to exit for its supervisor to restart it
+        return APIError(503, message, type="server_unavailable", code="engine_dead")
     if isinstance(error, EngineClosedError):
         return APIError(503, message, type="server_unavailable", code="shutting_down")
     if isinstance(error, (ValueError, TypeError)):

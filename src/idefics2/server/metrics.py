@@ -29,6 +29,10 @@ class ServerMetrics:
         Gauge("idefics2_batch_size", "Requests in the running batch", registry=r).set_function(
             lambda: engine.stats()["running"]
         )
+        Gauge(
+            "idefics2_engine_dead", "1 once the engine has died (see /health for why): restart the process",
+            registry=r,
+        ).set_function(lambda: engine.stats()["dead"])  # fmt: skip
         self.requests = Counter(
             "idefics2_requests", "Requests answered, by route and status", ["route", "status"], registry=r
         )

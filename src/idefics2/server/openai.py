@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import Request
@@ -252,9 +253,12 @@ def _response_format(body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def resolve_images(urls: list[tuple[str, str]], request: Request) -> list[bytes]:
+    """The images' bytes: data: URLs decoded and files read in worker threads within the preparation slots,
+    remote images fetched on the event loop."""
     state = request.app.state
     failures = state.metrics.remote_image_failures
-    return await load_images(urls, state.media_policy, lambda reason: failures.labels(reason=reason).inc())
+    return await load_images(urls, state.media_policy, lambda reason: failures.labels(reason=reason).inc(),
+                             state.preparation_slots)  # fmt: skip
 
 
 @router.post("/v1/chat/completions")

@@ -41,16 +41,18 @@ class EndTokens:
 
 
 async def read_json(request: Request) -> dict[str, Any]:
-    """The request's body, a JSON object; 415 unless it is sent as application/json. A web page of another
-    origin can post a form or text/plain without asking; application/json needs a CORS preflight first,
-    which this server answers only for the origins of --cors-allow-origin."""
+    """The request's body, a JSON object, parsed in a worker thread within the preparation slots (a body of
+    large base64 images takes a while to parse: the event loop keeps answering meanwhile). 415 unless it is
+    sent as application/json: a web page of another origin can post a form or text/plain without asking;
+    application/json needs a CORS preflight first, which this server answers only for the origins of
+    --cors-allow-origin."""
     kind = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if kind != "application/json":
         raise APIError(415, f"the request body must be JSON sent with Content-Type: application/json, not "
                        f"{kind or 'no Content-Type'}", code="unsupported_media_type")  # fmt: skip
     body = await request.body()
     try:
-        data = json.loads(body)
+        data = await anyio.to_thread.run_sync(json.loads, body, limiter=request.app.state.preparation_slots)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise APIError(400, f"the request body is not valid JSON: {error}") from None
     if not isinstance(data, dict):

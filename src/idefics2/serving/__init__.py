@@ -9,6 +9,7 @@ from idefics2.serving.engine import Engine, EngineOptions
 from idefics2.serving.request import (
     Completion,
     EngineClosedError,
+    EngineDeadError,
     EngineOverloadedError,
     RequestFailedError,
     RequestHandle,
@@ -20,6 +21,7 @@ __all__ = [
     "Completion",
     "Engine",
     "EngineClosedError",
+    "EngineDeadError",
     "EngineOptions",
     "EngineOverloadedError",
     "RequestFailedError",

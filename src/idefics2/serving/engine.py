@@ -14,6 +14,12 @@ request; any mistake raises there (ValueError / TypeError), before the request r
 decode step over every running row, picks each row's token with its own controls and streams text deltas.
 An exception while serving one request fails that request alone: a decode step that fails as a whole is
 retried row by row, so only the rows that fail alone get an error.
+
+Any other exception that escapes the loop (admission, retiring a request, moving a cache row: the engine's own
+state may be wrong from there on) kills the engine: every waiting and running request ends at once with
+`EngineDeadError` (finish reason "error"), `submit` raises it, and `dead` / `dead_reason` say so. With
+`step_timeout`, a watchdog does the same to a loop whose iteration makes no progress for that many seconds (a
+hung device call). A dead engine is not restarted in place: the process is (see the README).
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ from typing import Any
 import torch
 
 from idefics2.generation import ContextLengthError, check_context_length, context_length, resolve_options
-from idefics2.pipelines import chat_prompt
+from idefics2.processing.chat import chat_prompt
 from idefics2.processing.images import load_rgb
 from idefics2.serving.image_cache import FeatureCache, image_key
 from idefics2.serving.request import (
     Completion,
     EngineClosedError,
+    EngineDeadError,
     RequestHandle,
     RequestTooLargeError,
     StreamEvent,
@@ -58,6 +65,7 @@ class EngineOptions:
     prefill_chunk: int = 512  # prompt tokens prefilled per iteration (chunked prefill budget)
     vision_chunk: int = 1024  # image patches encoded per iteration (at least one request's images)
     image_cache_mb: float = 256.0  # image features kept by content hash (0 turns the cache off)
+    step_timeout: float | None = None  # seconds one iteration may run before the engine is declared dead
 
     def check(self) -> None:
         for name in ("max_batch", "max_queue", "prefill_chunk", "vision_chunk"):
@@ -68,6 +76,10 @@ class EngineOptions:
             raise ValueError(f"max_length must be an integer >= 2, got {self.max_length!r}")
         if not isinstance(self.image_cache_mb, (int, float)) or self.image_cache_mb < 0:
             raise ValueError(f"image_cache_mb must be >= 0, got {self.image_cache_mb!r}")
+        timeout = self.step_timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not timeout > 0):  # fmt: skip
+            raise ValueError(f"step_timeout must be a positive number of seconds, got {timeout!r}")
 
 
 class Engine:
@@ -89,10 +101,17 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._accepting = True
         self._stopping = False
+        self._dead_reason: str | None = None  # why the engine died, once it has
+        self._iteration_started: float | None = None  # time.monotonic() while an iteration runs
+        self._loop_done = threading.Event()
         self._finished: list[Sequence] = []
+        # every request submitted and not yet retired, wherever it is (what a dying engine must answer)
+        self._open: set[Sequence] = set()
         self.steps = 0  # decode steps run
         self._thread = threading.Thread(target=self._loop, name="idefics2-engine", daemon=True)
         self._thread.start()
+        if self.options.step_timeout is not None:
+            threading.Thread(target=self._watchdog, name="idefics2-engine-watchdog", daemon=True).start()
 
     # ---- submitting --------------------------------------------------------------------------------------
     def submit(self, messages: Any, images: Any = None, **controls: Any) -> RequestHandle:
@@ -108,15 +127,15 @@ class Engine:
         text: `skip_special_tokens=False` keeps special tokens in it, `include_stop_str_in_output=True` keeps
         the stop string (or the end token's text) that ended it. Raises
         ValueError/TypeError for a bad request, RequestTooLargeError when it can never fit,
-        EngineOverloadedError when the queue is full and EngineClosedError after `close`.
+        EngineOverloadedError when the queue is full, EngineClosedError after `close` and EngineDeadError
+        once the engine has died.
         """
         prompt, images = chat_prompt(self.processor, messages, images)
         return self.submit_prompt(prompt, images, **controls)
 
     def submit_prompt(self, prompt: str, images: Any = None, **controls: Any) -> RequestHandle:
         """Queue a raw prompt (no chat template), one `<image>` marker per image; see `submit`."""
-        if not self._accepting:
-            raise EngineClosedError("the engine is closed and accepts no more requests")
+        self._check_accepting()
         given = sorted(set(controls) & set(_NOT_PER_REQUEST))
         if given:
             raise ValueError(f"{', '.join(given)} cannot be set per request of the engine")
@@ -151,11 +170,17 @@ class Engine:
             self.runner.device, **flags,
         )  # fmt: skip
         with self._lock:
-            if not self._accepting:
-                raise EngineClosedError("the engine is closed and accepts no more requests")
+            self._check_accepting()
             self.scheduler.add(seq)
+            self._open.add(seq)
             self._wake.notify()
         return handle
+
+    def _check_accepting(self) -> None:
+        if self._dead_reason is not None:
+            raise EngineDeadError(f"the engine is dead: {self._dead_reason}")
+        if not self._accepting:
+            raise EngineClosedError("the engine is closed and accepts no more requests")
 
     def _check_length(self, prompt_length: int, max_new_tokens: int) -> None:
         numbers = {"prompt_length": prompt_length, "max_new_tokens": max_new_tokens}
@@ -188,20 +213,31 @@ class Engine:
     # ---- state -----------------------------------------------------------------------------------------
     @property
     def accepting(self) -> bool:
-        """False once `close` has begun."""
+        """False once `close` has begun or the engine has died."""
         return self._accepting
 
+    @property
+    def dead(self) -> bool:
+        """True once the loop has stopped on a fault (or the watchdog saw no progress): see `dead_reason`."""
+        return self._dead_reason is not None
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead_reason
+
     def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "waiting": len(self.scheduler.waiting),
-                "running": len(self.scheduler.running),
-                "decode_steps": self.steps,
-                "image_cache_hits": self.image_cache.hits,
-                "image_cache_misses": self.image_cache.misses,
-                "image_cache_bytes": self.image_cache.bytes,
-                "kv_cache_bytes": self.runner.cache.nbytes,
-            }
+        """The engine's counters, read without the engine's lock (each value is one plain read, so a caller
+        such as the server's /metrics never waits for the loop; the values may be a step apart)."""
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "decode_steps": self.steps,
+            "image_cache_hits": self.image_cache.hits,
+            "image_cache_misses": self.image_cache.misses,
+            "image_cache_bytes": self.image_cache.bytes,
+            "kv_cache_bytes": self.runner.cache.nbytes,
+            "dead": int(self.dead),
+        }
 
     def close(self, timeout: float | None = None) -> None:
         """Stop accepting requests, let the ones in flight finish (for at most `timeout` seconds; then they
@@ -211,7 +247,7 @@ class Engine:
             self._wake.notify()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._lock:
-            while self.scheduler.has_work():
+            while self.scheduler.has_work() and not self.dead:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     for seq in [*self.scheduler.waiting, *self.scheduler.running]:
@@ -220,7 +256,8 @@ class Engine:
                 self._wake.wait(timeout=left if left is None else min(left, 0.1))
             self._stopping = True
             self._wake.notify_all()
-        self._thread.join()
+        # a dead engine's loop may be stuck in a device call for good (the watchdog's case): not waited for
+        self._thread.join(timeout=1.0 if self.dead else None)
 
     def __enter__(self) -> Engine:
         return self
@@ -230,23 +267,57 @@ class Engine:
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def _loop(self) -> None:
-        with torch.inference_mode():
-            while True:
-                with self._lock:
-                    while not self.scheduler.has_work() and not self._stopping:
-                        self._wake.wait()
-                    if self._stopping and not self.scheduler.has_work():
-                        return
-                    if self._stopping:  # cancelled by close(timeout): finish them now
-                        for seq in [*self.scheduler.waiting, *self.scheduler.running]:
-                            seq.handle.cancel()
-                try:
+        try:
+            with torch.inference_mode():
+                while self._wait_for_work():
+                    self._iteration_started = time.monotonic()
                     self._iteration()
-                except Exception as error:  # a fault outside any one request: fail those in the batch
-                    log.exception("engine iteration failed")
-                    for seq in list(self.scheduler.running):
-                        self._fail(seq, error)
-                self._retire()
+                    self._retire()
+                    self._iteration_started = None
+        except BaseException as error:  # a fault outside any one request: the engine's state is suspect
+            log.exception("the engine's loop failed")
+            self._die(f"{type(error).__name__}: {_one_line(error)}")
+        finally:
+            self._loop_done.set()
+
+    def _wait_for_work(self) -> bool:
+        """Wait until there is work; False when the loop should end (closed and drained, or dead)."""
+        with self._lock:
+            while not self.scheduler.has_work() and not self._stopping and not self.dead:
+                self._wake.wait()
+            if self.dead or (self._stopping and not self.scheduler.has_work()):
+                return False
+            if self._stopping:  # cancelled by close(timeout): finish them now
+                for seq in [*self.scheduler.waiting, *self.scheduler.running]:
+                    seq.handle.cancel()
+            return True
+
+    def _watchdog(self) -> None:
+        """Kill the engine when one iteration runs longer than step_timeout (checked a few times per
+        timeout): its requests end with EngineDeadError instead of waiting forever."""
+        timeout = self.options.step_timeout
+        while not self._loop_done.wait(min(timeout / 4, 1.0)):
+            started = self._iteration_started
+            if started is not None and time.monotonic() - started > timeout:
+                self._die(f"no progress: an iteration of the loop ran longer than step_timeout={timeout:g} s")
+                return
+
+    def _die(self, reason: str) -> None:
+        """Mark the engine dead and end every request it holds with EngineDeadError, at once."""
+        with self._lock:
+            if self.dead:
+                return
+            self._dead_reason, self._accepting = reason, False
+            seqs = sorted(self._open, key=lambda seq: seq.handle.id)
+            self._open.clear()
+            self.scheduler.waiting.clear()
+            self.scheduler.running.clear()
+            self._wake.notify_all()
+        log.error("the engine is dead (%s); %d request(s) ended with an error", reason, len(seqs))
+        message = f"EngineDeadError: the engine is dead: {reason}"
+        for seq in seqs:
+            event = StreamEvent("", [], "error", seq.prompt_length, len(seq.generated))
+            seq.handle.publish(event, self._completion(seq, "error", message), EngineDeadError)
 
     def _iteration(self) -> None:
         scheduler = self.scheduler
@@ -259,7 +330,7 @@ class Engine:
         # images that another request has had encoded since this one was queued cost nothing
         starting = [seq for seq in scheduler.running if seq.embeds is None and seq.filled == 0]
         for image in (image for seq in starting for image in seq.images if image.features is None):
-            image.features = self.image_cache.get(image.key)
+            image.features = self.image_cache.get(image.key, count=False)
         chunks = [chunk for chunk in scheduler.prefill_chunks() if not chunk[0].handle.cancelled]
         self._embed_prompts([seq for seq, _, _ in chunks if seq.embeds is None])
         chunks = [chunk for chunk in chunks if chunk[0] not in self._finished]
@@ -300,7 +371,7 @@ class Engine:
         missing: dict[str, ImageInput] = {}
         for image in images:
             if image.features is None:
-                image.features = self.image_cache.get(image.key)
+                image.features = self.image_cache.get(image.key, count=False)
             if image.features is None and image.key not in missing:
                 missing[image.key] = image
         if missing:
@@ -428,7 +499,7 @@ class Engine:
         self._finished.append(seq)
 
     def _fail(self, seq: Sequence, error: BaseException) -> None:
-        message = " ".join(str(error).split()) or type(error).__name__
+        message = _one_line(error)
         log.warning("request %d failed: %s: %s", seq.handle.id, type(error).__name__, message)
         self._end(seq, "error", f"{type(error).__name__}: {message}")
 
@@ -436,6 +507,7 @@ class Engine:
         """Take finished requests out of the batch, moving the last row's cache into each freed row."""
         if not self._finished:
             return
+        moves = []  # (request, source row, target row, filled slots), made in this order
         with self._lock:
             for seq in self._finished:
                 if seq.row < 0 and seq not in self.scheduler.waiting:
@@ -444,9 +516,20 @@ class Engine:
                 if moved is not None:
                     other, old_row = moved
                     slots = other.position if other.state == DECODE else other.filled
-                    self.runner.move_row(old_row, other.row, slots)
+                    moves.append((other, old_row, other.row, slots))
+            finished = set(self._finished)
+            self._open -= finished
             self._finished.clear()
             self._wake.notify_all()
+        # outside the lock (only this thread touches cache rows): submit, stats and close never wait on it;
+        # a request that leaves in the same iteration needs no move
+        for other, source, target, slots in moves:
+            if other not in finished:
+                self.runner.move_row(source, target, slots)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _consecutive_rows(seqs: list[Sequence]) -> list[list[Sequence]]:

@@ -23,7 +23,9 @@ def image_key(image: PIL.Image.Image, settings: str) -> str:
 class FeatureCache:
     """Thread-safe LRU map: image key -> features (n_crops, n_latents, hidden), at most `max_bytes` in all.
 
-    A tensor larger than the whole budget is not kept. `hits` and `misses` count `get` calls.
+    A tensor larger than the whole budget is not kept. `hits` and `misses` count the lookups made with
+    `get(key)`; `get(key, count=False)` looks again without counting (the engine counts each image of a
+    request once, when it is submitted, and looks again later in case another request has encoded it since).
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -38,14 +40,14 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: str) -> torch.Tensor | None:
+    def get(self, key: str, count: bool = True) -> torch.Tensor | None:
         with self._lock:
             features = self._entries.get(key)
             if features is None:
-                self.misses += 1
+                self.misses += count
                 return None
             self._entries.move_to_end(key)
-            self.hits += 1
+            self.hits += count
             return features
 
     def put(self, key: str, features: torch.Tensor) -> None:

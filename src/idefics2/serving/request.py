@@ -37,6 +37,12 @@ class RequestFailedError(RuntimeError):
     """The request failed inside the engine (the message says why); other requests are not affected."""
 
 
+class EngineDeadError(RequestFailedError):
+    """The engine's loop stopped on a fault outside any one request (or made no progress for its step
+    timeout): every request it held ended with this error and it accepts no more. The process should be
+    restarted (see the README: running under a supervisor)."""
+
+
 @dataclass
 class StreamEvent:
     text: str  # what the new tokens add to the reply (may be "")
@@ -84,19 +90,28 @@ class RequestHandle:
         self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._cancelled = threading.Event()
         self._completion: Completion | None = None
+        self._failure: type[RequestFailedError] = RequestFailedError
         self.first_token_at: float | None = None
 
     # ---- the engine's side ----------------------------------------------------------------------------
-    def publish(self, event: StreamEvent, completion: Completion | None = None) -> None:
+    def publish(
+        self,
+        event: StreamEvent,
+        completion: Completion | None = None,
+        failure: type[RequestFailedError] = RequestFailedError,
+    ) -> bool:
+        """Add an event (the last one with its completion); with finish reason "error", `failure` is what the
+        caller's side raises. False when the request had already ended (the event is dropped)."""
         with self._changed:
             if self._completion is not None:
-                return
+                return False
             if self.first_token_at is None and event.token_ids:
                 self.first_token_at = time.monotonic()
             self._events.append(event)
             if completion is not None:
                 completion.first_token_at = self.first_token_at
                 self._completion = completion
+                self._failure = failure
             self._changed.notify_all()
             waiters, self._async_waiters = self._async_waiters, []
         for loop, ready in waiters:
@@ -104,6 +119,7 @@ class RequestHandle:
                 loop.call_soon_threadsafe(ready.set)
             except RuntimeError:  # that event loop is closed: nobody is waiting any more
                 pass
+        return True
 
     @property
     def cancelled(self) -> bool:
@@ -161,10 +177,10 @@ class RequestHandle:
                 raise TimeoutError(f"request {self.id} did not finish within {timeout} s")
             completion = self._completion
         if completion.finish_reason == "error":
-            raise RequestFailedError(completion.error)
+            raise self._failure(completion.error)
         return completion
 
     def _checked(self, event: StreamEvent) -> Iterator[StreamEvent]:
         if event.finish_reason == "error":
-            raise RequestFailedError(self._completion.error if self._completion else "the request failed")
+            raise self._failure(self._completion.error if self._completion else "the request failed")
         yield event

@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from idefics2.modeling import cuda_graphs
 from idefics2.serving.kv_rows import RowKVCache
 
 # decode graphs are captured per batch-size bucket (powers of two up to the engine's rows) and per length
@@ -44,7 +45,7 @@ class ModelRunner:
     def embed_prompt(self, input_ids: list[int], image_features: torch.Tensor | None) -> torch.Tensor:
         """Prompt embeddings (1, P, hidden) with the image features at the `<image>` tokens."""
         ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)
-        return self.model.model.embed_inputs(ids, image_features)
+        return self.model.embed_inputs(ids, image_features)
 
     def prefill(self, row: int, embeds: torch.Tensor, start: int, want_logits: bool) -> torch.Tensor | None:
         """Write prompt positions [start, start + T) of `row` from embeds (1, T, hidden); the last position's
@@ -94,33 +95,30 @@ class ModelRunner:
     def decode_step(self, token_ids: torch.Tensor, slots: torch.Tensor, n_keys: int, start: int = 0):
         """The decode computation on tensors: token_ids (B, 1), slots (B,), attending over cache slots
         [0, n_keys) of rows [start, start + B), each row masked to its own slots; logits (B, V) float32."""
-        text = self.model.model.text_model
         keys = torch.arange(n_keys, device=self.device)
         allowed = keys[None, :] <= slots[:, None]  # (B, S): a row sees its own slots up to its new one
         if self.window is not None:
             allowed &= keys[None, :] > slots[:, None] - self.window
-        hidden = text(
-            text.embed_tokens(token_ids),
-            slots[:, None],
-            allowed[:, None, None, :],
-            self.cache.decode_view(start, start + token_ids.shape[0]),
-            slots,
-        )
-        return self.model.lm_head(hidden[:, -1]).float()
+        view = self.cache.decode_view(start, start + token_ids.shape[0])
+        logits = self.model.decode_logits(token_ids, slots[:, None], allowed[:, None, None, :], view, slots)
+        return logits[:, -1].float()
 
     def move_row(self, source: int, target: int, filled: int) -> None:
         self.cache.move_row(source, target, filled)
 
 
 class DecodeGraphs:
-    """CUDA graphs of the decode step, one per (batch-size bucket, length bucket), captured on first use and
-    replayed after; rows beyond the batch in its bucket are placeholders (token 0 at slot 0 of free rows).
-    Capture failure turns graphs off with one warning (the runner then decodes eagerly)."""
+    """CUDA graphs of the decode step, one per (batch-size bucket, length bucket), captured on first use (on
+    the engine's thread, which does all of the engine's torch work) and replayed after; rows beyond the batch
+    in its bucket are placeholders (token 0 at slot 0 of free rows). All are dropped when the model's
+    weights_version moves (they would replay the old weights). The logits returned are a copy of the graph's
+    output. Capture failure turns graphs off with one warning (the runner then decodes eagerly)."""
 
     def __init__(self, runner: ModelRunner, rows: int, length: int) -> None:
         self.runner, self.rows, self.length = runner, rows, length
         self.graphs: dict[tuple[int, int], CapturedStep] = {}
         self.pool = None
+        self.weights_version = runner.model.weights_version
         self.failed = False
 
     def bucket(self, batch: int, n_keys: int) -> tuple[int, int]:
@@ -133,6 +131,9 @@ class DecodeGraphs:
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor | None:
         if self.failed:
             return None
+        if self.runner.model.weights_version != self.weights_version:
+            self.graphs, self.pool = {}, None
+            self.weights_version = self.runner.model.weights_version
         key = self.bucket(len(tokens), max(positions) + 1)
         step = self.graphs.get(key)
         if step is None:
@@ -147,7 +148,7 @@ class DecodeGraphs:
                 return None
             self.graphs[key], self.pool = step, step.graph.pool()
         step.graph.replay()
-        return step.logits[: len(tokens)]
+        return step.logits[: len(tokens)].clone()
 
 
 class CapturedStep:
@@ -157,7 +158,7 @@ class CapturedStep:
         self.n_keys = n_keys
         self.token_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.slots = torch.zeros(batch, dtype=torch.long, device=device)
-        self.graph = torch.cuda.CUDAGraph()
+        self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
     def load(self, tokens: list[int], positions: list[int]) -> None:
@@ -169,11 +170,5 @@ class CapturedStep:
         self.slots[:batch].copy_(torch.tensor(positions))
 
     def capture(self, runner: ModelRunner, pool) -> None:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up outside the graph: kernel choice, workspaces
-                runner.decode_step(self.token_ids, self.slots, self.n_keys)
-        torch.cuda.current_stream().wait_stream(stream)
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = runner.decode_step(self.token_ids, self.slots, self.n_keys)
+        run = lambda: runner.decode_step(self.token_ids, self.slots, self.n_keys)  # noqa: E731
+        self.graph, self.logits = cuda_graphs.capture(run, pool)

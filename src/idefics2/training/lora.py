@@ -189,7 +189,15 @@ def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
         linear.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         linear.lora_scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
         linear._lora_handle = linear.register_forward_hook(_lora_hook)
+    _weights_changed(model)
     return names
+
+
+def _weights_changed(model: nn.Module) -> None:
+    """Tell the model its modules changed (its captured CUDA graphs and compiled steps are then dropped)."""
+    notify = getattr(model, "weights_changed", None)
+    if notify is not None:
+        notify()
 
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -293,6 +301,7 @@ def merge_lora(model: nn.Module) -> None:
         delta = module.lora_B.weight.float() @ module.lora_A.weight.float() * module.lora_scaling
         module.weight += delta.to(module.weight.dtype)
         remove_adapter(module)
+    _weights_changed(model)
 
 
 def remove_adapter(module: nn.Linear) -> None:

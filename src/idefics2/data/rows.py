@@ -382,7 +382,7 @@ def _assistant(text: str) -> dict[str, Any]:
 
 
 def _build_prompt(row: Row, values: _Values, base_dir: Path | None) -> None:
-    from idefics2.pipelines import user_turn
+    from idefics2.processing.chat import user_turn
 
     row.prompt = _text(values.get("prompt"), values.label("prompt"))
     row.images = _images(values, base_dir)
@@ -465,7 +465,7 @@ def _build_cauldron(row: Row, values: _Values, base_dir: Path | None) -> None:
 
 
 def _build_preference(row: Row, values: _Values, base_dir: Path | None) -> None:
-    from idefics2.pipelines import user_turn
+    from idefics2.processing.chat import user_turn
 
     prompt, label = values.get("prompt"), values.label("prompt")
     if isinstance(prompt, (list, tuple)):

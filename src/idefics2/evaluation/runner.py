@@ -123,7 +123,7 @@ def answer_items(
     in input order as they are answered; a tqdm bar counts items."""
     from tqdm import tqdm
 
-    from idefics2.pipelines import user_turn
+    from idefics2.processing.chat import user_turn
     from idefics2.serving import EngineOverloadedError, RequestFailedError
 
     pending: deque[tuple[Item, Any]] = deque()  # (item, engine handle or an error message)

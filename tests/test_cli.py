@@ -76,7 +76,7 @@ def test_user_mistakes_exit_2(tmp_path, data, capsys):
     code, err = run_main(
         ["train", "--model", "m", "--data", str(tmp_path / "none.jsonl"), "--output", "o"], capsys
     )
-    assert code == 2 and "data file not found" in err
+    assert code == 2 and "input file not found" in err
     with pytest.raises(SystemExit) as exit_info:  # argparse: missing --output, or two exclusive modes
         main(["train", "--model", "m", "--data", str(data)])
     assert exit_info.value.code == 2

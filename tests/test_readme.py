@@ -10,6 +10,7 @@ The convention (also in the README's Development section):
   in the background, is waited for until `GET /health` answers, and stops at the end of the section, so that
   the section's later blocks talk to it;
 - `json` blocks must parse, and a block holding a training example must pass the training data check;
+- `yaml` blocks (Ray Serve configs) must parse, and every application's `import_path` must import;
 - `text` blocks that start with `$ idefics2 chat` are replayed: the `> ` lines are typed in, the other lines
   (except the `(...)` notes on stderr) must be the answers;
 - the hub ids of SUBSTITUTIONS become the built-in model's folder;
@@ -101,7 +102,9 @@ def readme_blocks() -> list[Block]:
 
 
 BLOCKS = readme_blocks()
-SECTIONS = list(dict.fromkeys(b.section for b in BLOCKS if b.language in ("python", "bash", "json", "text")))
+SECTIONS = list(
+    dict.fromkeys(b.section for b in BLOCKS if b.language in ("python", "bash", "json", "text", "yaml"))
+)
 
 
 def training_example(image: str) -> dict:
@@ -213,11 +216,20 @@ def run_section(section, namespace, servers, tmp_path, capsys, monkeypatch) -> N
                 normalize_example(example, base_dir=Path.cwd())
         elif block.language == "text" and block.text.startswith("$ idefics2 chat"):
             replay_chat(block, capsys, monkeypatch)
+        elif block.language == "yaml":  # a Ray Serve config: it must parse and name importable builders
+            import importlib
+
+            import yaml
+
+            config = yaml.safe_load(block.text)
+            for application in config.get("applications", []):
+                module, _, name = application["import_path"].partition(":")
+                assert callable(getattr(importlib.import_module(module), name)), (where, application)
 
 
 def test_the_convention_is_followed():
     languages = {b.language for b in BLOCKS}
-    assert languages <= {"python", "bash", "json", "text"}, languages  # every block is checked
+    assert languages <= {"python", "bash", "json", "text", "yaml"}, languages  # every block is checked
     assert all(b.skip.strip() for b in BLOCKS if b.skip is not None)
     # hub ids in blocks that run are ones the test can replace with the built-in model
     for block in BLOCKS:

@@ -1,4 +1,5 @@
-"""`idefics2 train`: fine-tune on a JSONL file of chat examples (LoRA adapter or full weights)."""
+"""`idefics2 train`: fine-tune on a JSONL file of chat examples (LoRA adapter or full weights), or tune on
+preference pairs with DPO (`--method dpo`)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ def add_parser(subparsers) -> None:
         description="Fine-tune Idefics2 on a JSONL file of chat examples. Each line: "
         '{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, '
         '{"role": "assistant", "content": "..."}], "images": ["path.jpg"]}. Only assistant turns are '
-        "learned. Runs data-parallel under `torchrun --nproc_per_node N`.",
+        "learned. With --method dpo each line is a preference pair in TRL's layout: "
+        '{"images": ["path.jpg"], "prompt": "...", "chosen": "...", "rejected": "..."}. '
+        "Runs data-parallel under `torchrun --nproc_per_node N`.",
     )
     p.add_argument(
         "--model",
@@ -25,7 +28,29 @@ def add_parser(subparsers) -> None:
         help="checkpoint folder or hub repo id (default: the built-in shapes-world model)",
     )
     p.add_argument("--data", required=True, help="training examples (JSONL)")
-    p.add_argument("--eval-data", help="evaluation examples (JSONL); the loss is reported every --eval-steps")
+    p.add_argument(
+        "--eval-data",
+        help="evaluation examples (JSONL); the loss (and DPO's rewards, margin, accuracy) every --eval-steps",
+    )
+    p.add_argument(
+        "--method",
+        choices=["sft", "dpo"],
+        default="sft",
+        help="sft: learn the assistant turns (default); dpo: direct preference optimization on pairs",
+    )
+    p.add_argument("--beta", type=float, help="DPO: strength of the pull towards the reference (default 0.1)")
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        help="DPO: assumed fraction of pairs whose preference is wrong, in [0, 0.5) (conservative DPO; "
+        "default 0)",
+    )
+    p.add_argument(
+        "--precompute-ref",
+        action="store_true",
+        help="DPO: compute the reference log-probabilities once before training (one forward per step "
+        "instead of two; with --full no frozen copy of the model is kept)",
+    )
     p.add_argument("--output", required=True, help="folder for the adapter (or full model) and checkpoints")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank (default: 8)")
@@ -134,12 +159,16 @@ def _run(args: argparse.Namespace) -> int:
         ChatCollator,
         ChatDataset,
         LoraConfig,
+        PreferenceDataset,
         TrainingArguments,
         add_lora,
         freeze,
+        frozen_copy,
         mark_only_lora_trainable,
         read_jsonl,
+        read_preferences,
         train,
+        train_dpo,
     )
     from idefics2.training.checkpoint import latest_checkpoint, previous_run
     from idefics2.training.lora import DEFAULT_TARGET_MODULES
@@ -153,6 +182,25 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.full and args.quantize:
         raise UserError("--quantize trains LoRA adapters on a frozen quantized model (QLoRA), not --full")
+    dpo = args.method == "dpo"
+    if not dpo:
+        given = [
+            flag
+            for flag, value in (
+                ("--beta", args.beta),
+                ("--label-smoothing", args.label_smoothing),
+                ("--precompute-ref", args.precompute_ref or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UserError(f"{given[0]} applies to --method dpo")
+    beta = 0.1 if args.beta is None else args.beta
+    label_smoothing = args.label_smoothing or 0.0
+    if not beta > 0:
+        raise UserError(f"--beta must be positive, got {args.beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise UserError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
 
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --output, --overwrite deletes it: choose one")
@@ -162,8 +210,9 @@ def _run(args: argparse.Namespace) -> int:
     previous = previous_run(output)
     if previous and not args.resume and not args.overwrite:
         raise UserError(previous_run_message(output, previous))
-    train_examples = read_jsonl(args.data)  # a bad line stops everything here, before any model loads
-    eval_examples = read_jsonl(args.eval_data) if args.eval_data else None
+    read = read_preferences if dpo else read_jsonl
+    train_examples = read(args.data)  # a bad line stops everything here, before any model loads
+    eval_examples = read(args.eval_data) if args.eval_data else None
     folder = model_folder(args.model)  # a hub id is downloaded here, once the data is known to be good
     if output.resolve() == folder.resolve():
         raise UserError(f"--output {args.output} is the --model folder: choose another output folder")
@@ -172,8 +221,9 @@ def _run(args: argparse.Namespace) -> int:
 
     processor = Idefics2Processor.from_pretrained(folder)
     collator = ChatCollator(processor, max_length=args.max_length)
-    train_data = ChatDataset(train_examples, collator)
-    eval_data = ChatDataset(eval_examples, collator) if eval_examples else None
+    dataset = PreferenceDataset if dpo else ChatDataset
+    train_data = dataset(train_examples, collator)
+    eval_data = dataset(eval_examples, collator) if eval_examples else None
 
     training_args = TrainingArguments(
         output_dir=str(output),
@@ -213,19 +263,28 @@ def _run(args: argparse.Namespace) -> int:
         mark_only_lora_trainable(model)
     freeze(model, vision=args.freeze_vision, connector=args.freeze_connector, decoder=args.freeze_decoder)
 
-    result = train(
-        model,
-        train_data,
-        collator,
-        training_args,
-        eval_data=eval_data,
-        lora_config=lora_config,
-        resume_from=args.resume or None,
-    )
+    common = dict(eval_data=eval_data, lora_config=lora_config, resume_from=args.resume or None)
+    if dpo:
+        reference = frozen_copy(model) if args.full and not args.precompute_ref else None
+        result = train_dpo(
+            model,
+            train_data,
+            collator,
+            training_args,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            reference=reference,
+            precompute=args.precompute_ref,
+            **common,
+        )
+    else:
+        result = train(model, train_data, collator, training_args, **common)
     if distributed_context()[0] == 0:
         if args.full:
             processor.save_pretrained(output)
         last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
+        if result.metrics and result.metrics[-1]:
+            last += "".join(f", {name} {value:.4f}" for name, value in result.metrics[-1].items())
         what = "model" if args.full else "LoRA adapter"
         print(f"saved the {what} to {args.output} after {result.step} steps{last}", file=sys.stderr)
     if torch.distributed.is_initialized():

@@ -437,12 +437,14 @@ class Idefics2ForConditionalGeneration(nn.Module):
     ) -> Idefics2Output:
         """Logits for every position (or the last `logits_to_keep`), and the shifted LM loss given labels.
 
-        `logits_at`: bool (B, T); logits only at its True positions, as (N, vocab) in row-major order (training
-        needs them only where a label is learned: the (B, T, vocab) logits are never built).
+        `logits_at`: bool (B, T); logits only at its True positions, as (N, vocab) in row-major order
+        (training needs them only where a label is learned: the (B, T, vocab) logits are never built).
         Padding positions (attention_mask 0) are computed but meaningless; mask them out of labels with -100.
         """
         if logits_at is not None and (labels is not None or logits_to_keep):
-            raise ValueError("logits_at picks the positions itself: do not combine it with labels or logits_to_keep")
+            raise ValueError(
+                "logits_at picks the positions itself: do not combine it with labels or logits_to_keep"
+            )
         if self.cuda_graphs and input_ids is not None and input_ids.is_cuda:
             self._graph_decoder = self._graph_decoder or CudaGraphDecoder()
             others = dict(pixel_values=pixel_values, labels=labels, position_ids=position_ids)
@@ -477,7 +479,8 @@ class Idefics2ForConditionalGeneration(nn.Module):
         if logits_at is not None:
             if logits_at.shape != hidden.shape[:2]:
                 raise ValueError(
-                    f"logits_at shape {tuple(logits_at.shape)} does not match the input's {tuple(hidden.shape[:2])}"
+                    f"logits_at shape {tuple(logits_at.shape)} does not match the input's "
+                    f"{tuple(hidden.shape[:2])}"
                 )
             hidden = hidden[logits_at.to(device=hidden.device, dtype=torch.bool)]  # (N, hidden)
         logits = self.lm_head(hidden)

@@ -326,7 +326,7 @@ def evaluate_objective(
         chunk = positions[i : i + args.batch_size]
         batch = collate([data[p % len(data)] for p in chunk])
         keep = torch.tensor([p < len(data) for p in chunk])
-        loss, metrics = objective.summed(model, batch, device, _autocast(args, device), keep)
+        loss, metrics = objective.summed(model, batch, device, autocast_context(args, device), keep)
         for name, value in {"loss": float(loss), **metrics}.items():
             sums[name] = sums.get(name, 0.0) + value
         count += objective.units(batch, keep)
@@ -349,7 +349,7 @@ def evaluate(
     return evaluate_objective(model, data, collate, args, device, rank, world)["loss"]
 
 
-def _autocast(args: TrainingArguments, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_context(args: TrainingArguments, device: torch.device) -> contextlib.AbstractContextManager:
     use_bf16 = args.mixed_precision == "bf16" or (
         args.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
@@ -586,7 +586,7 @@ def train(
             if sharded:
                 model.set_requires_gradient_sync(sync)
             with contextlib.nullcontext() if sync or sharded else ddp_model.no_sync():
-                loss, metrics = objective.summed(ddp_model, batch, device, _autocast(args, device))
+                loss, metrics = objective.summed(ddp_model, batch, device, autocast_context(args, device))
                 (loss * world / max(n_units, 1.0)).backward()
             loss_sum += loss.detach().item()
             for name, value in metrics.items():

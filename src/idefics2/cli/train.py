@@ -87,6 +87,12 @@ def add_parser(subparsers) -> None:
         "dropped with a warning)",
     )
     p.add_argument(
+        "--packing",
+        action="store_true",
+        help="pack several short examples into each row (up to --max-length tokens, default the longest "
+        "example's length), each attending only to itself: no compute goes to padding",
+    )
+    p.add_argument(
         "--precision",
         choices=["auto", "bf16", "no"],
         default="auto",
@@ -159,6 +165,7 @@ def _run(args: argparse.Namespace) -> int:
         ChatCollator,
         ChatDataset,
         LoraConfig,
+        PackedDataset,
         PreferenceDataset,
         TrainingArguments,
         add_lora,
@@ -195,6 +202,8 @@ def _run(args: argparse.Namespace) -> int:
         ]
         if given:
             raise UserError(f"{given[0]} applies to --method dpo")
+    elif args.packing:
+        raise UserError("--packing applies to --method sft (DPO rows keep each pair's answers apart)")
     beta = 0.1 if args.beta is None else args.beta
     label_smoothing = args.label_smoothing or 0.0
     if not beta > 0:
@@ -224,6 +233,15 @@ def _run(args: argparse.Namespace) -> int:
     dataset = PreferenceDataset if dpo else ChatDataset
     train_data = dataset(train_examples, collator)
     eval_data = dataset(eval_examples, collator) if eval_examples else None
+    if args.packing:
+        packed = PackedDataset(train_data, args.max_length)
+        if distributed_context()[0] == 0:
+            print(
+                f"packed {packed.num_examples} examples into {len(packed)} rows of up to {packed.capacity} "
+                "tokens",
+                file=sys.stderr,
+            )
+        train_data = packed
 
     training_args = TrainingArguments(
         output_dir=str(output),

@@ -6,7 +6,10 @@ from idefics2.training.data import (
     ChatDataset,
     DataError,
     EncodedExample,
+    PackedDataset,
+    PackedExample,
     normalize_example,
+    pack_examples,
     read_jsonl,
 )
 from idefics2.training.dpo import (
@@ -45,6 +48,8 @@ __all__ = [
     "EncodedExample",
     "LoraConfig",
     "Objective",
+    "PackedDataset",
+    "PackedExample",
     "PreferenceCollator",
     "PreferenceDataset",
     "TokenLoss",
@@ -60,6 +65,7 @@ __all__ = [
     "mark_only_lora_trainable",
     "merge_lora",
     "normalize_example",
+    "pack_examples",
     "read_jsonl",
     "read_preferences",
     "save_adapter",

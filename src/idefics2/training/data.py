@@ -221,6 +221,35 @@ class EncodedExample:
     images: list  # paths or images, in order
 
 
+@dataclass
+class PackedExample:
+    """Several encoded examples sharing one row (sequence packing): each attends only to itself."""
+
+    parts: list[EncodedExample]
+
+    def __len__(self) -> int:
+        return sum(len(part.input_ids) for part in self.parts)
+
+
+def pack_examples(examples: Sequence[EncodedExample], capacity: int) -> list[PackedExample]:
+    """Pack examples into rows of at most `capacity` tokens, longest first, each into the first row with room
+    (first-fit decreasing); an example longer than `capacity` gets a row of its own."""
+    if capacity < 1:
+        raise ValueError(f"the packing capacity must be positive, got {capacity}")
+    rows: list[PackedExample] = []
+    room: list[int] = []
+    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
+        size = len(example.input_ids)
+        row = next((k for k, free in enumerate(room) if free >= size), None)
+        if row is None:
+            rows.append(PackedExample([]))
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].parts.append(example)
+        room[row] -= size
+    return rows
+
+
 def _learned_spans(render, messages: list[dict], eou: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans [start, end) of what is learned in it.
 
@@ -344,35 +373,44 @@ class ChatCollator:
             return None
         return EncodedExample(encoded.input_ids[:n], labels, encoded.images)
 
-    def __call__(self, examples: Sequence[dict | EncodedExample]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict | EncodedExample | PackedExample]) -> dict[str, torch.Tensor]:
+        """Right-padded batch; packed rows (PackedExample) add `segment_ids` (B, T): 1, 2, ... for the
+        examples of a row, 0 for padding."""
         encoded = [
-            e if isinstance(e, EncodedExample) else self.encode(normalize_example(e)) for e in examples
+            e if isinstance(e, (EncodedExample, PackedExample)) else self.encode(normalize_example(e))
+            for e in examples
         ]
         encoded = [e for e in encoded if e is not None]
         if not encoded:
             raise ValueError("every example of this batch was dropped (longer than max_length)")
-        length = max(len(e.input_ids) for e in encoded)
-        input_ids = torch.full((len(encoded), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-        labels = torch.full((len(encoded), length), IGNORE, dtype=torch.long)
-        for row, e in enumerate(encoded):
-            input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            attention_mask[row, : len(e.input_ids)] = 1
-            labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        batch.update(self._pixels(encoded))
+        rows = [e.parts if isinstance(e, PackedExample) else [e] for e in encoded]
+        length = max(sum(len(part.input_ids) for part in parts) for parts in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        segment_ids = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+        for row, parts in enumerate(rows):
+            start = 0
+            for segment, part in enumerate(parts, start=1):
+                end = start + len(part.input_ids)
+                input_ids[row, start:end] = torch.tensor(part.input_ids)
+                segment_ids[row, start:end] = segment
+                labels[row, start + 1 : end] = torch.tensor(part.labels[1:])  # nothing predicts a first token
+                start = end
+        batch = {"input_ids": input_ids, "attention_mask": (segment_ids > 0).long(), "labels": labels}
+        if any(isinstance(e, PackedExample) for e in encoded):
+            batch["segment_ids"] = segment_ids
+        batch.update(self._pixels([[image for part in parts for image in part.images] for parts in rows]))
         return batch
 
-    def _pixels(self, encoded: list[EncodedExample]) -> dict[str, torch.Tensor]:
-        with_images = [row for row, e in enumerate(encoded) if e.images]
+    def _pixels(self, images: list[list]) -> dict[str, torch.Tensor]:
+        """pixel_values / pixel_attention_mask for rows given as lists of images (rows may have none)."""
+        with_images = [row for row, row_images in enumerate(images) if row_images]
         if not with_images:
             return {}
-        out = self.processor.image_processor(
-            [encoded[row].images for row in with_images], return_tensors="pt"
-        )
+        out = self.processor.image_processor([images[row] for row in with_images], return_tensors="pt")
         values, mask = out["pixel_values"], out["pixel_attention_mask"]  # (B', N, 3, H, W), (B', N, H, W)
-        pixel_values = values.new_zeros((len(encoded), *values.shape[1:]))
-        pixel_attention_mask = mask.new_zeros((len(encoded), *mask.shape[1:]))
+        pixel_values = values.new_zeros((len(images), *values.shape[1:]))
+        pixel_attention_mask = mask.new_zeros((len(images), *mask.shape[1:]))
         pixel_values[with_images] = values
         pixel_attention_mask[with_images] = mask
         return {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask}
@@ -394,3 +432,22 @@ class ChatDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> EncodedExample:
         return self.examples[index]
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """Encoded examples (e.g. a ChatDataset) packed into rows of at most `capacity` tokens (default: the
+    longest example's length), so that short examples share rows instead of padding (see pack_examples)."""
+
+    def __init__(self, examples: Sequence[EncodedExample], capacity: int | None = None):
+        examples = [examples[i] for i in range(len(examples))]
+        if not examples:
+            raise ValueError("nothing to pack: no examples")
+        self.capacity = capacity or max(len(e.input_ids) for e in examples)
+        self.rows = pack_examples(examples, self.capacity)
+        self.num_examples = len(examples)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> PackedExample:
+        return self.rows[index]

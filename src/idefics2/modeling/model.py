@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,13 @@ class Idefics2Model(nn.Module):
         patch_mask = patch_mask_from_pixels(pixel_mask, vision.patch_size)  # (N_real, gh, gw)
         if not bool(patch_mask.flatten(1).any(dim=1).all()):
             raise ValueError("an image has no patch whose pixels are all real in pixel_attention_mask")
-        features = self.vision_model(pixel_values, patch_mask)  # (N_real, gh * gw, vision hidden)
+        # A frozen tower (fine-tuning with the vision tower frozen, as LoRA does) runs without autograd: no
+        # graph is kept, and the inference kernels apply
+        frozen = not pixel_values.requires_grad and not any(
+            p.requires_grad for p in self.vision_model.parameters()
+        )
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            features = self.vision_model(pixel_values, patch_mask)  # (N_real, gh * gw, vision hidden)
         return self.connector(features, patch_mask.flatten(1))
 
     def forward(

@@ -1082,7 +1082,7 @@ def run_batch_case(case: list) -> list[Outcome]:
 
     watch = {
         "idefics2.cli.batch:load_pipeline": lambda original, raised: lambda args: pipe,
-        "idefics2.cli.batch:open_image": recording,
+        "idefics2.data.rows:load_image": recording,
     }
     # Where a line's failure while it is answered shows: raised out of the batched answering, or handed to
     # the function that turns it into the line's message.

@@ -1,25 +1,28 @@
-"""`idefics2 batch`: answer a JSONL file of prompts on the continuous-batching engine, one output line per
-input line, in input order, written as it goes.
+"""`idefics2 batch`: answer the rows of a file or dataset (read through idefics2.data) on the
+continuous-batching engine, one result per input row, in input order, written as it goes.
 
-Under torchrun (WORLD_SIZE > 1) each process answers every WORLD_SIZE-th line into a part file next to the
-output; the first process then merges the parts into the output, in input order.
+Under torchrun (WORLD_SIZE > 1) each process answers every WORLD_SIZE-th row into a part file next to the
+output; the first process then merges the parts into the output, in input order. With --ray the rows go
+through Ray Data to a pool of actors (idefics2.integrations.ray).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
-import json
 import os
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from idefics2.cli.common import (
     UserError,
     add_constraint_options,
+    add_data_options,
     add_engine_budget_options,
     add_model_options,
     add_sampling_options,
@@ -30,10 +33,12 @@ from idefics2.cli.common import (
     load_pipeline,
     non_negative_int,
     number_in,
-    open_image,
+    open_rows,
     positive_int,
-    user_message,
 )
+
+if TYPE_CHECKING:
+    from idefics2.data import ResultWriter, Row, RowStream
 
 # a line's own generation settings: JSON key -> (flag attribute, parser of the flag's type)
 LINE_OVERRIDES = {
@@ -47,18 +52,42 @@ LINE_OVERRIDES = {
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "batch",
-        help="answer a JSONL file of prompts",
-        description='Answer every line of a JSONL file: {"id": ..., "images": ["a.png", ...], "prompt": '
-        '"..."} (image paths relative to the input file\'s folder), optionally with its own '
-        '"max_new_tokens", "temperature", "top_p", "seed", "stop" (a string or a list), "json_schema" (an '
-        'object) or "regex". Writes {"id": '
-        '..., "text": "...", "finish_reason": ...} lines in input order as they are answered; a bad line '
-        'becomes {"id": ..., "error": "..."} and the run goes on. Requests are decoded together on the '
-        "continuous-batching engine; under torchrun the lines are split between the processes.",
+        help="answer a file or dataset of prompts",
+        description="Answer every row of a JSONL file, Parquet file/folder/glob, `datasets` folder or hub "
+        'dataset. A JSONL line: {"id": ..., "images": ["a.png", ...], "prompt": "..."} (image paths relative '
+        'to the input file\'s folder), optionally with its own "max_new_tokens", "temperature", "top_p", '
+        '"seed", "stop" (a string or a list), "json_schema" (an object) or "regex". Other layouts (messages, '
+        "the cauldron's texts, question/answer columns) are recognised by their columns, or named with "
+        '--columns. Writes {"id": ..., "text": "...", "finish_reason": ...} results (JSONL or Parquet) in '
+        'input order as they are answered; a bad row becomes {"id": ..., "error": "..."} and the run goes '
+        "on. "
+        "Requests are decoded together on the continuous-batching engine; under torchrun the rows are split "
+        "between the processes; with --ray, between the actors of a Ray cluster.",
     )
-    p.add_argument("--input", required=True, metavar="IN.jsonl", help="JSONL file of prompts")
     p.add_argument(
-        "--output", required=True, metavar="OUT.jsonl", help="JSONL file for the answers (overwritten)"
+        "--input",
+        required=True,
+        metavar="IN",
+        help="JSONL file, Parquet file / folder / glob, `datasets` save_to_disk folder, or hub dataset id",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="results: OUT.parquet (written in row groups as rows are answered) or JSONL (overwritten)",
+    )
+    add_data_options(p)
+    p.add_argument(
+        "--keep",
+        type=lambda text: [c.strip() for c in text.split(",") if c.strip()],
+        default=[],
+        metavar="COLUMNS",
+        help="input columns copied into each result, comma-separated (the id is always kept)",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the answered results of an existing --output and answer only the other rows (by id)",
     )
     add_model_options(p)
     add_sampling_options(p)
@@ -79,53 +108,59 @@ def add_parser(subparsers) -> None:
         help="cache slots per request, prompt + new tokens (default: 4096, at most the model's context)",
     )
     add_engine_budget_options(p)
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="auto",
+        metavar="auto|local|ADDRESS",
+        help="answer on a Ray cluster with Ray Data (pip install 'idefics2[ray]'): auto = the running "
+        "cluster, else a new local one; local = a new local one; or the cluster's address, e.g. "
+        "ray://head:10001",
+    )
+    p.add_argument(
+        "--actors", type=positive_int, default=1, metavar="N", help="with --ray: model replicas (default: 1)"
+    )
+    p.add_argument(
+        "--gpus-per-actor",
+        type=number_in(0.0, 64.0),
+        default=0.0,
+        metavar="G",
+        help="with --ray: GPUs each replica holds (default: 0, CPU)",
+    )
+    p.add_argument(
+        "--cpus-per-actor",
+        type=number_in(0.0, 1024.0, low_open=True),
+        default=1.0,
+        metavar="C",
+        help="with --ray: CPUs each replica holds (default: 1; leave some to Ray Data's reading tasks)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
 
 
-class _BadLine(Exception):
-    """An input line of `batch` that cannot be answered; `request_id` is its "id" when it has one."""
+class _BadRow(Exception):
+    """A row of `batch` that cannot be answered, with its message (naming the row) and id."""
 
     def __init__(self, message: str, request_id: Any = None):
         super().__init__(message)
         self.request_id = request_id
 
 
-def _read_lines(source: Path) -> list[tuple[int, bytes]]:
-    """(line number, bytes) of the non-blank lines of a JSONL file. Lines end at "\n" only (a JSON string may
-    hold other line separators), and each is decoded on its own, so one that is not UTF-8 is one bad line."""
-    lines = source.read_bytes().split(b"\n")
-    return [(n, line) for n, line in enumerate(lines, 1) if line.decode("utf-8", "replace").strip()]
-
-
-def _read_request(number: int, line: bytes, base: Path) -> tuple[Any, dict[str, Any], list[Any], dict]:
-    """(id, user message, images, the line's own settings) of one input line; _BadLine for a bad one."""
-    from idefics2.processing.tokenizer import check_text
-    from idefics2.training.data import parse_json_line
-
-    record = parse_json_line(line, lambda message: _BadLine(f"line {number}: {message}"))
-    if not isinstance(record, dict):
-        raise _BadLine(f"line {number}: expected a JSON object, got {type(record).__name__}")
-    request_id, prompt, paths = record.get("id"), record.get("prompt"), record.get("images", [])
+def _read_request(row: Row) -> tuple[list[dict], list[Any], dict]:
+    """(conversation to answer, its images, the row's own settings) of one row; _BadRow for a bad one."""
+    if row.error is not None:
+        raise _BadRow(row.error, row.id)
     try:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise UserError('"prompt" must be a non-empty string')
-        try:
-            check_text(prompt, '"prompt"')
-        except ValueError as error:
-            raise UserError(str(error)) from None
-        if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-            raise UserError('"images" must be a list of image file paths')
-        settings = _line_settings(record)
-        images = [open_image(base / path) for path in paths]
-        return request_id, user_message(prompt, len(images)), images, settings
+        settings = _line_settings(row.columns)
     except UserError as error:
-        raise _BadLine(f"line {number}: {error}", request_id) from None
+        raise _BadRow(f"{row.where}: {error}", row.id) from None
+    return row.request_messages, row.request_images, settings
 
 
 def _line_settings(record: dict[str, Any]) -> dict[str, Any]:
     """The line's overrides of the flags, checked like the flags: {flag attribute: value}."""
     settings = {}
+    record = {key: value for key, value in record.items() if value is not None}  # a table's empty cells
     for key, (attribute, parse) in LINE_OVERRIDES.items():
         if key in record:
             value = record[key]
@@ -170,17 +205,6 @@ def _controls(args: argparse.Namespace, settings: dict[str, Any], model) -> dict
     return controls
 
 
-def _json_line(result: dict[str, Any]) -> str:
-    """An output line; UTF-8 as it is, unless it holds a lone surrogate (an "id" such as "\\ud800", valid
-    JSON): then with JSON's \\u escapes, as UTF-8 cannot hold it."""
-    line = json.dumps(result, ensure_ascii=False)
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(result)
-    return line
-
-
 def _distributed() -> tuple[int, int]:
     """(rank, world size) under torchrun, with the process group up (gloo); (0, 1) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -197,79 +221,141 @@ def _distributed() -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    source, target = Path(args.input), Path(args.output)
-    if not source.is_file():
-        raise UserError(f"input file not found: {source}")
-    if target.exists() and target.resolve() == source.resolve():
+    target = Path(args.output)
+    source_path = Path(args.input).expanduser()
+    if target.exists() and source_path.exists() and target.resolve() == source_path.resolve():
         raise UserError("--output must not be the --input file")
     if not target.parent.is_dir():
         raise UserError(f"output folder does not exist: {target.parent}")
+    if target.suffix == ".parquet" and target.is_dir():
+        raise UserError(f"--output {target} is a folder")
     check_sampling_flags(args)
     args.constraint = constraint_controls(args)  # a bad schema or regex fails before the model loads
-    lines = _read_lines(source)
-    if not lines:
-        raise UserError(f"{source} holds no lines")
-    rank, world = _distributed()
-    mine = lines[rank::world]
-    parts = [target.with_name(f"{target.name}.part-{r}-of-{world}") for r in range(world)]
-    part = target if world == 1 else parts[rank]
-    pipe = load_pipeline(args)
-    generation_controls(args, pipe.model)  # the flags' mistakes stop the run before any line
+    rows = open_rows(args, args.input)
+    _check_keep(args.keep, rows)
+    if args.ray is not None:
+        from idefics2.integrations.ray import run_batch
 
+        return run_batch(args, rows)
+    rank, world = _distributed()
+    if args.resume and world > 1:
+        raise UserError("--resume runs in one process, not under torchrun")
+    done = _answered(target) if args.resume else set()
+    part = target if world == 1 else target.with_name(f"{target.name}.part-{rank}-of-{world}.jsonl")
+    pipe = load_pipeline(args)
+    generation_controls(args, pipe.model)  # the flags' mistakes stop the run before any row
+
+    from idefics2.data import open_writer
     from idefics2.serving import Engine
 
     options = {"max_batch": args.max_batch, "max_length": args.max_length, **engine_budgets(args)}
-    with Engine(pipe.model, pipe.processor, **options) as engine, part.open("w", encoding="utf-8") as out:
-        answer_lines(engine, args, mine, source.parent, out, progress=not args.no_progress and rank == 0)
+    keep = args.keep if world == 1 else [*args.keep, "line"]
+    progress = not args.no_progress and rank == 0
+    with _terminate_as_interrupt(), Engine(pipe.model, pipe.processor, **options) as engine:
+        with open_writer(part, keep=keep, schema=rows.schema, resume=args.resume) as out:
+            mine = rows.select(rank=rank, world=world, skip_ids=done)
+            answer_rows(engine, args, mine, out, _share_size(rows.num_rows, rank, world), progress)
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         if rank == 0:
-            _merge_parts(
-                target, [target.with_name(f"{target.name}.part-{r}-of-{world}") for r in range(world)]
-            )
+            parts = [target.with_name(f"{target.name}.part-{r}-of-{world}.jsonl") for r in range(world)]
+            _merge_parts(target, parts, args.keep, rows.schema)
         dist.barrier()
         dist.destroy_process_group()
     if rank == 0:
-        results = [json.loads(line) for line in target.read_text(encoding="utf-8").split("\n") if line]
-        errors = sum("error" in r for r in results)
-        print(f"wrote {len(results)} results to {target} ({errors} error(s))", file=sys.stderr)
+        _report(target)
     return 0
 
 
-class _OrderedWriter:
-    """Results in input order, written as soon as every earlier line is answered: each added line holds a
-    finished result (a dict) or an engine handle still running. Under torchrun each written line also carries
-    its input line number ("line"), for the merge. A tqdm bar counts lines and tokens per second."""
+def _check_keep(keep: list[str], rows: RowStream) -> None:
+    reserved = {"id", "text", "finish_reason", "error", "line"}
+    clash = [c for c in keep if c in reserved]
+    if clash:
+        raise UserError(f"--keep {clash[0]}: the results have their own {clash[0]!r} column")
+    missing = [c for c in keep if rows.schema is not None and c not in rows.columns]
+    if missing:
+        raise UserError(
+            f"--keep {missing[0]}: the input has no such column (columns: {', '.join(rows.columns)})"
+        )
 
-    def __init__(self, out, total: int, numbered: bool, progress: bool) -> None:
+
+def _answered(target: Path) -> set[str]:
+    from idefics2.data import DataSourceError, answered_ids
+
+    try:
+        return answered_ids(target)
+    except DataSourceError as error:
+        raise UserError(f"--resume: {error}") from None
+
+
+def _share_size(num_rows: int | None, rank: int, world: int) -> int | None:
+    return None if num_rows is None else len(range(rank, num_rows, world))
+
+
+def _report(target: Path) -> None:
+    from idefics2.data import read_results
+
+    results = errors = 0
+    for result in read_results(target):
+        results += 1
+        errors += result.get("error") is not None
+    print(f"wrote {results} results to {target} ({errors} error(s))", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """SIGTERM (a scheduler stopping the job) is handled as Ctrl-C: the answered rows are written and the
+    result file closed (a Parquet file gets its footer)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _OrderedWriter:
+    """Results in input order, written as soon as every earlier row is answered: each added row holds a
+    finished result (a dict) or an engine handle still running. Under torchrun each written result also
+    carries its row's index ("line"), for the merge. A tqdm bar counts rows and tokens per second."""
+
+    def __init__(self, out: ResultWriter, total: int | None, keep: list[str], numbered: bool, progress: bool):
         from tqdm import tqdm
 
-        self.out, self.numbered = out, numbered
-        self.pending: deque[tuple[int, Any, Any]] = deque()  # (line number, id, handle or result)
+        self.out, self.keep, self.numbered = out, keep, numbered
+        self.pending: deque[tuple[Row, Any]] = deque()  # (row, handle or result)
         self.bar = tqdm(total=total, unit="line", disable=not progress, file=sys.stderr, dynamic_ncols=True)
         self.started, self.tokens = time.monotonic(), 0
 
-    def add(self, number: int, request_id: Any, outcome: Any) -> None:
-        self.pending.append((number, request_id, outcome))
+    def add(self, row: Row, outcome: Any) -> None:
+        self.pending.append((row, outcome))
         self.write_ready(wait=False)
 
     def in_flight(self) -> int:
-        return sum(not isinstance(outcome, dict) and not outcome.done for _, _, outcome in self.pending)
+        return sum(not isinstance(outcome, dict) and not outcome.done for _, outcome in self.pending)
 
     def write_ready(self, wait: bool) -> None:
-        """Write the answered lines at the front; with `wait`, wait for the first one if needed."""
-        while self.pending and (wait or isinstance(self.pending[0][2], dict) or self.pending[0][2].done):
-            number, request_id, outcome = self.pending.popleft()
+        """Write the answered rows at the front; with `wait`, wait for the first one if needed."""
+        while self.pending and (wait or isinstance(self.pending[0][1], dict) or self.pending[0][1].done):
+            row, outcome = self.pending.popleft()
             if not isinstance(outcome, dict):
-                outcome = _outcome(number, outcome)
+                outcome = _outcome(row, outcome)
                 self.tokens += outcome.pop("tokens", 0)
-            result = {"id": request_id, **outcome}
+            result = {"id": row.id, **{c: row.columns.get(c) for c in self.keep}, **outcome}
             if self.numbered:
-                result = {"line": number, **result}
-            self.out.write(_json_line(result) + "\n")
-            self.out.flush()
+                result = {"line": row.index, **result}
+            self.out.write(result)
             rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
             self.bar.update(1)
             self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
@@ -282,32 +368,33 @@ class _OrderedWriter:
         self.bar.close()
 
 
-def answer_lines(engine, args, lines: list[tuple[int, bytes]], base: Path, out, progress: bool) -> None:
-    """Submit each line to the engine (keeping about two batches in flight) and write the results in input
-    order as they come. On Ctrl-C the answered lines are kept and the rest is cancelled."""
+def answer_rows(
+    engine, args, rows: Iterable[Row], out: ResultWriter, total: int | None, progress: bool
+) -> None:
+    """Submit each row to the engine (keeping about two batches in flight) and write the results in input
+    order as they come. On Ctrl-C the answered rows are kept and the rest is cancelled."""
     from idefics2.serving import EngineOverloadedError
 
     numbered = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    writer = _OrderedWriter(out, len(lines), numbered, progress)
+    writer = _OrderedWriter(out, total, args.keep, numbered, progress)
     try:
-        for number, line in lines:
+        for row in rows:
             while writer.in_flight() >= 2 * engine.options.max_batch:
                 writer.write_ready(wait=True)
-            request_id = None
             try:
-                request_id, message, images, settings = _read_request(number, line, base)
+                messages, images, settings = _read_request(row)
                 controls = _controls(args, settings, engine.model)
                 while True:
                     try:
-                        handle = engine.submit([message], images, **controls)
+                        handle = engine.submit(messages, images, **controls)
                         break
                     except EngineOverloadedError:
                         writer.write_ready(wait=True)
-            except _BadLine as error:
-                request_id, handle = error.request_id, {"error": str(error)}
-            except Exception as error:  # whatever goes wrong with one line stays with that line
-                handle = {"error": f"line {number}: {_message(error)}"}
-            writer.add(number, request_id, handle)
+            except _BadRow as error:
+                handle = {"error": str(error)}
+            except Exception as error:  # whatever goes wrong with one row stays with that row
+                handle = {"error": f"{row.where}: {_message(error)}"}
+            writer.add(row, handle)
     except KeyboardInterrupt:
         writer.close(drain=False)
         engine.close(timeout=0)
@@ -323,28 +410,24 @@ def _message(error: Exception) -> str:
     return f"{type(error).__name__}: {message}"
 
 
-def _outcome(number: int, handle) -> dict[str, Any]:
+def _outcome(row: Row, handle) -> dict[str, Any]:
     from idefics2.serving import RequestFailedError
 
     try:
         completion = handle.result()
     except RequestFailedError as error:
-        return {"error": f"line {number}: {error}"}
+        return {"error": f"{row.where}: {error}"}
     return {"text": completion.text, "finish_reason": completion.finish_reason,
             "tokens": completion.completion_tokens}  # fmt: skip
 
 
-def _merge_parts(target: Path, parts: list[Path]) -> None:
+def _merge_parts(target: Path, parts: list[Path], keep: list[str], schema: Any) -> None:
     """Merge the processes' part files (each in input order) into `target`, in input order."""
+    from idefics2.data import open_writer, read_results
 
-    def records(path: Path):
-        with path.open(encoding="utf-8") as lines:
-            for line in lines:
-                yield json.loads(line)
-
-    with target.open("w", encoding="utf-8") as out:
-        for record in heapq.merge(*(records(p) for p in parts), key=lambda r: r["line"]):
+    with open_writer(target, keep=keep, schema=schema) as out:
+        for record in heapq.merge(*(read_results(p) for p in parts), key=lambda r: r["line"]):
             record.pop("line")
-            out.write(_json_line(record) + "\n")
+            out.write(record)
     for path in parts:
         path.unlink()

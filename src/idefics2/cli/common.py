@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,51 @@ def number_in(low: float, high: float, *, low_open: bool = False, cast=float):
         return value
 
     return parse
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """--subset, --split and --columns: how a dataset is read (see idefics2.data)."""
+    p.add_argument("--subset", metavar="NAME", help="the hub dataset's subset (configuration)")
+    p.add_argument("--split", metavar="NAME", help="the split of a hub dataset or `datasets` folder")
+    p.add_argument(
+        "--columns",
+        metavar="FIELD=COLUMN,...",
+        help="which columns hold what, for layouts not recognised by their names: fields prompt, image, "
+        "images, answers, choices, messages, texts, chosen, rejected, id; dotted paths reach into structs, "
+        "e.g. prompt=query.en,image=image,answers=answers",
+    )
+
+
+def open_rows(
+    args: argparse.Namespace,
+    source: str,
+    what: str = "--input",
+    split: str | None = None,
+    announce: bool = True,
+    **options: Any,
+):
+    """The idefics2.data RowStream of `source` with --subset/--split/--columns (`options` go to read_rows),
+    its layout printed on stderr; UserError (one line) naming `what` when it cannot be read or holds no
+    rows."""
+    from idefics2.data import DataSourceError, parse_columns, read_rows
+
+    try:
+        columns = parse_columns(args.columns) if args.columns else None
+        split = split if split is not None else args.split
+        rows = read_rows(source, subset=args.subset, split=split, columns=columns, **options)
+    except DataSourceError as error:
+        raise UserError(str(error) if what == "--input" else f"{what}: {error}") from None
+    if rows.num_rows == 0:
+        raise UserError(f"{source} holds no {'lines' if rows.source.kind == 'jsonl' else 'rows'}")
+    if announce:
+        announce_rows(rows)
+    return rows
+
+
+def announce_rows(rows) -> None:
+    """One line on stderr: what is read, how many rows, and the layout recognised."""
+    count = f"{rows.num_rows} rows" if rows.num_rows is not None else "rows"
+    print(f"reading {rows.description}: {count}, layout {rows.layout}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------- model commands
@@ -278,19 +324,10 @@ def generation_controls(args: argparse.Namespace, model) -> dict[str, Any]:
 def open_image(path: str | os.PathLike):
     """The image file (`~` expanded) as an RGB PIL image; UserError naming the file when it is missing or
     unreadable."""
-    from idefics2.processing.images import load_rgb
+    from idefics2.data.images import load_image
 
-    path = Path(path).expanduser()
     try:
-        folder, found = path.is_dir(), path.is_file()
-    except OSError as error:  # e.g. a name longer than the file system allows
-        raise UserError(f"cannot open image {path}: {error.strerror}") from None
-    if folder:
-        raise UserError(f"{path} is a folder, not an image file")
-    if not found:
-        raise UserError(f"image not found: {path}")
-    try:
-        return load_rgb(path)
+        return load_image(Path(path))
     except ValueError as error:
         raise UserError(str(error)) from None
 

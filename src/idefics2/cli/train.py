@@ -8,17 +8,28 @@ import os
 import sys
 from pathlib import Path
 
-from idefics2.cli.common import UserError, add_quantize_option, model_folder, non_negative_int, positive_int
+from idefics2.cli.common import (
+    UserError,
+    add_data_options,
+    add_quantize_option,
+    announce_rows,
+    model_folder,
+    non_negative_int,
+    open_rows,
+    positive_int,
+)
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
         help="fine-tune a model on chat examples (LoRA adapter or full weights)",
-        description="Fine-tune Idefics2 on a JSONL file of chat examples. Each line: "
+        description="Fine-tune Idefics2 on chat examples: a JSONL file, each line "
         '{"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "..."}]}, '
-        '{"role": "assistant", "content": "..."}], "images": ["path.jpg"]}. Only assistant turns are '
-        "learned. With --method dpo each line is a preference pair in TRL's layout: "
+        '{"role": "assistant", "content": "..."}], "images": ["path.jpg"]}; or a Parquet file / folder / '
+        "glob, `datasets` folder or hub dataset in a layout idefics2 recognises (messages, the cauldron's "
+        "texts, question/answer columns) or names with --columns, its images read as batches are built. "
+        "Only assistant turns are learned. With --method dpo each row is a preference pair in TRL's layout: "
         '{"images": ["path.jpg"], "prompt": "...", "chosen": "...", "rejected": "..."}. '
         "Runs data-parallel under `torchrun --nproc_per_node N`.",
     )
@@ -27,11 +38,18 @@ def add_parser(subparsers) -> None:
         metavar="DIR_OR_REPO",
         help="checkpoint folder or hub repo id (default: the built-in shapes-world model)",
     )
-    p.add_argument("--data", required=True, help="training examples (JSONL)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="training examples: JSONL, Parquet file / folder / glob, `datasets` folder or hub dataset id",
+    )
     p.add_argument(
         "--eval-data",
-        help="evaluation examples (JSONL); the loss (and DPO's rewards, margin, accuracy) every --eval-steps",
+        help="evaluation examples (the same kinds of input); the loss (and DPO's rewards, margin, accuracy) "
+        "every --eval-steps",
     )
+    add_data_options(p)
+    p.add_argument("--eval-split", metavar="NAME", help="the split of --eval-data (default: --split)")
     p.add_argument(
         "--method",
         choices=["sft", "dpo"],
@@ -163,7 +181,6 @@ def _run(args: argparse.Namespace) -> int:
 
     from idefics2.training import (
         ChatCollator,
-        ChatDataset,
         LoraConfig,
         PackedDataset,
         PreferenceDataset,
@@ -172,8 +189,6 @@ def _run(args: argparse.Namespace) -> int:
         freeze,
         frozen_copy,
         mark_only_lora_trainable,
-        read_jsonl,
-        read_preferences,
         train,
         train_dpo,
     )
@@ -219,9 +234,28 @@ def _run(args: argparse.Namespace) -> int:
     previous = previous_run(output)
     if previous and not args.resume and not args.overwrite:
         raise UserError(previous_run_message(output, previous))
-    read = read_preferences if dpo else read_jsonl
-    train_examples = read(args.data)  # a bad line stops everything here, before any model loads
-    eval_examples = read(args.eval_data) if args.eval_data else None
+    # a bad JSONL line, an unreadable input or unknown layout stops everything here, before any model loads
+    if dpo:
+        train_pairs = _preference_pairs(args, args.data, "--data", None)
+        eval_pairs = (
+            _preference_pairs(args, args.eval_data, "--eval-data", args.eval_split)
+            if args.eval_data
+            else None
+        )
+    else:
+        train_rows = open_rows(args, args.data, "--data", announce=False, decode_images=False)
+        eval_rows = None
+        if args.eval_data:
+            eval_rows = open_rows(
+                args,
+                args.eval_data,
+                "--eval-data",
+                split=args.eval_split,
+                announce=False,
+                decode_images=False,
+            )
+        train_examples = _jsonl_examples(train_rows, args.columns)
+        eval_examples = _jsonl_examples(eval_rows, args.columns) if eval_rows is not None else None
     folder = model_folder(args.model)  # a hub id is downloaded here, once the data is known to be good
     if output.resolve() == folder.resolve():
         raise UserError(f"--output {args.output} is the --model folder: choose another output folder")
@@ -230,9 +264,12 @@ def _run(args: argparse.Namespace) -> int:
 
     processor = Idefics2Processor.from_pretrained(folder)
     collator = ChatCollator(processor, max_length=args.max_length)
-    dataset = PreferenceDataset if dpo else ChatDataset
-    train_data = dataset(train_examples, collator)
-    eval_data = dataset(eval_examples, collator) if eval_examples else None
+    if dpo:
+        train_data = PreferenceDataset(train_pairs, collator)
+        eval_data = PreferenceDataset(eval_pairs, collator) if eval_pairs else None
+    else:
+        train_data = _dataset(train_rows, train_examples, collator)
+        eval_data = _dataset(eval_rows, eval_examples, collator) if eval_rows is not None else None
     if args.packing:
         packed = PackedDataset(train_data, args.max_length)
         if distributed_context()[0] == 0:
@@ -308,3 +345,59 @@ def _run(args: argparse.Namespace) -> int:
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 0
+
+
+def _jsonl_examples(rows, columns: str | None) -> list[dict] | None:
+    """Our JSONL chat files are read as they always were: every line checked (image headers too) before any
+    model loads, the first bad one stopping the run. Other inputs: None (read as rows when the processor is
+    loaded, see _dataset)."""
+    from idefics2.training import read_jsonl
+
+    ours = rows.layout.startswith("messages") or not rows.recognised
+    if rows.source.kind == "jsonl" and ours and not columns:
+        return read_jsonl(rows.source.path)
+    return None
+
+
+def _dataset(rows, examples: list[dict] | None, collator):
+    from idefics2.training import ChatDataset, DataError, RowsDataset
+
+    if examples is not None:
+        return ChatDataset(examples, collator)
+    try:
+        dataset = RowsDataset(rows, collator)
+    except DataError as error:
+        raise DataError(f"{error} (reading {rows.description} as layout {rows.layout})") from None
+    announce_rows(rows)
+    return dataset
+
+
+def _preference_pairs(args, source: str, what: str, split: str | None) -> list[tuple[dict, dict]]:
+    """The (chosen, rejected) chat examples of a preference input: our JSONL reader for a JSONL file (every
+    line and image checked), idefics2.data's rows (TRL's preference layout, or named with --columns) for
+    the rest."""
+    from idefics2.training import DataError
+    from idefics2.training.dpo import preference_examples, read_preferences
+
+    if Path(source).suffix == ".jsonl" and Path(source).is_file() and not args.columns:
+        return read_preferences(source)
+    rows = open_rows(args, source, what, split=split)
+    if rows.layout != "preference":
+        raise UserError(
+            f"{what}: {source} is read as layout {rows.layout}, DPO needs prompt, chosen, rejected"
+        )
+    pairs = []
+    for row in rows:
+        if row.error is not None:
+            raise DataError(row.error)
+        fields = {
+            "images": row.images,
+            "prompt": row.messages,
+            "chosen": row.chosen,
+            "rejected": row.rejected,
+        }
+        try:
+            pairs.append(preference_examples(fields))
+        except DataError as error:
+            raise DataError(f"{row.where}: {error}") from None
+    return pairs

@@ -451,3 +451,49 @@ class PackedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> PackedExample:
         return self.rows[index]
+
+
+class RowsDataset(torch.utils.data.Dataset):
+    """Training examples from the rows of any input idefics2.data reads (a Parquet file, a `datasets`
+    folder, a hub dataset, in any layout it knows), without holding or decoding the images up front: the
+    texts are encoded in one pass (`rows` opened with decode_images=False), and an example's images are read
+    again and decoded when its batch is built. The first bad row raises DataError naming it. Examples that
+    cannot fit `collator.max_length` without cutting an image are dropped with a warning."""
+
+    def __init__(self, rows, collator: ChatCollator):
+        from PIL import Image
+
+        stand_in = Image.new("RGB", (1, 1))  # the encoding only counts the images
+        self.rows = rows
+        self.examples: list[tuple[int, EncodedExample, int]] = []  # (row index, texts, number of images)
+        self.dropped = 0
+        for row in rows:
+            if row.error is not None:
+                raise DataError(row.error)
+            try:
+                example = normalize_example(
+                    {"messages": row.messages, "images": [stand_in] * len(row.images)}
+                )
+            except DataError as error:
+                raise DataError(f"{row.where}: {error}") from None
+            encoded = collator.encode(example)
+            if encoded is None:
+                self.dropped += 1
+                continue
+            self.examples.append(
+                (row.index, EncodedExample(encoded.input_ids, encoded.labels, []), len(row.images))
+            )
+        if not self.examples:
+            raise ValueError("no example is left: every one is longer than max_length")
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> EncodedExample:
+        row_index, encoded, num_images = self.examples[index]
+        if not num_images:
+            return encoded
+        row = self.rows.row_at(row_index)
+        if row.error is not None:
+            raise DataError(row.error)
+        return EncodedExample(encoded.input_ids, encoded.labels, row.images)

@@ -1,0 +1,1 @@
+"""Integrations with other frameworks, each behind its optional extra (imported only where used)."""

@@ -300,3 +300,53 @@ def test_cli_dpo(tmp_path, capsys):
         capsys, "train", "--method", "dpo", "--data", tmp_path / "bad.jsonl", "--output", tmp_path / "c"
     )
     assert code == 2 and err.count("\n") == 1 and "bad.jsonl:1" in err and "rejected" in err
+
+
+def test_parquet_preferences_give_the_pairs_of_the_same_jsonl(tmp_path, capsys):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from idefics2 import Idefics2Processor
+    from idefics2.assets import builtin_model_dir
+
+    colours, images = [(220, 30, 30), (30, 30, 220)], []
+    for k, colour in enumerate(colours):
+        out = io.BytesIO()
+        Image.new("RGB", (40, 32), colour).save(out, "PNG")
+        images.append(out.getvalue())
+        (tmp_path / f"{k}.png").write_bytes(out.getvalue())
+    answers = [("It is red.", "blue"), ("It is blue.", "red")]
+    table = pa.table({
+        "images": [[{"bytes": b, "path": None}] for b in images],
+        "prompt": ["What colour is it?"] * 2,
+        "chosen": [c for c, _ in answers],
+        "rejected": [r for _, r in answers],
+    })  # fmt: skip
+    pq.write_table(table, tmp_path / "prefs.parquet")
+    lines = [
+        {"images": [f"{k}.png"], "prompt": "What colour is it?", "chosen": c, "rejected": r}
+        for k, (c, r) in enumerate(answers)
+    ]
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    from idefics2.cli.train import _preference_pairs
+
+    class Flags:  # the data options of `idefics2 train`, unset
+        columns = subset = split = None
+
+    collator = ChatCollator(Idefics2Processor.from_pretrained(builtin_model_dir()))
+    from_parquet = PreferenceDataset(
+        _preference_pairs(Flags, str(tmp_path / "prefs.parquet"), "--data", None), collator
+    )
+    from_jsonl = PreferenceDataset(read_preferences(tmp_path / "prefs.jsonl"), collator)
+    a, b = (PreferenceCollator(collator)(list(d.pairs)) for d in (from_parquet, from_jsonl))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    flags = ["--output", tmp_path / "out", "--max-steps", "1", "--no-progress"]
+    code, err = run_cli(capsys, "train", "--method", "dpo", "--data", tmp_path / "prefs.parquet", *flags)
+    assert code == 0, err
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

@@ -382,7 +382,7 @@ def _preference_pairs(args, source: str, what: str, split: str | None) -> list[t
     if Path(source).suffix == ".jsonl" and Path(source).is_file() and not args.columns:
         return read_preferences(source)
     rows = open_rows(args, source, what, split=split)
-    if rows.layout != "preference":
+    if not rows.layout.startswith("preference"):
         raise UserError(
             f"{what}: {source} is read as layout {rows.layout}, DPO needs prompt, chosen, rejected"
         )

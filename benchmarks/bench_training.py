@@ -85,7 +85,7 @@ def prepare(folder: Path, examples: int, batch_size: int, image_edge: int, seed:
     data = ChatDataset([rows[i] for i in order], collator)
     plain = [collator(data.examples[k : k + batch_size]) for k in range(0, len(data), batch_size)]
     packed_rows = PackedDataset(data, capacity=max(len(e.input_ids) for e in data.examples) * batch_size)
-    packed = [collator([row]) for row in packed_rows.rows]
+    packed = [collator([packed_rows[i]]) for i in range(len(packed_rows))]
     torch.save({"plain": plain, "packed": packed}, folder / "batches.pt")
 
 

@@ -19,21 +19,20 @@ from idefics2.training import (
     TokenLoss,
     add_lora,
     mark_only_lora_trainable,
-    pack_examples,
+    pack_lengths,
 )
-from idefics2.training.data import EncodedExample
 from test_training import color_examples, fresh_model, tiny_processor  # noqa: F401  (fixture)
 
 CPU = torch.device("cpu")
 
 
 def test_first_fit_decreasing_keeps_every_example_once():
-    examples = [EncodedExample([k] * n, [-100] * n, []) for k, n in enumerate([5, 3, 8, 2, 6, 1, 4])]
-    rows = pack_examples(examples, capacity=9)
-    assert all(len(row) <= 9 for row in rows)
-    assert sorted(p.input_ids[0] for row in rows for p in row.parts) == list(range(7))
+    lengths = [5, 3, 8, 2, 6, 1, 4]
+    rows = pack_lengths(lengths, capacity=9)
+    assert all(sum(lengths[i] for i in row) <= 9 for row in rows)
+    assert sorted(i for row in rows for i in row) == list(range(7))
     assert len(rows) == 4  # 29 tokens in rows of 9: the fewest possible
-    assert len(pack_examples([EncodedExample([1] * 12, [-100] * 12, [])], capacity=9)[0]) == 12  # alone
+    assert pack_lengths([12, 3], capacity=9) == [[0], [1]]  # too long: a row of its own
 
 
 def test_packed_rows_attend_within_their_example():
@@ -54,7 +53,7 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_processor):  # noqa: F811
     data = ChatDataset(color_examples(), collator)  # 6 examples with an image each, 1 or 2 turns
     packed = PackedDataset(data, capacity=2 * max(len(e.input_ids) for e in data.examples))
     assert len(packed) < len(data)
-    assert max(len(row.parts) for row in packed.rows) >= 2
+    assert max(len(packed[i].parts) for i in range(len(packed))) >= 2
 
     model = fresh_model()
     add_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
@@ -109,3 +108,34 @@ def test_cli_packing(tmp_path, capsys):
     except SystemExit as exit_info:
         code = exit_info.code
     assert code == 2 and "--packing applies to --method sft" in capsys.readouterr().err
+
+
+def test_cli_packing_of_parquet_rows(tmp_path, capsys):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    images = []
+    for colour in ((220, 30, 30), (30, 30, 220), (30, 200, 30)):
+        out = io.BytesIO()
+        Image.new("RGB", (40, 32), colour).save(out, "PNG")
+        images.append({"bytes": out.getvalue(), "path": None})
+    table = pa.table(
+        {"img": images, "q": ["What colour?"] * 3, "a": ["red", "It is blue.", "green, I think"]}
+    )
+    pq.write_table(table, tmp_path / "qa.parquet")
+    argv = ["train", "--data", tmp_path / "qa.parquet", "--columns", "prompt=q,answer=a,image=img"]
+    argv += [
+        "--output",
+        tmp_path / "out",
+        "--no-progress",
+        "--packing",
+        "--max-length",
+        "400",
+        "--max-steps",
+        "1",
+    ]
+    assert main([str(a) for a in argv]) == 0
+    assert "packed 3 examples into" in capsys.readouterr().err

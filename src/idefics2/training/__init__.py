@@ -10,7 +10,7 @@ from idefics2.training.data import (
     PackedExample,
     RowsDataset,
     normalize_example,
-    pack_examples,
+    pack_lengths,
     read_jsonl,
 )
 from idefics2.training.dpo import (
@@ -67,7 +67,7 @@ __all__ = [
     "mark_only_lora_trainable",
     "merge_lora",
     "normalize_example",
-    "pack_examples",
+    "pack_lengths",
     "read_jsonl",
     "read_preferences",
     "save_adapter",

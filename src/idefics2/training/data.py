@@ -231,22 +231,22 @@ class PackedExample:
         return sum(len(part.input_ids) for part in self.parts)
 
 
-def pack_examples(examples: Sequence[EncodedExample], capacity: int) -> list[PackedExample]:
-    """Pack examples into rows of at most `capacity` tokens, longest first, each into the first row with room
-    (first-fit decreasing); an example longer than `capacity` gets a row of its own."""
+def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of examples of these token counts grouped into rows of at most `capacity` tokens: longest
+    first, each into the first row with room (first-fit decreasing); an example longer than `capacity` gets a
+    row of its own."""
     if capacity < 1:
         raise ValueError(f"the packing capacity must be positive, got {capacity}")
-    rows: list[PackedExample] = []
+    rows: list[list[int]] = []
     room: list[int] = []
-    for example in sorted(examples, key=lambda e: len(e.input_ids), reverse=True):
-        size = len(example.input_ids)
-        row = next((k for k, free in enumerate(room) if free >= size), None)
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        row = next((k for k, free in enumerate(room) if free >= lengths[index]), None)
         if row is None:
-            rows.append(PackedExample([]))
+            rows.append([])
             room.append(capacity)
             row = len(rows) - 1
-        rows[row].parts.append(example)
-        room[row] -= size
+        rows[row].append(index)
+        room[row] -= lengths[index]
     return rows
 
 
@@ -433,24 +433,8 @@ class ChatDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> EncodedExample:
         return self.examples[index]
 
-
-class PackedDataset(torch.utils.data.Dataset):
-    """Encoded examples (e.g. a ChatDataset) packed into rows of at most `capacity` tokens (default: the
-    longest example's length), so that short examples share rows instead of padding (see pack_examples)."""
-
-    def __init__(self, examples: Sequence[EncodedExample], capacity: int | None = None):
-        examples = [examples[i] for i in range(len(examples))]
-        if not examples:
-            raise ValueError("nothing to pack: no examples")
-        self.capacity = capacity or max(len(e.input_ids) for e in examples)
-        self.rows = pack_examples(examples, self.capacity)
-        self.num_examples = len(examples)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> PackedExample:
-        return self.rows[index]
+    def token_count(self, index: int) -> int:
+        return len(self.examples[index].input_ids)
 
 
 class RowsDataset(torch.utils.data.Dataset):
@@ -489,6 +473,9 @@ class RowsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def token_count(self, index: int) -> int:
+        return len(self.examples[index][1].input_ids)
+
     def __getitem__(self, index: int) -> EncodedExample:
         row_index, encoded, num_images = self.examples[index]
         if not num_images:
@@ -497,3 +484,24 @@ class RowsDataset(torch.utils.data.Dataset):
         if row.error is not None:
             raise DataError(row.error)
         return EncodedExample(encoded.input_ids, encoded.labels, row.images)
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """The examples of a ChatDataset or RowsDataset packed into rows of at most `capacity` tokens (default:
+    the longest example's length), so that short examples share rows instead of padding (see pack_lengths).
+    Rows are built when asked for: a RowsDataset's images are still read only as batches are built."""
+
+    def __init__(self, dataset: ChatDataset | RowsDataset, capacity: int | None = None):
+        lengths = [dataset.token_count(i) for i in range(len(dataset))]
+        if not lengths:
+            raise ValueError("nothing to pack: no examples")
+        self.dataset = dataset
+        self.capacity = capacity or max(lengths)
+        self.groups = pack_lengths(lengths, self.capacity)
+        self.num_examples = len(lengths)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> PackedExample:
+        return PackedExample([self.dataset[i] for i in self.groups[index]])

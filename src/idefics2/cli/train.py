@@ -1,4 +1,5 @@
-"""`idefics2 train`: fine-tune on a JSONL file of chat examples (LoRA adapter or full weights)."""
+"""`idefics2 train`: fine-tune on a JSONL file of chat examples (LoRA adapter or full weights), or tune on
+preference pairs with DPO (`--method dpo`)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def add_parser(subparsers) -> None:
         '{"role": "assistant", "content": "..."}], "images": ["path.jpg"]}; or a Parquet file / folder / '
         "glob, `datasets` folder or hub dataset in a layout idefics2 recognises (messages, the cauldron's "
         "texts, question/answer columns) or names with --columns, its images read as batches are built. "
-        "Only assistant turns are learned. Runs data-parallel under `torchrun --nproc_per_node N`.",
+        "Only assistant turns are learned. With --method dpo each row is a preference pair in TRL's layout: "
+        '{"images": ["path.jpg"], "prompt": "...", "chosen": "...", "rejected": "..."}. '
+        "Runs data-parallel under `torchrun --nproc_per_node N`.",
     )
     p.add_argument(
         "--model",
@@ -42,10 +45,30 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument(
         "--eval-data",
-        help="evaluation examples (the same kinds of input); the loss is reported every --eval-steps",
+        help="evaluation examples (the same kinds of input); the loss (and DPO's rewards, margin, accuracy) "
+        "every --eval-steps",
     )
     add_data_options(p)
     p.add_argument("--eval-split", metavar="NAME", help="the split of --eval-data (default: --split)")
+    p.add_argument(
+        "--method",
+        choices=["sft", "dpo"],
+        default="sft",
+        help="sft: learn the assistant turns (default); dpo: direct preference optimization on pairs",
+    )
+    p.add_argument("--beta", type=float, help="DPO: strength of the pull towards the reference (default 0.1)")
+    p.add_argument(
+        "--label-smoothing",
+        type=float,
+        help="DPO: assumed fraction of pairs whose preference is wrong, in [0, 0.5) (conservative DPO; "
+        "default 0)",
+    )
+    p.add_argument(
+        "--precompute-ref",
+        action="store_true",
+        help="DPO: compute the reference log-probabilities once before training (one forward per step "
+        "instead of two; with --full no frozen copy of the model is kept)",
+    )
     p.add_argument("--output", required=True, help="folder for the adapter (or full model) and checkpoints")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--lora-rank", type=positive_int, default=8, help="LoRA rank (default: 8)")
@@ -80,6 +103,12 @@ def add_parser(subparsers) -> None:
         type=positive_int,
         help="cut longer examples to this many tokens (never through an image: such examples are "
         "dropped with a warning)",
+    )
+    p.add_argument(
+        "--packing",
+        action="store_true",
+        help="pack several short examples into each row (up to --max-length tokens, default the longest "
+        "example's length), each attending only to itself: no compute goes to padding",
     )
     p.add_argument(
         "--precision",
@@ -153,11 +182,15 @@ def _run(args: argparse.Namespace) -> int:
     from idefics2.training import (
         ChatCollator,
         LoraConfig,
+        PackedDataset,
+        PreferenceDataset,
         TrainingArguments,
         add_lora,
         freeze,
+        frozen_copy,
         mark_only_lora_trainable,
         train,
+        train_dpo,
     )
     from idefics2.training.checkpoint import latest_checkpoint, previous_run
     from idefics2.training.lora import DEFAULT_TARGET_MODULES
@@ -171,6 +204,27 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--lr must be positive, got {args.lr}")
     if args.full and args.quantize:
         raise UserError("--quantize trains LoRA adapters on a frozen quantized model (QLoRA), not --full")
+    dpo = args.method == "dpo"
+    if not dpo:
+        given = [
+            flag
+            for flag, value in (
+                ("--beta", args.beta),
+                ("--label-smoothing", args.label_smoothing),
+                ("--precompute-ref", args.precompute_ref or None),
+            )
+            if value is not None
+        ]
+        if given:
+            raise UserError(f"{given[0]} applies to --method dpo")
+    elif args.packing:
+        raise UserError("--packing applies to --method sft (DPO rows keep each pair's answers apart)")
+    beta = 0.1 if args.beta is None else args.beta
+    label_smoothing = args.label_smoothing or 0.0
+    if not beta > 0:
+        raise UserError(f"--beta must be positive, got {args.beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise UserError(f"--label-smoothing must be in [0, 0.5), got {args.label_smoothing}")
 
     if args.resume and args.overwrite:
         raise UserError("--resume continues the run in --output, --overwrite deletes it: choose one")
@@ -181,14 +235,27 @@ def _run(args: argparse.Namespace) -> int:
     if previous and not args.resume and not args.overwrite:
         raise UserError(previous_run_message(output, previous))
     # a bad JSONL line, an unreadable input or unknown layout stops everything here, before any model loads
-    train_rows = open_rows(args, args.data, "--data", announce=False, decode_images=False)
-    eval_rows = None
-    if args.eval_data:
-        eval_rows = open_rows(
-            args, args.eval_data, "--eval-data", split=args.eval_split, announce=False, decode_images=False
+    if dpo:
+        train_pairs = _preference_pairs(args, args.data, "--data", None)
+        eval_pairs = (
+            _preference_pairs(args, args.eval_data, "--eval-data", args.eval_split)
+            if args.eval_data
+            else None
         )
-    train_examples = _jsonl_examples(train_rows, args.columns)
-    eval_examples = _jsonl_examples(eval_rows, args.columns) if eval_rows is not None else None
+    else:
+        train_rows = open_rows(args, args.data, "--data", announce=False, decode_images=False)
+        eval_rows = None
+        if args.eval_data:
+            eval_rows = open_rows(
+                args,
+                args.eval_data,
+                "--eval-data",
+                split=args.eval_split,
+                announce=False,
+                decode_images=False,
+            )
+        train_examples = _jsonl_examples(train_rows, args.columns)
+        eval_examples = _jsonl_examples(eval_rows, args.columns) if eval_rows is not None else None
     folder = model_folder(args.model)  # a hub id is downloaded here, once the data is known to be good
     if output.resolve() == folder.resolve():
         raise UserError(f"--output {args.output} is the --model folder: choose another output folder")
@@ -197,8 +264,21 @@ def _run(args: argparse.Namespace) -> int:
 
     processor = Idefics2Processor.from_pretrained(folder)
     collator = ChatCollator(processor, max_length=args.max_length)
-    train_data = _dataset(train_rows, train_examples, collator)
-    eval_data = _dataset(eval_rows, eval_examples, collator) if eval_rows is not None else None
+    if dpo:
+        train_data = PreferenceDataset(train_pairs, collator)
+        eval_data = PreferenceDataset(eval_pairs, collator) if eval_pairs else None
+    else:
+        train_data = _dataset(train_rows, train_examples, collator)
+        eval_data = _dataset(eval_rows, eval_examples, collator) if eval_rows is not None else None
+    if args.packing:
+        packed = PackedDataset(train_data, args.max_length)
+        if distributed_context()[0] == 0:
+            print(
+                f"packed {packed.num_examples} examples into {len(packed)} rows of up to {packed.capacity} "
+                "tokens",
+                file=sys.stderr,
+            )
+        train_data = packed
 
     training_args = TrainingArguments(
         output_dir=str(output),
@@ -238,18 +318,27 @@ def _run(args: argparse.Namespace) -> int:
         mark_only_lora_trainable(model)
     freeze(model, vision=args.freeze_vision, connector=args.freeze_connector, decoder=args.freeze_decoder)
 
-    result = train(
-        model,
-        train_data,
-        collator,
-        training_args,
-        eval_data=eval_data,
-        lora_config=lora_config,
-        resume_from=args.resume or None,
-        processor=processor if args.full else None,
-    )
+    common = dict(eval_data=eval_data, lora_config=lora_config, resume_from=args.resume or None,
+                  processor=processor if args.full else None)  # fmt: skip
+    if dpo:
+        reference = frozen_copy(model) if args.full and not args.precompute_ref else None
+        result = train_dpo(
+            model,
+            train_data,
+            collator,
+            training_args,
+            beta=beta,
+            label_smoothing=label_smoothing,
+            reference=reference,
+            precompute=args.precompute_ref,
+            **common,
+        )
+    else:
+        result = train(model, train_data, collator, training_args, **common)
     if distributed_context()[0] == 0:
         last = f", final loss {result.losses[-1]:.4f}" if result.losses else ""
+        if result.metrics and result.metrics[-1]:
+            last += "".join(f", {name} {value:.4f}" for name, value in result.metrics[-1].items())
         what = "model" if args.full else "LoRA adapter"
         print(f"saved the {what} to {args.output} after {result.step} steps{last}", file=sys.stderr)
     if torch.distributed.is_initialized():
@@ -280,3 +369,34 @@ def _dataset(rows, examples: list[dict] | None, collator):
         raise DataError(f"{error} (reading {rows.description} as layout {rows.layout})") from None
     announce_rows(rows)
     return dataset
+
+
+def _preference_pairs(args, source: str, what: str, split: str | None) -> list[tuple[dict, dict]]:
+    """The (chosen, rejected) chat examples of a preference input: our JSONL reader for a JSONL file (every
+    line and image checked), idefics2.data's rows (TRL's preference layout, or named with --columns) for
+    the rest."""
+    from idefics2.training import DataError
+    from idefics2.training.dpo import preference_examples, read_preferences
+
+    if Path(source).suffix == ".jsonl" and Path(source).is_file() and not args.columns:
+        return read_preferences(source)
+    rows = open_rows(args, source, what, split=split)
+    if not rows.layout.startswith("preference"):
+        raise UserError(
+            f"{what}: {source} is read as layout {rows.layout}, DPO needs prompt, chosen, rejected"
+        )
+    pairs = []
+    for row in rows:
+        if row.error is not None:
+            raise DataError(row.error)
+        fields = {
+            "images": row.images,
+            "prompt": row.messages,
+            "chosen": row.chosen,
+            "rejected": row.rejected,
+        }
+        try:
+            pairs.append(preference_examples(fields))
+        except DataError as error:
+            raise DataError(f"{row.where}: {error}") from None
+    return pairs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +142,13 @@ class Idefics2Model(nn.Module):
         patch_mask = patch_mask_from_pixels(pixel_mask, vision.patch_size)  # (N_real, gh, gw)
         if not bool(patch_mask.flatten(1).any(dim=1).all()):
             raise ValueError("an image has no patch whose pixels are all real in pixel_attention_mask")
-        features = self.vision_model(pixel_values, patch_mask)  # (N_real, gh * gw, vision hidden)
+        # A frozen tower (fine-tuning with the vision tower frozen, as LoRA does) runs without autograd: no
+        # graph is kept, and the inference kernels apply
+        frozen = not pixel_values.requires_grad and not any(
+            p.requires_grad for p in self.vision_model.parameters()
+        )
+        with torch.no_grad() if frozen else contextlib.nullcontext():
+            features = self.vision_model(pixel_values, patch_mask)  # (N_real, gh * gw, vision hidden)
         return self.connector(features, patch_mask.flatten(1))
 
     def forward(
@@ -156,7 +163,10 @@ class Idefics2Model(nn.Module):
         image_hidden_states: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> Idefics2ModelOutput:
+        """`segment_ids` (B, T) int: rows that pack several examples (training). A token attends only to the
+        earlier tokens of its own segment, positions restart at 0 in each segment, and 0 marks padding."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and image_hidden_states is not None:
@@ -169,9 +179,15 @@ class Idefics2Model(nn.Module):
             inputs_embeds = self._merge_images(None, inputs_embeds, image_hidden_states)
         b, t, _ = inputs_embeds.shape
 
-        mask, position_ids, cache_position = self._decoder_inputs(
-            attention_mask, position_ids, kv_cache, cache_position, b, t, inputs_embeds.device
-        )
+        if segment_ids is not None:
+            mask, position_ids = self._packed_inputs(
+                segment_ids, attention_mask, position_ids, kv_cache, b, t
+            )
+            cache_position = torch.arange(t, device=inputs_embeds.device)
+        else:
+            mask, position_ids, cache_position = self._decoder_inputs(
+                attention_mask, position_ids, kv_cache, cache_position, b, t, inputs_embeds.device
+            )
         hidden = self.text_model(inputs_embeds, position_ids, mask, kv_cache, cache_position)
         return Idefics2ModelOutput(hidden, image_hidden_states)
 
@@ -213,6 +229,32 @@ class Idefics2Model(nn.Module):
         out = inputs_embeds.clone()
         out[is_image] = latents.to(out.dtype)
         return out
+
+    def _packed_inputs(self, segment_ids, attention_mask, position_ids, kv_cache, b, t):
+        """Block-diagonal causal mask (B, 1, T, T) and per-segment positions (B, T) of packed rows."""
+        if kv_cache is not None:
+            raise ValueError(
+                "segment_ids (packed rows) are for training: they do not combine with a kv_cache"
+            )
+        if segment_ids.shape != (b, t):
+            raise ValueError(f"segment_ids must be ({b}, {t}), got {tuple(segment_ids.shape)}")
+        device = self.text_model.embed_tokens.weight.device
+        segments = segment_ids.to(device)
+        if attention_mask is not None and not torch.equal(attention_mask.to(device).bool(), segments > 0):
+            raise ValueError("attention_mask must be 1 exactly where segment_ids is non-zero")
+        slot = torch.arange(t, device=device)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        if position_ids is None:
+            first = torch.where(starts, slot, 0).cummax(dim=1).values  # (B, T) slot where the segment began
+            position_ids = slot - first
+        causal = slot[None, :] <= slot[:, None]  # (T, T) query x key
+        window = self.config.text_config.sliding_window
+        if window is not None:
+            causal = causal & (slot[None, :] > slot[:, None] - window)
+        same = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] > 0)  # (B, T, T)
+        mask = (same & causal) | torch.eye(t, dtype=torch.bool, device=device)  # padding sees itself: no NaN
+        return mask[:, None], position_ids.to(device).expand(b, t)
 
     def _decoder_inputs(self, attention_mask, position_ids, kv_cache, cache_position, b, t, device):
         """Decoder mask (B, 1, T, S) or None (plain causal), position ids (B, T) and cache positions (T,)."""
@@ -479,11 +521,20 @@ class Idefics2ForConditionalGeneration(nn.Module):
         kv_cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
         logits_to_keep: int = 0,
+        logits_at: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> Idefics2Output:
         """Logits for every position (or the last `logits_to_keep`), and the shifted LM loss given labels.
 
+        `segment_ids`: packed rows of several examples each (see Idefics2Model.forward).
+        `logits_at`: bool (B, T); logits only at its True positions, as (N, vocab) in row-major order
+        (training needs them only where a label is learned: the (B, T, vocab) logits are never built).
         Padding positions (attention_mask 0) are computed but meaningless; mask them out of labels with -100.
         """
+        if logits_at is not None and (labels is not None or logits_to_keep):
+            raise ValueError(
+                "logits_at picks the positions itself: do not combine it with labels or logits_to_keep"
+            )
         out = self.model(
             input_ids,
             attention_mask,
@@ -494,6 +545,7 @@ class Idefics2ForConditionalGeneration(nn.Module):
             image_hidden_states=image_hidden_states,
             kv_cache=kv_cache,
             cache_position=cache_position,
+            segment_ids=segment_ids,
         )
         hidden = out.last_hidden_state
         if logits_to_keep < 0:
@@ -504,6 +556,13 @@ class Idefics2ForConditionalGeneration(nn.Module):
                     "labels need the logits of every position; do not combine them with logits_to_keep"
                 )
             hidden = hidden[:, -logits_to_keep:]
+        if logits_at is not None:
+            if logits_at.shape != hidden.shape[:2]:
+                raise ValueError(
+                    f"logits_at shape {tuple(logits_at.shape)} does not match the input's "
+                    f"{tuple(hidden.shape[:2])}"
+                )
+            hidden = hidden[logits_at.to(device=hidden.device, dtype=torch.bool)]  # (N, hidden)
         logits = self.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return Idefics2Output(logits=logits, loss=loss, image_hidden_states=out.image_hidden_states)

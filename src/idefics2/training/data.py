@@ -221,6 +221,35 @@ class EncodedExample:
     images: list  # paths or images, in order
 
 
+@dataclass
+class PackedExample:
+    """Several encoded examples sharing one row (sequence packing): each attends only to itself."""
+
+    parts: list[EncodedExample]
+
+    def __len__(self) -> int:
+        return sum(len(part.input_ids) for part in self.parts)
+
+
+def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of examples of these token counts grouped into rows of at most `capacity` tokens: longest
+    first, each into the first row with room (first-fit decreasing); an example longer than `capacity` gets a
+    row of its own."""
+    if capacity < 1:
+        raise ValueError(f"the packing capacity must be positive, got {capacity}")
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True):
+        row = next((k for k, free in enumerate(room) if free >= lengths[index]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(index)
+        room[row] -= lengths[index]
+    return rows
+
+
 def _learned_spans(render, messages: list[dict], eou: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans [start, end) of what is learned in it.
 
@@ -344,35 +373,44 @@ class ChatCollator:
             return None
         return EncodedExample(encoded.input_ids[:n], labels, encoded.images)
 
-    def __call__(self, examples: Sequence[dict | EncodedExample]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: Sequence[dict | EncodedExample | PackedExample]) -> dict[str, torch.Tensor]:
+        """Right-padded batch; packed rows (PackedExample) add `segment_ids` (B, T): 1, 2, ... for the
+        examples of a row, 0 for padding."""
         encoded = [
-            e if isinstance(e, EncodedExample) else self.encode(normalize_example(e)) for e in examples
+            e if isinstance(e, (EncodedExample, PackedExample)) else self.encode(normalize_example(e))
+            for e in examples
         ]
         encoded = [e for e in encoded if e is not None]
         if not encoded:
             raise ValueError("every example of this batch was dropped (longer than max_length)")
-        length = max(len(e.input_ids) for e in encoded)
-        input_ids = torch.full((len(encoded), length), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(encoded), length), dtype=torch.long)
-        labels = torch.full((len(encoded), length), IGNORE, dtype=torch.long)
-        for row, e in enumerate(encoded):
-            input_ids[row, : len(e.input_ids)] = torch.tensor(e.input_ids)
-            attention_mask[row, : len(e.input_ids)] = 1
-            labels[row, : len(e.labels)] = torch.tensor(e.labels)
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        batch.update(self._pixels(encoded))
+        rows = [e.parts if isinstance(e, PackedExample) else [e] for e in encoded]
+        length = max(sum(len(part.input_ids) for part in parts) for parts in rows)
+        input_ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+        segment_ids = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
+        for row, parts in enumerate(rows):
+            start = 0
+            for segment, part in enumerate(parts, start=1):
+                end = start + len(part.input_ids)
+                input_ids[row, start:end] = torch.tensor(part.input_ids)
+                segment_ids[row, start:end] = segment
+                labels[row, start + 1 : end] = torch.tensor(part.labels[1:])  # nothing predicts a first token
+                start = end
+        batch = {"input_ids": input_ids, "attention_mask": (segment_ids > 0).long(), "labels": labels}
+        if any(isinstance(e, PackedExample) for e in encoded):
+            batch["segment_ids"] = segment_ids
+        batch.update(self._pixels([[image for part in parts for image in part.images] for parts in rows]))
         return batch
 
-    def _pixels(self, encoded: list[EncodedExample]) -> dict[str, torch.Tensor]:
-        with_images = [row for row, e in enumerate(encoded) if e.images]
+    def _pixels(self, images: list[list]) -> dict[str, torch.Tensor]:
+        """pixel_values / pixel_attention_mask for rows given as lists of images (rows may have none)."""
+        with_images = [row for row, row_images in enumerate(images) if row_images]
         if not with_images:
             return {}
-        out = self.processor.image_processor(
-            [encoded[row].images for row in with_images], return_tensors="pt"
-        )
+        out = self.processor.image_processor([images[row] for row in with_images], return_tensors="pt")
         values, mask = out["pixel_values"], out["pixel_attention_mask"]  # (B', N, 3, H, W), (B', N, H, W)
-        pixel_values = values.new_zeros((len(encoded), *values.shape[1:]))
-        pixel_attention_mask = mask.new_zeros((len(encoded), *mask.shape[1:]))
+        pixel_values = values.new_zeros((len(images), *values.shape[1:]))
+        pixel_attention_mask = mask.new_zeros((len(images), *mask.shape[1:]))
         pixel_values[with_images] = values
         pixel_attention_mask[with_images] = mask
         return {"pixel_values": pixel_values, "pixel_attention_mask": pixel_attention_mask}
@@ -394,6 +432,9 @@ class ChatDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> EncodedExample:
         return self.examples[index]
+
+    def token_count(self, index: int) -> int:
+        return len(self.examples[index].input_ids)
 
 
 class RowsDataset(torch.utils.data.Dataset):
@@ -432,6 +473,9 @@ class RowsDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
+    def token_count(self, index: int) -> int:
+        return len(self.examples[index][1].input_ids)
+
     def __getitem__(self, index: int) -> EncodedExample:
         row_index, encoded, num_images = self.examples[index]
         if not num_images:
@@ -440,3 +484,24 @@ class RowsDataset(torch.utils.data.Dataset):
         if row.error is not None:
             raise DataError(row.error)
         return EncodedExample(encoded.input_ids, encoded.labels, row.images)
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    """The examples of a ChatDataset or RowsDataset packed into rows of at most `capacity` tokens (default:
+    the longest example's length), so that short examples share rows instead of padding (see pack_lengths).
+    Rows are built when asked for: a RowsDataset's images are still read only as batches are built."""
+
+    def __init__(self, dataset: ChatDataset | RowsDataset, capacity: int | None = None):
+        lengths = [dataset.token_count(i) for i in range(len(dataset))]
+        if not lengths:
+            raise ValueError("nothing to pack: no examples")
+        self.dataset = dataset
+        self.capacity = capacity or max(lengths)
+        self.groups = pack_lengths(lengths, self.capacity)
+        self.num_examples = len(lengths)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index: int) -> PackedExample:
+        return PackedExample([self.dataset[i] for i in self.groups[index]])

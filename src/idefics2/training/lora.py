@@ -8,10 +8,12 @@ modules `lora_A` / `lora_B` of the wrapped `nn.Linear` itself, so the base weigh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -161,6 +163,8 @@ def _pattern_value(patterns: dict, module_name: str, default):
 
 
 def _lora_hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    if module.lora_disabled:
+        return output
     x = module.lora_dropout(args[0]).to(module.lora_A.weight.dtype)
     return output + (module.lora_B(module.lora_A(x)) * module.lora_scaling).to(output.dtype)
 
@@ -188,6 +192,7 @@ def add_lora(model: nn.Module, config: LoraConfig) -> list[str]:
         nn.init.zeros_(linear.lora_B.weight)
         linear.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         linear.lora_scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+        linear.lora_disabled = False
         linear._lora_handle = linear.register_forward_hook(_lora_hook)
     _weights_changed(model)
     return names
@@ -202,6 +207,21 @@ def _weights_changed(model: nn.Module) -> None:
 
 def lora_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, ADAPTABLE) and hasattr(m, "lora_A")}
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its base model inside the block: every LoRA adapter is skipped (not removed)."""
+    modules = list(lora_modules(model).values())
+    if not modules:
+        raise ValueError("the model has no LoRA adapter to disable")
+    for module in modules:
+        module.lora_disabled = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.lora_disabled = False
 
 
 def mark_only_lora_trainable(model: nn.Module) -> None:
@@ -308,4 +328,4 @@ def remove_adapter(module: nn.Linear) -> None:
     module._lora_handle.remove()
     for attr in ("lora_A", "lora_B", "lora_dropout"):
         delattr(module, attr)
-    del module.lora_scaling, module._lora_handle
+    del module.lora_scaling, module._lora_handle, module.lora_disabled

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import json
 import math
 import os
@@ -93,6 +94,9 @@ class TrainResult:
     step: int
     losses: list[float] = field(default_factory=list)  # training loss of each optimizer step run here
     eval_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss)
+    # the objective's metrics (e.g. DPO's rewards and accuracy), means over each step / each evaluation
+    metrics: list[dict[str, float]] = field(default_factory=list)
+    eval_metrics: list[tuple[int, dict[str, float]]] = field(default_factory=list)
 
 
 # --- setup helpers
@@ -234,26 +238,108 @@ def steps_for(n_examples: int, args: TrainingArguments, world: int) -> int:
 
 
 # --- loss
-def _model_inputs(batch: dict, device: torch.device) -> tuple[dict, torch.Tensor]:
-    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels" and torch.is_tensor(v)}
-    return inputs, batch["labels"].to(device)
+class Objective:
+    """What training minimises: a sum over the units of a batch (learned tokens, preference pairs, ...),
+    averaged over the units of the whole optimizer step. Subclasses define both; `metrics` are sums over the
+    same units, reported as means next to the loss."""
+
+    def units(self, batch: dict, keep: torch.Tensor | None = None) -> int:
+        """How many units `batch` holds; `keep` (bool, one per example) leaves examples out."""
+        raise NotImplementedError
+
+    def summed(
+        self,
+        model: nn.Module,
+        batch: dict,
+        device: torch.device,
+        autocast: contextlib.AbstractContextManager,
+        keep: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss summed over the batch's units (a scalar with a graph) and the metrics' sums."""
+        raise NotImplementedError
 
 
-def summed_loss(
+def learned_positions(labels: torch.Tensor) -> torch.Tensor:
+    """bool (B, T): the positions whose next token is learned (label != -100 one step later)."""
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = labels[:, 1:] != -100
+    return positions
+
+
+def learned_logits(
     model: nn.Module, batch: dict, device: torch.device, autocast: contextlib.AbstractContextManager
-) -> tuple[torch.Tensor, int]:
-    """Sum of the next-token cross-entropy over the learned positions, and how many there are."""
-    inputs, labels = _model_inputs(batch, device)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits (N, V) at the N positions whose next token is learned, their targets (N,) and rows (N,).
+
+    Every tensor of `batch` but the labels is a model input. A model whose forward takes `logits_at` (as
+    Idefics2's does) runs its language-model head on those positions only: prompts, images and padding get
+    no logits; other models' full logits are indexed."""
+    inputs = {k: v.to(device) for k, v in batch.items() if k != "labels" and torch.is_tensor(v)}
+    labels = batch["labels"].to(device)
+    positions = learned_positions(labels)
     with autocast:
-        logits = model(**inputs).logits  # (B, T, V)
-    targets = labels[:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-    )
-    return loss, int((targets != -100).sum())
+        if "logits_at" in inspect.signature(getattr(model, "module", model).forward).parameters:
+            logits = model(**inputs, logits_at=positions).logits  # (N, V)
+        else:
+            logits = model(**inputs).logits[positions]
+    rows = positions.nonzero()[:, 0]
+    return logits, labels[:, 1:][labels[:, 1:] != -100], rows
+
+
+class TokenLoss(Objective):
+    """Next-token cross-entropy over the learned tokens (supervised fine-tuning)."""
+
+    def units(self, batch: dict, keep: torch.Tensor | None = None) -> int:
+        return int(_kept_labels(batch["labels"], keep)[:, 1:].ne(-100).sum())
+
+    def summed(self, model, batch, device, autocast, keep=None):
+        batch = {**batch, "labels": _kept_labels(batch["labels"], keep)}
+        logits, targets, _ = learned_logits(model, batch, device, autocast)
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        return F.cross_entropy(logits.to(dtype), targets, reduction="sum"), {}
+
+
+def _kept_labels(labels: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return labels if keep is None else labels.masked_fill(~keep.to(labels.device)[:, None], -100)
 
 
 @torch.no_grad()
+def evaluate_objective(
+    model: nn.Module,
+    data: Sequence,
+    collate: Callable[[list], dict],
+    args: TrainingArguments,
+    device: torch.device,
+    rank: int = 0,
+    world: int = 1,
+    objective: Objective | None = None,
+) -> dict[str, float]:
+    """The objective's mean loss (key "loss") and mean metrics over `data`, each rank taking its share.
+
+    Every rank runs the same number of batches (a sharded model needs all ranks in each forward): the shares
+    are padded by wrapping around, and the repeated examples are left out.
+    """
+    objective = objective or TokenLoss()
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {"loss": 0.0}
+    count = 0
+    per_rank = math.ceil(len(data) / world)
+    positions = list(range(rank, per_rank * world, world))
+    for i in range(0, len(positions), args.batch_size):
+        chunk = positions[i : i + args.batch_size]
+        batch = collate([data[p % len(data)] for p in chunk])
+        keep = torch.tensor([p < len(data) for p in chunk])
+        loss, metrics = objective.summed(model, batch, device, autocast_context(args, device), keep)
+        for name, value in {"loss": float(loss), **metrics}.items():
+            sums[name] = sums.get(name, 0.0) + value
+        count += objective.units(batch, keep)
+    names = list(sums)
+    totals = _all_reduce_sum([sums[n] for n in names] + [float(count)], device, world)
+    model.train(was_training)
+    return {n: total / max(totals[-1], 1.0) for n, total in zip(names, totals[:-1], strict=True)}
+
+
 def evaluate(
     model: nn.Module,
     data: Sequence,
@@ -263,29 +349,11 @@ def evaluate(
     rank: int = 0,
     world: int = 1,
 ) -> float:
-    """Token-weighted mean loss over `data`, each rank taking its share.
-
-    Every rank runs the same number of batches (a sharded model needs all ranks in each forward): the shares
-    are padded by wrapping around, and the repeated examples are left out of the loss.
-    """
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    per_rank = math.ceil(len(data) / world)
-    positions = list(range(rank, per_rank * world, world))
-    for i in range(0, len(positions), args.batch_size):
-        chunk = positions[i : i + args.batch_size]
-        batch = collate([data[p % len(data)] for p in chunk])
-        repeated = torch.tensor([p >= len(data) for p in chunk])
-        batch["labels"] = batch["labels"].masked_fill(repeated[:, None], -100)
-        loss, n = summed_loss(model, batch, device, _autocast(args, device))
-        total, count = total + float(loss), count + n
-    total, count = _all_reduce_sum([total, float(count)], device, world)
-    model.train(was_training)
-    return total / max(count, 1.0)
+    """Token-weighted mean loss over `data` (see evaluate_objective)."""
+    return evaluate_objective(model, data, collate, args, device, rank, world)["loss"]
 
 
-def _autocast(args: TrainingArguments, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast_context(args: TrainingArguments, device: torch.device) -> contextlib.AbstractContextManager:
     use_bf16 = args.mixed_precision == "bf16" or (
         args.mixed_precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
     )
@@ -304,7 +372,9 @@ class Progress:
         self.t0 = time.perf_counter()
         self.tokens = self.samples = 0
 
-    def update(self, step: int, loss: float, lr: float, tokens: int, samples: int) -> None:
+    def update(
+        self, step: int, loss: float, lr: float, tokens: int, samples: int, metrics: dict[str, float]
+    ) -> None:
         self.tokens += tokens
         self.samples += samples
         if not self.enabled or not (self.tty or step % self.every == 0 or step == self.total):
@@ -313,7 +383,8 @@ class Progress:
         done = step - self.start
         eta = elapsed / max(done, 1) * (self.total - step)
         line = (
-            f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.2e} | {self.tokens / elapsed:.0f} tok/s | "
+            f"step {step}/{self.total} | loss {loss:.4f} | {format_metrics(metrics)}lr {lr:.2e} | "
+            f"{self.tokens / elapsed:.0f} tok/s | "
             f"{self.samples / elapsed:.2f} samples/s | eta {time.strftime('%H:%M:%S', time.gmtime(eta))}"
         )
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
@@ -325,6 +396,10 @@ class Progress:
     def close(self) -> None:
         if self.enabled and self.tty:
             print(file=sys.stderr, flush=True)
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return "".join(f"{name} {value:.4f} | " for name, value in metrics.items())
 
 
 # --- checkpoints
@@ -432,6 +507,7 @@ def train(
     resume_from: str | os.PathLike | bool | None = None,
     device: str | torch.device | None = None,
     processor: Idefics2Processor | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train `model` (already set up: LoRA added, parts frozen) on `train_data` and save the result.
 
@@ -442,8 +518,10 @@ def train(
     `resume_from`: a checkpoint folder, or True for the newest one in `args.output_dir`. With LoRA the output
     folder receives the PEFT adapter; otherwise the full model (`save_pretrained`), with `processor`'s files
     when one is given (in every checkpoint-N too), so that each such folder is a complete checkpoint that
-    idefics2 and transformers load alike.
+    idefics2 and transformers load alike. `objective`: what is minimised (default: TokenLoss, the
+    cross-entropy of the learned tokens; DPO's objective lives in idefics2.training.dpo).
     """
+    objective = objective or TokenLoss()
     if len(train_data) == 0:
         raise ValueError("the training data is empty")
     rank, world, local_rank = distributed_context()
@@ -507,17 +585,19 @@ def train(
         batches = [collate([train_data[i] for i in next(stream)]) for _ in range(args.grad_accum)]
         # Normalise by the learned tokens of the whole step on all ranks, so that accumulation and DDP give
         # the gradient of one big batch. DDP and FSDP average over ranks, hence the factor `world`.
-        local = [float((b["labels"][:, 1:] != -100).sum()) for b in batches]
-        n_tokens = _all_reduce_sum([sum(local)], device, world)[0]
-        loss_sum = 0.0
+        local = [float(objective.units(b)) for b in batches]
+        n_units = _all_reduce_sum([sum(local)], device, world)[0]
+        loss_sum, metric_sums = 0.0, {}
         for j, batch in enumerate(batches):
             sync = j == len(batches) - 1 or world == 1
             if sharded:
                 model.set_requires_gradient_sync(sync)
             with contextlib.nullcontext() if sync or sharded else ddp_model.no_sync():
-                loss, _ = summed_loss(ddp_model, batch, device, _autocast(args, device))
-                (loss * world / max(n_tokens, 1.0)).backward()
+                loss, metrics = objective.summed(ddp_model, batch, device, autocast_context(args, device))
+                (loss * world / max(n_units, 1.0)).backward()
             loss_sum += loss.detach().item()
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value
         if args.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         lr = optimizer.param_groups[0]["lr"]
@@ -526,8 +606,12 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        step_loss = _all_reduce_sum([loss_sum], device, world)[0] / max(n_tokens, 1.0)
+        metric_names = list(metric_sums)
+        totals = _all_reduce_sum([loss_sum] + [metric_sums[n] for n in metric_names], device, world)
+        step_loss = totals[0] / max(n_units, 1.0)
+        step_metrics = {n: t / max(n_units, 1.0) for n, t in zip(metric_names, totals[1:], strict=True)}
         result.losses.append(step_loss)
+        result.metrics.append(step_metrics)
         input_tokens = _all_reduce_sum(
             [
                 float(sum(int(b["attention_mask"].sum()) for b in batches)),
@@ -536,12 +620,11 @@ def train(
             device,
             world,
         )
-        progress.update(step, step_loss, lr, int(input_tokens[0]), int(input_tokens[1]))
+        progress.update(step, step_loss, lr, int(input_tokens[0]), int(input_tokens[1]), step_metrics)
 
         if eval_data is not None and args.eval_steps and (step % args.eval_steps == 0 or step == total):
-            eval_loss = evaluate(model, eval_data, collate, args, device, rank, world)
-            result.eval_losses.append((step, eval_loss))
-            progress.message(f"step {step}: eval loss {eval_loss:.4f}")
+            _record_evaluation(model, eval_data, collate, args, device, rank, world, objective, step, result)
+            progress.message(_evaluation_line(result))
         if args.save_steps and (step % args.save_steps == 0 or step == total):
             save_checkpoint(
                 model, optimizer, scheduler, names, args, step, world, rank, lora_config, sharded, processor
@@ -549,9 +632,8 @@ def train(
     progress.close()
 
     if eval_data is not None and not args.eval_steps:
-        eval_loss = evaluate(model, eval_data, collate, args, device, rank, world)
-        result.eval_losses.append((step, eval_loss))
-        progress.message(f"step {step}: eval loss {eval_loss:.4f}")
+        _record_evaluation(model, eval_data, collate, args, device, rank, world, objective, step, result)
+        progress.message(_evaluation_line(result))
     weights = ckpt.model_state(model, sharded)
     if rank == 0:
         ckpt.save_model_weights(model, weights, output_dir, lora_config, processor)
@@ -559,3 +641,15 @@ def train(
         dist.barrier()
     result.step = step
     return result
+
+
+def _record_evaluation(model, data, collate, args, device, rank, world, objective, step, result) -> None:
+    scores = evaluate_objective(model, data, collate, args, device, rank, world, objective)
+    loss = scores.pop("loss")
+    result.eval_losses.append((step, loss))
+    result.eval_metrics.append((step, scores))
+
+
+def _evaluation_line(result: TrainResult) -> str:
+    (step, loss), (_, metrics) = result.eval_losses[-1], result.eval_metrics[-1]
+    return f"step {step}: eval loss {loss:.4f}" + "".join(f" | {n} {v:.4f}" for n, v in metrics.items())

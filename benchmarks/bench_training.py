@@ -1,0 +1,253 @@
+"""LoRA fine-tuning speed and memory, ours against transformers + PEFT, on the same weights, data and steps.
+
+The "mid" random checkpoint (benchmarks/bench_generation.py, ~246M parameters) is saved once; every run loads
+it in float32, applies the same initial LoRA adapter (rank 8, alpha 16, no dropout, every projection of the
+decoder and the connector: idefics2.training.lora.DEFAULT_TARGET_MODULES) and trains on the same batches:
+one split image (4 crops + the image) and a 100-300-token answer per example, lengths mixed, right-padded.
+Batches are built once by our collator and fed as tensors to both, so that only the training step is
+compared: forward, loss, backward, gradient clipping (1.0), AdamW (constant learning rate).
+
+Every run is its own process (so that its peak resident set is its own), one after the other:
+
+  transformers+peft   Idefics2ForConditionalGeneration + PeftModel(is_trainable=True), loss from labels
+  ours                idefics2.training.train (the language-model head only at learned positions; the
+                      frozen vision tower without an autograd graph)
+  ours+ckpt           with gradient checkpointing
+  ours+bf16           with bf16 autocast (CPUs with bf16 instructions, GPUs)
+  ours+packing        the same examples packed into rows (each attending only to itself): fewer, fuller rows
+
+Reported per run: examples/s, trained (learned) tokens/s, peak resident set (CPU) or max allocated (CUDA),
+and the losses; ratios against transformers + PEFT from the same invocation. Packing also reports the share
+of padding in the rows. On a CPU shared with other work the wall-clock rates swing with the load; the
+trained tokens per CPU-second (all threads of the run) do much less, and are reported next to them.
+
+    python benchmarks/bench_training.py                       # CPU, 4 steps of 2 examples
+    python benchmarks/bench_training.py --steps 3 --runs transformers+peft ours
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from bench import PeakMemory, resident_bytes  # noqa: E402
+from bench_generation import MID_CONFIG, photo_like  # noqa: E402
+
+RUNS = ("transformers+peft", "ours", "ours+ckpt", "ours+bf16", "ours+packing")
+LR = 1e-3
+WORDS = "red green blue circle square image shows a the of and with near left right top bottom small".split()
+
+
+# ---- setup (parent process) --------------------------------------------------------------------------
+def prepare(folder: Path, examples: int, batch_size: int, image_edge: int, seed: int) -> None:
+    """Checkpoint, initial adapter, processor and the batches (plain and packed) into `folder`."""
+    from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
+    from idefics2.training import ChatCollator, ChatDataset, LoraConfig, PackedDataset, add_lora, save_adapter
+    from oracle_processing import build_reference_processor
+
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(MID_CONFIG))
+    model.save_pretrained(folder / "model")
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0)
+    add_lora(model, config)
+    save_adapter(model, config, folder / "adapter")
+    del model
+
+    build_reference_processor(
+        folder / "processor", do_image_splitting=True, longest_edge=image_edge, shortest_edge=image_edge // 2
+    )
+    collator = ChatCollator(Idefics2Processor.from_pretrained(folder / "processor"))
+    rng = random.Random(seed)
+    rows = []
+    for i in range(examples):
+        target = 100 + (200 * i) // max(1, examples - 1)  # 100 ... 300 answer tokens, mixed in the batches
+        answer = " ".join(rng.choice(WORDS) for _ in range(target))
+        ids = collator.tokenizer.encode(answer, add_special_tokens=False)[:target]
+        user = [{"type": "image"}, {"type": "text", "text": "Describe this image in detail."}]
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": collator.tokenizer.decode(ids)},
+        ]
+        rows.append({"messages": messages, "images": [photo_like(rng.randint(240, 480), 640, seed=i)]})
+    order = list(range(examples))
+    rng.shuffle(order)
+    data = ChatDataset([rows[i] for i in order], collator)
+    plain = [collator(data.examples[k : k + batch_size]) for k in range(0, len(data), batch_size)]
+    packed_rows = PackedDataset(data, capacity=max(len(e.input_ids) for e in data.examples) * batch_size)
+    packed = [collator([packed_rows[i]]) for i in range(len(packed_rows))]
+    torch.save({"plain": plain, "packed": packed}, folder / "batches.pt")
+
+
+# ---- one run (child process) --------------------------------------------------------------------------
+def run(name: str, folder: Path, device: torch.device) -> dict:
+    batches = torch.load(folder / "batches.pt", weights_only=True)[
+        "packed" if name == "ours+packing" else "plain"
+    ]
+    with PeakMemory(device) as loading:
+        model = load_transformers(folder) if name == "transformers+peft" else load_ours(folder)
+        model.to(device)
+    loaded = resident_bytes() if device.type == "cpu" else torch.cuda.memory_allocated(device)
+    with PeakMemory(device) as memory:
+        start, cpu_start = time.perf_counter(), time.process_time()
+        losses = (
+            train_transformers(model, batches, device)
+            if name == "transformers+peft"
+            else train_ours(model, batches, name, folder, device)
+        )
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    learned = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    examples = sum(
+        int(b["segment_ids"].amax(1).sum()) if "segment_ids" in b else len(b["labels"]) for b in batches
+    )
+    slots = sum(b["attention_mask"].numel() for b in batches)
+    real = sum(int(b["attention_mask"].sum()) for b in batches)
+    peak = memory.peak if device.type == "cuda" else max(memory.peak, loading.peak)
+    return {
+        "run": name,
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
+        "trained_tokens_per_cpu_s": learned / cpu_seconds,
+        "steps": len(batches),
+        "examples_per_s": examples / seconds,
+        "trained_tokens_per_s": learned / seconds,
+        "peak_mb": peak / 1e6,
+        "training_overhead_mb": (memory.peak - loaded) / 1e6,
+        "padding": 1 - real / slots,
+        "losses": losses,
+    }
+
+
+def load_ours(folder: Path):
+    from idefics2 import Idefics2ForConditionalGeneration
+    from idefics2.training import load_adapter, mark_only_lora_trainable
+
+    model = Idefics2ForConditionalGeneration.from_pretrained(folder / "model", dtype=torch.float32)
+    load_adapter(model, folder / "adapter")
+    mark_only_lora_trainable(model)
+    return model
+
+
+def train_ours(model, batches: list[dict], name: str, folder: Path, device: torch.device) -> list[float]:
+    from idefics2.training import TrainingArguments, train
+
+    args = TrainingArguments(
+        output_dir=str(folder / f"out-{name}"),
+        max_steps=len(batches),
+        batch_size=1,  # one item = one prepared batch
+        lr=LR,
+        scheduler="constant",
+        max_grad_norm=1.0,
+        mixed_precision="bf16" if name == "ours+bf16" else "no",
+        gradient_checkpointing=name == "ours+ckpt",
+        shuffle=False,
+        progress=False,
+        overwrite_output_dir=True,
+    )
+    result = train(model, range(len(batches)), lambda items: batches[items[0]], args, device=device)
+    return result.losses
+
+
+def load_transformers(folder: Path):
+    from peft import PeftModel
+    from transformers import Idefics2ForConditionalGeneration
+
+    model = Idefics2ForConditionalGeneration.from_pretrained(
+        folder / "model", dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return PeftModel.from_pretrained(model, folder / "adapter", is_trainable=True)
+
+
+def train_transformers(model, batches: list[dict], device: torch.device) -> list[float]:
+    """The usual loop: loss from labels, backward, clip, AdamW (as Trainer / SFTTrainer run it)."""
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    losses = []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+# ---- report -------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps (batches) per run")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--image-edge", type=int, default=224, help="longest image edge after resizing")
+    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads of each run")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(run(args.child, Path(args.folder), torch.device(args.device))))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        prepare(folder, args.steps * args.batch_size, args.batch_size, args.image_edge, seed=0)
+        results = {}
+        for name in args.runs:
+            command = [sys.executable, __file__, "--child", name, "--folder", tmp, "--device", args.device]
+            command += ["--threads", str(args.threads)]
+            out = subprocess.run(command, capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{name} failed:\n{out.stderr[-3000:]}")
+            results[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = results[name]
+            print(
+                f"{name}: {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} CPU-s), "
+                f"losses {[round(x, 5) for x in r['losses']]}",
+                file=sys.stderr,
+            )
+    report(results, args)
+
+
+def report(results: dict, args) -> None:
+    base = results.get("transformers+peft")
+    print(
+        f"{args.steps} steps x {args.batch_size} examples, one split image + 100-300-token answer each, "
+        f"float32 weights, {args.device} ({args.threads} threads)"
+    )
+    header = f"{'run':<18} {'examples/s':>10} {'tokens/s':>9} {'x':>6} {'tok/cpu-s':>9} {'x':>6}"
+    header += f" {'peak MB':>8} {'x':>6}"
+    print(header + f" {'training MB':>11} {'padding':>8} final loss")
+    for name, r in results.items():
+        speed = f"{r['trained_tokens_per_s'] / base['trained_tokens_per_s']:.2f}" if base else "-"
+        work = f"{r['trained_tokens_per_cpu_s'] / base['trained_tokens_per_cpu_s']:.2f}" if base else "-"
+        memory = f"{r['peak_mb'] / base['peak_mb']:.2f}" if base else "-"
+        print(
+            f"{name:<18} {r['examples_per_s']:>10.3f} {r['trained_tokens_per_s']:>9.1f} {speed:>6} "
+            f"{r['trained_tokens_per_cpu_s']:>9.1f} {work:>6} "
+            f"{r['peak_mb']:>8.0f} {memory:>6} {r['training_overhead_mb']:>11.0f} "
+            f"{100 * r['padding']:>7.1f}% {r['losses'][-1]:.6f}"
+        )
+    if base and "ours" in results:
+        diff = max(abs(a - b) for a, b in zip(results["ours"]["losses"], base["losses"], strict=True))
+        print(f"ours vs transformers+peft: largest per-step loss difference {diff:.2e} (float32)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -258,6 +258,7 @@ _TARGET_BATCH_S = 3e-4  # calls shorter than 1 ms are timed in batches of about 
 _AGREEMENT = 3e-2  # max abs difference / max abs value allowed against the portable kernel
 
 _choices: dict[tuple, str] = {}  # (op, shape, row class, threads) -> kernel, for this process
+_unmeasured: dict[tuple, str] = {}  # same key -> kernel last run without measuring (forced or tuning off)
 _timings: dict[tuple, dict[str, float]] = {}  # same key -> seconds per call of each kernel measured
 _file_entries: dict[str, dict[str, dict]] = {}  # machine -> entry name -> {"kernel", "seconds"}, as read
 _tuning_lock = threading.RLock()
@@ -289,7 +290,9 @@ def choose(
     preferred first; `bench(rows)` makes example inputs with that many rows and returns a function running
     one named kernel on them (called only when measuring)."""
     if _forced or _env_forced() or not tuning_enabled():
-        return _forced_choice(op, candidates())
+        chosen = _forced_choice(op, candidates())
+        _unmeasured[(op, shape, row_class(rows), torch.get_num_threads())] = chosen
+        return chosen
     key = (op, shape, row_class(rows), torch.get_num_threads())
     chosen = _choices.get(key)
     if chosen is None:
@@ -327,6 +330,7 @@ def forget_choices() -> None:
     """Drop this process's choices and re-read the environment (tests; after changing IDEFICS2_KERNELS)."""
     with _tuning_lock:
         _choices.clear()
+        _unmeasured.clear()
         _timings.clear()
         _file_entries.clear()
         _spent[0] = 0.0
@@ -336,8 +340,15 @@ def forget_choices() -> None:
 
 def choices() -> dict[tuple, tuple[str, dict[str, float]]]:
     """This process's choices: (op, shape, row class, threads) -> (kernel, seconds per call of each kernel
-    measured; empty where the choice came from the file without times, or was not measured)."""
-    return {key: (kernel, dict(_timings.get(key, {}))) for key, kernel in _choices.items()}
+    measured, empty where nothing was measured), in the order they were first made."""
+    made = {key: (kernel, {}) for key, kernel in _unmeasured.items()}
+    made.update((key, (kernel, dict(_timings.get(key, {})))) for key, kernel in _choices.items())
+    return made
+
+
+def measuring_seconds() -> float:
+    """Seconds this process has spent measuring kernels."""
+    return _spent[0]
 
 
 def _measure_choice(
@@ -377,9 +388,10 @@ def fastest(
     reference: str,
 ) -> dict[str, float]:
     """Seconds per call of each kernel in `names` that runs and agrees with the `reference` kernel (the
-    portable one); a kernel that raises or disagrees is left out. The kernels are timed in turns, TIMING_ROUNDS
-    samples of `timer` each, and each keeps its fastest sample: on a busy machine a sample that another
-    process interrupted is slower, never faster, and turns spread such interruptions over every kernel."""
+    portable one); a kernel that raises or disagrees is left out. The kernels are timed in turns,
+    TIMING_ROUNDS samples of `timer` each, and each keeps its fastest sample: on a busy machine a sample
+    that another process interrupted is slower, never faster, and turns spread such interruptions over every
+    kernel."""
     with torch.no_grad():
         expected = run(reference).float()
         scale = float(expected.abs().max()) or 1.0
@@ -498,3 +510,35 @@ def _write_cache(machine: str, key: tuple, kernel: str, times: dict[str, float])
         os.replace(f.name, path)
     except OSError:
         pass
+
+
+# ---- memory bandwidth -------------------------------------------------------------------------------------
+
+
+def last_level_cache_bytes() -> int | None:
+    """The size of the largest CPU cache (Linux's sysfs), or None where it is not known."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=None)
+
+
+def read_bandwidth(nbytes: int | None = None, repeats: int = 5) -> float:
+    """Bytes per second at which this machine streams a buffer of `nbytes` (default: 4x the last-level
+    cache, at least 256 MiB) from memory, with torch's threads: the fastest of `repeats` sums over it. The
+    ceiling of a decode step, which reads every weight once."""
+    if nbytes is None:
+        nbytes = max(256 * 2**20, 4 * (last_level_cache_bytes() or 0))
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+    buffer.sum()  # pages touched, threads started
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best

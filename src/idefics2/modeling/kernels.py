@@ -263,6 +263,7 @@ _timings: dict[tuple, dict[str, float]] = {}  # same key -> seconds per call of 
 _file_entries: dict[str, dict[str, dict]] = {}  # machine -> entry name -> {"kernel", "seconds"}, as read
 _tuning_lock = threading.RLock()
 _spent = [0.0]  # seconds measured so far in this process
+_preferred_only: list[bool] = []  # non-empty inside `preferred()`
 
 
 def row_class(rows: int) -> str:
@@ -289,7 +290,7 @@ def choose(
     bool / None naming the weights' shape and dtype). `candidates()` lists the kernels whose probes pass,
     preferred first; `bench(rows)` makes example inputs with that many rows and returns a function running
     one named kernel on them (called only when measuring)."""
-    if _forced or _env_forced() or not tuning_enabled():
+    if _forced or _preferred_only or _env_forced() or not tuning_enabled():
         chosen = _forced_choice(op, candidates())
         _unmeasured[(op, shape, row_class(rows), torch.get_num_threads())] = chosen
         return chosen
@@ -298,6 +299,17 @@ def choose(
     if chosen is None:
         chosen = _measure_choice(key, candidates, bench)
     return chosen
+
+
+@contextlib.contextmanager
+def preferred() -> Iterator[None]:
+    """Within the block every op runs its preferred kernel that passes its probes (OPS' order), as with
+    IDEFICS2_KERNEL_TUNING=0: the routes of capability alone, to compare measured choices against."""
+    _preferred_only.append(True)
+    try:
+        yield
+    finally:
+        _preferred_only.pop()
 
 
 def _forced_choice(op: str, names: list[str]) -> str:

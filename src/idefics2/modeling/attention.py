@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -245,7 +247,9 @@ def linear_with(
 
 def _linear_bench(weight: torch.Tensor, bias: torch.Tensor | None, act: str | None, rows: int):
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    return lambda kernel: linear_with(kernel, x, weight, bias, act)
+    copies = kernels.streaming_copies(weight.numel() * weight.element_size(), rows)
+    weights = itertools.cycle([weight, *(weight.clone() for _ in range(copies - 1))])
+    return lambda kernel: linear_with(kernel, x, next(weights), bias, act)
 
 
 class Linear(nn.Linear):

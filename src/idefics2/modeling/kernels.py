@@ -527,6 +527,18 @@ def _write_cache(machine: str, key: tuple, kernel: str, times: dict[str, float])
 # ---- memory bandwidth -------------------------------------------------------------------------------------
 
 
+def streaming_copies(nbytes: int, rows: int) -> int:
+    """How many copies of `nbytes` of weights a timing of a `rows`-row product cycles through: for decode
+    classes enough to span twice the last-level cache (at most 64, at most 256 MiB), so each call reads its
+    weights from memory as a decode step does, not from a cache warmed by the previous call; one for
+    prefill, which computes far longer than it reads."""
+    if rows > ROW_CLASSES[-1][0]:
+        return 1
+    wanted = -(-2 * (last_level_cache_bytes() or 32 * 2**20) // max(nbytes, 1))
+    return max(1, min(64, wanted, 256 * 2**20 // max(nbytes, 1)))
+
+
+@functools.cache
 def last_level_cache_bytes() -> int | None:
     """The size of the largest CPU cache (Linux's sysfs), or None where it is not known."""
     sizes = []

@@ -22,6 +22,8 @@ saved); `state_dict()` and `save_pretrained` always give the portable form of id
 
 from __future__ import annotations
 
+import copy
+import itertools
 import threading
 
 import torch
@@ -326,7 +328,10 @@ class QuantizedLinear(nn.Module):
 
     def _bench(self, dtype: torch.dtype, rows: int):
         x = torch.randn(rows, self.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
-        return lambda kernel: self.product_with(kernel, x)
+        nbytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
+        copies = kernels.streaming_copies(nbytes, rows)
+        layers = itertools.cycle([self, *(copy.deepcopy(self) for _ in range(copies - 1))])
+        return lambda kernel: next(layers).product_with(kernel, x)
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T on the device's int8 / int4 kernel (bfloat16 activations)."""

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         suffix = f" {shape[4]}" if op == "linear" and shape[4] else ""
         if op != "linear":
             suffix = f" g{shape[3]}" if op == "int4" else ""
-        weights = f"{dtype} {n}x{k}{suffix}"
+        weights = f"{kernels.describe(dtype)} {n}x{k}{suffix}"
         mine = f"{times[kernel] * 1e6:.1f} us" if kernel in times else "-"
         others = ", ".join(f"{name} {t * 1e6:.1f} us" for name, t in times.items() if name != kernel)
         print(f"{op:<7} {weights:<32} {rows:<8} {kernel:<20} {mine:>10}  {others}")

@@ -202,7 +202,7 @@ def linear(
     training, torch's default kernels.
     """
     if (
-        x.device.type == "cpu"
+        x.is_cpu
         and weight.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)
         and not torch.is_grad_enabled()
@@ -210,7 +210,7 @@ def linear(
         n, k = weight.shape
         kernel = kernels.choose(
             "linear",
-            (str(x.dtype).removeprefix("torch."), n, k, bias is not None, act),
+            (x.dtype, n, k, bias is not None, act),
             x.numel() // k,
             lambda: linear_kernels(x.dtype, act),
             lambda rows: _linear_bench(weight, bias, act, rows),

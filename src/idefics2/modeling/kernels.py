@@ -286,10 +286,10 @@ def choose(
     candidates: Callable[[], list[str]],
     bench: Callable[[int], Callable[[str], torch.Tensor]],
 ) -> str:
-    """The kernel of `op` to run for a product of `rows` rows on weights `shape` (a tuple of str / int /
-    bool / None naming the weights' shape and dtype). `candidates()` lists the kernels whose probes pass,
-    preferred first; `bench(rows)` makes example inputs with that many rows and returns a function running
-    one named kernel on them (called only when measuring)."""
+    """The kernel of `op` to run for a product of `rows` rows on weights `shape` (a tuple of dtype / str
+    / int / bool / None naming the weights' shape and dtype). `candidates()` lists the kernels whose probes
+    pass, preferred first; `bench(rows)` makes example inputs with that many rows and returns a function
+    running one named kernel on them (called only when measuring)."""
     if _forced or _preferred_only or _env_forced() or not tuning_enabled():
         chosen = _forced_choice(op, candidates())
         _unmeasured[(op, shape, row_class(rows), torch.get_num_threads())] = chosen
@@ -490,7 +490,12 @@ def machine_key(threads: int | None = None) -> str:
 
 def _entry_name(key: tuple) -> str:
     op, shape, rows = key[:3]
-    return "|".join([op, *(str(part) for part in shape), rows])
+    return "|".join([op, *(describe(part) for part in shape), rows])
+
+
+def describe(part: object) -> str:
+    """A part of a weights shape key as text: dtypes without "torch."."""
+    return str(part).removeprefix("torch.")
 
 
 def _read_file() -> dict:

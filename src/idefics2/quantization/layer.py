@@ -287,9 +287,8 @@ class QuantizedLinear(nn.Module):
             out = _DequantizedProduct.apply(x, self.bias, self)
             return out if act is None else activation(act)(out)
         rows = x.numel() // self.in_features
-        if x.device.type == "cpu":
-            dtype = str(x.dtype).removeprefix("torch.")
-            shape = (dtype, self.out_features, self.in_features, self.group_size)
+        if x.is_cpu:
+            shape = (x.dtype, self.out_features, self.in_features, self.group_size)
             kernel = kernels.choose(
                 f"int{self.bits}",
                 shape,

@@ -356,7 +356,7 @@ def weight_footprint(model) -> dict[str, int]:
 
 def routes_of(name: str):
     """The kernel routes a model's runs take: measured (the default), or the preferred ones alone."""
-    return kernels.preferred() if name == "ours preferred routes" else contextlib.nullcontext()
+    return kernels.preferred() if name == "ours preferred" else contextlib.nullcontext()
 
 
 def quantized_names(modes: list[str], int4_group_sizes: list[int]) -> list[str]:
@@ -483,7 +483,7 @@ def main() -> None:
     if device.type == "cpu" and dtype == torch.float32 and not args.no_bf16:
         models["ours bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
     if args.preferred_routes:
-        models["ours preferred routes"] = ours  # the same weights; run inside kernels.preferred()
+        models["ours preferred"] = ours  # the same weights; run inside kernels.preferred()
     for mode in quantized_names(args.quantize, args.int4_group_sizes):
         bits, _, group = mode.partition(" g")
         models[f"ours {mode}"] = copy.deepcopy(ours).quantize(bits, group_size=int(group or 128))

@@ -220,3 +220,17 @@ def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):
     assert classes == {"1", "2-8", "9-32", "prefill"}  # decoder layers in every class, the vision tower's
     assert all(row[row.index("us") - 2] in ("onednn_fused", "onednn", "aten") for row in rows)
     assert (tmp_path / "kernels.json").exists()
+
+
+def test_a_bad_forced_route_is_one_line_on_the_command_line(monkeypatch, capsys):
+    from idefics2.cli import main
+
+    monkeypatch.setenv("IDEFICS2_KERNELS", "linear=fastest")
+    kernels.forget_choices()
+    try:
+        assert main(["kernels", "--bandwidth-mib", "16"]) == 2
+    finally:
+        monkeypatch.delenv("IDEFICS2_KERNELS")
+        kernels.forget_choices()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown kernel 'fastest' for linear" in err[0], err

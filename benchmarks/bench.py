@@ -18,7 +18,12 @@ read bandwidth measured right after each run (median of the per-run fractions), 
 
 `--quantize int8 int4` adds our model with its decoder quantized (idefics2.quantization), with the weights'
 resident bytes against float32 (the quantized layers, the bytes a decode step reads, the whole model) and the
-logits' relative difference to float32.
+logits' relative difference to float32; int4 once per `--int4-group-sizes` (default 128), each with its
+error against a float32 model holding the int4 weights dequantized (the kernels' own error: the format's
+rounding is not in it).
+
+The decode-limit table gives, per model, decode tokens/s at batch 1, the weight bytes one step reads,
+the rate at which those bytes are read (GB/s) and its fraction of this machine's measured read bandwidth.
 
     python benchmarks/bench.py                                   # CPU, "mid" config (~246M parameters)
     python benchmarks/bench.py --repeats 1 --new-tokens 8        # quicker
@@ -29,6 +34,7 @@ logits' relative difference to float32.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import json
@@ -52,6 +58,7 @@ from bench_generation import (  # noqa: E402
     read_bandwidth_gbs,
     sync,
 )
+from idefics2.modeling import kernels  # noqa: E402
 
 # The hub idefics2-8b shapes (vision SigLIP-so400m, perceiver 64 latents, Mistral-7B decoder).
 CONFIG_8B = {
@@ -347,6 +354,57 @@ def weight_footprint(model) -> dict[str, int]:
     }
 
 
+def routes_of(name: str):
+    """The kernel routes a model's runs take: measured (the default), or the preferred ones alone."""
+    return kernels.preferred() if name == "ours preferred" else contextlib.nullcontext()
+
+
+def quantized_names(modes: list[str], int4_group_sizes: list[int]) -> list[str]:
+    """Model names of the quantized runs: "int8", "int4" (group 128) and "int4 gN" for other group sizes."""
+    names = []
+    for mode in modes:
+        if mode == "int4":
+            names += [f"int4 g{g}" if g != 128 else "int4" for g in int4_group_sizes]
+        else:
+            names.append(mode)
+    return names
+
+
+def dequantized_twin(float_model, quantized_model):
+    """A float32 copy of `float_model` whose quantized layers hold `quantized_model`'s weights dequantized:
+    the model a quantized model computes exactly, but for its kernels' rounding."""
+    from idefics2.quantization import QuantizedLinear
+
+    twin = copy.deepcopy(float_model)
+    layers = dict(twin.named_modules())
+    with torch.no_grad():
+        for name, layer in quantized_model.named_modules():
+            if isinstance(layer, QuantizedLinear):
+                layers[name].weight.copy_(layer.dequantized_weight(torch.float32))
+    return twin
+
+
+def print_decode_limits(results: dict, models: dict, float32_step_bytes: int) -> None:
+    """Per model: decode tok/s at batch 1, weight bytes per step, the rate they are read at, and its
+    fraction of the read bandwidth measured beside each run."""
+    print(f"{'decode batch 1':<22}{'tok/s':>9}{'MB/token':>10}{'GB/s':>8}{'of bandwidth':>14}")
+    for name, model in models.items():
+        r = results[name]
+        step = step_bytes_of(name, model, float32_step_bytes)
+        rate = step * r["decode_b1_tok_s"] / 1e9
+        print(f"{name:<22}{r['decode_b1_tok_s']:9.1f}{step / 1e6:10.1f}{rate:8.2f}"
+              f"{r['decode_bandwidth_fraction']:14.0%}")  # fmt: skip
+    bandwidth = statistics.median(results[name]["read_bandwidth_gbs"] for name in models)
+    print(f"(read bandwidth measured after each run, median {bandwidth:.1f} GB/s)")
+
+
+def step_bytes_of(name: str, model, float32_step_bytes: int) -> int:
+    """Bytes of weights one decode step of this model reads."""
+    if name.startswith("ours int"):
+        return weight_footprint(model)["decode_step_bytes"]
+    return float32_step_bytes // 2 if name == "ours bf16" else float32_step_bytes
+
+
 def goals(results: dict, summary: dict, device: torch.device) -> dict[str, tuple[float, bool]]:
     """The issue's targets, each as (measured value, met)."""
     ref, ours = results["transformers"], results["ours"]
@@ -408,6 +466,10 @@ def main() -> None:
                         help="CUDA: also run ours with compiled decode steps (chat turn only)")  # fmt: skip
     parser.add_argument("--quantize", nargs="*", default=[], choices=["int8", "int4"],
                         help="also run ours with the decoder quantized (float32 elsewhere)")  # fmt: skip
+    parser.add_argument("--preferred-routes", action="store_true",
+                        help="also run ours with the preferred kernels (nothing measured)")  # fmt: skip
+    parser.add_argument("--int4-group-sizes", type=int, nargs="+", default=[128], choices=[32, 64, 128, 256],
+                        help="int4: one model per group size")  # fmt: skip
     parser.add_argument("--json", default="bench_results.json", help="where to write the results")
     args = parser.parse_args()
 
@@ -420,8 +482,11 @@ def main() -> None:
     models = {"transformers": reference, "ours": ours}
     if device.type == "cpu" and dtype == torch.float32 and not args.no_bf16:
         models["ours bf16"] = copy.deepcopy(ours).to(torch.bfloat16)
-    for mode in args.quantize:
-        models[f"ours {mode}"] = copy.deepcopy(ours).quantize(mode)
+    if args.preferred_routes:
+        models["ours preferred"] = ours  # the same weights; run inside kernels.preferred()
+    for mode in quantized_names(args.quantize, args.int4_group_sizes):
+        bits, _, group = mode.partition(" g")
+        models[f"ours {mode}"] = copy.deepcopy(ours).quantize(bits, group_size=int(group or 128))
     if device.type == "cuda" and args.compile:
         models["ours compiled"] = ours  # the same weights; compile_decode is switched on for its runs
     with tempfile.TemporaryDirectory() as tmp:
@@ -444,25 +509,28 @@ def main() -> None:
 
     for name, model in models.items():  # warm-up (first-call allocations, kernel selection, compilation)
         ours.compile_decode = name == "ours compiled"
-        chat_turn(model, processors[name], image, 2, device, ours=name != "transformers")
+        with routes_of(name):
+            chat_turn(model, processors[name], image, 2, device, ours=name != "transformers")
+    print(f"kernels measured during the warm-up: {kernels.measuring_seconds():.2f} s "
+          f"(choices in {kernels.cache_path()})")  # fmt: skip
     runs: dict[str, list[dict]] = {name: [] for name in models}
     for _ in range(args.repeats):
         for name, model in models.items():
             ours.compile_decode = name == "ours compiled"
-            run = chat_turn(
-                model, processors[name], image, args.new_tokens, device, ours=name != "transformers"
-            )
+            with routes_of(name):
+                run = chat_turn(
+                    model, processors[name], image, args.new_tokens, device, ours=name != "transformers"
+                )
             # the read bandwidth right after the decode it is compared with: on a shared host it drifts (this
             # project's VM reads 42-48 GB/s for a while, then ~80 GB/s for a while)
             run["read_bandwidth_gbs"] = read_bandwidth_gbs(device)
-            weight_bytes = step_bytes / 2 if name == "ours bf16" else step_bytes  # bf16: half the bytes
-            if name.startswith("ours int"):
-                weight_bytes = weight_footprint(model)["decode_step_bytes"]
+            weight_bytes = step_bytes_of(name, model, step_bytes)
             run["decode_bandwidth_fraction"] = (
                 weight_bytes * run["decode_b1_tok_s"] / 1e9 / run["read_bandwidth_gbs"]
             )
             for n, inputs in batches[name].items() if name != "ours compiled" else ():
-                run[f"decode_b{n}_tok_s"] = batch_decode_rate(model, inputs, args.new_tokens, device)
+                with routes_of(name):
+                    run[f"decode_b{n}_tok_s"] = batch_decode_rate(model, inputs, args.new_tokens, device)
             runs[name].append(run)
             print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in run.items()), flush=True)
     results = {name: median_of(r) for name, r in runs.items()}
@@ -483,11 +551,6 @@ def main() -> None:
         "runs": runs,
         "decode_bandwidth_fraction": {name: results[name]["decode_bandwidth_fraction"] for name in models},
     }
-    print()
-    for name in models:
-        bandwidth, fraction = results[name]["read_bandwidth_gbs"], results[name]["decode_bandwidth_fraction"]
-        print(f"decode batch 1, {name}: weights read at {fraction:.0%} of the measured read bandwidth "
-              f"(median over the repeats; read bandwidth {bandwidth:.1f} GB/s)")  # fmt: skip
     if "ours bf16" in models:
         with torch.inference_mode():
             prompt = our_processor.apply_chat_template(PROMPT, add_generation_prompt=True)
@@ -497,18 +560,21 @@ def main() -> None:
         summary["bf16"] = {"logits_relative_diff": diff, "prefill_speedup_vs_float32": speedup}
         print(f"bf16: prefill {speedup:.2f}x our float32 prefill; logits relative difference to float32 "
               f"{diff:.2e}")  # fmt: skip
+    print()
+    print_decode_limits(results, models, step_bytes)
     if args.quantize:
         with torch.inference_mode():
             prompt = our_processor.apply_chat_template(PROMPT, add_generation_prompt=True)
             inputs = dict(our_processor(text=prompt, images=[[image]], return_tensors="pt").to(device))
         float_footprint = weight_footprint(ours)
         summary["quantized"] = {}
-        for mode in args.quantize:
+        for mode in quantized_names(args.quantize, args.int4_group_sizes):
             model = models[f"ours {mode}"]
             footprint = weight_footprint(model)
             entry = {key: footprint[key] for key in footprint}
             entry.update({f"{key}_ratio": footprint[key] / float_footprint[key] for key in footprint})
             entry["logits_relative_diff"] = logits_relative_diff(model, ours, inputs)
+            entry["kernel_relative_diff"] = logits_relative_diff(model, dequantized_twin(ours, model), inputs)
             entry["decode_speedup_vs_float32"] = (
                 results[f"ours {mode}"]["decode_b1_tok_s"] / results["ours"]["decode_b1_tok_s"]
             )
@@ -521,7 +587,8 @@ def main() -> None:
                 f"prefill {speedup:.2f}x; "
                 f"resident bytes vs float32: decoder linear layers {e['decoder_linear_bytes_ratio']:.3f}x "
                 f"({linear_mb:.0f} MB), decode step {e['decode_step_bytes_ratio']:.3f}x, whole model "
-                f"{e['model_bytes_ratio']:.3f}x; logits relative difference {e['logits_relative_diff']:.2e}"
+                f"{e['model_bytes_ratio']:.3f}x; logits relative difference {e['logits_relative_diff']:.2e} "
+                f"(against the dequantized weights in float32: {e['kernel_relative_diff']:.2e})"
             )
     summary["goals"] = goals(results, summary, device)
     for goal, (value, met) in summary["goals"].items():

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from oracle_processing import build_reference_processor
+
+# kernels are not measured in tests (the preferred kernel of each op runs, as forced routes do, and no file
+# of choices is written): tests of the measuring turn it on themselves
+os.environ.setdefault("IDEFICS2_KERNEL_TUNING", "0")
 
 
 @pytest.fixture(scope="session")

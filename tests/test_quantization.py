@@ -223,6 +223,31 @@ def test_default_quantizes_the_decoder_only(checkpoint):
     assert model.dtype == torch.float32 and model.device.type == "cpu"  # the lm_head's stand-in
 
 
+@pytest.mark.parametrize("group_size", [32, 64])
+@pytest.mark.parametrize("kernel", ["kernel", "dequantize_bfloat16", "dequantize"])
+def test_every_int4_kernel_is_exact_to_the_format(checkpoint, group_size, kernel):
+    """Each kernel of an int4 model (forced, prefill rows included) gives the logits of a float32 model
+    holding its int4 weights dequantized, within 2e-2: what is left of int4's error is the format's
+    rounding, not a kernel's."""
+    model = Idefics2ForConditionalGeneration.from_pretrained(
+        checkpoint, quantize="int4", group_size=group_size
+    )
+    layers = quantized_layers(model)
+    if kernel == "kernel" and next(iter(layers.values())).packing is None:
+        pytest.skip("no int4 kernel on this CPU")
+    if kernel == "dequantize_bfloat16" and not kernels.native_bfloat16():
+        pytest.skip("no bfloat16 instructions here: float32 inputs are not rounded to bfloat16")
+    twin = Idefics2ForConditionalGeneration.from_pretrained(checkpoint)
+    with torch.no_grad():
+        for name, layer in layers.items():
+            twin.get_submodule(name).weight.copy_(layer.dequantized_weight(torch.float32))
+    inputs = batch()
+    with kernels.force(int4=kernel):
+        got = logits(model, inputs)
+    assert rel_diff(got, logits(twin, inputs)) <= 2e-2
+    assert rel_diff(got, logits(Idefics2ForConditionalGeneration.from_pretrained(checkpoint), inputs)) > 1e-3
+
+
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_saved_quantized_checkpoint_reloads_without_float_weights(checkpoint, tmp_path, mode):
     inputs = batch()

@@ -2,7 +2,8 @@
 
 `generate` answers one prompt about images, `chat` holds a conversation on stdin/stdout, `batch` answers a
 JSONL file of prompts, `eval` scores a model on the shapes world, `train` fine-tunes, `serve` runs the HTTP
-server. Heavy modules (torch, the model) are imported inside the commands, so `idefics2 --help` is instant.
+server, `kernels` shows the kernels chosen on this CPU. Heavy modules (torch, the model) are imported inside
+the commands, so `idefics2 --help` is instant.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from idefics2.cli import batch, chat, evaluate, generate, serve, train
+from idefics2.cli import batch, chat, evaluate, generate, kernels, serve, train
 from idefics2.cli.common import CommandParser, UserError
 
-COMMANDS = (generate, chat, batch, evaluate, train, serve)
+COMMANDS = (generate, chat, batch, evaluate, train, serve, kernels)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -192,26 +194,62 @@ def linear(
 ) -> torch.Tensor:
     """act(x @ weight.T + bias) (no activation when act is None).
 
-    On CPU under no_grad / inference_mode this runs oneDNN's linear kernel where the CPU supports it for the
-    dtype (see idefics2.modeling.kernels), with the activation fused in when it can: 2-2.5x faster than the
-    default float32 GEMM here for prefill, and for decode steps it reads the weights at up to 1.7x the default
-    GEMV's bandwidth (the default one stays near 21 GB/s whatever the thread count). Elsewhere, and for
+    On CPU under no_grad / inference_mode this runs the kernel measured fastest here for this weights shape
+    and number of rows (idefics2.modeling.kernels.choose): oneDNN's linear kernel where the CPU supports it
+    for the dtype, with the activation fused in or not, or torch's default product. On AMD Zen 4/5 oneDNN
+    wins (2-2.5x for prefill in float32, and up to 1.7x the default matrix-vector product's bandwidth for
+    decode steps); on some Intel CPUs the default one reads decode weights faster. Elsewhere, and for
     training, torch's default kernels.
     """
     if (
-        x.device.type == "cpu"
+        x.is_cpu
         and weight.dtype == x.dtype
         and (bias is None or bias.dtype == x.dtype)
         and not torch.is_grad_enabled()
-        and kernels.onednn_linear(x.dtype)
     ):
-        post_op, algorithm = _FUSABLE.get(act, ("none", ""))
-        if post_op != "none" and not kernels.onednn_linear(x.dtype, post_op, algorithm):
-            post_op, algorithm = "none", ""
-        out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post_op, [], algorithm)
-        return out if act is None or post_op != "none" else activation(act)(out)
+        n, k = weight.shape
+        kernel = kernels.choose(
+            "linear",
+            (x.dtype, n, k, bias is not None, act),
+            x.numel() // k,
+            lambda: linear_kernels(x.dtype, act),
+            lambda rows: _linear_bench(weight, bias, act, rows),
+        )
+        return linear_with(kernel, x, weight, bias, act)
     out = F.linear(x, weight, bias)
     return out if act is None else activation(act)(out)
+
+
+def linear_kernels(dtype: torch.dtype, act: str | None) -> list[str]:
+    """The CPU kernels of `linear` whose probes pass for this dtype and activation, preferred first."""
+    names = ["aten"]
+    if kernels.onednn_linear(dtype):
+        names.insert(0, "onednn")
+        post_op, algorithm = _FUSABLE.get(act, ("none", ""))
+        if post_op != "none" and kernels.onednn_linear(dtype, post_op, algorithm):
+            names.insert(0, "onednn_fused")
+    return names
+
+
+def linear_with(
+    kernel: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None
+) -> torch.Tensor:
+    """act(x @ weight.T + bias) by the named kernel of `linear_kernels`."""
+    if kernel == "aten":
+        out = F.linear(x, weight, bias)
+    else:
+        post_op, algorithm = _FUSABLE[act] if kernel == "onednn_fused" else ("none", "")
+        out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post_op, [], algorithm)
+        if kernel == "onednn_fused":
+            return out
+    return out if act is None else activation(act)(out)
+
+
+def _linear_bench(weight: torch.Tensor, bias: torch.Tensor | None, act: str | None, rows: int):
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    copies = kernels.streaming_copies(weight.numel() * weight.element_size(), rows)
+    weights = itertools.cycle([weight, *(weight.clone() for _ in range(copies - 1))])
+    return lambda kernel: linear_with(kernel, x, next(weights), bias, act)
 
 
 class Linear(nn.Linear):

@@ -22,32 +22,51 @@ check, and a route whose check fails falls back to torch's portable kernels:
 look available without probing, so tests can take each route on any machine (the int4 route still needs the
 probe to know the layout). Routes: "onednn_linear", "onednn_fused_activation", "native_bfloat16",
 "int8_weight_kernel", "int4_weight_kernel".
+
+A route that runs is not always the fast one (oneDNN's float32 matrix-vector product is faster than ATen's on
+AMD and slower on some Intel CPUs), so among the routes that pass their probe, `choose` keeps the one that
+measures fastest on this machine, per op, weights shape and class of rows (see "Routes chosen by measured
+speed" below).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 
-ROUTES = (
+ROUTES = (  # capabilities, each on or off
     "onednn_linear",
     "onednn_fused_activation",
     "native_bfloat16",
     "int8_weight_kernel",
     "int4_weight_kernel",
 )
-_forced: dict[str, bool] = {}
+# ops with several kernels, and their kernels in the order preferred when nothing is measured
+OPS = {
+    "linear": ("onednn_fused", "onednn", "aten"),  # float product, activation fused in by oneDNN or not
+    "int8": ("kernel", "dequantize_bfloat16", "dequantize"),  # torch's weight-only kernel, or dequantized
+    "int4": ("kernel", "dequantize_bfloat16", "dequantize"),
+}
+_forced: dict[str, bool | str] = {}
 
 
 @contextlib.contextmanager
-def force(**routes: bool) -> Iterator[None]:
-    """Within the block, each named route is on (True) or off (False) whatever the machine supports."""
-    unknown = sorted(set(routes) - set(ROUTES))
-    if unknown:
-        raise ValueError(f"unknown kernel route(s) {unknown}; routes: {', '.join(ROUTES)}")
+def force(**routes: bool | str) -> Iterator[None]:
+    """Within the block, each named capability route is on (True) or off (False) whatever the machine
+    supports, and each named op (OPS: "linear", "int8", "int4") takes the named kernel where its probe
+    passes, e.g. `force(linear="aten")`. Nothing is measured inside the block."""
+    _check_forced(routes)
     before = dict(_forced)
     _forced.update(routes)
     try:
@@ -55,6 +74,19 @@ def force(**routes: bool) -> Iterator[None]:
     finally:
         _forced.clear()
         _forced.update(before)
+
+
+def _check_forced(routes: dict[str, bool | str]) -> None:
+    unknown = sorted(set(routes) - set(ROUTES) - set(OPS))
+    if unknown:
+        raise ValueError(
+            f"unknown kernel route(s) {unknown}; routes: {', '.join(ROUTES)}; ops: {', '.join(OPS)}"
+        )
+    for op, kernel in routes.items():
+        if op in OPS and kernel not in OPS[op]:
+            raise ValueError(f"unknown kernel {kernel!r} for {op}; kernels: {', '.join(OPS[op])}")
+        if op in ROUTES and not isinstance(kernel, bool):
+            raise ValueError(f"route {op} is turned on or off (True / False), got {kernel!r}")
 
 
 def onednn_linear(dtype: torch.dtype, post_op: str = "none", algorithm: str = "") -> bool:
@@ -113,10 +145,6 @@ def fastest_dtype(device: torch.device | str) -> torch.dtype:
 
 # ---- weight-only quantized products -----------------------------------------------------------------------
 
-# Up to this many rows (tokens) a quantized layer runs torch's int8 / int4 kernel; above it, dequantizing the
-# weight into a reused buffer and running the float product is faster. Measured with
-# benchmarks/bench_quantized.py on the "mid" config's shapes (one thread, AMD Zen5 and limited to AVX2): the
-# int8 kernel wins up to 16-32 rows, the int4 kernel up to 64, on both instruction sets.
 # environment that limits oneDNN, ATen and MKL to AVX2 in a new process, as on a CPU without AVX-512 or
 # bfloat16 instructions (AMD Zen3): how tests and benchmarks reach the fallback routes on any x86 machine
 AVX2_ONLY_ENV = {
@@ -125,6 +153,10 @@ AVX2_ONLY_ENV = {
     "MKL_ENABLE_INSTRUCTIONS": "AVX2",
 }
 
+# Where nothing is measured (IDEFICS2_KERNEL_TUNING=0, forced routes, GPUs), a quantized layer runs torch's
+# int8 / int4 kernel up to this many rows (tokens), and above it dequantizes the weight into a reused buffer
+# for the float product. Measured with benchmarks/bench_quantized.py on the "mid" config's shapes (one
+# thread, AMD Zen5 and limited to AVX2): the int8 kernel wins up to 16-32 rows, the int4 kernel up to 64.
 QUANTIZED_KERNEL_MAX_ROWS = {8: 16, 4: 64}
 _VECTORISED_CPUS = ("AVX2", "AVX512")  # the int8 / int4 CPU kernels have vector code for these only
 
@@ -202,3 +234,340 @@ def _probe_int4(device_type: str) -> str | None:
         return None
     close = bool(((out.float().cpu() - expected).abs() <= 0.05 * expected.abs().max()).all())  # bf16 rounding
     return layout if close else None
+
+
+# ---- routes chosen by measured speed ----------------------------------------------------------------------
+#
+# For an op with several kernels, `choose` returns the kernel to run for one call. The first call of a weights
+# shape in a class of rows (ROW_CLASSES) times every kernel whose probe passes on that shape with the class's
+# representative number of rows, checks each result against the portable kernel's (a kernel that raises or
+# disagrees is never chosen), and keeps the fastest. The choices are written to a JSON file, keyed by this
+# machine (CPU model and flags, instruction set in use, torch version, thread count), so a second process
+# measures nothing. Measuring stops for the process after TUNING_BUDGET_S seconds: the shapes left then take
+# the preferred kernel (OPS' order) until a later process measures them.
+#
+# Environment: IDEFICS2_KERNELS="linear=aten,int8=kernel" forces kernels (as `force` does);
+# IDEFICS2_KERNEL_TUNING=0 measures nothing (the preferred kernel everywhere, no file);
+# IDEFICS2_KERNELS_CACHE=path moves the file (default $XDG_CACHE_HOME/idefics2/kernels.json).
+
+ROW_CLASSES = ((1, "1"), (8, "2-8"), (32, "9-32"))  # (most rows, name); more rows: "prefill"
+PREFILL_ROWS = 256  # rows timed for the "prefill" class
+TUNING_BUDGET_S = 10.0
+TIMING_ROUNDS = 5  # samples per kernel
+_TARGET_BATCH_S = 3e-4  # calls shorter than 1 ms are timed in batches of about this long
+_AGREEMENT = 3e-2  # max abs difference / max abs value allowed against the portable kernel
+
+_choices: dict[tuple, str] = {}  # (op, shape, row class, threads) -> kernel, for this process
+_unmeasured: dict[tuple, str] = {}  # same key -> kernel last run without measuring (forced or tuning off)
+_timings: dict[tuple, dict[str, float]] = {}  # same key -> seconds per call of each kernel measured
+_file_entries: dict[str, dict[str, dict]] = {}  # machine -> entry name -> {"kernel", "seconds"}, as read
+_tuning_lock = threading.RLock()
+_spent = [0.0]  # seconds measured so far in this process
+_preferred_only: list[bool] = []  # non-empty inside `preferred()`
+
+
+def row_class(rows: int) -> str:
+    """The class of a product with this many rows (tokens): "1", "2-8", "9-32" or "prefill"."""
+    for most, name in ROW_CLASSES:
+        if rows <= most:
+            return name
+    return "prefill"
+
+
+def class_rows(name: str) -> int:
+    """The number of rows timed for a class of rows."""
+    return dict((n, most) for most, n in ROW_CLASSES).get(name, PREFILL_ROWS)
+
+
+def choose(
+    op: str,
+    shape: tuple,
+    rows: int,
+    candidates: Callable[[], list[str]],
+    bench: Callable[[int], Callable[[str], torch.Tensor]],
+) -> str:
+    """The kernel of `op` to run for a product of `rows` rows on weights `shape` (a tuple of dtype / str
+    / int / bool / None naming the weights' shape and dtype). `candidates()` lists the kernels whose probes
+    pass, preferred first; `bench(rows)` makes example inputs with that many rows and returns a function
+    running one named kernel on them (called only when measuring)."""
+    if _forced or _preferred_only or _env_forced() or not tuning_enabled():
+        chosen = _forced_choice(op, candidates())
+        _unmeasured[(op, shape, row_class(rows), torch.get_num_threads())] = chosen
+        return chosen
+    key = (op, shape, row_class(rows), torch.get_num_threads())
+    chosen = _choices.get(key)
+    if chosen is None:
+        chosen = _measure_choice(key, candidates, bench)
+    return chosen
+
+
+@contextlib.contextmanager
+def preferred() -> Iterator[None]:
+    """Within the block every op runs its preferred kernel that passes its probes (OPS' order), as with
+    IDEFICS2_KERNEL_TUNING=0: the routes of capability alone, to compare measured choices against."""
+    _preferred_only.append(True)
+    try:
+        yield
+    finally:
+        _preferred_only.pop()
+
+
+def _forced_choice(op: str, names: list[str]) -> str:
+    wanted = _forced.get(op, _env_forced().get(op))
+    return wanted if wanted in names else names[0]
+
+
+@functools.cache
+def _env_forced() -> dict[str, str]:
+    text = os.environ.get("IDEFICS2_KERNELS", "").strip()
+    routes: dict[str, bool | str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        op, sep, kernel = item.partition("=")
+        if not sep:
+            raise ValueError(f"IDEFICS2_KERNELS: {item!r} is not op=kernel (e.g. linear=aten)")
+        routes[op.strip()] = kernel.strip()
+    if set(routes) & set(ROUTES):
+        raise ValueError(f"IDEFICS2_KERNELS names ops ({', '.join(OPS)}), not capability routes")
+    _check_forced(routes)
+    return routes
+
+
+@functools.cache
+def tuning_enabled() -> bool:
+    """Whether kernels are measured (IDEFICS2_KERNEL_TUNING is not "0")."""
+    return os.environ.get("IDEFICS2_KERNEL_TUNING", "1").strip() != "0"
+
+
+def forget_choices() -> None:
+    """Drop this process's choices and re-read the environment (tests; after changing IDEFICS2_KERNELS)."""
+    with _tuning_lock:
+        _choices.clear()
+        _unmeasured.clear()
+        _timings.clear()
+        _file_entries.clear()
+        _spent[0] = 0.0
+        _env_forced.cache_clear()
+        tuning_enabled.cache_clear()
+
+
+def choices() -> dict[tuple, tuple[str, dict[str, float]]]:
+    """This process's choices: (op, shape, row class, threads) -> (kernel, seconds per call of each kernel
+    measured, empty where nothing was measured), in the order they were first made."""
+    made = {key: (kernel, {}) for key, kernel in _unmeasured.items()}
+    made.update((key, (kernel, dict(_timings.get(key, {})))) for key, kernel in _choices.items())
+    return made
+
+
+def measuring_seconds() -> float:
+    """Seconds this process has spent measuring kernels."""
+    return _spent[0]
+
+
+def _measure_choice(
+    key: tuple, candidates: Callable[[], list[str]], bench: Callable[[int], Callable[[str], torch.Tensor]]
+) -> str:
+    with _tuning_lock:
+        if key in _choices:
+            return _choices[key]
+        names = candidates()
+        if len(names) == 1:
+            _choices[key] = names[0]
+            return names[0]
+        machine = machine_key(key[3])
+        if machine not in _file_entries:
+            _file_entries[machine] = _read_cache(machine)
+        saved = _file_entries[machine].get(_entry_name(key), {})
+        if saved.get("kernel") in names:
+            seconds = saved.get("seconds")
+            _choices[key], _timings[key] = saved["kernel"], seconds if isinstance(seconds, dict) else {}
+            return _choices[key]
+        if _spent[0] >= TUNING_BUDGET_S:
+            _choices[key] = names[0]  # for this process only: a later one measures it
+            return names[0]
+        start = time.perf_counter()
+        times = fastest(names, bench(class_rows(key[2])), measure, OPS[key[0]][-1])
+        _spent[0] += time.perf_counter() - start
+        chosen = min(times, key=times.get) if times else names[0]
+        _choices[key], _timings[key] = chosen, times
+        _write_cache(machine, key, chosen, times)
+        return chosen
+
+
+def fastest(
+    names: list[str],
+    run: Callable[[str], torch.Tensor],
+    timer: Callable[[Callable[[], object]], float],
+    reference: str,
+) -> dict[str, float]:
+    """Seconds per call of each kernel in `names` that runs and agrees with the `reference` kernel (the
+    portable one); a kernel that raises or disagrees is left out. The kernels are timed in turns,
+    TIMING_ROUNDS samples of `timer` each, and each keeps its fastest sample: on a busy machine a sample
+    that another process interrupted is slower, never faster, and turns spread such interruptions over every
+    kernel."""
+    with torch.no_grad():
+        expected = run(reference).float()
+        scale = float(expected.abs().max()) or 1.0
+        agreeing = []
+        for name in names:
+            try:
+                out = run(name).float()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if out.shape == expected.shape and float((out - expected).abs().max()) <= _AGREEMENT * scale:
+                agreeing.append(name)
+        times = dict.fromkeys(agreeing, float("inf"))
+        for _ in range(TIMING_ROUNDS):
+            for name in agreeing:
+                times[name] = min(times[name], timer(lambda name=name: run(name)))
+    return times
+
+
+def measure(call: Callable[[], object]) -> float:
+    """One sample of the seconds per call of `call`: one call timed alone when it takes over 1 ms, else a
+    batch of calls lasting about _TARGET_BATCH_S (the clock's resolution and call overheads averaged out)."""
+    start = time.perf_counter()
+    call()
+    once = time.perf_counter() - start
+    if once > 1e-3:
+        return once
+    per_batch = max(1, min(256, int(_TARGET_BATCH_S / max(once, 1e-7))))
+    start = time.perf_counter()
+    for _ in range(per_batch):
+        call()
+    return (time.perf_counter() - start) / per_batch
+
+
+# ---- the file of choices ----------------------------------------------------------------------------------
+
+
+def cache_path() -> Path:
+    """Where the choices are kept: IDEFICS2_KERNELS_CACHE, else $XDG_CACHE_HOME/idefics2/kernels.json."""
+    if os.environ.get("IDEFICS2_KERNELS_CACHE"):
+        return Path(os.environ["IDEFICS2_KERNELS_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "idefics2" / "kernels.json"
+
+
+def cpu_description() -> dict[str, str | list[str]]:
+    """This CPU's model name, the instruction-set flags that matter to the kernels here, torch's instruction
+    set in use, and every flag (for the machine key)."""
+    model, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                name, _, value = line.partition(":")
+                if name.strip() == "model name" and model in (platform.processor(), platform.machine()):
+                    model = value.strip()
+                elif name.strip() in ("flags", "Features") and not flags:
+                    flags = value.split()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_int8")
+    return {
+        "model": model,
+        "features": [flag for flag in wanted if flag in flags],
+        "flags": sorted(flags),
+        "capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+@functools.cache
+def _machine_base() -> str:
+    cpu = cpu_description()
+    flags = hashlib.sha1(" ".join(cpu["flags"]).encode()).hexdigest()[:12]
+    isa = cpu["capability"] + (
+        " onednn " + os.environ["ONEDNN_MAX_CPU_ISA"] if "ONEDNN_MAX_CPU_ISA" in os.environ else ""
+    )
+    return f"{cpu['model']} | flags {flags} | {isa} | torch {torch.__version__}"
+
+
+def machine_key(threads: int | None = None) -> str:
+    """The key of this machine's choices: CPU model and flags, instruction sets in use, torch version and
+    thread count (a choice measured under other conditions is not reused)."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"{_machine_base()} | {threads} threads"
+
+
+def _entry_name(key: tuple) -> str:
+    op, shape, rows = key[:3]
+    return "|".join([op, *(describe(part) for part in shape), rows])
+
+
+def describe(part: object) -> str:
+    """A part of a weights shape key as text: dtypes without "torch."."""
+    return str(part).removeprefix("torch.")
+
+
+def _read_file() -> dict:
+    try:
+        with open(cache_path()) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _read_cache(machine: str) -> dict[str, dict]:
+    entries = _read_file().get(machine, {})
+    if not isinstance(entries, dict):
+        return {}
+    return {name: entry for name, entry in entries.items() if isinstance(entry, dict)}
+
+
+def _write_cache(machine: str, key: tuple, kernel: str, times: dict[str, float]) -> None:
+    """Add one choice to the file (read again first: other processes may have added theirs); a file that
+    cannot be written only costs measuring again next time."""
+    path = cache_path()
+    data = _read_file()
+    data.setdefault(machine, {})[_entry_name(key)] = {"kernel": kernel, "seconds": times}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(f.name, path)
+    except OSError:
+        pass
+
+
+# ---- memory bandwidth -------------------------------------------------------------------------------------
+
+
+def streaming_copies(nbytes: int, rows: int) -> int:
+    """How many copies of `nbytes` of weights a timing of a `rows`-row product cycles through: for decode
+    classes enough to span twice the last-level cache (at most 64, at most 256 MiB), so each call reads its
+    weights from memory as a decode step does, not from a cache warmed by the previous call; one for
+    prefill, which computes far longer than it reads."""
+    if rows > ROW_CLASSES[-1][0]:
+        return 1
+    wanted = -(-2 * (last_level_cache_bytes() or 32 * 2**20) // max(nbytes, 1))
+    return max(1, min(64, wanted, 256 * 2**20 // max(nbytes, 1)))
+
+
+@functools.cache
+def last_level_cache_bytes() -> int | None:
+    """The size of the largest CPU cache (Linux's sysfs), or None where it is not known."""
+    sizes = []
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 2**10, "M": 2**20, "G": 2**30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=None)
+
+
+def read_bandwidth(nbytes: int | None = None, repeats: int = 5) -> float:
+    """Bytes per second at which this machine streams a buffer of `nbytes` (default: 4x the last-level
+    cache, at least 256 MiB) from memory, with torch's threads: the fastest of `repeats` sums over it. The
+    ceiling of a decode step, which reads every weight once."""
+    if nbytes is None:
+        nbytes = max(256 * 2**20, 4 * (last_level_cache_bytes() or 0))
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+    buffer.sum()  # pages touched, threads started
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - start)
+    return buffer.numel() * 4 / best

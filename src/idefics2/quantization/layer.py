@@ -1,6 +1,7 @@
 """QuantizedLinear: a linear layer with an int8 or int4 weight, computed by the fastest route the device has.
 
-Routes (chosen per call; see idefics2.modeling.kernels for what each device supports):
+Routes (chosen per call among those the device supports, by measured speed on CPUs: see
+idefics2.modeling.kernels.choose):
 
 - **kernel** (few rows: decode steps): torch's weight-only kernels, int8 `_weight_int8pack_mm` and int4
   `_weight_int4pack_mm_for_cpu` / `_weight_int4pack_mm` (CUDA tinygemm), with bfloat16 activations (the
@@ -21,6 +22,8 @@ saved); `state_dict()` and `save_pretrained` always give the portable form of id
 
 from __future__ import annotations
 
+import copy
+import itertools
 import threading
 
 import torch
@@ -284,30 +287,59 @@ class QuantizedLinear(nn.Module):
             out = _DequantizedProduct.apply(x, self.bias, self)
             return out if act is None else activation(act)(out)
         rows = x.numel() // self.in_features
-        out = None
-        if rows <= kernels.QUANTIZED_KERNEL_MAX_ROWS[self.bits]:
-            out = self._kernel_product(x)
-        if out is None:
-            # float32 inputs on a CPU with bfloat16 instructions: the product in bfloat16 (the activations the
-            # kernel route rounds to as well), twice as fast as float32 there
-            low = x.device.type == "cpu" and x.dtype == torch.float32 and kernels.native_bfloat16()
+        if x.is_cpu:
+            shape = (x.dtype, self.out_features, self.in_features, self.group_size)
+            kernel = kernels.choose(
+                f"int{self.bits}",
+                shape,
+                rows,
+                lambda: self.kernel_names(x.device, x.dtype, rows),
+                lambda bench_rows: self._bench(x.dtype, bench_rows),
+            )
+        else:
+            kernel = self.kernel_names(x.device, x.dtype, rows)[0]
+        return self.product_with(kernel, x, act)
+
+    def kernel_names(self, device: torch.device, dtype: torch.dtype, rows: int) -> list[str]:
+        """The kernels of this layer that run on `device` for inputs of `dtype`, preferred first for `rows`
+        rows when nothing is measured (see kernels.OPS): the int8 / int4 kernel up to
+        QUANTIZED_KERNEL_MAX_ROWS rows, else the dequantized product, in bfloat16 for float32 inputs on CPUs
+        with bfloat16 instructions (the activations' rounding of the kernel route). "dequantize" is last."""
+        if self.bits == 8:
+            has_kernel = kernels.int8_weight_kernel(device)
+        else:
+            has_kernel = self.packing is not None and kernels.int4_weight_layout(device) == self.packing
+        low = device.type == "cpu" and dtype == torch.float32 and kernels.native_bfloat16()
+        names = ["dequantize_bfloat16", "dequantize"] if low else ["dequantize"]
+        if has_kernel:
+            names.insert(0 if rows <= kernels.QUANTIZED_KERNEL_MAX_ROWS[self.bits] else 1, "kernel")
+        return names
+
+    def product_with(self, kernel: str, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
+        """act(x @ W.T + b) by the named kernel of `kernel_names`."""
+        if kernel != "kernel":
+            low = kernel == "dequantize_bfloat16"
             return self.dequantized_product(x, act, torch.bfloat16 if low else None)
+        out = self._kernel_product(x)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out if act is None else activation(act)(out)
 
-    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor | None:
-        """x @ W.T on the device's int8 / int4 kernel (bfloat16 activations), or None where none runs."""
+    def _bench(self, dtype: torch.dtype, rows: int):
+        x = torch.randn(rows, self.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
+        nbytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
+        copies = kernels.streaming_copies(nbytes, rows)
+        layers = itertools.cycle([self, *(copy.deepcopy(self) for _ in range(copies - 1))])
+        return lambda kernel: next(layers).product_with(kernel, x)
+
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T on the device's int8 / int4 kernel (bfloat16 activations)."""
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
         if self.bits == 8:
-            if not kernels.int8_weight_kernel(x.device):
-                return None
             out = (
                 torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scales).float() * self.scales
             )
         else:
-            if self.packing is None or kernels.int4_weight_layout(x.device) != self.packing:
-                return None
             run = (
                 torch.ops.aten._weight_int4pack_mm
                 if self.packing == "tinygemm"

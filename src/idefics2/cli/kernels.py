@@ -1,0 +1,104 @@
+"""`idefics2 kernels`: this CPU's features and read bandwidth, and the kernel chosen for each product of a
+model (measured now, or read from the file of earlier choices), with its time and the others'."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from idefics2.cli.common import add_model_options, load_pipeline, positive_int
+
+DECODER_PREFIXES = ("model.text_model.", "lm_head")  # layers that run decode steps; the rest: prefill only
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "kernels",
+        help="this CPU's features, read bandwidth, and the kernel chosen for each product",
+        description="Print this CPU's features, its measured read bandwidth, and for each weights shape of "
+        "the model and each class of rows (decode 1, 2-8, 9-32, prefill) the kernel chosen and the time "
+        "per call of each kernel measured. Choices are measured once per machine and kept in a file "
+        "(IDEFICS2_KERNELS_CACHE; delete it to measure again).",
+    )
+    add_model_options(p)
+    p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads (default: torch's)")
+    p.add_argument(
+        "--bandwidth-mib",
+        type=positive_int,
+        metavar="MIB",
+        help="size of the buffer read to measure bandwidth (default: 4x the last-level cache, >= 256)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from idefics2.modeling import kernels
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cpu = kernels.cpu_description()
+    print(f"cpu: {cpu['model']}")
+    print(f"features: {' '.join(cpu['features']) or '-'}; torch uses {cpu['capability']}")
+    print(f"threads: {torch.get_num_threads()}; torch {torch.__version__}")
+    nbytes = args.bandwidth_mib * 2**20 if args.bandwidth_mib else None
+    print(f"read bandwidth: {kernels.read_bandwidth(nbytes) / 1e9:.1f} GB/s")
+    pipe = load_pipeline(args)
+    start, spent = time.perf_counter(), kernels.measuring_seconds()
+    keys = run_every_product(pipe.model)
+    took = time.perf_counter() - start
+    if kernels.tuning_enabled():
+        measured = kernels.measuring_seconds() - spent
+        print(f"choices: {kernels.cache_path()} (measured now: {measured:.2f} s, {took:.2f} s in all)")
+    else:
+        print("choices: not measured (IDEFICS2_KERNEL_TUNING=0): the preferred kernel of each op")
+    table = kernels.choices()
+    print(f"{'op':<7} {'weights':<32} {'rows':<8} {'kernel':<20} {'time':>10}  others")
+    for key in keys:
+        op, shape, rows = key[:3]
+        dtype, n, k = shape[:3]
+        kernel, times = table[key]
+        suffix = f" {shape[4]}" if op == "linear" and shape[4] else ""
+        if op != "linear":
+            suffix = f" g{shape[3]}" if op == "int4" else ""
+        weights = f"{kernels.describe(dtype)} {n}x{k}{suffix}"
+        mine = f"{times[kernel] * 1e6:.1f} us" if kernel in times else "-"
+        others = ", ".join(f"{name} {t * 1e6:.1f} us" for name, t in times.items() if name != kernel)
+        print(f"{op:<7} {weights:<32} {rows:<8} {kernel:<20} {mine:>10}  {others}")
+    return 0
+
+
+def run_every_product(model) -> list[tuple]:
+    """Run each distinct weights shape of `model`'s linear layers once per class of rows it meets (decode
+    classes for the decoder's layers, prefill for all), which makes `kernels.choose` measure (or read) its
+    choice; returns the keys of those choices, in the model's order."""
+    import torch
+
+    from idefics2.modeling import kernels
+    from idefics2.modeling.attention import Linear
+    from idefics2.quantization import QuantizedLinear
+
+    activations = {}
+    for name, module in model.named_modules():
+        act = getattr(module, "act", None)
+        for child in ("gate_proj", "fc1"):
+            if isinstance(act, str) and hasattr(module, child):
+                activations[f"{name}.{child}"] = act
+    keys, seen = [], set()
+    with torch.inference_mode():
+        for name, layer in model.named_modules():
+            if not isinstance(layer, Linear | QuantizedLinear) or layer.weight.device.type != "cpu":
+                continue
+            classes = [*(n for _, n in kernels.ROW_CLASSES), "prefill"]
+            if not name.startswith(DECODER_PREFIXES):
+                classes = ["prefill"]
+            act = activations.get(name)
+            for rows_class in classes:
+                x = torch.zeros(kernels.class_rows(rows_class), layer.in_features, dtype=layer.weight.dtype)
+                before = kernels.choices().keys()
+                layer.forward_activated(x, act) if act else layer(x)
+                for key in kernels.choices().keys() - before - seen:
+                    seen.add(key)
+                    keys.append(key)
+    return keys

@@ -1,0 +1,236 @@
+"""Kernel routes chosen by measured speed (idefics2.modeling.kernels.choose): the fastest kernel that passes
+its probe and agrees with the portable one is kept, remembered in a file keyed by the machine, and forced
+routes win over measurements. Timings come from a fake timer, so the choices are deterministic."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from idefics2.modeling import attention, kernels
+from idefics2.modeling.attention import linear
+from idefics2.quantization import QuantizedLinear
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def ops_called(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {event.name for event in prof.events()}
+
+
+class FakeClock:
+    """Seconds per call of each kernel, by name: a sample is for the first kernel the timed call runs (the
+    `run` functions of kernels.fastest run one named kernel, which may run a product of its own)."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self.seconds, self.samples, self.last = seconds, [], None
+
+    def __call__(self, call) -> float:
+        self.last = None
+        call()
+        self.samples.append(self.last)
+        return self.seconds[self.last]
+
+
+@pytest.fixture
+def tuning(monkeypatch, tmp_path):
+    """Measuring on, into a file under tmp_path; yields a function installing a fake clock."""
+    monkeypatch.setenv("IDEFICS2_KERNEL_TUNING", "1")
+    monkeypatch.setenv("IDEFICS2_KERNELS_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.delenv("IDEFICS2_KERNELS", raising=False)
+    kernels.forget_choices()
+
+    def install(seconds: dict[str, float]) -> FakeClock:
+        clock = FakeClock(seconds)
+        linear_with, product_with = attention.linear_with, QuantizedLinear.product_with
+
+        def named_linear(kernel, *args):
+            clock.last = clock.last or kernel
+            return linear_with(kernel, *args)
+
+        def named_product(self, kernel, *args, **kw):
+            clock.last = clock.last or kernel
+            return product_with(self, kernel, *args, **kw)
+
+        monkeypatch.setattr(attention, "linear_with", named_linear)
+        monkeypatch.setattr(QuantizedLinear, "product_with", named_product)
+        monkeypatch.setattr(kernels, "measure", clock)
+        return clock
+
+    yield install
+    kernels.forget_choices()
+
+
+def test_fastest_keeps_only_kernels_that_run_and_agree():
+    outputs = {"good": torch.ones(3), "wrong": torch.full((3,), 2.0), "reference": torch.ones(3)}
+
+    def run(name):
+        if name == "crashes":
+            raise RuntimeError("could not create a primitive descriptor")
+        return outputs[name]
+
+    clock = {"good": 1.0, "wrong": 0.1, "reference": 3.0}
+    times = kernels.fastest(
+        ["wrong", "crashes", "good", "reference"], run, lambda call: clock[call_name(call)], "reference"
+    )
+    assert times == {"good": 1.0, "reference": 3.0}
+
+
+def call_name(call) -> str:
+    return call.__defaults__[0]  # the kernel's name, bound by kernels.fastest's lambda
+
+
+def test_row_classes():
+    assert [kernels.row_class(r) for r in (1, 2, 8, 9, 32, 33, 4000)] == [
+        "1",
+        "2-8",
+        "2-8",
+        "9-32",
+        "9-32",
+        "prefill",
+        "prefill",
+    ]
+
+
+def test_the_fastest_measured_kernel_runs_and_is_remembered(tuning, tmp_path):
+    if not kernels.onednn_linear(torch.float32):
+        pytest.skip("no oneDNN float32 linear kernel here: one kernel, nothing to choose")
+    w, x = torch.randn(48, 32), torch.randn(1, 32)
+    clock = tuning({"onednn": 2e-6, "aten": 1e-6})
+    with torch.no_grad():
+        got = linear(x, w)
+        names = ops_called(lambda: linear(x, w))
+    assert "mkldnn::_linear_pointwise" not in names  # aten measured faster
+    assert torch.allclose(got, x @ w.t(), atol=1e-5)
+    assert sorted(set(clock.samples)) == ["aten", "onednn"]
+    assert len(clock.samples) == 2 * kernels.TIMING_ROUNDS
+    with torch.no_grad():
+        linear(torch.randn(2, 32), w)  # another class of rows: measured again
+        linear(torch.randn(1, 32), w)  # the same: not
+    assert len(clock.samples) == 4 * kernels.TIMING_ROUNDS
+
+    saved = json.loads((tmp_path / "kernels.json").read_text())
+    machine = kernels.machine_key()
+    assert list(saved) == [machine]
+    assert saved[machine]["linear|float32|48|32|False|None|1"] == {
+        "kernel": "aten",
+        "seconds": {"onednn": 2e-6, "aten": 1e-6},
+    }
+    # a new process: read from the file, nothing measured, even if the kernels' speeds changed
+    kernels.forget_choices()
+    clock = tuning({"onednn": 1e-6, "aten": 2e-6})
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" not in ops_called(lambda: linear(x, w))
+    assert clock.samples == []
+    # other thread counts are other machines: measured again, and now oneDNN wins
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1)
+    try:
+        with torch.no_grad():
+            assert "mkldnn::_linear_pointwise" in ops_called(lambda: linear(x, w))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(clock.samples) == 2 * kernels.TIMING_ROUNDS
+    assert len(json.loads((tmp_path / "kernels.json").read_text())) == 2
+
+
+def test_machine_key_names_cpu_torch_and_threads():
+    key = kernels.machine_key(3)
+    cpu = kernels.cpu_description()
+    assert key.startswith(str(cpu["model"])) and key.endswith("| 3 threads")
+    assert f"torch {torch.__version__}" in key and cpu["capability"] in key
+    assert kernels.machine_key(3) != kernels.machine_key(4)
+
+
+def test_forced_routes_win_and_measure_nothing(tuning, monkeypatch):
+    if not kernels.onednn_linear(torch.float32):
+        pytest.skip("no oneDNN float32 linear kernel here")
+    w, x = torch.randn(48, 32), torch.randn(1, 32)
+    clock = tuning({"onednn": 2e-6, "aten": 1e-6})
+    with torch.no_grad(), kernels.force(linear="onednn"):
+        assert "mkldnn::_linear_pointwise" in ops_called(lambda: linear(x, w))
+    monkeypatch.setenv("IDEFICS2_KERNELS", "linear=onednn")
+    kernels.forget_choices()
+    with torch.no_grad():
+        assert "mkldnn::_linear_pointwise" in ops_called(lambda: linear(x, w))
+    assert clock.samples == []
+    # a forced kernel whose probe fails is not run: the next preferred one is
+    with torch.no_grad(), kernels.force(onednn_linear=False):
+        assert "mkldnn::_linear_pointwise" not in ops_called(lambda: linear(x, w))
+
+
+@pytest.mark.parametrize("setting", ["linear=fast", "linear", "attention=aten", "native_bfloat16=True"])
+def test_bad_forced_routes_are_one_clear_error(monkeypatch, setting):
+    monkeypatch.setenv("IDEFICS2_KERNELS", setting)
+    kernels.forget_choices()
+    try:
+        with pytest.raises(ValueError, match="IDEFICS2_KERNELS|unknown kernel"), torch.no_grad():
+            linear(torch.randn(1, 8), torch.randn(4, 8))
+    finally:
+        monkeypatch.delenv("IDEFICS2_KERNELS")
+        kernels.forget_choices()
+    with pytest.raises(ValueError, match="unknown kernel"), kernels.force(int8="fast"):
+        pass
+
+
+def test_quantized_layers_take_the_measured_kernel(tuning):
+    layer = QuantizedLinear.from_float(torch.randn(64, 128) * 0.02, None, 8)
+    if not kernels.int8_weight_kernel("cpu"):
+        pytest.skip("no int8 kernel here")
+    x = torch.randn(1, 128)
+    tuning({"kernel": 3e-6, "dequantize_bfloat16": 2e-6, "dequantize": 1e-6, "aten": 1e-6, "onednn": 2e-6})
+    with torch.no_grad():
+        got = layer(x)
+        names = ops_called(lambda: layer(x))
+    assert "aten::_weight_int8pack_mm" not in names  # measured slower than the dequantized product
+    want = x.double() @ layer.dequantized_weight(torch.float64).t()
+    assert torch.allclose(got.double(), want, atol=1e-4)
+
+
+def test_measuring_stops_at_the_budget(tuning, monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "TUNING_BUDGET_S", 0.0)
+    clock = tuning({"onednn": 2e-6, "aten": 1e-6})
+    with torch.no_grad():
+        linear(torch.randn(1, 32), torch.randn(48, 32))
+    assert clock.samples == [] and not (tmp_path / "kernels.json").exists()
+
+
+def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):
+    env = {
+        **os.environ,
+        "IDEFICS2_KERNEL_TUNING": "1",
+        "IDEFICS2_KERNELS_CACHE": str(tmp_path / "kernels.json"),
+        "PYTHONPATH": os.path.join(REPO, "src"),
+    }
+    command = [sys.executable, "-m", "idefics2.cli", "kernels", "--threads", "1", "--bandwidth-mib", "64"]
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("cpu: ") and lines[1].startswith("features: ")
+    assert float(lines[3].split()[2]) > 0  # read bandwidth: N GB/s
+    rows = [line.split() for line in lines if line.startswith("linear ")]
+    classes = {row[row.index("us") - 3] for row in rows}  # op, weights, rows class, kernel, time, us, ...
+    assert classes == {"1", "2-8", "9-32", "prefill"}  # decoder layers in every class, the vision tower's
+    assert all(row[row.index("us") - 2] in ("onednn_fused", "onednn", "aten") for row in rows)
+    assert (tmp_path / "kernels.json").exists()
+
+
+def test_a_bad_forced_route_is_one_line_on_the_command_line(monkeypatch, capsys):
+    from idefics2.cli import main
+
+    monkeypatch.setenv("IDEFICS2_KERNELS", "linear=fastest")
+    kernels.forget_choices()
+    try:
+        assert main(["kernels", "--bandwidth-mib", "16"]) == 2
+    finally:
+        monkeypatch.delenv("IDEFICS2_KERNELS")
+        kernels.forget_choices()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown kernel 'fastest' for linear" in err[0], err

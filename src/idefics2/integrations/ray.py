@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import signal
 import sys
 import threading
@@ -383,36 +382,15 @@ def run_batch(args: argparse.Namespace, rows) -> int:
     if args.resume:
         raise UserError("--resume is not available with --ray")
     kind = rows.source.kind
-    if kind not in ("parquet", "jsonl"):
-        raise UserError("--ray reads Parquet files (a file, folder or glob) or a JSONL file")
     check = argparse.Namespace(**vars(args))
-    _connect(ray, args.ray)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # results in input order
-    context.enable_progress_bars = not args.no_progress
-    if kind == "parquet":
-        dataset, jsonl_column = ray.data.read_parquet([str(p) for p in rows.source.paths]), None
-    else:
-        dataset, jsonl_column = ray.data.read_text(str(rows.source.path)), "text"
-    # blocks of one batch each (a streaming step), so that a small input still reaches every actor
-    dataset = dataset.map_batches(_same, batch_size=2 * args.max_batch, batch_format="pyarrow")
+    dataset, jsonl_column = _input_dataset(ray, args, rows, 2 * args.max_batch)
     options = {
-        "model": args.model, "adapter": args.adapter, "device": args.device, "dtype": args.dtype,
-        "quantize": args.quantize, "columns": args.columns, "base_dir": str(rows.source.base_dir),
-        "jsonl_column": jsonl_column, "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-        "top_p": args.top_p, "seed": args.seed, "json_schema": check.constraint.get("json_schema"),
-        "regex": check.constraint.get("regex"), "max_batch": args.max_batch, "max_length": args.max_length,
-        "prefill_chunk": args.prefill_chunk, "vision_chunk": args.vision_chunk,
+        **_model_options(args, rows, jsonl_column), "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+        "json_schema": check.constraint.get("json_schema"), "regex": check.constraint.get("regex"),
+        "max_batch": args.max_batch, "max_length": args.max_length,
     }  # fmt: skip
-    answered = dataset.map_batches(
-        Predictor,
-        fn_constructor_kwargs=options,
-        compute=ray.data.ActorPoolStrategy(size=args.actors),
-        num_gpus=args.gpus_per_actor or None,
-        num_cpus=args.cpus_per_actor,
-        batch_size=2 * args.max_batch,
-        batch_format="pyarrow",
-    )
+    answered = _on_actors(ray, args, dataset, Predictor, options, 2 * args.max_batch)
     target = Path(args.output)
     schema = rows.schema if kind == "parquet" else None
     index = 0
@@ -426,6 +404,49 @@ def run_batch(args: argparse.Namespace, rows) -> int:
 
     _report(target)
     return 0
+
+
+def _input_dataset(ray, args: argparse.Namespace, rows, batch_size: int, limit: int | None = None):
+    """(the --ray input as a Ray dataset kept in input order, the column holding JSONL lines or None for
+    Parquet), on the cluster `args.ray` names. Cut into blocks of one batch each (a streaming step), so that
+    a small input still reaches every actor."""
+    kind = rows.source.kind
+    if kind not in ("parquet", "jsonl"):
+        raise UserError("--ray reads Parquet files (a file, folder or glob) or a JSONL file")
+    _connect(ray, args.ray)
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True  # results in input order
+    context.enable_progress_bars = not args.no_progress
+    if kind == "parquet":
+        dataset, jsonl_column = ray.data.read_parquet([str(p) for p in rows.source.paths]), None
+    else:
+        dataset, jsonl_column = ray.data.read_text(str(rows.source.path)), "text"
+    if limit is not None:
+        dataset = dataset.limit(limit)
+    return dataset.map_batches(_same, batch_size=batch_size, batch_format="pyarrow"), jsonl_column
+
+
+def _model_options(args: argparse.Namespace, rows, jsonl_column: str | None) -> dict[str, Any]:
+    """The Predictor options that the --ray commands share: the model, the input's layout, the engine's
+    prefill budgets."""
+    return {
+        "model": args.model, "adapter": args.adapter, "device": args.device, "dtype": args.dtype,
+        "quantize": args.quantize, "columns": args.columns, "base_dir": str(rows.source.base_dir),
+        "jsonl_column": jsonl_column, "prefill_chunk": args.prefill_chunk, "vision_chunk": args.vision_chunk,
+    }  # fmt: skip
+
+
+def _on_actors(ray, args: argparse.Namespace, dataset, predictor: type, options: dict, batch_size: int):
+    """`dataset` answered by a pool of `args.actors` actors of `predictor`, each holding the model once."""
+    return dataset.map_batches(
+        predictor,
+        fn_constructor_kwargs=options,
+        compute=ray.data.ActorPoolStrategy(size=args.actors),
+        num_gpus=args.gpus_per_actor or None,
+        num_cpus=args.cpus_per_actor,
+        batch_size=batch_size,
+        batch_format="pyarrow",
+    )
 
 
 def _same(batch):
@@ -517,37 +538,12 @@ def evaluate_on_ray(
     """The records of `rows` (an idefics2.data RowStream over a Parquet or JSONL input) in input order,
     answered by `args.actors` EvalPredictors on the Ray cluster `args.ray` names."""
     ray = _import_ray()
-    kind = rows.source.kind
-    if kind not in ("parquet", "jsonl"):
-        raise UserError("--ray reads Parquet files (a file, folder or glob) or a JSONL file")
-    _connect(ray, args.ray)
-    context = ray.data.DataContext.get_current()
-    context.execution_options.preserve_order = True  # records in input order
-    context.enable_progress_bars = not args.no_progress
-    blocks = max(2 * args.actors, math.ceil((rows.num_rows or 0) / (16 * args.batch_size)))
-    if kind == "parquet":
-        paths = [str(p) for p in rows.source.paths]
-        dataset, jsonl_column = ray.data.read_parquet(paths, override_num_blocks=blocks), None
-    else:
-        dataset, jsonl_column = ray.data.read_text(str(rows.source.path), override_num_blocks=blocks), "text"
-    if args.limit is not None:
-        dataset = dataset.limit(args.limit)
+    dataset, jsonl_column = _input_dataset(ray, args, rows, 2 * args.batch_size, limit=args.limit)
     options = {
-        "model": args.model, "adapter": args.adapter, "device": args.device, "dtype": args.dtype,
-        "quantize": args.quantize, "columns": args.columns, "base_dir": str(rows.source.base_dir),
-        "jsonl_column": jsonl_column, "max_new_tokens": max_new_tokens, "max_batch": args.batch_size,
-        "prefill_chunk": args.prefill_chunk, "vision_chunk": args.vision_chunk, "metric": metric.name,
-        "template": template, "group_by": args.group_by,
+        **_model_options(args, rows, jsonl_column), "max_new_tokens": max_new_tokens,
+        "max_batch": args.batch_size, "metric": metric.name, "template": template, "group_by": args.group_by,
     }  # fmt: skip
-    answered = dataset.map_batches(
-        EvalPredictor,
-        fn_constructor_kwargs=options,
-        compute=ray.data.ActorPoolStrategy(size=args.actors),
-        num_gpus=args.gpus_per_actor or None,
-        num_cpus=args.cpus_per_actor,
-        batch_size=2 * args.batch_size,
-        batch_format="pyarrow",
-    )
+    answered = _on_actors(ray, args, dataset, EvalPredictor, options, 2 * args.batch_size)
     index = 0
     for batch in answered.iter_batches(batch_format="pyarrow", batch_size=None):
         for result in batch.to_pylist():

@@ -1,9 +1,9 @@
 """The `idefics2` command line: one module per subcommand.
 
 `generate` answers one prompt about images, `chat` holds a conversation on stdin/stdout, `batch` answers a
-JSONL file of prompts, `eval` scores a model on the shapes world, `train` fine-tunes, `serve` runs the HTTP
-server, `kernels` shows the kernels chosen on this CPU. Heavy modules (torch, the model) are imported inside
-the commands, so `idefics2 --help` is instant.
+file or dataset of prompts, `eval` scores a model with the field's metrics (or on the shapes world), `train`
+fine-tunes, `serve` runs the HTTP server, `kernels` shows the kernels chosen on this CPU. Heavy modules
+(torch, the model) are imported inside the commands, so `idefics2 --help` is instant.
 """
 
 from __future__ import annotations

@@ -574,3 +574,40 @@ while any(thread.is_alive() for thread in threads):
     time.sleep(0.02)
 print(json.dumps({"statuses": statuses, "probes": probes}))
 """
+
+
+def test_a_stream_sends_its_first_chunk_with_the_first_token():
+    """The role chunk waits for the first token (as vLLM sends it), so a client that times the first event
+    measures the time to the first token, not the time to acceptance."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from idefics2.server.openai import ChatRequest, _stream_chunks
+
+    first_token = asyncio.Event()
+
+    class Handle:
+        prompt_tokens = 5
+
+        async def __aiter__(self):
+            await first_token.wait()
+            yield SimpleNamespace(text="green", token_ids=[7], prompt_tokens=5, completion_tokens=1,
+                                  finish_reason="stop")  # fmt: skip
+
+        def result(self):
+            return None
+
+    async def scenario():
+        chunks = _stream_chunks(Handle(), {"id": "x"}, ChatRequest([], []), SimpleNamespace(finished=print))
+        first = asyncio.ensure_future(chunks.__anext__())
+        await asyncio.sleep(0.2)
+        assert not first.done()  # nothing before the first token
+        first_token.set()
+        role = await asyncio.wait_for(first, 5)
+        rest = [c async for c in chunks]
+        return role, rest
+
+    role, rest = asyncio.run(scenario())
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert rest[0]["choices"][0]["delta"] == {"content": "green"}
+    assert rest[1]["choices"][0]["finish_reason"] == "stop" and rest[-1] == "[DONE]"

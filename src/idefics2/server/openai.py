@@ -298,10 +298,11 @@ async def _stream_chunks(handle, head: dict, chat: ChatRequest, metrics):
             out["usage"] = _usage(*counts)
         return out
 
-    yield chunk({"role": "assistant", "content": ""})
     last = None
     try:
         async for event in handle:
+            if last is None:  # the role goes out with the first token: the first event times the first token
+                yield chunk({"role": "assistant", "content": ""})
             last, counts = event, (event.prompt_tokens, event.completion_tokens)
             logprobs = {"content": [_logprob(event)]} if chat.logprobs and event.token_ids else None
             if event.text or logprobs:

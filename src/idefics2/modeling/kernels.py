@@ -69,11 +69,13 @@ def force(**routes: bool | str) -> Iterator[None]:
     _check_forced(routes)
     before = dict(_forced)
     _forced.update(routes)
+    _unmeasured.clear()  # what the routes picked before no longer holds
     try:
         yield
     finally:
         _forced.clear()
         _forced.update(before)
+        _unmeasured.clear()
 
 
 def _check_forced(routes: dict[str, bool | str]) -> None:
@@ -258,7 +260,7 @@ _TARGET_BATCH_S = 3e-4  # calls shorter than 1 ms are timed in batches of about 
 _AGREEMENT = 3e-2  # max abs difference / max abs value allowed against the portable kernel
 
 _choices: dict[tuple, str] = {}  # (op, shape, row class, threads) -> kernel, for this process
-_unmeasured: dict[tuple, str] = {}  # same key -> kernel last run without measuring (forced or tuning off)
+_unmeasured: dict[tuple, str] = {}  # same key -> kernel run without measuring (forced or tuning off)
 _timings: dict[tuple, dict[str, float]] = {}  # same key -> seconds per call of each kernel measured
 _file_entries: dict[str, dict[str, dict]] = {}  # machine -> entry name -> {"kernel", "seconds"}, as read
 _tuning_lock = threading.RLock()
@@ -290,11 +292,12 @@ def choose(
     / int / bool / None naming the weights' shape and dtype). `candidates()` lists the kernels whose probes
     pass, preferred first; `bench(rows)` makes example inputs with that many rows and returns a function
     running one named kernel on them (called only when measuring)."""
-    if _forced or _preferred_only or _env_forced() or not tuning_enabled():
-        chosen = _forced_choice(op, candidates())
-        _unmeasured[(op, shape, row_class(rows), torch.get_num_threads())] = chosen
-        return chosen
     key = (op, shape, row_class(rows), torch.get_num_threads())
+    if _forced or _preferred_only or _env_forced() or not tuning_enabled():
+        chosen = _unmeasured.get(key)
+        if chosen is None:  # once per key while the forced routes stay as they are
+            chosen = _unmeasured[key] = _forced_choice(op, candidates())
+        return chosen
     chosen = _choices.get(key)
     if chosen is None:
         chosen = _measure_choice(key, candidates, bench)
@@ -306,10 +309,12 @@ def preferred() -> Iterator[None]:
     """Within the block every op runs its preferred kernel that passes its probes (OPS' order), as with
     IDEFICS2_KERNEL_TUNING=0: the routes of capability alone, to compare measured choices against."""
     _preferred_only.append(True)
+    _unmeasured.clear()
     try:
         yield
     finally:
         _preferred_only.pop()
+        _unmeasured.clear()
 
 
 def _forced_choice(op: str, names: list[str]) -> str:

@@ -244,7 +244,7 @@ def test_batch_answers_in_order_and_reports_bad_lines(model_dir, images, oracle,
 
 
 def test_batch_isolates_a_request_that_fails_in_generation(model_dir, tmp_path, capsys, monkeypatch):
-    from idefics2.serving.runner import ModelRunner
+    from idefics2.decoding.runner import ModelRunner
 
     embed, tokenizer = ModelRunner.embed_prompt, Idefics2Processor.from_pretrained(model_dir).tokenizer
 

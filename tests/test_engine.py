@@ -300,7 +300,8 @@ def test_close_with_a_deadline_cancels_what_is_left(model32, processor):
 def test_graph_step_with_placeholder_rows_and_a_length_bucket_matches_eager_decode(model64):
     """What a CUDA graph captures (rows padded to the batch bucket with placeholders, attention over the
     length bucket's slots) gives the eager step's logits for the real rows; checked eagerly on the CPU."""
-    from idefics2.serving.runner import DecodeGraphs, ModelRunner
+    from idefics2.decoding.graphs import DecodeGraphs
+    from idefics2.decoding.runner import ModelRunner
 
     runner = ModelRunner(model64, rows=4, length=600)
     torch.manual_seed(0)
@@ -313,7 +314,7 @@ def test_graph_step_with_placeholder_rows_and_a_length_bucket_matches_eager_deco
         eager = runner.decode(tokens, positions)
         for buffer, saved in zip((*runner.cache.cache.keys, *runner.cache.cache.values), twin):
             buffer.copy_(saved)
-        graphs = DecodeGraphs(runner, rows=4, length=600)
+        graphs = DecodeGraphs(model64, runner.decode_step, rows=4, length=600)
         batch, n_keys = graphs.bucket(3, 13)
         assert (batch, n_keys) == (4, 512)
         assert graphs.bucket(5, 513) == (4, 600)  # capped at the engine's rows and length

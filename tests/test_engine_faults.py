@@ -12,7 +12,7 @@ import pytest
 
 from idefics2 import pipeline
 from idefics2.serving import Engine, EngineDeadError, RequestFailedError
-from idefics2.serving.sequence import Sequence
+from idefics2.serving import engine as engine_module
 
 SHAPES = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 WAIT_S = 30  # far longer than any of these requests takes; reaching it is the failure
@@ -46,7 +46,7 @@ STAGES = {
     "prefill, whole prompts": (lambda engine: engine.runner, "prefill_whole", False),
     "prefill, chunks": (lambda engine: engine.runner, "prefill", False),
     "decode": (lambda engine: engine.runner, "decode", False),
-    "sampling": (lambda engine: Sequence, "choose", False),
+    "sampling": (lambda engine: engine_module, "sample_rows", False),
     "row moves": (lambda engine: engine.runner, "move_row", True),
     "retirement": (lambda engine: engine.scheduler, "remove", True),
 }

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
+from idefics2.decoding import runner as runner_module
+from idefics2.decoding.runner import RunnerPool
 from idefics2.modeling import attention as attention_module
 from idefics2.modeling import kernels
 from idefics2.modeling.attention import attention, grouped_matmul_attention, per_head_attention
-from idefics2.modeling.cuda_graphs import DecodeCachePool, GraphedDecodeStep
 from idefics2.modeling.vision import PackedLayout
 from oracle_model import build_reference_checkpoint, rel_diff
 from oracle_processing import build_reference_processor
@@ -195,34 +196,6 @@ def test_bfloat16_mode_logits_close_to_float32(checkpoint, models):
     assert rel_diff(low.float(), high) <= 2e-2
 
 
-def test_static_decode_step_matches_forward(models):
-    """The step a CUDA graph captures (static buffers, attention over the whole cache masked by slot) gives
-    the ordinary forward's logits; checked eagerly here, so it runs without a GPU."""
-    _, ours = models
-    torch.manual_seed(0)
-    ids = torch.randint(3, 32000, (2, 7))
-    mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, :3] = 0  # left padding
-    with torch.no_grad():
-        cache = ours.new_kv_cache(2, 16)
-        ours(input_ids=ids, attention_mask=mask, kv_cache=cache, cache_position=torch.arange(7))
-        twin = ours.new_kv_cache(2, 16)
-        for a, b in zip(cache.keys + cache.values, twin.keys + twin.values, strict=True):
-            b.copy_(a)
-        step = GraphedDecodeStep(ours, 2, 16)
-        token = torch.tensor([[5], [9]])
-        full = torch.cat([mask, torch.ones(2, 1, dtype=torch.long)], dim=1)
-        expected = ours(
-            input_ids=token, attention_mask=full, kv_cache=cache, cache_position=torch.tensor([7])
-        )
-        step.tokens.copy_(token)
-        step.slot.fill_(7)
-        step.mask[:, :8] = full
-        got = step.step(twin)
-    assert rel_diff(got, expected.logits) <= 1e-5
-    assert torch.allclose(twin.keys[0][:, :, :8], cache.keys[0][:, :, :8], atol=1e-6)
-
-
 def gpu_model_and_batch(checkpoint):
     gpu = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, device="cuda").eval()
     processor = Idefics2Processor.from_pretrained(checkpoint)
@@ -230,11 +203,18 @@ def gpu_model_and_batch(checkpoint):
     return gpu, batch.to("cuda")
 
 
+def pooled_runner(model):
+    """The one runner that generate's calls on `model` have left in the model's pool."""
+    (runner,) = runner_module._pools[model].idle
+    return runner
+
+
 @needs_cuda
 def test_cuda_graph_decoding_matches_eager(checkpoint):
     gpu, batch = gpu_model_and_batch(checkpoint)
     graphed = gpu.generate(**batch, max_new_tokens=6, eos_token_id=0)
-    assert gpu._graph_decoder is not None and not gpu._graph_decoder.failed
+    graphs = pooled_runner(gpu).graphs
+    assert graphs is not None and graphs.graphs and not graphs.failed
     gpu.cuda_graphs = False
     assert torch.equal(graphed, gpu.generate(**batch, max_new_tokens=6, eos_token_id=0))
 
@@ -250,36 +230,37 @@ def test_cuda_generate_matches_cpu(checkpoint, models):
     assert torch.equal(got.cpu(), expected)
 
 
-def test_decode_cache_pool_reuses_zeroed_caches_by_bucket(models):
+def test_runner_pool_lends_each_runner_once_and_keeps_them_by_bucket(models):
     _, ours = models
-    pool = DecodeCachePool(bucket=256, size=2)
-    cpu = torch.device("cpu")
-    first = pool.take(ours, 2, 300, cpu)
-    assert first.max_length == 512 and first.batch_size == 2
-    assert pool.take(ours, 2, 300, cpu) is not first  # handed out: a concurrent generation gets its own
-    first.keys[0].fill_(1.0)
-    pool.give_back(first)
-    again = pool.take(ours, 2, 400, cpu)  # same bucket
-    assert again is first and not again.keys[0].any()  # nothing of the earlier generation is left
-    pool.give_back(again)
-    assert pool.take(ours, 1, 400, cpu) is not first  # another batch size
-    assert pool.take(ours, 2, 600, cpu) is not first  # another bucket
-    for _ in range(3):
-        pool.give_back(ours.new_kv_cache(1, 256))
-    assert first not in pool.idle and len(pool.idle) == 2  # only the newest are kept
+    pool = RunnerPool(size=2)
+    with pool.borrow(ours, 2, 300) as first:
+        assert first.length == 512 and first.rows == 2  # the length bucket
+        with pool.borrow(ours, 2, 300) as other:
+            assert other is not first  # lent out: a concurrent generation gets its own
+    with pool.borrow(ours, 2, 400) as again:  # same bucket
+        assert again in (first, other)
+    with pool.borrow(ours, 1, 400) as one_row, pool.borrow(ours, 2, 600) as longer:
+        assert one_row not in (first, other) and longer not in (first, other)
+    assert len(pool.idle) == 2  # only the newest are kept
+    ours.to(torch.float64)
+    try:
+        with pool.borrow(ours, 1, 400) as moved:  # a runner whose cache has the old dtype is not reused
+            assert moved is not one_row and moved.cache.cache.keys[0].dtype == torch.float64
+    finally:
+        ours.to(torch.float32)
 
 
 @needs_cuda
 def test_cuda_graphs_reused_across_generations_and_compiled_decoding_matches_eager(checkpoint):
     gpu, batch = gpu_model_and_batch(checkpoint)
     graphed = gpu.generate(**batch, max_new_tokens=6, eos_token_id=0)
-    (cache,) = gpu.decode_cache_pool().idle
-    (step,) = gpu._graph_decoder.steps[cache].values()
+    runner = pooled_runner(gpu)
+    steps = dict(runner.graphs.graphs)
     assert torch.equal(gpu.generate(**batch, max_new_tokens=6, eos_token_id=0), graphed)
-    assert gpu._graph_decoder.steps[cache][False] is step  # the second generation replayed the same graph
+    assert pooled_runner(gpu) is runner and runner.graphs.graphs == steps  # replayed, not captured again
     gpu.compile_decode = True
     compiled = gpu.generate(**batch, max_new_tokens=6, eos_token_id=0)
-    assert set(gpu._graph_decoder.steps[cache]) == {False, True} and not gpu._graph_decoder.failed
+    assert {key[2] for key in runner.graphs.graphs} == {False, True} and not runner.graphs.failed
     gpu.compile_decode, gpu.cuda_graphs = False, False
     eager = gpu.generate(**batch, max_new_tokens=6, eos_token_id=0)
     assert torch.equal(graphed, eager) and torch.equal(compiled, eager)

@@ -14,38 +14,67 @@ V = 26
 CONTEXT = 64  # the stand-in's max_position_embeddings
 
 
+class TokenHead(torch.nn.Module):
+    """The stand-in's head: a hidden state holds its token id; the logits are that token's row of `table`."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(V, 1))  # (V, hidden): the vocabulary size, the device
+        self.table = table
+
+    def forward(self, hidden):
+        return self.table[hidden[..., 0].long()]
+
+
 class ChainModel(torch.nn.Module):
+    """The decode core's view of a model (embed, decoder, head, decode step, KV cache), with known logits;
+    records every call of the decoder."""
+
     def __init__(self, generation_config=None):
         super().__init__()
-        self.lm_head = torch.nn.Linear(2, V, bias=False)
-        self.generation_config = generation_config or {}
-        self.config = SimpleNamespace(text_config=SimpleNamespace(max_position_embeddings=CONTEXT))
         table = torch.full((V, V), -4.0)
         for t in range(V):
             table[t, (t + 1) % V] = 4.0
             table[t, (t + 2) % V] = 3.0
-        self.table = table
+        self.lm_head = TokenHead(table)
+        self.generation_config = generation_config or {}
+        self.config = SimpleNamespace(
+            text_config=SimpleNamespace(max_position_embeddings=CONTEXT, sliding_window=None)
+        )
+        self.weights_version = 0
         self.calls = []
         self.caches = []
+        self.images_given = []
+
+    @property
+    def table(self):
+        return self.lm_head.table
+
+    @table.setter
+    def table(self, table):
+        self.lm_head.table = table
 
     def new_kv_cache(self, batch_size, max_length, dtype=None, device=None):
         self.caches.append((batch_size, max_length))
-        return object()
+        keys = torch.zeros(batch_size, 1, max_length, 1)
+        return SimpleNamespace(
+            keys=[keys], values=[keys.clone()], batch_size=batch_size, max_length=max_length
+        )
 
     def get_image_features(self, pixel_values, pixel_attention_mask=None):
-        return torch.zeros(pixel_values.shape[0] * pixel_values.shape[1], 2, 2)
+        return torch.zeros(pixel_values.shape[0] * pixel_values.shape[1], 2, 1)
 
-    def forward(self, input_ids, attention_mask=None, image_hidden_states=None, **kw):
-        self.calls.append(
-            dict(
-                tokens=input_ids.shape[1],
-                mask=tuple(attention_mask.shape),
-                slots=kw["cache_position"].tolist(),
-                pixels=image_hidden_states is not None,
-                keep=kw["logits_to_keep"],
-            )
-        )
-        return SimpleNamespace(logits=self.table[input_ids[:, -1]][:, None])
+    def embed_inputs(self, input_ids, image_hidden_states=None):
+        self.images_given.append(image_hidden_states is not None)
+        return input_ids[..., None].float()  # (B, T, 1): each position's hidden state is its token id
+
+    def model(self, inputs_embeds, kv_cache, cache_position, attention_mask=None):
+        self.calls.append(dict(tokens=inputs_embeds.shape[1], slots=cache_position.tolist(), keys=None))
+        return SimpleNamespace(last_hidden_state=inputs_embeds)
+
+    def decode_logits(self, token_ids, position_ids, mask, kv_cache, cache_position):
+        self.calls.append(dict(tokens=token_ids.shape[1], slots=cache_position.tolist(), keys=mask.shape[-1]))
+        return self.table[token_ids]  # (B, 1, V)
 
 
 class Letters:
@@ -63,11 +92,21 @@ def test_greedy_follows_the_chain_and_calls_the_model_once_per_token():
     pixels = torch.zeros(1, 1, 3, 4, 4)
     out = generate(model, torch.tensor([[1, 2, 3]]), pixel_values=pixels, max_new_tokens=5)
     assert out.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8]]
-    assert model.caches == [(1, 8)]
-    assert model.calls[0] == dict(tokens=3, mask=(1, 3), slots=[0, 1, 2], pixels=True, keep=1)
+    assert model.caches == [(1, 8)] and model.images_given == [True]
+    assert model.calls[0] == dict(tokens=3, slots=[0, 1, 2], keys=None)  # the prefill
     assert [c["slots"] for c in model.calls[1:]] == [[3], [4], [5], [6]]  # the last token needs no forward
-    assert [c["mask"] for c in model.calls[1:]] == [(1, 4), (1, 5), (1, 6), (1, 7)]
-    assert not any(c["pixels"] for c in model.calls[1:]) and all(c["tokens"] == 1 for c in model.calls[1:])
+    assert [c["keys"] for c in model.calls[1:]] == [4, 5, 6, 7]  # each step attends over the slots so far
+    assert all(c["tokens"] == 1 for c in model.calls[1:])
+
+
+def test_left_padded_rows_sit_at_slots_from_zero_of_their_own_cache_rows():
+    model = ChainModel()
+    prompt = torch.tensor([[1, 2, 3], [0, 0, 5]])
+    out = generate(model, prompt, torch.tensor([[1, 1, 1], [0, 1, 1]]), max_new_tokens=2)
+    assert out.tolist() == [[1, 2, 3, 4, 5], [0, 0, 5, 6, 7]]
+    assert model.caches == [(2, 5)]
+    # one right-padded prefill of both rows, then each row's token at its own slot (row 1: 2 real tokens)
+    assert model.calls[0]["slots"] == [0, 1, 2] and model.calls[1]["slots"] == [3, 2]
 
 
 def test_eos_finishes_rows_pads_them_and_trims_columns():

@@ -1,4 +1,5 @@
-"""Captured decode graphs (generate's and the engine's) never replay weights that have changed, and the logits
+"""Captured decode graphs (of the decode core that generate and the engine share) never replay weights that
+have changed, and the logits
 they hand back are never a buffer that a later step overwrites. Checked on the CPU with a stand-in for CUDA
 graph capture that keeps what makes a real graph stale: the replay reruns the captured step into the same
 output buffer, and refuses to run once the model's parameters, buffers or modules are no longer the ones it
@@ -12,9 +13,9 @@ import pytest
 import torch
 
 from idefics2 import Idefics2ForConditionalGeneration
-from idefics2.modeling import cuda_graphs
-from idefics2.modeling.cuda_graphs import CudaGraphDecoder
-from idefics2.serving.runner import DecodeGraphs, ModelRunner
+from idefics2.decoding import graphs as graphs_module
+from idefics2.decoding.graphs import DecodeGraphs
+from idefics2.decoding.runner import ModelRunner
 from idefics2.training.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
 from oracle_model import build_reference_checkpoint
 from oracle_processing import build_reference_processor
@@ -52,7 +53,7 @@ def captures(monkeypatch, model):
         graphs.append(graph)
         return graph, graph.output
 
-    monkeypatch.setattr(cuda_graphs, "capture", capture)
+    monkeypatch.setattr(graphs_module, "capture", capture)
     return graphs
 
 
@@ -102,73 +103,52 @@ CHANGES = {
 }
 
 
-def prefilled(model, cache=None):
-    """A 6-token prompt in each of 2 rows of `cache` (a new one of 32 slots when None); (cache, next tokens
-    (B, 1), mask (B, 7), slot (1,))."""
+def graphed_runner(model) -> ModelRunner:
+    """A runner of 2 rows with graphs on the stand-in capture (as on CUDA), a 6-token prompt in each row."""
+    runner = ModelRunner(model, rows=2, length=64)
+    runner.graphs = DecodeGraphs(model, runner.decode_step, rows=2, length=64)
     torch.manual_seed(0)
-    ids = torch.randint(3, 32000, (2, 6))
-    cache = cache if cache is not None else model.new_kv_cache(2, 32)
     with torch.no_grad():
-        model(ids, kv_cache=cache, cache_position=torch.arange(6))
-    return cache, torch.tensor([[5], [9]]), torch.ones(2, 7, dtype=torch.long), torch.tensor([6])
+        for row in range(2):
+            runner.prefill(row, runner.embed_prompt(torch.randint(3, 32000, (6,)).tolist(), None), 0, False)
+    return runner
 
 
-def eager_step(model, cache, tokens, mask, slot) -> torch.Tensor:
-    twin = model.new_kv_cache(cache.batch_size, cache.max_length)
-    for source, target in zip(cache.keys + cache.values, twin.keys + twin.values, strict=True):
+def eager_twin(runner: ModelRunner) -> ModelRunner:
+    """A runner without graphs holding a copy of `runner`'s cache."""
+    twin = ModelRunner(runner.model, runner.rows, runner.length)
+    for source, target in zip(runner.cache.cache.keys + runner.cache.cache.values,
+                              twin.cache.cache.keys + twin.cache.cache.values, strict=True):  # fmt: skip
         target.copy_(source)
-    with torch.no_grad():
-        return model(tokens, mask, kv_cache=twin, cache_position=slot).logits
+    return twin
 
 
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_generates_graphs_are_dropped_when_weights_change(model, captures, change, tmp_path):
-    decoder = CudaGraphDecoder(model)
-    cache, tokens, mask, slot = prefilled(model)
+def test_graphs_are_dropped_when_weights_change(model, captures, change, tmp_path):
+    runner = graphed_runner(model)
     with torch.no_grad():
-        first = decoder(tokens, mask, slot, cache)
+        first = runner.decode([5, 9], [6, 6])
         kept = first.clone()
-        second = decoder(tokens + 2, mask, slot, cache)  # a replay of the same graph, other tokens
+        second = runner.decode([7, 11], [6, 6])  # a replay of the same graph, other tokens
         assert len(captures) == 1
-        assert torch.equal(first, kept) and not torch.equal(
-            second, kept
-        )  # the first logits stayed as they were
+        assert torch.equal(first, kept) and not torch.equal(second, kept)  # the first logits stayed
         CHANGES[change](model, tmp_path)
-        # the same cache, as generate's pool hands it out again (a new one in the model's new dtype)
-        cache, tokens, mask, slot = prefilled(model, None if change == "dtype move" else cache)
-        expected = eager_step(model, cache, tokens, mask, slot)
-        after = decoder(tokens, mask, slot, cache)  # the stand-in refuses a stale replay
+        if change == "dtype move":  # the cache must follow the model (generate's pool hands out a new one)
+            runner = graphed_runner(model)
+        expected = eager_twin(runner).decode([5, 9], [6, 6])
+        after = runner.decode([5, 9], [6, 6])  # the stand-in refuses a stale replay
     assert len(captures) == 2
     assert torch.allclose(after, expected, rtol=1e-5, atol=1e-5)
-    if change == "dtype move":
-        assert after.dtype == torch.float64
-    else:  # the change did change the logits
+    if change != "dtype move":  # the change did change the logits
         assert not torch.allclose(after, kept, atol=1e-3)
 
 
-@pytest.mark.parametrize("change", ["add_lora", "merge_lora", "quantize"])
-def test_the_engines_graphs_are_dropped_when_weights_change(model, captures, change, tmp_path):
-    runner = ModelRunner(model, rows=2, length=64)
-    runner.graphs = DecodeGraphs(runner, rows=2, length=64)  # as on CUDA
-    with torch.no_grad():
-        for row in range(2):
-            runner.prefill(row, runner.embed_prompt([3, 4, 5, 6, 7, 8 + row], None), 0, want_logits=False)
-        first = runner.decode([11, 12], [7, 7])
-        kept = first.clone()
-        runner.decode([13, 14], [8, 8])
-        assert len(captures) == 1 and torch.equal(first, kept)
-        CHANGES[change](model, tmp_path)
-        runner.decode([15, 16], [9, 9])
-    assert len(captures) == 2
-
-
 def test_forward_is_pure_on_every_device(model):
-    """The model's forward never dispatches to graphs: the same inputs give the same fresh logits tensor."""
-    cache, tokens, mask, slot = prefilled(model)
-    a = eager_step(model, cache, tokens, mask, slot)
-    b = eager_step(model, cache, tokens, mask, slot)
-    assert torch.equal(a, b)
-    assert model._graph_decoder is None  # nothing was created behind the caller's back
+    """The model's forward never dispatches to graphs: the same inputs give equal, fresh logits tensors."""
+    ids = torch.randint(3, 32000, (2, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(ids).logits, model(ids).logits
+    assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
 
 
 def test_an_engine_on_stand_in_graphs_answers_as_without_and_recaptures_after_a_lora(model, captures):
@@ -184,7 +164,8 @@ def test_an_engine_on_stand_in_graphs_answers_as_without_and_recaptures_after_a_
     def answers(graphs: bool) -> list[list[int]]:
         with Engine(model, processor, max_batch=4, max_length=64) as engine:
             if graphs:
-                engine.runner.graphs = DecodeGraphs(engine.runner, rows=4, length=64)
+                runner = engine.runner
+                runner.graphs = DecodeGraphs(model, runner.decode_step, rows=4, length=64)
             handles = [engine.submit_prompt(p, max_new_tokens=6, min_new_tokens=6) for p in prompts]
             return [h.result(timeout=60).token_ids for h in handles]
 

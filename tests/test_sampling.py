@@ -1,4 +1,5 @@
-"""Logits controls against transformers' logits processors, and sampling on controlled logits."""
+"""Logits controls against transformers' logits processors, sampling on controlled logits, and the decode
+core's batched chain (rows with different controls in one call, each as it would be alone)."""
 
 import pytest
 import torch
@@ -11,17 +12,29 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from idefics2.sampling import (
-    BadWords,
-    forbid_tokens,
-    mark_seen_,
-    pick_next_tokens,
-    repetition_penalty_,
-    top_k_filter,
-    top_p_filter,
-)
+from idefics2.decoding.sampler import RowSampler, sample_rows
+from idefics2.sampling import BadWords, mark_seen_, repetition_penalty_, top_k_filter, top_p_filter
 
 VOCAB = 50
+
+
+def row(vocab=VOCAB, prompt=(), **controls) -> RowSampler:
+    """One row's sampler with generate's defaults for the controls not given."""
+    options = dict(
+        do_sample=False, temperature=1.0, top_k=0, top_p=1.0, generator=None, repetition_penalty=1.0,
+        min_new_tokens=0, eos_token_id=[], bad_words_ids=None,
+    )  # fmt: skip
+    options.update(controls)
+    return RowSampler(options, list(prompt), vocab, torch.device("cpu"))
+
+
+def draw(scores, seed, **controls) -> torch.Tensor:
+    """Every row of scores sampled with the same controls and one generator seeded with `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [row(scores.shape[1], do_sample=True, generator=generator, **controls) for _ in scores]
+    tokens, errors = sample_rows(scores, rows)
+    assert not errors
+    return torch.tensor(tokens)
 
 
 def random_scores(seed, batch=4, vocab=VOCAB):
@@ -88,11 +101,14 @@ def test_bad_words_longer_than_context_are_ignored():
     assert torch.isfinite(got).all()
 
 
-def test_min_new_tokens_forbids_every_eos_id():
+def test_min_new_tokens_forbids_every_eos_id_until_reached():
     scores = random_scores(5)
-    eos = torch.tensor([2, 11])
+    scores[:, 11] = 100.0  # an end token is every row's best
     expected = MinNewTokensLengthLogitsProcessor(4, 3, [2, 11])(torch.zeros(4, 6, dtype=torch.long), scores)
-    torch.testing.assert_close(forbid_tokens(scores, eos), expected, rtol=0, atol=0)
+    rows = [row(min_new_tokens=3, eos_token_id=[2, 11]) for _ in range(4)]
+    rows[3].generated = 3  # this one has its minimum
+    tokens, _ = sample_rows(scores, rows)
+    assert tokens[:3] == expected[:3].argmax(-1).tolist() and 11 not in tokens[:3] and tokens[3] == 11
 
 
 @pytest.mark.parametrize("k", [1, 5, 49, 50, 80])
@@ -139,32 +155,59 @@ def controlled_scores(batch=2000):
     ],
 )
 def test_sampling_stays_inside_the_allowed_set(k, p, allowed):
-    scores = controlled_scores()
-    if k:
-        scores = top_k_filter(scores, k)
-    scores = top_p_filter(scores, p)
-    drawn = pick_next_tokens(scores, True, torch.Generator().manual_seed(0))
+    drawn = draw(controlled_scores(), 0, top_k=k, top_p=p)
     assert set(drawn.tolist()) == allowed  # never outside, and every allowed token does occur
 
 
 def test_top_p_keeps_the_best_token_even_for_tiny_p():
-    drawn = pick_next_tokens(
-        top_p_filter(controlled_scores(200), 1e-6), True, torch.Generator().manual_seed(0)
-    )
-    assert set(drawn.tolist()) == {10}
+    assert set(draw(controlled_scores(200), 0, top_p=1e-6).tolist()) == {10}
 
 
 def test_sampling_frequencies_follow_the_distribution():
-    drawn = pick_next_tokens(controlled_scores(20000), True, torch.Generator().manual_seed(1))
+    drawn = draw(controlled_scores(20000), 1)
     freq = torch.bincount(drawn - 10, minlength=5).double() / 20000
     torch.testing.assert_close(freq, CONTROLLED_PROBS.double(), atol=0.015, rtol=0)
 
 
 def test_same_seed_same_draws_and_greedy_is_argmax():
     scores = random_scores(9, batch=64)
-    a = pick_next_tokens(scores, True, torch.Generator().manual_seed(5))
-    b = pick_next_tokens(scores, True, torch.Generator().manual_seed(5))
-    c = pick_next_tokens(scores, True, torch.Generator().manual_seed(6))
+    a, b, c = draw(scores, 5), draw(scores, 5), draw(scores, 6)
     assert torch.equal(a, b) and not torch.equal(a, c)
-    assert torch.equal(pick_next_tokens(scores, False), scores.argmax(-1))
-    assert torch.equal(pick_next_tokens(top_k_filter(scores, 1), True, torch.Generator()), scores.argmax(-1))
+    assert sample_rows(scores, [row() for _ in scores])[0] == scores.argmax(-1).tolist()
+    assert torch.equal(draw(scores, 0, top_k=1), scores.argmax(-1))
+
+
+def test_the_chain_draws_what_transformers_processors_give_with_the_same_generator():
+    scores = random_scores(10, batch=8)
+    prompt = torch.randint(0, VOCAB, (8, 5), generator=torch.Generator().manual_seed(3))
+    processed = RepetitionPenaltyLogitsProcessor(1.2)(prompt, scores.clone())
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(12), TopPLogitsWarper(0.9)):
+        processed = warper(prompt, processed)
+    expected = torch.multinomial(processed.softmax(-1), 1, generator=torch.Generator().manual_seed(4))
+    generator = torch.Generator().manual_seed(4)
+    controls = dict(do_sample=True, generator=generator, repetition_penalty=1.2, temperature=0.7, top_k=12)
+    rows = [row(prompt=ids.tolist(), top_p=0.9, **controls) for ids in prompt]
+    assert sample_rows(scores, rows)[0] == expected[:, 0].tolist()
+
+
+def test_rows_with_different_controls_choose_as_each_would_alone():
+    """A batch mixing greedy, penalized, banned-word, min-length and sampled rows (each with its own
+    seeded generator and settings): every row's token equals the one it gets in a call of its own, and the
+    caller's logits are left as they were."""
+    scores = random_scores(11, batch=6)
+    kept = scores.clone()
+
+    def rows():
+        return [
+            row(),
+            row(prompt=[3, 4, 5], repetition_penalty=1.5),
+            row(prompt=[7, 8], bad_words_ids=[[8, 20], [21]]),
+            row(min_new_tokens=2, eos_token_id=[int(scores[3].argmax())]),
+            row(do_sample=True, generator=torch.Generator().manual_seed(1), temperature=0.5, top_k=5),
+            row(do_sample=True, generator=torch.Generator().manual_seed(2), top_p=0.7),
+        ]
+
+    together, errors = sample_rows(scores, rows())
+    alone = [sample_rows(scores[i : i + 1], [r])[0][0] for i, r in enumerate(rows())]
+    assert together == alone and not errors and torch.equal(scores, kept)
+    assert together[3] != int(scores[3].argmax())  # held back from its end token

@@ -1,9 +1,10 @@
 """KV-cached text generation for Idefics2: greedy or sampled decoding with the usual controls.
 
-One request runs the vision tower and connector once (the prefill fills a pre-allocated static KV cache),
-then each decode step feeds one token per row. Prompts are expected left-padded (as the processor pads for
-generation); positions come from the attention mask. Rows that finish (end-of-sequence token or stop string)
-are padded with `pad_token_id` from then on.
+`generate` runs on the decode core that the serving engine runs on too (idefics2.decoding): the vision tower
+and connector run once, each row's prompt is prefilled into its own cache row (left padding dropped:
+positions follow the attention mask), then each decode step feeds one token per row, and the one logits
+chain picks every row's next token. Rows that finish (end-of-sequence token or stop string) are padded with
+`pad_token_id` from then on.
 """
 
 from __future__ import annotations
@@ -13,23 +14,14 @@ from typing import Any
 
 import torch
 
-from idefics2.constrained import advance_rows, mask_rows_, row_grammars
-from idefics2.sampling import (
-    BadWords,
-    forbid_tokens,
-    mark_seen_,
-    pick_next_tokens,
-    repetition_penalty_,
-    top_k_filter,
-    top_p_filter,
-)
+from idefics2.constrained import row_grammars
+from idefics2.decoding.runner import borrow_runner
+from idefics2.decoding.sampler import RowSampler, sample_rows
 from idefics2.streaming import TextDeltaDecoder, find_stop
 
 # Defaults used when neither the call nor the checkpoint's generation_config.json sets a value.
 DEFAULTS = {"max_new_tokens": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 _SAMPLING_ONLY = ("temperature", "top_k", "top_p", "seed", "generator")
-# On accelerators, reading "are all rows done?" back to the host stalls the queue; do it every few steps.
-_SYNC_EVERY = 8
 SUPPORTED_ARGUMENTS = (
     "max_new_tokens", "max_length", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
     "repetition_penalty", "bad_words_ids", "eos_token_id", "pad_token_id", "stop_strings", "tokenizer",
@@ -95,104 +87,60 @@ def stream_generate(
     batch, prompt_len = input_ids.shape
     opts = resolve_options(model, prompt_len, controls, rows=batch)
     max_new, eos_ids, pad_id = opts["max_new_tokens"], opts["eos_token_id"], opts["pad_token_id"]
-    # positions follow the attention mask: the longest row's real tokens are what must fit
-    check_context_length(model.config, int(attention_mask.sum(dim=1).max()), max_new)
-    total = prompt_len + max_new
+    # each row's real tokens, in order: the row sits at cache slots 0, 1, ... of its own cache row
+    real = attention_mask.bool()
+    lengths = real.sum(dim=1).tolist()
+    check_context_length(model.config, max(lengths), max_new)
 
-    # Everything the loop writes to is allocated once: sequences, key-padding mask, slot positions, cache.
-    sequences = torch.full((batch, total), pad_id, dtype=torch.long, device=device)
-    sequences[:, :prompt_len] = input_ids
-    mask = torch.ones(batch, total, dtype=torch.long, device=device)
-    mask[:, :prompt_len] = attention_mask
-    slots = torch.arange(total, device=device)
-    # On CUDA the cache comes from the model's pool: its captured decode graph is reused by later calls.
-    pool = (
-        model.decode_cache_pool() if device.type == "cuda" and getattr(model, "cuda_graphs", False) else None
-    )
-    cache = (
-        pool.take(model, batch, total, device) if pool else model.new_kv_cache(batch, total, device=device)
-    )
-    graphs = model.decode_graphs() if pool else None  # decode steps replayed from CUDA graphs
-    try:
-        vocab = model.lm_head.weight.shape[0]
-        eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        n_new = torch.full((batch,), max_new, dtype=torch.long, device=device)  # new tokens kept per row
-        penalty = opts["repetition_penalty"]
-        seen = None
-        if penalty != 1.0:
-            seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-            mark_seen_(seen, input_ids, attention_mask.bool())
-        bad_words = BadWords(opts["bad_words_ids"], vocab, eos_ids, device) if opts["bad_words_ids"] else None
-        stop_strings = opts["stop_strings"]
-        if stop_strings:  # each row's text so far, decoded incrementally
-            texts = [TextDeltaDecoder(opts["tokenizer"], skip_special_tokens=False) for _ in range(batch)]
-            generated = ["" for _ in range(batch)]
-        # one grammar state per constrained row (None: a free row)
-        states = [None if g is None else g.new_state(eos_ids) for g in opts["grammars"] or []] or None
-        sync_every = 1 if device.type == "cpu" or stop_strings or states else _SYNC_EVERY
-
-        images = (
-            None if pixel_values is None else model.get_image_features(pixel_values, pixel_attention_mask)
+    images = None if pixel_values is None else model.get_image_features(pixel_values, pixel_attention_mask)
+    embeds = model.embed_inputs(input_ids, images)  # (B, P, hidden)
+    prompts = [embeds[b, real[b]][None] for b in range(batch)]  # (1, P_b, hidden) each
+    vocab = model.lm_head.weight.shape[0]
+    grammars = opts["grammars"] or [None] * batch
+    rows = [
+        RowSampler(
+            opts, input_ids[b, real[b]].tolist(), vocab, device, None if g is None else g.new_state(eos_ids)
         )
-        logits = model(
-            input_ids=input_ids,
-            attention_mask=mask[:, :prompt_len],
-            image_hidden_states=images,
-            kv_cache=cache,
-            cache_position=slots[:prompt_len],
-            logits_to_keep=1,
-        ).logits
+        for b, g in enumerate(grammars)
+    ]
+    sequences = torch.full((batch, prompt_len + max_new), pad_id, dtype=torch.long, device=device)
+    sequences[:, :prompt_len] = input_ids
+    finished = [False] * batch
+    n_new = [max_new] * batch  # new tokens kept per row
+    stop_strings = opts["stop_strings"]
+    if stop_strings:  # each row's text so far, decoded incrementally
+        texts = [TextDeltaDecoder(opts["tokenizer"], skip_special_tokens=False) for _ in range(batch)]
+        generated = ["" for _ in range(batch)]
+    with borrow_runner(model, batch, max(lengths) + max_new) as runner:
+        logits = runner.prefill_whole(0, prompts)  # (B, V) float32
         for step in range(max_new):
-            length = prompt_len + step
-            # scores are processed in float32 whatever the model dtype, as the reference does
-            scores = logits[:, -1].to(torch.float32)
-            if seen is not None:
-                scores = repetition_penalty_(scores, seen, penalty)
-            if bad_words is not None:
-                scores = bad_words(scores, sequences[:, :length])
-            if step < opts["min_new_tokens"] and eos_ids:
-                scores = forbid_tokens(scores, eos)
-            if states is not None:
-                _check_some_allowed(mask_rows_(scores, states), finished)
-            if opts["do_sample"]:
-                if opts["temperature"] != 1.0:
-                    scores = scores / opts["temperature"]
-                if opts["top_k"]:
-                    scores = top_k_filter(scores, opts["top_k"])
-                if opts["top_p"] < 1.0:
-                    scores = top_p_filter(scores, opts["top_p"])
-            tokens = pick_next_tokens(scores, opts["do_sample"], opts["generator"])
-            tokens = tokens.masked_fill(finished, pad_id)
-            sequences[:, length] = tokens
-            if seen is not None:
-                mark_seen_(seen, tokens[:, None])
-            if states is not None:
-                advance_rows(states, tokens.tolist(), finished.tolist())
-
-            ending = torch.isin(tokens, eos) & ~finished
-            if stop_strings:
-                for row, token in enumerate(tokens.tolist()):
-                    if not finished[row]:
-                        generated[row] += texts[row].push(token)
-                        if find_stop(generated[row][-_window(stop_strings) :], stop_strings) is not None:
-                            ending[row] = True
-            n_new = torch.where(ending, step + 1, n_new)
-            finished |= ending
-            yield tokens
-
-            if step + 1 == max_new or ((step + 1) % sync_every == 0 and bool(finished.all())):
+            picked, errors = sample_rows(logits, rows)
+            if errors:
+                row, error = next(iter(errors.items()))
+                raise ValueError(f"row {row}: {error}")
+            tokens = [pad_id if done else token for token, done in zip(picked, finished)]
+            for row, token in enumerate(tokens):
+                if finished[row]:
+                    continue
+                rows[row].accept(token)
+                ending = token in eos_ids
+                if stop_strings:
+                    generated[row] += texts[row].push(token)
+                    ending = (
+                        ending
+                        or find_stop(generated[row][-_window(stop_strings) :], stop_strings) is not None
+                    )
+                if ending:
+                    finished[row], n_new[row] = True, step + 1
+                    rows[row].grammar = None  # a row that ended takes no more tokens
+            new = torch.tensor(tokens, dtype=torch.long, device=device)
+            sequences[:, prompt_len + step] = new
+            yield new
+            if step + 1 == max_new or all(finished):
                 break
-            step_inputs = (tokens[:, None], mask[:, : length + 1], slots[length : length + 1], cache)
-            logits = graphs(*step_inputs) if graphs is not None else None
-            if logits is None:
-                logits = model(*step_inputs[:2], kv_cache=cache, cache_position=step_inputs[2],
-                               logits_to_keep=1).logits  # fmt: skip
-        # Rows that all finished before the last step run: drop the columns nobody needs.
-        return sequences[:, : prompt_len + int(n_new.max())]
-    finally:
-        if pool:
-            pool.give_back(cache)
+            logits = runner.decode(new, [length + step for length in lengths])
+    # Rows that all finished before the last step run: drop the columns nobody needs.
+    return sequences[:, : prompt_len + max(n_new)]
 
 
 class ContextLengthError(ValueError):
@@ -232,17 +180,6 @@ def check_context_length(model_config: Any, prompt_length: int, max_new_tokens: 
         f"positions its rotary embedding covers); {advice}"
     )
     raise ContextLengthError(message, prompt_length=prompt_length, max_new_tokens=max_new_tokens, limit=limit)
-
-
-def _check_some_allowed(scores: torch.Tensor, finished: torch.Tensor) -> None:
-    """A constrained row whose every allowed token was also forbidden by bad_words_ids cannot go on."""
-    stuck = ~torch.isfinite(scores).any(-1) & ~finished
-    if bool(stuck.any()):
-        row = int(stuck.nonzero()[0, 0])
-        raise ValueError(
-            f"row {row}: no token is allowed next (bad_words_ids forbid every token its json_schema or "
-            "regex allows here)"
-        )
 
 
 def _window(stop_strings: list[str]) -> int:

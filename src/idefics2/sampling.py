@@ -1,8 +1,7 @@
-"""Next-token selection: the logits controls of `generate` as small tensor functions.
+"""The logits controls as small tensor functions, which the decode core's chain (idefics2.decoding.sampler)
+runs in order: repetition penalty, banned words, then (sampling only) top-k and top-p.
 
-Every function takes float scores (B, V) and returns new scores; masked-out tokens get -inf. They run in the
-order `generate` uses: repetition penalty, banned words, minimum length, then (sampling only) temperature,
-top-k and top-p, followed by `pick_next_tokens`.
+Every function takes float scores (B, V) and returns new scores; masked-out tokens get -inf.
 """
 
 from __future__ import annotations
@@ -44,6 +43,8 @@ class BadWords:
         for seq in bad_words_ids:
             if len(seq) > 1:
                 by_prefix_len.setdefault(len(seq) - 1, []).append(seq)
+        # how many trailing tokens of a row's context the entries can look at
+        self.longest_prefix = max(by_prefix_len, default=0)
         # one (prefixes (G, k), last tokens (G,)) pair per prefix length k
         self.groups = [
             (
@@ -67,11 +68,6 @@ class BadWords:
         return scores.masked_fill(banned, float("-inf"))
 
 
-def forbid_tokens(scores: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """Set the scores of `token_ids` (1-D) to -inf in every row."""
-    return scores.index_fill(-1, token_ids, float("-inf"))
-
-
 def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the tokens scoring at least the k-th best score of their row (ties at the boundary are kept)."""
     k = min(k, scores.shape[-1])
@@ -88,13 +84,3 @@ def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
     drop_sorted[..., -1] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return scores.masked_fill(drop, float("-inf"))
-
-
-def pick_next_tokens(
-    scores: torch.Tensor, do_sample: bool, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """(B, V) scores -> (B,) token ids: argmax, or a draw from softmax(scores) with `generator`."""
-    if not do_sample:
-        return scores.argmax(dim=-1)
-    probs = scores.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(1)

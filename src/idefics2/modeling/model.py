@@ -12,11 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idefics2 import loading
+from idefics2 import generation, loading
 from idefics2.config import Idefics2Config
 from idefics2.modeling.attention import Linear, RMSNorm, causal_mask, check_attn_implementation
 from idefics2.modeling.connector import Idefics2Connector, PerceiverResampler
-from idefics2.modeling.cuda_graphs import CudaGraphDecoder, DecodeCachePool
 from idefics2.modeling.text import KVCache, MistralDecoder
 from idefics2.modeling.vision import Idefics2VisionTransformer, patch_mask_from_pixels
 from idefics2.quantization import DEFAULT_PARTS, QuantizationSpec, quantize_model
@@ -318,15 +317,13 @@ class Idefics2ForConditionalGeneration(nn.Module):
         self.generation_config: dict[str, Any] = {}
         self.checkpoint_dir: Path | None = None
         self.attn_implementation = "sdpa"
-        # generate's decode steps on CUDA replay a captured CUDA graph (see decode_graphs); with
-        # compile_decode the step is compiled with torch.compile before capture (faster steps, a one-time
-        # compile per batch size and cache length bucket)
+        # settings of the decode core (idefics2.decoding) on CUDA: decode steps replay captured CUDA graphs;
+        # with compile_decode each step is compiled with torch.compile before capture (faster steps, a
+        # one-time compile per batch-size and length bucket)
         self.cuda_graphs = True
         self.compile_decode = False
         # moves whenever weights or modules change: captured graphs and compiled steps are dropped then
         self.weights_version = 0
-        self._graph_decoder: CudaGraphDecoder | None = None
-        self._decode_caches: DecodeCachePool | None = None
 
     # ---- construction, loading, saving -------------------------------------------------------------------
 
@@ -469,16 +466,6 @@ class Idefics2ForConditionalGeneration(nn.Module):
             device=device or self.device,
         )
 
-    def decode_graphs(self) -> CudaGraphDecoder:
-        """`generate`'s graphed decode steps on CUDA (see CudaGraphDecoder)."""
-        self._graph_decoder = self._graph_decoder or CudaGraphDecoder(self)
-        return self._graph_decoder
-
-    def decode_cache_pool(self) -> DecodeCachePool:
-        """The pool `generate` takes its KV caches from on CUDA (see DecodeCachePool)."""
-        self._decode_caches = self._decode_caches or DecodeCachePool()
-        return self._decode_caches
-
     # ---- forward -------------------------------------------------------------------------------------------
 
     def get_image_features(
@@ -567,8 +554,6 @@ class Idefics2ForConditionalGeneration(nn.Module):
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return Idefics2Output(logits=logits, loss=loss, image_hidden_states=out.image_hidden_states)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, **kwargs: Any) -> torch.LongTensor:
         """See `idefics2.generation.generate`."""
-        from idefics2.generation import generate
-
-        return generate(self, *args, **kwargs)
+        return generation.generate(self, *args, **kwargs)

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from idefics2.decoding.runner import ModelRunner
+from idefics2.decoding.sampler import sample_rows
 from idefics2.generation import ContextLengthError, check_context_length, context_length, resolve_options
 from idefics2.processing.chat import chat_prompt
 from idefics2.processing.images import load_rgb
@@ -45,7 +47,6 @@ from idefics2.serving.request import (
     RequestTooLargeError,
     StreamEvent,
 )
-from idefics2.serving.runner import ModelRunner
 from idefics2.serving.scheduler import Scheduler
 from idefics2.serving.sequence import DECODE, ImageInput, Sequence
 
@@ -399,12 +400,9 @@ class Engine:
                 except Exception as error:
                     self._fail(seq, error)
             return
-        for i, seq in enumerate(seqs):
+        for seq in seqs:
             seq.filled, seq.embeds, seq.state = seq.prompt_length, None, DECODE
-            try:
-                self._accept(seq, seq.choose(logits[i]), logits[i])
-            except Exception as error:
-                self._fail(seq, error)
+        self._pick(seqs, logits, list(range(len(seqs))))
 
     def _prefill_chunk(self, seq: Sequence, start: int, end: int) -> None:
         last = end == seq.prompt_length
@@ -412,7 +410,7 @@ class Engine:
         seq.filled = end
         if last:
             seq.embeds, seq.state = None, DECODE
-            self._accept(seq, seq.choose(logits), logits)
+            self._pick([seq], logits[None], [0])
 
     def _decode_step(self) -> None:
         rows = list(self.scheduler.running)
@@ -441,25 +439,36 @@ class Engine:
             self._pick([seq], logits, [0])
 
     def _pick(self, seqs: list[Sequence], logits: torch.Tensor, rows: list[int]) -> None:
-        """Choose and record each request's token from its row of `logits` (B, V)."""
-        plain = [i for i, seq in enumerate(seqs) if seq.greedy_plain]
-        greedy = []
-        if plain:
-            scores = logits[[rows[i] for i in plain]]  # (P, V), a copy
-            for j, i in enumerate(plain):
-                if seqs[i].holds_back_eos():
-                    scores[j, sorted(seqs[i].eos)] = float("-inf")
-            greedy = scores.argmax(dim=-1).tolist()
-        chosen = dict(zip(plain, greedy))
+        """Choose and record each request's token from its row of `logits` (B, V), all rows in one call of the
+        logits chain; a request whose controls fail fails alone."""
+        scores = logits if rows == list(range(logits.shape[0])) else logits[rows]
+        try:
+            tokens, errors = sample_rows(scores, [seq.sampler for seq in seqs])
+        except Exception as error:  # a fault of the batch as a whole: each request on its own
+            if len(seqs) == 1:
+                self._fail(seqs[0], error)
+                return
+            log.warning("choosing the tokens of %d requests failed (%s); one by one", len(seqs), error)
+            for seq, row in zip(seqs, rows):
+                self._pick([seq], logits[row][None], [0])
+            return
+        wanted = [i for i, seq in enumerate(seqs) if seq.logprobs is not None]
+        logprobs = dict.fromkeys(range(len(seqs)))
+        if wanted:
+            index = torch.tensor(wanted, device=scores.device)
+            chosen = torch.tensor([tokens[i] for i in wanted], device=scores.device)
+            values = torch.log_softmax(scores.index_select(0, index), dim=-1).gather(1, chosen[:, None])
+            logprobs.update(zip(wanted, values[:, 0].tolist()))
         for i, seq in enumerate(seqs):
+            if i in errors:
+                self._fail(seq, errors[i])
+                continue
             try:
-                token = chosen[i] if i in chosen else seq.choose(logits[rows[i]])
-                self._accept(seq, token, logits[rows[i]])
+                self._accept(seq, tokens[i], logprobs[i])
             except Exception as error:
                 self._fail(seq, error)
 
-    def _accept(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
-        logprob = float(torch.log_softmax(logits, dim=-1)[token]) if seq.logprobs is not None else None
+    def _accept(self, seq: Sequence, token: int, logprob: float | None) -> None:
         text, reason = seq.accept(token, logprob)
         seq.text_parts.append(text)
         completion = None

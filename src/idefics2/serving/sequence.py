@@ -1,5 +1,5 @@
-"""One request inside the engine: its prompt, images, controls, cache row and progress, and how its next
-token is chosen from its logits (the controls of `generate`, applied in the same order, one row at a time).
+"""One request inside the engine: its prompt, images, controls, cache row and progress. Its next token is
+chosen by the decode core's logits chain (idefics2.decoding.sampler) from the sampler it carries.
 """
 
 from __future__ import annotations
@@ -9,15 +9,7 @@ from typing import Any
 
 import torch
 
-from idefics2.sampling import (
-    BadWords,
-    forbid_tokens,
-    mark_seen_,
-    pick_next_tokens,
-    repetition_penalty_,
-    top_k_filter,
-    top_p_filter,
-)
+from idefics2.decoding.sampler import RowSampler
 from idefics2.serving.request import RequestHandle
 from idefics2.streaming import ReplyStream
 
@@ -66,25 +58,10 @@ class Sequence:
             include_stop=include_stop_str_in_output,
         )
         self.text_parts: list[str] = []
-        grammars = options.get("grammars") or [None]
-        # the request's place in its JSON schema or regex (structured output), None when it is free
-        self.grammar = grammars[0].new_state(options["eos_token_id"]) if grammars[0] is not None else None
-        # greedy rows that the engine picks together, with one argmax over their logits
-        self.greedy_plain = not (
-            options["do_sample"]
-            or options["repetition_penalty"] != 1.0
-            or options["bad_words_ids"]
-            or self.grammar is not None
-        )
-        self.bad_words = (
-            BadWords(options["bad_words_ids"], vocab_size, options["eos_token_id"], device)
-            if options["bad_words_ids"]
-            else None
-        )
-        self.seen: torch.Tensor | None = None
-        if options["repetition_penalty"] != 1.0:
-            self.seen = torch.zeros(1, vocab_size, dtype=torch.bool, device=device)
-            mark_seen_(self.seen, torch.tensor([prompt_ids], device=device))
+        grammar = (options.get("grammars") or [None])[0]
+        # its controls and what they remember (tokens seen, grammar state, ...)
+        state = None if grammar is None else grammar.new_state(options["eos_token_id"])
+        self.sampler = RowSampler(options, prompt_ids, vocab_size, device, state)
 
     @property
     def prompt_length(self) -> int:
@@ -99,44 +76,12 @@ class Sequence:
         """Image patches the vision encoder still has to run for this request."""
         return sum(image.patches for image in self.images if image.features is None)
 
-    def holds_back_eos(self) -> bool:
-        """Whether min_new_tokens still forbids the end-of-sequence tokens."""
-        return len(self.generated) < self.options["min_new_tokens"] and bool(self.eos)
-
-    def choose(self, logits: torch.Tensor) -> int:
-        """The next token from this row's float32 logits (V,), as `generate` would choose it."""
-        opts = self.options
-        scores, device = logits[None], logits.device
-        if self.seen is not None:
-            scores = repetition_penalty_(scores, self.seen, opts["repetition_penalty"])
-        if self.bad_words is not None:
-            scores = self.bad_words(scores, torch.tensor([self.prompt_ids + self.generated], device=device))
-        if self.holds_back_eos():
-            scores = forbid_tokens(scores, torch.tensor(sorted(self.eos), device=device))
-        if self.grammar is not None:
-            scores = self.grammar.mask_(scores.clone())  # the caller's logits stay unmasked
-            if not bool(torch.isfinite(scores).any()):
-                raise ValueError(
-                    "no token is allowed next (bad_words_ids forbid every token the grammar allows)"
-                )
-        if opts["do_sample"]:
-            if opts["temperature"] != 1.0:
-                scores = scores / opts["temperature"]
-            if opts["top_k"]:
-                scores = top_k_filter(scores, opts["top_k"])
-            if opts["top_p"] < 1.0:
-                scores = top_p_filter(scores, opts["top_p"])
-        return int(pick_next_tokens(scores, opts["do_sample"], opts["generator"])[0])
-
     def accept(self, token: int, logprob: float | None = None) -> tuple[str, str | None]:
         """Record a new token: (the text it adds, the finish reason or None)."""
         self.generated.append(token)
-        if self.grammar is not None:
-            self.grammar.advance(token)
+        self.sampler.accept(token)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
-        if self.seen is not None:
-            mark_seen_(self.seen, torch.tensor([[token]], device=self.seen.device))
         if token in self.eos:
             self.stopped_by = "eos_token"
             return self.reply.finish(token), "stop"

@@ -1,4 +1,5 @@
-"""The engine's KV cache: `rows` x `length` slots per layer, one row per running request.
+"""The decode core's KV cache: `rows` x `length` slots per layer, one row per running request (the engine) or
+per prompt of the batch (`generate`).
 
 Running requests always hold rows [0, n): when one leaves, the request in the last row moves into its row
 (only the slots it has filled are copied), so a decode step reads the cache as one contiguous view, never
@@ -11,9 +12,18 @@ Two views implement the `update` that the decoder's attention layers call (see m
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
-from idefics2.modeling.text import KVCache
+
+class KVCache(Protocol):
+    """What the model's `new_kv_cache` returns (modeling.text.KVCache): one key and one value buffer per
+    layer, each (rows, n_kv_heads, max_length, head_dim)."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    max_length: int
 
 
 class RowKVCache:

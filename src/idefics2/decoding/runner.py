@@ -1,21 +1,22 @@
-"""Model calls of the engine: image features, prompt chunks into one cache row, decode steps over many rows.
+"""The model calls of the decode core: image features, prompts into cache rows (whole or in chunks), and
+decode steps over many rows, each at its own cache slot; `generate` and the serving engine both run on it.
 
-Everything here runs on the engine's thread, under inference mode. Logits come back as float32 (the
-sampling controls work in float32 whatever the model dtype, as `generate` does).
+A runner owns one row KV cache (see kv_rows.py) and, on CUDA, its captured decode graphs (see graphs.py).
+Everything runs on the thread that owns the runner, under no_grad / inference mode. Logits come back as
+float32: the sampling controls work in float32 whatever the model dtype.
 """
 
 from __future__ import annotations
 
-import warnings
+import threading
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
-from idefics2.modeling import cuda_graphs
-from idefics2.serving.kv_rows import RowKVCache
-
-# decode graphs are captured per batch-size bucket (powers of two up to the engine's rows) and per length
-# bucket (a multiple of this many cache slots): a step attends over its bucket's slots, not the whole cache
-LENGTH_BUCKET = 512
+from idefics2.decoding.graphs import LENGTH_BUCKET, DecodeGraphs
+from idefics2.decoding.kv_rows import RowKVCache
 
 
 class ModelRunner:
@@ -24,8 +25,9 @@ class ModelRunner:
         self.device = model.lm_head.weight.device
         self.cache = RowKVCache(model, rows, length)
         self.window = model.config.text_config.sliding_window
+        self.rows, self.length = rows, length
         use_graphs = self.device.type == "cuda" and getattr(model, "cuda_graphs", False)
-        self.graphs = DecodeGraphs(self, rows, length) if use_graphs else None
+        self.graphs = DecodeGraphs(model, self.decode_step, rows, length) if use_graphs else None
 
     def image_features(self, images: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Processed images, each (pixel_values (1, N, C, H, W), pixel_attention_mask (1, N, H, W)), encoded
@@ -79,18 +81,22 @@ class ModelRunner:
         last = hidden[torch.arange(len(embeds)), torch.tensor(lengths) - 1]  # (B, hidden)
         return self.model.lm_head(last).float()
 
-    def decode(self, tokens: list[int], positions: list[int], start: int = 0) -> torch.Tensor:
-        """One new token for each of rows [start, start + B) at its own slot; logits (B, V).
+    def decode(
+        self, tokens: torch.Tensor | list[int], positions: torch.Tensor | list[int], start: int = 0
+    ) -> torch.Tensor:
+        """One new token for each of rows [start, start + B) at its own slot: tokens (B,), positions (B,)
+        (tensors or lists); logits (B, V) float32.
 
         On CUDA (with model.cuda_graphs) rows [0, B) replay a captured graph for their batch-size and
         length bucket."""
+        token_ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device)  # (B,)
+        slots = torch.as_tensor(positions, dtype=torch.long, device=self.device)  # (B,)
         if self.graphs is not None and start == 0:
-            logits = self.graphs(tokens, positions)
+            logits = self.graphs(token_ids, slots)
             if logits is not None:
                 return logits
-        token_ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
-        slots = torch.tensor(positions, dtype=torch.long, device=self.device)  # (B,)
-        return self.decode_step(token_ids, slots, max(positions) + 1, start)
+        n_keys = (max(positions) if isinstance(positions, list) else int(slots.max())) + 1
+        return self.decode_step(token_ids[:, None], slots, n_keys, start)
 
     def decode_step(self, token_ids: torch.Tensor, slots: torch.Tensor, n_keys: int, start: int = 0):
         """The decode computation on tensors: token_ids (B, 1), slots (B,), attending over cache slots
@@ -107,68 +113,59 @@ class ModelRunner:
         self.cache.move_row(source, target, filled)
 
 
-class DecodeGraphs:
-    """CUDA graphs of the decode step, one per (batch-size bucket, length bucket), captured on first use (on
-    the engine's thread, which does all of the engine's torch work) and replayed after; rows beyond the batch
-    in its bucket are placeholders (token 0 at slot 0 of free rows). All are dropped when the model's
-    weights_version moves (they would replay the old weights). The logits returned are a copy of the graph's
-    output. Capture failure turns graphs off with one warning (the runner then decodes eagerly)."""
+class RunnerPool:
+    """Runners kept between `generate` calls on CUDA, so that their captured decode graphs are replayed by
+    later calls instead of captured again. `borrow` hands out an idle runner of the same model, rows, dtype,
+    device and length bucket (the slots asked, rounded up to a multiple of LENGTH_BUCKET), or a new one; a
+    runner is never lent twice at once, so concurrent calls on one model get separate runners. At most
+    `size` idle runners are kept (the most recently returned)."""
 
-    def __init__(self, runner: ModelRunner, rows: int, length: int) -> None:
-        self.runner, self.rows, self.length = runner, rows, length
-        self.graphs: dict[tuple[int, int], CapturedStep] = {}
-        self.pool = None
-        self.weights_version = runner.model.weights_version
-        self.failed = False
+    def __init__(self, size: int = 4) -> None:
+        self.size = size
+        self.idle: list[ModelRunner] = []
+        self.lock = threading.Lock()
 
-    def bucket(self, batch: int, n_keys: int) -> tuple[int, int]:
-        size = 1
-        while size < batch:
-            size *= 2
-        slots = -(-n_keys // LENGTH_BUCKET) * LENGTH_BUCKET
-        return min(size, self.rows), min(slots, self.length)
-
-    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor | None:
-        if self.failed:
-            return None
-        if self.runner.model.weights_version != self.weights_version:
-            self.graphs, self.pool = {}, None
-            self.weights_version = self.runner.model.weights_version
-        key = self.bucket(len(tokens), max(positions) + 1)
-        step = self.graphs.get(key)
-        if step is None:
-            step = CapturedStep(*key, self.runner.device)
-        step.load(tokens, positions)
-        if key not in self.graphs:
-            try:  # the warm-up steps write the same keys and values the replay writes
-                step.capture(self.runner, self.pool)
-            except RuntimeError as error:
-                self.failed = True
-                warnings.warn(f"CUDA graph decoding disabled, running eagerly: {error}", stacklevel=2)
-                return None
-            self.graphs[key], self.pool = step, step.graph.pool()
-        step.graph.replay()
-        return step.logits[: len(tokens)].clone()
+    @contextmanager
+    def borrow(self, model: torch.nn.Module, rows: int, length: int) -> Iterator[ModelRunner]:
+        slots = -(-length // LENGTH_BUCKET) * LENGTH_BUCKET
+        with self.lock:
+            runner = next((r for r in self.idle if _fits(r, model, rows, slots)), None)
+            if runner is not None:
+                self.idle.remove(runner)
+        runner = runner or ModelRunner(model, rows, slots)
+        try:
+            yield runner
+        finally:
+            with self.lock:
+                self.idle.append(runner)
+                del self.idle[: -self.size]
 
 
-class CapturedStep:
-    """Static inputs (token ids, slots), the captured graph and its output logits, for one bucket."""
+def _fits(runner: ModelRunner, model: torch.nn.Module, rows: int, slots: int) -> bool:
+    keys = runner.cache.cache.keys[0]
+    return (
+        runner.model is model
+        and runner.rows == rows
+        and runner.length == slots
+        and keys.dtype == model.dtype
+        and keys.device == model.device
+    )
 
-    def __init__(self, batch: int, n_keys: int, device: torch.device) -> None:
-        self.n_keys = n_keys
-        self.token_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
-        self.slots = torch.zeros(batch, dtype=torch.long, device=device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
 
-    def load(self, tokens: list[int], positions: list[int]) -> None:
-        """The batch's tokens and slots; placeholder rows feed token 0 at slot 0 (of free cache rows)."""
-        batch = len(tokens)
-        self.token_ids.zero_()
-        self.slots.zero_()
-        self.token_ids[:batch, 0].copy_(torch.tensor(tokens))
-        self.slots[:batch].copy_(torch.tensor(positions))
+_pools: weakref.WeakKeyDictionary[torch.nn.Module, RunnerPool] = weakref.WeakKeyDictionary()
+_pools_lock = threading.Lock()
 
-    def capture(self, runner: ModelRunner, pool) -> None:
-        run = lambda: runner.decode_step(self.token_ids, self.slots, self.n_keys)  # noqa: E731
-        self.graph, self.logits = cuda_graphs.capture(run, pool)
+
+@contextmanager
+def borrow_runner(model: torch.nn.Module, rows: int, length: int) -> Iterator[ModelRunner]:
+    """A runner of `rows` cache rows of at least `length` slots for one `generate` call: on CUDA with
+    model.cuda_graphs, from the model's pool (its graphs are reused by later calls); elsewhere a new one,
+    freed with the call."""
+    device = model.lm_head.weight.device
+    if device.type != "cuda" or not getattr(model, "cuda_graphs", False):
+        yield ModelRunner(model, rows, length)
+        return
+    with _pools_lock:
+        pool = _pools.setdefault(model, RunnerPool())
+    with pool.borrow(model, rows, length) as runner:
+        yield runner

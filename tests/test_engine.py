@@ -194,6 +194,8 @@ def test_seeded_sampling_is_the_same_whatever_else_runs(model64, processor):
             handle.result()
     assert alone.token_ids == crowded.token_ids
     assert differently_seeded.token_ids != alone.token_ids
+    # the same decode core and logits chain: generate with the seed draws the same tokens
+    assert alone.token_ids == solo_tokens(model64, processor, "Tell a story.", [], controls)[0]
 
 
 def test_limits_and_bad_requests_fail_at_submit(model32, processor):

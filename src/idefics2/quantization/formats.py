@@ -79,7 +79,7 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     """float weight [N, K] -> (qweight uint8 [N, K/2], scales bf16 [N, K/g]), without zero points.
 
     Each group's step is the smallest that keeps its largest weight within 7.5 steps and its smallest within
-    -8.5 (so every weight is within half a step of the grid -8..7); it is rounded to bfloat16 first and the
+    -8.5 (so every weight is within half a step of the grid -8..7); it is rounded up to bfloat16 first and the
     integers chosen for the rounded step, so that the stored numbers are the ones the grid was fitted with
     (and (q - 8) * step is exact in float32).
     """
@@ -92,8 +92,9 @@ def quantize_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, 
     scales = torch.empty(n, k // group_size, dtype=torch.bfloat16, device=weight.device)
     for rows in _row_slices(weight):
         w = weight[rows].detach().float().reshape(-1, k // group_size, group_size)
-        step = torch.maximum(w.amax(dim=-1) / 7.5, w.amin(dim=-1) / -8.5)
-        scales[rows] = step.clamp(min=1e-8)
+        step = torch.maximum(w.amax(dim=-1) / 7.5, w.amin(dim=-1) / -8.5).clamp(min=1e-8)
+        rounded = step.to(torch.bfloat16)  # up, never down: the range must still fit
+        scales[rows] = torch.where(rounded.float() < step, torch.nextafter(rounded, rounded + 1), rounded)
         s = scales[rows].float()[..., None]
         qweight[rows] = pack_nibbles(torch.round(w / s + 8.0).clamp_(0, 15).reshape(-1, k))
     return qweight, scales

@@ -18,7 +18,7 @@ from idefics2.assets import builtin_model_dir
 from idefics2.modeling import kernels
 from idefics2.processing import Idefics2Tokenizer
 from idefics2.quantization import quantized_layers
-from oracle_model import rel_diff
+from oracle_model import rel_diff, write_legacy_quantized_checkpoint
 
 SHAPES = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 PROMPTS = [
@@ -256,3 +256,23 @@ def test_a_saved_quantized_model_loads_alike(tmp_path, mode):
         for name, layer in quantized_layers(model).items():  # transformers' weights are ours, exactly
             weight = reference.get_submodule(name).weight
             assert torch.equal(weight.float(), layer.dequantized_weight(torch.float32)), name
+
+
+def test_an_older_int4_folder_saved_again_loads_alike(tmp_path):
+    """int4 with zero points (our older format, or AWQ) is saved as float weights: transformers runs what our
+    quantized model runs."""
+    write_legacy_quantized_checkpoint(builtin_model_dir(), tmp_path / "legacy", bits=4)
+    model = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "legacy")
+    with pytest.warns(UserWarning, match="saved as float weights"):
+        model.save_pretrained(tmp_path / "saved")
+    Idefics2Processor.from_pretrained(builtin_model_dir()).save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+    from transformers import Idefics2ForConditionalGeneration as Reference
+
+    reference = Reference.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    processor = Idefics2Processor.from_pretrained(tmp_path / "saved")
+    messages, images = CONVERSATIONS[0]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=text, images=[images], return_tensors="pt")
+    with torch.no_grad(), kernels.force(int4="dequantize"):
+        assert rel_diff(model.eval()(**inputs).logits, reference(**inputs).logits) <= 1e-4

@@ -35,7 +35,7 @@ from idefics2.quantization.formats import (
     to_compressed,
     unpack_nibbles,
 )
-from oracle_model import build_batch, build_reference_checkpoint, rel_diff
+from oracle_model import build_batch, build_reference_checkpoint, rel_diff, write_legacy_quantized_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -297,6 +297,36 @@ def test_saved_quantized_checkpoint_reloads_without_float_weights(checkpoint, tm
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize=other)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_checkpoints_in_the_older_idefics2_format_still_load(checkpoint, tmp_path, bits):
+    """Folders saved before compressed-tensors (quant_method "idefics2", int4 with zero points) load with
+    the weights they stand for; saved again, int8 stays quantized and int4 with zero points becomes float
+    weights (with a warning), both giving the same logits."""
+    dequantized = write_legacy_quantized_checkpoint(checkpoint, tmp_path / "legacy", bits)
+    model = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "legacy")
+    layers = quantized_layers(model)
+    assert sorted(layers) == sorted(name.removesuffix(".weight") for name in dequantized)
+    for name, layer in layers.items():
+        assert rel_diff(layer.dequantized_weight(torch.float32), dequantized[f"{name}.weight"]) <= 1e-6
+    assert all((layer.zeros is not None) == (bits == 4) for layer in layers.values())
+    inputs = batch()
+    float32_route = {"int8": "dequantize", "int4": "dequantize"}
+    with kernels.force(**float32_route):
+        before = logits(model, inputs)
+    if bits == 4:
+        with pytest.warns(UserWarning, match="saved as float weights"):
+            model.save_pretrained(tmp_path / "saved")
+    else:
+        model.save_pretrained(tmp_path / "saved")
+    reloaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert bool(quantized_layers(reloaded)) == (bits == 8)
+    assert ("quantization_config" in json.loads((tmp_path / "saved" / "config.json").read_text())) == (
+        bits == 8
+    )
+    with kernels.force(**float32_route):
+        assert rel_diff(logits(reloaded, inputs), before) <= 1e-5
+
+
 def test_quantize_in_place_equals_quantizing_while_loading(checkpoint):
     inputs = batch()
     loaded = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize="int8")
@@ -479,6 +509,36 @@ def test_awq_checkpoint_runs_on_the_int4_path(awq_checkpoint, route):
     ):
         got = logits(model, steps)
     assert rel_diff(got.double(), logits(twin, steps).double()) <= tolerance
+
+
+def test_a_model_loaded_from_awq_saves_float_weights(awq_checkpoint, tmp_path):
+    folder, twin_folder = awq_checkpoint
+    model = Idefics2ForConditionalGeneration.from_pretrained(folder)
+    with pytest.warns(UserWarning, match="14 int4 layers with zero points"):
+        model.save_pretrained(tmp_path)
+    saved = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert not quantized_layers(saved) and "quantization_config" not in saved.config.extra
+    twin = Idefics2ForConditionalGeneration.from_pretrained(twin_folder)
+    inputs = batch()
+    assert rel_diff(logits(saved, inputs).double(), logits(twin, inputs).double()) <= 2e-3
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"symmetric": False}, "symmetric"),
+        ({"num_bits": 2}, "int8 weights per output"),
+        ({"num_bits": 8, "strategy": "group"}, "'strategy': 'group'"),
+        ({"type": "float"}, "'type': 'float'"),
+    ],
+)
+def test_unsupported_compressed_tensors_schemes_are_refused(checkpoint, tmp_path, change, message):
+    Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize="int4").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
 
 
 def test_unsupported_awq_variants_are_refused(awq_checkpoint, tmp_path):

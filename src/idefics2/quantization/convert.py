@@ -121,7 +121,7 @@ def saved_quantized(layer: QuantizedLinear) -> bool:
     """Whether `save_pretrained` stores the layer quantized: int8, and int4 without zero points. int4 with
     zero points (read from AWQ or older idefics2 checkpoints) is stored as its float weight: transformers
     5.24 with compressed-tensors 0.20.1 expects zero points unpacked ([N, K/g]) where compressed-tensors
-    writes them packed, and refuses such a folder; no other format it reads on a CPU holds them."""
+    writes them packed, and refuses such a folder; its AWQ reader needs yet another package (gptqmodel)."""
     return layer.zeros is None
 
 

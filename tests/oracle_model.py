@@ -158,3 +158,54 @@ def rel_diff(actual: torch.Tensor, expected: torch.Tensor, mask: torch.Tensor | 
     if mask is not None:
         actual, expected = actual[mask.bool()], expected[mask.bool()]
     return ((actual.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+
+
+def write_legacy_quantized_checkpoint(source: Path, folder: Path, bits: int, group_size: int = 32) -> dict:
+    """Rewrite the float checkpoint in `source` as idefics2 wrote quantized checkpoints before they were
+    compressed-tensors ones (quant_method "idefics2"): each decoder projection and the lm_head as `qweight`,
+    `scales` and, for int4, `zeros` (asymmetric: the group's [min, max] in 15 steps, bfloat16 scales and
+    zeros). Returns the float weights those tensors stand for, by name, computed here from the stored
+    integers: weight = q * scale (int8), (q - 8) * scale + zero (int4)."""
+    import json
+    import shutil
+
+    from idefics2.loading import read_safetensors, write_safetensors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in source.iterdir():
+        if file.name != "model.safetensors":
+            shutil.copy(file, folder / file.name)
+    tensors, dequantized = {}, {}
+    for name, tensor in read_safetensors(source / "model.safetensors").items():
+        layer = name.removesuffix(".weight")
+        quantized = name.endswith(".weight") and (
+            layer == "lm_head" or (layer.startswith("model.text_model.layers.") and layer.endswith("_proj"))
+        )
+        if not quantized:
+            tensors[name] = tensor.clone()
+            continue
+        w = tensor.float()
+        n, k = w.shape
+        if bits == 8:
+            scales = w.abs().amax(dim=1) / 127
+            q = torch.round(w / scales[:, None]).to(torch.int8)
+            tensors.update({f"{layer}.qweight": q, f"{layer}.scales": scales})
+            dequantized[name] = q.double() * scales.double()[:, None]
+            continue
+        groups = w.reshape(n, k // group_size, group_size)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scales = ((high - low) / 15).to(torch.bfloat16)
+        zeros = (low + 8 * scales.float()).to(torch.bfloat16)
+        q = torch.round((groups - zeros.float()[..., None]) / scales.float()[..., None] + 8).clamp(0, 15)
+        q = q.reshape(n, k).to(torch.uint8)
+        tensors[f"{layer}.qweight"] = (q[:, 0::2] << 4) | q[:, 1::2]
+        tensors.update({f"{layer}.scales": scales, f"{layer}.zeros": zeros})
+        value = (q.double().reshape(n, -1, group_size) - 8) * scales.double()[..., None]
+        dequantized[name] = (value + zeros.double()[..., None]).reshape(n, k)
+    write_safetensors(folder / "model.safetensors", tensors)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "idefics2", "bits": bits, "modules": ["decoder"]}
+    if bits == 4:
+        config["quantization_config"]["group_size"] = group_size
+    (folder / "config.json").write_text(json.dumps(config))
+    return dequantized

@@ -1,7 +1,7 @@
 """Every folder idefics2 writes loads in transformers unchanged: the built-in model, `train --full` outputs
-and their checkpoints, merged adapters. transformers' AutoTokenizer / AutoProcessor give the same ids as
-ours on varied prompts, and its Idefics2ForConditionalGeneration the same float32 logits, each side using
-its own processor."""
+and their checkpoints, merged adapters, quantized models. transformers' AutoTokenizer / AutoProcessor give
+the same ids as ours on varied prompts, and its Idefics2ForConditionalGeneration the same float32 logits,
+each side using its own processor."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from PIL import Image
 
 from idefics2 import Idefics2ForConditionalGeneration, Idefics2Processor
 from idefics2.assets import builtin_model_dir
+from idefics2.modeling import kernels
 from idefics2.processing import Idefics2Tokenizer
-from oracle_model import rel_diff
+from idefics2.quantization import quantized_layers
+from oracle_model import rel_diff, write_legacy_quantized_checkpoint
 
 SHAPES = Path(__file__).resolve().parents[1] / "examples" / "shapes.png"
 PROMPTS = [
@@ -102,21 +104,25 @@ def assert_processors_agree(folder: Path) -> None:
         assert torch.equal(got["pixel_attention_mask"], expected["pixel_attention_mask"])
 
 
-def assert_logits_agree(folder: Path) -> None:
-    """Logits of transformers' model on its processor's inputs against ours on ours (float32)."""
+def assert_logits_agree(folder: Path) -> float:
+    """Logits of transformers' model on its processor's inputs against ours on ours (float32; a quantized
+    model of ours on its float32 route, the dequantized product). Returns the largest relative difference."""
     from transformers import AutoProcessor
     from transformers import Idefics2ForConditionalGeneration as Reference
 
     reference = Reference.from_pretrained(folder, dtype=torch.float32).eval()
     model = Idefics2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     theirs, ours = AutoProcessor.from_pretrained(folder), Idefics2Processor.from_pretrained(folder)
+    worst = 0.0
     for messages, images in CONVERSATIONS:
         text = ours.apply_chat_template(messages, add_generation_prompt=True)
-        with torch.no_grad():
+        with torch.no_grad(), kernels.force(int8="dequantize", int4="dequantize"):
             expected = reference(**theirs(text=text, images=[images], return_tensors="pt")).logits
             got = model(**ours(text=text, images=[images], return_tensors="pt")).logits
         assert got.shape == expected.shape
-        assert rel_diff(got, expected) <= 1e-4
+        worst = max(worst, rel_diff(got, expected))
+    assert worst <= 1e-4
+    return worst
 
 
 def assert_loads_alike(folder: Path) -> None:
@@ -219,3 +225,54 @@ def test_a_merged_adapter_loads_alike(tmp_path):
         expected = reference(**inputs).logits
     assert rel_diff(adapted, expected) <= 1e-4  # transformers runs the adapter's weights
     assert rel_diff(base, expected) > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_saved_quantized_model_loads_alike(tmp_path, mode):
+    """Saved after quantizing: transformers (with compressed-tensors) runs the same int8 / int4 weights, and
+    they are really quantized (the logits differ from the float model's)."""
+    from transformers import Idefics2ForConditionalGeneration as Reference
+
+    model = Idefics2ForConditionalGeneration.from_pretrained(builtin_model_dir(), quantize=mode)
+    model.save_pretrained(tmp_path)
+    Idefics2Processor.from_pretrained(builtin_model_dir()).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "compressed-tensors" and config["format"] == "pack-quantized"
+    reloaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert sorted(quantized_layers(reloaded)) == sorted(quantized_layers(model))
+    assert_logits_agree(tmp_path)
+
+    reference = Reference.from_pretrained(tmp_path, dtype=torch.float32)
+    float_model = Idefics2ForConditionalGeneration.from_pretrained(builtin_model_dir())
+    messages, images = CONVERSATIONS[0]
+    processor = Idefics2Processor.from_pretrained(tmp_path)
+    inputs = processor(
+        text=processor.apply_chat_template(messages, add_generation_prompt=True),
+        images=[images],
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        assert rel_diff(reference(**inputs).logits, float_model(**inputs).logits) > 1e-3
+        for name, layer in quantized_layers(model).items():  # transformers' weights are ours, exactly
+            weight = reference.get_submodule(name).weight
+            assert torch.equal(weight.float(), layer.dequantized_weight(torch.float32)), name
+
+
+def test_an_older_int4_folder_saved_again_loads_alike(tmp_path):
+    """int4 with zero points (our older format, or AWQ) is saved as float weights: transformers runs what our
+    quantized model runs."""
+    write_legacy_quantized_checkpoint(builtin_model_dir(), tmp_path / "legacy", bits=4)
+    model = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "legacy")
+    with pytest.warns(UserWarning, match="saved as float weights"):
+        model.save_pretrained(tmp_path / "saved")
+    Idefics2Processor.from_pretrained(builtin_model_dir()).save_pretrained(tmp_path / "saved")
+    assert "quantization_config" not in json.loads((tmp_path / "saved" / "config.json").read_text())
+    from transformers import Idefics2ForConditionalGeneration as Reference
+
+    reference = Reference.from_pretrained(tmp_path / "saved", dtype=torch.float32).eval()
+    processor = Idefics2Processor.from_pretrained(tmp_path / "saved")
+    messages, images = CONVERSATIONS[0]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=text, images=[images], return_tensors="pt")
+    with torch.no_grad(), kernels.force(int4="dequantize"):
+        assert rel_diff(model.eval()(**inputs).logits, reference(**inputs).logits) <= 1e-4

@@ -27,13 +27,15 @@ from idefics2.quantization.formats import (
     AWQ_ORDER,
     awq_to_int4,
     dequantize_int4,
+    from_compressed,
     group_size_for,
     pack_nibbles,
     quantize_int4,
     quantize_int8,
+    to_compressed,
     unpack_nibbles,
 )
-from oracle_model import build_batch, build_reference_checkpoint, rel_diff
+from oracle_model import build_batch, build_reference_checkpoint, rel_diff, write_legacy_quantized_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,18 +60,35 @@ def test_int8_is_within_half_a_step_per_channel():
 
 def test_int4_is_within_half_a_step_per_group_and_packs_two_per_byte():
     w = weight(64, 256, seed=1)
-    q, scales, zeros = quantize_int4(w, 64)
-    assert (q.dtype, q.shape, scales.shape, zeros.shape) == (torch.uint8, (64, 128), (64, 4), (64, 4))
+    w[0, :64] = w[0, :64].abs() + 0.01  # a group of positive weights: the grid -8..7 still covers it
+    q, scales = quantize_int4(w, 64)
+    assert (q.dtype, q.shape, scales.shape, scales.dtype) == (torch.uint8, (64, 128), (64, 4), torch.bfloat16)
     values = unpack_nibbles(q)
     assert int(values.max()) <= 15 and torch.equal(pack_nibbles(values), q)
     assert torch.equal(values[:, 0], q[:, 0] >> 4) and torch.equal(values[:, 1], q[:, 0] & 15)  # even: high
-    back = dequantize_int4(q, scales, zeros, torch.float32)
+    back = dequantize_int4(q, scales, None, torch.float32)
+    expected = (values.double() - 8) * scales.double().repeat_interleave(64, dim=1)  # no zero points
+    assert torch.equal(back.double(), expected)  # exact in float32
     step = scales.float().repeat_interleave(64, dim=1)
     assert bool(((back - w).abs() <= step / 2 + 1e-6).all())
     for group, bound in ((32, 0.09), (128, 0.12)):
-        qq, ss, zz = quantize_int4(w, group)
-        relative = ((dequantize_int4(qq, ss, zz, torch.float32) - w).norm() / w.norm()).item()
+        qq, ss = quantize_int4(w, group)
+        relative = ((dequantize_int4(qq, ss, None, torch.float32) - w).norm() / w.norm()).item()
         assert relative < bound, (group, relative)
+
+
+@pytest.mark.parametrize("bits, k", [(8, 160), (8, 90), (4, 160), (4, 90)])
+def test_compressed_tensors_packing_is_theirs(bits, k):
+    """to_compressed gives compressed-tensors' own packing of the same integers (widths that are not a whole
+    number of int32 words included), and from_compressed reads it back."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    w = weight(24, k, seed=bits)
+    qweight = quantize_int8(w)[0] if bits == 8 else quantize_int4(w, k)[0]
+    signed = qweight if bits == 8 else (unpack_nibbles(qweight).to(torch.int8) - 8)
+    packed = to_compressed(qweight, bits)
+    assert packed.dtype == torch.int32 and torch.equal(packed, pack_to_int32(signed, bits))
+    assert torch.equal(from_compressed(packed, bits, k), qweight)
 
 
 def test_group_size_falls_back_to_a_divisor_of_the_width():
@@ -210,12 +229,15 @@ def test_default_quantizes_the_decoder_only(checkpoint):
     assert "lm_head" in names and "model.text_model.layers.1.mlp.down_proj" in names
     assert all(n.startswith("model.text_model.") or n == "lm_head" for n in names)
     assert not any(n.startswith("model.text_model.") for n in linears)
-    assert model.config.extra["quantization_config"] == {
-        "quant_method": "idefics2",
-        "bits": 4,
-        "modules": ["decoder"],
-        "group_size": 32,
-    }
+    entry = model.config.extra["quantization_config"]  # compressed-tensors', what save_pretrained writes
+    assert (entry["quant_method"], entry["format"]) == ("compressed-tensors", "pack-quantized")
+    [group] = entry["config_groups"].values()
+    scheme = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    assert group["weights"] == {**scheme, "dynamic": False}
+    from compressed_tensors.utils import match_named_modules  # its own reading of targets and ignore
+
+    assert {name for name, _ in match_named_modules(model, group["targets"], entry["ignore"])} == names
+    assert {name for name, _ in match_named_modules(model, entry["ignore"])} == linears
     everything = Idefics2ForConditionalGeneration.from_pretrained(
         checkpoint, quantize="int8", quantize_modules=("decoder", "connector", "perceiver", "vision")
     )
@@ -254,16 +276,18 @@ def test_saved_quantized_checkpoint_reloads_without_float_weights(checkpoint, tm
     model = Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize=mode, group_size=32)
     before = logits(model, inputs)
     model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())
-    assert config["quantization_config"]["bits"] == {"int8": 8, "int4": 4}[mode]
+    config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    [group] = config["config_groups"].values()
+    assert group["weights"]["num_bits"] == {"int8": 8, "int4": 4}[mode]
     from idefics2.loading import read_safetensors
 
     stored = read_safetensors(tmp_path / "model.safetensors")
-    assert "model.text_model.layers.0.self_attn.q_proj.weight" not in stored
-    q = stored["model.text_model.layers.0.self_attn.q_proj.qweight"]
-    assert q.dtype == {"int8": torch.int8, "int4": torch.uint8}[mode] and q.shape == (
-        (64, 64) if mode == "int8" else (64, 32)
-    )
+    prefix = "model.text_model.layers.0.self_attn.q_proj"
+    assert f"{prefix}.weight" not in stored
+    packed, scale = stored[f"{prefix}.weight_packed"], stored[f"{prefix}.weight_scale"]
+    assert packed.dtype == torch.int32 and packed.shape == ((64, 16) if mode == "int8" else (64, 8))
+    assert scale.shape == ((64, 1) if mode == "int8" else (64, 2))
+    assert stored[f"{prefix}.weight_shape"].tolist() == [64, 64]
     reloaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
     assert torch.equal(logits(reloaded, inputs), before)
     again = Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize=mode)  # asking again is fine
@@ -271,6 +295,36 @@ def test_saved_quantized_checkpoint_reloads_without_float_weights(checkpoint, tm
     other = "int4" if mode == "int8" else "int8"
     with pytest.raises(ValueError, match=f"cannot be loaded as {other}"):
         Idefics2ForConditionalGeneration.from_pretrained(tmp_path, quantize=other)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_checkpoints_in_the_older_idefics2_format_still_load(checkpoint, tmp_path, bits):
+    """Folders saved before compressed-tensors (quant_method "idefics2", int4 with zero points) load with
+    the weights they stand for; saved again, int8 stays quantized and int4 with zero points becomes float
+    weights (with a warning), both giving the same logits."""
+    dequantized = write_legacy_quantized_checkpoint(checkpoint, tmp_path / "legacy", bits)
+    model = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "legacy")
+    layers = quantized_layers(model)
+    assert sorted(layers) == sorted(name.removesuffix(".weight") for name in dequantized)
+    for name, layer in layers.items():
+        assert rel_diff(layer.dequantized_weight(torch.float32), dequantized[f"{name}.weight"]) <= 1e-6
+    assert all((layer.zeros is not None) == (bits == 4) for layer in layers.values())
+    inputs = batch()
+    float32_route = {"int8": "dequantize", "int4": "dequantize"}
+    with kernels.force(**float32_route):
+        before = logits(model, inputs)
+    if bits == 4:
+        with pytest.warns(UserWarning, match="saved as float weights"):
+            model.save_pretrained(tmp_path / "saved")
+    else:
+        model.save_pretrained(tmp_path / "saved")
+    reloaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    assert bool(quantized_layers(reloaded)) == (bits == 8)
+    assert ("quantization_config" in json.loads((tmp_path / "saved" / "config.json").read_text())) == (
+        bits == 8
+    )
+    with kernels.force(**float32_route):
+        assert rel_diff(logits(reloaded, inputs), before) <= 1e-5
 
 
 def test_quantize_in_place_equals_quantizing_while_loading(checkpoint):
@@ -455,6 +509,36 @@ def test_awq_checkpoint_runs_on_the_int4_path(awq_checkpoint, route):
     ):
         got = logits(model, steps)
     assert rel_diff(got.double(), logits(twin, steps).double()) <= tolerance
+
+
+def test_a_model_loaded_from_awq_saves_float_weights(awq_checkpoint, tmp_path):
+    folder, twin_folder = awq_checkpoint
+    model = Idefics2ForConditionalGeneration.from_pretrained(folder)
+    with pytest.warns(UserWarning, match="14 int4 layers with zero points"):
+        model.save_pretrained(tmp_path)
+    saved = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
+    assert not quantized_layers(saved) and "quantization_config" not in saved.config.extra
+    twin = Idefics2ForConditionalGeneration.from_pretrained(twin_folder)
+    inputs = batch()
+    assert rel_diff(logits(saved, inputs).double(), logits(twin, inputs).double()) <= 2e-3
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"symmetric": False}, "symmetric"),
+        ({"num_bits": 2}, "int8 weights per output"),
+        ({"num_bits": 8, "strategy": "group"}, "'strategy': 'group'"),
+        ({"type": "float"}, "'type': 'float'"),
+    ],
+)
+def test_unsupported_compressed_tensors_schemes_are_refused(checkpoint, tmp_path, change, message):
+    Idefics2ForConditionalGeneration.from_pretrained(checkpoint, quantize="int4").save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
 
 
 def test_unsupported_awq_variants_are_refused(awq_checkpoint, tmp_path):

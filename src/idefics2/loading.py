@@ -4,9 +4,10 @@ Loading builds the module on the meta device (no allocation), memory-maps each s
 copy-on-write and assigns the mapped tensors as parameters, so weights are read from disk only when used
 and peak memory stays near the size of the weights. Pickle-based checkpoints are refused, never unpickled.
 
-Quantized loading: layers stored quantized (ours or AutoAWQ's) get their tensors as they are (AWQ's are
-converted); float layers chosen for quantization are quantized one tensor at a time, each float tensor's
-pages dropped right after, so peak memory stays near the quantized size.
+Quantized loading: layers stored quantized (compressed-tensors' pack-quantized, which save_pretrained
+writes; AutoAWQ's; our older "idefics2" format) get their tensors converted to the portable form (the older
+format's as they are); float layers chosen for quantization are quantized one tensor at a time, each float
+tensor's pages dropped right after, so peak memory stays near the quantized size.
 
 This module builds on idefics2.config, idefics2.hub and idefics2.quantization, never on the model: the
 model class passes itself in (`Idefics2ForConditionalGeneration.from_pretrained` calls load_pretrained).
@@ -21,6 +22,7 @@ import math
 import mmap
 import os
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,9 +32,25 @@ from torch import nn
 
 from idefics2.config import Idefics2Config
 from idefics2.hub import CheckpointError, read_json, resolve_checkpoint
-from idefics2.quantization import PARTS, QuantizationSpec, QuantizedLinear, stored_quantization, target_layers
-from idefics2.quantization.convert import StoredQuantization, empty_quantized, replace_module
-from idefics2.quantization.formats import awq_to_int4, quantize_int4, quantize_int8
+from idefics2.quantization import (
+    PARTS,
+    QuantizationSpec,
+    QuantizedLinear,
+    config_entry,
+    quantized_layers,
+    stored_quantization,
+    target_layers,
+)
+from idefics2.quantization.convert import (
+    COMPRESSED_TENSORS,
+    LEGACY_FORMAT,
+    StoredQuantization,
+    empty_quantized,
+    replace_module,
+    saved_quantized,
+    saved_tensors,
+)
+from idefics2.quantization.formats import awq_to_int4, from_compressed, quantize_int4, quantize_int8
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -258,8 +276,8 @@ def load_pretrained(
     """`build(config)` on the meta device, given the checkpoint's memory-mapped tensors.
 
     `quantization`: quantize these parts of a float checkpoint while loading. A checkpoint stored quantized
-    (config.json's `quantization_config`: ours or AutoAWQ GEMM) loads quantized whatever is asked, as long as
-    the bits agree.
+    (config.json's `quantization_config`: compressed-tensors pack-quantized, AutoAWQ GEMM, or our older
+    format) loads quantized whatever is asked, as long as the bits agree.
     """
     check_device(device)
     folder = resolve_checkpoint(path_or_repo_id, revision=revision)
@@ -304,7 +322,8 @@ def load_pretrained(
 
     # the layers that end up quantized, and the names and shapes the checkpoint must have for them
     if stored is not None:
-        layers = sorted({name.removesuffix(".qweight") for name in tensors if name.endswith(".qweight")})
+        suffix = ".weight_packed" if stored.method == COMPRESSED_TENSORS else ".qweight"
+        layers = sorted({name.removesuffix(suffix) for name in tensors if name.endswith(suffix)})
         spec = QuantizationSpec(stored.bits, stored.group_size or 128, _parts_of(layers))
     elif quantization is not None:
         layers, spec = target_layers(model, quantization.parts, config.tie_word_embeddings), quantization
@@ -319,10 +338,15 @@ def load_pretrained(
             f"model its config.json describes has no linear layer there"
         )
     scale_dtype = torch.float16 if stored is not None and stored.method == "awq" else torch.bfloat16
+    zero_points = stored is not None and stored.method != COMPRESSED_TENSORS and stored.bits == 4
     expected = dict(float_shapes)
     for name in layers:
-        linear = modules[name]
-        layer = empty_quantized(linear, spec, dtype=target_dtype, scale_dtype=scale_dtype)
+        linear, group = modules[name], None
+        if stored is not None and stored.method == COMPRESSED_TENSORS:
+            group, scale_dtype = _compressed_group(linear, tensors.get(f"{name}.weight_scale"))
+        layer = empty_quantized(
+            linear, spec, group, dtype=target_dtype, scale_dtype=scale_dtype, zero_points=zero_points
+        )
         replace_module(model, name, layer)
         del expected[f"{name}.weight"]
         expected.update({f"{name}.{key}": shape for key, shape in _stored_shapes(layer, stored).items()})
@@ -374,8 +398,10 @@ def load_pretrained(
     model.tie_weights()
     del tensors, source, state
 
-    if spec is not None:
-        model.config.extra["quantization_config"] = spec.config_entry()
+    model.config.extra.pop("quantization_config", None)
+    entry = config_entry(model)
+    if entry is not None:
+        model.config.extra["quantization_config"] = entry
     model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
     model.generation_config = _read_generation_config(folder)
     model.checkpoint_dir = folder
@@ -406,12 +432,25 @@ def _parts_of(layers: list[str]) -> tuple[str, ...]:
     return tuple(parts)
 
 
+def _compressed_group(linear: nn.Linear, scale: torch.Tensor | None) -> tuple[int, torch.dtype]:
+    """The int4 group size and the scales' dtype of a compressed-tensors layer, read from its weight_scale
+    [N, K/g] (one that is missing or misshapen is reported with the other mismatches)."""
+    k = linear.in_features
+    if scale is None or scale.dim() != 2 or not 0 < scale.shape[1] <= k or k % scale.shape[1]:
+        return k, torch.bfloat16
+    return k // scale.shape[1], scale.dtype if scale.dtype.is_floating_point else torch.bfloat16
+
+
 def _stored_shapes(layer: QuantizedLinear, stored: StoredQuantization | None) -> dict[str, tuple[int, ...]]:
     """The tensors (names within the layer, shapes) a checkpoint holds for this layer."""
     n, k = layer.out_features, layer.in_features
     shapes: dict[str, tuple[int, ...]] = {"bias": (n,)} if layer.bias is not None else {}
     if stored is None:
         shapes["weight"] = (n, k)
+    elif stored.method == COMPRESSED_TENSORS:
+        words = -(-k * layer.bits // 32)
+        scale_columns = 1 if layer.bits == 8 else k // layer.group_size
+        shapes.update(weight_packed=(n, words), weight_scale=(n, scale_columns), weight_shape=(2,))
     elif stored.method == "awq":
         groups = k // layer.group_size
         shapes.update(qweight=(k, n // 8), qzeros=(groups, n // 8), scales=(groups, n))
@@ -435,13 +474,20 @@ def _fill_quantized(
     if stored is None:
         key = f"{name}.weight"
         weight = source[key].converted(key, torch.float32, device)
-        if layer.bits == 8:
-            values = dict(zip(("qweight", "scales"), quantize_int8(weight), strict=True))
-        else:
-            values = dict(
-                zip(("qweight", "scales", "zeros"), quantize_int4(weight, layer.group_size), strict=True)
-            )
+        quantized = quantize_int8(weight) if layer.bits == 8 else quantize_int4(weight, layer.group_size)
+        values = dict(zip(("qweight", "scales"), quantized, strict=True))
         used = [key]
+    elif stored.method == COMPRESSED_TENSORS:
+        used = [f"{name}.{key}" for key in ("weight_packed", "weight_scale", "weight_shape")]
+        packed, scales, shape = (tensors[key] for key in used)
+        n, k = layer.out_features, layer.in_features
+        if packed.dtype != torch.int32 or shape.tolist() != [n, k] or not scales.dtype.is_floating_point:
+            raise CheckpointError(
+                f"{name}: compressed-tensors stores weight_packed as int32 (got {packed.dtype}), a floating "
+                f"weight_scale (got {scales.dtype}) and weight_shape [{n}, {k}] (got {shape.tolist()})"
+            )
+        scales = scales.reshape(n).to(torch.float32) if layer.bits == 8 else scales
+        values = {"qweight": from_compressed(packed, layer.bits, k).to(device), "scales": scales.to(device)}
     elif stored.method == "awq":
         used = [f"{name}.{key}" for key in ("qweight", "qzeros", "scales")]
         qweight, scales, zeros = awq_to_int4(*(tensors[key] for key in used))
@@ -450,7 +496,7 @@ def _fill_quantized(
         used = [f"{name}.{key}" for key in ("qweight", "scales", "zeros") if f"{name}.{key}" in tensors]
         values = {key.rpartition(".")[2]: tensors[key].to(device) for key in used}
     layer.set_tensors(values, dtype=dtype)
-    if layer.packing is not None or device.type != "cpu" or stored is None or stored.method == "awq":
+    if layer.packing is not None or device.type != "cpu" or stored is None or stored.method != LEGACY_FORMAT:
         for key in used:  # the mapped pages were copied or quantized: drop them
             source[key].release(key)
 
@@ -526,13 +572,30 @@ def write_safetensors(
 def save_pretrained(
     model: nn.Module, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB"
 ) -> Path:
-    """config.json (+ generation_config.json) and weights as model.safetensors, or shards + index."""
+    """config.json (+ generation_config.json) and weights as model.safetensors, or shards + index.
+
+    Quantized layers are written in compressed-tensors' pack-quantized form with its `quantization_config`
+    (transformers and vLLM load the folder as it is); int4 layers with zero points (read from AWQ or older
+    checkpoints), which transformers cannot load so, are written as float weights, with a warning."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
     state = model.state_dict()
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight")
+    layers = quantized_layers(model)
+    for name, layer in layers.items():  # the portable tensors, one layer at a time, become the stored ones
+        portable = {key: state.pop(f"{name}.{key}") for key in ("qweight", "scales", "zeros")
+                    if f"{name}.{key}" in state}  # fmt: skip
+        state.update({f"{name}.{key}": tensor for key, tensor in saved_tensors(layer, portable).items()})
+    as_float = [name for name, layer in layers.items() if not saved_quantized(layer)]
+    if as_float:
+        warnings.warn(
+            f"{len(as_float)} int4 layers with zero points (from an AutoAWQ or older idefics2 checkpoint, "
+            f"e.g. {as_float[0]}) are saved as float weights: no format that transformers loads on a CPU "
+            f"holds int4 zero points. Quantize the float folder again with quantize='int4' to save int4",
+            stacklevel=3,
+        )
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
@@ -565,6 +628,10 @@ def save_pretrained(
 
     config = model.config
     config.torch_dtype = str(model.dtype).removeprefix("torch.")
+    config.extra.pop("quantization_config", None)
+    entry = config_entry(model)
+    if entry is not None:
+        config.extra["quantization_config"] = entry
     config.save_pretrained(folder)
     if model.generation_config:
         (folder / "generation_config.json").write_text(json.dumps(model.generation_config, indent=2) + "\n")

@@ -18,7 +18,13 @@ from idefics2.modeling.attention import Linear, RMSNorm, causal_mask, check_attn
 from idefics2.modeling.connector import Idefics2Connector, PerceiverResampler
 from idefics2.modeling.text import KVCache, MistralDecoder
 from idefics2.modeling.vision import Idefics2VisionTransformer, patch_mask_from_pixels
-from idefics2.quantization import DEFAULT_PARTS, QuantizationSpec, quantize_model
+from idefics2.quantization import (
+    DEFAULT_PARTS,
+    QuantizationSpec,
+    config_entry,
+    quantize_model,
+    quantized_layers,
+)
 
 
 @dataclass
@@ -388,12 +394,12 @@ class Idefics2ForConditionalGeneration(nn.Module):
         """Quantize the linear layers of `modules` in place ("int8": per output channel; "int4": groups of
         `group_size` inputs); by default the decoder (its layers and an untied lm_head). Returns the model."""
         spec = QuantizationSpec.parse(mode, group_size, modules)
-        if self.config.extra.get("quantization_config"):
+        if quantized_layers(self):
             raise ValueError(
                 "this model is already quantized; load the float checkpoint to quantize it again"
             )
         quantize_model(self, spec, tied_lm_head=self.config.tie_word_embeddings)
-        self.config.extra["quantization_config"] = spec.config_entry()
+        self.config.extra["quantization_config"] = config_entry(self)
         self.weights_changed()
         return self
 
@@ -417,7 +423,7 @@ class Idefics2ForConditionalGeneration(nn.Module):
 
     def save_pretrained(self, folder: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> Path:
         """Write config.json (+ generation_config.json) and safetensors weights (sharded above a size);
-        a quantized model writes its portable quantized tensors and `quantization_config`."""
+        a quantized model writes its layers in compressed-tensors' form, with its `quantization_config`."""
         return loading.save_pretrained(self, folder, max_shard_size=max_shard_size)
 
     def set_attn_implementation(self, name: str) -> None:

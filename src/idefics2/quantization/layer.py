@@ -17,7 +17,8 @@ idefics2.modeling.kernels.choose):
 
 A layer holds its weight once. int4 weights live in the device kernel's packed layout once the layer is on
 a device that has one (the CPU layout depends on the instruction set, so it is made when loading, never
-saved); `state_dict()` and `save_pretrained` always give the portable form of idefics2.quantization.formats.
+saved); `state_dict()` always gives the portable form of idefics2.quantization.formats, which
+`save_pretrained` stores in compressed-tensors' form.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device, use: str = "
 class QuantizedLinear(nn.Module):
     """y = x @ W.T + b with W stored as int8 (per output channel) or int4 (per group of inputs).
 
-    Buffers (portable form): `qweight`, `scales` and, for int4, `zeros`; `bias` is a float parameter.
+    Buffers (portable form): `qweight`, `scales` and, for int4 layers with zero points (`zero_points=True`:
+    those read from AWQ or older idefics2 checkpoints), `zeros`; `bias` is a float parameter.
     `weight` is a stand-in with the float weight's shape, dtype and device (for code that asks a layer for
     those) holding no values: `dequantized_weight()` gives the values.
     """
@@ -77,6 +79,7 @@ class QuantizedLinear(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         scale_dtype: torch.dtype = torch.bfloat16,
+        zero_points: bool = False,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
@@ -97,7 +100,10 @@ class QuantizedLinear(nn.Module):
             self.group_size = group_size
             self.register_buffer("qweight", torch.empty(n, k // 2, dtype=torch.uint8, device=device))
             self.register_buffer("scales", torch.empty(n, k // group_size, dtype=scale_dtype, device=device))
-            self.register_buffer("zeros", torch.empty(n, k // group_size, dtype=scale_dtype, device=device))
+            if zero_points:
+                self.register_buffer("zeros", torch.empty_like(self.scales))
+            else:
+                self.zeros = None
         self.bias = nn.Parameter(torch.empty(n, dtype=dtype, device=device)) if bias else None
         # the float dtype and device of the layer's inputs and outputs; converted by .to() like any float
         self.register_buffer("_standin", torch.full((1,), float("nan"), dtype=dtype, device=device), False)
@@ -113,12 +119,8 @@ class QuantizedLinear(nn.Module):
         """Quantize a float weight [N, K] (and keep the bias as it is)."""
         n, k = weight.shape
         layer = cls(k, n, bits, group_size, bias is not None, dtype=weight.dtype, device="meta")
-        if bits == 8:
-            tensors = dict(zip(("qweight", "scales"), quantize_int8(weight), strict=True))
-        else:
-            tensors = dict(
-                zip(("qweight", "scales", "zeros"), quantize_int4(weight, group_size), strict=True)
-            )
+        quantized = quantize_int8(weight) if bits == 8 else quantize_int4(weight, group_size)
+        tensors = dict(zip(("qweight", "scales"), quantized, strict=True))
         layer.set_tensors(tensors, bias=bias, dtype=weight.dtype)
         return layer
 
@@ -165,7 +167,8 @@ class QuantizedLinear(nn.Module):
             for start in range(0, rows, step):
                 values = unpack_nibbles(portable[start : start + step]).int()
                 packed[start : start + step] = torch.ops.aten._convert_weight_to_int4pack_for_cpu(values, 2)
-        scale_zeros = torch.stack([self.scales, self.zeros], dim=-1).to(torch.bfloat16)  # [N, K/g, 2]
+        zeros = torch.zeros_like(self.scales) if self.zeros is None else self.zeros
+        scale_zeros = torch.stack([self.scales, zeros], dim=-1).to(torch.bfloat16)  # [N, K/g, 2]
         scale_zeros = F.pad(scale_zeros, (0, 0, 0, 0, 0, rows - n))
         self.kernel_scales = scale_zeros.transpose(0, 1).contiguous()  # [K/g, rows, 2]
         self.qweight, self.packing = packed, layout
@@ -264,7 +267,9 @@ class QuantizedLinear(nn.Module):
         full = full.view(rows, self.in_features)
         full.copy_(self.nibbles(start, stop))
         scales = self.scales[start:stop].float()
-        offsets = self.zeros[start:stop].float() - 8.0 * scales  # the weight value of nibble 0
+        offsets = -8.0 * scales  # the weight value of nibble 0
+        if self.zeros is not None:
+            offsets += self.zeros[start:stop].float()
         groups = full.view(rows, -1, self.group_size)
         torch.addcmul(offsets[..., None], groups, scales[..., None], out=groups)
         return out if full is out else out.copy_(full)
@@ -378,6 +383,7 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
+        group += ", zero_points=True" if self.zeros is not None else ""
         packing = f", packing={self.packing}" if self.packing else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}{group}, "

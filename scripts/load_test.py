@@ -16,15 +16,14 @@ import base64
 import http.client
 import io
 import json
-import os
 import random
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass, field
+
+from idefics2.server.process import ServerProcess
 
 MAX_BODY_MB = 4
 
@@ -177,22 +176,10 @@ def run(seconds: float, clients: int, warmup: float, port: int, pid: int, items)
     return report
 
 
-def start_server(port: int, clients: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "idefics2.cli", "serve", "--port", str(port), "--dtype", "float32",
-               "--max-batch", str(clients), "--max-body-mb", str(MAX_BODY_MB)]  # fmt: skip
-    server = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            connection.request("GET", "/health")
-            if connection.getresponse().status == 200:
-                return server
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the server did not start")
-        time.sleep(0.2)
+def start_server(clients: int, port: int | None = None) -> ServerProcess:
+    """`idefics2 serve` (built-in model) for `clients` concurrent clients on `port` (None: a free port)."""
+    flags = ["--dtype", "float32", "--max-batch", str(clients), "--max-body-mb", str(MAX_BODY_MB)]
+    return ServerProcess(flags, port=port, env={"HF_HUB_OFFLINE": "1"}, timeout=120)
 
 
 def summarize(report: Report, warmup: float) -> dict:
@@ -226,12 +213,11 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8731)
     args = parser.parse_args()
     items = questions(args.questions)
-    server = start_server(args.port, args.clients)
+    server = start_server(args.clients, args.port)
     try:
-        report = run(args.seconds, args.clients, args.warmup, args.port, server.pid, items)
+        report = run(args.seconds, args.clients, args.warmup, server.port, server.process.pid, items)
     finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=120)
+        code = server.stop()
     summary = {**summarize(report, args.warmup), "server_exit_code": code}
     print(json.dumps(summary, indent=1))
     ok = not summary["failed"] and not summary["wrong"] and not summary["fault_errors"]

@@ -95,12 +95,6 @@ def get(base: str, path: str, headers: dict | None = None) -> tuple[int, str]:
         return error.code, error.read().decode()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class TargetServer:
     """An HTTP(S) server on 127.0.0.1 standing in for an image host or an internal service: `routes` maps a
     path to a function that answers on the handler; every request that reaches it is recorded (path, Host)."""

@@ -179,7 +179,8 @@ def test_remote_images_guarded_by_default_and_every_failure_reads_the_same(built
     127.0.0.1 is out of reach in every spelling (it sees no request); with the override it is reached. A
     refused address, a closed port, a timeout and a page that is not an image all get the same answer, with
     the field that named the URL; the log and /metrics tell them apart."""
-    from server_utils import TargetServer, answer, free_port
+    from idefics2.server.process import free_port
+    from server_utils import TargetServer, answer
 
     def drip(handler):
         handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 99\r\n\r\n")

@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
 import sys
 from pathlib import Path
-
-from server_utils import free_port
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "load_test.py"
 
@@ -31,14 +28,12 @@ def test_32_streaming_clients_with_faults():
     load = load_test_module()
     seconds = float(os.environ.get("IDEFICS2_LOAD_SECONDS", "120"))
     items = load.questions(24)
-    port = free_port()
-    server = load.start_server(port, clients=32)
+    server = load.start_server(clients=32)
     try:
-        report = load.run(seconds, clients=32, warmup=min(60.0, seconds / 2), port=port, pid=server.pid,
-                          items=items)  # fmt: skip
+        report = load.run(seconds, clients=32, warmup=min(60.0, seconds / 2), port=server.port,
+                          pid=server.process.pid, items=items)  # fmt: skip
     finally:
-        server.send_signal(signal.SIGTERM)
-        code = server.wait(timeout=120)
+        code = server.stop()  # SIGTERM
     summary = load.summarize(report, min(60.0, seconds / 2))
     print(summary)
     assert code == 0

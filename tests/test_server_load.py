@@ -1,8 +1,9 @@
 """Load and fault test of `idefics2 serve` (scripts/load_test.py): 32 concurrent streaming clients with the
 built-in model on loopback, faults injected meanwhile (hang-ups mid-stream, malformed images, oversize
 bodies, lone surrogates, bad JSON). No good request fails, every greedy answer equals the model's answer to
-that question alone, resident memory stays within 10% after the warm-up (the first half, at most 60 s: the
-allocator's arenas fill at first, then the resident set stays flat), SIGTERM exits 0.
+that question alone, resident memory stays within 10% after the warm-up (the first half, at most 60 s, and
+at least the first 5,000 answers, however long they take on a loaded machine: the allocator's arenas fill
+at first, then the resident set stays flat), SIGTERM exits 0.
 
 IDEFICS2_LOAD_SECONDS sets the duration (default 120, the issue's 2 minutes)."""
 
@@ -34,7 +35,7 @@ def test_32_streaming_clients_with_faults():
                           pid=server.process.pid, items=items)  # fmt: skip
     finally:
         code = server.stop()  # SIGTERM
-    summary = load.summarize(report, min(60.0, seconds / 2))
+    summary = load.summarize(report)
     print(summary)
     assert code == 0
     assert summary["failed"] == 0 and summary["wrong"] == 0, summary["examples"]
@@ -42,4 +43,4 @@ def test_32_streaming_clients_with_faults():
     assert summary["fault_errors"] == 0, summary["examples"]
     kinds = {"hang-up mid-stream", "malformed image", "oversize body", "lone surrogate", "bad JSON"}
     assert set(summary["faults"]) == kinds
-    assert summary["rss_growth"] <= 0.10, summary
+    assert summary["rss_growth"] is not None and summary["rss_growth"] <= 0.10, summary

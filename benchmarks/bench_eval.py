@@ -17,13 +17,13 @@ import time
 import torch
 
 import idefics2
-from idefics2.cli.common import weights_dtype
 from idefics2.data import read_rows
 from idefics2.evaluation.metrics import METRICS
 from idefics2.evaluation.runner import answer_items, prepare
 from idefics2.generation import generate
 from idefics2.processing.chat import user_turn
 from idefics2.serving import Engine
+from idefics2.settings import weights_dtype
 from idefics2.shapes import make_dataset
 
 

@@ -25,28 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from server_utils import data_url, free_port  # noqa: E402
+from idefics2.server.process import ServerProcess  # noqa: E402
+from server_utils import data_url  # noqa: E402
 
 QUESTIONS = ["What color is the circle?", "What shape is green?", "How many shapes are there?",
              "What is left of the square?", "Describe the image."]  # fmt: skip
-
-
-def start(extra: list[str], port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "idefics2.cli", "serve", "--port", str(port), *extra]
-    server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 300
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise SystemExit(f"idefics2 serve {' '.join(extra)} did not start")
-        time.sleep(0.5)
 
 
 def load(port: int, clients: int, seconds: float, max_tokens: int) -> dict:
@@ -105,13 +88,8 @@ def main() -> None:
                                            args.cpus_per_replica]  # fmt: skip
     print(f"{args.clients} closed-loop clients, {args.seconds:g} s, built-in model, {os.cpu_count()} CPUs")
     for name, extra in setups.items():
-        port = free_port()
-        server = start(extra, port)
-        try:
-            row = load(port, args.clients, args.seconds, args.max_tokens)
-        finally:
-            server.terminate()
-            server.wait(timeout=120)
+        with ServerProcess(extra, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as server:
+            row = load(server.port, args.clients, args.seconds, args.max_tokens)
         latency = row["latency_p50_s"] * 1e3
         print(f"{name:>22}: {row['requests_per_s']:6.1f} requests/s, latency p50 {latency:.0f} ms, "
               f"{row['answered']} answered, {row['failed']} failed", flush=True)  # fmt: skip

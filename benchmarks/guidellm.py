@@ -23,19 +23,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "benchmarks"), str(ROOT / "tests")]
 
 from bench_serving import http_bodies, http_clients, make_requests  # noqa: E402
-from server_utils import free_port  # noqa: E402
+from idefics2.server.process import ServerProcess  # noqa: E402
 
 
 def write_mid_checkpoint(folder: Path) -> None:
@@ -49,25 +46,11 @@ def write_mid_checkpoint(folder: Path) -> None:
     model.save_pretrained(folder)
 
 
-def start_server(model: Path | None, port: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "idefics2.cli", "serve", "--dtype", "float32", "--max-batch", "16",
-               "--port", str(port), "--served-model-name", "idefics2"]  # fmt: skip
+def start_server(model: Path | None) -> ServerProcess:
+    flags = ["--dtype", "float32", "--max-batch", "16", "--served-model-name", "idefics2"]
     if model is not None:
-        command += ["--model", str(model)]
-    server = subprocess.Popen(command, env=env, stderr=subprocess.DEVNULL)
-    base, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 300
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=5) as response:
-                if response.status == 200:
-                    return server
-        except OSError:
-            pass
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            raise SystemExit("idefics2 serve did not start")
-        time.sleep(0.5)
+        flags += ["--model", str(model)]
+    return ServerProcess(flags, stderr=subprocess.DEVNULL)
 
 
 def run_guidellm(args, port: int, tokenizer: Path, profile: str, out: Path) -> dict:
@@ -168,8 +151,8 @@ def main() -> None:
     from idefics2.assets import builtin_model_dir
 
     tokenizer = model or builtin_model_dir()
-    port = free_port()
-    server = start_server(model, port)
+    server = start_server(model)
+    port = server.port
     results: dict[str, dict] = {}
     arrivals = {f"{args.requests} at once": None}
     if args.rate:
@@ -181,8 +164,7 @@ def main() -> None:
             report = out / f"guidellm-{profile.split(',')[0]}.json"
             results[f"GuideLLM, {label}"] = run_guidellm(args, port, tokenizer, profile, report)
     finally:
-        server.terminate()
-        server.wait(timeout=120)
+        server.stop()
     print(table(results))
     (out / "summary.json").write_text(json.dumps(results, indent=2))
     print(f"reports in {out}", file=sys.stderr)

@@ -1079,6 +1079,7 @@ def run_batch_case(case: list) -> list[Outcome]:
         "2",
     ]
     import idefics2.cli.batch as command
+    import idefics2.serving.batch as answering
 
     watch = {
         "idefics2.cli.batch:load_pipeline": lambda original, raised: lambda args: pipe,
@@ -1088,8 +1089,8 @@ def run_batch_case(case: list) -> list[Outcome]:
     # the function that turns it into the line's message.
     if hasattr(command, "_answer_batch"):
         watch["idefics2.cli.batch:_answer_batch"] = recording
-    if hasattr(command, "_message"):
-        watch["idefics2.cli.batch:_message"] = noting_argument
+    if hasattr(answering, "_message"):
+        watch["idefics2.serving.batch:_message"] = noting_argument
     run = run_command(argv, watch=watch)
     counted = [line for line in lines if line.decode("utf-8", "replace").strip()]
     if not counted:  # a file of blank lines: the command's one-line error

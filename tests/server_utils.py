@@ -60,13 +60,15 @@ def image_message(text: str, url: str | None = None) -> list[dict]:
                                          {"type": "text", "text": text}]}]  # fmt: skip
 
 
-def post_raw(base: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict | str]:
+def post_raw(
+    base: str, path: str, body: bytes, headers: dict | None = None, timeout: float = 60
+) -> tuple[int, dict | str]:
     """POST bytes with http.client (no client-side checks); (status, parsed JSON or text)."""
     import http.client
     import urllib.parse
 
     url = urllib.parse.urlsplit(base)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout)
     headers = {"Content-Type": "application/json", **(headers or {})}
     headers = {name: value for name, value in headers.items() if value is not None}  # None: not sent
     connection.request("POST", path, body=body, headers=headers)
@@ -79,8 +81,10 @@ def post_raw(base: str, path: str, body: bytes, headers: dict | None = None) -> 
         return response.status, text
 
 
-def post_json(base: str, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict | str]:
-    return post_raw(base, path, json.dumps(body).encode(), headers)
+def post_json(
+    base: str, path: str, body: dict, headers: dict | None = None, timeout: float = 60
+) -> tuple[int, dict | str]:
+    return post_raw(base, path, json.dumps(body).encode(), headers, timeout)
 
 
 def get(base: str, path: str, headers: dict | None = None) -> tuple[int, str]:
@@ -93,12 +97,6 @@ def get(base: str, path: str, headers: dict | None = None) -> tuple[int, str]:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as error:
         return error.code, error.read().decode()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class TargetServer:

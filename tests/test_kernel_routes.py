@@ -142,7 +142,7 @@ def test_bfloat16_runs_on_a_cpu_limited_to_avx2():
 
 
 def test_cli_dtype_auto_is_the_fastest_and_checkpoint_keeps_the_checkpoints():
-    from idefics2.cli.common import weights_dtype
+    from idefics2.settings import weights_dtype
 
     with kernels.force(native_bfloat16=True):
         assert weights_dtype("auto", "cpu") == torch.bfloat16

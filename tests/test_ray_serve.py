@@ -18,8 +18,9 @@ pytest.importorskip("ray.serve")
 from idefics2 import pipeline  # noqa: E402
 from idefics2.integrations.ray import REPLICA_HEADER, ReplicaSpec, serve_application  # noqa: E402
 from idefics2.server import ServerSettings, create_app  # noqa: E402
+from idefics2.server.process import free_port  # noqa: E402
 from idefics2.serving import Engine  # noqa: E402
-from server_utils import data_url, free_port, image_message, serving  # noqa: E402
+from server_utils import data_url, image_message, serving  # noqa: E402
 
 QUESTIONS = ["What color is the circle?", "What shape is green?", "How many shapes are there?",
              "Describe the image."]  # fmt: skip

@@ -26,11 +26,7 @@ import json
 import re
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +35,7 @@ from PIL import Image
 
 from idefics2.assets import builtin_model_dir
 from idefics2.cli import main
+from idefics2.server.process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
@@ -155,23 +152,15 @@ def run_command(argv: list[str], capsys, monkeypatch, stdin: str = "") -> tuple[
     return out, err
 
 
-def start_server(argv: list[str], log: Path) -> subprocess.Popen:
-    """`idefics2 serve ...` in a child process, once it answers GET /health."""
-    port = argv[argv.index("--port") + 1] if "--port" in argv else "8000"
-    with socket.socket() as probe:
-        taken = probe.connect_ex(("127.0.0.1", int(port))) == 0
-    assert not taken, f"port {port} is taken: a server left running?"
-    with log.open("wb") as sink:
-        server = subprocess.Popen([sys.executable, "-m", "idefics2.cli", *argv], stdout=sink, stderr=sink)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and server.poll() is None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.2)
-    server.kill()
-    raise AssertionError(f"idefics2 {shlex.join(argv)} did not come up: {log.read_text()}")
+def start_server(argv: list[str], log: Path) -> ServerProcess:
+    """`idefics2 serve ...` in a child process (on the README's port, 8000 unless it names one), once it
+    answers GET /health."""
+    port = None if "--port" in argv else 8000
+    try:
+        with log.open("wb") as sink:
+            return ServerProcess(argv[1:], port=port, timeout=120, stdout=sink, stderr=sink)
+    except RuntimeError as error:
+        raise AssertionError(f"idefics2 {shlex.join(argv)}: {error}: {log.read_text()}") from None
 
 
 def replay_chat(block: Block, capsys, monkeypatch) -> None:
@@ -187,13 +176,12 @@ def replay_chat(block: Block, capsys, monkeypatch) -> None:
 def test_readme_section_runs_as_written(section, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(scratch_folder(tmp_path))
     namespace: dict = {"__name__": "__readme__"}
-    servers: list[subprocess.Popen] = []
+    servers: list[ServerProcess] = []
     try:
         run_section(section, namespace, servers, tmp_path, capsys, monkeypatch)
     finally:
         for server in servers:
-            server.terminate()
-            server.wait(timeout=60)
+            server.stop(timeout=60)
 
 
 def run_section(section, namespace, servers, tmp_path, capsys, monkeypatch) -> None:

@@ -335,7 +335,7 @@ def test_answers_that_are_not_images():
         assert refused(f"{server.base}/page", private_ok()).reason == "not_an_image"
         assert refused(f"{server.base}/gone", private_ok()).reason == "http_status"
         assert refused(f"{server.base}/garbage", private_ok()).reason == "bad_response"
-    from server_utils import free_port
+    from idefics2.server.process import free_port
 
     assert refused(f"http://127.0.0.1:{free_port()}/x.png", private_ok()).reason == "connect_failed"
     for url in ("http://:80/x", "http://127.0.0.1:99999/x", "ftp://127.0.0.1/x", "http://[::1/x"):

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
+import socket
 import subprocess
-import sys
 import threading
 import time
 
-from server_utils import free_port, get, post_json
+import pytest
+
+from idefics2.server.process import ServerProcess, free_port
+from server_utils import get, post_json
 
 
 def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
@@ -21,23 +23,12 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
 
     folder = build_reference_checkpoint(tmp_path / "model")
     build_reference_processor(folder, image_seq_len=4, longest_edge=56, shortest_edge=28)
-    port = free_port()
-    command = [sys.executable, "-m", "idefics2.cli", "serve", "--model", str(folder), "--port", str(port),
-               "--dtype", "float32", "--drain-timeout", "60", "--max-length", "512",
-               "--prefill-chunk", "64", "--vision-chunk", "4096"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
+    flags = ["--model", str(folder), "--dtype", "float32", "--drain-timeout", "60", "--max-length", "512",
+             "--prefill-chunk", "64", "--vision-chunk", "4096"]  # fmt: skip
+    env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    serving = ServerProcess(flags, env=env, timeout=120, stderr=subprocess.PIPE, text=True)
+    server, port, base = serving.process, serving.port, serving.url
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if get(base, "/health")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.2)
         events: list[str] = []
         first = threading.Event()
 
@@ -77,6 +68,17 @@ def test_sigterm_drains_requests_in_flight_then_exits_0(tmp_path):
     usage = json.loads(events[-2][6:])["usage"]
     finish = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in events[:-2]]
     assert finish[-1] in ("length", "stop") and (finish[-1] == "stop" or usage["completion_tokens"] == 300)
+
+
+def test_a_server_process_that_cannot_serve_says_why():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(RuntimeError, match=f"port {port} is taken"):
+            ServerProcess(port=port)
+    with pytest.raises(RuntimeError, match="exited with code 2 before it answered"):
+        ServerProcess(["--max-batch", "0"], stderr=subprocess.DEVNULL)
 
 
 SERVE_MISTAKES = [

@@ -179,7 +179,8 @@ def test_remote_images_guarded_by_default_and_every_failure_reads_the_same(built
     127.0.0.1 is out of reach in every spelling (it sees no request); with the override it is reached. A
     refused address, a closed port, a timeout and a page that is not an image all get the same answer, with
     the field that named the URL; the log and /metrics tell them apart."""
-    from server_utils import TargetServer, answer, free_port
+    from idefics2.server.process import free_port
+    from server_utils import TargetServer, answer
 
     def drip(handler):
         handler.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: 99\r\n\r\n")
@@ -334,24 +335,34 @@ def test_a_client_that_hangs_up_cancels_its_request(long_server, stream):
     assert 'idefics2_request_failures_total{reason="client_gone"}' in metrics
 
 
+def wait_for_engine(engine, running: int, waiting: int, seconds: float = 120) -> None:
+    """Until the engine holds `running` requests in its rows and `waiting` in its queue (a state, not a
+    time: under load the requests arrive and are admitted late)."""
+    deadline = time.monotonic() + seconds
+    while (stats := engine.stats())["running"] != running or stats["waiting"] != waiting:
+        assert time.monotonic() < deadline, f"the engine never held {running} + {waiting}: {stats}"
+        time.sleep(0.005)
+
+
 def test_a_full_queue_answers_429_at_once_and_others_are_undisturbed(long_server):
     base, engine = long_server
-    long = {"messages": [{"role": "user", "content": "Long."}], "max_tokens": 300}
+    # 300 tokens each, whatever the random model draws (an early end would free a row and the queue place)
+    long = {"messages": [{"role": "user", "content": "Long."}], "max_tokens": 300, "ignore_eos": True}
     results = {}
 
-    def ask(i):
-        results[i] = post_json(base, "/v1/chat/completions", long)
+    def ask(i):  # two waves of 300 tokens: minutes on a loaded machine
+        results[i] = post_json(base, "/v1/chat/completions", long, timeout=600)
 
+    wait_for_engine(engine, running=0, waiting=0)  # nothing left over from the tests before
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]  # 2 rows + 1 queue place
     for thread in threads:
         thread.start()
-    deadline = time.monotonic() + 10
-    while engine.stats()["waiting"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_for_engine(engine, running=2, waiting=1)  # the rows and the queue are full
     start = time.monotonic()
     status, answer = post_json(base, "/v1/chat/completions", long)
     assert status == 429 and answer["error"]["type"] == "server_overloaded"
     assert time.monotonic() - start < 5.0  # at once: not after the 300 tokens of the requests before it
+    assert results == {}  # none of them was answered before it
     status, answer = post_raw(base, "/v1/chat/completions", b"{broken")  # a bad request meanwhile
     assert status == 400
     for thread in threads:

@@ -13,9 +13,6 @@ import contextlib
 import heapq
 import os
 import sys
-import time
-from collections import deque
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,27 +23,20 @@ from idefics2.cli.common import (
     add_engine_budget_options,
     add_model_options,
     add_sampling_options,
+    engine_budgets,
+    open_rows,
+)
+from idefics2.settings import (
     check_sampling_flags,
     constraint_controls,
-    engine_budgets,
     generation_controls,
     load_pipeline,
-    non_negative_int,
     number_in,
-    open_rows,
     positive_int,
 )
 
 if TYPE_CHECKING:
-    from idefics2.data import ResultWriter, Row, RowStream
-
-# a line's own generation settings: JSON key -> (flag attribute, parser of the flag's type)
-LINE_OVERRIDES = {
-    "max_new_tokens": ("max_new_tokens", positive_int),
-    "temperature": ("temperature", number_in(0.0, 100.0)),
-    "top_p": ("top_p", number_in(0.0, 1.0, low_open=True)),
-    "seed": ("seed", non_negative_int),
-}
+    from idefics2.data import RowStream
 
 
 def add_parser(subparsers) -> None:
@@ -140,73 +130,6 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-class _BadRow(Exception):
-    """A row of `batch` that cannot be answered, with its message (naming the row) and id."""
-
-    def __init__(self, message: str, request_id: Any = None):
-        super().__init__(message)
-        self.request_id = request_id
-
-
-def _read_request(row: Row) -> tuple[list[dict], list[Any], dict]:
-    """(conversation to answer, its images, the row's own settings) of one row; _BadRow for a bad one."""
-    if row.error is not None:
-        raise _BadRow(row.error, row.id)
-    try:
-        settings = _line_settings(row.columns)
-    except UserError as error:
-        raise _BadRow(f"{row.where}: {error}", row.id) from None
-    return row.request_messages, row.request_images, settings
-
-
-def _line_settings(record: dict[str, Any]) -> dict[str, Any]:
-    """The line's overrides of the flags, checked like the flags: {flag attribute: value}."""
-    settings = {}
-    record = {key: value for key, value in record.items() if value is not None}  # a table's empty cells
-    for key, (attribute, parse) in LINE_OVERRIDES.items():
-        if key in record:
-            value = record[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(f'"{key}" must be a number, got {value!r}')
-            try:
-                settings[attribute] = parse(str(value))
-            except argparse.ArgumentTypeError as error:
-                raise UserError(f'"{key}": {error}') from None
-    if "json_schema" in record and "regex" in record:
-        raise UserError('give "json_schema" or "regex", not both')
-    if "json_schema" in record:
-        if not isinstance(record["json_schema"], dict):
-            raise UserError('"json_schema" must be a JSON schema (an object)')
-        settings["json_schema"] = record["json_schema"]
-    if "regex" in record:
-        if not isinstance(record["regex"], str) or not record["regex"]:
-            raise UserError('"regex" must be a non-empty string')
-        settings["regex"] = record["regex"]
-    if "stop" in record:
-        stop = record["stop"]
-        stop = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stop, list) or not stop or not all(isinstance(s, str) and s for s in stop):
-            raise UserError('"stop" must be a non-empty string or a list of them')
-        settings["stop_strings"] = stop
-    return settings
-
-
-def _controls(args: argparse.Namespace, settings: dict[str, Any], model) -> dict[str, Any]:
-    """The flags' generation controls with one line's overrides applied (checked as the flags are); a
-    line's json_schema or regex replaces the flags'."""
-    stop = settings.pop("stop_strings", None)
-    constraint = {k: settings[k] for k in ("json_schema", "regex") if k in settings}
-    if constraint:  # the line's own constraint
-        settings = {**settings, "json_schema": None, "regex": None, **constraint}
-    merged = argparse.Namespace(**{**vars(args), **settings})
-    check_sampling_flags(merged)
-    controls = generation_controls(merged, model)
-    controls.update(constraint or args.constraint)
-    if stop:
-        controls["stop_strings"] = stop
-    return controls
-
-
 def _distributed() -> tuple[int, int]:
     """(rank, world size) under torchrun, with the process group up (gloo); (0, 1) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -236,9 +159,16 @@ def run(args: argparse.Namespace) -> int:
     rows = open_rows(args, args.input)
     _check_keep(args.keep, rows)
     if args.ray is not None:
+        if args.resume:
+            raise UserError("--resume is not available with --ray")
         from idefics2.integrations.ray import run_batch
 
-        return run_batch(args, rows)
+        try:
+            run_batch(args, rows)
+        except ImportError as error:  # Ray Data is not installed: the error says what to install
+            raise UserError(str(error)) from None
+        _report(target)
+        return 0
     rank, world = _distributed()
     if args.resume and world > 1:
         raise UserError("--resume runs in one process, not under torchrun")
@@ -249,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
 
     from idefics2.data import open_writer
     from idefics2.serving import Engine
+    from idefics2.serving.batch import answer_rows
 
     options = {"max_batch": args.max_batch, "max_length": args.max_length, **engine_budgets(args)}
     keep = args.keep if world == 1 else [*args.keep, "line"]
@@ -256,7 +187,10 @@ def run(args: argparse.Namespace) -> int:
     with _terminate_as_interrupt(), Engine(pipe.model, pipe.processor, **options) as engine:
         with open_writer(part, keep=keep, schema=rows.schema, resume=args.resume) as out:
             mine = rows.select(rank=rank, world=world, skip_ids=done)
-            answer_rows(engine, args, mine, out, _share_size(rows.num_rows, rank, world), progress)
+            total = _share_size(rows.num_rows, rank, world)
+            answer_rows(
+                engine, args, mine, out, keep=args.keep, total=total, numbered=world > 1, progress=progress
+            )
     if world > 1:
         import torch.distributed as dist
 
@@ -328,102 +262,6 @@ def _terminate_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-class _OrderedWriter:
-    """Results in input order, written as soon as every earlier row is answered: each added row holds a
-    finished result (a dict) or an engine handle still running. Under torchrun each written result also
-    carries its row's index ("line"), for the merge. A tqdm bar counts rows and tokens per second."""
-
-    def __init__(self, out: ResultWriter, total: int | None, keep: list[str], numbered: bool, progress: bool):
-        from tqdm import tqdm
-
-        self.out, self.keep, self.numbered = out, keep, numbered
-        self.pending: deque[tuple[Row, Any]] = deque()  # (row, handle or result)
-        self.bar = tqdm(total=total, unit="line", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-        self.started, self.tokens = time.monotonic(), 0
-
-    def add(self, row: Row, outcome: Any) -> None:
-        self.pending.append((row, outcome))
-        self.write_ready(wait=False)
-
-    def in_flight(self) -> int:
-        return sum(not isinstance(outcome, dict) and not outcome.done for _, outcome in self.pending)
-
-    def write_ready(self, wait: bool) -> None:
-        """Write the answered rows at the front; with `wait`, wait for the first one if needed."""
-        while self.pending and (wait or isinstance(self.pending[0][1], dict) or self.pending[0][1].done):
-            row, outcome = self.pending.popleft()
-            if not isinstance(outcome, dict):
-                outcome = _outcome(row, outcome)
-                self.tokens += outcome.pop("tokens", 0)
-            result = {"id": row.id, **{c: row.columns.get(c) for c in self.keep}, **outcome}
-            if self.numbered:
-                result = {"line": row.index, **result}
-            self.out.write(result)
-            rate = self.tokens / max(time.monotonic() - self.started, 1e-9)
-            self.bar.update(1)
-            self.bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
-            wait = False
-
-    def close(self, drain: bool) -> None:
-        while drain and self.pending:
-            self.write_ready(wait=True)
-        self.write_ready(wait=False)
-        self.bar.close()
-
-
-def answer_rows(
-    engine, args, rows: Iterable[Row], out: ResultWriter, total: int | None, progress: bool
-) -> None:
-    """Submit each row to the engine (keeping about two batches in flight) and write the results in input
-    order as they come. On Ctrl-C the answered rows are kept and the rest is cancelled."""
-    from idefics2.serving import EngineOverloadedError
-
-    numbered = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    writer = _OrderedWriter(out, total, args.keep, numbered, progress)
-    try:
-        for row in rows:
-            while writer.in_flight() >= 2 * engine.options.max_batch:
-                writer.write_ready(wait=True)
-            try:
-                messages, images, settings = _read_request(row)
-                controls = _controls(args, settings, engine.model)
-                while True:
-                    try:
-                        handle = engine.submit(messages, images, **controls)
-                        break
-                    except EngineOverloadedError:
-                        writer.write_ready(wait=True)
-            except _BadRow as error:
-                handle = {"error": str(error)}
-            except Exception as error:  # whatever goes wrong with one row stays with that row
-                handle = {"error": f"{row.where}: {_message(error)}"}
-            writer.add(row, handle)
-    except KeyboardInterrupt:
-        writer.close(drain=False)
-        engine.close(timeout=0)
-        raise
-    writer.close(drain=True)
-
-
-def _message(error: Exception) -> str:
-    """One line: the message of a user-facing error, else the error's type and message."""
-    message = " ".join(str(error).split())
-    if isinstance(error, (UserError, ValueError, TypeError)):
-        return message
-    return f"{type(error).__name__}: {message}"
-
-
-def _outcome(row: Row, handle) -> dict[str, Any]:
-    from idefics2.serving import RequestFailedError
-
-    try:
-        completion = handle.result()
-    except RequestFailedError as error:
-        return {"error": f"{row.where}: {error}"}
-    return {"text": completion.text, "finish_reason": completion.finish_reason,
-            "tokens": completion.completion_tokens}  # fmt: skip
 
 
 def _merge_parts(target: Path, parts: list[Path], keep: list[str], schema: Any) -> None:

@@ -7,16 +7,8 @@ import itertools
 import sys
 from typing import Any
 
-from idefics2.cli.common import (
-    UserError,
-    add_model_options,
-    add_sampling_options,
-    check_sampling_flags,
-    generation_controls,
-    load_pipeline,
-    open_image,
-    user_message,
-)
+from idefics2.cli.common import UserError, add_model_options, add_sampling_options, open_image, user_message
+from idefics2.settings import check_sampling_flags, generation_controls, load_pipeline
 
 
 def add_parser(subparsers) -> None:

@@ -1,15 +1,16 @@
-"""What every command shares: the user-error type, argument types, model and sampling options, loading the
-pipeline, opening images and building the user's turn."""
+"""What every command shares: the user-error type, the parser, the options of the model, sampling, data and
+engine (checked and turned into a pipeline or controls by idefics2.settings), opening rows and images, and
+building the user's turn."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any
+
+from idefics2.settings import DEFAULT_MAX_NEW_TOKENS, non_negative_int, number_in, positive_int
 
 
 class UserError(Exception):
@@ -21,43 +22,6 @@ class CommandParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def number_in(low: float, high: float, *, low_open: bool = False, cast=float):
-    """An argparse type: a number (`cast`: float or int) in [low, high] ((low, high] with low_open)."""
-
-    def parse(text: str) -> float:
-        try:
-            value = cast(text)
-        except ValueError:
-            what = "an integer" if cast is int else "a number"
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not (low < value if low_open else low <= value) or not value <= high:
-            span = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-            raise argparse.ArgumentTypeError(f"expected a number in {span}, got {text!r}")
-        return value
-
-    return parse
 
 
 def add_data_options(p: argparse.ArgumentParser) -> None:
@@ -106,7 +70,6 @@ def announce_rows(rows) -> None:
 
 
 # ------------------------------------------------------------------------------------- model commands
-DEFAULT_MAX_NEW_TOKENS = 256  # when neither --max-new-tokens nor the checkpoint's generation_config sets one
 IMAGE_MARKER = "<image>"
 
 
@@ -200,134 +163,6 @@ def add_constraint_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def constraint_controls(args: argparse.Namespace) -> dict[str, Any]:
-    """json_schema= or regex= for generation from --json-schema / --regex, read and checked without the
-    model (so a bad schema or regex is reported before anything loads)."""
-    from idefics2.constrained import validate
-
-    if getattr(args, "json_schema", None) is not None:
-        schema = read_json_schema(args.json_schema, "--json-schema")
-        try:
-            validate(json_schema=schema)
-        except ValueError as error:
-            raise UserError(f"--json-schema: {error}") from None
-        return {"json_schema": schema}
-    if getattr(args, "regex", None) is not None:
-        try:
-            validate(regex=args.regex)
-        except ValueError as error:
-            raise UserError(f"--regex: {error}") from None
-        return {"regex": args.regex}
-    return {}
-
-
-def read_json_schema(file_or_json: str, what: str) -> dict[str, Any]:
-    """A JSON schema given inline (text starting with "{") or as a file path; UserError naming `what`."""
-    text = file_or_json
-    if not file_or_json.lstrip().startswith("{"):
-        path = Path(file_or_json)
-        if not path.is_file():
-            raise UserError(f"{what}: {file_or_json} is neither a file nor a JSON object")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"{what}: cannot read {file_or_json}: {error}") from None
-    try:
-        schema = json.loads(text)
-    except ValueError as error:
-        raise UserError(f"{what}: not valid JSON: {error}") from None
-    if not isinstance(schema, dict):
-        raise UserError(f"{what}: a JSON schema must be a JSON object, got {type(schema).__name__}")
-    return schema
-
-
-def model_folder(name: str | None) -> Path:
-    from idefics2.hub import resolve_checkpoint
-
-    if name is None:
-        try:
-            from idefics2.assets import builtin_model_dir
-        except ImportError:
-            raise UserError("this install has no built-in model: name a checkpoint with --model") from None
-        return builtin_model_dir()
-    folder = resolve_checkpoint(name)
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{name} is not a checkpoint: it has no config.json")
-    return folder
-
-
-def adapter_folder(name: str) -> Path:
-    from idefics2.hub import CheckpointNotFoundError, resolve_checkpoint
-
-    local = Path(name).expanduser()
-    parent = local.parent
-    # A name whose first part is a local folder, or that ends in a training checkpoint's folder name, is a
-    # mistyped local path, not a hub repo id: say so instead of trying the hub.
-    looks_local = (parent != Path(".") and parent.is_dir()) or re.fullmatch(r"checkpoint-\d+", local.name)
-    if not local.exists() and looks_local:
-        if parent.is_dir():
-            inside = sorted(p.name for p in parent.iterdir() if (p / "adapter_config.json").is_file())
-            hint = f"; {parent} holds: {', '.join(inside)}" if inside else f"; {parent} holds no adapter"
-        else:
-            hint = f"; there is no folder {parent} either"
-        raise UserError(f"--adapter: no such folder: {name}{hint}")
-    try:
-        folder = resolve_checkpoint(name)
-    except CheckpointNotFoundError as error:
-        raise UserError(f"--adapter: {error}") from None
-    if not (folder / "adapter_config.json").is_file():
-        raise UserError(f"--adapter: {name} is not a LoRA adapter: it has no adapter_config.json")
-    return folder
-
-
-def load_pipeline(args: argparse.Namespace):
-    """The ChatPipeline for --model (or the built-in model), --adapter, --device, --dtype and --quantize."""
-    import torch
-
-    from idefics2.pipelines import pipeline
-
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is available")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = weights_dtype(args.dtype, device)
-    folder = model_folder(args.model)
-    adapter = adapter_folder(args.adapter) if args.adapter else None
-    return pipeline(folder, dtype=dtype, device=device, adapter=adapter, quantize=args.quantize)
-
-
-def check_sampling_flags(args: argparse.Namespace) -> None:
-    """The mistakes visible before the model loads."""
-    if args.temperature == 0 and args.top_p is not None:
-        raise UserError("--top-p needs sampling, but --temperature 0 asks for greedy decoding")
-    if args.temperature == 0 and args.seed is not None:
-        raise UserError("--seed needs sampling, but --temperature 0 asks for greedy decoding")
-
-
-def generation_controls(args: argparse.Namespace, model) -> dict[str, Any]:
-    """Generation controls from the flags; unset ones follow the checkpoint's generation_config. With
-    --json-schema or --regex the grammar ends the answer, so the default limit is DEFAULT_MAX_NEW_TOKENS
-    rather than the checkpoint's (the built-in model's 8 suits one-word answers, not JSON)."""
-    controls: dict[str, Any] = {}
-    constrained = getattr(args, "json_schema", None) is not None or getattr(args, "regex", None) is not None
-    if args.max_new_tokens is not None:
-        controls["max_new_tokens"] = args.max_new_tokens
-    elif constrained or not model.generation_config.get("max_new_tokens"):
-        controls["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
-    if args.temperature == 0:
-        controls["do_sample"] = False
-    elif args.temperature is not None or args.top_p is not None:
-        controls["do_sample"] = True
-        if args.temperature is not None:
-            controls["temperature"] = args.temperature
-        if args.top_p is not None:
-            controls["top_p"] = args.top_p
-    if args.seed is not None:
-        if not controls.get("do_sample", bool(model.generation_config.get("do_sample"))):
-            raise UserError("--seed needs sampling: add --temperature (above 0) or --top-p")
-        controls["seed"] = args.seed
-    return controls
-
-
 def open_image(path: str | os.PathLike):
     """The image file (`~` expanded) as an RGB PIL image; UserError naming the file when it is missing or
     unreadable."""
@@ -348,15 +183,3 @@ def user_message(prompt: str, num_images: int) -> dict[str, Any]:
         return user_turn(prompt, num_images)
     except ValueError as error:
         raise UserError(str(error)) from None
-
-
-def weights_dtype(choice: str, device: str):
-    """The --dtype choice as what from_pretrained takes: "auto" is the fastest dtype on the device,
-    "checkpoint" the checkpoint's own."""
-    import torch
-
-    from idefics2.modeling.kernels import fastest_dtype
-
-    if choice == "auto":
-        return fastest_dtype(device)
-    return "auto" if choice == "checkpoint" else getattr(torch, choice)

@@ -11,16 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from idefics2.cli.common import (
-    UserError,
-    add_engine_budget_options,
-    add_model_options,
-    engine_budgets,
-    load_pipeline,
-    number_in,
-    positive_int,
-)
+from idefics2.cli.common import UserError, add_engine_budget_options, add_model_options, engine_budgets
 from idefics2.evaluation.metrics import METRICS
+from idefics2.settings import load_pipeline, number_in, positive_int
 
 EVAL_MAX_NEW_TOKENS = 32  # short answers, when neither the flag nor the checkpoint sets a limit
 SHAPES = "shapes"
@@ -243,7 +236,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 
         if args.group_by and rows.columns and args.group_by not in rows.columns:
             raise UserError(f"--group-by: the data has no column {args.group_by!r}")
-        keep(evaluate_on_ray(args, rows, metric, template, max_new_tokens))
+        try:
+            keep(evaluate_on_ray(args, rows, metric, template, max_new_tokens))
+        except ImportError as error:  # Ray Data is not installed: the error says what to install
+            raise UserError(str(error)) from None
     else:
         from idefics2.serving import Engine
 
@@ -267,7 +263,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _checkpoint_max_new_tokens(args: argparse.Namespace) -> int | None:
     """The checkpoint's max_new_tokens (generation_config.json), read without loading the model."""
-    from idefics2.cli.common import model_folder
+    from idefics2.settings import model_folder
 
     path = model_folder(args.model) / "generation_config.json"
     return json.loads(path.read_text()).get("max_new_tokens") if path.is_file() else None

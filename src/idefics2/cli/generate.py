@@ -10,13 +10,10 @@ from idefics2.cli.common import (
     add_constraint_options,
     add_model_options,
     add_sampling_options,
-    check_sampling_flags,
-    constraint_controls,
-    generation_controls,
-    load_pipeline,
     open_image,
     user_message,
 )
+from idefics2.settings import check_sampling_flags, constraint_controls, generation_controls, load_pipeline
 
 
 def add_parser(subparsers) -> None:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from idefics2.cli.common import add_model_options, load_pipeline, positive_int
+from idefics2.cli.common import add_model_options
+from idefics2.settings import load_pipeline, positive_int
 
 DECODER_PREFIXES = ("model.text_model.", "lm_head")  # layers that run decode steps; the rest: prefill only
 

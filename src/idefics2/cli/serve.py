@@ -10,17 +10,8 @@ import re
 import sys
 from pathlib import Path
 
-from idefics2.cli.common import (
-    UserError,
-    add_engine_budget_options,
-    add_model_options,
-    engine_budgets,
-    load_pipeline,
-    non_negative_int,
-    number_in,
-    positive_int,
-    weights_dtype,
-)
+from idefics2.cli.common import UserError, add_engine_budget_options, add_model_options, engine_budgets
+from idefics2.settings import load_pipeline, non_negative_int, number_in, positive_int, weights_dtype
 
 
 def add_parser(subparsers) -> None:

@@ -8,16 +8,8 @@ import os
 import sys
 from pathlib import Path
 
-from idefics2.cli.common import (
-    UserError,
-    add_data_options,
-    add_quantize_option,
-    announce_rows,
-    model_folder,
-    non_negative_int,
-    open_rows,
-    positive_int,
-)
+from idefics2.cli.common import UserError, add_data_options, add_quantize_option, announce_rows, open_rows
+from idefics2.settings import model_folder, non_negative_int, positive_int
 
 
 def add_parser(subparsers) -> None:

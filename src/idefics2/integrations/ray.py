@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from idefics2.cli.common import UserError
 from idefics2.evaluation.metrics import METRICS, Metric
 from idefics2.evaluation.runner import answer_items, prepare
 from idefics2.server.app import ServerSettings
@@ -61,6 +60,7 @@ from idefics2.server.app import ServerSettings
 DEPLOYMENT_NAME = "idefics2"
 REPLICA_HEADER = "x-idefics2-replica"  # on every answer: which replica gave it
 MISSING_RAY_SERVE = "serving on Ray needs Ray Serve: pip install 'idefics2[ray]'"
+MISSING_RAY_DATA = "--ray needs Ray Data: pip install 'idefics2[ray]' (or 'ray[data]')"
 
 
 def _ray_serve():
@@ -238,7 +238,7 @@ def _import_ray():
         import ray
         import ray.data
     except ImportError:
-        raise UserError("--ray needs Ray Data: pip install 'idefics2[ray]' (or 'ray[data]')") from None
+        raise ImportError(MISSING_RAY_DATA) from None
     return ray
 
 
@@ -281,21 +281,21 @@ class Predictor:
         prefill_chunk: int = 512,
         vision_chunk: int = 1024,
     ) -> None:
-        from idefics2.cli.common import (
+        from idefics2.data import parse_columns
+        from idefics2.serving import Engine
+        from idefics2.settings import (
             check_sampling_flags,
             constraint_controls,
             generation_controls,
             load_pipeline,
         )
-        from idefics2.data import parse_columns
-        from idefics2.serving import Engine
 
         if isinstance(json_schema, dict):
             json_schema = json.dumps(json_schema)
         self.args = argparse.Namespace(
             model=model, adapter=adapter, device=device, dtype=dtype, quantize=quantize,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-            json_schema=json_schema, regex=regex, keep=[],
+            json_schema=json_schema, regex=regex,
         )  # fmt: skip
         check_sampling_flags(self.args)
         self.args.constraint = constraint_controls(self.args)
@@ -311,9 +311,9 @@ class Predictor:
     def __call__(self, batch: Any):
         import pyarrow as pa
 
-        from idefics2.cli.batch import answer_rows
         from idefics2.data import read_rows
         from idefics2.data.sources import parse_line
+        from idefics2.serving.batch import answer_rows
 
         table = _as_table(batch)
         records: list[Any] = table.to_pylist()
@@ -323,7 +323,7 @@ class Predictor:
             table = table.rename_columns(names)
         results = _Collected()
         rows = read_rows(records, columns=self.columns, base_dir=self.base_dir)
-        answer_rows(self.engine, self.args, rows, results, len(records), progress=False)
+        answer_rows(self.engine, self.args, rows, results, total=len(records))
         answers = {name: [r.get(name) for r in results.results] for name in ANSWER_COLUMNS}
         answers["error"] = [_without_row(e) for e in answers["error"]]
         kept = table.drop_columns([c for c in ANSWER_COLUMNS if c in table.column_names])
@@ -373,14 +373,13 @@ def _without_row(error: str | None) -> str | None:
 
 
 # ------------------------------------------------------------------------------------ idefics2 batch --ray
-def run_batch(args: argparse.Namespace, rows) -> int:
+def run_batch(args: argparse.Namespace, rows) -> None:
     """`idefics2 batch --ray`: the input read by Ray Data, answered by `--actors` Predictors, the results
-    written here in input order (as `idefics2 batch` writes them), with Ray's progress on stderr."""
+    written here to `args.output` in input order (as `idefics2 batch` writes them), with Ray's progress on
+    stderr. ImportError (saying what to install) without Ray Data."""
     ray = _import_ray()
     from idefics2.data import open_writer
 
-    if args.resume:
-        raise UserError("--resume is not available with --ray")
     kind = rows.source.kind
     check = argparse.Namespace(**vars(args))
     dataset, jsonl_column = _input_dataset(ray, args, rows, 2 * args.max_batch)
@@ -400,10 +399,6 @@ def run_batch(args: argparse.Namespace, rows) -> int:
                 record = _record(result, jsonl_column)
                 out.write(_result(rows, record, result, index, args.keep))
                 index += 1
-    from idefics2.cli.batch import _report
-
-    _report(target)
-    return 0
 
 
 def _input_dataset(ray, args: argparse.Namespace, rows, batch_size: int, limit: int | None = None):
@@ -412,7 +407,7 @@ def _input_dataset(ray, args: argparse.Namespace, rows, batch_size: int, limit: 
     a small input still reaches every actor."""
     kind = rows.source.kind
     if kind not in ("parquet", "jsonl"):
-        raise UserError("--ray reads Parquet files (a file, folder or glob) or a JSONL file")
+        raise ValueError("--ray reads Parquet files (a file, folder or glob) or a JSONL file")
     _connect(ray, args.ray)
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True  # results in input order
@@ -465,7 +460,7 @@ def _connect(ray, address: str) -> None:
         try:
             ray.init(address=address)
         except (ConnectionError, ValueError, RuntimeError) as error:
-            raise UserError(f"--ray {address}: cannot connect: {' '.join(str(error).split())}") from None
+            raise ValueError(f"--ray {address}: cannot connect: {' '.join(str(error).split())}") from None
         return
     try:
         ray.init(address="auto")
@@ -536,7 +531,8 @@ def evaluate_on_ray(
     args: argparse.Namespace, rows, metric: Metric, template: str, max_new_tokens: int
 ) -> Iterator[dict[str, Any]]:
     """The records of `rows` (an idefics2.data RowStream over a Parquet or JSONL input) in input order,
-    answered by `args.actors` EvalPredictors on the Ray cluster `args.ray` names."""
+    answered by `args.actors` EvalPredictors on the Ray cluster `args.ray` names. ImportError
+    (saying what to install) without Ray Data."""
     ray = _import_ray()
     dataset, jsonl_column = _input_dataset(ray, args, rows, 2 * args.batch_size, limit=args.limit)
     options = {

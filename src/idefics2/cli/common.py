@@ -70,7 +70,6 @@ def announce_rows(rows) -> None:
 
 
 # ------------------------------------------------------------------------------------- model commands
-IMAGE_MARKER = "<image>"
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:

@@ -2,7 +2,7 @@
 
 The "mid" random checkpoint (benchmarks/bench_generation.py, ~246M parameters) is saved once; every run loads
 it in float32, applies the same initial LoRA adapter (rank 8, alpha 16, no dropout, every projection of the
-decoder and the connector: idefics2.training.lora.DEFAULT_TARGET_MODULES) and trains on the same batches:
+decoder and the connector: idefics2.lora.DEFAULT_TARGET_MODULES) and trains on the same batches:
 one split image (4 crops + the image) and a 100-300-token answer per example, lengths mixed, right-padded.
 Batches are built once by our collator and fed as tensors to both, so that only the training step is
 compared: forward, loss, backward, gradient clipping (1.0), AdamW (constant learning rate).

@@ -1413,7 +1413,7 @@ def base_checkpoint() -> Path:
     """A tiny random checkpoint (config, weights, the built-in model's processor files) and a LoRA adapter."""
     from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
     from idefics2.assets import builtin_model_dir
-    from idefics2.training.lora import LoraConfig, add_lora, save_adapter
+    from idefics2.lora import LoraConfig, add_lora, save_adapter
 
     folder = fresh_dir("checkpoint")
     torch.manual_seed(0)

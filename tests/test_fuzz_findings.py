@@ -19,8 +19,8 @@ from fuzz_surfaces import base_checkpoint, builtin_pipeline, builtin_processor, 
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration, Idefics2Processor
 from idefics2.cli import main
 from idefics2.hub import CheckpointError, CheckpointNotFoundError
+from idefics2.lora import LoraConfig
 from idefics2.training.data import DataError, normalize_example, read_jsonl
-from idefics2.training.lora import LoraConfig
 
 
 def test_the_judge_tells_our_errors_from_a_dependencys():

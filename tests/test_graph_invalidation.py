@@ -16,7 +16,7 @@ from idefics2 import Idefics2ForConditionalGeneration
 from idefics2.decoding import graphs as graphs_module
 from idefics2.decoding.graphs import DecodeGraphs
 from idefics2.decoding.runner import ModelRunner
-from idefics2.training.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
+from idefics2.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
 from oracle_model import build_reference_checkpoint
 from oracle_processing import build_reference_processor
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from idefics2 import Idefics2ForConditionalGeneration
+from idefics2.lora import DEFAULT_TARGET_MODULES, merge_lora
 from idefics2.training import (
     ChatCollator,
     ChatDataset,
@@ -19,7 +20,6 @@ from idefics2.training import (
     mark_only_lora_trainable,
     train,
 )
-from idefics2.training.lora import DEFAULT_TARGET_MODULES, merge_lora
 from oracle_model import build_batch, build_reference_checkpoint, rel_diff
 from test_training import color_examples, tiny_processor  # noqa: F401  (fixture)
 

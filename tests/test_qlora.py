@@ -11,9 +11,9 @@ import torch
 
 from idefics2 import Idefics2ForConditionalGeneration
 from idefics2.cli import main
+from idefics2.lora import mark_only_lora_trainable
 from idefics2.quantization import quantized_layers
 from idefics2.training import ChatCollator, ChatDataset, LoraConfig, TrainingArguments, add_lora, train
-from idefics2.training.lora import mark_only_lora_trainable
 from test_distributed import build_model_folder, write_dataset
 from test_training import color_examples, tiny_processor  # noqa: F401  (a fixture)
 

@@ -171,6 +171,7 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 def _run(args: argparse.Namespace) -> int:
     import torch
 
+    from idefics2.lora import DEFAULT_TARGET_MODULES
     from idefics2.training import (
         ChatCollator,
         LoraConfig,
@@ -185,7 +186,6 @@ def _run(args: argparse.Namespace) -> int:
         train_dpo,
     )
     from idefics2.training.checkpoint import latest_checkpoint, previous_run
-    from idefics2.training.lora import DEFAULT_TARGET_MODULES
     from idefics2.training.trainer import distributed_context, previous_run_message
 
     if args.full and args.lora_alpha is not None:

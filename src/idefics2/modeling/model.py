@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idefics2 import generation, loading
+from idefics2 import generation, loading, lora
 from idefics2.config import Idefics2Config
 from idefics2.modeling.attention import Linear, RMSNorm, causal_mask, check_attn_implementation
 from idefics2.modeling.connector import Idefics2Connector, PerceiverResampler
@@ -363,7 +363,7 @@ class Idefics2ForConditionalGeneration(nn.Module):
         """Load a checkpoint folder or hub repo id (safetensors only; see idefics2.loading).
 
         `adapter`: a LoRA adapter in PEFT's format (folder or hub repo id) applied on top of the weights;
-        `merge_adapter=True` folds it into them (see idefics2.training.lora).
+        `merge_adapter=True` folds it into them (see idefics2.lora).
         `quantize="int8" | "int4"`: quantize the linear layers of `quantize_modules` ("decoder",
         "connector", "perceiver", "vision") while loading, int4 in groups of `group_size` inputs (see
         idefics2.quantization).
@@ -381,9 +381,7 @@ class Idefics2ForConditionalGeneration(nn.Module):
         )
         model.set_attn_implementation(attn_implementation)
         if adapter is not None:
-            from idefics2.training.lora import load_adapter
-
-            load_adapter(model, adapter, merge=merge_adapter)
+            lora.load_adapter(model, adapter, merge=merge_adapter)
         if merge_first:  # the adapter was folded into the float weights: quantize the result
             model.quantize(quantize, group_size=group_size, modules=quantize_modules)
         return model

@@ -1,6 +1,15 @@
 """Fine-tuning: chat collator with label masking, training loop (DDP under torchrun), LoRA in PEFT format,
 preference tuning (DPO)."""
 
+from idefics2.lora import (
+    LoraConfig,
+    adapters_disabled,
+    add_lora,
+    load_adapter,
+    mark_only_lora_trainable,
+    merge_lora,
+    save_adapter,
+)
 from idefics2.training.data import (
     ChatCollator,
     ChatDataset,
@@ -21,15 +30,6 @@ from idefics2.training.dpo import (
     frozen_copy,
     read_preferences,
     train_dpo,
-)
-from idefics2.training.lora import (
-    LoraConfig,
-    adapters_disabled,
-    add_lora,
-    load_adapter,
-    mark_only_lora_trainable,
-    merge_lora,
-    save_adapter,
 )
 from idefics2.training.trainer import (
     Objective,

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from idefics2.training import lora
+from idefics2 import lora
 
 if TYPE_CHECKING:
     from idefics2.processing import Idefics2Processor

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idefics2.training import lora
+from idefics2 import lora
 from idefics2.training.data import ChatCollator, DataError, EncodedExample, normalize_example, parse_json_line
 from idefics2.training.trainer import (
     Objective,

@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from idefics2 import lora
 from idefics2.training import checkpoint as ckpt
-from idefics2.training import lora
 
 if TYPE_CHECKING:
     from idefics2.processing import Idefics2Processor

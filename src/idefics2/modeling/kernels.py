@@ -57,6 +57,7 @@ OPS = {
     "linear": ("onednn_fused", "onednn", "aten"),  # float product, activation fused in by oneDNN or not
     "int8": ("kernel", "dequantize_bfloat16", "dequantize"),  # torch's weight-only kernel, or dequantized
     "int4": ("kernel", "dequantize_bfloat16", "dequantize"),
+    "attention": ("grouped", "sdpa"),  # decode attention: two grouped matmuls, or sdpa's kernel
 }
 _forced: dict[str, bool | str] = {}
 
@@ -64,8 +65,8 @@ _forced: dict[str, bool | str] = {}
 @contextlib.contextmanager
 def force(**routes: bool | str) -> Iterator[None]:
     """Within the block, each named capability route is on (True) or off (False) whatever the machine
-    supports, and each named op (OPS: "linear", "int8", "int4") takes the named kernel where its probe
-    passes, e.g. `force(linear="aten")`. Nothing is measured inside the block."""
+    supports, and each named op (OPS: "linear", "int8", "int4", "attention") takes the named kernel where
+    its probe passes, e.g. `force(linear="aten")`. Nothing is measured inside the block."""
     _check_forced(routes)
     before = dict(_forced)
     _forced.update(routes)

@@ -620,3 +620,18 @@ def test_bfloat16_autocast_training_step_through_a_quantized_layer():
     out.float().sum().backward()
     assert x.grad is not None and x.grad.dtype == torch.float32
     assert rel_diff(x.grad.double(), layer.dequantized_weight(torch.float64).sum(0).expand(4, -1)) <= 2e-2
+
+
+def test_calibrate_flag_quantizes_with_scales_or_is_one_line(tmp_path, capsys):
+    """`--calibrate N` with `--quantize` calibrates on N shapes questions; without `--quantize` it is one
+    line on stderr and exit code 2."""
+    from idefics2.cli import main
+    from idefics2.shapes import make_dataset
+
+    image = tmp_path / "shape.png"
+    make_dataset(1, seed=3)[0].images()[0].save(image)
+    common = ["generate", "--prompt", "How many shapes?", "--image", str(image), "--max-new-tokens", "3"]
+    assert main([*common, "--calibrate", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--calibrate N needs --quantize" in err[0], err
+    assert main([*common, "--calibrate", "1", "--quantize", "int4"]) == 0

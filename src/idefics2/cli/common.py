@@ -128,6 +128,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "instructions, else float32; checkpoint: the checkpoint's own)",
     )
     add_quantize_option(p)
+    p.add_argument(
+        "--calibrate",
+        type=positive_int,
+        metavar="N",
+        help="with --quantize: before quantizing, fold activation-aware scales found on N built-in "
+        "shapes questions (image + question, one batch each) into the float weights (lower int4 error)",
+    )
 
 
 def add_quantize_option(p: argparse.ArgumentParser) -> None:
@@ -292,7 +299,27 @@ def load_pipeline(args: argparse.Namespace):
     dtype = weights_dtype(args.dtype, device)
     folder = model_folder(args.model)
     adapter = adapter_folder(args.adapter) if args.adapter else None
-    return pipeline(folder, dtype=dtype, device=device, adapter=adapter, quantize=args.quantize)
+    if not getattr(args, "calibrate", None):
+        return pipeline(folder, dtype=dtype, device=device, adapter=adapter, quantize=args.quantize)
+    if not args.quantize:
+        raise UserError("--calibrate N needs --quantize int8|int4")
+    pipe = pipeline(folder, dtype=dtype, device=device, adapter=adapter)
+    try:
+        pipe.model.quantize(args.quantize, calibration=shapes_calibration(pipe.processor, args.calibrate))
+    except ValueError as error:  # e.g. a checkpoint saved quantized
+        raise UserError(f"--calibrate: {error}") from None
+    return pipe
+
+
+def shapes_calibration(processor, count: int) -> list[dict]:
+    """`count` built-in shapes questions (image and question, chat template applied) as model inputs."""
+    from idefics2.shapes import QUESTION_TYPES, make_dataset
+
+    batches = []
+    for example in make_dataset(-(-count // len(QUESTION_TYPES)), seed=0)[:count]:
+        prompt = processor.apply_chat_template(example.messages(), add_generation_prompt=True)
+        batches.append(dict(processor(text=prompt, images=[example.images()], return_tensors="pt")))
+    return batches
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:

@@ -243,6 +243,9 @@ def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):
     classes = {row[row.index("us") - 3] for row in rows}  # op, weights, rows class, kernel, time, us, ...
     assert classes == {"1", "2-8", "9-32", "prefill"}  # decoder layers in every class, the vision tower's
     assert all(row[row.index("us") - 2] in ("onednn_fused", "onednn", "aten") for row in rows)
+    attention_rows = [line.split() for line in lines if line.startswith("attention ")]
+    assert {row[3] for row in attention_rows} == {"keys<=512", "keys<=2048", "keys>2048"}, attention_rows
+    assert all(row[5] in ("grouped", "sdpa") for row in attention_rows)
     assert (tmp_path / "kernels.json").exists()
 
 

@@ -13,7 +13,9 @@ see the same machine load; the table shows medians over the repeats. Rows:
   peak memory       peak above the level before the chat turn (CPU: resident set; CUDA: allocated bytes)
 
 plus the decode bandwidth achieved (weight bytes read per step x steps per second) against the machine's
-read bandwidth measured right after each run (median of the per-run fractions), and our bfloat16 mode
+read bandwidth measured right after each run (idefics2.modeling.kernels.read_bandwidth, as `idefics2
+kernels` measures it: the fastest of five sums over a buffer of 4x the last-level cache, at least 256 MiB;
+median of the per-run fractions), and our bfloat16 mode
 (prefill and decode, logits' relative difference to float32).
 
 `--quantize int8 int4` adds our model with its decoder quantized (idefics2.quantization), with the weights'
@@ -55,7 +57,6 @@ from bench_generation import (  # noqa: E402
     PROMPT,
     decode_weight_bytes,
     photo_like,
-    read_bandwidth_gbs,
     sync,
 )
 from idefics2.modeling import kernels  # noqa: E402
@@ -523,7 +524,7 @@ def main() -> None:
                 )
             # the read bandwidth right after the decode it is compared with: on a shared host it drifts (this
             # project's VM reads 42-48 GB/s for a while, then ~80 GB/s for a while)
-            run["read_bandwidth_gbs"] = read_bandwidth_gbs(device)
+            run["read_bandwidth_gbs"] = kernels.read_bandwidth(device=device) / 1e9
             weight_bytes = step_bytes_of(name, model, step_bytes)
             run["decode_bandwidth_fraction"] = (
                 weight_bytes * run["decode_b1_tok_s"] / 1e9 / run["read_bandwidth_gbs"]

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -24,6 +23,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from idefics2.modeling import kernels  # noqa: E402
 
 MID_CONFIG = {
     "image_token_id": 32001,
@@ -73,22 +74,6 @@ def photo_like(height: int = 480, width: int = 640, seed: int = 0) -> Image.Imag
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def read_bandwidth_gbs(device: torch.device | str = "cpu", n_bytes: int = 1 << 30, repeats: int = 9) -> float:
-    """Memory read bandwidth: sum a float32 tensor much larger than the caches; the median of a few runs. It
-    drifts on a shared host (this project's 2-core VM sums 1 GB at ~45 GB/s for a while, then at ~75-80 GB/s
-    for a while), so measure it next to what it is compared with."""
-    device = torch.device(device)
-    x = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
-    seconds = []
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        x.sum()
-        sync(device)
-        seconds.append(time.perf_counter() - start)
-    return n_bytes / statistics.median(seconds) / 1e9
 
 
 def decode_weight_bytes(model: torch.nn.Module) -> int:
@@ -185,7 +170,7 @@ def main() -> None:
     for _ in range(args.repeats):  # alternate so both see the same machine load
         results["transformers"].append(run(reference.generate, "streamer", inputs, args.new_tokens))
         results["idefics2"].append(run(ours.generate, "streamer", inputs, args.new_tokens))
-    bandwidth = read_bandwidth_gbs()
+    bandwidth = kernels.read_bandwidth() / 1e9
     print(f"load average after the runs: {os.getloadavg()[0]:.1f} (other processes share these cores)")
 
     for clock in ("wall", "cpu"):

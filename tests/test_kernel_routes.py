@@ -95,6 +95,26 @@ def test_bfloat16_attention_routes(native):
     assert rel_diff(full.float(), exact) <= 2e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kernel", ["grouped", "sdpa"])
+def test_decode_attention_kernels_match_float64(dtype, kernel):
+    """Each decode attention kernel, forced, runs and gives the float64 softmax(q k^T) v over the keys the
+    mask allows (one and three queries, grouped kv heads)."""
+    torch.manual_seed(0)
+    for queries in (1, 3):
+        q, k, v = torch.randn(2, 8, queries, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
+        mask = torch.rand(2, 1, queries, 40) > 0.2
+        scores = q.double() @ k.double().repeat_interleave(4, dim=1).transpose(-1, -2) * 0.25
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        expected = (probs @ v.double().repeat_interleave(4, dim=1)).transpose(1, 2).reshape(2, queries, 128)
+        args = (q.to(dtype), k.to(dtype), v.to(dtype), mask)
+        with torch.no_grad(), kernels.force(attention=kernel):
+            got = attention(*args, scale=0.25)
+            names = ops_called(lambda args=args: attention(*args, scale=0.25))
+        assert ("aten::scaled_dot_product_attention" in names) == (kernel == "sdpa")
+        assert rel_diff(got.double(), expected) <= TOLERANCE[dtype] * 10
+
+
 def test_fastest_dtype_follows_the_bfloat16_instructions():
     with kernels.force(native_bfloat16=True):
         assert fastest_dtype("cpu") == torch.bfloat16

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from idefics2.modeling import attention, kernels
 from idefics2.modeling.attention import linear
@@ -50,6 +51,7 @@ def tuning(monkeypatch, tmp_path):
     def install(seconds: dict[str, float]) -> FakeClock:
         clock = FakeClock(seconds)
         linear_with, product_with = attention.linear_with, QuantizedLinear.product_with
+        attention_with = attention.attention_with
 
         def named_linear(kernel, *args):
             clock.last = clock.last or kernel
@@ -59,7 +61,12 @@ def tuning(monkeypatch, tmp_path):
             clock.last = clock.last or kernel
             return product_with(self, kernel, *args, **kw)
 
+        def named_attention(kernel, *args):
+            clock.last = clock.last or kernel
+            return attention_with(kernel, *args)
+
         monkeypatch.setattr(attention, "linear_with", named_linear)
+        monkeypatch.setattr(attention, "attention_with", named_attention)
         monkeypatch.setattr(QuantizedLinear, "product_with", named_product)
         monkeypatch.setattr(kernels, "measure", clock)
         return clock
@@ -194,6 +201,23 @@ def test_quantized_layers_take_the_measured_kernel(tuning):
     assert torch.allclose(got.double(), want, atol=1e-4)
 
 
+@pytest.mark.parametrize("fastest", ["grouped", "sdpa"])
+def test_decode_attention_takes_the_measured_kernel(tuning, fastest):
+    clock = tuning({"grouped": 1e-6 if fastest == "grouped" else 3e-6, "sdpa": 2e-6})
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 8, 1, 16), torch.randn(1, 2, 600, 16), torch.randn(1, 2, 600, 16)
+    mask = torch.rand(1, 1, 1, 600) > 0.1
+    with torch.no_grad():
+        got = attention.attention(q, k, v, mask, scale=0.25)
+        names = ops_called(lambda: attention.attention(q, k, v, mask, scale=0.25))
+    assert set(clock.samples) == {"grouped", "sdpa"}  # both timed, once, for this class of keys
+    assert ("aten::scaled_dot_product_attention" in names) == (fastest == "sdpa")
+    (key,) = [key for key in kernels.choices() if key[0] == "attention"]
+    assert key[1] == (torch.float32, 8, 2, 16, "keys<=2048") and kernels.choices()[key][0] == fastest
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25, enable_gqa=True)
+    assert torch.allclose(got, want.transpose(1, 2).reshape(1, 1, 128), atol=1e-5)
+
+
 def test_measuring_stops_at_the_budget(tuning, monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "TUNING_BUDGET_S", 0.0)
     clock = tuning({"onednn": 2e-6, "aten": 1e-6})
@@ -219,6 +243,9 @@ def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):
     classes = {row[row.index("us") - 3] for row in rows}  # op, weights, rows class, kernel, time, us, ...
     assert classes == {"1", "2-8", "9-32", "prefill"}  # decoder layers in every class, the vision tower's
     assert all(row[row.index("us") - 2] in ("onednn_fused", "onednn", "aten") for row in rows)
+    attention_rows = [line.split() for line in lines if line.startswith("attention ")]
+    assert {row[3] for row in attention_rows} == {"keys<=512", "keys<=2048", "keys>2048"}, attention_rows
+    assert all(row[5] in ("grouped", "sdpa") for row in attention_rows)
     assert (tmp_path / "kernels.json").exists()
 
 

@@ -136,7 +136,8 @@ def adapter_folder(name: str) -> Path:
 
 
 def load_pipeline(args: argparse.Namespace):
-    """The ChatPipeline for --model (or the built-in model), --adapter, --device, --dtype and --quantize."""
+    """The ChatPipeline for --model (or the built-in model), --adapter, --device, --dtype, --quantize and
+    --calibrate (N built-in shapes questions for activation-aware quantization scales)."""
     import torch
 
     from idefics2.pipelines import pipeline
@@ -147,7 +148,27 @@ def load_pipeline(args: argparse.Namespace):
     dtype = weights_dtype(args.dtype, device)
     folder = model_folder(args.model)
     adapter = adapter_folder(args.adapter) if args.adapter else None
-    return pipeline(folder, dtype=dtype, device=device, adapter=adapter, quantize=args.quantize)
+    if not getattr(args, "calibrate", None):
+        return pipeline(folder, dtype=dtype, device=device, adapter=adapter, quantize=args.quantize)
+    if not args.quantize:
+        raise ValueError("--calibrate N needs --quantize int8|int4")
+    pipe = pipeline(folder, dtype=dtype, device=device, adapter=adapter)
+    try:
+        pipe.model.quantize(args.quantize, calibration=shapes_calibration(pipe.processor, args.calibrate))
+    except ValueError as error:  # e.g. a checkpoint saved quantized
+        raise ValueError(f"--calibrate: {error}") from None
+    return pipe
+
+
+def shapes_calibration(processor, count: int) -> list[dict]:
+    """`count` built-in shapes questions (image and question, chat template applied) as model inputs."""
+    from idefics2.shapes import QUESTION_TYPES, make_dataset
+
+    batches = []
+    for example in make_dataset(-(-count // len(QUESTION_TYPES)), seed=0)[:count]:
+        prompt = processor.apply_chat_template(example.messages(), add_generation_prompt=True)
+        batches.append(dict(processor(text=prompt, images=[example.images()], return_tensors="pt")))
+    return batches
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:

@@ -90,6 +90,13 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
         "instructions, else float32; checkpoint: the checkpoint's own)",
     )
     add_quantize_option(p)
+    p.add_argument(
+        "--calibrate",
+        type=positive_int,
+        metavar="N",
+        help="with --quantize: before quantizing, fold activation-aware scales found on N built-in "
+        "shapes questions (image + question, one batch each) into the float weights (lower int4 error)",
+    )
 
 
 def add_quantize_option(p: argparse.ArgumentParser) -> None:

@@ -1,5 +1,6 @@
 """`idefics2 kernels`: this CPU's features and read bandwidth, and the kernel chosen for each product of a
-model (measured now, or read from the file of earlier choices), with its time and the others'."""
+model and for its decode attention (measured now, or read from the file of earlier choices), with its time
+and the others'."""
 
 from __future__ import annotations
 
@@ -55,18 +56,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("choices: not measured (IDEFICS2_KERNEL_TUNING=0): the preferred kernel of each op")
     table = kernels.choices()
-    print(f"{'op':<7} {'weights':<32} {'rows':<8} {'kernel':<20} {'time':>10}  others")
+    print(f"{'op':<9} {'weights':<32} {'rows':<8} {'kernel':<20} {'time':>10}  others")
     for key in keys:
         op, shape, rows = key[:3]
         dtype, n, k = shape[:3]
         kernel, times = table[key]
         suffix = f" {shape[4]}" if op == "linear" and shape[4] else ""
-        if op != "linear":
+        if op in ("int8", "int4"):
             suffix = f" g{shape[3]}" if op == "int4" else ""
         weights = f"{kernels.describe(dtype)} {n}x{k}{suffix}"
+        if op == "attention":  # heads, kv heads, head size, class of cached keys
+            weights = f"{kernels.describe(dtype)} {n}/{k}x{shape[3]} {shape[4]}"
         mine = f"{times[kernel] * 1e6:.1f} us" if kernel in times else "-"
         others = ", ".join(f"{name} {t * 1e6:.1f} us" for name, t in times.items() if name != kernel)
-        print(f"{op:<7} {weights:<32} {rows:<8} {kernel:<20} {mine:>10}  {others}")
+        print(f"{op:<9} {weights:<32} {rows:<8} {kernel:<20} {mine:>10}  {others}")
     return 0
 
 
@@ -102,4 +105,30 @@ def run_every_product(model) -> list[tuple]:
                 for key in kernels.choices().keys() - before - seen:
                     seen.add(key)
                     keys.append(key)
+        keys += _decode_attention_choices(model, seen)
+    return keys
+
+
+def _decode_attention_choices(model, seen: set) -> list[tuple]:
+    """Run the decoder's attention for one query over each class of cached keys on CPU, which makes the
+    decode attention kernel be measured (or read); returns the new choices' keys."""
+    import torch
+
+    from idefics2.modeling import attention, kernels
+
+    text = model.config.text_config
+    dtype = model.model.text_model.embed_tokens.weight.dtype
+    if model.model.text_model.embed_tokens.weight.device.type != "cpu":
+        return []
+    keys = []
+    lengths = [most for most, _ in attention.DECODE_KEY_CLASSES] + [attention.DECODE_KEY_CLASSES[-1][0] + 1]
+    for length in lengths:
+        q = torch.zeros(1, text.num_attention_heads, 1, text.head_dim, dtype=dtype)
+        k = torch.zeros(1, text.num_key_value_heads, length, text.head_dim, dtype=dtype)
+        mask = torch.ones(1, 1, 1, length, dtype=torch.bool)
+        before = kernels.choices().keys()
+        attention.attention(q, k, k, mask, scale=text.head_dim**-0.5)
+        for key in kernels.choices().keys() - before - seen:
+            seen.add(key)
+            keys.append(key)
     return keys

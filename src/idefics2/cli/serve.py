@@ -262,6 +262,8 @@ def _check_autoscaling(config: dict) -> None:
 
 
 def _run_on_ray(args: argparse.Namespace, settings, engine_options: dict, ray_options: dict) -> int:
+    if args.calibrate:
+        raise UserError("--calibrate is not supported with Ray replicas: save a calibrated model instead")
     from idefics2.integrations.ray import ReplicaSpec, run_on_ray, serve_application
 
     device = "cuda" if ray_options["gpus_per_replica"] > 0 else "cpu"

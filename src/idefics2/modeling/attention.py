@@ -19,14 +19,19 @@ def check_attn_implementation(name: str) -> str:
     return name
 
 
-# Up to this many queries (decode steps) without autograd attend with two grouped matmuls, on CUDA and for
-# 16-bit floats on CPUs with bfloat16 instructions. On CUDA: no fallback to sdpa's math kernel (boolean mask +
-# grouped kv heads) and nothing that stops graph capture. On CPU in bfloat16 (AMD Zen5): 3-6x faster than
-# sdpa's kernel for one query (0.11 instead of 0.28 ms over 400 cached positions, 0.40 instead of 2.1 ms
-# over 3,000, 2 threads); without bfloat16 instructions (AVX2 only) both take the same time. In float32 on
-# CPU whole decode steps take the same time either way (400 and 2,000 positions), so float32 keeps sdpa.
+# Up to this many queries (decode steps) without autograd, attention may run as two grouped matmuls
+# (grouped_matmul_attention) instead of sdpa. On CUDA always: no fallback to sdpa's math kernel (boolean
+# mask + grouped kv heads) and nothing that stops graph capture. On CPU the faster of the two is measured per
+# dtype, head shape and class of cached keys (kernels.choose, op "attention"); where nothing is measured,
+# grouped matmuls for 16-bit floats on CPUs with bfloat16 instructions (AMD Zen5, bfloat16: 3-6x sdpa for
+# one query), sdpa elsewhere. Measured on a Zen 4, one query, 16 heads over 4 kv heads of 64: float32 sdpa
+# 31 / 94 / 462 us over 100 / 400 / 2,000 keys, grouped matmuls 45 / 89 / 305 us.
 SMALL_QUERY = 8
 _CPU_GROUPED_DECODE_DTYPES = (torch.bfloat16, torch.float16)
+# classes of cached keys for the measured choice: (most keys, name); more keys: the last class, timed at
+# _LONGEST_KEYS
+DECODE_KEY_CLASSES = ((512, "keys<=512"), (2048, "keys<=2048"))
+_LONGEST_KEYS = (8192, "keys>2048")
 
 
 def attention(
@@ -47,11 +52,9 @@ def attention(
     T == S positions when `causal`, which lets sdpa pick its fastest kernels). Returns (B, T, H * D).
     """
     causal = causal and mask is None
-    small = (
-        (q.is_cuda or (q.dtype in _CPU_GROUPED_DECODE_DTYPES and kernels.native_bfloat16()))
-        and q.shape[2] <= SMALL_QUERY
-        and not torch.is_grad_enabled()
-    )
+    small = q.shape[2] <= SMALL_QUERY and not torch.is_grad_enabled()
+    if small and not q.is_cuda:
+        small = q.is_cpu and impl == "sdpa" and dropout == 0.0 and decode_attention_kernel(q, k) == "grouped"
     if impl == "sdpa" and mask is None and not causal and _cpu_bfloat16_inference(q) and dropout == 0.0:
         out = per_head_attention(q, k, v, scale=scale)
     elif impl == "sdpa" and not small:
@@ -76,6 +79,46 @@ def attention(
         out = grouped_matmul_attention(q, k, v, mask, scale=scale, dropout=dropout)
     b, h, t, d = out.shape
     return out.transpose(1, 2).reshape(b, t, h * d)
+
+
+def decode_attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
+    """ "grouped" or "sdpa": the kernel measured fastest here (kernels.choose) for a CPU attention of q's
+    few queries (B, H, T, D) over k's cached keys (B, Hkv, S, D)."""
+    _, heads, queries, head_dim = q.shape
+    kv_heads, keys = k.shape[1], k.shape[2]
+    most, key_class = next(((n, name) for n, name in DECODE_KEY_CLASSES if keys <= n), _LONGEST_KEYS)
+    return kernels.choose(
+        "attention",
+        (q.dtype, heads, kv_heads, head_dim, key_class),
+        queries,
+        lambda: decode_attention_kernels(q.dtype),
+        lambda rows: _attention_bench(q.dtype, heads, kv_heads, head_dim, most, rows),
+    )
+
+
+def decode_attention_kernels(dtype: torch.dtype) -> list[str]:
+    """The CPU kernels of decode attention, preferred first: grouped matmuls for 16-bit floats on CPUs with
+    bfloat16 instructions, sdpa elsewhere."""
+    native = dtype in _CPU_GROUPED_DECODE_DTYPES and kernels.native_bfloat16()
+    return ["grouped", "sdpa"] if native else ["sdpa", "grouped"]
+
+
+def attention_with(
+    kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """Attention (B, H, T, D) by the named kernel of `decode_attention_kernels`."""
+    if kernel == "grouped":
+        return grouped_matmul_attention(q, k, v, mask, scale=scale)
+    enable_gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def _attention_bench(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int, keys: int, rows: int):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, heads, rows, head_dim, generator=generator).to(dtype)
+    k, v = (torch.randn(1, kv_heads, keys, head_dim, generator=generator).to(dtype) for _ in range(2))
+    mask = torch.ones(1, 1, rows, keys, dtype=torch.bool)
+    return lambda kernel: attention_with(kernel, q, k, v, mask, head_dim**-0.5)
 
 
 def grouped_matmul_attention(

@@ -57,6 +57,7 @@ OPS = {
     "linear": ("onednn_fused", "onednn", "aten"),  # float product, activation fused in by oneDNN or not
     "int8": ("kernel", "dequantize_bfloat16", "dequantize"),  # torch's weight-only kernel, or dequantized
     "int4": ("kernel", "dequantize_bfloat16", "dequantize"),
+    "attention": ("grouped", "sdpa"),  # decode attention: two grouped matmuls, or sdpa's kernel
 }
 _forced: dict[str, bool | str] = {}
 
@@ -64,8 +65,8 @@ _forced: dict[str, bool | str] = {}
 @contextlib.contextmanager
 def force(**routes: bool | str) -> Iterator[None]:
     """Within the block, each named capability route is on (True) or off (False) whatever the machine
-    supports, and each named op (OPS: "linear", "int8", "int4") takes the named kernel where its probe
-    passes, e.g. `force(linear="aten")`. Nothing is measured inside the block."""
+    supports, and each named op (OPS: "linear", "int8", "int4", "attention") takes the named kernel where
+    its probe passes, e.g. `force(linear="aten")`. Nothing is measured inside the block."""
     _check_forced(routes)
     before = dict(_forced)
     _forced.update(routes)
@@ -562,17 +563,28 @@ def last_level_cache_bytes() -> int | None:
     return max(sizes, default=None)
 
 
-def read_bandwidth(nbytes: int | None = None, repeats: int = 5) -> float:
-    """Bytes per second at which this machine streams a buffer of `nbytes` (default: 4x the last-level
-    cache, at least 256 MiB) from memory, with torch's threads: the fastest of `repeats` sums over it. The
-    ceiling of a decode step, which reads every weight once."""
+def read_bandwidth(nbytes: int | None = None, repeats: int = 5, device: torch.device | str = "cpu") -> float:
+    """Bytes per second at which `device` streams a buffer of `nbytes` from its memory (default: on CPUs
+    4x the last-level cache, at least 256 MiB; on GPUs 1 GiB), with torch's threads: the fastest of `repeats`
+    sums over it (on a shared machine other processes only ever slow a sample down). The ceiling of a decode
+    step, which reads every weight once. The one measure of it: `idefics2 kernels` and the benchmarks call
+    this."""
+    device = torch.device(device)
     if nbytes is None:
-        nbytes = max(256 * 2**20, 4 * (last_level_cache_bytes() or 0))
-    buffer = torch.ones(nbytes // 4, dtype=torch.float32)
+        least = 2**30 if device.type == "cuda" else 256 * 2**20
+        nbytes = max(least, 4 * (last_level_cache_bytes() or 0))
+    buffer = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     buffer.sum()  # pages touched, threads started
     best = float("inf")
     for _ in range(repeats):
+        _synchronize(device)
         start = time.perf_counter()
         buffer.sum()
+        _synchronize(device)
         best = min(best, time.perf_counter() - start)
     return buffer.numel() * 4 / best
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

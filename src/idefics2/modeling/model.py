@@ -387,16 +387,24 @@ class Idefics2ForConditionalGeneration(nn.Module):
         return model
 
     def quantize(
-        self, mode: str = "int8", *, group_size: int = 128, modules: tuple[str, ...] = DEFAULT_PARTS
+        self,
+        mode: str = "int8",
+        *,
+        group_size: int = 128,
+        modules: tuple[str, ...] = DEFAULT_PARTS,
+        calibration: Any = None,
     ) -> Idefics2ForConditionalGeneration:
         """Quantize the linear layers of `modules` in place ("int8": per output channel; "int4": groups of
-        `group_size` inputs); by default the decoder (its layers and an untied lm_head). Returns the model."""
+        `group_size` inputs); by default the decoder (its layers and an untied lm_head). `calibration`: a few
+        batches (token ids (B, T), or an iterable of them or of dicts of model inputs such as a processor's
+        outputs) from which activation-aware scales are found and folded into the decoder's float weights
+        before quantizing (see idefics2.quantization.calibration). Returns the model."""
         spec = QuantizationSpec.parse(mode, group_size, modules)
         if quantized_layers(self):
             raise ValueError(
                 "this model is already quantized; load the float checkpoint to quantize it again"
             )
-        quantize_model(self, spec, tied_lm_head=self.config.tie_word_embeddings)
+        quantize_model(self, spec, tied_lm_head=self.config.tie_word_embeddings, calibration=calibration)
         self.config.extra["quantization_config"] = config_entry(self)
         self.weights_changed()
         return self

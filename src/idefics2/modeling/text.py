@@ -58,11 +58,46 @@ def rotary_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtyp
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, D) rotated pairwise (i, i + D/2) by the angles in cos, sin (B, T, D)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+class RotaryTable:
+    """cos and sin of rotary_cos_sin for positions [0, length), computed once per dtype and device and read
+    by index: a CPU decode step looks its angles up instead of recomputing the inverse frequencies and the
+    trigonometry of every position (the same values: the table is made by rotary_cos_sin itself). sin comes
+    with its first half negated, for apply_rotary. The table grows (to the next power of two) when a position
+    passes its end; on GPUs nothing is cached (reading the largest position would wait for the device)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.head_dim, self.theta = head_dim, theta
+        self._tables: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin (B, T, head_dim) at position_ids (B, T)."""
+        if not position_ids.is_cpu or position_ids.numel() == 0:
+            return self._signed(*rotary_cos_sin(position_ids, self.head_dim, self.theta, dtype))
+        lowest, highest = (int(end) for end in torch.aminmax(position_ids))
+        if lowest < 0:  # not a table index
+            return self._signed(*rotary_cos_sin(position_ids, self.head_dim, self.theta, dtype))
+        key = (dtype, position_ids.device)
+        cos, sin = self._tables.get(key, (None, None))
+        needed = highest + 1
+        if cos is None or cos.shape[0] < needed:
+            length = max(256, 1 << (needed - 1).bit_length())
+            positions = torch.arange(length, device=position_ids.device)[None]
+            cos, sin = self._signed(*rotary_cos_sin(positions, self.head_dim, self.theta, dtype))
+            cos, sin = cos[0], sin[0]
+            self._tables[key] = cos, sin
+        return cos[position_ids], sin[position_ids]
+
+    @staticmethod
+    def _signed(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        half = sin.shape[-1] // 2
+        return cos, torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D) rotated pairwise (i, i + D/2) by the angles in cos and signed_sin (B, T, D), the sin
+    with its first half negated (RotaryTable): x * cos + (-x2, x1) * sin as x * cos + roll(x) * signed_sin,
+    three kernels instead of six."""
+    return torch.addcmul(x * cos[:, None], x.roll(x.shape[-1] // 2, dims=-1), signed_sin[:, None])
 
 
 class TextAttention(nn.Module):
@@ -139,6 +174,7 @@ class MistralDecoder(nn.Module):
         self.embed_tokens = nn.Embedding(*shape, padding_idx=config.pad_token_id, _weight=torch.empty(shape))
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary = RotaryTable(config.head_dim, config.rope_theta)
         self.gradient_checkpointing = False
 
     def forward(
@@ -150,9 +186,7 @@ class MistralDecoder(nn.Module):
         cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, T, dim), position_ids (B, T), mask (B, 1, T, S) or None -> hidden (B, T, dim)."""
-        cos, sin = rotary_cos_sin(
-            position_ids, self.config.head_dim, self.config.rope_theta, inputs_embeds.dtype
-        )
+        cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from idefics2.quantization.calibration import calibrate
 from idefics2.quantization.formats import (
     INT4_GROUP_SIZES,
     dequantize_int4,
@@ -97,14 +98,21 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, spec: QuantizationSpec, tied_lm_head: bool = False) -> list[str]:
+def quantize_model(
+    model: nn.Module, spec: QuantizationSpec, tied_lm_head: bool = False, calibration=None
+) -> list[str]:
     """Quantize the targeted linear layers of `model` in place, one at a time (each float weight can be freed
-    as soon as its layer is done). Returns their names."""
+    as soon as its layer is done). With `calibration` (token ids (B, T), or an iterable of them or of dicts
+    of model inputs), activation-aware scales are folded into the float weights first (see
+    idefics2.quantization.calibration). Returns the quantized layers' names."""
     names = target_layers(model, spec.parts, tied_lm_head)
     for name in names:
-        linear = model.get_submodule(name)
-        if hasattr(linear, "lora_A"):
+        if hasattr(model.get_submodule(name), "lora_A"):
             raise ValueError(f"{name} has a LoRA adapter: quantize the model before adding adapters")
+    if calibration is not None:
+        calibrate(model, names, spec.bits, spec.group_size, calibration)
+    for name in names:
+        linear = model.get_submodule(name)
         group = group_size_for(linear.in_features, spec.group_size) if spec.bits == 4 else None
         replace_module(model, name, QuantizedLinear.from_float(linear.weight, linear.bias, spec.bits, group))
     return names

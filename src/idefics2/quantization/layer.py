@@ -340,9 +340,9 @@ class QuantizedLinear(nn.Module):
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T on the device's int8 / int4 kernel (bfloat16 activations)."""
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if self.bits == 8:
-            out = (
-                torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scales).float() * self.scales
+        if self.bits == 8:  # bfloat16 product times float32 scales: one kernel, the result in float32
+            out = torch.mul(
+                torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.kernel_scales), self.scales
             )
         else:
             run = (

@@ -1,0 +1,148 @@
+"""Where a decode step's time goes at batch 1: the weight matrix products against everything else.
+
+Builds our "mid" model (random weights, no transformers) in float32, bfloat16 and with the decoder in int8
+(and int4 with `--int4`), prefills a text prompt as long as the image prompt of bench.py (`--prompt-tokens`,
+default 360: 5 x 64 image latents plus the text), then greedily decodes `--new-tokens` with `generate`:
+
+- step time: the median time between tokens of a run without the profiler;
+- products: a second run under torch.profiler; the time of the weight matrix products (oneDNN's linear,
+  ATen's linear, the int8 / int4 weight-only kernels, counted once where one calls another) between the
+  first and the last token, per step;
+- overhead share: 1 - products / step time, i.e. the share of the unprofiled step spent outside the
+  products (Python, casts, norms, rotary, attention, cache writes, sampling). The profiler's own cost per op
+  lands in the profiled step only, so it does not inflate this share.
+
+Models run in turns, `--repeats` times, so the machine's load spreads over all of them; medians are printed.
+
+    python benchmarks/bench_decode_overhead.py --threads 2
+    python benchmarks/bench_decode_overhead.py --threads 1 --new-tokens 16 --repeats 1 --top 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_generation import MID_CONFIG  # noqa: E402
+
+# profiler names of the weight matrix products; an event inside another one of these is not counted again
+# (attention's own matmuls are not weight products: they call aten::matmul / bmm outside these)
+PRODUCTS = {
+    "aten::linear",
+    "mkldnn::_linear_pointwise",
+    "aten::_weight_int8pack_mm",
+    "aten::_weight_int4pack_mm_for_cpu",
+}
+TOKEN_MARK = "decode_overhead::token"
+
+
+def build(dtype_name: str, seed: int = 0):
+    from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(copy.deepcopy(MID_CONFIG))).eval()
+    if dtype_name == "bfloat16":
+        return model.to(torch.bfloat16)
+    if dtype_name in ("int8", "int4"):
+        return model.quantize(dtype_name)
+    return model
+
+
+def step_times(model, input_ids: torch.Tensor, new_tokens: int, mark: bool = False) -> list[float]:
+    """Seconds between consecutive tokens of one greedy generation (a profiler mark at each token)."""
+    times: list[float] = []
+
+    def on_token(tokens):
+        if mark:
+            with record_function(TOKEN_MARK):
+                pass
+        times.append(time.perf_counter())
+
+    with torch.inference_mode():
+        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       eos_token_id=2, pad_token_id=0, streamer=on_token)  # fmt: skip
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def product_time_per_step(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, Counter]:
+    """(seconds of weight products per decode step, seconds per step of every other op by name) from a
+    profiled generation, over the steps between the first and the last token."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step_times(model, input_ids, new_tokens, mark=True)
+    events = prof.events()
+    marks = sorted(e.time_range.start for e in events if e.name == TOKEN_MARK)
+    first, last = marks[0], marks[-1]
+    steps = len(marks) - 1
+    products, others = 0.0, Counter()
+    for event in events:
+        start = event.time_range.start
+        if not first <= start < last or event.name == TOKEN_MARK:
+            continue
+        parent, nested = event.cpu_parent, False
+        while parent is not None:
+            if parent.name in PRODUCTS:
+                nested = True
+                break
+            parent = parent.cpu_parent
+        if nested:
+            continue
+        if event.name in PRODUCTS:
+            products += event.time_range.elapsed_us() / 1e6
+        elif event.cpu_parent is None:  # top-level ops only: their children are inside their time
+            others[event.name] += event.time_range.elapsed_us() / 1e6
+    return products / steps, Counter({k: v / steps for k, v in others.items()})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=360)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=["float32", "bfloat16", "int8"],
+                        choices=["float32", "bfloat16", "int8", "int4"])  # fmt: skip
+    parser.add_argument("--top", type=int, default=0, help="print the N costliest other top-level ops")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    models = {mode: build(mode) for mode in args.modes}
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, 32000, (1, args.prompt_tokens), generator=generator)
+    for model in models.values():  # warm-up: first-call allocations and kernel choices
+        step_times(model, input_ids, 4)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; mid config, batch 1, prompt "
+          f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
+          f"medians of {args.repeats}")  # fmt: skip
+    rows: dict[str, list[tuple[float, float]]] = {mode: [] for mode in models}
+    others: dict[str, Counter] = {mode: Counter() for mode in models}
+    for _ in range(args.repeats):
+        for mode, model in models.items():
+            step = statistics.median(step_times(model, input_ids, args.new_tokens))
+            products, rest = product_time_per_step(model, input_ids, args.new_tokens)
+            rows[mode].append((step, products))
+            others[mode].update(rest)
+    print(f"{'mode':<10}{'step ms':>9}{'products ms':>13}{'other ms':>10}{'overhead share':>16}{'tok/s':>8}")
+    for mode, samples in rows.items():
+        step = statistics.median(s for s, _ in samples)
+        products = statistics.median(p for _, p in samples)
+        print(f"{mode:<10}{step * 1e3:9.2f}{products * 1e3:13.2f}{(step - products) * 1e3:10.2f}"
+              f"{max(0.0, 1 - products / step):16.1%}{1 / step:8.1f}")  # fmt: skip
+    for mode in models if args.top else ():
+        print(f"\n{mode}: costliest other top-level ops, ms per step (profiled, so inflated)")
+        for name, seconds in others[mode].most_common(args.top):
+            print(f"  {name:<48}{seconds / args.repeats * 1e3:8.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -392,9 +392,9 @@ def test_calibration_folds_scales_without_changing_the_float_model(checkpoint):
 
 
 def test_calibrated_int4_is_closer_to_float32_and_saves_and_reloads(tmp_path):
-    """On the built-in (trained) model, int4 g128 calibrated on four shapes questions has a lower logits
-    error against float32 on four others (mean over the prompts of max |diff| / max |logit|) than plain
-    int4; the calibrated model saves in the usual format and reloads to the same logits."""
+    """On the built-in (trained) model, int4 g128 calibrated on four shapes questions has a logits error
+    against float32 on four others (mean over the prompts of max |diff| / max |logit|) at least 5% below plain
+    int4's; the calibrated model saves in the usual format and reloads to the same logits."""
     from idefics2 import Idefics2Processor
     from idefics2.assets import builtin_model_dir
     from idefics2.shapes import make_dataset
@@ -418,7 +418,7 @@ def test_calibrated_int4_is_closer_to_float32_and_saves_and_reloads(tmp_path):
         return sum(rel_diff(logits(model, p), logits(reference, p)) for p in prompts) / len(prompts)
 
     plain_error, calibrated_error = mean_error(plain), mean_error(calibrated)
-    assert calibrated_error < 0.9 * plain_error, (calibrated_error, plain_error)
+    assert calibrated_error < 0.95 * plain_error, (calibrated_error, plain_error)
     calibrated.save_pretrained(tmp_path)
     reloaded = Idefics2ForConditionalGeneration.from_pretrained(tmp_path)
     assert torch.equal(logits(reloaded, prompts[0]), logits(calibrated, prompts[0]))

@@ -128,7 +128,7 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int) -> torch.Ten
     if bits == 8:
         return dequantize_int8(*quantize_int8(weight), torch.float32)
     group = group_size_for(weight.shape[1], group_size)
-    return dequantize_int4(*quantize_int4(weight, group), torch.float32)
+    return dequantize_int4(*quantize_int4(weight, group), None, torch.float32)
 
 
 def best_scales(

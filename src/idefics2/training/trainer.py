@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from idefics2.training import checkpoint as ckpt
 from idefics2.training import lora
+from idefics2.training.loss import target_logprobs
 
 if TYPE_CHECKING:
     from idefics2.processing import Idefics2Processor
@@ -266,24 +266,30 @@ def learned_positions(labels: torch.Tensor) -> torch.Tensor:
     return positions
 
 
-def learned_logits(
+def learned_token_logprobs(
     model: nn.Module, batch: dict, device: torch.device, autocast: contextlib.AbstractContextManager
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits (N, V) at the N positions whose next token is learned, their targets (N,) and rows (N,).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log p (N,) of the N learned tokens under `model` (float32 or wider), and the row of each (N,).
 
-    Every tensor of `batch` but the labels is a model input. A model whose forward takes `logits_at` (as
-    Idefics2's does) runs its language-model head on those positions only: prompts, images and padding get
-    no logits; other models' full logits are indexed."""
+    Every tensor of `batch` but the labels is a model input. A model whose forward takes `logits_at` and
+    `head` (as Idefics2's does) runs its language-model head only at the positions whose next token is
+    learned, chunk by chunk (idefics2.training.loss): prompts, images and padding get no logits, and the
+    learned positions' (N, vocab) logits are never held whole. Other models' full logits are indexed."""
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels" and torch.is_tensor(v)}
     labels = batch["labels"].to(device)
     positions = learned_positions(labels)
+    targets = labels[:, 1:][labels[:, 1:] != -100]  # (N,) in the row-major order of `positions`
     with autocast:
-        if "logits_at" in inspect.signature(getattr(model, "module", model).forward).parameters:
-            logits = model(**inputs, logits_at=positions).logits  # (N, V)
+        if {"logits_at", "head"} <= inspect.signature(
+            getattr(model, "module", model).forward
+        ).parameters.keys():
+            head = functools.partial(target_logprobs, targets=targets)
+            logprobs = model(**inputs, logits_at=positions, head=head).head_output
         else:
             logits = model(**inputs).logits[positions]
-    rows = positions.nonzero()[:, 0]
-    return logits, labels[:, 1:][labels[:, 1:] != -100], rows
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+    return logprobs, positions.nonzero()[:, 0]
 
 
 class TokenLoss(Objective):
@@ -294,9 +300,8 @@ class TokenLoss(Objective):
 
     def summed(self, model, batch, device, autocast, keep=None):
         batch = {**batch, "labels": _kept_labels(batch["labels"], keep)}
-        logits, targets, _ = learned_logits(model, batch, device, autocast)
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        return F.cross_entropy(logits.to(dtype), targets, reduction="sum"), {}
+        logprobs, _ = learned_token_logprobs(model, batch, device, autocast)
+        return -logprobs.sum(), {}
 
 
 def _kept_labels(labels: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+from idefics2.quantization import QuantizedLinear
 from idefics2.training import LoraConfig, TokenLoss, add_lora, freeze, mark_only_lora_trainable
 from idefics2.training.loss import target_logprobs
 from oracle_model import tiny_config_dict
@@ -145,8 +145,6 @@ def test_bf16_autocast_stays_close_to_the_unchunked_autocast_loss():
 def test_quantized_head_uses_its_dequantized_weight():
     torch.manual_seed(0)
     head = nn.Linear(32, 40, bias=False)
-    from idefics2.quantization import QuantizedLinear
-
     quantized = QuantizedLinear.from_float(head.weight.detach(), None, bits=8)
     hidden = torch.randn(5, 32, requires_grad=True)
     targets = torch.randint(0, 40, (5,))

@@ -203,10 +203,10 @@ def _fused_applies(module: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def _frozen_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (T, in) @ weight.T (+ bias) without autograd; on CPU by oneDNN where it runs for the dtype (1.3x
-    torch's default product for training's row counts on AMD Zen 4, float32, 2 threads); `weight` may be a
-    transposed view."""
+def frozen_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (T, in) @ weight.T (+ bias) for training's hand-written backward passes (no autograd): on CPU by
+    oneDNN where it runs for the dtype (1.3x torch's default product at training's row counts on AMD Zen 4,
+    float32, 2 threads), else torch's. `weight` may be a transposed view (the backward's grad @ W)."""
     if x.is_cpu and kernels.onednn_linear(x.dtype):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
@@ -222,7 +222,7 @@ class _FrozenLinearWithLora(torch.autograd.Function):
     def forward(ctx, x, dropped, weight, bias, lora_a, lora_b, scaling):
         rows = x.reshape(-1, x.shape[-1])  # (T, in)
         dropped_rows = rows if dropped is x else dropped.reshape(-1, x.shape[-1])
-        out = _frozen_product(rows, weight, bias)  # (T, out)
+        out = frozen_product(rows, weight, bias)  # (T, out)
         low_rank = dropped_rows @ lora_a.t()  # (T, r)
         out.addmm_(low_rank, lora_b.t(), alpha=scaling)
         ctx.save_for_backward(dropped_rows, low_rank, weight, lora_a, lora_b)
@@ -239,7 +239,7 @@ class _FrozenLinearWithLora(torch.autograd.Function):
         grad_b = (grad_rows.t() @ low_rank).mul_(ctx.scaling) if needs_b else None
         grad_x = grad_dropped = None
         if needs_x:
-            grad_x = _frozen_product(grad_rows, weight.t())  # (T, in)
+            grad_x = frozen_product(grad_rows, weight.t())  # (T, in)
             if ctx.same:
                 grad_x.addmm_(grad_low_rank, lora_a)
             grad_x = grad_x.view(ctx.input_shape)

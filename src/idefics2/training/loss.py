@@ -22,10 +22,10 @@ at the targets, to the rounding of the products.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from idefics2.quantization import QuantizedLinear
+from idefics2.training.lora import frozen_product
 
 # logits per chunk: 4M values (16 MB in float32), e.g. 131 positions of a 32k vocabulary
 CHUNK_ELEMENTS = 1 << 22
@@ -83,7 +83,7 @@ def _chunk_logits(
     weights' dtype."""
     logits = None
     for x, w in zip(inputs, weights, strict=True):
-        part = F.linear(x[rows].to(w.dtype), w).to(out_dtype)
+        part = frozen_product(x[rows].to(w.dtype), w).to(out_dtype)
         logits = part if logits is None else logits.add_(part)
     return logits
 
@@ -117,7 +117,7 @@ class _TargetLogprobs(torch.autograd.Function):
                     d_logits = _onehot_minus_softmax(logits, chunk_lse, chunk_targets)
                     for grad, w in zip(input_grads, cast, strict=True):
                         if grad is not None:
-                            grad[rows] = d_logits.to(w.dtype) @ w
+                            grad[rows] = frozen_product(d_logits.to(w.dtype), w.t())
         ctx.early = early
         ctx.chunk_rows, ctx.compute_dtype = chunk_rows, compute_dtype
         ctx.input_dtypes = [x.dtype for x in inputs]
@@ -159,7 +159,7 @@ class _TargetLogprobs(torch.autograd.Function):
                     inputs, cast, input_grads, weight_grads, strict=True
                 ):
                     if input_grad is not None:
-                        input_grad[rows] = d_logits @ w
+                        input_grad[rows] = frozen_product(d_logits, w.t())
                     if weight_grad is not None:
                         weight_grad.add_(d_logits.t() @ x[rows].to(ctx.compute_dtype))
         grads = []

@@ -54,18 +54,28 @@ def head_cases():
     ]
 
 
+@pytest.mark.parametrize("summed", [False, True], ids=["per-token", "summed"])
 @pytest.mark.parametrize("case", range(4), ids=["frozen", "trained", "bias", "lora"])
 @pytest.mark.parametrize("chunk_rows", [1, 3, 7, None])
-def test_values_and_gradients_equal_the_full_log_softmax_in_float64(case, chunk_rows):
+def test_values_and_gradients_equal_the_full_log_softmax_in_float64(case, chunk_rows, summed):
     _, head, trained = head_cases()[case]
     torch.manual_seed(1)
     hidden = torch.randn(7, 16, dtype=torch.float64, requires_grad=True)
     targets = torch.randint(0, 50, (7,))
-    weights = torch.randn(7, dtype=torch.float64)  # per-token weights, as DPO's per-row sums give
+    # per-token weights, as DPO's per-sequence terms give; one scalar for the sum (the token loss)
+    weights = torch.randn(() if summed else 7, dtype=torch.float64)
     tensors = [hidden, *trained]
-    ours, our_grads = gradients(lambda: target_logprobs(hidden, head, targets, chunk_rows), tensors, weights)
-    ref, ref_grads = gradients(lambda: plain_logprobs(hidden, head, targets), tensors, weights)
-    assert ours.dtype == torch.float64
+
+    def ours_fn():
+        return target_logprobs(hidden, head, targets, chunk_rows, summed=summed)
+
+    def reference_fn():
+        values = plain_logprobs(hidden, head, targets)
+        return values.sum() if summed else values
+
+    ours, our_grads = gradients(ours_fn, tensors, weights)
+    ref, ref_grads = gradients(reference_fn, tensors, weights)
+    assert ours.dtype == torch.float64 and ours.shape == ref.shape
     assert (ours - ref).abs().max() < 1e-12
     for mine, theirs in zip(our_grads, ref_grads, strict=True):
         assert (mine - theirs).abs().max() < 1e-10 * max(1.0, theirs.abs().max().item())

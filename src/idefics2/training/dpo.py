@@ -39,6 +39,7 @@ from idefics2.training.trainer import (
     TrainResult,
     autocast_context,
     evaluate_objective,
+    learned_positions,
     learned_token_logprobs,
     train,
 )
@@ -175,7 +176,8 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """(rows,) the log-probability of each row's learned tokens, summed; computed in float32 or wider."""
     inputs = {k: v for k, v in batch.items() if k != "reference_logps"}
-    token_logprobs, rows = learned_token_logprobs(model, inputs, device, autocast or contextlib.nullcontext())
+    token_logprobs = learned_token_logprobs(model, inputs, device, autocast or contextlib.nullcontext())
+    rows = learned_positions(batch["labels"]).nonzero()[:, 0].to(token_logprobs.device)  # (N,)
     out = token_logprobs.new_zeros(batch["labels"].shape[0])
     return out.index_add(0, rows, token_logprobs)
 

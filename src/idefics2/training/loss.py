@@ -11,8 +11,10 @@ positions makes its logits, takes what it needs and frees them:
   trained (LoRA, QLoRA: the head is frozen) it is multiplied into the head's weight already in the forward
   pass, chunk by chunk, leaving (N, hidden) per input: the backward pass only scales it, and nothing is
   computed twice;
-- when a weight is trained (full fine-tuning, or LoRA on the head itself) the backward pass recomputes each
-  chunk's logits from the saved log-sum-exp and accumulates the weight's gradient chunk by chunk.
+- so are the weights' gradients when a weight is trained (full fine-tuning, or LoRA on the head itself) and
+  the result is the sum of the log-probabilities (the token loss: one scalar scales every gradient). When
+  per-token values are wanted (DPO weighs each sequence differently) the backward pass recomputes each
+  chunk's logits from the saved log-sum-exp and accumulates the weights' gradients chunk by chunk.
 
 The head may carry a LoRA adapter (its low-rank path is one more (input, weight) pair of the same sum of
 products), a bias, or quantized weights (used dequantized). The result equals log_softmax(lm_head(hidden))
@@ -32,10 +34,16 @@ CHUNK_ELEMENTS = 1 << 22
 
 
 def target_logprobs(
-    hidden: torch.Tensor, lm_head: nn.Module, targets: torch.Tensor, chunk_rows: int | None = None
+    hidden: torch.Tensor,
+    lm_head: nn.Module,
+    targets: torch.Tensor,
+    chunk_rows: int | None = None,
+    *,
+    summed: bool = False,
 ) -> torch.Tensor:
     """(N,) log-softmax of lm_head(hidden) (N, vocab) at targets (N,), in float32 or wider, computed
-    `chunk_rows` positions at a time (default: about CHUNK_ELEMENTS logits per chunk).
+    `chunk_rows` positions at a time (default: about CHUNK_ELEMENTS logits per chunk); with `summed`, their
+    sum (a scalar): then every gradient, a trained head's included, is made in the forward pass.
 
     Under autocast the products run in the autocast dtype, as lm_head(hidden) would. `lm_head` is a linear
     layer (nn.Linear or QuantizedLinear), with or without a LoRA adapter; it is read, not called.
@@ -55,7 +63,7 @@ def target_logprobs(
         compute_dtype = torch.get_autocast_dtype(device_type)
     else:
         compute_dtype = hidden.dtype
-    return _TargetLogprobs.apply(targets.to(hidden.device), chunk_rows, compute_dtype, *operands)
+    return _TargetLogprobs.apply(targets.to(hidden.device), chunk_rows, compute_dtype, summed, *operands)
 
 
 def head_operands(hidden: torch.Tensor, lm_head: nn.Module) -> list[torch.Tensor]:
@@ -90,21 +98,25 @@ def _chunk_logits(
 
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, targets, chunk_rows, compute_dtype, *operands):
+    def forward(ctx, targets, chunk_rows, compute_dtype, summed, *operands):
         inputs, weights = list(operands[0::2]), list(operands[1::2])
-        input_needs = ctx.needs_input_grad[3::2]
-        weight_needs = ctx.needs_input_grad[4::2]
+        input_needs, weight_needs = ctx.needs_input_grad[4::2], ctx.needs_input_grad[5::2]
         out_dtype = torch.promote_types(compute_dtype, torch.float32)
         n = targets.shape[0]
+        # the gradients (per unit of grad_output) are made now, chunk by chunk, when the backward pass will
+        # only have to scale them: no weight is trained, or the result is a sum (one scalar scales all)
+        early = any(ctx.needs_input_grad) and (summed or not any(weight_needs))
         with torch.autocast(inputs[0].device.type, enabled=False):
             cast = [w.to(compute_dtype) for w in weights]  # once, not per chunk
             logprobs = torch.empty(n, dtype=out_dtype, device=targets.device)
             lse = torch.empty_like(logprobs)
-            # no trained weight: the inputs' gradients (per unit of grad_output) are made now, chunk by chunk
-            early = any(input_needs) and not any(weight_needs)
             input_grads = [
                 torch.empty(x.shape, dtype=out_dtype, device=x.device) if need and early else None
                 for x, need in zip(inputs, input_needs, strict=True)
+            ]
+            weight_grads = [
+                torch.zeros(w.shape, dtype=out_dtype, device=w.device) if need and early else None
+                for w, need in zip(weights, weight_needs, strict=True)
             ]
             for start in range(0, n, chunk_rows):
                 rows = slice(start, start + chunk_rows)
@@ -115,35 +127,36 @@ class _TargetLogprobs(torch.autograd.Function):
                 lse[rows] = chunk_lse
                 if early:
                     d_logits = _onehot_minus_softmax(logits, chunk_lse, chunk_targets)
-                    for grad, w in zip(input_grads, cast, strict=True):
-                        if grad is not None:
-                            grad[rows] = frozen_product(d_logits.to(w.dtype), w.t())
-        ctx.early = early
+                    _chunk_gradients(d_logits, inputs, cast, rows, input_grads, weight_grads, compute_dtype)
+        ctx.early, ctx.summed = early, summed
         ctx.chunk_rows, ctx.compute_dtype = chunk_rows, compute_dtype
-        ctx.input_dtypes = [x.dtype for x in inputs]
+        ctx.dtypes = [t.dtype for t in operands]
         if early:
-            ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in input_grads))
-            ctx.has_grad = [g is not None for g in input_grads]
+            made = [g for pair in zip(input_grads, weight_grads, strict=True) for g in pair]
+            ctx.made = [g is not None for g in made]
+            ctx.save_for_backward(*(g if g is not None else torch.empty(0) for g in made))
         elif any(ctx.needs_input_grad):
             ctx.save_for_backward(targets, lse, *operands)
-        return logprobs
+        return logprobs.sum() if summed else logprobs
 
     @staticmethod
-    def backward(ctx, grad_logprobs):
-        grad_logprobs = grad_logprobs.contiguous()
+    def backward(ctx, grad_output):
         if ctx.early:
-            grads = []
-            for saved, has, dtype in zip(ctx.saved_tensors, ctx.has_grad, ctx.input_dtypes, strict=True):
-                grads += [(saved * grad_logprobs[:, None]).to(dtype) if has else None, None]
-            return (None, None, None, *grads)
+            scale = grad_output if ctx.summed else grad_output.contiguous()[:, None]  # () or (N, 1)
+            grads = [
+                (saved * scale).to(dtype) if made else None
+                for saved, made, dtype in zip(ctx.saved_tensors, ctx.made, ctx.dtypes, strict=True)
+            ]
+            return (None, None, None, None, *grads)
         targets, lse, *operands = ctx.saved_tensors
         inputs, weights = operands[0::2], operands[1::2]
-        input_needs, weight_needs = ctx.needs_input_grad[3::2], ctx.needs_input_grad[4::2]
+        input_needs, weight_needs = ctx.needs_input_grad[4::2], ctx.needs_input_grad[5::2]
         out_dtype = lse.dtype
+        grad_output = grad_output.contiguous()
         with torch.autocast(inputs[0].device.type, enabled=False):
             cast = [w.to(ctx.compute_dtype) for w in weights]
             input_grads = [
-                torch.empty(x.shape, dtype=x.dtype, device=x.device) if need else None
+                torch.empty(x.shape, dtype=out_dtype, device=x.device) if need else None
                 for x, need in zip(inputs, input_needs, strict=True)
             ]
             weight_grads = [
@@ -154,18 +167,30 @@ class _TargetLogprobs(torch.autograd.Function):
                 rows = slice(start, start + ctx.chunk_rows)
                 logits = _chunk_logits(inputs, cast, rows, out_dtype)
                 d_logits = _onehot_minus_softmax(logits, lse[rows], targets[rows, None])
-                d_logits = d_logits.mul_(grad_logprobs[rows, None]).to(ctx.compute_dtype)  # (c, V)
-                for x, w, input_grad, weight_grad in zip(
-                    inputs, cast, input_grads, weight_grads, strict=True
-                ):
-                    if input_grad is not None:
-                        input_grad[rows] = frozen_product(d_logits, w.t())
-                    if weight_grad is not None:
-                        weight_grad.add_(d_logits.t() @ x[rows].to(ctx.compute_dtype))
-        grads = []
-        for input_grad, weight_grad, w in zip(input_grads, weight_grads, weights, strict=True):
-            grads += [input_grad, None if weight_grad is None else weight_grad.to(w.dtype)]
-        return (None, None, None, *grads)
+                d_logits.mul_(grad_output[rows, None])
+                _chunk_gradients(d_logits, inputs, cast, rows, input_grads, weight_grads, ctx.compute_dtype)
+        grads = [g for pair in zip(input_grads, weight_grads, strict=True) for g in pair]
+        grads = [None if g is None else g.to(dtype) for g, dtype in zip(grads, ctx.dtypes, strict=True)]
+        return (None, None, None, None, *grads)
+
+
+def _chunk_gradients(
+    d_logits: torch.Tensor,
+    inputs: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    rows: slice,
+    input_grads: list[torch.Tensor | None],
+    weight_grads: list[torch.Tensor | None],
+    compute_dtype: torch.dtype,
+) -> None:
+    """Given the gradient with respect to a chunk's logits (c, V): write its inputs' gradient rows and add its
+    share of the weights' gradients."""
+    d_logits = d_logits.to(compute_dtype)
+    for x, w, input_grad, weight_grad in zip(inputs, weights, input_grads, weight_grads, strict=True):
+        if input_grad is not None:
+            input_grad[rows] = frozen_product(d_logits, w.t())  # (c, in)
+        if weight_grad is not None:
+            weight_grad.add_(d_logits.t() @ x[rows].to(compute_dtype))  # (V, in)
 
 
 def _onehot_minus_softmax(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from idefics2.quantization import QuantizedLinear
-from idefics2.training.lora import frozen_product
+from idefics2.training.lora import linear_product
 
 # logits per chunk: 4M values (16 MB in float32), e.g. 131 positions of a 32k vocabulary
 CHUNK_ELEMENTS = 1 << 22
@@ -91,7 +91,7 @@ def _chunk_logits(
     weights' dtype."""
     logits = None
     for x, w in zip(inputs, weights, strict=True):
-        part = frozen_product(x[rows].to(w.dtype), w).to(out_dtype)
+        part = linear_product(x[rows].to(w.dtype), w).to(out_dtype)
         logits = part if logits is None else logits.add_(part)
     return logits
 
@@ -188,7 +188,7 @@ def _chunk_gradients(
     d_logits = d_logits.to(compute_dtype)
     for x, w, input_grad, weight_grad in zip(inputs, weights, input_grads, weight_grads, strict=True):
         if input_grad is not None:
-            input_grad[rows] = frozen_product(d_logits, w.t())  # (c, in)
+            input_grad[rows] = linear_product(d_logits, w.t())  # (c, in)
         if weight_grad is not None:
             weight_grad.add_(d_logits.t() @ x[rows].to(compute_dtype))  # (V, in)
 

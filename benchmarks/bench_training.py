@@ -28,6 +28,7 @@ non-reentrant gradient checkpointing), and the peak is torch.cuda.max_memory_all
 
     python benchmarks/bench_training.py                       # CPU, 4 steps of 2 examples
     python benchmarks/bench_training.py --steps 3 --runs transformers+peft ours
+    python benchmarks/bench_training.py --alternate 6        # speed only, both in one process, alternating
     python benchmarks/bench_training.py --device cuda --config 8b --dtype bfloat16 --gradient-checkpointing
 """
 
@@ -261,6 +262,13 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads of each run")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument(
+        "--alternate",
+        type=int,
+        metavar="ROUNDS",
+        help="instead: speed only (mid shapes, float32), ours and transformers + PEFT in one process, their "
+        "steps alternating for ROUNDS rounds, so that both see the same load on a shared machine",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -273,6 +281,9 @@ def main() -> None:
         folder = Path(tmp)
         examples = args.steps * args.batch_size
         prepare(folder, examples, args.batch_size, args.image_edge, seed=0, checkpoint=args.config == "mid")
+        if args.alternate:
+            alternate(folder, torch.device(args.device), args.alternate)
+            return
         results = {}
         for name in args.runs:
             command = [sys.executable, __file__, "--child", name, "--folder", tmp, "--device", args.device]
@@ -289,6 +300,50 @@ def main() -> None:
                 file=sys.stderr,
             )
     report(results, args)
+
+
+def alternate(folder: Path, device: torch.device, rounds: int) -> None:
+    """Per round, one training step of each on the same batch (ours: the trainer's objective, optimizer and
+    clipping; transformers + PEFT: train_transformers' step); prints every step's time and the ratios."""
+    import contextlib
+
+    from idefics2.training.trainer import TokenLoss, TrainingArguments, build_optimizer
+
+    batches = torch.load(folder / "batches.pt", weights_only=True)["plain"]
+    ours, theirs = load_ours(folder).to(device).train(), load_transformers(folder).to(device).train()
+    optimizer, _ = build_optimizer(ours, TrainingArguments(output_dir=str(folder / "alternate"), lr=LR))
+    ours_params = [p for p in ours.parameters() if p.requires_grad]
+    their_params = [p for p in theirs.parameters() if p.requires_grad]
+    their_optimizer = torch.optim.AdamW(their_params, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+
+    def our_step(batch: dict) -> float:
+        loss, _ = TokenLoss().summed(ours, batch, device, contextlib.nullcontext())
+        (loss / TokenLoss().units(batch)).backward()
+        torch.nn.utils.clip_grad_norm_(ours_params, 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item() / TokenLoss().units(batch)
+
+    def their_step(batch: dict) -> float:
+        loss = theirs(**{k: v.to(device) for k, v in batch.items()}).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(their_params, 1.0)
+        their_optimizer.step()
+        their_optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    ratios = []
+    for i in range(rounds):
+        batch = batches[i % len(batches)]
+        seconds = {}
+        for name, step in (("ours", our_step), ("transformers+peft", their_step)):
+            start = time.perf_counter()
+            loss = step(batch)
+            seconds[name] = time.perf_counter() - start
+            print(f"round {i}: {name} {seconds[name]:.2f} s, loss {loss:.6f}")
+        ratios.append(seconds["transformers+peft"] / seconds["ours"])
+    median = sorted(ratios)[len(ratios) // 2]
+    print(f"ours' speed-up per round: {', '.join(f'{r:.2f}' for r in ratios)} (median {median:.2f})")
 
 
 def report(results: dict, args) -> None:

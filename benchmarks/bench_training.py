@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import random
 import subprocess
 import sys
@@ -303,8 +304,9 @@ def main() -> None:
 
 
 def alternate(folder: Path, device: torch.device, rounds: int) -> None:
-    """Per round, one training step of each on the same batch (ours: the trainer's objective, optimizer and
-    clipping; transformers + PEFT: train_transformers' step); prints every step's time and the ratios."""
+    """Per round, one training step of each on the same batch, the first (ours: the trainer's objective,
+    optimizer and clipping; transformers + PEFT: train_transformers' step); prints every step's time, the
+    ratio per round and that of the fastest steps (the least disturbed by other work)."""
     import contextlib
 
     from idefics2.training.trainer import TokenLoss, TrainingArguments, build_optimizer
@@ -332,18 +334,21 @@ def alternate(folder: Path, device: torch.device, rounds: int) -> None:
         their_optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    ratios = []
+    ratios, fastest = [], {}
     for i in range(rounds):
-        batch = batches[i % len(batches)]
+        batch = batches[0]
         seconds = {}
         for name, step in (("ours", our_step), ("transformers+peft", their_step)):
             start = time.perf_counter()
             loss = step(batch)
             seconds[name] = time.perf_counter() - start
+            fastest[name] = min(fastest.get(name, math.inf), seconds[name])
             print(f"round {i}: {name} {seconds[name]:.2f} s, loss {loss:.6f}")
         ratios.append(seconds["transformers+peft"] / seconds["ours"])
     median = sorted(ratios)[len(ratios) // 2]
     print(f"ours' speed-up per round: {', '.join(f'{r:.2f}' for r in ratios)} (median {median:.2f})")
+    mine, base = fastest["ours"], fastest["transformers+peft"]
+    print(f"fastest steps: ours {mine:.2f} s, transformers+peft {base:.2f} s: {base / mine:.2f}x")
 
 
 def report(results: dict, args) -> None:

@@ -12,6 +12,11 @@
 #   3. benchmarks/bench_serving.py --device cuda --config 8b: 32 requests at once, one split 480x640 image
 #      each, through the continuous-batching engine (prefill budgets raised for the GPU) and through HTTP
 #      (idefics2 serve's app), against static batching; TTFT / TPOT / ITL percentiles and throughput.
+#   4. benchmarks/bench_training.py --device cuda --config 8b: LoRA fine-tuning (rank 8 on every projection of
+#      the decoder and the connector) of the 8b shapes in bfloat16 with gradient checkpointing, ours (plain
+#      and packed) against transformers + PEFT, each run in its own process on the same weights, adapter and
+#      batches (one split image + a 100-300-token answer per example): examples/s, trained tokens/s,
+#      torch.cuda.max_memory_allocated during training and the losses.
 # Goals printed at the end: decode batch 1 >= 150 tok/s and >= 4x transformers, time to first token
 # <= 120 ms, batch 16 throughput >= 8x batch 1; serving: 32 streams >= 2,500 output tokens/s with p99 time to
 # first token <= 1 s.
@@ -38,4 +43,7 @@ timeout 390 "$PYTHON" benchmarks/bench.py --device cuda --config 8b --repeats 3 
 timeout 300 "$PYTHON" benchmarks/bench_serving.py --device cuda --config 8b --requests 32 --max-batch 32 \
     --split --image-size 480x640 --new-tokens 64 --prefill-chunk 8192 --vision-chunk 65536 --modes engine http static \
     --json "${SERVING_JSON:-gpu_serving.json}" || status=$?
+timeout 420 "$PYTHON" benchmarks/bench_training.py --device cuda --config 8b --dtype bfloat16 \
+    --gradient-checkpointing --steps 8 --batch-size 4 --runs transformers+peft ours ours+packing \
+    --json "${TRAINING_JSON:-gpu_training.json}" || status=$?
 exit $status

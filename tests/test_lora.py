@@ -15,6 +15,7 @@ from idefics2.training import (
     ChatDataset,
     LoraConfig,
     TrainingArguments,
+    adapters_disabled,
     add_lora,
     load_adapter,
     mark_only_lora_trainable,
@@ -155,3 +156,39 @@ def test_bad_adapters_are_clear_errors(base_dir, tmp_path):
         load_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="no linear layer matches"):
         add_lora(model, LoraConfig(target_modules=r"nothing\.here"))
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_training_path_of_an_adapted_layer_equals_the_formula(dropout, bias):
+    """Training through a frozen layer takes the fused path (one product per pass, the adapter's part added
+    inside it); its output and gradients equal x W.T + b + scaling * dropout(x) A.T B.T computed plainly."""
+    from torch import nn
+
+    from idefics2.modeling.attention import Linear
+
+    torch.manual_seed(0)
+    holder = nn.Module()
+    holder.proj = Linear(64, 96, bias=bias)
+    add_lora(holder, LoraConfig(r=4, lora_dropout=dropout, target_modules=["proj"]))
+    mark_only_lora_trainable(holder)
+    layer = holder.proj
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(2, 5, 64, requires_grad=True)
+    wrt = [x, layer.lora_A.weight, layer.lora_B.weight]
+    torch.manual_seed(1)
+    out = layer(x)
+    assert type(out.grad_fn).__name__.startswith("_FrozenLinearWithLora")
+    grad = torch.randn_like(out)
+    ours = torch.autograd.grad(out, wrt, grad)
+    torch.manual_seed(1)  # the same dropout mask
+    dropped = layer.lora_dropout(x)
+    plain = x @ layer.weight.t() + (layer.bias if bias else 0)
+    plain = plain + layer.lora_scaling * (dropped @ layer.lora_A.weight.t()) @ layer.lora_B.weight.t()
+    theirs = torch.autograd.grad(plain, wrt, grad)
+    assert (out - plain).abs().max() < 1e-5
+    for mine, ref in zip(ours, theirs, strict=True):
+        assert (mine - ref).abs().max() < 1e-5 * max(1.0, ref.abs().max().item())
+    with adapters_disabled(holder):  # switched off: the base layer alone
+        assert torch.allclose(layer(x), x @ layer.weight.t() + (layer.bias if bias else 0), atol=1e-5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,10 @@ class Idefics2ModelOutput:
 
 @dataclass
 class Idefics2Output:
-    logits: torch.Tensor  # (B, T or kept positions, vocab)
+    logits: torch.Tensor | None  # (B, T or kept positions, vocab); None when a `head` replaced lm_head
     loss: torch.Tensor | None = None
     image_hidden_states: torch.Tensor | None = None  # (n_real_images, n_latents, hidden)
+    head_output: torch.Tensor | None = None  # what `head` returned
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -522,14 +524,19 @@ class Idefics2ForConditionalGeneration(nn.Module):
         logits_to_keep: int = 0,
         logits_at: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        head: Callable[[torch.Tensor, nn.Module], torch.Tensor] | None = None,
     ) -> Idefics2Output:
         """Logits for every position (or the last `logits_to_keep`), and the shifted LM loss given labels.
 
         `segment_ids`: packed rows of several examples each (see Idefics2Model.forward).
         `logits_at`: bool (B, T); logits only at its True positions, as (N, vocab) in row-major order
         (training needs them only where a label is learned: the (B, T, vocab) logits are never built).
+        `head`: called as head(hidden, lm_head) on the kept hidden states (N or B x T, hidden) instead of
+        lm_head(hidden); its result is `head_output` (training's chunked loss, idefics2.training.loss).
         Padding positions (attention_mask 0) are computed but meaningless; mask them out of labels with -100.
         """
+        if head is not None and labels is not None:
+            raise ValueError("head replaces the logits that labels need: do not combine them")
         if logits_at is not None and (labels is not None or logits_to_keep):
             raise ValueError(
                 "logits_at picks the positions itself: do not combine it with labels or logits_to_keep"
@@ -562,6 +569,11 @@ class Idefics2ForConditionalGeneration(nn.Module):
                     f"{tuple(hidden.shape[:2])}"
                 )
             hidden = hidden[logits_at.to(device=hidden.device, dtype=torch.bool)]  # (N, hidden)
+        if head is not None:
+            if hidden.dim() == 3:
+                hidden = hidden.reshape(-1, hidden.shape[-1])
+            output = head(hidden, self.lm_head)
+            return Idefics2Output(None, image_hidden_states=out.image_hidden_states, head_output=output)
         logits = self.lm_head(hidden)
         loss = causal_lm_loss(logits, labels) if labels is not None else None
         return Idefics2Output(logits=logits, loss=loss, image_hidden_states=out.image_hidden_states)

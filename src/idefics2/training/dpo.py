@@ -39,7 +39,8 @@ from idefics2.training.trainer import (
     TrainResult,
     autocast_context,
     evaluate_objective,
-    learned_logits,
+    learned_positions,
+    learned_token_logprobs,
     train,
 )
 
@@ -175,9 +176,8 @@ def sequence_logprobs(
 ) -> torch.Tensor:
     """(rows,) the log-probability of each row's learned tokens, summed; computed in float32 or wider."""
     inputs = {k: v for k, v in batch.items() if k != "reference_logps"}
-    logits, targets, rows = learned_logits(model, inputs, device, autocast or contextlib.nullcontext())
-    logprobs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    token_logprobs = logprobs.gather(-1, targets[:, None])[:, 0]  # (N,)
+    token_logprobs = learned_token_logprobs(model, inputs, device, autocast or contextlib.nullcontext())
+    rows = learned_positions(batch["labels"]).nonzero()[:, 0].to(token_logprobs.device)  # (N,)
     out = token_logprobs.new_zeros(batch["labels"].shape[0])
     return out.index_add(0, rows, token_logprobs)
 

@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from idefics2 import lora
 from idefics2.training import checkpoint as ckpt
+from idefics2.training.loss import target_logprobs
 
 if TYPE_CHECKING:
     from idefics2.processing import Idefics2Processor
@@ -159,7 +159,13 @@ def build_optimizer(
         raise ValueError("the model has no trainable parameters (everything is frozen)")
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=args.adam_betas, eps=args.adam_eps)
+    # torch's fused AdamW (one kernel per parameter instead of a dozen) where it runs: plain tensors (not
+    # FSDP's sharded ones) on CPU or CUDA
+    params = decay + no_decay
+    fused = all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
+    optimizer = torch.optim.AdamW(
+        groups, lr=args.lr, betas=args.adam_betas, eps=args.adam_eps, fused=fused or None
+    )
     return optimizer, names
 
 
@@ -266,24 +272,34 @@ def learned_positions(labels: torch.Tensor) -> torch.Tensor:
     return positions
 
 
-def learned_logits(
-    model: nn.Module, batch: dict, device: torch.device, autocast: contextlib.AbstractContextManager
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Logits (N, V) at the N positions whose next token is learned, their targets (N,) and rows (N,).
+def learned_token_logprobs(
+    model: nn.Module,
+    batch: dict,
+    device: torch.device,
+    autocast: contextlib.AbstractContextManager,
+    *,
+    summed: bool = False,
+) -> torch.Tensor:
+    """log p (N,) of the N learned tokens under `model` (float32 or wider), in the row-major order of
+    `learned_positions`; with `summed`, their sum.
 
-    Every tensor of `batch` but the labels is a model input. A model whose forward takes `logits_at` (as
-    Idefics2's does) runs its language-model head on those positions only: prompts, images and padding get
-    no logits; other models' full logits are indexed."""
+    Every tensor of `batch` but the labels is a model input. A model whose forward takes `logits_at` and
+    `head` (as Idefics2's does) runs its language-model head only at the positions whose next token is
+    learned, chunk by chunk (idefics2.training.loss): prompts, images and padding get no logits, and the
+    learned positions' (N, vocab) logits are never held whole. Other models' full logits are indexed."""
     inputs = {k: v.to(device) for k, v in batch.items() if k != "labels" and torch.is_tensor(v)}
     labels = batch["labels"].to(device)
     positions = learned_positions(labels)
+    targets = labels[:, 1:][labels[:, 1:] != -100]  # (N,) in the row-major order of `positions`
     with autocast:
-        if "logits_at" in inspect.signature(getattr(model, "module", model).forward).parameters:
-            logits = model(**inputs, logits_at=positions).logits  # (N, V)
-        else:
-            logits = model(**inputs).logits[positions]
-    rows = positions.nonzero()[:, 0]
-    return logits, labels[:, 1:][labels[:, 1:] != -100], rows
+        parameters = inspect.signature(getattr(model, "module", model).forward).parameters
+        if "logits_at" in parameters and "head" in parameters:
+            head = functools.partial(target_logprobs, targets=targets, summed=summed)
+            return model(**inputs, logits_at=positions, head=head).head_output
+        logits = model(**inputs).logits[positions]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0]
+    return logprobs.sum() if summed else logprobs
 
 
 class TokenLoss(Objective):
@@ -294,9 +310,7 @@ class TokenLoss(Objective):
 
     def summed(self, model, batch, device, autocast, keep=None):
         batch = {**batch, "labels": _kept_labels(batch["labels"], keep)}
-        logits, targets, _ = learned_logits(model, batch, device, autocast)
-        dtype = torch.promote_types(logits.dtype, torch.float32)
-        return F.cross_entropy(logits.to(dtype), targets, reduction="sum"), {}
+        return -learned_token_logprobs(model, batch, device, autocast, summed=True), {}
 
 
 def _kept_labels(labels: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
@@ -599,7 +613,9 @@ def train(
             for name, value in metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + value
         if args.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            # foreach: one norm over all gradients instead of one per tensor (FSDP's sharded ones: torch's
+            # default)
+            torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm, foreach=None if sharded else True)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()

@@ -87,9 +87,17 @@ def test_two_process_torchrun_gives_identical_weights(tmp_path):
     args = train_args(model_dir, data, single)
     args[args.index("--batch-size") + 1] = "2"
     assert cli.main(args) == 0
-    diff = max_diff(load_file(single / "adapter_model.safetensors"), adapter)
-    print(f"DDP (2 x batch 1) vs 1 process (batch 2): max adapter difference {diff:.1e}")
-    assert diff <= 1e-5
+    alone = load_file(single / "adapter_model.safetensors")
+    diff = max_diff(alone, adapter)
+    mean = sum((alone[k] - adapter[k]).abs().sum().item() for k in alone) / sum(
+        t.numel() for t in alone.values()
+    )
+    print(f"DDP (2 x batch 1) vs 1 process (batch 2): adapter difference max {diff:.1e}, mean {mean:.1e}")
+    # The two sum their gradients in another order (rows of one batch against an all-reduce), and AdamW's
+    # first steps divide each gradient by its own size: an element whose gradient is at rounding level moves
+    # by a rounding-sized fraction of lr (0.01). A rank's examples lost or weighted wrongly would move every
+    # weight (mean differences of 1e-4 and more); rounding moves a few elements a little.
+    assert mean <= 1e-6 and diff <= 1e-4
 
     # The same run with the model sharded (FSDP), checkpointing on the way.
     fsdp = tmp_path / "fsdp"

@@ -54,13 +54,14 @@ PROMPT = "Read the invoice and give its fields as JSON."
 
 
 class GrammarClock:
-    """Wraps generation's grammar hooks to add up the time spent in them."""
+    """Wraps the grammar state's mask and advance (what the decode core calls for a constrained row) to add
+    up the time spent in them."""
 
     def __init__(self):
-        import idefics2.generation as generation
+        from idefics2.constrained import GrammarState
 
-        self.module, self.seconds = generation, 0.0
-        self.originals = {name: getattr(generation, name) for name in ("mask_rows_", "advance_rows")}
+        self.module, self.seconds = GrammarState, 0.0
+        self.originals = {name: getattr(GrammarState, name) for name in ("mask_", "advance")}
 
     def __enter__(self):
         for name, function in self.originals.items():

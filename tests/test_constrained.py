@@ -17,7 +17,6 @@ from idefics2.cli import main
 from idefics2.config import Idefics2Config
 from idefics2.constrained import (
     compile_grammar,
-    mask_rows_,
     row_grammars,
     validate,
 )
@@ -192,11 +191,6 @@ def test_mask_in_place_on_one_row_several_rows_and_mixed_batches(processor):
     rows = torch.randn(2, vocab)
     state.mask_(rows)
     assert torch.isneginf(rows[:, ~keep]).all() and torch.isfinite(rows[:, keep]).all()
-    batch = torch.randn(3, vocab)
-    before = batch.clone()
-    mask_rows_(batch, [None, grammar.new_state(END_IDS), None])
-    assert torch.equal(batch[0], before[0]) and torch.equal(batch[2], before[2])  # free rows untouched
-    assert torch.equal(batch[1][keep], before[1][keep]) and torch.isneginf(batch[1][~keep]).all()
 
 
 def test_compiled_grammars_are_cached_and_tell_complete_from_cut_text(processor):

@@ -19,8 +19,8 @@ batching engine and server, which call the same functions.
   without a tokenizer, e.g. before a model is loaded or a request is queued. Both raise `ValueError` naming
   the problem (bad JSON, an unsupported schema keyword, a regex syntax error).
 - **One state per row**, cheap to create (a copy of the compiled grammar's start state). Rows of one batch
-  may carry different grammars or none: `mask_rows_(scores, states)` masks the rows whose state is not None
-  and leaves the others untouched; `advance_rows(states, tokens, skip)` advances them.
+  may carry different grammars or none: the decode core's logits chain (idefics2.decoding.sampler) masks and
+  advances each row that has one.
 - **End tokens.** The end-of-sequence ids given to `new_state` (for Idefics2 `</s>` and
   `<end_of_utterance>`) are allowed exactly when the text so far is complete (`state.can_end()`); once the
   grammar can go no further they are the only tokens allowed. Every other special token is forbidden. If
@@ -138,26 +138,6 @@ class GrammarState:
         elif not self._matcher.consume_token(token_id):
             error = (self._matcher.get_error().strip().splitlines() or [""])[0]
             raise ValueError(f"token {token_id} is not allowed here by the grammar: {error}")
-
-
-def mask_rows_(scores: torch.Tensor, states: Sequence[GrammarState | None]) -> torch.Tensor:
-    """Mask in place the rows of `scores` (rows, vocab) whose state is not None and not finished; the other
-    rows are left as they are."""
-    rows = [i for i, state in enumerate(states) if state is not None and not state.is_finished()]
-    if rows:
-        forbidden = np.zeros(scores.shape, dtype=bool)
-        for i in rows:
-            forbidden[i] = states[i].forbidden(scores.shape[-1])
-        scores.masked_fill_(torch.from_numpy(forbidden).to(scores.device, non_blocking=True), float("-inf"))
-    return scores
-
-
-def advance_rows(states: Sequence[GrammarState | None], tokens: Sequence[int], skip: Sequence[bool]) -> None:
-    """Advance each unfinished state (None: a free row) with its row's token; rows whose `skip` is True (rows
-    that had already ended, whose token is padding) are left alone."""
-    for state, token, skipped in zip(states, tokens, skip):
-        if state is not None and not skipped and not state.is_finished():
-            state.advance(token)
 
 
 # ------------------------------------------------------------------------------------------ compiling

@@ -83,9 +83,8 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> tuple[list[
         return logits.argmax(dim=-1).tolist(), errors
     scores = logits.clone()
     everyone = range(len(rows))
-    by = lambda key, rows_at: _groups(rows_at, lambda i: key(rows[i]))  # noqa: E731
     penalized = [i for i in everyone if rows[i].seen is not None]
-    for penalty, at in by(lambda r: r.penalty, penalized).items():
+    for penalty, at in _groups(rows, penalized, lambda r: r.penalty).items():
         seen = torch.cat([rows[i].seen for i in at])
         _apply(scores, at, lambda s, p=penalty, seen=seen: repetition_penalty_(s, seen, p))
     for i in everyone:
@@ -109,30 +108,31 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> tuple[list[
                 )
                 scores[i] = 0.0
     sampled = [i for i in everyone if rows[i].do_sample]
-    for temperature, at in by(lambda r: r.temperature, sampled).items():
+    for temperature, at in _groups(rows, sampled, lambda r: r.temperature).items():
         if temperature != 1.0:
             _apply(scores, at, lambda s, t=temperature: s / t)
-    for k, at in by(lambda r: r.top_k, sampled).items():
+    for k, at in _groups(rows, sampled, lambda r: r.top_k).items():
         if k:
             _apply(scores, at, lambda s, k=k: top_k_filter(s, k))
-    for p, at in by(lambda r: r.top_p, sampled).items():
+    for p, at in _groups(rows, sampled, lambda r: r.top_p).items():
         if p < 1.0:
             _apply(scores, at, lambda s, p=p: top_p_filter(s, p))
     tokens = scores.argmax(dim=-1)  # (B,)
-    generators = {id(rows[i].generator): rows[i].generator for i in sampled}
-    for key, at in by(lambda r: id(r.generator), sampled).items():
+    for at in _groups(rows, sampled, lambda r: id(r.generator)).values():  # rows sharing a generator
         index = torch.tensor(at, device=scores.device)
         probs = scores.index_select(0, index).softmax(dim=-1)
-        drawn = torch.multinomial(probs, num_samples=1, generator=generators[key]).squeeze(1)
+        drawn = torch.multinomial(probs, num_samples=1, generator=rows[at[0]].generator).squeeze(1)
         tokens.index_copy_(0, index, drawn)
     return tokens.tolist(), errors
 
 
-def _groups(indices: list[int], key: Callable[[int], Hashable]) -> dict[Hashable, list[int]]:
-    """Row indices grouped by a setting, in row order within each group."""
+def _groups(
+    rows: Sequence[RowSampler], indices: list[int], setting: Callable[[RowSampler], Hashable]
+) -> dict[Hashable, list[int]]:
+    """The row indices grouped by a setting of their rows, in row order within each group."""
     groups: dict[Hashable, list[int]] = {}
     for i in indices:
-        groups.setdefault(key(i), []).append(i)
+        groups.setdefault(setting(rows[i]), []).append(i)
     return groups
 
 

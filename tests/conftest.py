@@ -19,3 +19,23 @@ def reference_processor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A transformers-saved Idefics2 processor folder (Mistral-7B vocabulary, image_seq_len 64, no splitting,
     idefics2-8b chat template). Read-only: copy it before changing files."""
     return build_reference_processor(tmp_path_factory.mktemp("reference_processor"))
+
+
+@pytest.fixture
+def interrupted_third_submit():
+    """A stand-in for Engine.submit that, asked for a third request, waits for the first two answers and
+    raises KeyboardInterrupt (a Ctrl-C in the middle of a batch); the real submit is its `.real`."""
+    from idefics2.serving.engine import Engine
+
+    submit, handles = Engine.submit, []
+
+    def interrupted_third(self, *args, **kwargs):
+        if len(handles) == 2:
+            for handle in handles:
+                handle.result()
+            raise KeyboardInterrupt
+        handles.append(submit(self, *args, **kwargs))
+        return handles[-1]
+
+    interrupted_third.real = submit
+    return interrupted_third

@@ -129,27 +129,19 @@ def test_data_mistakes_are_one_line(tmp_path, capsys, same_rows_as_jsonl):
         assert err.splitlines()[-1].startswith("idefics2 batch: error: ")
 
 
-def test_an_interrupted_parquet_run_keeps_its_answers_and_resumes(same_rows_as_jsonl, capsys, monkeypatch):
+def test_an_interrupted_parquet_run_keeps_its_answers_and_resumes(
+    same_rows_as_jsonl, capsys, monkeypatch, interrupted_third_submit
+):
     from idefics2.serving.engine import Engine
 
     folder, texts = same_rows_as_jsonl
-    submit, handles = Engine.submit, []
-
-    def interrupted_third(self, *args, **kwargs):
-        if len(handles) == 2:
-            for handle in handles:
-                handle.result()
-            raise KeyboardInterrupt
-        handles.append(submit(self, *args, **kwargs))
-        return handles[-1]
-
     target = folder / "interrupted.parquet"
     argv = ["batch", "--input", str(folder / "docvqa.parquet"), "--columns", "prompt=query.en,image=image",
             "--output", str(target), *FLAGS]  # fmt: skip
-    monkeypatch.setattr(Engine, "submit", interrupted_third)
+    monkeypatch.setattr(Engine, "submit", interrupted_third_submit)
     assert main(argv) == 130
     assert [(r["id"], r["text"]) for r in pq.read_table(target).to_pylist()] == [(0, texts[0]), (1, texts[1])]
-    monkeypatch.setattr(Engine, "submit", submit)
+    monkeypatch.setattr(Engine, "submit", interrupted_third_submit.real)
     assert main([*argv, "--resume"]) == 0
     rows = pq.read_table(target).to_pylist()
     assert [(r["id"], r["text"]) for r in rows] == [(0, texts[0]), (1, texts[1]), (2, texts[2]), (3, None)]

@@ -295,20 +295,12 @@ def test_batch_lone_surrogate_and_bad_overrides_fail_their_line_only(model_dir, 
     assert "text" in results[6] and "error" not in results[6]
 
 
-def test_batch_keeps_what_is_answered_when_interrupted(model_dir, tmp_path, capsys, monkeypatch):
+def test_batch_keeps_what_is_answered_when_interrupted(
+    model_dir, tmp_path, capsys, monkeypatch, interrupted_third_submit
+):
     from idefics2.serving.engine import Engine
 
-    submit, handles = Engine.submit, []
-
-    def interrupted_third(self, *args, **kwargs):
-        if len(handles) == 2:
-            for handle in handles:
-                handle.result()
-            raise KeyboardInterrupt
-        handles.append(submit(self, *args, **kwargs))
-        return handles[-1]
-
-    monkeypatch.setattr(Engine, "submit", interrupted_third)
+    monkeypatch.setattr(Engine, "submit", interrupted_third_submit)
     source, target = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     source.write_text("".join(json.dumps({"id": i, "prompt": f"p{i}"}) + "\n" for i in range(5)))
     argv = ["batch", "--model", model_dir, "--input", source, "--output", target, "--max-new-tokens", 2,

@@ -71,9 +71,9 @@ class DecodeGraphs:
         slots = -(-n_keys // LENGTH_BUCKET) * LENGTH_BUCKET
         return min(size, self.rows), min(slots, self.length)
 
-    def __call__(self, token_ids: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
-        """token_ids (B,), slots (B,) on the device -> logits (B, V) float32 (a copy), or None when graphs
-        are off (capture failed: decode eagerly)."""
+    def __call__(self, token_ids: torch.Tensor, slots: torch.Tensor, n_keys: int) -> torch.Tensor | None:
+        """token_ids (B,), slots (B,) on the device, the step attending over slots [0, n_keys) -> logits
+        (B, V) float32 (a copy), or None when graphs are off (capture failed: decode eagerly)."""
         if self.failed:
             return None
         if self.model.weights_version != self.weights_version:  # the graphs replay the old weights
@@ -81,7 +81,7 @@ class DecodeGraphs:
             self.weights_version = self.model.weights_version
         batch = token_ids.shape[0]
         compile = bool(getattr(self.model, "compile_decode", False))
-        key = (*self.bucket(batch, int(slots.max()) + 1), compile)
+        key = (*self.bucket(batch, n_keys), compile)
         step = self.graphs.get(key)
         if step is None:
             step = CapturedStep(key[0], key[1], token_ids.device)

@@ -89,13 +89,14 @@ class ModelRunner:
 
         On CUDA (with model.cuda_graphs) rows [0, B) replay a captured graph for their batch-size and
         length bucket."""
+        # the slots to attend over, read where the positions are known (a list: no device read)
+        n_keys = (max(positions) if isinstance(positions, list) else int(positions.max())) + 1
         token_ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device)  # (B,)
         slots = torch.as_tensor(positions, dtype=torch.long, device=self.device)  # (B,)
         if self.graphs is not None and start == 0:
-            logits = self.graphs(token_ids, slots)
+            logits = self.graphs(token_ids, slots, n_keys)
             if logits is not None:
                 return logits
-        n_keys = (max(positions) if isinstance(positions, list) else int(slots.max())) + 1
         return self.decode_step(token_ids[:, None], slots, n_keys, start)
 
     def decode_step(self, token_ids: torch.Tensor, slots: torch.Tensor, n_keys: int, start: int = 0):

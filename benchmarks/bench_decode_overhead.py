@@ -34,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_generation import MID_CONFIG  # noqa: E402
+from idefics2.modeling import ckernels  # noqa: E402
 
 # profiler names of the weight matrix products; an event inside another one of these is not counted again
 # (attention's own matmuls are not weight products: they call aten::matmul / bmm outside these)
@@ -42,7 +43,9 @@ PRODUCTS = {
     "mkldnn::_linear_pointwise",
     "aten::_weight_int8pack_mm",
     "aten::_weight_int4pack_mm_for_cpu",
+    "idefics2::c",  # our C kernels (idefics2.modeling.ckernels), marked by a profiler range
 }
+C_MARK = "idefics2::c"
 TOKEN_MARK = "decode_overhead::token"
 
 
@@ -74,11 +77,26 @@ def step_times(model, input_ids: torch.Tensor, new_tokens: int, mark: bool = Fal
     return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
+def _marked(function):
+    """`function` inside a profiler range named C_MARK (ctypes calls are invisible to the profiler)."""
+
+    def run(*args, **kwargs):
+        with record_function(C_MARK):
+            return function(*args, **kwargs)
+
+    return run
+
+
 def product_time_per_step(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, Counter]:
     """(seconds of weight products per decode step, seconds per step of every other op by name) from a
     profiled generation, over the steps between the first and the last token."""
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        step_times(model, input_ids, new_tokens, mark=True)
+    plain = ckernels.linear, ckernels.gated
+    ckernels.linear, ckernels.gated = map(_marked, plain)
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step_times(model, input_ids, new_tokens, mark=True)
+    finally:
+        ckernels.linear, ckernels.gated = plain
     events = prof.events()
     marks = sorted(e.time_range.start for e in events if e.name == TOKEN_MARK)
     first, last = marks[0], marks[-1]

@@ -30,6 +30,7 @@ ALLOWED_EDGES = {
     # modeling/model.py sits above it (README, Layout): a loop between the packages, not between modules.
     ("idefics2.quantization.layer", "idefics2.modeling.kernels"),
     ("idefics2.quantization.layer", "idefics2.modeling.attention"),
+    ("idefics2.quantization.layer", "idefics2.modeling.ckernels"),
     # LoRA layers sit where the quantized layer does: on modeling's kernels and activations, below
     # modeling/model.py (which loads adapters).
     ("idefics2.lora", "idefics2.modeling.kernels"),

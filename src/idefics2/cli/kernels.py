@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"{'op':<9} {'weights':<32} {'rows':<8} {'kernel':<20} {'time':>10}  others")
     for key in keys:
         op, shape, rows = key[:3]
-        dtype, n, k = shape[:3]
+        dtype, n, k = (*shape, None)[:3]
         kernel, times = table[key]
         suffix = f" {shape[4]}" if op == "linear" and shape[4] else ""
         if op in ("int8", "int4"):
@@ -67,6 +67,10 @@ def run(args: argparse.Namespace) -> int:
         weights = f"{kernels.describe(dtype)} {n}x{k}{suffix}"
         if op == "attention":  # heads, kv heads, head size, class of cached keys
             weights = f"{kernels.describe(dtype)} {n}/{k}x{shape[3]} {shape[4]}"
+        if op == "gated":  # activations' dtype, weights' dtype, hidden size, input size, activation
+            weights = f"{kernels.describe(dtype)} {kernels.describe(n)} 2x{k}x{shape[3]} {shape[4]}"
+        if op == "rms_norm":  # dtype, width
+            weights = f"{kernels.describe(dtype)} {n}"
         mine = f"{times[kernel] * 1e6:.1f} us" if kernel in times else "-"
         others = ", ".join(f"{name} {t * 1e6:.1f} us" for name, t in times.items() if name != kernel)
         print(f"{op:<9} {weights:<32} {rows:<8} {kernel:<20} {mine:>10}  {others}")
@@ -105,7 +109,31 @@ def run_every_product(model) -> list[tuple]:
                 for key in kernels.choices().keys() - before - seen:
                     seen.add(key)
                     keys.append(key)
+        keys += _decode_step_choices(model, seen)
         keys += _decode_attention_choices(model, seen)
+    return keys
+
+
+def _decode_step_choices(model, seen: set) -> list[tuple]:
+    """Run the decoder's gated MLPs and norms on decode rows, which makes their kernels (one C call or
+    torch's ops) be measured (or read); returns the new choices' keys."""
+    import torch
+
+    from idefics2.modeling import kernels
+    from idefics2.modeling.attention import GatedMLP, RMSNorm
+
+    keys = []
+    dtype = model.dtype
+    for name, module in model.named_modules():
+        if not isinstance(module, GatedMLP | RMSNorm) or not name.startswith(DECODER_PREFIXES):
+            continue
+        width = module.gate_proj.in_features if isinstance(module, GatedMLP) else module.weight.shape[0]
+        for most, _ in kernels.ROW_CLASSES[:2]:  # the classes of a decode step
+            before = kernels.choices().keys()
+            module(torch.zeros(most, width, dtype=dtype))
+            for key in kernels.choices().keys() - before - seen:
+                seen.add(key)
+                keys.append(key)
     return keys
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idefics2.modeling import kernels
+from idefics2.modeling import ckernels, kernels
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -53,8 +54,10 @@ def attention(
     """
     causal = causal and mask is None
     small = q.shape[2] <= SMALL_QUERY and not torch.is_grad_enabled()
+    kernel = "grouped"
     if small and not q.is_cuda:
-        small = q.is_cpu and impl == "sdpa" and dropout == 0.0 and decode_attention_kernel(q, k) == "grouped"
+        kernel = decode_attention_kernel(q, k) if q.is_cpu and impl == "sdpa" and dropout == 0.0 else "sdpa"
+        small = kernel != "sdpa"
     if impl == "sdpa" and mask is None and not causal and _cpu_bfloat16_inference(q) and dropout == 0.0:
         out = per_head_attention(q, k, v, scale=scale)
     elif impl == "sdpa" and not small:
@@ -76,7 +79,10 @@ def attention(
     else:
         if causal:
             mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        out = grouped_matmul_attention(q, k, v, mask, scale=scale, dropout=dropout)
+        if small and kernel == "c":
+            out = _c_attention(q, k, v, mask, scale)
+        else:
+            out = grouped_matmul_attention(q, k, v, mask, scale=scale, dropout=dropout)
     b, h, t, d = out.shape
     return out.transpose(1, 2).reshape(b, t, h * d)
 
@@ -98,9 +104,25 @@ def decode_attention_kernel(q: torch.Tensor, k: torch.Tensor) -> str:
 
 def decode_attention_kernels(dtype: torch.dtype) -> list[str]:
     """The CPU kernels of decode attention, preferred first: grouped matmuls for 16-bit floats on CPUs with
-    bfloat16 instructions, sdpa elsewhere."""
-    native = dtype in _CPU_GROUPED_DECODE_DTYPES and kernels.native_bfloat16()
-    return ["grouped", "sdpa"] if native else ["sdpa", "grouped"]
+    bfloat16 instructions, sdpa elsewhere; our C kernel (ckernels.attention) where it builds."""
+    hardware_bfloat16 = dtype in _CPU_GROUPED_DECODE_DTYPES and kernels.native_bfloat16()
+    names = ["grouped", "sdpa"] if hardware_bfloat16 else ["sdpa", "grouped"]
+    if dtype in (torch.float32, torch.bfloat16) and kernels.c_kernels():
+        names.insert(1, "c")
+    return names
+
+
+def _c_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """ckernels.attention, or the grouped matmuls for a mask that differs between heads (C takes one)."""
+    if mask is None:
+        mask = torch.ones(1, 1, q.shape[2], k.shape[2], dtype=torch.bool)
+    elif mask.dim() < 4:
+        mask = mask.expand(1, 1, *mask.shape[-2:])
+    elif mask.shape[1] != 1:
+        return grouped_matmul_attention(q, k, v, mask, scale=scale)
+    return ckernels.attention(q, k, v, mask, scale)
 
 
 def attention_with(
@@ -109,6 +131,8 @@ def attention_with(
     """Attention (B, H, T, D) by the named kernel of `decode_attention_kernels`."""
     if kernel == "grouped":
         return grouped_matmul_attention(q, k, v, mask, scale=scale)
+    if kernel == "c":
+        return _c_attention(q, k, v, mask, scale)
     enable_gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
 
@@ -251,11 +275,12 @@ def linear(
         and not torch.is_grad_enabled()
     ):
         n, k = weight.shape
+        rows = x.numel() // k
         kernel = kernels.choose(
             "linear",
             (x.dtype, n, k, bias is not None, act),
-            x.numel() // k,
-            lambda: linear_kernels(x.dtype, act),
+            rows,
+            lambda: linear_kernels(x.dtype, act, rows),
             lambda rows: _linear_bench(weight, bias, act, rows),
         )
         return linear_with(kernel, x, weight, bias, act)
@@ -263,9 +288,12 @@ def linear(
     return out if act is None else activation(act)(out)
 
 
-def linear_kernels(dtype: torch.dtype, act: str | None) -> list[str]:
-    """The CPU kernels of `linear` whose probes pass for this dtype and activation, preferred first."""
+def linear_kernels(dtype: torch.dtype, act: str | None, rows: int = 1) -> list[str]:
+    """The CPU kernels of `linear` whose probes pass for this dtype and activation, preferred first, for
+    products of `rows` rows (our C kernel only for decode steps: up to ckernels.MAX_ROWS rows)."""
     names = ["aten"]
+    if dtype in (torch.float32, torch.bfloat16) and rows <= ckernels.MAX_ROWS and kernels.c_kernels():
+        names.insert(0, "c")
     if kernels.onednn_linear(dtype):
         names.insert(0, "onednn")
         post_op, algorithm = _FUSABLE.get(act, ("none", ""))
@@ -280,6 +308,11 @@ def linear_with(
     """act(x @ weight.T + bias) by the named kernel of `linear_kernels`."""
     if kernel == "aten":
         out = F.linear(x, weight, bias)
+    elif kernel == "c":
+        fused = act if act in ckernels.ACTIVATIONS else None
+        out = ckernels.linear(x, weight, bias=bias, act=fused)
+        if fused is not None:
+            return out
     else:
         post_op, algorithm = _FUSABLE[act] if kernel == "onednn_fused" else ("none", "")
         out = torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, post_op, [], algorithm)
@@ -307,6 +340,12 @@ class Linear(nn.Linear):
             return activation(act)(self(x))
         return linear(x, self.weight, self.bias, act)
 
+    def c_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, None] | None:
+        """(weight, scales) for ckernels.gated with inputs of `dtype`, or None where this layer cannot go
+        there (a bias, another dtype, hooks such as LoRA's)."""
+        plain = self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
+        return (self.weight, None) if plain and self.weight.dtype == dtype else None
+
 
 class RMSNorm(nn.Module):
     """x / rms(x) * weight, computed in the wider of float32 and the input dtype."""
@@ -319,9 +358,33 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm: x * rsqrt(mean(x^2) + eps) as one fused kernel on CUDA (a decode step of the 8b
         # shapes on an H100: 8.29 ms instead of 8.69 ms with the five separate operations)
+        if (
+            x.is_cpu
+            and not torch.is_grad_enabled()
+            and x.dtype in ckernels.DTYPES
+            and self.weight.dtype == x.dtype
+            and x.numel() <= ckernels.MAX_ROWS * x.shape[-1]
+            and kernels.c_kernels()
+        ):
+            rows = x.numel() // x.shape[-1]
+            kernel = kernels.choose(
+                "rms_norm", (x.dtype, x.shape[-1]), rows, lambda: ["torch", "c"], self._bench
+            )
+            if kernel == "c":
+                return ckernels.rms_norm(x, self.weight, self.eps)
+        return self._torch_forward(x)
+
+    def _torch_forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         normed = F.rms_norm(x.to(torch.promote_types(dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(dtype)
+
+    def _bench(self, rows: int):
+        x = torch.randn(rows, self.weight.shape[0], generator=torch.Generator().manual_seed(0))
+        x = x.to(self.weight.dtype)
+        return lambda kernel: (
+            ckernels.rms_norm(x, self.weight, self.eps) if kernel == "c" else (self._torch_forward(x))
+        )
 
 
 def activation(name: str):
@@ -351,4 +414,54 @@ class GatedMLP(nn.Module):
         activation(act)  # unsupported names fail here, at construction
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_proj.forward_activated(x, self.act) * self.up_proj(x))
+        if self._c_gated(x):
+            rows, (n, k) = x.numel() // x.shape[-1], self.gate_proj.weight.shape
+            weight_dtype = self.gate_proj.c_operands(x.dtype)[0].dtype
+            kernel = kernels.choose(
+                "gated",
+                (x.dtype, weight_dtype, n, k, self.act),
+                rows,
+                lambda: ["separate", "c"],
+                lambda rows: self._gated_bench(x.dtype, rows),
+            )
+            return self.down_proj(self._gated_with(kernel, x, self.gate_proj, self.up_proj))
+        return self.down_proj(self._gated_with("separate", x, self.gate_proj, self.up_proj))
+
+    def _c_gated(self, x: torch.Tensor) -> bool:
+        """Whether a decode step's act(gate(x)) * up(x) can be one ckernels.gated call: CPU inference of at
+        most ckernels.MAX_ROWS rows, gate and up plain layers (float or int8) of one weights dtype."""
+        if not (
+            x.is_cpu
+            and not torch.is_grad_enabled()
+            and self.act in ckernels.ACTIVATIONS
+            and x.numel() <= ckernels.MAX_ROWS * x.shape[-1]
+            and kernels.c_kernels()
+        ):
+            return False
+        operands = [getattr(layer, "c_operands", lambda dtype: None)(x.dtype) for layer in self.gated]
+        return (
+            None not in operands
+            and operands[0][0].dtype == operands[1][0].dtype
+            and ckernels.supports(x, operands[0][0], self.act)
+        )
+
+    @property
+    def gated(self) -> tuple[nn.Module, nn.Module]:
+        return self.gate_proj, self.up_proj
+
+    def _gated_with(self, kernel: str, x: torch.Tensor, gate: nn.Module, up: nn.Module) -> torch.Tensor:
+        if kernel == "c":
+            (gate_weight, gate_scales), (up_weight, up_scales) = (
+                layer.c_operands(x.dtype) for layer in (gate, up)
+            )
+            return ckernels.gated(x, gate_weight, up_weight, self.act, gate_scales, up_scales)
+        return gate.forward_activated(x, self.act) * up(x)
+
+    def _gated_bench(self, dtype: torch.dtype, rows: int):
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(rows, self.gate_proj.in_features, generator=generator).to(dtype)
+        tensors = [t for layer in self.gated for t in layer.state_dict().values()]
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        copies = kernels.streaming_copies(nbytes, rows)
+        pairs = itertools.cycle([self.gated, *(copy.deepcopy(self.gated) for _ in range(copies - 1))])
+        return lambda kernel: self._gated_with(kernel, x, *next(pairs))

@@ -44,6 +44,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+
+from idefics2.modeling import ckernels
 
 ROUTES = (  # capabilities, each on or off
     "onednn_linear",
@@ -51,13 +54,19 @@ ROUTES = (  # capabilities, each on or off
     "native_bfloat16",
     "int8_weight_kernel",
     "int4_weight_kernel",
+    "c_kernels",
 )
 # ops with several kernels, and their kernels in the order preferred when nothing is measured
 OPS = {
-    "linear": ("onednn_fused", "onednn", "aten"),  # float product, activation fused in by oneDNN or not
-    "int8": ("kernel", "dequantize_bfloat16", "dequantize"),  # torch's weight-only kernel, or dequantized
+    # float product: activation fused in by oneDNN or not, our C matrix-vector kernel (ckernels.c), torch's
+    "linear": ("onednn_fused", "onednn", "c", "aten"),
+    # torch's weight-only kernel, our C kernel, or dequantized
+    "int8": ("kernel", "c", "dequantize_bfloat16", "dequantize"),
     "int4": ("kernel", "dequantize_bfloat16", "dequantize"),
-    "attention": ("grouped", "sdpa"),  # decode attention: two grouped matmuls, or sdpa's kernel
+    # decode attention: two grouped matmuls, our C kernel, or sdpa's kernel
+    "attention": ("grouped", "c", "sdpa"),
+    "rms_norm": ("c", "torch"),  # decode rows: our C kernel, or torch's ops
+    "gated": ("c", "separate"),  # a decode step's act(gate(x)) * up(x): one C call, or three products
 }
 _forced: dict[str, bool | str] = {}
 
@@ -132,6 +141,23 @@ def _probe_onednn_linear(dtype: torch.dtype, post_op: str, algorithm: str) -> bo
     except (AttributeError, RuntimeError, NotImplementedError):
         return False
     return out.shape == (2, 8) and bool(torch.isfinite(out).all())
+
+
+def c_kernels() -> bool:
+    """Whether our C matrix-vector kernels (idefics2.modeling.ckernels) build here and agree with torch."""
+    if "c_kernels" in _forced:
+        return bool(_forced["c_kernels"]) and _probe_c()
+    return _probe_c()
+
+
+@functools.cache
+def _probe_c() -> bool:
+    if not ckernels.available():
+        return False
+    x = torch.arange(3 * 40, dtype=torch.float32).reshape(3, 40) / 40
+    weight = torch.linspace(-1, 1, 5 * 40).reshape(5, 40)
+    out = ckernels.linear(x, weight, act="silu")
+    return bool(torch.allclose(out, F.silu(x @ weight.T), rtol=1e-5, atol=1e-5))
 
 
 def fastest_dtype(device: torch.device | str) -> torch.dtype:
@@ -383,7 +409,9 @@ def _measure_choice(
         if machine not in _file_entries:
             _file_entries[machine] = _read_cache(machine)
         saved = _file_entries[machine].get(_entry_name(key), {})
-        if saved.get("kernel") in names:
+        # a choice made among other candidates (an older version, a route that probes otherwise now) is
+        # measured again
+        if saved.get("kernel") in names and saved.get("candidates") == sorted(names):
             seconds = saved.get("seconds")
             _choices[key], _timings[key] = saved["kernel"], seconds if isinstance(seconds, dict) else {}
             return _choices[key]
@@ -395,7 +423,7 @@ def _measure_choice(
         _spent[0] += time.perf_counter() - start
         chosen = min(times, key=times.get) if times else names[0]
         _choices[key], _timings[key] = chosen, times
-        _write_cache(machine, key, chosen, times)
+        _write_cache(machine, key, chosen, times, names)
         return chosen
 
 
@@ -520,12 +548,13 @@ def _read_cache(machine: str) -> dict[str, dict]:
     return {name: entry for name, entry in entries.items() if isinstance(entry, dict)}
 
 
-def _write_cache(machine: str, key: tuple, kernel: str, times: dict[str, float]) -> None:
+def _write_cache(machine: str, key: tuple, kernel: str, times: dict[str, float], names: list[str]) -> None:
     """Add one choice to the file (read again first: other processes may have added theirs); a file that
     cannot be written only costs measuring again next time."""
     path = cache_path()
     data = _read_file()
-    data.setdefault(machine, {})[_entry_name(key)] = {"kernel": kernel, "seconds": times}
+    entry = {"kernel": kernel, "seconds": times, "candidates": sorted(names)}
+    data.setdefault(machine, {})[_entry_name(key)] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:

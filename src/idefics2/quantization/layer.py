@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idefics2.modeling import kernels
+from idefics2.modeling import ckernels, kernels
 from idefics2.modeling.attention import activation, linear
 from idefics2.quantization.formats import (
     INT4_GROUP_SIZES,
@@ -305,6 +305,12 @@ class QuantizedLinear(nn.Module):
             kernel = self.kernel_names(x.device, x.dtype, rows)[0]
         return self.product_with(kernel, x, act)
 
+    def c_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int8 weight, float32 scales) for ckernels.gated with inputs of `dtype`, or None where this layer
+        cannot go there (int4, a bias, hooks such as LoRA's)."""
+        plain = self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
+        return (self.qweight, self.scales) if plain and self.bits == 8 and dtype in ckernels.DTYPES else None
+
     def kernel_names(self, device: torch.device, dtype: torch.dtype, rows: int) -> list[str]:
         """The kernels of this layer that run on `device` for inputs of `dtype`, preferred first for `rows`
         rows when nothing is measured (see kernels.OPS): the int8 / int4 kernel up to
@@ -316,12 +322,24 @@ class QuantizedLinear(nn.Module):
             has_kernel = self.packing is not None and kernels.int4_weight_layout(device) == self.packing
         low = device.type == "cpu" and dtype == torch.float32 and kernels.native_bfloat16()
         names = ["dequantize_bfloat16", "dequantize"] if low else ["dequantize"]
+        if (
+            self.bits == 8
+            and device.type == "cpu"
+            and dtype in (torch.float32, torch.bfloat16)
+            and rows <= ckernels.MAX_ROWS
+            and kernels.c_kernels()
+        ):
+            names.insert(0, "c")
         if has_kernel:
             names.insert(0 if rows <= kernels.QUANTIZED_KERNEL_MAX_ROWS[self.bits] else 1, "kernel")
         return names
 
     def product_with(self, kernel: str, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
         """act(x @ W.T + b) by the named kernel of `kernel_names`."""
+        if kernel == "c":  # int8 rows times float32 scales, bias and activation in one C call
+            fused = act if act in ckernels.ACTIVATIONS else None
+            out = ckernels.linear(x, self.qweight, self.scales, self.bias, fused)
+            return out if act is None or fused is not None else activation(act)(out)
         if kernel != "kernel":
             low = kernel == "dequantize_bfloat16"
             return self.dequantized_product(x, act, torch.bfloat16 if low else None)

@@ -1,0 +1,365 @@
+/* Matrix-vector products for decode steps on CPU, built by idefics2.modeling.ckernels with this machine's C
+ * compiler (-O3 -march=native -fopenmp) and raced against torch's kernels by idefics2.modeling.kernels.
+ *
+ * A decode step multiplies a few activation rows by every weight matrix once, so its speed is the rate at
+ * which the weights stream from memory. Each thread takes blocks of weight rows and reads every row once
+ * for all activation rows, widening the weights to float32 in registers (bfloat16: a 16-bit shift, int8: a
+ * sign extension and a conversion) or, with AVX512-BF16 and bfloat16 activations, multiplying bfloat16
+ * pairs directly. Sums are float32; int8 rows are scaled by their float32 scale after the sum.
+ *
+ * Layouts: activations x (M, K) and outputs y (M, N) row-major in float32 or bfloat16 (io_type); weights
+ * (N, K) row-major in float32, bfloat16 or int8 (w_type); scales (N) float32 or NULL; bias (N) in io_type
+ * or NULL. The gated product is y = act(x @ gate^T) * (x @ up^T), the gated MLP's first half.
+ */
+#include <immintrin.h>
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { TYPE_F32 = 0, TYPE_BF16 = 1, TYPE_I8 = 2 };
+enum { ACT_NONE = 0, ACT_SILU = 1 };
+#define MAX_WROWS 8 /* weight rows summed together (4 of a plain product, 4 gate + 4 up of a gated one) */
+#define MAX_XROWS 4 /* activation rows summed together */
+#define PREFETCH_BLOCKS 2 /* blocks of rows fetched ahead into L2 (into L1 runs slower: its misses stall) */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, NaN kept quiet */
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (uint16_t)(bits >> 16);
+}
+
+static inline float weight_at(const void *row, int64_t k, int type) {
+    if (type == TYPE_F32) return ((const float *)row)[k];
+    if (type == TYPE_BF16) return bf16_to_f32(((const uint16_t *)row)[k]);
+    return (float)((const int8_t *)row)[k];
+}
+
+static inline const void *element(const void *p, int64_t i, int type) {
+    return (const char *)p + i * (type == TYPE_F32 ? 4 : type == TYPE_BF16 ? 2 : 1);
+}
+
+static inline const void *weight_row(const void *w, int64_t n, int64_t K, int type) { return element(w, n * K, type); }
+
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 vec;
+static inline vec vzero(void) { return _mm512_setzero_ps(); }
+static inline vec vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec v) { return _mm512_reduce_add_ps(v); }
+static inline void vstore(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec vset(float f) { return _mm512_set1_ps(f); }
+static inline vec wload(const void *row, int64_t k, int type) {
+    if (type == TYPE_F32) return _mm512_loadu_ps((const float *)row + k);
+    if (type == TYPE_BF16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)row + k));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
+    __m128i b = _mm_loadu_si128((const __m128i *)((const int8_t *)row + k));
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define LANES 8
+typedef __m256 vec;
+static inline vec vzero(void) { return _mm256_setzero_ps(); }
+static inline vec vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline void vstore(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec vset(float f) { return _mm256_set1_ps(f); }
+static inline float vsum(vec v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+static inline vec wload(const void *row, int64_t k, int type) {
+    if (type == TYPE_F32) return _mm256_loadu_ps((const float *)row + k);
+    if (type == TYPE_BF16) {
+        __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + k));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)((const int8_t *)row + k))));
+}
+#else
+#define LANES 1
+typedef float vec;
+static inline vec vzero(void) { return 0.0f; }
+static inline vec vload(const float *p) { return *p; }
+static inline vec vfma(vec a, vec b, vec c) { return a * b + c; }
+static inline float vsum(vec v) { return v; }
+static inline void vstore(float *p, vec v) { *p = v; }
+static inline vec vset(float f) { return f; }
+static inline vec wload(const void *row, int64_t k, int type) { return weight_at(row, k, type); }
+#endif
+
+/* sums[r][m] = x[m] . rows[r] over K: x as float32 rows (xf), or bfloat16 rows (xh, AVX512-BF16 only) */
+static inline __attribute__((always_inline)) void dots(const float *xf, const uint16_t *xh,
+                                                       const void *const *rows, int nr, int mr, int64_t K,
+                                                       int type, float sums[MAX_WROWS][MAX_XROWS]) {
+    /* a later block of rows (the same rows PREFETCH_BLOCKS blocks on) is fetched while this one is summed:
+       short rows end before the hardware prefetcher, which stops at page ends, has caught up with a new one */
+    const int64_t size = type == TYPE_F32 ? 4 : type == TYPE_BF16 ? 2 : 1, ahead = PREFETCH_BLOCKS * 4 * K * size;
+    int64_t k = 0;
+#if defined(__AVX512BF16__)
+    if (xh != NULL) { /* type == TYPE_BF16: bfloat16 pairs multiplied and summed in float32 */
+        __m512 acc[MAX_WROWS][MAX_XROWS];
+        for (int r = 0; r < nr; r++)
+            for (int m = 0; m < mr; m++) acc[r][m] = _mm512_setzero_ps();
+        for (; k + 32 <= K; k += 32) {
+            __m512bh xv[MAX_XROWS];
+            for (int m = 0; m < mr; m++) xv[m] = (__m512bh)_mm512_loadu_si512(xh + m * K + k);
+            for (int r = 0; r < nr; r++) _mm_prefetch((const char *)rows[r] + ahead + 2 * k, _MM_HINT_T1);
+            for (int r = 0; r < nr; r++) {
+                __m512bh wv = (__m512bh)_mm512_loadu_si512((const uint16_t *)rows[r] + k);
+                for (int m = 0; m < mr; m++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int m = 0; m < mr; m++) {
+                float s = _mm512_reduce_add_ps(acc[r][m]);
+                for (int64_t j = k; j < K; j++) s += bf16_to_f32(xh[m * K + j]) * weight_at(rows[r], j, type);
+                sums[r][m] = s;
+            }
+        return;
+    }
+#endif
+    vec acc[MAX_WROWS][MAX_XROWS];
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mr; m++) acc[r][m] = vzero();
+    for (; k + LANES <= K; k += LANES) {
+        vec xv[MAX_XROWS];
+        for (int m = 0; m < mr; m++) xv[m] = vload(xf + m * K + k);
+        if ((k * size) % 64 < LANES * size)
+            for (int r = 0; r < nr; r++) _mm_prefetch((const char *)rows[r] + ahead + k * size, _MM_HINT_T1);
+        for (int r = 0; r < nr; r++) {
+            vec wv = wload(rows[r], k, type);
+            for (int m = 0; m < mr; m++) acc[r][m] = vfma(xv[m], wv, acc[r][m]);
+        }
+    }
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mr; m++) {
+            float s = vsum(acc[r][m]);
+            for (int64_t j = k; j < K; j++) s += xf[m * K + j] * weight_at(rows[r], j, type);
+            sums[r][m] = s;
+        }
+}
+
+/* the shapes of `dots` used, each compiled with its loops unrolled */
+#define DOTS(NR, MR) dots(xf, xh, rows, NR, MR, K, type, sums)
+static void dots_any(const float *xf, const uint16_t *xh, const void *const *rows, int nr, int mr, int64_t K,
+                     int type, float sums[MAX_WROWS][MAX_XROWS]) {
+    if (nr == 8 && mr == 1) DOTS(8, 1);
+    else if (nr == 8) DOTS(8, 2);
+    else if (nr == 4 && mr == 1) DOTS(4, 1);
+    else if (nr == 4 && mr == 2) DOTS(4, 2);
+    else if (nr == 4 && mr == 3) DOTS(4, 3);
+    else if (nr == 4) DOTS(4, 4);
+    else if (nr == 2 && mr == 1) DOTS(2, 1);
+    else if (nr == 2) DOTS(2, 2);
+    else if (mr == 1) DOTS(1, 1);
+    else if (mr == 2) DOTS(1, 2);
+    else if (mr == 3) DOTS(1, 3);
+    else DOTS(1, 4);
+}
+
+static inline float activate(float v, int act) { return act == ACT_SILU ? v / (1.0f + expf(-v)) : v; }
+
+static inline float read_io(const void *p, int64_t i, int io_type) {
+    return io_type == TYPE_F32 ? ((const float *)p)[i] : bf16_to_f32(((const uint16_t *)p)[i]);
+}
+
+static inline void write_io(void *p, int64_t i, float v, int io_type) {
+    if (io_type == TYPE_F32) ((float *)p)[i] = v;
+    else ((uint16_t *)p)[i] = f32_to_bf16(v);
+}
+
+/* rows [n0, n0 + count) of the output for activation rows [m0, m0 + mr) */
+static void product_rows(const float *xf, const uint16_t *xh, const void *w, const float *scales,
+                         const void *w2, const float *scales2, const void *bias, void *y, int64_t m0, int mr,
+                         int64_t n0, int count, int64_t N, int64_t K, int io_type, int w_type, int act) {
+    const void *rows[MAX_WROWS];
+    float sums[MAX_WROWS][MAX_XROWS];
+    for (int r = 0; r < count; r++) {
+        rows[r] = weight_row(w, n0 + r, K, w_type);
+        if (w2 != NULL) rows[count + r] = weight_row(w2, n0 + r, K, w_type);
+    }
+    int step = mr;
+    for (int m = 0; m < mr; m += step) {
+        step = mr - m;
+        if (w2 != NULL && step > 2) step = 2; /* a gated block sums 8 weight rows: 2 activation rows at most */
+        dots_any(xf ? xf + m * K : NULL, xh ? xh + m * K : NULL, rows, w2 != NULL ? 2 * count : count, step,
+                 K, w_type, sums);
+        for (int r = 0; r < count; r++)
+            for (int j = 0; j < step; j++) {
+                int64_t n = n0 + r;
+                float v = sums[r][j];
+                if (scales != NULL) v *= scales[n];
+                if (bias != NULL) v += read_io(bias, n, io_type);
+                v = activate(v, act);
+                if (w2 != NULL) v *= scales2 != NULL ? sums[count + r][j] * scales2[n] : sums[count + r][j];
+                write_io(y, (m0 + m + j) * N + n, v, io_type);
+            }
+    }
+}
+
+static int product(const void *x, const void *w, const float *scales, const void *w2, const float *scales2,
+                   const void *bias, void *y, int64_t M, int64_t N, int64_t K, int io_type, int w_type, int act,
+                   int threads) {
+    const uint16_t *xh = NULL;
+    float *xf = NULL;
+#if defined(__AVX512BF16__)
+    if (io_type == TYPE_BF16 && w_type == TYPE_BF16) xh = (const uint16_t *)x;
+#endif
+    if (xh == NULL) {
+        if (io_type == TYPE_F32) {
+            xf = (float *)x;
+        } else {
+            xf = (float *)malloc(sizeof(float) * M * K);
+            if (xf == NULL) return 1;
+            for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+        }
+    }
+    const int64_t block = 4;
+    int64_t blocks = (N + block - 1) / block;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        int64_t n0 = b * block;
+        int count = N - n0 < block ? (int)(N - n0) : (int)block;
+        for (int64_t m0 = 0; m0 < M; m0 += MAX_XROWS) {
+            int mr = M - m0 < MAX_XROWS ? (int)(M - m0) : MAX_XROWS;
+            const float *xf_rows = xf != NULL ? xf + m0 * K : NULL;
+            const uint16_t *xh_rows = xh != NULL ? xh + m0 * K : NULL;
+            if (count == block) {
+                product_rows(xf_rows, xh_rows, w, scales, w2, scales2, bias, y, m0, mr, n0, count, N, K,
+                             io_type, w_type, act);
+            } else {
+                for (int r = 0; r < count; r++)
+                    product_rows(xf_rows, xh_rows, w, scales, w2, scales2, bias, y, m0, mr, n0 + r, 1, N, K,
+                                 io_type, w_type, act);
+            }
+        }
+    }
+    if (xf != NULL && xf != (float *)x) free(xf);
+    return 0;
+}
+
+/* y = act(x @ w^T * scales + bias) */
+int idefics2_linear(const void *x, const void *w, const float *scales, const void *bias, void *y, int64_t M,
+                    int64_t N, int64_t K, int io_type, int w_type, int act, int threads) {
+    return product(x, w, scales, NULL, NULL, bias, y, M, N, K, io_type, w_type, act, threads);
+}
+
+/* y = act(x @ gate^T * gate_scales) * (x @ up^T * up_scales) */
+int idefics2_gated(const void *x, const void *gate, const float *gate_scales, const void *up,
+                   const float *up_scales, void *y, int64_t M, int64_t N, int64_t K, int io_type, int w_type,
+                   int act, int threads) {
+    return product(x, gate, gate_scales, up, up_scales, NULL, y, M, N, K, io_type, w_type, act, threads);
+}
+
+/* ---- the rest of a decode step: normalization and attention over the cache ---------------------------- */
+
+/* y = weight * round(x / rms(x)) per row of D: the normalized row is rounded to io_type before the weight
+   multiplies it, as the float path does (RMSNorm computes in float32, then casts back) */
+int idefics2_rms_norm(const void *x, const void *weight, void *y, int64_t rows, int64_t D, float eps,
+                      int io_type) {
+    for (int64_t r = 0; r < rows; r++) {
+        double squares = 0.0;
+        for (int64_t d = 0; d < D; d++) {
+            float v = read_io(x, r * D + d, io_type);
+            squares += (double)v * v;
+        }
+        float inverse = 1.0f / sqrtf((float)(squares / (double)D) + eps);
+        for (int64_t d = 0; d < D; d++) {
+            float normed = read_io(x, r * D + d, io_type) * inverse;
+            if (io_type == TYPE_BF16) normed = bf16_to_f32(f32_to_bf16(normed));
+            write_io(y, r * D + d, read_io(weight, d, io_type) * normed, io_type);
+        }
+    }
+    return 0;
+}
+
+/* x . row over D (x float32, row in io_type) */
+static inline float dot_row(const float *x, const void *row, int64_t D, int io_type) {
+    vec acc = vzero();
+    int64_t d = 0;
+    for (; d + LANES <= D; d += LANES) acc = vfma(vload(x + d), wload(row, d, io_type), acc);
+    float total = vsum(acc);
+    for (; d < D; d++) total += x[d] * weight_at(row, d, io_type);
+    return total;
+}
+
+/* sums += p * row over D */
+static inline void add_row(float *sums, float p, const void *row, int64_t D, int io_type) {
+    const vec scale = vset(p);
+    int64_t d = 0;
+    for (; d + LANES <= D; d += LANES) vstore(sums + d, vfma(scale, wload(row, d, io_type), vload(sums + d)));
+    for (; d < D; d++) sums[d] += p * weight_at(row, d, io_type);
+}
+
+/* out (B, T, H, D) = softmax(q k^T * scale, masked) v for q (B, H, T, D) contiguous and k, v (B, Hkv, S, D)
+   with strides (in elements) for their batch, head and key axes (D contiguous); mask (B, T, S) bytes, 0 where
+   a query may not attend (those scores are the lowest float, as the float path's masked_fill). Query head h
+   reads kv head h / (H / Hkv). Scores, softmax and sums in float32. */
+int idefics2_attention(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t B,
+                       int64_t H, int64_t Hkv, int64_t T, int64_t S, int64_t D, int64_t k_batch,
+                       int64_t k_head, int64_t k_key, int64_t v_batch, int64_t v_head, int64_t v_key, float scale,
+                       int io_type, int threads) {
+    int failed = 0;
+    const int64_t group = H / Hkv;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = (float *)malloc(sizeof(float) * S);
+        float *query = (float *)malloc(sizeof(float) * D);
+        float *sums = (float *)malloc(sizeof(float) * D);
+        if (scores == NULL || query == NULL || sums == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(static) collapse(2)
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t h = 0; h < H; h++) {
+                    const int64_t kv = h / group;
+                    const int64_t k0 = b * k_batch + kv * k_head, v0 = b * v_batch + kv * v_head;
+                    for (int64_t t = 0; t < T; t++) {
+                        const uint8_t *allowed = mask + (b * T + t) * S;
+                        for (int64_t d = 0; d < D; d++) query[d] = read_io(q, ((b * H + h) * T + t) * D + d, io_type);
+                        float highest = -FLT_MAX;
+                        for (int64_t s = 0; s < S; s++) {
+                            float score = -FLT_MAX;
+                            if (allowed[s]) {
+                                score = dot_row(query, element(k, k0 + s * k_key, io_type), D, io_type) * scale;
+                            }
+                            scores[s] = score;
+                            if (score > highest) highest = score;
+                        }
+                        float total = 0.0f;
+                        for (int64_t s = 0; s < S; s++) {
+                            scores[s] = expf(scores[s] - highest);
+                            total += scores[s];
+                        }
+                        for (int64_t d = 0; d < D; d++) sums[d] = 0.0f;
+                        for (int64_t s = 0; s < S; s++) {
+                            const float p = scores[s] / total;
+                            if (p != 0.0f) add_row(sums, p, element(v, v0 + s * v_key, io_type), D, io_type);
+                        }
+                        for (int64_t d = 0; d < D; d++) write_io(out, ((b * T + t) * H + h) * D + d, sums[d], io_type);
+                    }
+                }
+        }
+        free(scores);
+        free(query);
+        free(sums);
+    }
+    return failed;
+}

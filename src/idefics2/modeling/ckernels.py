@@ -1,0 +1,173 @@
+"""Decode-step matrix products in C (ckernels.c), built once per process by this machine's C compiler.
+
+torch's matrix-vector kernels read a decode step's weights well below the memory's rate on some CPUs (its
+bfloat16 product widens every weight one at a time; its int8 kernel wants bfloat16 activations and a second
+pass for float32 scales). ckernels.c streams each weight row once for all activation rows, in float32,
+bfloat16 (AVX512-BF16 pairs where the CPU has them) or int8 with float32 scales, with SiLU and the gated
+MLP's product fused in. It is only a candidate: idefics2.modeling.kernels times it against torch's kernels
+on each weights shape and keeps it only where it is faster and agrees with them.
+
+The library is compiled with `$CC` (default `cc`) at `-O3 -march=native -fopenmp` into a private temporary
+folder the first time a process needs it (about 0.3 s), loaded from there, and never written anywhere
+else: nothing built by another process or found on disk is ever loaded. Without a compiler (or with
+`IDEFICS2_C_KERNELS=0`) `available()` is False and torch's kernels run. The OpenMP runtime is the one torch
+already loaded (the same soname), so its threads are torch's threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("ckernels.c")
+MAX_ROWS = 8  # products of more activation rows than this are left to torch (weights re-read every 4 rows)
+DTYPES = (torch.float32, torch.bfloat16)  # of activations (and float weights)
+_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
+ACTIVATIONS = {None: 0, "silu": 1, "swish": 1}  # fused into the kernels
+
+
+class CKernelsUnavailable(RuntimeError):
+    """The C kernels cannot be built or loaded here."""
+
+
+@functools.cache
+def library() -> ctypes.CDLL:
+    """The compiled kernels (built on the first call of the process); raises CKernelsUnavailable."""
+    if os.environ.get("IDEFICS2_C_KERNELS", "1") == "0":
+        raise CKernelsUnavailable("IDEFICS2_C_KERNELS=0")
+    compiler = os.environ.get("CC", "cc")
+    if shutil.which(compiler) is None:
+        raise CKernelsUnavailable(f"no C compiler ({compiler!r} not found)")
+    folder = tempfile.mkdtemp(prefix="idefics2-ckernels-")
+    target = os.path.join(folder, "ckernels.so")
+    # IDEFICS2_C_KERNELS_MARCH: another instruction set than this CPU's (tests build the AVX2 and the plain
+    # x86-64 code on any x86 machine)
+    march = os.environ.get("IDEFICS2_C_KERNELS_MARCH", "native")
+    command = [compiler, "-O3", f"-march={march}", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
+    try:
+        built = subprocess.run(
+            [*command, str(SOURCE), "-o", target, "-lm"], capture_output=True, text=True, timeout=120
+        )
+        if built.returncode != 0:
+            raise CKernelsUnavailable(f"{compiler} failed: {built.stderr.strip()[-500:]}")
+        lib = ctypes.CDLL(target)
+    except (OSError, subprocess.SubprocessError) as error:
+        raise CKernelsUnavailable(f"{compiler}: {error}") from error
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
+    pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.idefics2_linear.argtypes = [pointer] * 5 + [size] * 3 + [flag] * 4
+    lib.idefics2_gated.argtypes = [pointer] * 6 + [size] * 3 + [flag] * 4
+    lib.idefics2_rms_norm.argtypes = [pointer] * 3 + [size] * 2 + [ctypes.c_float, flag]
+    lib.idefics2_attention.argtypes = [pointer] * 5 + [size] * 12 + [ctypes.c_float, flag, flag]
+    return lib
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernels build and load here."""
+    try:
+        library()
+    except CKernelsUnavailable:
+        return False
+    return True
+
+
+def supports(x: torch.Tensor, weight: torch.Tensor, act: str | None) -> bool:
+    """Whether `linear` / `gated` compute this product: CPU tensors, float32 or bfloat16 activations with
+    weights of the same dtype or int8, a fusable activation, at most MAX_ROWS rows."""
+    return (
+        x.is_cpu
+        and x.dtype in DTYPES
+        and weight.dtype in (x.dtype, torch.int8)
+        and act in ACTIVATIONS
+        and x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
+    )
+
+
+def _pointer(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scales: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    act: str | None = None,
+) -> torch.Tensor:
+    """act(x @ weight.T * scales + bias): x (..., K) float32 or bfloat16, weight (N, K) in x's dtype or int8
+    (then with float32 scales (N)), bias (N) in x's dtype -> (..., N) in x's dtype."""
+    n, k = weight.shape
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    scales = None if scales is None else scales.float().contiguous()
+    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    library().idefics2_linear(
+        rows.data_ptr(), weight.contiguous().data_ptr(), _pointer(scales), _pointer(bias), out.data_ptr(),
+        rows.shape[0], n, k, _TYPES[x.dtype], _TYPES[weight.dtype], ACTIVATIONS[act], torch.get_num_threads(),
+    )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
+def gated(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    act: str,
+    gate_scales: torch.Tensor | None = None,
+    up_scales: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """act(x @ gate.T * gate_scales) * (x @ up.T * up_scales), both weights (N, K) of one dtype."""
+    n, k = gate.shape
+    rows = x.reshape(-1, k).contiguous()
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype)
+    gate_scales = None if gate_scales is None else gate_scales.float().contiguous()
+    up_scales = None if up_scales is None else up_scales.float().contiguous()
+    library().idefics2_gated(
+        rows.data_ptr(), gate.contiguous().data_ptr(), _pointer(gate_scales), up.contiguous().data_ptr(),
+        _pointer(up_scales), out.data_ptr(), rows.shape[0], n, k, _TYPES[x.dtype], _TYPES[gate.dtype],
+        ACTIVATIONS[act], torch.get_num_threads(),
+    )  # fmt: skip
+    return out.reshape(*x.shape[:-1], n)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * (x / rms(x)) over the last axis, the normalized x rounded to x's dtype before the weight
+    multiplies it (RMSNorm's order): x (..., D) and weight (D) float32 or bfloat16 of one dtype."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    out = torch.empty_like(rows)
+    library().idefics2_rms_norm(
+        rows.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], eps,
+        _TYPES[x.dtype],
+    )  # fmt: skip
+    return out.view(x.shape)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale) v over the keys the mask allows, with grouped kv heads: q (B, H, T, D); k, v
+    (B, Hkv, S, D), any strides but a contiguous last axis (cache views); mask bool, broadcastable to
+    (B, 1, T, S). Returns (B, H, T, D) (a transposed view of a (B, T, H, D) tensor)."""
+    b, h, t, d = q.shape
+    kv_heads, s = k.shape[1], k.shape[2]
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    queries = q.contiguous()
+    allowed = mask.expand(b, 1, t, s).to(torch.uint8).contiguous()
+    out = torch.empty(b, t, h, d, dtype=q.dtype)
+    failed = library().idefics2_attention(
+        queries.data_ptr(), k.data_ptr(), v.data_ptr(), allowed.data_ptr(), out.data_ptr(), b, h, kv_heads, t,
+        s, d, *k.stride()[:3], *v.stride()[:3], scale, _TYPES[q.dtype], torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("C attention: out of memory for its score buffers")
+    return out.transpose(1, 2)

@@ -1,0 +1,236 @@
+"""Our C kernels for decode steps (idefics2.modeling.ckernels): every product, the gated MLP, RMSNorm and
+decode attention against float64 computations, on this CPU's instruction set and on the AVX2 and plain
+x86-64 builds of the same source; a model decodes the same tokens on them as on torch's kernels; the
+measured routes take them where they are fastest; and without a compiler nothing changes but the speed."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
+from idefics2.modeling import attention, ckernels, kernels
+from idefics2.modeling.attention import GatedMLP, RMSNorm, grouped_matmul_attention
+from idefics2.quantization import QuantizedLinear
+from oracle_model import rel_diff, tiny_config_dict
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(not ckernels.available(), reason="no C compiler here: torch's kernels run")
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # bfloat16: the output's rounding (2^-8)
+
+
+def int8_weight(n: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 100
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights", ["float", "int8"])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("shape", [(64, 96), (13, 40)])  # (N, K): whole vectors and blocks; ragged tails
+def test_products_match_float64(dtype, weights, rows, shape):
+    torch.manual_seed(rows)
+    n, k = shape
+    x, bias = torch.randn(rows, k).to(dtype), torch.randn(n).to(dtype)
+    if weights == "float":
+        weight, scales = torch.randn(n, k).to(dtype), None
+        exact = weight.double()
+    else:
+        weight, scales = int8_weight(n, k)
+        exact = weight.double() * scales.double()[:, None]
+    for act in (None, "silu"):
+        got = ckernels.linear(x, weight, scales, bias, act)
+        want = F.linear(x.double(), exact, bias.double())
+        want = F.silu(want) if act else want
+        assert got.dtype == dtype and got.shape == (rows, n)
+        assert rel_diff(got.double(), want) <= TOLERANCE[dtype], act
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weights", ["float", "int8"])
+def test_gated_product_matches_float64(dtype, weights):
+    torch.manual_seed(0)
+    for rows, n, k in ((1, 64, 96), (3, 13, 40), (8, 5, 32)):
+        x = torch.randn(rows, k).to(dtype)
+        if weights == "float":
+            (gate, up), gate_scales, up_scales = (torch.randn(n, k).to(dtype) for _ in range(2)), None, None
+            exact = gate.double(), up.double()
+        else:
+            (gate, gate_scales), (up, up_scales) = int8_weight(n, k), int8_weight(n, k)
+            exact = gate.double() * gate_scales.double()[:, None], up.double() * up_scales.double()[:, None]
+        got = ckernels.gated(x, gate, up, "silu", gate_scales, up_scales)
+        want = F.silu(x.double() @ exact[0].T) * (x.double() @ exact[1].T)
+        assert rel_diff(got.double(), want) <= TOLERANCE[dtype], (rows, n, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_the_module(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(37, eps=1e-5)
+    norm.weight.data.normal_()
+    norm = norm.to(dtype)
+    x = (torch.randn(3, 2, 37) * 4).to(dtype)
+    with torch.no_grad():
+        want = norm._torch_forward(x)
+    got = ckernels.rms_norm(x, norm.weight, 1e-5)
+    assert got.shape == x.shape and got.dtype == dtype
+    # the same rounding steps: float32 to 1e-6, bfloat16 at most one unit in the last place apart
+    assert rel_diff(got.double(), want.double()) <= (1e-6 if dtype == torch.float32 else 2**-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_matches_float64_on_cache_views(dtype):
+    torch.manual_seed(0)
+    for b, heads, kv_heads, t, s, d in ((1, 16, 4, 1, 300, 64), (3, 8, 8, 2, 37, 20), (2, 4, 1, 1, 5, 16)):
+        q = torch.randn(b, heads, t, d).to(dtype)
+        k = torch.randn(b + 1, kv_heads, s + 7, d).to(dtype)[:b, :, :s]  # a view of a longer cache
+        v = torch.randn(b, s, kv_heads, d).to(dtype).transpose(1, 2)  # keys strided, heads not contiguous
+        mask = torch.rand(b, 1, t, s) > 0.3
+        mask[..., 0] = True
+        if b > 1:
+            mask[1] = False  # a row that may attend to nothing: the uniform average, as the float path
+        want = grouped_matmul_attention(q.double(), k.double(), v.double(), mask, scale=d**-0.5)
+        got = ckernels.attention(q, k, v, mask, d**-0.5)
+        assert got.shape == q.shape and got.dtype == dtype
+        assert rel_diff(got.double(), want) <= TOLERANCE[dtype], (b, heads, kv_heads, t, s, d)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])  # the AVX2 code, and the plain C loops
+def test_every_instruction_set_builds_and_agrees(march):
+    script = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F
+        from idefics2.modeling import ckernels
+        torch.manual_seed(0)
+        worst = 0.0
+        for dtype in (torch.float32, torch.bfloat16):
+            x, w = torch.randn(3, 40).to(dtype), torch.randn(13, 40).to(dtype)
+            q, s = torch.randint(-127, 128, (13, 40), dtype=torch.int8), torch.rand(13)
+            xw = x.double() @ w.double().T
+            pairs = [
+                (ckernels.linear(x, w, act="silu"), F.silu(xw)),
+                (ckernels.linear(x, q, s), (x.double() @ q.double().T) * s.double()),
+                (ckernels.gated(x, w, w, "silu"), F.silu(xw) * xw),
+            ]
+            qa, ka = torch.randn(1, 4, 1, 24).to(dtype), torch.randn(1, 2, 50, 24).to(dtype)
+            mask = torch.ones(1, 1, 1, 50, dtype=torch.bool)
+            scores = (qa.double().view(2, 2, 24) @ ka.double()[0].transpose(1, 2) / 24**0.5).softmax(-1)
+            want = (scores @ ka.double()[0]).view(1, 4, 1, 24)
+            pairs.append((ckernels.attention(qa, ka, ka, mask, 24**-0.5), want))
+            for got, want in pairs:
+                worst = max(worst, float((got.double() - want).abs().max() / want.abs().max()))
+        print(worst)
+        """
+    )
+    env = {**os.environ, "IDEFICS2_C_KERNELS_MARCH": march, "PYTHONPATH": os.path.join(REPO, "src")}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert float(run.stdout.strip().splitlines()[-1]) <= 1e-2
+
+
+ROUTES = {"linear": "c", "int8": "c", "attention": "c", "rms_norm": "c", "gated": "c"}
+
+
+@pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8"])
+def test_a_model_decodes_the_same_on_c_kernels(mode):
+    """Greedy decoding of a tiny random model (two rows of different lengths): the same tokens with every
+    decode op on our C kernels as on torch's."""
+    torch.manual_seed(0)
+    config = Idefics2Config.from_dict(tiny_config_dict(text_config={"intermediate_size": 96}))
+    model = Idefics2ForConditionalGeneration(config).eval()
+    if mode == "bfloat16":
+        model = model.to(torch.bfloat16)
+    elif mode == "int8":
+        model = model.quantize("int8")
+    ids = torch.randint(3, 32000, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding
+
+    def decode() -> torch.Tensor:
+        return model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+
+    with kernels.force(c_kernels=False):
+        torch_out = decode()
+    with kernels.force(**ROUTES):
+        c_out = decode()
+        made = kernels.choices()
+    assert torch.equal(c_out, torch_out)
+    chosen = {key[0] for key, (kernel, _) in made.items() if kernel == "c"}
+    # int8: the decoder's products (the language-model head included) are all int8 layers
+    want = {"attention", "rms_norm", "gated"} | ({"int8"} if mode == "int8" else {"linear"})
+    assert want <= chosen, chosen
+
+
+def test_layers_offer_their_operands_only_where_the_c_kernels_compute_them():
+    layer = QuantizedLinear.from_float(torch.randn(16, 32), None, 8)
+    assert layer.c_operands(torch.float32)[0].dtype == torch.int8
+    assert QuantizedLinear.from_float(torch.randn(16, 32), None, 4, 16).c_operands(torch.float32) is None
+    mlp = GatedMLP(32, 16, 32, "silu")
+    assert mlp.gate_proj.c_operands(torch.float32) is not None
+    assert mlp.gate_proj.c_operands(torch.bfloat16) is None  # float32 weights, bfloat16 inputs
+    handle = mlp.up_proj.register_forward_hook(lambda *args: None)  # e.g. a LoRA adapter's
+    with torch.no_grad():
+        assert not mlp._c_gated(torch.randn(1, 32))
+    handle.remove()
+    with torch.no_grad():
+        assert mlp._c_gated(torch.randn(1, 32))
+        assert not mlp._c_gated(torch.randn(9, 32))  # more rows than a decode step: torch's kernels
+    assert not mlp._c_gated(torch.randn(1, 32))  # autograd on (training)
+
+
+def test_the_measured_route_takes_the_c_kernel_and_a_new_candidate_is_measured_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("IDEFICS2_KERNEL_TUNING", "1")
+    monkeypatch.setenv("IDEFICS2_KERNELS_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.delenv("IDEFICS2_KERNELS", raising=False)
+    kernels.forget_choices()
+    seconds = {"c": 1e-6, "onednn_fused": 2e-6, "onednn": 2e-6, "aten": 3e-6}
+    timed: list[str] = []
+
+    def clock(call) -> float:
+        name = call.__defaults__[0]  # the kernel's name, bound by kernels.fastest's lambda
+        timed.append(name)
+        call()
+        return seconds[name]
+
+    monkeypatch.setattr(kernels, "measure", clock)
+    w, x = torch.randn(48, 32), torch.randn(1, 32)
+    try:
+        with torch.no_grad():
+            got = attention.linear(x, w)
+        assert "c" in timed
+        (key,) = [key for key in kernels.choices() if key[0] == "linear"]
+        assert kernels.choices()[key][0] == "c"
+        assert torch.allclose(got, x @ w.T, atol=1e-5)
+        # a file written before the C kernels existed (one candidate less): measured again, not trusted
+        data = json.loads((tmp_path / "kernels.json").read_text())
+        for entry in next(iter(data.values())).values():
+            entry["kernel"], entry["candidates"] = "aten", sorted(set(entry["candidates"]) - {"c"})
+        (tmp_path / "kernels.json").write_text(json.dumps(data))
+        kernels.forget_choices()
+        timed.clear()
+        with torch.no_grad():
+            attention.linear(x, w)
+        assert "c" in timed and kernels.choices()[key][0] == "c"
+    finally:
+        kernels.forget_choices()
+
+
+@pytest.mark.parametrize("setting", [{"IDEFICS2_C_KERNELS": "0"}, {"CC": "no-such-compiler-here"}])
+def test_without_a_compiler_torch_kernels_run(setting):
+    script = (
+        "import torch; from idefics2.modeling import ckernels, kernels; "
+        "from idefics2.modeling.attention import linear_kernels; "
+        "print(ckernels.available(), kernels.c_kernels(), 'c' in linear_kernels(torch.float32, None, 1))"
+    )
+    env = {**os.environ, **setting, "PYTHONPATH": os.path.join(REPO, "src")}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["False", "False", "False"]

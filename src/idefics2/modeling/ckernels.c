@@ -22,6 +22,7 @@ enum { TYPE_F32 = 0, TYPE_BF16 = 1, TYPE_I8 = 2 };
 enum { ACT_NONE = 0, ACT_SILU = 1 };
 #define MAX_WROWS 8 /* weight rows summed together (4 of a plain product, 4 gate + 4 up of a gated one) */
 #define MAX_XROWS 4 /* activation rows summed together */
+#define MAX_HEAD_VECTORS 16 /* an attention head of up to this many vectors is held in registers */
 #define PREFETCH_BLOCKS 2 /* blocks of rows fetched ahead into L2 (into L1 runs slower: its misses stall) */
 
 static inline float bf16_to_f32(uint16_t h) {
@@ -307,58 +308,129 @@ static inline void add_row(float *sums, float p, const void *row, int64_t D, int
     for (; d < D; d++) sums[d] += p * weight_at(row, d, io_type);
 }
 
+/* e^x for a softmax's x <= 0: 2^n * e^r with n = round(x / ln 2), |r| <= ln(2) / 2, e^r by its Taylor series to
+   r^7 (relative error below 2e-7); 0 below -87 (e^-87 is the smallest normal float). Branch-free, so loops of it
+   vectorize. */
+static inline float softmax_exp(float x) {
+    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer held in the low bits */
+    x = x < -87.0f ? -87.0f : x;
+    float t = x * 1.44269504f + shifter;
+    float n = t - shifter;
+    float r = x - n * 0.693145752f - n * 1.42860677e-6f; /* ln 2 in two parts: r exact to float rounding */
+    float p = 1.0f + r * (1.0f + r * (0.5f + r * (1.0f / 6 + r * (1.0f / 24 + r * (1.0f / 120 + r * (1.0f / 720 + r * (1.0f / 5040)))))));
+    int32_t bits;
+    memcpy(&bits, &t, 4);
+    bits = (bits - 0x4B400000 + 127) << 23; /* n + 127 in the exponent field */
+    float power;
+    memcpy(&power, &bits, 4);
+    return x <= -87.0f ? 0.0f : p * power;
+}
+
+/* one work item of idefics2_attention: the H / Hkv query heads of kv head `kv` of batch row b; D is a constant
+   where the caller knows it (the head sizes models use), and so is io_type, so the row loops unroll */
+static inline __attribute__((always_inline)) void attend(const void *q, const void *k, const void *v,
+                                                        const uint8_t *mask, void *out, int64_t b, int64_t kv,
+                                                        int64_t H, int64_t group, int64_t T, int64_t S,
+                                                        const int64_t D, int64_t k_batch, int64_t k_head,
+                                                        int64_t k_key, int64_t v_batch, int64_t v_head,
+                                                        int64_t v_key, float scale, const int io_type, float *scores,
+                                                        float *rows, float *sums) {
+    const int64_t queries = group * T;
+    const int64_t k0 = b * k_batch + kv * k_head, v0 = b * v_batch + kv * v_head;
+    for (int64_t i = 0; i < queries * D; i++) /* heads kv * group + g, all T queries */
+        rows[i] = read_io(q, (b * H + kv * group) * T * D + i, io_type);
+    const int in_registers = D % LANES == 0 && D / LANES <= MAX_HEAD_VECTORS;
+    for (int64_t i = 0; i < queries && in_registers; i++) { /* the query row held in registers */
+        vec query[MAX_HEAD_VECTORS];
+        for (int64_t c = 0; c < D / LANES; c++) query[c] = vload(rows + i * D + c * LANES);
+        const uint8_t *allowed = mask + (b * T + i % T) * S;
+        for (int64_t s = 0; s < S; s++) {
+            const void *key = element(k, k0 + s * k_key, io_type);
+            vec acc = vzero();
+            for (int64_t c = 0; c < D / LANES; c++) acc = vfma(query[c], wload(key, c * LANES, io_type), acc);
+            scores[i * S + s] = allowed[s] ? vsum(acc) * scale : -FLT_MAX;
+        }
+    }
+    for (int64_t s = 0; s < S && !in_registers; s++) {
+        const void *key = element(k, k0 + s * k_key, io_type);
+        for (int64_t i = 0; i < queries; i++)
+            scores[i * S + s] = mask[(b * T + i % T) * S + s]
+                                    ? dot_row(rows + i * D, key, D, io_type) * scale
+                                    : -FLT_MAX;
+    }
+    for (int64_t i = 0; i < queries; i++) {
+        float *row = scores + i * S, highest = -FLT_MAX, total = 0.0f;
+        for (int64_t s = 0; s < S; s++) highest = row[s] > highest ? row[s] : highest;
+        if (highest == -FLT_MAX) { /* nothing allowed: every score equal */
+            for (int64_t s = 0; s < S; s++) row[s] = 1.0f;
+        } else {
+            for (int64_t s = 0; s < S; s++) row[s] = softmax_exp(row[s] - highest);
+        }
+        for (int64_t s = 0; s < S; s++) total += row[s];
+        for (int64_t s = 0; s < S; s++) row[s] /= total;
+    }
+    for (int64_t i = 0; i < queries && in_registers; i++) { /* the output row held in registers */
+        vec acc[MAX_HEAD_VECTORS];
+        for (int64_t c = 0; c < D / LANES; c++) acc[c] = vzero();
+        for (int64_t s = 0; s < S; s++) {
+            const float p = scores[i * S + s];
+            if (p == 0.0f) continue;
+            const void *value = element(v, v0 + s * v_key, io_type);
+            const vec weight = vset(p);
+            for (int64_t c = 0; c < D / LANES; c++) acc[c] = vfma(weight, wload(value, c * LANES, io_type), acc[c]);
+        }
+        for (int64_t c = 0; c < D / LANES; c++) vstore(sums + i * D + c * LANES, acc[c]);
+    }
+    for (int64_t i = 0; i < queries * D && !in_registers; i++) sums[i] = 0.0f;
+    for (int64_t s = 0; s < S && !in_registers; s++) {
+        const void *value = element(v, v0 + s * v_key, io_type);
+        for (int64_t i = 0; i < queries; i++)
+            if (scores[i * S + s] != 0.0f) add_row(sums + i * D, scores[i * S + s], value, D, io_type);
+    }
+    for (int64_t i = 0; i < queries; i++) {
+        const int64_t h = kv * group + i / T, t = i % T;
+        for (int64_t d = 0; d < D; d++)
+            write_io(out, ((b * T + t) * H + h) * D + d, sums[i * D + d], io_type);
+    }
+}
+
 /* out (B, T, H, D) = softmax(q k^T * scale, masked) v for q (B, H, T, D) contiguous and k, v (B, Hkv, S, D)
    with strides (in elements) for their batch, head and key axes (D contiguous); mask (B, T, S) bytes, 0 where
-   a query may not attend (those scores are the lowest float, as the float path's masked_fill). Query head h
-   reads kv head h / (H / Hkv). Scores, softmax and sums in float32. */
+   a query may not attend (those scores are the lowest float, as the float path's masked_fill: a query that may
+   attend to nothing averages every value). Query head h reads kv head h / (H / Hkv); the H / Hkv query heads
+   of a kv head are one work item, so each key and value row is read once for all of them. Scores, softmax and
+   sums in float32. */
 int idefics2_attention(const void *q, const void *k, const void *v, const uint8_t *mask, void *out, int64_t B,
                        int64_t H, int64_t Hkv, int64_t T, int64_t S, int64_t D, int64_t k_batch,
                        int64_t k_head, int64_t k_key, int64_t v_batch, int64_t v_head, int64_t v_key, float scale,
                        int io_type, int threads) {
     int failed = 0;
-    const int64_t group = H / Hkv;
+    const int64_t group = H / Hkv, queries = group * T; /* query (g, t) of a work item: row g * T + t */
 #pragma omp parallel num_threads(threads)
     {
-        float *scores = (float *)malloc(sizeof(float) * S);
-        float *query = (float *)malloc(sizeof(float) * D);
-        float *sums = (float *)malloc(sizeof(float) * D);
-        if (scores == NULL || query == NULL || sums == NULL) {
+        float *scores = (float *)malloc(sizeof(float) * queries * S);
+        float *rows = (float *)malloc(sizeof(float) * queries * D);
+        float *sums = (float *)malloc(sizeof(float) * queries * D);
+        if (scores == NULL || rows == NULL || sums == NULL) {
 #pragma omp atomic write
             failed = 1;
         } else {
 #pragma omp for schedule(static) collapse(2)
             for (int64_t b = 0; b < B; b++)
-                for (int64_t h = 0; h < H; h++) {
-                    const int64_t kv = h / group;
-                    const int64_t k0 = b * k_batch + kv * k_head, v0 = b * v_batch + kv * v_head;
-                    for (int64_t t = 0; t < T; t++) {
-                        const uint8_t *allowed = mask + (b * T + t) * S;
-                        for (int64_t d = 0; d < D; d++) query[d] = read_io(q, ((b * H + h) * T + t) * D + d, io_type);
-                        float highest = -FLT_MAX;
-                        for (int64_t s = 0; s < S; s++) {
-                            float score = -FLT_MAX;
-                            if (allowed[s]) {
-                                score = dot_row(query, element(k, k0 + s * k_key, io_type), D, io_type) * scale;
-                            }
-                            scores[s] = score;
-                            if (score > highest) highest = score;
-                        }
-                        float total = 0.0f;
-                        for (int64_t s = 0; s < S; s++) {
-                            scores[s] = expf(scores[s] - highest);
-                            total += scores[s];
-                        }
-                        for (int64_t d = 0; d < D; d++) sums[d] = 0.0f;
-                        for (int64_t s = 0; s < S; s++) {
-                            const float p = scores[s] / total;
-                            if (p != 0.0f) add_row(sums, p, element(v, v0 + s * v_key, io_type), D, io_type);
-                        }
-                        for (int64_t d = 0; d < D; d++) write_io(out, ((b * T + t) * H + h) * D + d, sums[d], io_type);
-                    }
+                for (int64_t kv = 0; kv < Hkv; kv++) {
+#define ATTEND(DIM, TYPE)                                                                                       \
+    attend(q, k, v, mask, out, b, kv, H, group, T, S, DIM, k_batch, k_head, k_key, v_batch, v_head, v_key, scale, \
+           TYPE, scores, rows, sums)
+                    if (D == 64 && io_type == TYPE_F32) ATTEND(64, TYPE_F32);
+                    else if (D == 64) ATTEND(64, TYPE_BF16);
+                    else if (D == 128 && io_type == TYPE_F32) ATTEND(128, TYPE_F32);
+                    else if (D == 128) ATTEND(128, TYPE_BF16);
+                    else ATTEND(D, io_type);
+#undef ATTEND
                 }
         }
         free(scores);
-        free(query);
+        free(rows);
         free(sums);
     }
     return failed;

@@ -92,8 +92,14 @@ def supports(x: torch.Tensor, weight: torch.Tensor, act: str | None) -> bool:
     )
 
 
-def _pointer(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _pointer(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> int | None:
+    """The address of t's data, made contiguous (and of `dtype`) first where it is not: weights and scales
+    already are, so a call copies nothing but what a caller passed in another layout."""
+    if t is None:
+        return None
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return (t if t.is_contiguous() else t.contiguous()).data_ptr()
 
 
 def linear(
@@ -106,15 +112,14 @@ def linear(
     """act(x @ weight.T * scales + bias): x (..., K) float32 or bfloat16, weight (N, K) in x's dtype or int8
     (then with float32 scales (N)), bias (N) in x's dtype -> (..., N) in x's dtype."""
     n, k = weight.shape
-    rows = x.reshape(-1, k).contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=x.dtype)
-    scales = None if scales is None else scales.float().contiguous()
-    bias = None if bias is None else bias.to(x.dtype).contiguous()
+    x = x if x.is_contiguous() else x.contiguous()
+    out = x.new_empty((*x.shape[:-1], n))
     library().idefics2_linear(
-        rows.data_ptr(), weight.contiguous().data_ptr(), _pointer(scales), _pointer(bias), out.data_ptr(),
-        rows.shape[0], n, k, _TYPES[x.dtype], _TYPES[weight.dtype], ACTIVATIONS[act], torch.get_num_threads(),
+        x.data_ptr(), _pointer(weight), _pointer(scales, torch.float32), _pointer(bias, x.dtype),
+        out.data_ptr(), x.numel() // k, n, k, _TYPES[x.dtype], _TYPES[weight.dtype], ACTIVATIONS[act],
+        torch.get_num_threads(),
     )  # fmt: skip
-    return out.reshape(*x.shape[:-1], n)
+    return out
 
 
 def gated(
@@ -127,28 +132,26 @@ def gated(
 ) -> torch.Tensor:
     """act(x @ gate.T * gate_scales) * (x @ up.T * up_scales), both weights (N, K) of one dtype."""
     n, k = gate.shape
-    rows = x.reshape(-1, k).contiguous()
-    out = torch.empty(rows.shape[0], n, dtype=x.dtype)
-    gate_scales = None if gate_scales is None else gate_scales.float().contiguous()
-    up_scales = None if up_scales is None else up_scales.float().contiguous()
+    x = x if x.is_contiguous() else x.contiguous()
+    out = x.new_empty((*x.shape[:-1], n))
     library().idefics2_gated(
-        rows.data_ptr(), gate.contiguous().data_ptr(), _pointer(gate_scales), up.contiguous().data_ptr(),
-        _pointer(up_scales), out.data_ptr(), rows.shape[0], n, k, _TYPES[x.dtype], _TYPES[gate.dtype],
-        ACTIVATIONS[act], torch.get_num_threads(),
+        x.data_ptr(), _pointer(gate), _pointer(gate_scales, torch.float32), _pointer(up),
+        _pointer(up_scales, torch.float32), out.data_ptr(), x.numel() // k, n, k, _TYPES[x.dtype],
+        _TYPES[gate.dtype], ACTIVATIONS[act], torch.get_num_threads(),
     )  # fmt: skip
-    return out.reshape(*x.shape[:-1], n)
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * (x / rms(x)) over the last axis, the normalized x rounded to x's dtype before the weight
     multiplies it (RMSNorm's order): x (..., D) and weight (D) float32 or bfloat16 of one dtype."""
-    rows = x.reshape(-1, x.shape[-1]).contiguous()
-    out = torch.empty_like(rows)
+    x = x if x.is_contiguous() else x.contiguous()
+    out = torch.empty_like(x)
+    width = x.shape[-1]
     library().idefics2_rms_norm(
-        rows.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), rows.shape[0], rows.shape[1], eps,
-        _TYPES[x.dtype],
-    )  # fmt: skip
-    return out.view(x.shape)
+        x.data_ptr(), _pointer(weight), out.data_ptr(), x.numel() // width, width, eps, _TYPES[x.dtype]
+    )
+    return out
 
 
 def attention(

@@ -136,7 +136,7 @@ def test_every_instruction_set_builds_and_agrees(march):
     assert float(run.stdout.strip().splitlines()[-1]) <= 1e-2
 
 
-ROUTES = {"linear": "c", "int8": "c", "attention": "c", "rms_norm": "c", "gated": "c"}
+ROUTES = {"linear": "c", "int8": "c", "attention": "c", "rms_norm": "c", "gated": "c", "rope": "c"}
 
 
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8"])
@@ -165,7 +165,7 @@ def test_a_model_decodes_the_same_on_c_kernels(mode):
     assert torch.equal(c_out, torch_out)
     chosen = {key[0] for key, (kernel, _) in made.items() if kernel == "c"}
     # int8: the decoder's products (the language-model head included) are all int8 layers
-    want = {"attention", "rms_norm", "gated"} | ({"int8"} if mode == "int8" else {"linear"})
+    want = {"attention", "rms_norm", "gated", "rope"} | ({"int8"} if mode == "int8" else {"linear"})
     assert want <= chosen, chosen
 
 
@@ -234,3 +234,28 @@ def test_without_a_compiler_torch_kernels_run(setting):
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "False", "False"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_equals_rotary_then_cache_write(dtype):
+    from idefics2.modeling.text import RotaryTable, apply_rotary
+
+    torch.manual_seed(0)
+    b, heads, kv_heads, d = 3, 8, 2, 16
+    q, k, v = (torch.randn(b, 1, n * d).to(dtype) for n in (heads, kv_heads, kv_heads))
+    slots = torch.tensor([5, 0, 11])
+    cos, sin = RotaryTable(d, 10000.0)(slots[:, None], dtype)  # (B, 1, D), sin's first half negated
+    cache = [torch.randn(b + 1, kv_heads, 12, d).to(dtype) for _ in range(2)]
+    keys, values = (t[1:] for t in cache)  # rows [1, 4) of a longer cache, as the runner's views
+    want_keys, want_values = keys.clone(), values.clone()
+    want_q = apply_rotary(q.view(b, 1, heads, d).transpose(1, 2), cos, sin)
+    rotated_k = apply_rotary(k.view(b, 1, kv_heads, d).transpose(1, 2), cos, sin)
+    want_keys[torch.arange(b), :, slots] = rotated_k[:, :, 0]
+    want_values[torch.arange(b), :, slots] = v.view(b, kv_heads, d)
+    got_q = ckernels.rope_store(q, k, v, cos, sin, keys, values, slots)
+    assert got_q.shape == (b, heads, 1, d)
+    assert torch.equal(values, want_values)  # copied as they are
+    # the same rounding steps in float32 arithmetic: equal, or one unit in the last place where the
+    # compiler fused the product and the sum
+    for got, want in ((got_q, want_q), (keys, want_keys)):
+        assert rel_diff(got.double(), want.double()) <= (1e-6 if dtype == torch.float32 else 2**-7)

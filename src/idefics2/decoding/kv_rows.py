@@ -73,6 +73,11 @@ class DecodeView:
         self.batch_size = stop - start
         self.rows = torch.arange(stop - start, device=cache.keys[0].device)
 
+    def row_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's keys and values (B, Hkv, max_length, D), for a caller that writes each row's new token
+        at its slot itself (the decoder's fused rotary-and-store on CPU)."""
+        return self.keys[layer], self.values[layer]
+
     def update(self, layer: int, cache_position: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
         """k, v (B, Hkv, 1, D) written at slot cache_position[b] of row b; returns slots [0, length)."""
         keys, values = self.keys[layer], self.values[layer]

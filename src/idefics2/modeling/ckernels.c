@@ -435,3 +435,37 @@ int idefics2_attention(const void *q, const void *k, const void *v, const uint8_
     }
     return failed;
 }
+
+/* A decode step's rotary embedding and cache write, for one token per batch row: q_out (B, H, D) = rotate(q),
+   keys[b, h, slots[b]] = rotate(k[b, h]) and values[b, h, slots[b]] = v[b, h], with q (B, H, D), k and v
+   (B, Hkv, D) contiguous (the projections' outputs), cos and sin (B, D) with sin's first half negated (the
+   rotary table's), keys and values strided (batch, head, slot; D contiguous). rotate(x) = x * cos +
+   roll(x, D / 2) * sin, rounded as the float path rounds it: the first product to io_type, then the sum. */
+static void rotate_row(const void *x, int64_t at, const void *cos, const void *sin, int64_t row, int64_t D,
+                       void *out, int64_t out_at, int io_type) {
+    const int64_t half = D / 2;
+    for (int64_t d = 0; d < D; d++) {
+        const float value = read_io(x, at + d, io_type);
+        const float rolled = read_io(x, at + (d < half ? d + half : d - half), io_type);
+        float first = value * read_io(cos, row * D + d, io_type);
+        if (io_type == TYPE_BF16) first = bf16_to_f32(f32_to_bf16(first));
+        write_io(out, out_at + d, first + rolled * read_io(sin, row * D + d, io_type), io_type);
+    }
+}
+
+int idefics2_rope_store(const void *q, const void *k, const void *v, const void *cos, const void *sin,
+                        void *q_out, void *keys, void *values, const int64_t *slots, int64_t B, int64_t H,
+                        int64_t Hkv, int64_t D, int64_t key_batch, int64_t key_head, int64_t key_slot,
+                        int64_t value_batch, int64_t value_head, int64_t value_slot, int io_type) {
+    const int64_t size = io_type == TYPE_F32 ? 4 : 2;
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t h = 0; h < H; h++) rotate_row(q, (b * H + h) * D, cos, sin, b, D, q_out, (b * H + h) * D, io_type);
+        for (int64_t h = 0; h < Hkv; h++) {
+            rotate_row(k, (b * Hkv + h) * D, cos, sin, b, D, keys, b * key_batch + h * key_head + slots[b] * key_slot,
+                       io_type);
+            memcpy((char *)values + (b * value_batch + h * value_head + slots[b] * value_slot) * size,
+                   (const char *)v + (b * Hkv + h) * D * size, D * size);
+        }
+    }
+    return 0;
+}

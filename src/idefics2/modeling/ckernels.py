@@ -67,6 +67,7 @@ def library() -> ctypes.CDLL:
     lib.idefics2_gated.argtypes = [pointer] * 6 + [size] * 3 + [flag] * 4
     lib.idefics2_rms_norm.argtypes = [pointer] * 3 + [size] * 2 + [ctypes.c_float, flag]
     lib.idefics2_attention.argtypes = [pointer] * 5 + [size] * 12 + [ctypes.c_float, flag, flag]
+    lib.idefics2_rope_store.argtypes = [pointer] * 9 + [size] * 10 + [flag]
     return lib
 
 
@@ -174,3 +175,33 @@ def attention(
     if failed:
         raise MemoryError("C attention: out of memory for its score buffers")
     return out.transpose(1, 2)
+
+
+def rope_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+) -> torch.Tensor:
+    """A decode step's rotary embedding and cache write (one token per row): q (B, 1, H * D), k and v
+    (B, 1, Hkv * D) as the projections give them; cos and signed_sin (B, 1, D) (modeling.text.RotaryTable);
+    keys and values (B, Hkv, L, D) cache buffers whose row b takes its token at slots[b]. Writes the rotated
+    keys and the values there; returns the rotated queries (B, H, 1, D)."""
+    b, kv_heads, _, d = keys.shape
+    heads = q.shape[-1] // d
+    q, k, v, cos, signed_sin = (t.contiguous() for t in (q, k, v, cos, signed_sin))  # views: no copies
+    slots = slots.to(torch.int64)
+    slots = slots if slots.is_contiguous() else slots.contiguous()
+    if keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError("rope_store writes cache buffers whose last axis is contiguous")
+    out = q.new_empty((b, heads, 1, d))
+    library().idefics2_rope_store(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(),
+        keys.data_ptr(), values.data_ptr(), slots.data_ptr(), b, heads, kv_heads, d, *keys.stride()[:3],
+        *values.stride()[:3], _TYPES[q.dtype],
+    )  # fmt: skip
+    return out

@@ -67,6 +67,7 @@ OPS = {
     "attention": ("grouped", "c", "sdpa"),
     "rms_norm": ("c", "torch"),  # decode rows: our C kernel, or torch's ops
     "gated": ("c", "separate"),  # a decode step's act(gate(x)) * up(x): one C call, or three products
+    "rope": ("c", "torch"),  # a decode step's rotary embedding and cache write: one C call, or torch's ops
 }
 _forced: dict[str, bool | str] = {}
 
@@ -512,12 +513,14 @@ def _machine_base() -> str:
     isa = cpu["capability"] + (
         " onednn " + os.environ["ONEDNN_MAX_CPU_ISA"] if "ONEDNN_MAX_CPU_ISA" in os.environ else ""
     )
-    return f"{cpu['model']} | flags {flags} | {isa} | torch {torch.__version__}"
+    # our C kernels' source: choices made against another version of them are measured again
+    c_source = hashlib.sha1(ckernels.SOURCE.read_bytes()).hexdigest()[:12]
+    return f"{cpu['model']} | flags {flags} | {isa} | torch {torch.__version__} | c kernels {c_source}"
 
 
 def machine_key(threads: int | None = None) -> str:
-    """The key of this machine's choices: CPU model and flags, instruction sets in use, torch version and
-    thread count (a choice measured under other conditions is not reused)."""
+    """The key of this machine's choices: CPU model and flags, instruction sets in use, torch version, our C
+    kernels' source and thread count (a choice measured under other conditions is not reused)."""
     threads = torch.get_num_threads() if threads is None else threads
     return f"{_machine_base()} | {threads} threads"
 

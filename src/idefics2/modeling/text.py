@@ -7,6 +7,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from idefics2.config import Idefics2TextConfig
+from idefics2.modeling import ckernels, kernels
 from idefics2.modeling.attention import GatedMLP, Linear, RMSNorm, attention
 
 
@@ -127,15 +128,20 @@ class TextAttention(nn.Module):
         """mask: bool (B, 1, T, S), or None for plain causal attention over the T new tokens (written to slots
         [0, T) when there is a cache)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(
-                self.layer_idx, cache_position, k, v, t if mask is None else mask.shape[-1]
-            )
-            k, v = k.to(q.dtype), v.to(q.dtype)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        stored = self._c_rope_store(q, k, v, cos, sin, mask, kv_cache, cache_position)
+        if stored is not None:
+            q, k, v = stored
+        else:
+            q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            if kv_cache is not None:
+                k, v = kv_cache.update(
+                    self.layer_idx, cache_position, k, v, t if mask is None else mask.shape[-1]
+                )
+                k, v = k.to(q.dtype), v.to(q.dtype)
         out = attention(
             q,
             k,
@@ -147,6 +153,55 @@ class TextAttention(nn.Module):
             causal=True,
         )
         return self.o_proj(out)
+
+    def _c_rope_store(self, q, k, v, cos, sin, mask, kv_cache, cache_position):
+        """(rotated queries (B, H, 1, D), keys, values over the mask's slots) from one C call
+        (ckernels.rope_store) where a CPU decode step writes a row cache (kv_cache.row_buffers) and that
+        call is measured faster than torch's ops; else None."""
+        buffers = getattr(kv_cache, "row_buffers", None)
+        if (
+            buffers is None
+            or mask is None
+            or q.shape[1] != 1
+            or not q.is_cpu
+            or torch.is_grad_enabled()
+            or q.dtype not in ckernels.DTYPES
+            or cos.dtype != q.dtype
+            or not kernels.c_kernels()
+        ):
+            return None
+        keys, values = buffers(self.layer_idx)
+        if keys.dtype != q.dtype or values.dtype != q.dtype:
+            return None
+        shape = (q.dtype, self.num_heads, self.num_kv_heads, self.head_dim)
+        kernel = kernels.choose("rope", shape, q.shape[0], lambda: ["torch", "c"], self._rope_bench(q.dtype))
+        if kernel != "c":
+            return None
+        q = ckernels.rope_store(q, k, v, cos, sin, keys, values, cache_position)
+        return q, keys[:, :, : mask.shape[-1]], values[:, :, : mask.shape[-1]]
+
+    def _rope_bench(self, dtype: torch.dtype):
+        def make(rows: int):
+            generator = torch.Generator().manual_seed(0)
+            heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+            widths = (heads * d, kv_heads * d, kv_heads * d)
+            q, k, v = (torch.randn(rows, 1, n, generator=generator).to(dtype) for n in widths)
+            cos, sin = (torch.randn(rows, 1, d, generator=generator).to(dtype) for _ in range(2))
+            keys, values = (torch.zeros(rows, kv_heads, 64, d, dtype=dtype) for _ in range(2))
+            slots, index = torch.arange(rows) % 64, torch.arange(rows)
+
+            def run(kernel: str) -> torch.Tensor:
+                if kernel == "c":
+                    return ckernels.rope_store(q, k, v, cos, sin, keys, values, slots)
+                rotated_q = apply_rotary(q.view(rows, 1, heads, d).transpose(1, 2), cos, sin)
+                rotated_k = apply_rotary(k.view(rows, 1, kv_heads, d).transpose(1, 2), cos, sin)
+                keys[index, :, slots] = rotated_k[:, :, 0]
+                values[index, :, slots] = v.view(rows, kv_heads, d)
+                return rotated_q
+
+            return run
+
+        return make
 
 
 class DecoderLayer(nn.Module):

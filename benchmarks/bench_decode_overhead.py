@@ -1,4 +1,4 @@
-"""Where a decode step's time goes at batch 1: the weight matrix products against everything else.
+"""Where a decode step's time goes at batch 1: the weight matrix products, attention, and everything else.
 
 Builds our "mid" model (random weights, no transformers) in float32, bfloat16 and with the decoder in int8
 (and int4 with `--int4`), prefills a text prompt as long as the image prompt of bench.py (`--prompt-tokens`,
@@ -6,11 +6,13 @@ default 360: 5 x 64 image latents plus the text), then greedily decodes `--new-t
 
 - step time: the median time between tokens of a run without the profiler;
 - products: a second run under torch.profiler; the time of the weight matrix products (oneDNN's linear,
-  ATen's linear, the int8 / int4 weight-only kernels, counted once where one calls another) between the
-  first and the last token, per step;
+  ATen's linear, the int8 / int4 weight-only kernels, our C products, counted once where one calls another)
+  between the first and the last token, per step;
+- attention: in the same run, the decoder's attention over the cached keys and values (whichever kernel);
 - overhead share: 1 - products / step time, i.e. the share of the unprofiled step spent outside the
-  products (Python, casts, norms, rotary, attention, cache writes, sampling). The profiler's own cost per op
-  lands in the profiled step only, so it does not inflate this share.
+  products (Python, casts, norms, rotary, attention, cache writes, sampling); and the same without
+  attention, 1 - (products + attention) / step time: attention reads the cache, as the products read the
+  weights. The profiler's own cost per op lands in the profiled step only, so it does not inflate these.
 
 Models run in turns, `--repeats` times, so the machine's load spreads over all of them; medians are printed.
 
@@ -34,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_generation import MID_CONFIG  # noqa: E402
-from idefics2.modeling import ckernels  # noqa: E402
+from idefics2.modeling import ckernels, text  # noqa: E402
 
 # profiler names of the weight matrix products; an event inside another one of these is not counted again
 # (attention's own matmuls are not weight products: they call aten::matmul / bmm outside these)
@@ -46,6 +48,7 @@ PRODUCTS = {
     "idefics2::c",  # our C kernels (idefics2.modeling.ckernels), marked by a profiler range
 }
 C_MARK = "idefics2::c"
+ATTENTION_MARK = "idefics2::attention"
 TOKEN_MARK = "decode_overhead::token"
 
 
@@ -77,38 +80,40 @@ def step_times(model, input_ids: torch.Tensor, new_tokens: int, mark: bool = Fal
     return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
-def _marked(function):
-    """`function` inside a profiler range named C_MARK (ctypes calls are invisible to the profiler)."""
+def _marked(function, mark: str):
+    """`function` inside a profiler range named `mark` (ctypes calls are invisible to the profiler)."""
 
     def run(*args, **kwargs):
-        with record_function(C_MARK):
+        with record_function(mark):
             return function(*args, **kwargs)
 
     return run
 
 
-def product_time_per_step(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, Counter]:
-    """(seconds of weight products per decode step, seconds per step of every other op by name) from a
-    profiled generation, over the steps between the first and the last token."""
-    plain = ckernels.linear, ckernels.gated
-    ckernels.linear, ckernels.gated = map(_marked, plain)
+def product_time_per_step(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float, Counter]:
+    """(seconds of weight products per decode step, of attention, seconds per step of every other op by
+    name) from a profiled generation, over the steps between the first and the last token."""
+    plain = ckernels.linear, ckernels.gated, text.attention
+    ckernels.linear, ckernels.gated = (_marked(f, C_MARK) for f in plain[:2])
+    text.attention = _marked(plain[2], ATTENTION_MARK)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step_times(model, input_ids, new_tokens, mark=True)
     finally:
-        ckernels.linear, ckernels.gated = plain
+        ckernels.linear, ckernels.gated, text.attention = plain
     events = prof.events()
     marks = sorted(e.time_range.start for e in events if e.name == TOKEN_MARK)
     first, last = marks[0], marks[-1]
     steps = len(marks) - 1
-    products, others = 0.0, Counter()
+    products, attention, others = 0.0, 0.0, Counter()
+    counted = PRODUCTS | {ATTENTION_MARK}
     for event in events:
         start = event.time_range.start
         if not first <= start < last or event.name == TOKEN_MARK:
             continue
         parent, nested = event.cpu_parent, False
         while parent is not None:
-            if parent.name in PRODUCTS:
+            if parent.name in counted:
                 nested = True
                 break
             parent = parent.cpu_parent
@@ -116,9 +121,11 @@ def product_time_per_step(model, input_ids: torch.Tensor, new_tokens: int) -> tu
             continue
         if event.name in PRODUCTS:
             products += event.time_range.elapsed_us() / 1e6
+        elif event.name == ATTENTION_MARK:
+            attention += event.time_range.elapsed_us() / 1e6
         elif event.cpu_parent is None:  # top-level ops only: their children are inside their time
             others[event.name] += event.time_range.elapsed_us() / 1e6
-    return products / steps, Counter({k: v / steps for k, v in others.items()})
+    return products / steps, attention / steps, Counter({k: v / steps for k, v in others.items()})
 
 
 def main() -> None:
@@ -142,20 +149,21 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; mid config, batch 1, prompt "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
           f"medians of {args.repeats}")  # fmt: skip
-    rows: dict[str, list[tuple[float, float]]] = {mode: [] for mode in models}
+    rows: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode in models}
     others: dict[str, Counter] = {mode: Counter() for mode in models}
     for _ in range(args.repeats):
         for mode, model in models.items():
             step = statistics.median(step_times(model, input_ids, args.new_tokens))
-            products, rest = product_time_per_step(model, input_ids, args.new_tokens)
-            rows[mode].append((step, products))
+            products, attention, rest = product_time_per_step(model, input_ids, args.new_tokens)
+            rows[mode].append((step, products, attention))
             others[mode].update(rest)
-    print(f"{'mode':<10}{'step ms':>9}{'products ms':>13}{'other ms':>10}{'overhead share':>16}{'tok/s':>8}")
+    print(f"{'mode':<10}{'step ms':>9}{'products ms':>13}{'attention ms':>14}{'other ms':>10}"
+          f"{'outside products':>18}{'outside both':>14}{'tok/s':>8}")  # fmt: skip
     for mode, samples in rows.items():
-        step = statistics.median(s for s, _ in samples)
-        products = statistics.median(p for _, p in samples)
-        print(f"{mode:<10}{step * 1e3:9.2f}{products * 1e3:13.2f}{(step - products) * 1e3:10.2f}"
-              f"{max(0.0, 1 - products / step):16.1%}{1 / step:8.1f}")  # fmt: skip
+        step, products, attention = (statistics.median(s[i] for s in samples) for i in range(3))
+        print(f"{mode:<10}{step * 1e3:9.2f}{products * 1e3:13.2f}{attention * 1e3:14.2f}"
+              f"{(step - products - attention) * 1e3:10.2f}{max(0.0, 1 - products / step):18.1%}"
+              f"{max(0.0, 1 - (products + attention) / step):14.1%}{1 / step:8.1f}")  # fmt: skip
     for mode in models if args.top else ():
         print(f"\n{mode}: costliest other top-level ops, ms per step (profiled, so inflated)")
         for name, seconds in others[mode].most_common(args.top):

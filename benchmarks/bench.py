@@ -424,13 +424,16 @@ def goals(results: dict, summary: dict, device: torch.device) -> dict[str, tuple
             ratio = ours["decode_b16_tok_s"] / ours["decode_b1_tok_s"]
             out["batch 16 throughput >= 8x batch 1"] = (ratio, ratio >= 8)
         return out
+    # the CPU goals of the CPU-routes issue (2 threads)
     ratio = ours["decode_b1_tok_s"] / ref["decode_b1_tok_s"]
-    out["float32 decode >= 2.5x transformers"] = (ratio, ratio >= 2.5)
+    out["float32 decode b1 >= 1.4x transformers"] = (ratio, ratio >= 1.4)
     fraction = summary["decode_bandwidth_fraction"]["ours"]
-    out["float32 decode >= 60% of read bandwidth"] = (fraction, fraction >= 0.6)
+    out["float32 decode >= 70% of read bandwidth"] = (fraction, fraction >= 0.7)
     ratio = ref["prefill_s"] / ours["prefill_s"]
-    out["float32 prefill >= 2x transformers"] = (ratio, ratio >= 2)
+    out["float32 prefill >= 1.5x transformers"] = (ratio, ratio >= 1.5)
     if "bf16" in summary:
+        ratio = results["ours bf16"]["decode_b1_tok_s"] / ours["decode_b1_tok_s"]
+        out["bf16 decode b1 >= 1.7x our float32 (bf16 in hardware)"] = (ratio, ratio >= 1.7)
         speedup = summary["bf16"]["prefill_speedup_vs_float32"]
         out["bf16 prefill >= 1.5x our float32"] = (speedup, speedup >= 1.5)
     for mode, limit in (("int8", 0.3), ("int4", 0.17)):
@@ -438,10 +441,10 @@ def goals(results: dict, summary: dict, device: torch.device) -> dict[str, tuple
             continue
         quantized = results[f"ours {mode}"]
         if mode == "int8":
-            ratio = quantized["decode_b1_tok_s"] / ours["decode_b1_tok_s"]
-            out["int8 decode b1 >= 3x our float32"] = (ratio, ratio >= 3)
             ratio = quantized["decode_b1_tok_s"] / ref["decode_b1_tok_s"]
-            out["int8 decode b1 >= 4x transformers float32"] = (ratio, ratio >= 4)
+            out["int8 decode b1 >= 3x transformers float32"] = (ratio, ratio >= 3)
+            ratio = quantized["decode_b1_tok_s"] / ours["decode_b1_tok_s"]
+            out["int8 decode b1 >= 1.8x our float32"] = (ratio, ratio >= 1.8)
         ratio = ours["prefill_s"] / quantized["prefill_s"]
         out[f"{mode} prefill no slower than our float32 (ratio >= 1)"] = (ratio, ratio >= 1.0)
         ratio = summary["quantized"][mode]["decoder_linear_bytes_ratio"]

@@ -136,10 +136,10 @@ def test_every_instruction_set_builds_and_agrees(march):
     assert float(run.stdout.strip().splitlines()[-1]) <= 1e-2
 
 
-ROUTES = {"linear": "c", "int8": "c", "attention": "c", "rms_norm": "c", "gated": "c", "rope": "c"}
+ROUTES = dict.fromkeys(("linear", "int8", "int4", "attention", "rms_norm", "gated", "rope"), "c")
 
 
-@pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8", "int4"])
 def test_a_model_decodes_the_same_on_c_kernels(mode):
     """Greedy decoding of a tiny random model (two rows of different lengths): the same tokens with every
     decode op on our C kernels as on torch's."""
@@ -148,8 +148,8 @@ def test_a_model_decodes_the_same_on_c_kernels(mode):
     model = Idefics2ForConditionalGeneration(config).eval()
     if mode == "bfloat16":
         model = model.to(torch.bfloat16)
-    elif mode == "int8":
-        model = model.quantize("int8")
+    elif mode in ("int8", "int4"):
+        model = model.quantize(mode, group_size=32) if mode == "int4" else model.quantize(mode)
     ids = torch.randint(3, 32000, (2, 9))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding
@@ -164,8 +164,11 @@ def test_a_model_decodes_the_same_on_c_kernels(mode):
         made = kernels.choices()
     assert torch.equal(c_out, torch_out)
     chosen = {key[0] for key, (kernel, _) in made.items() if kernel == "c"}
-    # int8: the decoder's products (the language-model head included) are all int8 layers
-    want = {"attention", "rms_norm", "gated", "rope"} | ({"int8"} if mode == "int8" else {"linear"})
+    # int8 / int4: the decoder's products (the language-model head included) are all quantized layers, and
+    # only int8 ones go into the gated C call
+    want = {"attention", "rms_norm", "rope"} | ({mode} if mode in ("int8", "int4") else {"linear"})
+    if mode != "int4":
+        want.add("gated")
     assert want <= chosen, chosen
 
 
@@ -259,3 +262,23 @@ def test_rope_store_equals_rotary_then_cache_write(dtype):
     # compiler fused the product and the sum
     for got, want in ((got_q, want_q), (keys, want_keys)):
         assert rel_diff(got.double(), want.double()) <= (1e-6 if dtype == torch.float32 else 2**-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group_size", [32, 128])
+def test_int4_layers_on_the_c_kernel_equal_the_dequantized_product(dtype, group_size):
+    """The C int4 product reads the portable layout (the layer moves there from the device kernel's on its
+    first call) and equals the product with the dequantized weight; the layer's other routes still run."""
+    torch.manual_seed(0)
+    layer = QuantizedLinear.from_float(torch.randn(40, 256) * 0.02, torch.randn(40) * 0.1, 4, group_size)
+    layer = layer.to(dtype)
+    x = torch.randn(3, 256).to(dtype)
+    want = F.silu(x.double() @ layer.dequantized_weight(torch.float64).T + layer.bias.double())
+    with torch.no_grad():
+        got = layer.product_with("c", x, "silu")
+        assert layer.packing is None  # portable now
+        again = layer.product_with("kernel", x, "silu")  # the device kernel's choice falls back to dequantize
+    assert rel_diff(got.double(), want) <= TOLERANCE[dtype]
+    assert rel_diff(again.double(), want) <= 2e-2
+    state = layer.state_dict()  # still the portable form, saved and reloaded as before
+    assert state["qweight"].shape == (40, 128) and state["qweight"].dtype == torch.uint8

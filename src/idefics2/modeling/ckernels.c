@@ -134,6 +134,8 @@ static inline __attribute__((always_inline)) void dots(const float *xf, const ui
             }
         return;
     }
+#else
+    (void)xh; /* bfloat16 activations are widened by the caller */
 #endif
     vec acc[MAX_WROWS][MAX_XROWS];
     for (int r = 0; r < nr; r++)
@@ -467,5 +469,78 @@ int idefics2_rope_store(const void *q, const void *k, const void *v, const void 
                    (const char *)v + (b * Hkv + h) * D * size, D * size);
         }
     }
+    return 0;
+}
+
+/* ---- int4 weights: the portable layout, two values per byte (even column in the high nibble), value q - 8
+   times its group's float32 scale ----------------------------------------------------------------------- */
+
+/* the nibbles q of LANES bytes as floats: even columns, odd columns (the 8 subtracted per group, below) */
+#if defined(__AVX512F__)
+static inline void nibble_pairs(const uint8_t *p, vec *even, vec *odd) {
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p));
+    *even = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
+    *odd = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+static inline void nibble_pairs(const uint8_t *p, vec *even, vec *odd) {
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    *even = _mm256_cvtepi32_ps(_mm256_srli_epi32(bytes, 4));
+    *odd = _mm256_cvtepi32_ps(_mm256_and_si256(bytes, _mm256_set1_epi32(15)));
+}
+#else
+static inline void nibble_pairs(const uint8_t *p, vec *even, vec *odd) {
+    *even = (float)(*p >> 4);
+    *odd = (float)(*p & 15);
+}
+#endif
+
+/* y = act(x @ W^T + bias) for W (N, K) in int4 groups of G columns (G a multiple of 2 * LANES): w (N, K / 2)
+   bytes, scales (N, K / G) float32; x, y and bias in io_type */
+int idefics2_linear_int4(const void *x, const uint8_t *w, const float *scales, const void *bias, void *y,
+                         int64_t M, int64_t N, int64_t K, int64_t G, int io_type, int act, int threads) {
+    const int64_t half = K / 2, groups = K / G;
+    /* each activation row split into its even and odd columns, as float32, then 8 times the sums of each
+       group's columns, lane by lane: sum (q - 8) x = sum q x - 8 sum x */
+    float *split = (float *)malloc(sizeof(float) * M * (K + groups * LANES));
+    if (split == NULL) return 1;
+    float *eights = split + M * K;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t j = 0; j < half; j++) {
+            split[m * K + j] = read_io(x, m * K + 2 * j, io_type);
+            split[m * K + half + j] = read_io(x, m * K + 2 * j + 1, io_type);
+        }
+        for (int64_t g = 0; g < groups; g++)
+            for (int64_t l = 0; l < LANES; l++) {
+                float sum = 0.0f;
+                for (int64_t j = g * G / 2 + l; j < (g + 1) * G / 2; j += LANES)
+                    sum += split[m * K + j] + split[m * K + half + j];
+                eights[(m * groups + g) * LANES + l] = 8.0f * sum;
+            }
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = w + n * half;
+        for (int64_t m = 0; m < M; m++) {
+            const float *even = split + m * K, *odd = even + half;
+            vec total = vzero();
+            for (int64_t g = 0; g < groups; g++) {
+                vec acc = vzero();
+                for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += LANES) {
+                    if (m == 0) _mm_prefetch((const char *)row + 4 * half + j, _MM_HINT_T1);
+                    vec high, low;
+                    nibble_pairs(row + j, &high, &low);
+                    acc = vfma(high, vload(even + j), acc);
+                    acc = vfma(low, vload(odd + j), acc);
+                }
+                acc = acc - vload(eights + (m * groups + g) * LANES);
+                total = vfma(vset(scales[n * groups + g]), acc, total);
+            }
+            float v = vsum(total);
+            if (bias != NULL) v += read_io(bias, n, io_type);
+            write_io(y, m * N + n, activate(v, act), io_type);
+        }
+    }
+    free(split);
     return 0;
 }

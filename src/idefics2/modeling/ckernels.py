@@ -68,6 +68,7 @@ def library() -> ctypes.CDLL:
     lib.idefics2_rms_norm.argtypes = [pointer] * 3 + [size] * 2 + [ctypes.c_float, flag]
     lib.idefics2_attention.argtypes = [pointer] * 5 + [size] * 12 + [ctypes.c_float, flag, flag]
     lib.idefics2_rope_store.argtypes = [pointer] * 9 + [size] * 10 + [flag]
+    lib.idefics2_linear_int4.argtypes = [pointer] * 5 + [size] * 4 + [flag] * 3
     return lib
 
 
@@ -120,6 +121,33 @@ def linear(
         out.data_ptr(), x.numel() // k, n, k, _TYPES[x.dtype], _TYPES[weight.dtype], ACTIVATIONS[act],
         torch.get_num_threads(),
     )  # fmt: skip
+    return out
+
+
+INT4_GROUP_MULTIPLE = 32  # int4 groups whole vector steps of the widest build (2 x 16 columns)
+
+
+def linear_int4(
+    x: torch.Tensor,
+    nibbles: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    act: str | None = None,
+) -> torch.Tensor:
+    """act(x @ W.T + bias) for an int4 weight W (N, K) in the portable layout: nibbles (N, K / 2) uint8 (even
+    columns in the high nibble, value q - 8), scales (N, K / group_size) float32, group_size a multiple of
+    INT4_GROUP_MULTIPLE; x (..., K) float32 or bfloat16 -> (..., N) in x's dtype."""
+    n, k = nibbles.shape[0], nibbles.shape[1] * 2
+    x = x if x.is_contiguous() else x.contiguous()
+    out = x.new_empty((*x.shape[:-1], n))
+    failed = library().idefics2_linear_int4(
+        x.data_ptr(), _pointer(nibbles), _pointer(scales, torch.float32), _pointer(bias, x.dtype),
+        out.data_ptr(), x.numel() // k, n, k, group_size, _TYPES[x.dtype], ACTIVATIONS[act],
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("C int4 product: out of memory for its activation buffer")
     return out
 
 

@@ -62,7 +62,7 @@ OPS = {
     "linear": ("onednn_fused", "onednn", "c", "aten"),
     # torch's weight-only kernel, our C kernel, or dequantized
     "int8": ("kernel", "c", "dequantize_bfloat16", "dequantize"),
-    "int4": ("kernel", "dequantize_bfloat16", "dequantize"),
+    "int4": ("kernel", "c", "dequantize_bfloat16", "dequantize"),
     # decode attention: two grouped matmuls, our C kernel, or sdpa's kernel
     "attention": ("grouped", "c", "sdpa"),
     "rms_norm": ("c", "torch"),  # decode rows: our C kernel, or torch's ops

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import itertools
 import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("_standin", torch.full((1,), float("nan"), dtype=dtype, device=device), False)
         self.packing: str | None = None  # None: qweight is portable; else the kernel layout it is packed in
         self.kernel_scales: torch.Tensor | None = None  # the kernel's bfloat16 scales (and zeros), if any
+        self._c_scales: tuple[torch.Tensor, torch.Tensor] | None = None  # (scales, their float32 copy)
 
     # ---- construction ------------------------------------------------------------------------------------
 
@@ -322,24 +324,25 @@ class QuantizedLinear(nn.Module):
             has_kernel = self.packing is not None and kernels.int4_weight_layout(device) == self.packing
         low = device.type == "cpu" and dtype == torch.float32 and kernels.native_bfloat16()
         names = ["dequantize_bfloat16", "dequantize"] if low else ["dequantize"]
-        if (
-            self.bits == 8
-            and device.type == "cpu"
-            and dtype in (torch.float32, torch.bfloat16)
-            and rows <= ckernels.MAX_ROWS
-            and kernels.c_kernels()
-        ):
-            names.insert(0, "c")
+        if device.type == "cpu" and dtype in ckernels.DTYPES and rows <= ckernels.MAX_ROWS:
+            int4_fits = self.zeros is None and self.group_size % ckernels.INT4_GROUP_MULTIPLE == 0
+            if (self.bits == 8 or int4_fits) and kernels.c_kernels():
+                names.insert(0, "c")
         if has_kernel:
             names.insert(0 if rows <= kernels.QUANTIZED_KERNEL_MAX_ROWS[self.bits] else 1, "kernel")
         return names
 
     def product_with(self, kernel: str, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
         """act(x @ W.T + b) by the named kernel of `kernel_names`."""
-        if kernel == "c":  # int8 rows times float32 scales, bias and activation in one C call
+        if kernel == "c":  # int8 rows times float32 scales (int4: group scales), bias and activation
             fused = act if act in ckernels.ACTIVATIONS else None
-            out = ckernels.linear(x, self.qweight, self.scales, self.bias, fused)
+            if self.bits == 8:
+                out = ckernels.linear(x, self.qweight, self.scales, self.bias, fused)
+            else:
+                out = ckernels.linear_int4(x, *self._c_int4_operands(), self.group_size, self.bias, fused)
             return out if act is None or fused is not None else activation(act)(out)
+        if kernel == "kernel" and self.bits == 4 and self.packing is None:
+            kernel = "dequantize"  # the layer went to the C kernel's layout since this choice was made
         if kernel != "kernel":
             low = kernel == "dequantize_bfloat16"
             return self.dequantized_product(x, act, torch.bfloat16 if low else None)
@@ -348,12 +351,28 @@ class QuantizedLinear(nn.Module):
             out = out + self.bias.to(out.dtype)
         return out if act is None else activation(act)(out)
 
+    def _c_int4_operands(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(portable nibbles, float32 scales) for the C int4 kernel. The first call moves the weight from the
+        device kernel's layout to the portable one (the layer holds one layout: from then on its other routes
+        read that one) and keeps a float32 copy of the scales (1/16 of the weight's bytes at group 128)."""
+        if self.packing is not None:
+            self._unpack()
+        if self._c_scales is None or self._c_scales[0] is not self.scales:
+            self._c_scales = (self.scales, self.scales.float().contiguous())
+        return self.qweight, self._c_scales[1]
+
     def _bench(self, dtype: torch.dtype, rows: int):
         x = torch.randn(rows, self.in_features, generator=torch.Generator().manual_seed(0)).to(dtype)
         nbytes = sum(t.numel() * t.element_size() for t in (self.qweight, self.scales))
         copies = kernels.streaming_copies(nbytes, rows)
-        layers = itertools.cycle([self, *(copy.deepcopy(self) for _ in range(copies - 1))])
-        return lambda kernel: next(layers).product_with(kernel, x)
+        layers: dict[str, Iterator[QuantizedLinear]] = {}  # copies per kernel: the C one changes the layout
+
+        def run(kernel: str) -> torch.Tensor:
+            if kernel not in layers:
+                layers[kernel] = itertools.cycle([copy.deepcopy(self) for _ in range(copies)])
+            return next(layers[kernel]).product_with(kernel, x)
+
+        return run
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T on the device's int8 / int4 kernel (bfloat16 activations)."""

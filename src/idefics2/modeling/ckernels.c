@@ -216,6 +216,110 @@ static void product_rows(const float *xf, const uint16_t *xh, const void *w, con
     }
 }
 
+/* ---- int8 weights against 16-bit activations: integer multiply-adds -------------------------------------
+   Widening every int8 weight to float costs three instructions per vector; multiplying 16-bit integers costs
+   one (VNNI's vpdpwssd, or vpmaddwd + vpaddd) per two vectors' worth. Each activation row is quantized to
+   16 bits per block of QBLOCK columns (its own scale: max |x| / 32767, so an outlier costs precision in its
+   block only, at most 2^-16 of the block's largest value); a block's integer sums (at most QBLOCK / 2 pairs
+   of 32767 x 127 each: no overflow) are scaled to float32 and summed. Columns past the last whole vector
+   are summed in float32. */
+#define QBLOCK 256
+#if defined(__AVX512BW__)
+#define INT16_DOTS 1
+#define QLANES 32 /* int16 activations per step */
+static inline __m512i madd_step(__m512i acc, const int8_t *w, const int16_t *x) {
+    const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w));
+    const __m512i xv = _mm512_loadu_si512(x);
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, wide, xv);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(wide, xv));
+#endif
+}
+static inline vec int_to_vec(__m512i v) { return _mm512_cvtepi32_ps(v); }
+typedef __m512i ivec;
+static inline ivec izero(void) { return _mm512_setzero_si512(); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define INT16_DOTS 1
+#define QLANES 16
+static inline __m256i madd_step(__m256i acc, const int8_t *w, const int16_t *x) {
+    const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
+#if defined(__AVXVNNI__)
+    return _mm256_dpwssd_avx_epi32(acc, wide, xv);
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(wide, xv));
+#endif
+}
+static inline vec int_to_vec(__m256i v) { return _mm256_cvtepi32_ps(v); }
+typedef __m256i ivec;
+static inline ivec izero(void) { return _mm256_setzero_si256(); }
+#endif
+
+#if defined(INT16_DOTS)
+/* x16 (K) and block scales xs (K / QBLOCK rounded up) of one float32 row */
+static void quantize_row(const float *x, int64_t K, int16_t *x16, float *xs) {
+    for (int64_t b0 = 0; b0 < K; b0 += QBLOCK) {
+        const int64_t b1 = b0 + QBLOCK < K ? b0 + QBLOCK : K;
+        float largest = 0.0f;
+        for (int64_t k = b0; k < b1; k++) largest = fabsf(x[k]) > largest ? fabsf(x[k]) : largest;
+        const float step = largest > 0.0f ? largest / 32767.0f : 1.0f;
+        xs[b0 / QBLOCK] = step;
+        for (int64_t k = b0; k < b1; k++) x16[k] = (int16_t)lrintf(x[k] / step);
+    }
+}
+
+/* x . row for an int8 row: the whole vectors from the quantized row, the rest from the float one */
+static inline float int8_row_dot(const float *xf, const int16_t *x16, const float *xs, const int8_t *row,
+                                 int64_t K) {
+    const int64_t whole = K / QLANES * QLANES;
+    vec total = vzero();
+    for (int64_t b0 = 0; b0 < whole; b0 += QBLOCK) {
+        const int64_t b1 = b0 + QBLOCK < whole ? b0 + QBLOCK : whole;
+        ivec acc = izero();
+        for (int64_t k = b0; k < b1; k += QLANES) acc = madd_step(acc, row + k, x16 + k);
+        total = vfma(int_to_vec(acc), vset(xs[b0 / QBLOCK]), total);
+    }
+    float sum = vsum(total);
+    for (int64_t k = whole; k < K; k++) sum += xf[k] * (float)row[k];
+    return sum;
+}
+
+/* `product` for int8 weights (and a gated pair of them) on the integer multiply-adds */
+static int int8_product(const float *xf, const int8_t *w, const float *scales, const int8_t *w2,
+                        const float *scales2, const void *bias, void *y, int64_t M, int64_t N, int64_t K,
+                        int io_type, int act, int threads) {
+    const int64_t blocks = (K + QBLOCK - 1) / QBLOCK;
+    int16_t *x16 = (int16_t *)malloc(sizeof(int16_t) * M * K);
+    float *xs = (float *)malloc(sizeof(float) * M * blocks);
+    if (x16 == NULL || xs == NULL) {
+        free(x16);
+        free(xs);
+        return 1;
+    }
+    for (int64_t m = 0; m < M; m++) quantize_row(xf + m * K, K, x16 + m * K, xs + m * blocks);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const int8_t *row = w + n * K, *row2 = w2 != NULL ? w2 + n * K : NULL;
+        for (int64_t j = 0; j < K; j += 64) { /* rows 8 on: short rows end before the prefetcher catches up */
+            _mm_prefetch((const char *)(row + 8 * K + j), _MM_HINT_T1);
+            if (row2 != NULL) _mm_prefetch((const char *)(row2 + 8 * K + j), _MM_HINT_T1);
+        }
+        for (int64_t m = 0; m < M; m++) {
+            const float *xrow = xf + m * K;
+            float v = int8_row_dot(xrow, x16 + m * K, xs + m * blocks, row, K) * scales[n];
+            if (bias != NULL) v += read_io(bias, n, io_type);
+            v = activate(v, act);
+            if (row2 != NULL) v *= int8_row_dot(xrow, x16 + m * K, xs + m * blocks, row2, K) * scales2[n];
+            write_io(y, m * N + n, v, io_type);
+        }
+    }
+    free(x16);
+    free(xs);
+    return 0;
+}
+#endif
+
 static int product(const void *x, const void *w, const float *scales, const void *w2, const float *scales2,
                    const void *bias, void *y, int64_t M, int64_t N, int64_t K, int io_type, int w_type, int act,
                    int threads) {
@@ -233,6 +337,14 @@ static int product(const void *x, const void *w, const float *scales, const void
             for (int64_t i = 0; i < M * K; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
         }
     }
+#if defined(INT16_DOTS)
+    if (w_type == TYPE_I8) {
+        const int failed = int8_product(xf, (const int8_t *)w, scales, (const int8_t *)w2, scales2, bias, y, M, N,
+                                        K, io_type, act, threads);
+        if (xf != (const float *)x) free(xf);
+        return failed;
+    }
+#endif
     const int64_t block = 4;
     int64_t blocks = (N + block - 1) / block;
 #pragma omp parallel for num_threads(threads) schedule(static)

@@ -609,6 +609,33 @@ static inline void nibble_pairs(const uint8_t *p, vec *even, vec *odd) {
 
 /* y = act(x @ W^T + bias) for W (N, K) in int4 groups of G columns (G a multiple of 2 * LANES): w (N, K / 2)
    bytes, scales (N, K / G) float32; x, y and bias in io_type */
+#if defined(INT16_DOTS)
+/* the nibbles of QLANES bytes as two int16 vectors (even columns: high nibbles; odd: low), multiplied with
+   the matching 16-bit activations and added pairwise into acc_even / acc_odd */
+#if defined(__AVX512BW__)
+static inline void nibble_madd(const uint8_t *p, const int16_t *xe, const int16_t *xo, ivec *acc_even,
+                               ivec *acc_odd) {
+    const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
+    const __m512i high = _mm512_srli_epi16(bytes, 4), low = _mm512_and_si512(bytes, _mm512_set1_epi16(15));
+#if defined(__AVX512VNNI__)
+    *acc_even = _mm512_dpwssd_epi32(*acc_even, high, _mm512_loadu_si512(xe));
+    *acc_odd = _mm512_dpwssd_epi32(*acc_odd, low, _mm512_loadu_si512(xo));
+#else
+    *acc_even = _mm512_add_epi32(*acc_even, _mm512_madd_epi16(high, _mm512_loadu_si512(xe)));
+    *acc_odd = _mm512_add_epi32(*acc_odd, _mm512_madd_epi16(low, _mm512_loadu_si512(xo)));
+#endif
+}
+#else
+static inline void nibble_madd(const uint8_t *p, const int16_t *xe, const int16_t *xo, ivec *acc_even,
+                               ivec *acc_odd) {
+    const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
+    const __m256i high = _mm256_srli_epi16(bytes, 4), low = _mm256_and_si256(bytes, _mm256_set1_epi16(15));
+    *acc_even = _mm256_add_epi32(*acc_even, _mm256_madd_epi16(high, _mm256_loadu_si256((const __m256i *)xe)));
+    *acc_odd = _mm256_add_epi32(*acc_odd, _mm256_madd_epi16(low, _mm256_loadu_si256((const __m256i *)xo)));
+}
+#endif
+#endif
+
 int idefics2_linear_int4(const void *x, const uint8_t *w, const float *scales, const void *bias, void *y,
                          int64_t M, int64_t N, int64_t K, int64_t G, int io_type, int act, int threads) {
     const int64_t half = K / 2, groups = K / G;
@@ -630,6 +657,54 @@ int idefics2_linear_int4(const void *x, const uint8_t *w, const float *scales, c
                 eights[(m * groups + g) * LANES + l] = 8.0f * sum;
             }
     }
+#if defined(INT16_DOTS)
+    /* the split rows rounded to 16 bits, one scale per group and half (G / 2 columns each, a multiple of
+       QLANES: the caller's group sizes are multiples of 32 = 2 x 16); the offsets above stay in float32 */
+    int16_t *x16 = (int16_t *)malloc(sizeof(int16_t) * M * K);
+    float *xs = (float *)malloc(sizeof(float) * M * 2 * groups);
+    const int whole = (G / 2) % QLANES == 0;
+    if (whole && x16 != NULL && xs != NULL) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t part = 0; part < 2; part++)
+                for (int64_t g = 0; g < groups; g++) {
+                    const float *from = split + m * K + part * half + g * G / 2;
+                    int16_t *to = x16 + m * K + part * half + g * G / 2;
+                    float largest = 0.0f;
+                    for (int64_t j = 0; j < G / 2; j++) largest = fabsf(from[j]) > largest ? fabsf(from[j]) : largest;
+                    const float step = largest > 0.0f ? largest / 32767.0f : 1.0f;
+                    xs[(m * 2 + part) * groups + g] = step;
+                    for (int64_t j = 0; j < G / 2; j++) to[j] = (int16_t)lrintf(from[j] / step);
+                }
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            const uint8_t *row = w + n * half;
+            for (int64_t j = 0; j < half; j += 64) _mm_prefetch((const char *)row + 8 * half + j, _MM_HINT_T1);
+            for (int64_t m = 0; m < M; m++) {
+                const int16_t *even = x16 + m * K, *odd = even + half;
+                const float *steps = xs + m * 2 * groups;
+                vec total = vzero();
+                for (int64_t g = 0; g < groups; g++) {
+                    ivec acc_even = izero(), acc_odd = izero();
+                    for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += QLANES)
+                        nibble_madd(row + j, even + j, odd + j, &acc_even, &acc_odd);
+                    vec sums = vfma(int_to_vec(acc_even), vset(steps[g]), vzero());
+                    sums = vfma(int_to_vec(acc_odd), vset(steps[groups + g]), sums);
+                    sums = sums - vload(eights + (m * groups + g) * LANES);
+                    total = vfma(vset(scales[n * groups + g]), sums, total);
+                }
+                float v = vsum(total);
+                if (bias != NULL) v += read_io(bias, n, io_type);
+                write_io(y, m * N + n, activate(v, act), io_type);
+            }
+        }
+        free(x16);
+        free(xs);
+        free(split);
+        return 0;
+    }
+    free(x16);
+    free(xs);
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * half;

@@ -48,6 +48,7 @@ BITS = (8, 4)
 WORKSPACE_BYTES = 64 * 2**20  # the dequantize route works on slices of rows that fit in this many bytes
 _PAD_ROWS = 64  # packed int4 weights have their rows padded to a multiple of this (the kernels' blocks)
 _workspaces = threading.local()
+_layout_lock = threading.Lock()  # held while a layer's int4 weight moves to the C kernels' layout
 
 
 def workspace(numel: int, dtype: torch.dtype, device: torch.device, use: str = "weight") -> torch.Tensor:
@@ -356,7 +357,8 @@ class QuantizedLinear(nn.Module):
         device kernel's layout to the portable one (the layer holds one layout: from then on its other routes
         read that one) and keeps a float32 copy of the scales (1/16 of the weight's bytes at group 128)."""
         if self.packing is not None:
-            self._unpack()
+            with _layout_lock:  # another thread's first call may be moving it too
+                self._unpack()
         if self._c_scales is None or self._c_scales[0] is not self.scales:
             self._c_scales = (self.scales, self.scales.float().contiguous())
         return self.qweight, self._c_scales[1]

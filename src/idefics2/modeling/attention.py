@@ -292,13 +292,13 @@ def linear_kernels(dtype: torch.dtype, act: str | None, rows: int = 1) -> list[s
     """The CPU kernels of `linear` whose probes pass for this dtype and activation, preferred first, for
     products of `rows` rows (our C kernel only for decode steps: up to ckernels.MAX_ROWS rows)."""
     names = ["aten"]
-    if dtype in (torch.float32, torch.bfloat16) and rows <= ckernels.MAX_ROWS and kernels.c_kernels():
-        names.insert(0, "c")
     if kernels.onednn_linear(dtype):
         names.insert(0, "onednn")
         post_op, algorithm = _FUSABLE.get(act, ("none", ""))
         if post_op != "none" and kernels.onednn_linear(dtype, post_op, algorithm):
             names.insert(0, "onednn_fused")
+    if dtype in ckernels.DTYPES and rows <= ckernels.MAX_ROWS and kernels.c_kernels():
+        names.append("c")  # raced when measuring; torch's kernels preferred where nothing is measured
     return names
 
 

@@ -328,7 +328,7 @@ class QuantizedLinear(nn.Module):
         if device.type == "cpu" and dtype in ckernels.DTYPES and rows <= ckernels.MAX_ROWS:
             int4_fits = self.zeros is None and self.group_size % ckernels.INT4_GROUP_MULTIPLE == 0
             if (self.bits == 8 or int4_fits) and kernels.c_kernels():
-                names.insert(0, "c")
+                names.append("c")  # raced when measuring; torch's routes preferred where nothing is measured
         if has_kernel:
             names.insert(0 if rows <= kernels.QUANTIZED_KERNEL_MAX_ROWS[self.bits] else 1, "kernel")
         return names

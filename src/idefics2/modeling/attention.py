@@ -317,46 +317,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.requires_grad
-            and not self.weight.requires_grad
-            and x.dtype == self.weight.dtype == torch.float32
-            and torch.is_grad_enabled()
-            and not torch.is_autocast_enabled(x.device.type)
-        ):
-            return _FrozenRMSNorm.apply(x, self.weight, self.eps)
         # F.rms_norm: x * rsqrt(mean(x^2) + eps) as one fused kernel on CUDA (a decode step of the 8b
         # shapes on an H100: 8.29 ms instead of 8.69 ms with the five separate operations)
         dtype = x.dtype
         normed = F.rms_norm(x.to(torch.promote_types(dtype, torch.float32)), (x.shape[-1],), eps=self.eps)
         return self.weight * normed.to(dtype)
-
-
-_FUSED_RMS_NORM = getattr(torch.ops.aten, "_fused_rms_norm", None)  # one kernel with its rstd: torch >= 2.8
-
-
-class _FrozenRMSNorm(torch.autograd.Function):
-    """RMSNorm of a float32 input with a frozen weight (LoRA training): the backward pass makes the input's
-    gradient in four passes over it, where autograd through F.rms_norm's pieces takes about ten (on a Zen 4,
-    1,083 x 1,024, two threads: 1.0 ms forward and backward instead of 2.1 ms)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if _FUSED_RMS_NORM is not None:
-            out, rstd = _FUSED_RMS_NORM(x, [x.shape[-1]], weight, eps)  # rstd (..., 1)
-        else:
-            rstd = torch.rsqrt(x.square().mean(dim=-1, keepdim=True).add_(eps))
-            out = x * rstd * weight
-        ctx.save_for_backward(x, weight, rstd)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        # y = w * x * r with r = (mean(x^2) + eps)^-1/2: dx = r * (g * w) - x * r^3 * mean(g * w * x)
-        x, weight, rstd = ctx.saved_tensors
-        scaled = grad * weight
-        dot = torch.linalg.vecdot(scaled, x)[..., None]  # (..., 1)
-        return scaled.mul_(rstd).addcmul_(x, dot.mul_(rstd.pow(3)).div_(-x.shape[-1])), None, None
 
 
 def activation(name: str):

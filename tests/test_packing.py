@@ -139,3 +139,62 @@ def test_cli_packing_of_parquet_rows(tmp_path, capsys):
     ]
     assert main([str(a) for a in argv]) == 0
     assert "packed 3 examples into" in capsys.readouterr().err
+
+
+def test_real_tokens_form_one_sequence_per_row_or_segment():
+    model = fresh_model()
+    layout = model.model._unpadded_layout
+    wanted = torch.ones(2, 6, dtype=torch.bool)
+    right, left = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]]), torch.tensor([[0, 0, 1, 1, 1, 1]])
+    assert layout(right, None, None, wanted & right.bool())[1] == [4, 6]
+    assert layout(left, None, None, left.bool())[1] == [4]
+    packed = torch.tensor([[1, 1, 2, 2, 2, 0], [1, 1, 1, 0, 0, 0]])
+    real, lengths = layout(None, packed, None, packed > 0)
+    assert lengths == [2, 3, 3] and torch.equal(real, packed > 0)
+    assert (
+        layout(None, torch.tensor([[1, 1, 2, 1]]), None, torch.ones(1, 4, dtype=torch.bool)) is None
+    )  # split
+    assert layout(right, None, None, wanted) is None  # hidden states wanted at padding
+    assert layout(torch.ones(2, 6, dtype=torch.long), None, None, wanted) is None  # no padding
+
+
+def test_logits_at_learned_positions_equal_the_full_forward(tiny_processor):  # noqa: F811
+    """logits_at runs the real tokens alone (no padding, one causal sequence per row or packed segment), the
+    last layer only at the kept positions: the same logits, and gradients, as the full padded forward."""
+    collator = ChatCollator(tiny_processor)
+    data = ChatDataset(color_examples(), collator)
+    packed = PackedDataset(data, capacity=2 * max(len(e.input_ids) for e in data.examples))
+    model = fresh_model()
+    add_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    mark_only_lora_trainable(model)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.1)
+    right = collator([data[i] for i in range(4)])
+    left = {**right}
+    for key in ("input_ids", "attention_mask", "labels"):  # the same rows, padding moved to the left
+        left[key] = torch.stack(
+            [
+                row.roll(int((row_mask == 0).sum()))
+                for row, row_mask in zip(right[key], right["attention_mask"], strict=True)
+            ]
+        )
+    for batch in (right, left, collator([packed[i] for i in range(len(packed))])):
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        at = batch["labels"] != -100
+        assert bool((batch["attention_mask"] == 0).any())  # padding to leave out
+        results = []
+        for logits_at in (at, None):
+            model.zero_grad()
+            logits = model(**inputs, logits_at=logits_at).logits
+            logits = logits if logits_at is not None else logits[at]
+            (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+            grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((logits.detach(), grads))
+        (fast, fast_grads), (full, full_grads) = results
+        torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+        assert fast_grads.keys() == full_grads.keys() and fast_grads
+        for name, grad in full_grads.items():
+            scale = float(grad.abs().max())
+            torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-6 * scale, msg=name)

@@ -171,9 +171,12 @@ class Idefics2Model(nn.Module):
         kv_cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        hidden_at: torch.Tensor | None = None,
     ) -> Idefics2ModelOutput:
         """`segment_ids` (B, T) int: rows that pack several examples (training). A token attends only to the
-        earlier tokens of its own segment, positions restart at 0 in each segment, and 0 marks padding."""
+        earlier tokens of its own segment, positions restart at 0 in each segment, and 0 marks padding.
+        `hidden_at` bool (B, T): the last hidden state only at its True positions, (N, hidden) in row-major
+        order (the last decoder layer computes only there, but for its keys and values)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and image_hidden_states is not None:
@@ -195,8 +198,71 @@ class Idefics2Model(nn.Module):
             mask, position_ids, cache_position = self._decoder_inputs(
                 attention_mask, position_ids, kv_cache, cache_position, b, t, inputs_embeds.device
             )
-        hidden = self.text_model(inputs_embeds, position_ids, mask, kv_cache, cache_position)
+        if hidden_at is not None:
+            if hidden_at.shape != (b, t):
+                raise ValueError(
+                    f"hidden_at shape {tuple(hidden_at.shape)} does not match the input's {(b, t)}"
+                )
+            hidden_at = hidden_at.to(device=inputs_embeds.device, dtype=torch.bool)
+        unpadded = (
+            None
+            if hidden_at is None
+            else self._unpadded_layout(attention_mask, segment_ids, kv_cache, hidden_at)
+        )
+        if unpadded is None:
+            hidden = self.text_model(inputs_embeds, position_ids, mask, kv_cache, cache_position, hidden_at)
+            return Idefics2ModelOutput(hidden, image_hidden_states)
+        # only some positions' hidden states are wanted, none at padding: the real tokens alone run, end to
+        # end in one row, each sequence attending causally to itself (no mask: sdpa skips the later keys)
+        real, segments = unpadded
+        hidden = self.text_model(
+            inputs_embeds[real][None],
+            position_ids[real][None],
+            None,
+            keep=hidden_at[real][None],
+            segments=segments,
+        )
         return Idefics2ModelOutput(hidden, image_hidden_states)
+
+    def _unpadded_layout(
+        self,
+        attention_mask: torch.Tensor | None,
+        segment_ids: torch.Tensor | None,
+        kv_cache: KVCache | None,
+        hidden_at: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[int]] | None:
+        """For hidden states wanted at `hidden_at` alone: bool (B, T) marking the real tokens, and the lengths
+        of the sequences they form in row-major order (one per row, or per packed segment), to run them
+        without the padding. None where the rows run as they are: a KV cache, no padding, a segment split in
+        two, a sequence longer than the sliding window, or hidden states wanted at padding."""
+        if kv_cache is not None:
+            return None
+        device = self.text_model.embed_tokens.weight.device
+        if segment_ids is not None:
+            segments = segment_ids.to(device)
+            real = segments > 0
+            starts = real.clone()
+            starts[:, 1:] &= segments[:, 1:] != segments[:, :-1]
+            # each segment one run of tokens: as many runs as (row, segment) pairs
+            rows = torch.arange(segments.shape[0], device=device)[:, None]
+            row_segments = rows * (int(segments.max()) + 1) + segments
+            if int(starts.sum()) != row_segments[real].unique().numel():
+                return None
+            run = starts[real].cumsum(0) - 1  # (N,) the sequence of each real token
+            lengths = torch.bincount(run).tolist()
+        elif attention_mask is None:
+            return None
+        else:
+            real = attention_mask.to(device).bool()
+            if bool(real.all()):
+                return None
+            lengths = [n for n in real.sum(dim=1).tolist() if n]
+        window = self.config.text_config.sliding_window
+        if not lengths or (window is not None and max(lengths) > window):
+            return None
+        if bool((hidden_at & ~real).any()):
+            return None
+        return real, lengths
 
     def embed_inputs(
         self, input_ids: torch.Tensor, image_hidden_states: torch.Tensor | None = None
@@ -541,6 +607,12 @@ class Idefics2ForConditionalGeneration(nn.Module):
             raise ValueError(
                 "logits_at picks the positions itself: do not combine it with labels or logits_to_keep"
             )
+        tokens = input_ids if input_ids is not None else inputs_embeds
+        if logits_at is not None and tokens is not None and logits_at.shape != tokens.shape[:2]:
+            raise ValueError(
+                f"logits_at shape {tuple(logits_at.shape)} does not match the input's "
+                f"{tuple(tokens.shape[:2])}"
+            )
         out = self.model(
             input_ids,
             attention_mask,
@@ -552,8 +624,9 @@ class Idefics2ForConditionalGeneration(nn.Module):
             kv_cache=kv_cache,
             cache_position=cache_position,
             segment_ids=segment_ids,
+            hidden_at=logits_at,
         )
-        hidden = out.last_hidden_state
+        hidden = out.last_hidden_state  # (B, T, hidden), or (N, hidden) at logits_at
         if logits_to_keep < 0:
             raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
         if logits_to_keep:
@@ -562,13 +635,6 @@ class Idefics2ForConditionalGeneration(nn.Module):
                     "labels need the logits of every position; do not combine them with logits_to_keep"
                 )
             hidden = hidden[:, -logits_to_keep:]
-        if logits_at is not None:
-            if logits_at.shape != hidden.shape[:2]:
-                raise ValueError(
-                    f"logits_at shape {tuple(logits_at.shape)} does not match the input's "
-                    f"{tuple(hidden.shape[:2])}"
-                )
-            hidden = hidden[logits_at.to(device=hidden.device, dtype=torch.bool)]  # (N, hidden)
         if head is not None:
             if hidden.dim() == 3:
                 hidden = hidden.reshape(-1, hidden.shape[-1])

@@ -124,9 +124,13 @@ class TextAttention(nn.Module):
         mask: torch.Tensor | None,
         kv_cache: KVCache | None,
         cache_position: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        segments: list[int] | None = None,
     ) -> torch.Tensor:
         """mask: bool (B, 1, T, S), or None for plain causal attention over the T new tokens (written to slots
-        [0, T) when there is a cache)."""
+        [0, T) when there is a cache). keep: bool (B, T), the output only at its True positions (N, dim).
+        segments: the lengths of the sequences that one row (B = 1, no cache, no mask) holds end to end,
+        each attending causally to itself only."""
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         stored = self._c_rope_store(q, k, v, cos, sin, mask, kv_cache, cache_position)
@@ -142,17 +146,25 @@ class TextAttention(nn.Module):
                     self.layer_idx, cache_position, k, v, t if mask is None else mask.shape[-1]
                 )
                 k, v = k.to(q.dtype), v.to(q.dtype)
-        out = attention(
-            q,
-            k,
-            v,
-            mask,
-            scale=self.head_dim**-0.5,
-            impl=self.attn_implementation,
-            dropout=self.dropout if self.training else 0.0,
-            causal=True,
-        )
-        return self.o_proj(out)
+        if segments is None:
+            parts = [(q, k, v)]
+        else:  # one row of sequences end to end, each attending to itself
+            parts = zip(*(tensor.split(segments, dim=2) for tensor in (q, k, v)), strict=True)
+        outs = [
+            attention(
+                part_q,
+                part_k,
+                part_v,
+                mask,
+                scale=self.head_dim**-0.5,
+                impl=self.attn_implementation,
+                dropout=self.dropout if self.training else 0.0,
+                causal=True,
+            )
+            for part_q, part_k, part_v in parts
+        ]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # (B, T, heads * head_dim)
+        return self.o_proj(out if keep is None else out[keep])
 
     def _c_rope_store(self, q, k, v, cos, sin, mask, kv_cache, cache_position):
         """(rotated queries (B, H, 1, D), keys, values over the mask's slots) from one C call
@@ -214,8 +226,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask, kv_cache, cache_position) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position)
+    def forward(self, x, cos, sin, mask, kv_cache, cache_position, keep=None, segments=None) -> torch.Tensor:
+        """x (B, T, dim) -> (B, T, dim), or (N, dim) at the N True positions of `keep` (B, T): the keys and
+        values of every position, the rest of the layer only where kept. `segments`: see TextAttention."""
+        attended = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position, keep, segments
+        )
+        x = (x if keep is None else x[keep]) + attended
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -239,15 +256,32 @@ class MistralDecoder(nn.Module):
         mask: torch.Tensor | None,
         kv_cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
+        keep: torch.Tensor | None = None,
+        segments: list[int] | None = None,
     ) -> torch.Tensor:
-        """inputs_embeds (B, T, dim), position_ids (B, T), mask (B, 1, T, S) or None -> hidden (B, T, dim)."""
+        """inputs_embeds (B, T, dim), position_ids (B, T), mask (B, 1, T, S) or None -> hidden (B, T, dim), or
+        (N, dim) at the N True positions of `keep` (B, T) in row-major order: the last layer then computes
+        only there (its attention's keys and values excepted), as training needs at its learned positions.
+        `segments`: the lengths of the sequences held end to end by one row (B = 1, no mask, no cache), each
+        attending causally to itself only (padding removed, or examples packed)."""
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         x = inputs_embeds
-        for layer in self.layers:
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            layer_keep = keep if i == last else None
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
-                    layer, x, cos, sin, mask, kv_cache, cache_position, use_reentrant=False
+                    layer,
+                    x,
+                    cos,
+                    sin,
+                    mask,
+                    kv_cache,
+                    cache_position,
+                    layer_keep,
+                    segments,
+                    use_reentrant=False,
                 )
             else:
-                x = layer(x, cos, sin, mask, kv_cache, cache_position)
+                x = layer(x, cos, sin, mask, kv_cache, cache_position, layer_keep, segments)
         return self.norm(x)

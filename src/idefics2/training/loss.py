@@ -42,8 +42,9 @@ def target_logprobs(
     summed: bool = False,
 ) -> torch.Tensor:
     """(N,) log-softmax of lm_head(hidden) (N, vocab) at targets (N,), in float32 or wider, computed
-    `chunk_rows` positions at a time (default: about CHUNK_ELEMENTS logits per chunk); with `summed`, their
-    sum (a scalar): then every gradient, a trained head's included, is made in the forward pass.
+    `chunk_rows` positions at a time (default: equal chunks of at most CHUNK_ELEMENTS logits each, so that no
+    short last chunk reads the whole head's weight for a few rows); with `summed`, their sum (a scalar): then
+    every gradient, a trained head's included, is made in the forward pass.
 
     Under autocast the products run in the autocast dtype, as lm_head(hidden) would. `lm_head` is a linear
     layer (nn.Linear or QuantizedLinear), with or without a LoRA adapter; it is read, not called.
@@ -55,7 +56,9 @@ def target_logprobs(
     operands = head_operands(hidden, lm_head)
     vocab = operands[1].shape[0]
     if chunk_rows is None:
-        chunk_rows = max(1, CHUNK_ELEMENTS // vocab)
+        most = max(1, CHUNK_ELEMENTS // vocab)
+        chunks = max(1, -(-hidden.shape[0] // most))
+        chunk_rows = -(-hidden.shape[0] // chunks) or 1
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
     device_type = hidden.device.type

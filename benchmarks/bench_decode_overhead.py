@@ -93,14 +93,14 @@ def _marked(function, mark: str):
 def product_time_per_step(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float, Counter]:
     """(seconds of weight products per decode step, of attention, seconds per step of every other op by
     name) from a profiled generation, over the steps between the first and the last token."""
-    plain = ckernels.linear, ckernels.gated, text.attention
-    ckernels.linear, ckernels.gated = (_marked(f, C_MARK) for f in plain[:2])
-    text.attention = _marked(plain[2], ATTENTION_MARK)
+    plain = ckernels.linear, ckernels.linear_int4, ckernels.gated, text.attention
+    ckernels.linear, ckernels.linear_int4, ckernels.gated = (_marked(f, C_MARK) for f in plain[:3])
+    text.attention = _marked(plain[3], ATTENTION_MARK)
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step_times(model, input_ids, new_tokens, mark=True)
     finally:
-        ckernels.linear, ckernels.gated, text.attention = plain
+        ckernels.linear, ckernels.linear_int4, ckernels.gated, text.attention = plain
     events = prof.events()
     marks = sorted(e.time_range.start for e in events if e.name == TOKEN_MARK)
     first, last = marks[0], marks[-1]

@@ -58,12 +58,20 @@ def test_products_match_float64(dtype, weights, rows, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("weights", ["float", "int8"])
+@pytest.mark.parametrize("weights", ["float", "int8", "int4"])
 def test_gated_product_matches_float64(dtype, weights):
     torch.manual_seed(0)
     for rows, n, k in ((1, 64, 96), (3, 13, 40), (8, 5, 32)):
         x = torch.randn(rows, k).to(dtype)
-        if weights == "float":
+        if weights == "int4":
+            layers = [QuantizedLinear.from_float(torch.randn(n, 256) * 0.02, None, 4, 128) for _ in range(2)]
+            x = torch.randn(rows, 256).to(dtype)
+            with torch.no_grad():
+                for layer in layers:
+                    layer.product_with("c", x)  # into the portable layout
+            (gate, gate_scales), (up, up_scales) = (layer.c_operands(dtype) for layer in layers)
+            exact = [layer.dequantized_weight(torch.float64) for layer in layers]
+        elif weights == "float":
             (gate, up), gate_scales, up_scales = (torch.randn(n, k).to(dtype) for _ in range(2)), None, None
             exact = gate.double(), up.double()
         else:
@@ -176,11 +184,8 @@ def test_a_model_decodes_the_same_on_c_kernels(mode):
     tolerance = {"float32": 1e-5, "bfloat16": 3e-2}.get(mode, 3e-2)
     assert rel_diff(c_logits.double(), torch_logits.double()) <= tolerance
     chosen = {key[0] for key, (kernel, _) in made.items() if kernel == "c"}
-    # int8 / int4: the decoder's products (the language-model head included) are all quantized layers, and
-    # only int8 ones go into the gated C call
-    want = {"attention", "rms_norm", "rope"} | ({mode} if mode in ("int8", "int4") else {"linear"})
-    if mode != "int4":
-        want.add("gated")
+    # int8 / int4: the decoder's products (the language-model head included) are all quantized layers
+    want = {"attention", "rms_norm", "rope", "gated"} | ({mode} if mode in ("int8", "int4") else {"linear"})
     assert want <= chosen, chosen
     if mode == "float32":
         ids = torch.tensor([prompts[0]])
@@ -194,7 +199,13 @@ def test_a_model_decodes_the_same_on_c_kernels(mode):
 def test_layers_offer_their_operands_only_where_the_c_kernels_compute_them():
     layer = QuantizedLinear.from_float(torch.randn(16, 32), None, 8)
     assert layer.c_operands(torch.float32)[0].dtype == torch.int8
-    assert QuantizedLinear.from_float(torch.randn(16, 32), None, 4, 16).c_operands(torch.float32) is None
+    int4 = QuantizedLinear.from_float(torch.randn(16, 64), None, 4, 32)
+    if int4.packing is not None:  # in the device kernel's layout: not before its own C product moved it
+        assert int4.c_operands(torch.float32) is None
+    with torch.no_grad():
+        int4.product_with("c", torch.randn(1, 64))
+    nibbles, scales = int4.c_operands(torch.float32)
+    assert nibbles.shape == (16, 32) and scales.dtype == torch.float32
     mlp = GatedMLP(32, 16, 32, "silu")
     assert mlp.gate_proj.c_operands(torch.float32) is not None
     assert mlp.gate_proj.c_operands(torch.bfloat16) is None  # float32 weights, bfloat16 inputs

@@ -636,98 +636,135 @@ static inline void nibble_madd(const uint8_t *p, const int16_t *xe, const int16_
 #endif
 #endif
 
-int idefics2_linear_int4(const void *x, const uint8_t *w, const float *scales, const void *bias, void *y,
-                         int64_t M, int64_t N, int64_t K, int64_t G, int io_type, int act, int threads) {
+/* An activation row prepared for int4 rows: its even and odd columns in float32, 8 times each group's column
+   sums lane by lane (sum (q - 8) x = sum q x - 8 sum x), and, where the integer path runs, those columns
+   rounded to 16 bits with one scale per group and half (G / 2 columns each, a multiple of QLANES). */
+typedef struct {
+    float *split, *eights, *steps;
+    int16_t *x16;
+    int64_t K, G;
+} int4_rows;
+
+static void int4_free(int4_rows *p) {
+    free(p->split);
+    free(p->steps);
+    free(p->x16);
+}
+
+static int int4_prepare(const void *x, int64_t M, int64_t K, int64_t G, int io_type, int4_rows *p) {
     const int64_t half = K / 2, groups = K / G;
-    /* each activation row split into its even and odd columns, as float32, then 8 times the sums of each
-       group's columns, lane by lane: sum (q - 8) x = sum q x - 8 sum x */
-    float *split = (float *)malloc(sizeof(float) * M * (K + groups * LANES));
-    if (split == NULL) return 1;
-    float *eights = split + M * K;
+    p->K = K;
+    p->G = G;
+    p->steps = NULL;
+    p->x16 = NULL;
+    p->split = (float *)malloc(sizeof(float) * M * (K + groups * LANES));
+    if (p->split == NULL) return 1;
+    p->eights = p->split + M * K;
     for (int64_t m = 0; m < M; m++) {
+        float *split = p->split + m * K;
         for (int64_t j = 0; j < half; j++) {
-            split[m * K + j] = read_io(x, m * K + 2 * j, io_type);
-            split[m * K + half + j] = read_io(x, m * K + 2 * j + 1, io_type);
+            split[j] = read_io(x, m * K + 2 * j, io_type);
+            split[half + j] = read_io(x, m * K + 2 * j + 1, io_type);
         }
         for (int64_t g = 0; g < groups; g++)
             for (int64_t l = 0; l < LANES; l++) {
                 float sum = 0.0f;
-                for (int64_t j = g * G / 2 + l; j < (g + 1) * G / 2; j += LANES)
-                    sum += split[m * K + j] + split[m * K + half + j];
-                eights[(m * groups + g) * LANES + l] = 8.0f * sum;
+                for (int64_t j = g * G / 2 + l; j < (g + 1) * G / 2; j += LANES) sum += split[j] + split[half + j];
+                p->eights[(m * groups + g) * LANES + l] = 8.0f * sum;
             }
     }
 #if defined(INT16_DOTS)
-    /* the split rows rounded to 16 bits, one scale per group and half (G / 2 columns each, a multiple of
-       QLANES: the caller's group sizes are multiples of 32 = 2 x 16); the offsets above stay in float32 */
-    int16_t *x16 = (int16_t *)malloc(sizeof(int16_t) * M * K);
-    float *xs = (float *)malloc(sizeof(float) * M * 2 * groups);
-    const int whole = (G / 2) % QLANES == 0;
-    if (whole && x16 != NULL && xs != NULL) {
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t part = 0; part < 2; part++)
-                for (int64_t g = 0; g < groups; g++) {
-                    const float *from = split + m * K + part * half + g * G / 2;
-                    int16_t *to = x16 + m * K + part * half + g * G / 2;
-                    float largest = 0.0f;
-                    for (int64_t j = 0; j < G / 2; j++) largest = fabsf(from[j]) > largest ? fabsf(from[j]) : largest;
-                    const float step = largest > 0.0f ? largest / 32767.0f : 1.0f;
-                    xs[(m * 2 + part) * groups + g] = step;
-                    for (int64_t j = 0; j < G / 2; j++) to[j] = (int16_t)lrintf(from[j] / step);
-                }
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t n = 0; n < N; n++) {
-            const uint8_t *row = w + n * half;
-            for (int64_t j = 0; j < half; j += 64) _mm_prefetch((const char *)row + 8 * half + j, _MM_HINT_T1);
-            for (int64_t m = 0; m < M; m++) {
-                const int16_t *even = x16 + m * K, *odd = even + half;
-                const float *steps = xs + m * 2 * groups;
-                vec total = vzero();
-                for (int64_t g = 0; g < groups; g++) {
-                    ivec acc_even = izero(), acc_odd = izero();
-                    for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += QLANES)
-                        nibble_madd(row + j, even + j, odd + j, &acc_even, &acc_odd);
-                    vec sums = vfma(int_to_vec(acc_even), vset(steps[g]), vzero());
-                    sums = vfma(int_to_vec(acc_odd), vset(steps[groups + g]), sums);
-                    sums = sums - vload(eights + (m * groups + g) * LANES);
-                    total = vfma(vset(scales[n * groups + g]), sums, total);
-                }
-                float v = vsum(total);
-                if (bias != NULL) v += read_io(bias, n, io_type);
-                write_io(y, m * N + n, activate(v, act), io_type);
+    if ((G / 2) % QLANES != 0) return 0;
+    p->x16 = (int16_t *)malloc(sizeof(int16_t) * M * K);
+    p->steps = (float *)malloc(sizeof(float) * M * 2 * groups);
+    if (p->x16 == NULL || p->steps == NULL) return 1;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t part = 0; part < 2; part++)
+            for (int64_t g = 0; g < groups; g++) {
+                const float *from = p->split + m * K + part * half + g * G / 2;
+                int16_t *to = p->x16 + m * K + part * half + g * G / 2;
+                float largest = 0.0f;
+                for (int64_t j = 0; j < G / 2; j++) largest = fabsf(from[j]) > largest ? fabsf(from[j]) : largest;
+                const float step = largest > 0.0f ? largest / 32767.0f : 1.0f;
+                p->steps[(m * 2 + part) * groups + g] = step;
+                for (int64_t j = 0; j < G / 2; j++) to[j] = (int16_t)lrintf(from[j] / step);
             }
-        }
-        free(x16);
-        free(xs);
-        free(split);
-        return 0;
-    }
-    free(x16);
-    free(xs);
 #endif
+    return 0;
+}
+
+/* activation row m . one int4 row (its bytes and its group scales) */
+static inline float int4_dot(const int4_rows *p, int64_t m, const uint8_t *row, const float *scales) {
+    const int64_t K = p->K, G = p->G, half = K / 2, groups = K / G;
+    const float *eights = p->eights + m * groups * LANES;
+    vec total = vzero();
+#if defined(INT16_DOTS)
+    if (p->x16 != NULL) {
+        const int16_t *even = p->x16 + m * K, *odd = even + half;
+        const float *steps = p->steps + m * 2 * groups;
+        for (int64_t g = 0; g < groups; g++) {
+            ivec acc_even = izero(), acc_odd = izero();
+            for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += QLANES)
+                nibble_madd(row + j, even + j, odd + j, &acc_even, &acc_odd);
+            vec sums = vfma(int_to_vec(acc_even), vset(steps[g]), vzero());
+            sums = vfma(int_to_vec(acc_odd), vset(steps[groups + g]), sums);
+            total = vfma(vset(scales[g]), sums - vload(eights + g * LANES), total);
+        }
+        return vsum(total);
+    }
+#endif
+    const float *even = p->split + m * K, *odd = even + half;
+    for (int64_t g = 0; g < groups; g++) {
+        vec acc = vzero();
+        for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += LANES) {
+            vec high, low;
+            nibble_pairs(row + j, &high, &low);
+            acc = vfma(high, vload(even + j), acc);
+            acc = vfma(low, vload(odd + j), acc);
+        }
+        total = vfma(vset(scales[g]), acc - vload(eights + g * LANES), total);
+    }
+    return vsum(total);
+}
+
+/* y = act(x @ W^T + bias), or with a second weight (up) y = act(x @ W^T) * (x @ up^T), for W (N, K) in int4
+   groups of G columns (G a multiple of 2 * LANES): w (N, K / 2) bytes, scales (N, K / G) float32; x, y and
+   bias in io_type */
+static int int4_product(const void *x, const uint8_t *w, const float *scales, const uint8_t *w2,
+                        const float *scales2, const void *bias, void *y, int64_t M, int64_t N, int64_t K, int64_t G,
+                        int io_type, int act, int threads) {
+    int4_rows prepared;
+    if (int4_prepare(x, M, K, G, io_type, &prepared) != 0) {
+        int4_free(&prepared);
+        return 1;
+    }
+    const int64_t half = K / 2, groups = K / G;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * half;
+        const uint8_t *row = w + n * half, *row2 = w2 != NULL ? w2 + n * half : NULL;
+        for (int64_t j = 0; j < half; j += 64) { /* rows 8 on: short rows end before the prefetcher catches up */
+            _mm_prefetch((const char *)row + 8 * half + j, _MM_HINT_T1);
+            if (row2 != NULL) _mm_prefetch((const char *)row2 + 8 * half + j, _MM_HINT_T1);
+        }
         for (int64_t m = 0; m < M; m++) {
-            const float *even = split + m * K, *odd = even + half;
-            vec total = vzero();
-            for (int64_t g = 0; g < groups; g++) {
-                vec acc = vzero();
-                for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += LANES) {
-                    if (m == 0) _mm_prefetch((const char *)row + 4 * half + j, _MM_HINT_T1);
-                    vec high, low;
-                    nibble_pairs(row + j, &high, &low);
-                    acc = vfma(high, vload(even + j), acc);
-                    acc = vfma(low, vload(odd + j), acc);
-                }
-                acc = acc - vload(eights + (m * groups + g) * LANES);
-                total = vfma(vset(scales[n * groups + g]), acc, total);
-            }
-            float v = vsum(total);
+            float v = int4_dot(&prepared, m, row, scales + n * groups);
             if (bias != NULL) v += read_io(bias, n, io_type);
-            write_io(y, m * N + n, activate(v, act), io_type);
+            v = activate(v, act);
+            if (row2 != NULL) v *= int4_dot(&prepared, m, row2, scales2 + n * groups);
+            write_io(y, m * N + n, v, io_type);
         }
     }
-    free(split);
+    int4_free(&prepared);
     return 0;
+}
+
+int idefics2_linear_int4(const void *x, const uint8_t *w, const float *scales, const void *bias, void *y,
+                         int64_t M, int64_t N, int64_t K, int64_t G, int io_type, int act, int threads) {
+    return int4_product(x, w, scales, NULL, NULL, bias, y, M, N, K, G, io_type, act, threads);
+}
+
+int idefics2_gated_int4(const void *x, const uint8_t *gate, const float *gate_scales, const uint8_t *up,
+                        const float *up_scales, void *y, int64_t M, int64_t N, int64_t K, int64_t G, int io_type,
+                        int act, int threads) {
+    return int4_product(x, gate, gate_scales, up, up_scales, NULL, y, M, N, K, G, io_type, act, threads);
 }

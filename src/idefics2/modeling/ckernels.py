@@ -69,6 +69,7 @@ def library() -> ctypes.CDLL:
     lib.idefics2_attention.argtypes = [pointer] * 5 + [size] * 12 + [ctypes.c_float, flag, flag]
     lib.idefics2_rope_store.argtypes = [pointer] * 9 + [size] * 10 + [flag]
     lib.idefics2_linear_int4.argtypes = [pointer] * 5 + [size] * 4 + [flag] * 3
+    lib.idefics2_gated_int4.argtypes = [pointer] * 6 + [size] * 4 + [flag] * 3
     return lib
 
 
@@ -84,11 +85,12 @@ def available() -> bool:
 
 def supports(x: torch.Tensor, weight: torch.Tensor, act: str | None) -> bool:
     """Whether `linear` / `gated` compute this product: CPU tensors, float32 or bfloat16 activations with
-    weights of the same dtype or int8, a fusable activation, at most MAX_ROWS rows."""
+    weights of the same dtype, int8 or int4 (uint8, `gated` only), a fusable activation, at most MAX_ROWS
+    rows."""
     return (
         x.is_cpu
         and x.dtype in DTYPES
-        and weight.dtype in (x.dtype, torch.int8)
+        and weight.dtype in (x.dtype, torch.int8, torch.uint8)
         and act in ACTIVATIONS
         and x.numel() // max(x.shape[-1], 1) <= MAX_ROWS
     )
@@ -159,10 +161,21 @@ def gated(
     gate_scales: torch.Tensor | None = None,
     up_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """act(x @ gate.T * gate_scales) * (x @ up.T * up_scales), both weights (N, K) of one dtype."""
-    n, k = gate.shape
+    """act(x @ gate.T * gate_scales) * (x @ up.T * up_scales), both weights (N, K) of one dtype: float, int8
+    (float32 scales (N)) or int4 (uint8 (N, K / 2) in the portable layout, float32 scales (N, groups))."""
+    n = gate.shape[0]
     x = x if x.is_contiguous() else x.contiguous()
     out = x.new_empty((*x.shape[:-1], n))
+    k = x.shape[-1]
+    if gate.dtype == torch.uint8:  # int4: the group size follows from the scales' shape
+        failed = library().idefics2_gated_int4(
+            x.data_ptr(), _pointer(gate), _pointer(gate_scales, torch.float32), _pointer(up),
+            _pointer(up_scales, torch.float32), out.data_ptr(), x.numel() // k, n, k,
+            k // gate_scales.shape[1], _TYPES[x.dtype], ACTIVATIONS[act], torch.get_num_threads(),
+        )  # fmt: skip
+        if failed:
+            raise MemoryError("C int4 product: out of memory for its activation buffer")
+        return out
     library().idefics2_gated(
         x.data_ptr(), _pointer(gate), _pointer(gate_scales, torch.float32), _pointer(up),
         _pointer(up_scales, torch.float32), out.data_ptr(), x.numel() // k, n, k, _TYPES[x.dtype],

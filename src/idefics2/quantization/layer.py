@@ -309,10 +309,18 @@ class QuantizedLinear(nn.Module):
         return self.product_with(kernel, x, act)
 
     def c_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(int8 weight, float32 scales) for ckernels.gated with inputs of `dtype`, or None where this layer
-        cannot go there (int4, a bias, hooks such as LoRA's)."""
+        """(int8 weight, float32 scales), or (int4 nibbles, float32 group scales) once the layer holds the
+        portable layout (its own C product moved it there), for ckernels.gated with inputs of `dtype`; None
+        where this layer cannot go there (an int4 weight in the device kernel's layout, zero points, a
+        bias, hooks such as LoRA's)."""
         plain = self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
-        return (self.qweight, self.scales) if plain and self.bits == 8 and dtype in ckernels.DTYPES else None
+        if not plain or dtype not in ckernels.DTYPES:
+            return None
+        if self.bits == 8:
+            return self.qweight, self.scales
+        portable = self.packing is None and self.zeros is None
+        fits = self.group_size % ckernels.INT4_GROUP_MULTIPLE == 0
+        return self._c_int4_operands() if portable and fits and self.qweight.is_cpu else None
 
     def kernel_names(self, device: torch.device, dtype: torch.dtype, rows: int) -> list[str]:
         """The kernels of this layer that run on `device` for inputs of `dtype`, preferred first for `rows`

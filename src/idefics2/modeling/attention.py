@@ -107,8 +107,8 @@ def decode_attention_kernels(dtype: torch.dtype) -> list[str]:
     bfloat16 instructions, sdpa elsewhere; our C kernel (ckernels.attention) where it builds."""
     hardware_bfloat16 = dtype in _CPU_GROUPED_DECODE_DTYPES and kernels.native_bfloat16()
     names = ["grouped", "sdpa"] if hardware_bfloat16 else ["sdpa", "grouped"]
-    if dtype in (torch.float32, torch.bfloat16) and kernels.c_kernels():
-        names.insert(1, "c")
+    if dtype in ckernels.DTYPES and kernels.c_kernels():
+        names.insert(1, "c")  # never first: raced when measuring
     return names
 
 
@@ -382,9 +382,11 @@ class RMSNorm(nn.Module):
     def _bench(self, rows: int):
         x = torch.randn(rows, self.weight.shape[0], generator=torch.Generator().manual_seed(0))
         x = x.to(self.weight.dtype)
-        return lambda kernel: (
-            ckernels.rms_norm(x, self.weight, self.eps) if kernel == "c" else (self._torch_forward(x))
-        )
+
+        def run(kernel: str) -> torch.Tensor:
+            return ckernels.rms_norm(x, self.weight, self.eps) if kernel == "c" else self._torch_forward(x)
+
+        return run
 
 
 def activation(name: str):
@@ -429,7 +431,8 @@ class GatedMLP(nn.Module):
 
     def _c_gated(self, x: torch.Tensor) -> bool:
         """Whether a decode step's act(gate(x)) * up(x) can be one ckernels.gated call: CPU inference of at
-        most ckernels.MAX_ROWS rows, gate and up plain layers (float or int8) of one weights dtype."""
+        most ckernels.MAX_ROWS rows, gate and up plain layers (float, int8, or int4 in the portable layout)
+        of one weights dtype."""
         if not (
             x.is_cpu
             and not torch.is_grad_enabled()

@@ -48,13 +48,8 @@ def test_packed_rows_attend_within_their_example():
     assert torch.equal(mask[1, 0], torch.ones(7, 7, dtype=torch.bool).tril())
 
 
-def test_packed_loss_and_gradients_equal_unpacked(tiny_processor):  # noqa: F811
-    collator = ChatCollator(tiny_processor)
-    data = ChatDataset(color_examples(), collator)  # 6 examples with an image each, 1 or 2 turns
-    packed = PackedDataset(data, capacity=2 * max(len(e.input_ids) for e in data.examples))
-    assert len(packed) < len(data)
-    assert max(len(packed[i].parts) for i in range(len(packed))) >= 2
-
+def lora_model():
+    """A fresh tiny model with rank-4 LoRA adapters, their B matrices random (non-zero gradients upstream)."""
     model = fresh_model()
     add_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
     mark_only_lora_trainable(model)
@@ -62,6 +57,17 @@ def test_packed_loss_and_gradients_equal_unpacked(tiny_processor):  # noqa: F811
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.1)
+    return model
+
+
+def test_packed_loss_and_gradients_equal_unpacked(tiny_processor):  # noqa: F811
+    collator = ChatCollator(tiny_processor)
+    data = ChatDataset(color_examples(), collator)  # 6 examples with an image each, 1 or 2 turns
+    packed = PackedDataset(data, capacity=2 * max(len(e.input_ids) for e in data.examples))
+    assert len(packed) < len(data)
+    assert max(len(packed[i].parts) for i in range(len(packed))) >= 2
+
+    model = lora_model()
     objective = TokenLoss()
 
     def loss_and_grads(batch):
@@ -164,13 +170,7 @@ def test_logits_at_learned_positions_equal_the_full_forward(tiny_processor):  # 
     collator = ChatCollator(tiny_processor)
     data = ChatDataset(color_examples(), collator)
     packed = PackedDataset(data, capacity=2 * max(len(e.input_ids) for e in data.examples))
-    model = fresh_model()
-    add_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
-    mark_only_lora_trainable(model)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.1)
+    model = lora_model()
     right = collator([data[i] for i in range(4)])
     left = {**right}
     for key in ("input_ids", "attention_mask", "labels"):  # the same rows, padding moved to the left

@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_generation import (  # noqa: E402
     MID_CONFIG,
     PROMPT,
+    built_in,
     decode_weight_bytes,
     photo_like,
     sync,
@@ -174,16 +175,11 @@ def build_models(config: dict, dtype: torch.dtype, device: torch.device, seed: i
     from idefics2 import Idefics2Config, Idefics2ForConditionalGeneration
 
     torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            ours = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(copy.deepcopy(config)))
-            ref_config = RefConfig(**copy.deepcopy(config))
-            ref_config._attn_implementation = "sdpa"
-            reference = RefModel._from_config(ref_config, dtype=dtype, attn_implementation="sdpa")
-    finally:
-        torch.set_default_dtype(default)
+    with built_in(dtype, device):
+        ours = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(copy.deepcopy(config)))
+        ref_config = RefConfig(**copy.deepcopy(config))
+        ref_config._attn_implementation = "sdpa"
+        reference = RefModel._from_config(ref_config, dtype=dtype, attn_implementation="sdpa")
     reference.load_state_dict(ours.state_dict())
     return ours.eval(), reference.eval()
 

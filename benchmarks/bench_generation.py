@@ -12,6 +12,7 @@ machine's memory read bandwidth measured here.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -69,6 +70,18 @@ def photo_like(height: int = 480, width: int = 640, seed: int = 0) -> Image.Imag
     channels = [np.sin(6 * x + 3 * c) * np.cos(4 * y - c) for c in range(3)]
     base = (np.stack(channels, -1) + 1) * 110 + rng.normal(0, 12, (height, width, 3))
     return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+
+
+@contextlib.contextmanager
+def built_in(dtype: torch.dtype, device: torch.device | str):
+    """Within the block new tensors (a model built in place) are of `dtype` on `device`."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
 
 
 def sync(device: torch.device) -> None:

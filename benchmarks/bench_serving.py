@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench import CONFIGS  # noqa: E402
-from bench_generation import photo_like, sync  # noqa: E402
+from bench_generation import built_in, photo_like, sync  # noqa: E402
 
 QUESTIONS = [
     "Describe this image.",
@@ -89,13 +89,8 @@ def build(config: dict, dtype: torch.dtype, device: torch.device, split: bool, f
     from oracle_processing import build_reference_processor
 
     torch.manual_seed(0)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(copy.deepcopy(config)))
-    finally:
-        torch.set_default_dtype(default)
+    with built_in(dtype, device):
+        model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(copy.deepcopy(config)))
     model.generation_config = {"eos_token_id": [2], "pad_token_id": 0}
     build_reference_processor(folder, image_seq_len=64, do_image_splitting=split)
     return model.eval(), Idefics2Processor.from_pretrained(folder)

@@ -51,7 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench import CONFIG_8B, PeakMemory, resident_bytes  # noqa: E402
-from bench_generation import MID_CONFIG, photo_like  # noqa: E402
+from bench_generation import MID_CONFIG, built_in, photo_like  # noqa: E402
 
 RUNS = ("transformers+peft", "ours", "ours+ckpt", "ours+bf16", "ours+packing")
 LR = 1e-3
@@ -165,13 +165,8 @@ def build_in_place(name: str, folder: Path, dtype: torch.dtype, device: torch.de
     from idefics2.training import LoraConfig, add_lora, mark_only_lora_trainable, save_adapter
 
     torch.manual_seed(seed)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(copy.deepcopy(CONFIG_8B)))
-    finally:
-        torch.set_default_dtype(default)
+    with built_in(dtype, device):
+        model = Idefics2ForConditionalGeneration(Idefics2Config.from_dict(copy.deepcopy(CONFIG_8B)))
     torch.manual_seed(seed + 1)
     config = LoraConfig(**LORA)
     add_lora(model, config)

@@ -307,8 +307,187 @@ def test_int4_layers_on_the_c_kernel_equal_the_dequantized_product(dtype, group_
     with torch.no_grad():
         got = layer.product_with("c", x, "silu")
         assert layer.packing is None  # portable now
-        again = layer.product_with("kernel", x, "silu")  # the device kernel's choice falls back to dequantize
+        again = layer.product_with("kernel", x, "silu")  # the device kernel's choice: the C kernel now
     assert rel_diff(got.double(), want) <= INT8_TOLERANCE[dtype]
     assert rel_diff(again.double(), want) <= 2e-2
     state = layer.state_dict()  # still the portable form, saved and reloaded as before
     assert state["qweight"].shape == (40, 128) and state["qweight"].dtype == torch.uint8
+
+
+def decoder_model(mode: str, layers: int = 2) -> Idefics2ForConditionalGeneration:
+    torch.manual_seed(0)
+    text = {"intermediate_size": 96, "num_hidden_layers": layers}
+    model = Idefics2ForConditionalGeneration(
+        Idefics2Config.from_dict(tiny_config_dict(text_config=text))
+    ).eval()
+    if mode == "bfloat16":
+        return model.to(torch.bfloat16)
+    if mode in ("int8", "int4"):
+        return model.quantize(mode, group_size=32) if mode == "int4" else model.quantize(mode)
+    return model
+
+
+def decode_logits(model, steps: int = 4) -> torch.Tensor:
+    """Logits of `steps` decode steps of two cache rows at different positions (the shorter row's unused
+    slots masked), after prefilling fixed prompts."""
+    from idefics2.decoding.runner import ModelRunner
+
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 32000, (n,), generator=generator).tolist() for n in (9, 5)]
+    runner = ModelRunner(model, 2, 64)
+    with torch.inference_mode():
+        for row, prompt in enumerate(prompts):
+            runner.prefill(row, runner.embed_prompt(prompt, None), 0, False)
+        return torch.stack([runner.decode([7 + i, 11 + i], [9 + i, 5 + i]) for i in range(steps)])
+
+
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    calls: list[int] = []
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8", "int4"])
+def test_the_decoder_step_in_one_call_equals_the_layers_on_c_kernels(mode, monkeypatch):
+    """Every decoder layer of a decode step in one C call computes what the layers compute op by op on the
+    same C kernels, in the same order and with the same roundings: the logits are identical, bit for bit,
+    with two rows at different positions."""
+    model = decoder_model(mode)
+    with kernels.force(**ROUTES):
+        by_ops = decode_logits(model)
+    calls = count_calls(monkeypatch, ckernels, "decoder_step")
+    with kernels.force(**ROUTES, decoder_step="c"):
+        in_one_call = decode_logits(model)
+    assert len(calls) == 4
+    assert torch.equal(in_one_call, by_ops)
+
+
+def test_the_decoder_step_decodes_the_tokens_of_torch_kernels():
+    model = decoder_model("float32")
+    ids = torch.randint(3, 32000, (2, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # a left-padded row
+    greedy = lambda: model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
+    with kernels.force(c_kernels=False):
+        want = greedy()
+    with kernels.force(decoder_step="c"):
+        assert torch.equal(greedy(), want)
+        assert rel_diff(decode_logits(model).double(), want_logits(model).double()) <= 1e-5
+
+
+def want_logits(model) -> torch.Tensor:
+    with kernels.force(c_kernels=False):
+        return decode_logits(model)
+
+
+def test_the_decoder_step_moves_int4_weights_from_torch_layout_when_it_runs(monkeypatch):
+    """An int4 decoder still in torch's kernel layout takes the one-call step once that step is chosen:
+    its weights move to the portable layout then (not before), and the layers' own route still runs after."""
+    model = decoder_model("int4")
+    decoder = model.model.text_model
+    projections = [m for m in decoder.layers.modules() if isinstance(m, QuantizedLinear)]
+    with kernels.force(c_kernels=False):
+        want = decode_logits(model)
+    if projections[0].packing is None:
+        pytest.skip("torch's int4 kernel has no layout here: the layers start portable")
+    assert decoder._c_layers(torch.float32) is None  # held in torch's layout: not computable as held
+    copy = decoder._c_layers(torch.float32, layout="copy")
+    assert copy is not None and all(m.packing is not None for m in projections)  # copies leave the layers
+    calls = count_calls(monkeypatch, ckernels, "decoder_step")
+    with kernels.force(decoder_step="c"):
+        stepped = decode_logits(model)
+    assert calls and all(m.packing is None for m in projections)
+    assert rel_diff(stepped.double(), want.double()) <= 3e-2  # activations rounded to 16 bits vs bfloat16
+    with kernels.force(decoder_step="c", int4="c"):  # the prompts' products on the C kernel too, now
+        stepped = decode_logits(model)
+    with kernels.force(decoder_step="layers", int4="c"):
+        assert rel_diff(decode_logits(model).double(), stepped.double()) <= 1e-5
+
+
+def test_the_decoder_step_leaves_hooked_or_changed_layers_to_their_ops(monkeypatch):
+    """A hook on any module of a layer (a LoRA adapter's, a user's probe) sends the step back to the layers'
+    ops, so the hook runs; a weight replaced by a new tensor is read from its new place."""
+    model = decoder_model("float32")
+    decoder = model.model.text_model
+    calls = count_calls(monkeypatch, ckernels, "decoder_step")
+    seen: list[int] = []
+    handle = decoder.layers[1].post_attention_layernorm.register_forward_hook(lambda *args: seen.append(1))
+    with kernels.force(decoder_step="c"):
+        decode_logits(model, steps=2)
+    assert not calls and len(seen) == 2 + 2  # the two prefills and the two decode steps
+    handle.remove()
+    with torch.no_grad():
+        down = decoder.layers[0].mlp.down_proj
+        down.weight = torch.nn.Parameter(down.weight * 2)
+    with kernels.force(**ROUTES, decoder_step="c"):
+        stepped = decode_logits(model)
+    assert calls
+    with kernels.force(**ROUTES):
+        assert torch.equal(stepped, decode_logits(model))
+
+
+@pytest.mark.parametrize("winner", ["layers", "c"])
+def test_the_decoder_step_race_times_both_routes_and_keeps_the_faster(winner, monkeypatch, tmp_path):
+    """Measured, the one-call step and the layers' ops (each op on its own measured kernel) are timed on the
+    decoder's own weights; the faster runs. Timing an int4 decoder in torch's layout leaves it there."""
+    monkeypatch.setenv("IDEFICS2_KERNEL_TUNING", "1")
+    monkeypatch.setenv("IDEFICS2_KERNELS_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.delenv("IDEFICS2_KERNELS", raising=False)
+    kernels.forget_choices()
+    timed: list[str] = []
+
+    def clock(call) -> float:  # "layers" is the decoder step's alone; every other op keeps its first kernel
+        name = call.__defaults__[0]
+        timed.append(name)
+        call()
+        return 1e-6 if name == "layers" and winner == "layers" else 1e-6 if name == winner == "c" else 2e-6
+
+    monkeypatch.setattr(kernels, "measure", clock)
+    model = decoder_model("int4")
+    projections = [m for m in model.model.text_model.layers.modules() if isinstance(m, QuantizedLinear)]
+    held = projections[0].packing
+    calls = count_calls(monkeypatch, ckernels, "decoder_step")
+    try:
+        decode_logits(model, steps=2)
+        (key,) = [key for key in kernels.choices() if key[0] == "decoder_step"]
+        kernel, seconds = kernels.choices()[key]
+    finally:
+        kernels.forget_choices()
+    assert kernel == winner and set(seconds) == {"layers", "c"}
+    assert key[1][-1] == "int4g32"
+    # the race itself ran the step (the agreement check and the timings); decoding took it only if it won
+    assert len(calls) == 1 + kernels.TIMING_ROUNDS + (2 if winner == "c" else 0)
+    if winner == "layers" and held is not None:
+        assert all(m.packing == held for m in projections)
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
+@pytest.mark.parametrize("march", ["haswell", "x86-64"])
+def test_the_decoder_step_equals_the_layers_on_every_instruction_set(march):
+    script = textwrap.dedent(
+        """
+        import torch
+        from idefics2.modeling import kernels
+        from test_ckernels import ROUTES, decode_logits, decoder_model
+        for mode in ("float32", "bfloat16", "int8", "int4"):
+            model = decoder_model(mode)
+            with kernels.force(**ROUTES):
+                by_ops = decode_logits(model, steps=2)
+            with kernels.force(**ROUTES, decoder_step="c"):
+                assert torch.equal(decode_logits(model, steps=2), by_ops), mode
+        print("equal")
+        """
+    )
+    path = os.pathsep.join([os.path.join(REPO, "src"), os.path.join(REPO, "tests")])
+    env = {**os.environ, "IDEFICS2_C_KERNELS_MARCH": march, "PYTHONPATH": path}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "equal"

@@ -340,9 +340,10 @@ class Linear(nn.Linear):
             return activation(act)(self(x))
         return linear(x, self.weight, self.bias, act)
 
-    def c_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, None] | None:
-        """(weight, scales) for ckernels.gated with inputs of `dtype`, or None where this layer cannot go
-        there (a bias, another dtype, hooks such as LoRA's)."""
+    def c_operands(self, dtype: torch.dtype, layout: str = "held") -> tuple[torch.Tensor, None] | None:
+        """(weight, scales) for the C kernels (ckernels.gated, ckernels.decoder_step) with inputs of `dtype`,
+        or None where this layer cannot go there (a bias, another dtype, hooks such as LoRA's). `layout`:
+        see QuantizedLinear.c_operands (a float weight has one)."""
         plain = self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
         return (self.weight, None) if plain and self.weight.dtype == dtype else None
 

@@ -768,3 +768,74 @@ int idefics2_gated_int4(const void *x, const uint8_t *gate, const float *gate_sc
                         int act, int threads) {
     return int4_product(x, gate, gate_scales, up, up_scales, NULL, y, M, N, K, G, io_type, act, threads);
 }
+
+/* ---- every decoder layer of a decode step in one call ---------------------------------------------------
+   Per layer, in the order and with the roundings of the decoder's own ops (modeling/text.py), each
+   intermediate written in io_type as those ops write it:
+     h = rms_norm(x); q, k, v = h Wq^T, h Wk^T, h Wv^T; rotate q and k, store k and v at each row's slot;
+     x = x + attention(q, keys, values) Wo^T; h = rms_norm(x); x = x + (act(h Wg^T) * (h Wu^T)) Wd^T.
+   Each weight is float32 or bfloat16 (io_type's), int8 with float32 row scales, or int4 in the portable layout
+   with float32 group scales; none has a bias. The gate and up weights share one type (and group). */
+enum { TYPE_I4 = 3 };
+
+typedef struct {
+    const void *data;
+    const float *scales; /* int8: (N); int4: (N, K / group); floats: NULL */
+    int64_t type, group; /* TYPE_*; int4's group size */
+} weight_ref;
+
+typedef struct {
+    const void *input_norm, *post_norm; /* (D) in io_type */
+    weight_ref q, k, v, o, gate, up, down;
+} layer_ref;
+
+/* y = act(x a^T), or act(x a^T) * (x b^T) with a second weight b */
+static int weight_product(const void *x, const weight_ref *a, const weight_ref *b, void *y, int64_t M, int64_t N,
+                          int64_t K, int io_type, int act, int threads) {
+    if (a->type == TYPE_I4)
+        return int4_product(x, (const uint8_t *)a->data, a->scales, b != NULL ? (const uint8_t *)b->data : NULL,
+                            b != NULL ? b->scales : NULL, NULL, y, M, N, K, a->group, io_type, act, threads);
+    return product(x, a->data, a->scales, b != NULL ? b->data : NULL, b != NULL ? b->scales : NULL, NULL, y, M, N,
+                   K, io_type, (int)a->type, act, threads);
+}
+
+/* x (M, D) in io_type, updated in place; cos and sin (M, hd) as rope_store takes them; slots (M); mask (M, S)
+   bytes over the cache slots [0, S) that attention reads; keys[l] and values[l] layer l's cache buffers, all
+   with the strides given; I the MLP's inner width. Returns 1 where memory ran out (x is then partly updated). */
+int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, int64_t M, int64_t D, int64_t H,
+                          int64_t Hkv, int64_t hd, int64_t I, const void *cos, const void *sin, const int64_t *slots,
+                          const uint8_t *mask, void *const *keys, void *const *values, int64_t S, int64_t key_batch, int64_t key_head, int64_t key_slot,
+                          int64_t value_batch, int64_t value_head, int64_t value_slot, float eps, float scale,
+                          int io_type, int act, int threads) {
+    const int64_t size = io_type == TYPE_F32 ? 4 : 2, wide = H * hd, narrow = Hkv * hd;
+    /* h (M, D), q (M, wide), k and v (M, narrow), rotated q (M, wide), attended (M, wide), out (M, D), inner (M, I) */
+    char *scratch = (char *)malloc(size * M * (2 * D + 3 * wide + 2 * narrow + I));
+    if (scratch == NULL) return 1;
+    char *h = scratch, *q = h + size * M * D, *k = q + size * M * wide, *v = k + size * M * narrow;
+    char *rotated = v + size * M * narrow, *attended = rotated + size * M * wide, *out = attended + size * M * wide;
+    char *inner = out + size * M * D;
+    int failed = 0;
+    for (int64_t l = 0; l < n_layers && !failed; l++) {
+        const layer_ref *layer = layers + l;
+        idefics2_rms_norm(x, layer->input_norm, h, M, D, eps, io_type);
+        failed |= weight_product(h, &layer->q, NULL, q, M, wide, D, io_type, ACT_NONE, threads);
+        failed |= weight_product(h, &layer->k, NULL, k, M, narrow, D, io_type, ACT_NONE, threads);
+        failed |= weight_product(h, &layer->v, NULL, v, M, narrow, D, io_type, ACT_NONE, threads);
+        if (failed) break;
+        idefics2_rope_store(q, k, v, cos, sin, rotated, keys[l], values[l], slots, M, H, Hkv, hd, key_batch,
+                            key_head, key_slot, value_batch, value_head, value_slot, io_type);
+        failed |= idefics2_attention(rotated, keys[l], values[l], mask, attended, M, H, Hkv, 1, S, hd,
+                                     key_batch, key_head, key_slot, value_batch, value_head, value_slot, scale,
+                                     io_type, threads);
+        failed |= weight_product(attended, &layer->o, NULL, out, M, D, wide, io_type, ACT_NONE, threads);
+        if (failed) break;
+        for (int64_t i = 0; i < M * D; i++) write_io(x, i, read_io(x, i, io_type) + read_io(out, i, io_type), io_type);
+        idefics2_rms_norm(x, layer->post_norm, h, M, D, eps, io_type);
+        failed |= weight_product(h, &layer->gate, &layer->up, inner, M, I, D, io_type, act, threads);
+        failed |= weight_product(inner, &layer->down, NULL, out, M, D, I, io_type, ACT_NONE, threads);
+        if (failed) break;
+        for (int64_t i = 0; i < M * D; i++) write_io(x, i, read_io(x, i, io_type) + read_io(out, i, io_type), io_type);
+    }
+    free(scratch);
+    return failed;
+}

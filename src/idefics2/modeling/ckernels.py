@@ -70,6 +70,9 @@ def library() -> ctypes.CDLL:
     lib.idefics2_rope_store.argtypes = [pointer] * 9 + [size] * 10 + [flag]
     lib.idefics2_linear_int4.argtypes = [pointer] * 5 + [size] * 4 + [flag] * 3
     lib.idefics2_gated_int4.argtypes = [pointer] * 6 + [size] * 4 + [flag] * 3
+    lib.idefics2_decoder_step.argtypes = (
+        [pointer, size, pointer] + [size] * 6 + [pointer] * 6 + [size] * 7 + [ctypes.c_float] * 2 + [flag] * 3
+    )
     return lib
 
 
@@ -245,4 +248,110 @@ def rope_store(
         keys.data_ptr(), values.data_ptr(), slots.data_ptr(), b, heads, kv_heads, d, *keys.stride()[:3],
         *values.stride()[:3], _TYPES[q.dtype],
     )  # fmt: skip
+    return out
+
+
+class _Weight(ctypes.Structure):  # weight_ref in ckernels.c
+    _fields_ = [
+        ("data", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("type", ctypes.c_int64),
+        ("group", ctypes.c_int64),
+    ]
+
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # a decoder layer's weights, in layer_ref's order
+
+
+class _Layer(ctypes.Structure):  # layer_ref in ckernels.c
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        *((name, _Weight) for name in PROJECTIONS),
+    ]
+
+
+Operands = torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]  # a norm weight, or (weight, scales)
+
+
+class DecoderLayers:
+    """The decoder layers' weights as `decoder_step` reads them: per layer its two norm weights and, for each
+    of PROJECTIONS, the operands that `linear` / `linear_int4` take ((weight, None) for float weights of the
+    activations' dtype, (int8 weight, float32 scales (N)), or (int4 nibbles (N, K / 2) in the portable
+    layout, float32 scales (N, groups))). Keeps the tensors alive while it lives."""
+
+    def __init__(self, layers: list[dict[str, Operands]], key: tuple = ()) -> None:
+        self.tensors: list[torch.Tensor] = []
+        self.array = (_Layer * len(layers))()
+        self.inner = layers[0]["gate"][0].shape[0] if layers else 0  # the MLP's inner width
+        for entry, layer in zip(self.array, layers, strict=True):
+            entry.input_norm = self._keep(layer["input_norm"])
+            entry.post_norm = self._keep(layer["post_norm"])
+            for name in PROJECTIONS:
+                weight, scales = layer[name]
+                ref = getattr(entry, name)
+                ref.data, ref.scales = self._keep(weight), self._keep(scales, torch.float32)
+                if weight.dtype == torch.uint8:  # int4: the group size follows from the scales' shape
+                    ref.type, ref.group = 3, weight.shape[1] * 2 // scales.shape[1]
+                else:
+                    ref.type, ref.group = _TYPES[weight.dtype], 0
+        kinds = sorted({kind(*layer[name]) for layer in layers for name in PROJECTIONS})
+        self.key = (*key, len(layers), *kinds)  # for kernels.choose: the shapes and weight formats
+
+    def _keep(self, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> int | None:
+        if t is None:
+            return None
+        t = t.to(dtype or t.dtype).contiguous()
+        self.tensors.append(t)
+        return t.data_ptr()
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+
+def kind(weight: torch.Tensor, scales: torch.Tensor | None = None) -> str:
+    """A weight's format as DecoderLayers.key names it: "float32", "bfloat16", "int8" or "int4g<group>"."""
+    if weight.dtype == torch.uint8:
+        return f"int4g{weight.shape[1] * 2 // scales.shape[1]}"
+    return str(weight.dtype).removeprefix("torch.")
+
+
+def decoder_step(
+    layers: DecoderLayers,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    signed_sin: torch.Tensor,
+    slots: torch.Tensor,
+    mask: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    heads: int,
+    eps: float,
+    act: str,
+) -> torch.Tensor:
+    """Every decoder layer of a decode step (one token per row) in one call: x (B, 1, D) float32 or bfloat16
+    -> (B, 1, D), the layers' output. cos and signed_sin (B, 1, hd) (modeling.text.RotaryTable); slots (B) the
+    cache slot each row's token goes to; mask bool (B, 1, 1, S) over the slots attention reads; keys[l] and
+    values[l] the layer's cache buffers (B, Hkv, L >= S, hd), all with the same strides, written at the
+    slots. The weights are `layers`' (dtype: x's for float weights)."""
+    b, _, dim = x.shape
+    kv_heads, head_dim = keys[0].shape[1], keys[0].shape[3]
+    if len(keys) != len(layers) or len(values) != len(layers):
+        raise ValueError(f"decoder_step: {len(layers)} layers, {len(keys)} keys, {len(values)} values")
+    if any(t.stride() != keys[0].stride() for t in (*keys, *values)) or keys[0].stride(-1) != 1:
+        raise ValueError("decoder_step: every cache buffer has one layout with its last axis contiguous")
+    out = x.contiguous().clone()
+    cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    allowed = mask.reshape(b, -1).to(torch.uint8).contiguous()
+    key_pointers = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
+    value_pointers = (ctypes.c_void_p * len(values))(*(t.data_ptr() for t in values))
+    failed = library().idefics2_decoder_step(
+        ctypes.addressof(layers.array), len(layers), out.data_ptr(), b, dim, heads, kv_heads, head_dim,
+        layers.inner, cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(), allowed.data_ptr(),
+        key_pointers, value_pointers, allowed.shape[1], *keys[0].stride()[:3], *values[0].stride()[:3], eps,
+        head_dim**-0.5, _TYPES[x.dtype], ACTIVATIONS[act], torch.get_num_threads(),
+    )  # fmt: skip
+    if failed:
+        raise MemoryError("C decoder step: out of memory for its buffers")
     return out

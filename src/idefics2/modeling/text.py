@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import types
+
 import torch
 import torch.utils.checkpoint
 from torch import nn
@@ -265,6 +268,10 @@ class MistralDecoder(nn.Module):
         `segments`: the lengths of the sequences held end to end by one row (B = 1, no mask, no cache), each
         attending causally to itself only (padding removed, or examples packed)."""
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
+        if keep is None and segments is None:
+            stepped = self._c_decode_step(inputs_embeds, cos, sin, mask, kv_cache, cache_position)
+            if stepped is not None:
+                return self.norm(stepped)
         x = inputs_embeds
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -285,3 +292,138 @@ class MistralDecoder(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, kv_cache, cache_position, layer_keep, segments)
         return self.norm(x)
+
+    # ---- a CPU decode step in one C call ------------------------------------------------------------------
+
+    def _c_decode_step(self, x, cos, sin, mask, kv_cache, cache_position) -> torch.Tensor | None:
+        """The layers' output for a CPU decode step (one token per row, a row cache: kv_cache.row_buffers)
+        from one ckernels.decoder_step call, where every layer's weights can go there and that call is
+        measured faster than the layers' own ops (each with its own chosen kernels); else None."""
+        buffers = getattr(kv_cache, "row_buffers", None)
+        if (
+            buffers is None
+            or mask is None
+            or x.shape[1] != 1
+            or x.shape[0] > ckernels.MAX_ROWS
+            or not x.is_cpu
+            or torch.is_grad_enabled()
+            or x.dtype not in ckernels.DTYPES
+            or cos.dtype != x.dtype
+            or self.config.hidden_act not in ckernels.ACTIVATIONS
+            or not kernels.c_kernels()
+        ):
+            return None
+        keys, values = zip(*(buffers(i) for i in range(len(self.layers))), strict=True)
+        if any(t.dtype != x.dtype for t in (*keys, *values)):
+            return None
+        layers = self._c_layers(x.dtype)
+        key = (layers or self._c_layers(x.dtype, layout="check") or _NO_LAYERS).key
+        if key is None:
+            return None
+        rows = x.shape[0]
+        kernel = kernels.choose("decoder_step", key, rows, lambda: ["layers", "c"], self._step_bench(x.dtype))
+        if kernel != "c":
+            return None
+        if layers is None:  # int4 weights in torch's layout: they move to the C kernels' for good
+            layers = self._c_layers(x.dtype, layout="move")
+        return self._c_step(layers, x, cos, sin, cache_position, mask, keys, values)
+
+    def _c_step(self, layers, x, cos, sin, slots, mask, keys, values) -> torch.Tensor:
+        config = self.config
+        return ckernels.decoder_step(
+            layers, x, cos, sin, slots, mask, keys, values, config.num_attention_heads, config.rms_norm_eps,
+            config.hidden_act,
+        )  # fmt: skip
+
+    def _c_layers(
+        self, dtype: torch.dtype, count: int | None = None, layout: str = "held"
+    ) -> ckernels.DecoderLayers | None:
+        """The first `count` layers' (default: all) weights for ckernels.decoder_step with activations of
+        `dtype`, kept while the same tensors stay in place; None where a layer cannot go there (hooks such as
+        LoRA's, a bias, weights of another dtype). `layout`: what int4 weights in torch's layout give (see
+        QuantizedLinear.c_operands): None ("held"), the weights moved ("move"), portable copies ("copy"), or
+        themselves ("check": layers to take the key of, not to compute with)."""
+        operands = []
+        for layer in self.layers[:count]:
+            attn, mlp = layer.self_attn, layer.mlp
+            modules = (layer, attn, mlp, layer.input_layernorm, layer.post_attention_layernorm)
+            if any(module._forward_hooks or module._forward_pre_hooks for module in modules):
+                return None
+            projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, *mlp.gated, mlp.down_proj)
+            found = [getattr(p, "c_operands", lambda *args: None)(dtype, layout) for p in projections]
+            norms = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)
+            if None in found or any(norm.dtype != dtype for norm in norms):
+                return None
+            if found[4][0].dtype != found[5][0].dtype or found[4][0].shape != found[5][0].shape:
+                return None  # gate and up in one product: one type
+            if found[4][0].dtype == torch.uint8 and found[4][1].shape != found[5][1].shape:
+                return None  # ... and one group size
+            entry = dict(zip(ckernels.PROJECTIONS, found, strict=True))
+            operands.append({"input_norm": norms[0], "post_norm": norms[1], **entry})
+        tensors = [t for entry in operands for value in entry.values() for t in _flat(value)]
+        if not all(t.is_contiguous() for t in tensors):
+            return None
+        config = self.config
+        shape = (dtype, config.hidden_size, config.intermediate_size, config.num_attention_heads)
+        if layout == "copy":
+            return ckernels.DecoderLayers(operands, key=shape)
+        identity = (dtype, count, *map(id, tensors))
+        cache = self.__dict__.setdefault("_c_layers_cache", {})  # not a module attribute: no state_dict entry
+        kept = cache.get(layout == "check")
+        if kept is None or kept[0] != identity:
+            kept = cache[layout == "check"] = (identity, ckernels.DecoderLayers(operands, key=shape))
+        return kept[1]
+
+    def _step_bench(self, dtype: torch.dtype):
+        def make(rows: int):
+            # the leading layers up to STEP_BENCH_BYTES of weights: both routes read them from memory as a
+            # decode step does, and timing the 8B's every layer would take seconds
+            sizes = [sum(t.nbytes for t in layer.state_dict().values()) for layer in self.layers]
+            count = max(1, sum(1 for total in itertools.accumulate(sizes) if total <= STEP_BENCH_BYTES))
+            layers = self._c_layers(dtype, count, layout="copy")
+            generator = torch.Generator().manual_seed(0)
+            config, slot = self.config, 40
+            x = torch.randn(rows, 1, config.hidden_size, generator=generator).to(dtype)
+            cos, sin = self.rotary(torch.full((rows, 1), slot), dtype)
+            slots = torch.full((rows,), slot)
+            mask = torch.ones(rows, 1, 1, slot + 1, dtype=torch.bool)
+            shape = (rows, config.num_key_value_heads, slot + 1, config.head_dim)
+            cache = _RowCache([torch.randn(shape, generator=generator).to(dtype) for _ in range(2 * count)])
+
+            def run(kernel: str) -> torch.Tensor:
+                if kernel == "c":
+                    return self._c_step(layers, x, cos, sin, slots, mask, cache.keys, cache.values)
+                h = x
+                for layer in self.layers[:count]:
+                    h = layer(h, cos, sin, mask, cache, slots)
+                return h
+
+            return run
+
+        return make
+
+
+_NO_LAYERS = types.SimpleNamespace(key=None)
+STEP_BENCH_BYTES = 2**29  # of weights read by one timed decoder step (the "decoder_step" race)
+
+
+def _flat(value) -> list[torch.Tensor]:
+    return [t for t in (value if isinstance(value, tuple) else (value,)) if t is not None]
+
+
+class _RowCache:
+    """Keys and values (B, Hkv, L, D) per layer (the first half of `buffers` keys, the second values), each
+    row writing its one new token at its own slot (decoding.kv_rows.DecodeView's protocol), for timings."""
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        half = len(buffers) // 2
+        self.keys, self.values = buffers[:half], buffers[half:]
+
+    def row_buffers(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.keys[layer], self.values[layer]
+
+    def update(self, layer: int, cache_position: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
+        rows = torch.arange(k.shape[0])
+        self.keys[layer][rows, :, cache_position] = k[:, :, 0]
+        self.values[layer][rows, :, cache_position] = v[:, :, 0]
+        return self.keys[layer][:, :, :length], self.values[layer][:, :, :length]

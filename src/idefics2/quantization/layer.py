@@ -308,19 +308,28 @@ class QuantizedLinear(nn.Module):
             kernel = self.kernel_names(x.device, x.dtype, rows)[0]
         return self.product_with(kernel, x, act)
 
-    def c_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(int8 weight, float32 scales), or (int4 nibbles, float32 group scales) once the layer holds the
-        portable layout (its own C product moved it there), for ckernels.gated with inputs of `dtype`; None
-        where this layer cannot go there (an int4 weight in the device kernel's layout, zero points, a
-        bias, hooks such as LoRA's)."""
+    def c_operands(
+        self, dtype: torch.dtype, layout: str = "held"
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(int8 weight, float32 scales), or (int4 nibbles, float32 group scales) in the portable layout, for
+        the C kernels (ckernels.gated, ckernels.decoder_step) with inputs of `dtype`; None where this layer
+        cannot go there (zero points, a bias, hooks such as LoRA's). An int4 weight held in the device
+        kernel's layout gives None (`layout="held"`), moves to the portable layout (`"move"`, as the layer's
+        own first C product does), gives a portable copy, the layer unchanged (`"copy"`), or gives itself
+        (`"check"`: to know that it can go there, not to compute with)."""
         plain = self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
         if not plain or dtype not in ckernels.DTYPES:
             return None
         if self.bits == 8:
             return self.qweight, self.scales
-        portable = self.packing is None and self.zeros is None
-        fits = self.group_size % ckernels.INT4_GROUP_MULTIPLE == 0
-        return self._c_int4_operands() if portable and fits and self.qweight.is_cpu else None
+        fits = self.group_size % ckernels.INT4_GROUP_MULTIPLE == 0 and self.zeros is None
+        if not fits or not self.qweight.is_cpu or (self.packing is not None and layout == "held"):
+            return None
+        if self.packing is not None and layout == "check":
+            return self.qweight, self.scales
+        if self.packing is not None and layout == "copy":
+            return pack_nibbles(self.nibbles()), self.scales.float()
+        return self._c_int4_operands()
 
     def kernel_names(self, device: torch.device, dtype: torch.dtype, rows: int) -> list[str]:
         """The kernels of this layer that run on `device` for inputs of `dtype`, preferred first for `rows`
@@ -351,7 +360,9 @@ class QuantizedLinear(nn.Module):
                 out = ckernels.linear_int4(x, *self._c_int4_operands(), self.group_size, self.bias, fused)
             return out if act is None or fused is not None else activation(act)(out)
         if kernel == "kernel" and self.bits == 4 and self.packing is None:
-            kernel = "dequantize"  # the layer went to the C kernel's layout since this choice was made
+            # the layer went to the C kernels' layout since this choice was made: their product where it runs
+            c_runs = "c" in self.kernel_names(x.device, x.dtype, x.numel() // self.in_features)
+            kernel = "c" if c_runs else "dequantize"
         if kernel != "kernel":
             low = kernel == "dequantize_bfloat16"
             return self.dequantized_product(x, act, torch.bfloat16 if low else None)

@@ -1,13 +1,15 @@
 """Where a decode step's time goes at batch 1: the weight matrix products, attention, and everything else.
 
 Builds our "mid" model (random weights, no transformers) in float32, bfloat16 and with the decoder in int8
-(and int4 with `--int4`), prefills a text prompt as long as the image prompt of bench.py (`--prompt-tokens`,
+(and int4 with `--modes ... int4`), prefills a text prompt as long as the image prompt of bench.py
+(`--prompt-tokens`,
 default 360: 5 x 64 image latents plus the text), then greedily decodes `--new-tokens` with `generate`:
 
 - step time: the median time between tokens of a run without the profiler;
 - products: a second run under torch.profiler; the time of the weight matrix products (oneDNN's linear,
   ATen's linear, the int8 / int4 weight-only kernels, our C products, counted once where one calls another)
-  between the first and the last token, per step;
+  between the first and the last token, per step; inside the one-call C decoder step, which the profiler
+  sees as one event, the products and attention are timed by the step itself (ckernels.step_clock);
 - attention: in the same run, the decoder's attention over the cached keys and values (whichever kernel);
 - overhead share: 1 - products / step time, i.e. the share of the unprofiled step spent outside the
   products (Python, casts, norms, rotary, attention, cache writes, sampling); and the same without
@@ -48,8 +50,10 @@ PRODUCTS = {
     "idefics2::c",  # our C kernels (idefics2.modeling.ckernels), marked by a profiler range
 }
 C_MARK = "idefics2::c"
+C_STEP_MARK = "idefics2::decoder_step"
 ATTENTION_MARK = "idefics2::attention"
 TOKEN_MARK = "decode_overhead::token"
+STEP_CLOCKS: list[tuple[float, float]] = []  # ckernels.step_clock() at each token of a profiled run
 
 
 def build(dtype_name: str, seed: int = 0):
@@ -72,6 +76,7 @@ def step_times(model, input_ids: torch.Tensor, new_tokens: int, mark: bool = Fal
         if mark:
             with record_function(TOKEN_MARK):
                 pass
+            STEP_CLOCKS.append(ckernels.step_clock() if ckernels.available() else (0.0, 0.0))
         times.append(time.perf_counter())
 
     with torch.inference_mode():
@@ -93,14 +98,16 @@ def _marked(function, mark: str):
 def product_time_per_step(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float, Counter]:
     """(seconds of weight products per decode step, of attention, seconds per step of every other op by
     name) from a profiled generation, over the steps between the first and the last token."""
-    plain = ckernels.linear, ckernels.linear_int4, ckernels.gated, text.attention
+    plain = ckernels.linear, ckernels.linear_int4, ckernels.gated, text.attention, ckernels.decoder_step
     ckernels.linear, ckernels.linear_int4, ckernels.gated = (_marked(f, C_MARK) for f in plain[:3])
     text.attention = _marked(plain[3], ATTENTION_MARK)
+    ckernels.decoder_step = _marked(plain[4], C_STEP_MARK)
+    STEP_CLOCKS.clear()
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step_times(model, input_ids, new_tokens, mark=True)
     finally:
-        ckernels.linear, ckernels.linear_int4, ckernels.gated, text.attention = plain
+        ckernels.linear, ckernels.linear_int4, ckernels.gated, text.attention, ckernels.decoder_step = plain
     events = prof.events()
     marks = sorted(e.time_range.start for e in events if e.name == TOKEN_MARK)
     first, last = marks[0], marks[-1]
@@ -125,6 +132,13 @@ def product_time_per_step(model, input_ids: torch.Tensor, new_tokens: int) -> tu
             attention += event.time_range.elapsed_us() / 1e6
         elif event.cpu_parent is None:  # top-level ops only: their children are inside their time
             others[event.name] += event.time_range.elapsed_us() / 1e6
+    # inside the one-call decoder step (ckernels.decoder_step) the profiler sees one event: its own clock
+    # splits it, and the rest of that call (norms, rotary, residual adds) counts as other
+    step_products, step_attention = (STEP_CLOCKS[-1][i] - STEP_CLOCKS[0][i] for i in range(2))
+    if step_products or step_attention:
+        others[C_STEP_MARK] -= step_products + step_attention
+    products += step_products
+    attention += step_attention
     return products / steps, attention / steps, Counter({k: v / steps for k, v in others.items()})
 
 

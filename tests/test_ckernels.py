@@ -414,7 +414,8 @@ def test_the_decoder_step_moves_int4_weights_from_torch_layout_when_it_runs(monk
 
 def test_the_decoder_step_leaves_hooked_or_changed_layers_to_their_ops(monkeypatch):
     """A hook on any module of a layer (a LoRA adapter's, a user's probe) sends the step back to the layers'
-    ops, so the hook runs; a weight replaced by a new tensor is read from its new place."""
+    ops, so the hook runs; a weight replaced by a new tensor, or given new storage, is read from its new
+    place."""
     model = decoder_model("float32")
     decoder = model.model.text_model
     calls = count_calls(monkeypatch, ckernels, "decoder_step")
@@ -427,6 +428,8 @@ def test_the_decoder_step_leaves_hooked_or_changed_layers_to_their_ops(monkeypat
     with torch.no_grad():
         down = decoder.layers[0].mlp.down_proj
         down.weight = torch.nn.Parameter(down.weight * 2)
+        norm = decoder.layers[1].input_layernorm
+        norm.weight.data = norm.weight.data * 3  # the same parameter on new storage (as .to() does)
     with kernels.force(**ROUTES, decoder_step="c"):
         stepped = decode_logits(model)
     assert calls

@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 enum { TYPE_F32 = 0, TYPE_BF16 = 1, TYPE_I8 = 2 };
 enum { ACT_NONE = 0, ACT_SILU = 1 };
@@ -799,6 +800,21 @@ static int weight_product(const void *x, const weight_ref *a, const weight_ref *
                    K, io_type, (int)a->type, act, threads);
 }
 
+/* seconds spent by decoder steps in weight products and in attention, summed since the library loaded (for
+   benchmarks/bench_decode_overhead.py: a profiler does not see inside this call) */
+static double product_seconds, attention_seconds;
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+}
+
+void idefics2_step_clock(double *seconds) {
+    seconds[0] = product_seconds;
+    seconds[1] = attention_seconds;
+}
+
 /* x (M, D) in io_type, updated in place; cos and sin (M, hd) as rope_store takes them; slots (M); mask (M, S)
    bytes over the cache slots [0, S) that attention reads; keys[l] and values[l] layer l's cache buffers, all
    with the strides given; I the MLP's inner width. Returns 1 where memory ran out (x is then partly updated). */
@@ -818,21 +834,29 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
     for (int64_t l = 0; l < n_layers && !failed; l++) {
         const layer_ref *layer = layers + l;
         idefics2_rms_norm(x, layer->input_norm, h, M, D, eps, io_type);
+        double start = now();
         failed |= weight_product(h, &layer->q, NULL, q, M, wide, D, io_type, ACT_NONE, threads);
         failed |= weight_product(h, &layer->k, NULL, k, M, narrow, D, io_type, ACT_NONE, threads);
         failed |= weight_product(h, &layer->v, NULL, v, M, narrow, D, io_type, ACT_NONE, threads);
+        product_seconds += now() - start;
         if (failed) break;
         idefics2_rope_store(q, k, v, cos, sin, rotated, keys[l], values[l], slots, M, H, Hkv, hd, key_batch,
                             key_head, key_slot, value_batch, value_head, value_slot, io_type);
+        start = now();
         failed |= idefics2_attention(rotated, keys[l], values[l], mask, attended, M, H, Hkv, 1, S, hd,
                                      key_batch, key_head, key_slot, value_batch, value_head, value_slot, scale,
                                      io_type, threads);
+        attention_seconds += now() - start;
+        start = now();
         failed |= weight_product(attended, &layer->o, NULL, out, M, D, wide, io_type, ACT_NONE, threads);
+        product_seconds += now() - start;
         if (failed) break;
         for (int64_t i = 0; i < M * D; i++) write_io(x, i, read_io(x, i, io_type) + read_io(out, i, io_type), io_type);
         idefics2_rms_norm(x, layer->post_norm, h, M, D, eps, io_type);
+        start = now();
         failed |= weight_product(h, &layer->gate, &layer->up, inner, M, I, D, io_type, act, threads);
         failed |= weight_product(inner, &layer->down, NULL, out, M, D, I, io_type, ACT_NONE, threads);
+        product_seconds += now() - start;
         if (failed) break;
         for (int64_t i = 0; i < M * D; i++) write_io(x, i, read_io(x, i, io_type) + read_io(out, i, io_type), io_type);
     }

@@ -343,6 +343,11 @@ class MistralDecoder(nn.Module):
         LoRA's, a bias, weights of another dtype). `layout`: what int4 weights in torch's layout give (see
         QuantizedLinear.c_operands): None ("held"), the weights moved ("move"), portable copies ("copy"), or
         themselves ("check": layers to take the key of, not to compute with)."""
+        cache = self.__dict__.setdefault("_c_layers_cache", {})  # not a module attribute: no state_dict entry
+        slot = (dtype, count, layout == "check")  # "held" and "move" give the same layers once moved
+        kept = cache.get(slot)
+        if layout != "copy" and kept is not None and kept[0].holds():
+            return kept[1]
         operands = []
         for layer in self.layers[:count]:
             attn, mlp = layer.self_attn, layer.mlp
@@ -365,14 +370,10 @@ class MistralDecoder(nn.Module):
             return None
         config = self.config
         shape = (dtype, config.hidden_size, config.intermediate_size, config.num_attention_heads)
-        if layout == "copy":
-            return ckernels.DecoderLayers(operands, key=shape)
-        identity = (dtype, count, *map(id, tensors))
-        cache = self.__dict__.setdefault("_c_layers_cache", {})  # not a module attribute: no state_dict entry
-        kept = cache.get(layout == "check")
-        if kept is None or kept[0] != identity:
-            kept = cache[layout == "check"] = (identity, ckernels.DecoderLayers(operands, key=shape))
-        return kept[1]
+        layers = ckernels.DecoderLayers(operands, key=shape)
+        if layout != "copy":
+            cache[slot] = (_Snapshot(self.layers[:count]), layers)
+        return layers
 
     def _step_bench(self, dtype: torch.dtype):
         def make(rows: int):
@@ -405,6 +406,27 @@ class MistralDecoder(nn.Module):
 
 _NO_LAYERS = types.SimpleNamespace(key=None)
 STEP_BENCH_BYTES = 2**29  # of weights read by one timed decoder step (the "decoder_step" race)
+
+
+class _Snapshot:
+    """What the modules under `root` compute with, to tell cheaply whether it changed since: every parameter,
+    buffer and submodule (the same objects), each tensor's storage (`param.data = ...` and dtype moves keep
+    the object and change it), and their hooks (none)."""
+
+    def __init__(self, root: nn.Module) -> None:
+        self.entries, self.hooks = [], []
+        for module in root.modules():
+            for members in (module._parameters, module._buffers, module._modules):
+                for name, member in members.items():
+                    address = member.data_ptr() if isinstance(member, torch.Tensor) else None
+                    self.entries.append((members, name, member, address))
+            self.hooks += [module._forward_hooks, module._forward_pre_hooks]
+
+    def holds(self) -> bool:
+        return not any(self.hooks) and all(
+            members.get(name) is member and (address is None or member.data_ptr() == address)
+            for members, name, member, address in self.entries
+        )
 
 
 def _flat(value) -> list[torch.Tensor]:

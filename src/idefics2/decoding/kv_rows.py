@@ -30,6 +30,7 @@ class RowKVCache:
     def __init__(self, model: torch.nn.Module, rows: int, length: int) -> None:
         self.cache: KVCache = model.new_kv_cache(rows, length)
         self.rows, self.length = rows, length
+        self.decode_views: dict[tuple[int, int], DecodeView] = {}
 
     @property
     def nbytes(self) -> int:
@@ -44,7 +45,11 @@ class RowKVCache:
         return PrefillView(self.cache, start, stop)
 
     def decode_view(self, start: int, stop: int) -> DecodeView:
-        return DecodeView(self.cache, start, stop)
+        """Rows [start, stop) for a decode step (kept: every step of the same rows reuses it)."""
+        view = self.decode_views.get((start, stop))
+        if view is None:
+            view = self.decode_views[start, stop] = DecodeView(self.cache, start, stop)
+        return view
 
 
 class PrefillView:

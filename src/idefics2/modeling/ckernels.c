@@ -817,12 +817,13 @@ void idefics2_step_clock(double *seconds) {
 
 /* x (M, D) in io_type, updated in place; cos and sin (M, hd) as rope_store takes them; slots (M); mask (M, S)
    bytes over the cache slots [0, S) that attention reads; keys[l] and values[l] layer l's cache buffers, all
-   with the strides given; I the MLP's inner width. Returns 1 where memory ran out (x is then partly updated). */
+   with the strides given; I the MLP's inner width; final_norm (D) or NULL: the decoder's last norm, applied to x
+   after the layers. Returns 1 where memory ran out (x is then partly updated). */
 int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, int64_t M, int64_t D, int64_t H,
                           int64_t Hkv, int64_t hd, int64_t I, const void *cos, const void *sin, const int64_t *slots,
                           const uint8_t *mask, void *const *keys, void *const *values, int64_t S, int64_t key_batch, int64_t key_head, int64_t key_slot,
-                          int64_t value_batch, int64_t value_head, int64_t value_slot, float eps, float scale,
-                          int io_type, int act, int threads) {
+                          int64_t value_batch, int64_t value_head, int64_t value_slot, const void *final_norm,
+                          float eps, float scale, int io_type, int act, int threads) {
     const int64_t size = io_type == TYPE_F32 ? 4 : 2, wide = H * hd, narrow = Hkv * hd;
     /* h (M, D), q (M, wide), k and v (M, narrow), rotated q (M, wide), attended (M, wide), out (M, D), inner (M, I) */
     char *scratch = (char *)malloc(size * M * (2 * D + 3 * wide + 2 * narrow + I));
@@ -860,6 +861,7 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
         if (failed) break;
         for (int64_t i = 0; i < M * D; i++) write_io(x, i, read_io(x, i, io_type) + read_io(out, i, io_type), io_type);
     }
+    if (!failed && final_norm != NULL) idefics2_rms_norm(x, final_norm, x, M, D, eps, io_type); /* row by row: in place */
     free(scratch);
     return failed;
 }

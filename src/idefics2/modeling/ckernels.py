@@ -71,7 +71,13 @@ def library() -> ctypes.CDLL:
     lib.idefics2_linear_int4.argtypes = [pointer] * 5 + [size] * 4 + [flag] * 3
     lib.idefics2_gated_int4.argtypes = [pointer] * 6 + [size] * 4 + [flag] * 3
     lib.idefics2_decoder_step.argtypes = (
-        [pointer, size, pointer] + [size] * 6 + [pointer] * 6 + [size] * 7 + [ctypes.c_float] * 2 + [flag] * 3
+        [pointer, size, pointer]
+        + [size] * 6
+        + [pointer] * 6
+        + [size] * 7
+        + [pointer]
+        + [ctypes.c_float] * 2
+        + [flag] * 3
     )
     lib.idefics2_step_clock.argtypes = [pointer]
     return lib
@@ -329,12 +335,14 @@ def decoder_step(
     heads: int,
     eps: float,
     act: str,
+    final_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every decoder layer of a decode step (one token per row) in one call: x (B, 1, D) float32 or bfloat16
     -> (B, 1, D), the layers' output. cos and signed_sin (B, 1, hd) (modeling.text.RotaryTable); slots (B) the
     cache slot each row's token goes to; mask bool (B, 1, 1, S) over the slots attention reads; keys[l] and
     values[l] the layer's cache buffers (B, Hkv, L >= S, hd), all with the same strides, written at the
-    slots. The weights are `layers`' (dtype: x's for float weights)."""
+    slots. The weights are `layers`' (dtype: x's for float weights). `final_norm` (D) in x's dtype: the
+    decoder's last RMSNorm weight, applied to the output (with `eps`) in the same call."""
     b, _, dim = x.shape
     kv_heads, head_dim = keys[0].shape[1], keys[0].shape[3]
     if len(keys) != len(layers) or len(values) != len(layers):
@@ -350,8 +358,9 @@ def decoder_step(
     failed = library().idefics2_decoder_step(
         ctypes.addressof(layers.array), len(layers), out.data_ptr(), b, dim, heads, kv_heads, head_dim,
         layers.inner, cos.data_ptr(), signed_sin.data_ptr(), slots.data_ptr(), allowed.data_ptr(),
-        key_pointers, value_pointers, allowed.shape[1], *keys[0].stride()[:3], *values[0].stride()[:3], eps,
-        head_dim**-0.5, _TYPES[x.dtype], ACTIVATIONS[act], torch.get_num_threads(),
+        key_pointers, value_pointers, allowed.shape[1], *keys[0].stride()[:3], *values[0].stride()[:3],
+        _pointer(final_norm, x.dtype), eps, head_dim**-0.5, _TYPES[x.dtype], ACTIVATIONS[act],
+        torch.get_num_threads(),
     )  # fmt: skip
     if failed:
         raise MemoryError("C decoder step: out of memory for its buffers")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 import types
 
 import torch
@@ -271,7 +272,7 @@ class MistralDecoder(nn.Module):
         if keep is None and segments is None:
             stepped = self._c_decode_step(inputs_embeds, cos, sin, mask, kv_cache, cache_position)
             if stepped is not None:
-                return self.norm(stepped)
+                return stepped
         x = inputs_embeds
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -296,12 +297,12 @@ class MistralDecoder(nn.Module):
     # ---- a CPU decode step in one C call ------------------------------------------------------------------
 
     def _c_decode_step(self, x, cos, sin, mask, kv_cache, cache_position) -> torch.Tensor | None:
-        """The layers' output for a CPU decode step (one token per row, a row cache: kv_cache.row_buffers)
-        from one ckernels.decoder_step call, where every layer's weights can go there and that call is
-        measured faster than the layers' own ops (each with its own chosen kernels); else None."""
-        buffers = getattr(kv_cache, "row_buffers", None)
+        """The decoder's output (after its last norm) for a CPU decode step (one token per row, a row cache:
+        kv_cache.row_buffers, its per-layer buffers in kv_cache.keys and .values) from one
+        ckernels.decoder_step call, where every layer's weights can go there and that call is measured faster
+        than the layers' own ops (each with its own chosen kernels); else None."""
         if (
-            buffers is None
+            not hasattr(kv_cache, "row_buffers")
             or mask is None
             or x.shape[1] != 1
             or x.shape[0] > ckernels.MAX_ROWS
@@ -313,8 +314,8 @@ class MistralDecoder(nn.Module):
             or not kernels.c_kernels()
         ):
             return None
-        keys, values = zip(*(buffers(i) for i in range(len(self.layers))), strict=True)
-        if any(t.dtype != x.dtype for t in (*keys, *values)):
+        keys, values = kv_cache.keys, kv_cache.values
+        if keys[0].dtype != x.dtype or values[0].dtype != x.dtype:  # (every layer's buffers have one dtype)
             return None
         layers = self._c_layers(x.dtype)
         key = (layers or self._c_layers(x.dtype, layout="check") or _NO_LAYERS).key
@@ -326,13 +327,16 @@ class MistralDecoder(nn.Module):
             return None
         if layers is None:  # int4 weights in torch's layout: they move to the C kernels' for good
             layers = self._c_layers(x.dtype, layout="move")
-        return self._c_step(layers, x, cos, sin, cache_position, mask, keys, values)
+        norm = self.norm
+        if norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype:
+            return norm(self._c_step(layers, x, cos, sin, cache_position, mask, keys, values))
+        return self._c_step(layers, x, cos, sin, cache_position, mask, keys, values, norm.weight)
 
-    def _c_step(self, layers, x, cos, sin, slots, mask, keys, values) -> torch.Tensor:
+    def _c_step(self, layers, x, cos, sin, slots, mask, keys, values, final_norm=None) -> torch.Tensor:
         config = self.config
         return ckernels.decoder_step(
             layers, x, cos, sin, slots, mask, keys, values, config.num_attention_heads, config.rms_norm_eps,
-            config.hidden_act,
+            config.hidden_act, final_norm,
         )  # fmt: skip
 
     def _c_layers(
@@ -422,10 +426,16 @@ class _Snapshot:
                     self.entries.append((members, name, member, address))
             self.hooks += [module._forward_hooks, module._forward_pre_hooks]
 
+        # the same, as columns for holds()' loops in C (a decode step calls it)
+        self.members, self.names, self.objects, _ = zip(*self.entries) if self.entries else ((),) * 4
+        self.tensors = [member for *_, member, address in self.entries if address is not None]
+        self.addresses = [address for *_, address in self.entries if address is not None]
+
     def holds(self) -> bool:
-        return not any(self.hooks) and all(
-            members.get(name) is member and (address is None or member.data_ptr() == address)
-            for members, name, member, address in self.entries
+        return (
+            not any(self.hooks)
+            and all(map(operator.is_, map(dict.get, self.members, self.names), self.objects))
+            and list(map(torch.Tensor.data_ptr, self.tensors)) == self.addresses
         )
 
 

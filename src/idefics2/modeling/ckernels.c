@@ -441,6 +441,22 @@ static inline float softmax_exp(float x) {
     return x <= -87.0f ? 0.0f : p * power;
 }
 
+#if defined(__AVX512F__)
+/* the sums of a, b, c and d's lanes, in that order */
+static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    /* per 128-bit lane: [a0 + a2, b0 + b2, a1 + a3, b1 + b3] and the same of c, d */
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    /* per 128-bit lane: [a, b, c, d] over its four columns; then the four lanes added */
+    const __m512d abd = _mm512_castps_pd(ab), cdd = _mm512_castps_pd(cd);
+    const __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(abd, cdd)),
+                                      _mm512_castpd_ps(_mm512_unpackhi_pd(abd, cdd)));
+    const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd),
+                                      _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+#endif
+
 /* one work item of idefics2_attention: the H / Hkv query heads of kv head `kv` of batch row b; D is a constant
    where the caller knows it (the head sizes models use), and so is io_type, so the row loops unroll */
 static inline __attribute__((always_inline)) void attend(const void *q, const void *k, const void *v,
@@ -455,7 +471,26 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
     for (int64_t i = 0; i < queries * D; i++) /* heads kv * group + g, all T queries */
         rows[i] = read_io(q, (b * H + kv * group) * T * D + i, io_type);
     const int in_registers = D % LANES == 0 && D / LANES <= MAX_HEAD_VECTORS;
-    for (int64_t i = 0; i < queries && in_registers; i++) { /* the query row held in registers */
+    int64_t first = 0; /* queries before it are scored */
+#if defined(__AVX512F__)
+    for (; first + 4 <= queries && in_registers; first += 4) { /* four queries per key read, summed together */
+        const uint8_t *allowed[4];
+        for (int j = 0; j < 4; j++) allowed[j] = mask + (b * T + (first + j) % T) * S;
+        const float *query = rows + first * D;
+        for (int64_t s = 0; s < S; s++) {
+            const void *key = element(k, k0 + s * k_key, io_type);
+            vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
+            for (int64_t c = 0; c < D / LANES; c++) {
+                const vec kv = wload(key, c * LANES, io_type);
+                for (int j = 0; j < 4; j++) acc[j] = vfma(vload(query + j * D + c * LANES), kv, acc[j]);
+            }
+            float sums[4];
+            _mm_storeu_ps(sums, sum4(acc[0], acc[1], acc[2], acc[3]));
+            for (int j = 0; j < 4; j++) scores[(first + j) * S + s] = allowed[j][s] ? sums[j] * scale : -FLT_MAX;
+        }
+    }
+#endif
+    for (int64_t i = first; i < queries && in_registers; i++) { /* the query row held in registers */
         vec query[MAX_HEAD_VECTORS];
         for (int64_t c = 0; c < D / LANES; c++) query[c] = vload(rows + i * D + c * LANES);
         const uint8_t *allowed = mask + (b * T + i % T) * S;

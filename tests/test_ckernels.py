@@ -5,8 +5,10 @@ measured routes take them where they are fastest; and without a compiler nothing
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import pickle
 import platform
 import subprocess
 import sys
@@ -415,7 +417,7 @@ def test_the_decoder_step_moves_int4_weights_from_torch_layout_when_it_runs(monk
 def test_the_decoder_step_leaves_hooked_or_changed_layers_to_their_ops(monkeypatch):
     """A hook on any module of a layer (a LoRA adapter's, a user's probe) sends the step back to the layers'
     ops, so the hook runs; a weight replaced by a new tensor, or given new storage, is read from its new
-    place."""
+    place; a copy of the model reads its own weights."""
     model = decoder_model("float32")
     decoder = model.model.text_model
     calls = count_calls(monkeypatch, ckernels, "decoder_step")
@@ -435,6 +437,12 @@ def test_the_decoder_step_leaves_hooked_or_changed_layers_to_their_ops(monkeypat
     assert calls
     with kernels.force(**ROUTES):
         assert torch.equal(stepped, decode_logits(model))
+    twin = copy.deepcopy(model)  # the kept layers (memory addresses) are not copied: the twin reads its own
+    with torch.no_grad():
+        model.model.text_model.layers[0].mlp.down_proj.weight.mul_(0)
+    with kernels.force(**ROUTES, decoder_step="c"):
+        assert torch.equal(decode_logits(twin), stepped)
+        assert pickle.loads(pickle.dumps(model.model.text_model._c_layers_cache)) == {}
 
 
 @pytest.mark.parametrize("winner", ["layers", "c"])

@@ -347,7 +347,7 @@ class MistralDecoder(nn.Module):
         LoRA's, a bias, weights of another dtype). `layout`: what int4 weights in torch's layout give (see
         QuantizedLinear.c_operands): None ("held"), the weights moved ("move"), portable copies ("copy"), or
         themselves ("check": layers to take the key of, not to compute with)."""
-        cache = self.__dict__.setdefault("_c_layers_cache", {})  # not a module attribute: no state_dict entry
+        cache = self.__dict__.setdefault("_c_layers_cache", _KeptLayers())  # not in state_dict
         slot = (dtype, count, layout == "check")  # "held" and "move" give the same layers once moved
         kept = cache.get(slot)
         if layout != "copy" and kept is not None and kept[0].holds():
@@ -410,6 +410,17 @@ class MistralDecoder(nn.Module):
 
 _NO_LAYERS = types.SimpleNamespace(key=None)
 STEP_BENCH_BYTES = 2**29  # of weights read by one timed decoder step (the "decoder_step" race)
+
+
+class _KeptLayers(dict):
+    """MistralDecoder._c_layers' layers kept between steps: empty in a copy of the model (whose tensors are
+    other ones) and when pickled (they hold memory addresses)."""
+
+    def __deepcopy__(self, memo) -> _KeptLayers:
+        return _KeptLayers()
+
+    def __reduce__(self):
+        return _KeptLayers, ()
 
 
 class _Snapshot:

@@ -508,18 +508,47 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
                                     ? dot_row(rows + i * D, key, D, io_type) * scale
                                     : -FLT_MAX;
     }
-    for (int64_t i = 0; i < queries; i++) {
+    for (int64_t i = 0; i < queries; i++) { /* the loops vectorize: simd reductions, a branch-free exp */
         float *row = scores + i * S, highest = -FLT_MAX, total = 0.0f;
+#pragma omp simd reduction(max : highest)
         for (int64_t s = 0; s < S; s++) highest = row[s] > highest ? row[s] : highest;
         if (highest == -FLT_MAX) { /* nothing allowed: every score equal */
             for (int64_t s = 0; s < S; s++) row[s] = 1.0f;
         } else {
+#pragma omp simd
             for (int64_t s = 0; s < S; s++) row[s] = softmax_exp(row[s] - highest);
         }
+#pragma omp simd reduction(+ : total)
         for (int64_t s = 0; s < S; s++) total += row[s];
+#pragma omp simd
         for (int64_t s = 0; s < S; s++) row[s] /= total;
     }
-    for (int64_t i = 0; i < queries && in_registers; i++) { /* the output row held in registers */
+    first = 0; /* queries before it are summed */
+#if defined(__AVX512F__)
+    /* QB queries per value row read (as many as 16 accumulators hold): each accumulator takes one multiply-add
+       per key, so the queries' chains run side by side instead of one after the other */
+    const int64_t QB = D / LANES <= 4 ? 4 : 2;
+    for (; first + QB <= queries && in_registers && D / LANES <= 8; first += QB) {
+        vec acc[4][8];
+        for (int64_t j = 0; j < QB; j++)
+            for (int64_t c = 0; c < D / LANES; c++) acc[j][c] = vzero();
+        for (int64_t s = 0; s < S; s++) {
+            int attended = 0; /* a slot no query attends to is not read (it may hold anything) */
+            for (int64_t j = 0; j < QB; j++) attended |= scores[(first + j) * S + s] != 0.0f;
+            if (!attended) continue;
+            const void *value = element(v, v0 + s * v_key, io_type);
+            vec row[8];
+            for (int64_t c = 0; c < D / LANES; c++) row[c] = wload(value, c * LANES, io_type);
+            for (int64_t j = 0; j < QB; j++) {
+                const vec weight = vset(scores[(first + j) * S + s]);
+                for (int64_t c = 0; c < D / LANES; c++) acc[j][c] = vfma(weight, row[c], acc[j][c]);
+            }
+        }
+        for (int64_t j = 0; j < QB; j++)
+            for (int64_t c = 0; c < D / LANES; c++) vstore(sums + (first + j) * D + c * LANES, acc[j][c]);
+    }
+#endif
+    for (int64_t i = first; i < queries && in_registers; i++) { /* the output row held in registers */
         vec acc[MAX_HEAD_VECTORS];
         for (int64_t c = 0; c < D / LANES; c++) acc[c] = vzero();
         for (int64_t s = 0; s < S; s++) {

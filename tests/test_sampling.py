@@ -211,3 +211,19 @@ def test_rows_with_different_controls_choose_as_each_would_alone():
     alone = [sample_rows(scores[i : i + 1], [r])[0][0] for i, r in enumerate(rows())]
     assert together == alone and not errors and torch.equal(scores, kept)
     assert together[3] != int(scores[3].argmax())  # held back from its end token
+
+
+def test_greedy_rows_under_their_minimum_length_take_the_best_token_that_does_not_end():
+    """The minimum length masks the end tokens: a greedy row whose argmax is an end token takes the best
+    other token; one whose argmax is not an end token keeps it, even beside an end token of the same logit
+    (the first largest logit wins either way); a row past its minimum may end."""
+    scores = torch.zeros(4, VOCAB)
+    scores[0, [3, 7]] = torch.tensor([5.0, 4.0])  # the end token 3 is best: 7 instead
+    scores[1, [3, 7]] = 5.0  # the end token 3 ties with 7 and comes first: 7
+    scores[2, [7, 9]] = 5.0  # the end token 9 ties with 7 after it: 7 either way
+    scores[3, [3, 7]] = torch.tensor([5.0, 4.0])  # past its minimum length: it may end
+    rows = [row(eos_token_id=[3, 9], min_new_tokens=2) for _ in range(3)] + [row(eos_token_id=[3, 9])]
+    masked = scores.clone()
+    masked[:3, [3, 9]] = float("-inf")
+    tokens, errors = sample_rows(scores, rows)
+    assert not errors and tokens == [7, 7, 7, 3] == masked.argmax(-1).tolist()

@@ -79,8 +79,13 @@ def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> tuple[list[
     maps the index of each row that cannot go on (its grammar allows no token that banned words leave) to
     the ValueError saying so; such a row's token is meaningless."""
     errors: dict[int, ValueError] = {}
-    if all(row.plain_greedy and not row.holds_back_eos() for row in rows):
-        return logits.argmax(dim=-1).tolist(), errors
+    if all(row.plain_greedy for row in rows):
+        tokens = logits.argmax(dim=-1).tolist()
+        # a row that may not end yet keeps its argmax unless that is an end token: masking the end tokens
+        # cannot move an argmax that is none of them (it is the first largest logit either way)
+        held = [row.holds_back_eos() and token in row.eos for row, token in zip(rows, tokens, strict=True)]
+        if not any(held):
+            return tokens, errors
     scores = logits.clone()
     everyone = range(len(rows))
     penalized = [i for i in everyone if rows[i].seen is not None]

@@ -263,9 +263,11 @@ static void quantize_row(const float *x, int64_t K, int16_t *x16, float *xs) {
     for (int64_t b0 = 0; b0 < K; b0 += QBLOCK) {
         const int64_t b1 = b0 + QBLOCK < K ? b0 + QBLOCK : K;
         float largest = 0.0f;
+#pragma omp simd reduction(max : largest)
         for (int64_t k = b0; k < b1; k++) largest = fabsf(x[k]) > largest ? fabsf(x[k]) : largest;
         const float step = largest > 0.0f ? largest / 32767.0f : 1.0f;
         xs[b0 / QBLOCK] = step;
+#pragma omp simd
         for (int64_t k = b0; k < b1; k++) x16[k] = (int16_t)lrintf(x[k] / step);
     }
 }
@@ -749,9 +751,11 @@ static int int4_prepare(const void *x, int64_t M, int64_t K, int64_t G, int io_t
                 const float *from = p->split + m * K + part * half + g * G / 2;
                 int16_t *to = p->x16 + m * K + part * half + g * G / 2;
                 float largest = 0.0f;
+#pragma omp simd reduction(max : largest)
                 for (int64_t j = 0; j < G / 2; j++) largest = fabsf(from[j]) > largest ? fabsf(from[j]) : largest;
                 const float step = largest > 0.0f ? largest / 32767.0f : 1.0f;
                 p->steps[(m * 2 + part) * groups + g] = step;
+#pragma omp simd
                 for (int64_t j = 0; j < G / 2; j++) to[j] = (int16_t)lrintf(from[j] / step);
             }
 #endif

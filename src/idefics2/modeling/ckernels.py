@@ -7,11 +7,11 @@ bfloat16 (AVX512-BF16 pairs where the CPU has them) or int8 with float32 scales,
 MLP's product fused in. It is only a candidate: idefics2.modeling.kernels times it against torch's kernels
 on each weights shape and keeps it only where it is faster and agrees with them.
 
-The library is compiled with `$CC` (default `cc`) at `-O3 -march=native -fopenmp` into a private temporary
-folder the first time a process needs it (about 0.3 s), loaded from there, and never written anywhere
-else: nothing built by another process or found on disk is ever loaded. Without a compiler (or with
-`IDEFICS2_C_KERNELS=0`) `available()` is False and torch's kernels run. The OpenMP runtime is the one torch
-already loaded (the same soname), so its threads are torch's threads.
+The library is compiled with `$CC` (default `cc`) at `-O3 -march=native -fno-math-errno -fopenmp` into a
+private temporary folder the first time a process needs it (about 0.3 s), loaded from there, and never
+written anywhere else: nothing built by another process or found on disk is ever loaded. Without a
+compiler (or with `IDEFICS2_C_KERNELS=0`) `available()` is False and torch's kernels run. The OpenMP runtime
+is the one torch already loaded (the same soname), so its threads are torch's threads.
 """
 
 from __future__ import annotations
@@ -50,7 +50,17 @@ def library() -> ctypes.CDLL:
     # IDEFICS2_C_KERNELS_MARCH: another instruction set than this CPU's (tests build the AVX2 and the plain
     # x86-64 code on any x86 machine)
     march = os.environ.get("IDEFICS2_C_KERNELS_MARCH", "native")
-    command = [compiler, "-O3", f"-march={march}", "-fopenmp", "-std=gnu11", "-shared", "-fPIC"]
+    # -fno-math-errno: lrintf / expf set no errno, so the loops that round or exponentiate vectorize
+    command = [
+        compiler,
+        "-O3",
+        f"-march={march}",
+        "-fno-math-errno",
+        "-fopenmp",
+        "-std=gnu11",
+        "-shared",
+        "-fPIC",
+    ]
     try:
         built = subprocess.run(
             [*command, str(SOURCE), "-o", target, "-lm"], capture_output=True, text=True, timeout=120

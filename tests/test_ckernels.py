@@ -443,6 +443,12 @@ def test_the_decoder_step_leaves_hooked_or_changed_layers_to_their_ops(monkeypat
     with kernels.force(**ROUTES, decoder_step="c"):
         assert torch.equal(decode_logits(twin), stepped)
         assert pickle.loads(pickle.dumps(model.model.text_model._c_layers_cache)) == {}
+    swapped = attention.Linear(64, 64, bias=False)  # a submodule replaced
+    decoder.layers[1].self_attn.o_proj = swapped
+    with kernels.force(**ROUTES, decoder_step="c"):
+        stepped = decode_logits(model)
+    with kernels.force(**ROUTES):
+        assert torch.equal(stepped, decode_logits(model))
 
 
 @pytest.mark.parametrize("winner", ["layers", "c"])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
-import operator
 import types
 
 import torch
@@ -376,7 +376,7 @@ class MistralDecoder(nn.Module):
         shape = (dtype, config.hidden_size, config.intermediate_size, config.num_attention_heads)
         layers = ckernels.DecoderLayers(operands, key=shape)
         if layout != "copy":
-            cache[slot] = (_Snapshot(self.layers[:count]), layers)
+            cache[slot] = (_Snapshot(self.layers[:count], tensors), layers)
         return layers
 
     def _step_bench(self, dtype: torch.dtype):
@@ -423,29 +423,40 @@ class _KeptLayers(dict):
         return _KeptLayers, ()
 
 
+_registrations = [0]  # parameters, buffers and submodules assigned to any module of this process so far
+
+
+@functools.cache
+def _count_registrations() -> None:
+    """Count every parameter, buffer and submodule assigned to any module from now on (torch's global
+    registration hooks; they see `module.weight = ...`, a buffer replaced, a submodule swapped)."""
+
+    def count(*args) -> None:
+        _registrations[0] += 1
+
+    for register in (
+        torch.nn.modules.module.register_module_parameter_registration_hook,
+        torch.nn.modules.module.register_module_buffer_registration_hook,
+        torch.nn.modules.module.register_module_module_registration_hook,
+    ):
+        register(count)
+
+
 class _Snapshot:
-    """What the modules under `root` compute with, to tell cheaply whether it changed since: every parameter,
-    buffer and submodule (the same objects), each tensor's storage (`param.data = ...` and dtype moves keep
-    the object and change it), and their hooks (none)."""
+    """Whether the layers under `root` still compute with `tensors` as they did, told cheaply: no parameter,
+    buffer or submodule assigned to any module since, each of `tensors` on the same storage
+    (`param.data = ...` and `.to()` keep the object and change its storage), and no hooks under `root`."""
 
-    def __init__(self, root: nn.Module) -> None:
-        self.entries, self.hooks = [], []
-        for module in root.modules():
-            for members in (module._parameters, module._buffers, module._modules):
-                for name, member in members.items():
-                    address = member.data_ptr() if isinstance(member, torch.Tensor) else None
-                    self.entries.append((members, name, member, address))
-            self.hooks += [module._forward_hooks, module._forward_pre_hooks]
-
-        # the same, as columns for holds()' loops in C (a decode step calls it)
-        self.members, self.names, self.objects, _ = zip(*self.entries) if self.entries else ((),) * 4
-        self.tensors = [member for *_, member, address in self.entries if address is not None]
-        self.addresses = [address for *_, address in self.entries if address is not None]
+    def __init__(self, root: nn.Module, tensors: list[torch.Tensor]) -> None:
+        _count_registrations()
+        self.registrations = _registrations[0]
+        self.hooks = [hooks for m in root.modules() for hooks in (m._forward_hooks, m._forward_pre_hooks)]
+        self.tensors, self.addresses = tensors, [t.data_ptr() for t in tensors]
 
     def holds(self) -> bool:
         return (
-            not any(self.hooks)
-            and all(map(operator.is_, map(dict.get, self.members, self.names), self.objects))
+            self.registrations == _registrations[0]
+            and not any(self.hooks)
             and list(map(torch.Tensor.data_ptr, self.tensors)) == self.addresses
         )
 

@@ -719,3 +719,18 @@ def test_calibrate_flag_quantizes_with_scales_or_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--calibrate N needs --quantize" in err[0], err
     assert main([*common, "--calibrate", "1", "--quantize", "int4"]) == 0
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_dequantizing_route_runs_inside_and_outside_inference_mode(bits):
+    """The buffer the dequantized product reuses is an ordinary tensor: made inside inference mode (a
+    generation) it is still written by a later call under no_grad (an evaluation) on the same thread."""
+    layer_module._workspaces.__dict__.pop("buffers", None)
+    linear = QuantizedLinear.from_float(torch.randn(64, 128) * 0.02, None, bits, 32)
+    x = torch.randn(40, 128)
+    want = x @ linear.dequantized_weight(torch.float32).T
+    with torch.inference_mode():
+        first = linear.dequantized_product(x)
+    with torch.no_grad():
+        second = linear.dequantized_product(x)
+    assert torch.allclose(first, want, atol=1e-5) and torch.allclose(second, want, atol=1e-5)

@@ -26,6 +26,7 @@ class ModelRunner:
         self.cache = RowKVCache(model, rows, length)
         self.window = model.config.text_config.sliding_window
         self.rows, self.length = rows, length
+        self.slot_numbers = torch.arange(length, device=self.device)  # read by every decode step's mask
         use_graphs = self.device.type == "cuda" and getattr(model, "cuda_graphs", False)
         self.graphs = DecodeGraphs(model, self.decode_step, rows, length) if use_graphs else None
 
@@ -102,7 +103,7 @@ class ModelRunner:
     def decode_step(self, token_ids: torch.Tensor, slots: torch.Tensor, n_keys: int, start: int = 0):
         """The decode computation on tensors: token_ids (B, 1), slots (B,), attending over cache slots
         [0, n_keys) of rows [start, start + B), each row masked to its own slots; logits (B, V) float32."""
-        keys = torch.arange(n_keys, device=self.device)
+        keys = self.slot_numbers[:n_keys]
         allowed = keys[None, :] <= slots[:, None]  # (B, S): a row sees its own slots up to its new one
         if self.window is not None:
             allowed &= keys[None, :] > slots[:, None] - self.window

@@ -359,10 +359,12 @@ def decoder_step(
         raise ValueError(f"decoder_step: {len(layers)} layers, {len(keys)} keys, {len(values)} values")
     if any(t.stride() != keys[0].stride() for t in (*keys, *values)) or keys[0].stride(-1) != 1:
         raise ValueError("decoder_step: every cache buffer has one layout with its last axis contiguous")
+    allowed = mask.reshape(b, -1).contiguous().view(torch.uint8)  # bool: one byte each, 0 or 1
+    if allowed.shape[1] > keys[0].shape[2] or b > keys[0].shape[0]:
+        raise ValueError(f"decoder_step: {b} rows, {allowed.shape[1]} slots; cache {tuple(keys[0].shape)}")
     out = x.contiguous().clone()
     cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
     slots = slots.to(torch.int64).contiguous()
-    allowed = mask.reshape(b, -1).to(torch.uint8).contiguous()
     key_pointers = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
     value_pointers = (ctypes.c_void_p * len(values))(*(t.data_ptr() for t in values))
     failed = library().idefics2_decoder_step(

@@ -58,7 +58,8 @@ def workspace(numel: int, dtype: torch.dtype, device: torch.device, use: str = "
     key = (use, dtype, device)
     buffer = buffers.get(key)
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: written in place inside inference mode or not
+            buffer = buffers[key] = torch.empty(numel, dtype=dtype, device=device)
     return buffer[:numel]
 
 

@@ -249,6 +249,12 @@ def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):
     attention_rows = [line.split() for line in lines if line.startswith("attention ")]
     assert {row[3] for row in attention_rows} == {"keys<=512", "keys<=2048", "keys>2048"}, attention_rows
     assert all(row[5] in ("grouped", "c", "sdpa") for row in attention_rows)
+    step_rows = [line.split() for line in lines if line.startswith(("decoder_step ", "rope "))]
+    # a whole decode step: the rotary-and-cache write and the one-call decoder step, for 1 and 2-8 rows
+    assert {(row[0], row[row.index("us") - 3]) for row in step_rows} == {
+        (op, rows) for op in ("decoder_step", "rope") for rows in ("1", "2-8")
+    }, step_rows
+    assert all(row[row.index("us") - 2] in ("c", "layers", "torch") for row in step_rows)
     assert (tmp_path / "kernels.json").exists()
 
 

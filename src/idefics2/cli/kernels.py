@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("choices: not measured (IDEFICS2_KERNEL_TUNING=0): the preferred kernel of each op")
     table = kernels.choices()
-    print(f"{'op':<9} {'weights':<32} {'rows':<8} {'kernel':<20} {'time':>10}  others")
+    print(f"{'op':<12} {'weights':<40} {'rows':<8} {'kernel':<20} {'time':>10}  others")
     for key in keys:
         op, shape, rows = key[:3]
         dtype, n, k = (*shape, None)[:3]
@@ -71,9 +71,14 @@ def run(args: argparse.Namespace) -> int:
             weights = f"{kernels.describe(dtype)} {kernels.describe(n)} 2x{k}x{shape[3]} {shape[4]}"
         if op == "rms_norm":  # dtype, width
             weights = f"{kernels.describe(dtype)} {n}"
+        if op == "rope":  # dtype, heads, kv heads, head size
+            weights = f"{kernels.describe(dtype)} {n}/{k}x{shape[3]}"
+        if op == "decoder_step":  # dtype, hidden size, MLP width, heads, layers, weight formats
+            formats = "+".join(shape[5:])
+            weights = f"{kernels.describe(dtype)} {shape[4]}x({n}, {k}, {shape[3]}h) {formats}"
         mine = f"{times[kernel] * 1e6:.1f} us" if kernel in times else "-"
         others = ", ".join(f"{name} {t * 1e6:.1f} us" for name, t in times.items() if name != kernel)
-        print(f"{op:<9} {weights:<32} {rows:<8} {kernel:<20} {mine:>10}  {others}")
+        print(f"{op:<12} {weights:<40} {rows:<8} {kernel:<20} {mine:>10}  {others}")
     return 0
 
 
@@ -111,6 +116,26 @@ def run_every_product(model) -> list[tuple]:
                     keys.append(key)
         keys += _decode_step_choices(model, seen)
         keys += _decode_attention_choices(model, seen)
+        keys += _whole_step_choices(model, seen)
+    return keys
+
+
+def _whole_step_choices(model, seen: set) -> list[tuple]:
+    """Run whole decode steps of the decoder (rows of the first two decode classes, one cached slot each),
+    which makes the remaining ops of a step (the rotary-and-cache write, the one-call decoder step) be
+    measured (or read); returns the new choices' keys."""
+    from idefics2.decoding.runner import ModelRunner
+    from idefics2.modeling import kernels
+
+    if model.lm_head.weight.device.type != "cpu":
+        return []
+    keys = []
+    for most, _ in kernels.ROW_CLASSES[:2]:
+        before = kernels.choices().keys()
+        ModelRunner(model, most, 8).decode([1] * most, [0] * most)
+        for key in kernels.choices().keys() - before - seen:
+            seen.add(key)
+            keys.append(key)
     return keys
 
 

@@ -362,8 +362,9 @@ class QuantizedLinear(nn.Module):
             return out if act is None or fused is not None else activation(act)(out)
         if kernel == "kernel" and self.bits == 4 and self.packing is None:
             # the layer went to the C kernels' layout since this choice was made: their product where it runs
-            c_runs = "c" in self.kernel_names(x.device, x.dtype, x.numel() // self.in_features)
-            kernel = "c" if c_runs else "dequantize"
+            # (decode rows), else the preferred dequantized product (in bfloat16 where the CPU has it)
+            names = self.kernel_names(x.device, x.dtype, x.numel() // self.in_features)
+            kernel = "c" if "c" in names else names[0]
         if kernel != "kernel":
             low = kernel == "dequantize_bfloat16"
             return self.dequantized_product(x, act, torch.bfloat16 if low else None)

@@ -308,6 +308,7 @@ class MistralDecoder(nn.Module):
             or x.shape[0] > ckernels.MAX_ROWS
             or not x.is_cpu
             or torch.is_grad_enabled()
+            or (self.training and self.config.attention_dropout > 0)  # the layers' ops drop attention weights
             or x.dtype not in ckernels.DTYPES
             or cos.dtype != x.dtype
             or self.config.hidden_act not in ckernels.ACTIVATIONS

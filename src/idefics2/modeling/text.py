@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import types
 
 import torch
 import torch.utils.checkpoint
@@ -319,15 +318,16 @@ class MistralDecoder(nn.Module):
         if keys[0].dtype != x.dtype or values[0].dtype != x.dtype:  # (every layer's buffers have one dtype)
             return None
         layers = self._c_layers(x.dtype)
-        key = (layers or self._c_layers(x.dtype, layout="check") or _NO_LAYERS).key
-        if key is None:
+        checked = layers or self._c_layers(x.dtype, layout="check")  # int4 weights still in torch's layout
+        if checked is None:
             return None
-        rows = x.shape[0]
-        kernel = kernels.choose("decoder_step", key, rows, lambda: ["layers", "c"], self._step_bench(x.dtype))
-        if kernel != "c":
+        rows, bench = x.shape[0], self._step_bench(x.dtype)
+        if kernels.choose("decoder_step", checked.key, rows, lambda: ["layers", "c"], bench) != "c":
             return None
         if layers is None:  # int4 weights in torch's layout: they move to the C kernels' for good
             layers = self._c_layers(x.dtype, layout="move")
+            if layers is None:
+                return None
         norm = self.norm
         if norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype:
             return norm(self._c_step(layers, x, cos, sin, cache_position, mask, keys, values))
@@ -409,7 +409,6 @@ class MistralDecoder(nn.Module):
         return make
 
 
-_NO_LAYERS = types.SimpleNamespace(key=None)
 STEP_BENCH_BYTES = 2**29  # of weights read by one timed decoder step (the "decoder_step" race)
 
 

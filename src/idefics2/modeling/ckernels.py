@@ -4,8 +4,10 @@ torch's matrix-vector kernels read a decode step's weights well below the memory
 bfloat16 product widens every weight one at a time; its int8 kernel wants bfloat16 activations and a second
 pass for float32 scales). ckernels.c streams each weight row once for all activation rows, in float32,
 bfloat16 (AVX512-BF16 pairs where the CPU has them) or int8 with float32 scales, with SiLU and the gated
-MLP's product fused in. It is only a candidate: idefics2.modeling.kernels times it against torch's kernels
-on each weights shape and keeps it only where it is faster and agrees with them.
+MLP's product fused in; with RMSNorm, rotary and cache write, and decode attention beside them, it also
+runs every decoder layer of a decode step in one call (`decoder_step`). It is only a candidate:
+idefics2.modeling.kernels times it against torch's kernels on each weights shape (the one-call step against
+the layers' own ops) and keeps it only where it is faster and agrees with them.
 
 The library is compiled with `$CC` (default `cc`) at `-O3 -march=native -fno-math-errno -fopenmp` into a
 private temporary folder the first time a process needs it (about 0.3 s), loaded from there, and never

@@ -889,9 +889,10 @@ void idefics2_step_clock(double *seconds) {
    after the layers. Returns 1 where memory ran out (x is then partly updated). */
 int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, int64_t M, int64_t D, int64_t H,
                           int64_t Hkv, int64_t hd, int64_t I, const void *cos, const void *sin, const int64_t *slots,
-                          const uint8_t *mask, void *const *keys, void *const *values, int64_t S, int64_t key_batch, int64_t key_head, int64_t key_slot,
-                          int64_t value_batch, int64_t value_head, int64_t value_slot, const void *final_norm,
-                          float eps, float scale, int io_type, int act, int threads) {
+                          const uint8_t *mask, void *const *keys, void *const *values, int64_t S, int64_t key_batch,
+                          int64_t key_head, int64_t key_slot, int64_t value_batch, int64_t value_head,
+                          int64_t value_slot, const void *final_norm, float eps, float scale, int io_type, int act,
+                          int threads) {
     const int64_t size = io_type == TYPE_F32 ? 4 : 2, wide = H * hd, narrow = Hkv * hd;
     /* h (M, D), q (M, wide), k and v (M, narrow), rotated q (M, wide), attended (M, wide), out (M, D), inner (M, I) */
     char *scratch = (char *)malloc(size * M * (2 * D + 3 * wide + 2 * narrow + I));
@@ -900,6 +901,7 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
     char *rotated = v + size * M * narrow, *attended = rotated + size * M * wide, *out = attended + size * M * wide;
     char *inner = out + size * M * D;
     int failed = 0;
+    double products = 0.0, attending = 0.0; /* this call's seconds, added to the clock once at the end */
     for (int64_t l = 0; l < n_layers && !failed; l++) {
         const layer_ref *layer = layers + l;
         idefics2_rms_norm(x, layer->input_norm, h, M, D, eps, io_type);
@@ -907,7 +909,7 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
         failed |= weight_product(h, &layer->q, NULL, q, M, wide, D, io_type, ACT_NONE, threads);
         failed |= weight_product(h, &layer->k, NULL, k, M, narrow, D, io_type, ACT_NONE, threads);
         failed |= weight_product(h, &layer->v, NULL, v, M, narrow, D, io_type, ACT_NONE, threads);
-        product_seconds += now() - start;
+        products += now() - start;
         if (failed) break;
         idefics2_rope_store(q, k, v, cos, sin, rotated, keys[l], values[l], slots, M, H, Hkv, hd, key_batch,
                             key_head, key_slot, value_batch, value_head, value_slot, io_type);
@@ -915,21 +917,25 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
         failed |= idefics2_attention(rotated, keys[l], values[l], mask, attended, M, H, Hkv, 1, S, hd,
                                      key_batch, key_head, key_slot, value_batch, value_head, value_slot, scale,
                                      io_type, threads);
-        attention_seconds += now() - start;
+        attending += now() - start;
         start = now();
         failed |= weight_product(attended, &layer->o, NULL, out, M, D, wide, io_type, ACT_NONE, threads);
-        product_seconds += now() - start;
+        products += now() - start;
         if (failed) break;
         for (int64_t i = 0; i < M * D; i++) write_io(x, i, read_io(x, i, io_type) + read_io(out, i, io_type), io_type);
         idefics2_rms_norm(x, layer->post_norm, h, M, D, eps, io_type);
         start = now();
         failed |= weight_product(h, &layer->gate, &layer->up, inner, M, I, D, io_type, act, threads);
         failed |= weight_product(inner, &layer->down, NULL, out, M, D, I, io_type, ACT_NONE, threads);
-        product_seconds += now() - start;
+        products += now() - start;
         if (failed) break;
         for (int64_t i = 0; i < M * D; i++) write_io(x, i, read_io(x, i, io_type) + read_io(out, i, io_type), io_type);
     }
-    if (!failed && final_norm != NULL) idefics2_rms_norm(x, final_norm, x, M, D, eps, io_type); /* row by row: in place */
+    if (!failed && final_norm != NULL) idefics2_rms_norm(x, final_norm, x, M, D, eps, io_type); /* in place, by row */
     free(scratch);
+#pragma omp atomic
+    product_seconds += products;
+#pragma omp atomic
+    attention_seconds += attending;
     return failed;
 }

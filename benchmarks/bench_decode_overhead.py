@@ -83,10 +83,15 @@ def step_times(model, input_ids: torch.Tensor, new_tokens: int, mark: bool = Fal
             STEP_CLOCKS.append(ckernels.step_clock() if ckernels.available() else (0.0, 0.0))
         times.append(time.perf_counter())
 
+    greedy(model, input_ids, new_tokens, on_token)
+    return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+
+def greedy(model, input_ids: torch.Tensor, new_tokens: int, on_token) -> None:
+    """Exactly `new_tokens` greedy tokens, `on_token` called at each."""
     with torch.inference_mode():
         model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        eos_token_id=2, pad_token_id=0, streamer=on_token)  # fmt: skip
-    return [b - a for a, b in zip(times, times[1:], strict=False)]
 
 
 def timed_split(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float, float] | None:
@@ -110,9 +115,7 @@ def timed_split(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float,
 
     head.forward = timed_head
     try:
-        with torch.inference_mode():
-            model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           eos_token_id=2, pad_token_id=0, streamer=on_token)  # fmt: skip
+        greedy(model, input_ids, new_tokens, on_token)
     finally:
         del head.forward  # the class's method again
     (start, *first), (end, *last) = marks[0], marks[-1]

@@ -97,15 +97,11 @@ def call_name(call) -> str:
 
 
 def test_row_classes():
-    assert [kernels.row_class(r) for r in (1, 2, 8, 9, 32, 33, 4000)] == [
-        "1",
-        "2-8",
-        "2-8",
-        "9-32",
-        "9-32",
-        "prefill",
-        "prefill",
-    ]
+    rows = (1, 2, 8, 9, 32, 33, 512, 513, 4000)
+    classes = ["1", "2-8", "2-8", "9-32", "9-32", "prefill", "prefill", "long", "long"]
+    assert [kernels.row_class(r) for r in rows] == classes
+    # each class is timed at rows of its own class
+    assert all(kernels.row_class(kernels.class_rows(name)) == name for name in classes)
 
 
 def test_the_fastest_measured_kernel_runs_and_is_remembered(tuning, tmp_path):
@@ -149,6 +145,43 @@ def test_the_fastest_measured_kernel_runs_and_is_remembered(tuning, tmp_path):
         torch.set_num_threads(threads)
     assert len(clock.samples) == 2 * kernels.TIMING_ROUNDS
     assert len(json.loads((tmp_path / "kernels.json").read_text())) == 2
+
+
+def test_training_products_are_raced_per_layout_and_row_class(tuning):
+    """A LoRA layer's training step (forward and hand-written backward, no autograd inside) takes the
+    measured kernel for its base product, its transposed weight (the backward's grad @ W) measured apart,
+    and long rows (a training batch) apart from prefill rows; the gradients stay exact."""
+    if not kernels.onednn_linear(torch.float32):
+        pytest.skip("no oneDNN float32 linear kernel here: one kernel, nothing to choose")
+    from idefics2.lora import LoraConfig, add_lora
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(attention.Linear(32, 48, bias=False))
+    add_lora(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["0"]))
+    torch.nn.init.normal_(model[0].lora_B.weight)
+    model[0].weight.requires_grad_(False)
+    clock = tuning({"onednn": 2e-6, "aten": 1e-6})
+    x = torch.randn(600, 32, requires_grad=True)
+    model(x).square().sum().backward()
+    made = {
+        (key[1][1:3], key[1][5:], key[2]): made
+        for key, made in kernels.choices().items()
+        if key[0] == "linear"
+    }
+    for key in (
+        ((48, 32), (), "long"),  # x @ W.T
+        ((32, 48), ("transposed",), "long"),  # grad @ W
+        ((4, 32), (), "long"),  # x @ A.T
+        ((4, 48), ("transposed",), "long"),  # grad @ B
+    ):
+        kernel, times = made[key]
+        assert kernel == "aten" and set(times) == {"aten", "onednn"}, (key, made[key])
+    assert clock.samples
+    expected_x = x.detach().requires_grad_(True)
+    layer = model[0]
+    a, b, scaling = layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), layer.lora_scaling
+    (expected_x @ layer.weight.t() + scaling * (expected_x @ a.t()) @ b.t()).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected_x.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_machine_key_names_cpu_torch_and_threads():
@@ -244,7 +277,7 @@ def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):
     assert float(lines[3].split()[2]) > 0  # read bandwidth: N GB/s
     rows = [line.split() for line in lines if line.startswith("linear ")]
     classes = {row[row.index("us") - 3] for row in rows}  # op, weights, rows class, kernel, time, us, ...
-    assert classes == {"1", "2-8", "9-32", "prefill"}  # decoder layers in every class, the vision tower's
+    assert classes == {"1", "2-8", "9-32", "prefill", "long"}  # decode classes: the decoder's layers only
     assert all(row[row.index("us") - 2] in ("onednn_fused", "onednn", "c", "aten") for row in rows)
     attention_rows = [line.split() for line in lines if line.startswith("attention ")]
     assert {row[3] for row in attention_rows} == {"keys<=512", "keys<=2048", "keys>2048"}, attention_rows

@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from idefics2.decoding.sampler import RowSampler, sample_rows
+from idefics2.decoding.sampler import RowSampler, first_largest, sample_rows
 from idefics2.sampling import BadWords, mark_seen_, repetition_penalty_, top_k_filter, top_p_filter
 
 VOCAB = 50
@@ -175,6 +175,20 @@ def test_same_seed_same_draws_and_greedy_is_argmax():
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert sample_rows(scores, [row() for _ in scores])[0] == scores.argmax(-1).tolist()
     assert torch.equal(draw(scores, 0, top_k=1), scores.argmax(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_greedy_pick_is_argmax_on_ties_nan_and_infinities(dtype):
+    scores = torch.randn(6, 32003, generator=torch.Generator().manual_seed(3))
+    scores[0, [7, 30000]] = 50.0  # a tie: the first
+    scores[1, [9, 20]] = float("nan")  # a NaN wins, the first one
+    scores[2] = float("-inf")  # nothing allowed: index 0
+    scores[3, [5, 31000]] = float("inf")
+    scores[4, 32002] = 50.0  # the last index
+    scores[5] = 0.0  # all equal
+    picked = first_largest(scores.to(dtype))
+    assert picked.tolist() == [7, 9, 0, 5, 32002, 0]
+    assert torch.equal(picked, scores.to(dtype).argmax(-1))
 
 
 def test_the_chain_draws_what_transformers_processors_give_with_the_same_generator():

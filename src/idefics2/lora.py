@@ -19,13 +19,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from idefics2.hub import CheckpointError, CheckpointNotFoundError, read_json, resolve_checkpoint
-from idefics2.modeling import kernels
-from idefics2.modeling.attention import activation
+from idefics2.modeling.attention import activation, linear
 from idefics2.quantization import QuantizedLinear
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -203,15 +201,12 @@ def _fused_applies(module: nn.Module, x: torch.Tensor) -> bool:
     )
 
 
-def linear_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (T, in) @ weight.T (+ bias) for training's hand-written backward passes (no autograd): on CPU by
-    oneDNN where it runs for the dtype, else torch's. `weight` may be a transposed view (the backward's
-    grad @ W). On AMD Zen 4 (float32, 2 threads, ~1,300 rows) oneDNN takes 1.3x less time than torch's
-    default product for the layers' weights, and for an adapter's rank-8 products (x @ A.T, grad @ B) it
-    avoids the default's very slow route (0.5 ms instead of 48 ms for x @ A.T)."""
-    if x.is_cpu and kernels.onednn_linear(x.dtype):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
+# x (T, in) @ weight.T (+ bias) in training's hand-written backward passes (here and in the training loss),
+# which run without autograd: on CPU by the kernel measured fastest for these rows and this weight, a
+# transposed view (grad @ W) measured apart. For an adapter's rank-8 products (x @ A.T, grad @ B) the race
+# keeps away from a very slow route of torch's default product on AMD Zen 4 (48 ms instead of oneDNN's 0.5
+# ms for x @ A.T); on an Intel Xeon torch's default product wins the layers' products at ~1,000 rows.
+linear_product = linear
 
 
 class _FrozenLinearWithLora(torch.autograd.Function):

@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
         "kernels",
         help="this CPU's features, read bandwidth, and the kernel chosen for each product",
         description="Print this CPU's features, its measured read bandwidth, and for each weights shape of "
-        "the model and each class of rows (decode 1, 2-8, 9-32, prefill) the kernel chosen and the time "
+        "the model and each class of rows (decode 1, 2-8, 9-32; prefill up to 512, long past it) the kernel "
+        "chosen and the time "
         "per call of each kernel measured. Choices are measured once per machine and kept in a file "
         "(IDEFICS2_KERNELS_CACHE; delete it to measure again).",
     )
@@ -103,9 +104,9 @@ def run_every_product(model) -> list[tuple]:
         for name, layer in model.named_modules():
             if not isinstance(layer, Linear | QuantizedLinear) or layer.weight.device.type != "cpu":
                 continue
-            classes = [*(n for _, n in kernels.ROW_CLASSES), "prefill"]
+            classes = [*(n for _, n in kernels.ROW_CLASSES), "prefill", "long"]
             if not name.startswith(DECODER_PREFIXES):
-                classes = ["prefill"]
+                classes = ["prefill", "long"]
             act = activations.get(name)
             for rows_class in classes:
                 x = torch.zeros(kernels.class_rows(rows_class), layer.in_features, dtype=layer.weight.dtype)

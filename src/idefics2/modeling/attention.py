@@ -261,12 +261,14 @@ def linear(
 ) -> torch.Tensor:
     """act(x @ weight.T + bias) (no activation when act is None).
 
-    On CPU under no_grad / inference_mode this runs the kernel measured fastest here for this weights shape
-    and number of rows (idefics2.modeling.kernels.choose): oneDNN's linear kernel where the CPU supports it
-    for the dtype, with the activation fused in or not, or torch's default product. On AMD Zen 4/5 oneDNN
-    wins (2-2.5x for prefill in float32, and up to 1.7x the default matrix-vector product's bandwidth for
-    decode steps); on some Intel CPUs the default one reads decode weights faster. Elsewhere, and for
-    training, torch's default kernels.
+    On CPU under no_grad / inference_mode (and in training's hand-written backward passes, which run
+    without autograd) this runs the kernel measured fastest here for this weight (its shape, dtype, and
+    whether it is a transposed view, as a backward pass's grad @ W multiplies by) and number of rows
+    (idefics2.modeling.kernels.choose): oneDNN's linear kernel where the CPU supports it for the dtype, with
+    the activation fused in or not, our C matrix-vector kernel for decode rows, or torch's default product.
+    Which wins depends on the CPU and the rows: on AMD Zen 4/5 oneDNN (2-2.5x for prefill in float32), on
+    an Intel Xeon torch's default product past ~500 rows (up to 2x for a transposed weight). Elsewhere, and
+    for products autograd differentiates, torch's default kernels.
     """
     if (
         x.is_cpu
@@ -276,11 +278,12 @@ def linear(
     ):
         n, k = weight.shape
         rows = x.numel() // k
+        plain = weight.is_contiguous()
         kernel = kernels.choose(
             "linear",
-            (x.dtype, n, k, bias is not None, act),
+            (x.dtype, n, k, bias is not None, act, *(() if plain else ("transposed",))),
             rows,
-            lambda: linear_kernels(x.dtype, act, rows),
+            lambda: [name for name in linear_kernels(x.dtype, act, rows) if plain or name != "c"],
             lambda rows: _linear_bench(weight, bias, act, rows),
         )
         return linear_with(kernel, x, weight, bias, act)

@@ -281,8 +281,14 @@ def _probe_int4(device_type: str) -> str | None:
 # IDEFICS2_KERNEL_TUNING=0 measures nothing (the preferred kernel everywhere, no file);
 # IDEFICS2_KERNELS_CACHE=path moves the file (default $XDG_CACHE_HOME/idefics2/kernels.json).
 
-ROW_CLASSES = ((1, "1"), (8, "2-8"), (32, "9-32"))  # (most rows, name); more rows: "prefill"
-PREFILL_ROWS = 256  # rows timed for the "prefill" class
+ROW_CLASSES = ((1, "1"), (8, "2-8"), (32, "9-32"))  # decode rows: (most rows, name); more rows: prefill
+# more rows: "prefill" up to LONG_ROWS, timed at PREFILL_ROWS; "long" past it (training batches, an image's
+# crops in the vision tower, long prompts), timed at LONG_TIMED_ROWS. The kernels' order changes with the
+# rows: on an Intel Xeon (AMX class, float32, 2 threads) oneDNN is ahead of torch's default product at 256
+# rows and 5-50% behind it at 1,000 (up to 2x for a transposed weight, a backward pass's grad @ W)
+PREFILL_ROWS = 256
+LONG_ROWS = 512
+LONG_TIMED_ROWS = 1024
 TUNING_BUDGET_S = 10.0
 TIMING_ROUNDS = 5  # samples per kernel
 _TARGET_BATCH_S = 3e-4  # calls shorter than 1 ms are timed in batches of about this long
@@ -298,16 +304,17 @@ _preferred_only: list[bool] = []  # non-empty inside `preferred()`
 
 
 def row_class(rows: int) -> str:
-    """The class of a product with this many rows (tokens): "1", "2-8", "9-32" or "prefill"."""
+    """The class of a product with this many rows (tokens): "1", "2-8", "9-32", "prefill" or "long"."""
     for most, name in ROW_CLASSES:
         if rows <= most:
             return name
-    return "prefill"
+    return "prefill" if rows <= LONG_ROWS else "long"
 
 
 def class_rows(name: str) -> int:
     """The number of rows timed for a class of rows."""
-    return dict((n, most) for most, n in ROW_CLASSES).get(name, PREFILL_ROWS)
+    timed = {name: most for most, name in ROW_CLASSES} | {"prefill": PREFILL_ROWS, "long": LONG_TIMED_ROWS}
+    return timed[name]
 
 
 def choose(

@@ -193,7 +193,7 @@ def build_in_place(name: str, folder: Path, dtype: torch.dtype, device: torch.de
 def train_ours(
     model, batches: list[dict], name: str, folder: Path, device: torch.device, checkpointing: bool = False
 ) -> list[float]:
-    from idefics2.training import TrainingArguments, train
+    from idefics2.training import LoraConfig, TrainingArguments, train
 
     args = TrainingArguments(
         output_dir=str(folder / f"out-{name}"),
@@ -208,7 +208,11 @@ def train_ours(
         progress=False,
         overwrite_output_dir=True,
     )
-    result = train(model, range(len(batches)), lambda items: batches[items[0]], args, device=device)
+    # the adapter is what a LoRA run writes at its end (as `idefics2 train --lora` does), not the whole model
+    result = train(
+        model, range(len(batches)), lambda items: batches[items[0]], args, device=device,
+        lora_config=LoraConfig(**LORA),
+    )  # fmt: skip
     return result.losses
 
 

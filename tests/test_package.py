@@ -31,9 +31,8 @@ ALLOWED_EDGES = {
     ("idefics2.quantization.layer", "idefics2.modeling.kernels"),
     ("idefics2.quantization.layer", "idefics2.modeling.attention"),
     ("idefics2.quantization.layer", "idefics2.modeling.ckernels"),
-    # LoRA layers sit where the quantized layer does: on modeling's kernels and activations, below
+    # LoRA layers sit where the quantized layer does: on modeling's products and activations, below
     # modeling/model.py (which loads adapters).
-    ("idefics2.lora", "idefics2.modeling.kernels"),
     ("idefics2.lora", "idefics2.modeling.attention"),
 }
 

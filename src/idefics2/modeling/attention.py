@@ -279,9 +279,10 @@ def linear(
         n, k = weight.shape
         rows = x.numel() // k
         plain = weight.is_contiguous()
+        layout = () if plain else ("transposed",) if weight.t().is_contiguous() else ("strided",)
         kernel = kernels.choose(
             "linear",
-            (x.dtype, n, k, bias is not None, act, *(() if plain else ("transposed",))),
+            (x.dtype, n, k, bias is not None, act, *layout),
             rows,
             lambda: [name for name in linear_kernels(x.dtype, act, rows) if plain or name != "c"],
             lambda rows: _linear_bench(weight, bias, act, rows),

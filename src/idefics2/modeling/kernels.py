@@ -313,7 +313,8 @@ def row_class(rows: int) -> str:
 
 def class_rows(name: str) -> int:
     """The number of rows timed for a class of rows."""
-    timed = {name: most for most, name in ROW_CLASSES} | {"prefill": PREFILL_ROWS, "long": LONG_TIMED_ROWS}
+    timed = {"prefill": PREFILL_ROWS, "long": LONG_TIMED_ROWS}
+    timed.update((decode, most) for most, decode in ROW_CLASSES)
     return timed[name]
 
 

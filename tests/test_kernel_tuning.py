@@ -279,6 +279,9 @@ def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):
     classes = {row[row.index("us") - 3] for row in rows}  # op, weights, rows class, kernel, time, us, ...
     assert classes == {"1", "2-8", "9-32", "prefill", "long"}  # decode classes: the decoder's layers only
     assert all(row[row.index("us") - 2] in ("onednn_fused", "onednn", "c", "aten") for row in rows)
+    # a LoRA backward pass's grad @ W (the decoder's, the connector's, the head's weights), long rows only
+    backward = [row for row in rows if "transposed" in row]
+    assert backward and {row[row.index("us") - 3] for row in backward} == {"long"}
     attention_rows = [line.split() for line in lines if line.startswith("attention ")]
     assert {row[3] for row in attention_rows} == {"keys<=512", "keys<=2048", "keys>2048"}, attention_rows
     assert all(row[5] in ("grouped", "c", "sdpa") for row in attention_rows)

@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import argparse
 import time
+from functools import partial
 
 from idefics2.cli.common import add_model_options
 from idefics2.settings import load_pipeline, positive_int
 
 DECODER_PREFIXES = ("model.text_model.", "lm_head")  # layers that run decode steps; the rest: prefill only
+# layers whose weights a LoRA run's backward pass multiplies by (grad @ W: a transposed weight, long rows)
+TRAINED_PREFIXES = (*DECODER_PREFIXES, "model.connector.")
 
 
 def add_parser(subparsers) -> None:
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         op, shape, rows = key[:3]
         dtype, n, k = (*shape, None)[:3]
         kernel, times = table[key]
-        suffix = f" {shape[4]}" if op == "linear" and shape[4] else ""
+        suffix = "".join(f" {part}" for part in shape[4:] if part) if op == "linear" else ""
         if op in ("int8", "int4"):
             suffix = f" g{shape[3]}" if op == "int4" else ""
         weights = f"{kernels.describe(dtype)} {n}x{k}{suffix}"
@@ -85,12 +88,13 @@ def run(args: argparse.Namespace) -> int:
 
 def run_every_product(model) -> list[tuple]:
     """Run each distinct weights shape of `model`'s linear layers once per class of rows it meets (decode
-    classes for the decoder's layers, prefill for all), which makes `kernels.choose` measure (or read) its
-    choice; returns the keys of those choices, in the model's order."""
+    classes for the decoder's layers, prefill and long rows for all, and a training backward pass's grad @ W
+    for the layers LoRA trains through), which makes `kernels.choose` measure (or read) its choice; returns
+    the keys of those choices, in the model's order."""
     import torch
 
     from idefics2.modeling import kernels
-    from idefics2.modeling.attention import Linear
+    from idefics2.modeling.attention import Linear, linear
     from idefics2.quantization import QuantizedLinear
 
     activations = {}
@@ -108,10 +112,16 @@ def run_every_product(model) -> list[tuple]:
             if not name.startswith(DECODER_PREFIXES):
                 classes = ["prefill", "long"]
             act = activations.get(name)
+            products = []
             for rows_class in classes:
                 x = torch.zeros(kernels.class_rows(rows_class), layer.in_features, dtype=layer.weight.dtype)
+                products.append(partial(layer.forward_activated, x, act) if act else partial(layer, x))
+            if isinstance(layer, Linear) and name.startswith(TRAINED_PREFIXES):
+                grad = torch.zeros(kernels.class_rows("long"), layer.out_features, dtype=layer.weight.dtype)
+                products.append(partial(linear, grad, layer.weight.t()))
+            for product in products:
                 before = kernels.choices().keys()
-                layer.forward_activated(x, act) if act else layer(x)
+                product()
                 for key in kernels.choices().keys() - before - seen:
                     seen.add(key)
                     keys.append(key)

@@ -22,9 +22,8 @@ def add_parser(subparsers) -> None:
         help="this CPU's features, read bandwidth, and the kernel chosen for each product",
         description="Print this CPU's features, its measured read bandwidth, and for each weights shape of "
         "the model and each class of rows (decode 1, 2-8, 9-32; prefill up to 512, long past it) the kernel "
-        "chosen and the time "
-        "per call of each kernel measured. Choices are measured once per machine and kept in a file "
-        "(IDEFICS2_KERNELS_CACHE; delete it to measure again).",
+        "chosen and the time per call of each kernel measured. Choices are measured once per machine and "
+        "kept in a file (IDEFICS2_KERNELS_CACHE; delete it to measure again).",
     )
     add_model_options(p)
     p.add_argument("--threads", type=positive_int, metavar="N", help="torch threads (default: torch's)")

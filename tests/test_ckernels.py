@@ -316,9 +316,9 @@ def test_int4_layers_on_the_c_kernel_equal_the_dequantized_product(dtype, group_
     assert state["qweight"].shape == (40, 128) and state["qweight"].dtype == torch.uint8
 
 
-def decoder_model(mode: str, layers: int = 2) -> Idefics2ForConditionalGeneration:
+def decoder_model(mode: str, layers: int = 2, window: int | None = None) -> Idefics2ForConditionalGeneration:
     torch.manual_seed(0)
-    text = {"intermediate_size": 96, "num_hidden_layers": layers}
+    text = {"intermediate_size": 96, "num_hidden_layers": layers, "sliding_window": window}
     model = Idefics2ForConditionalGeneration(
         Idefics2Config.from_dict(tiny_config_dict(text_config=text))
     ).eval()
@@ -355,6 +355,19 @@ def count_calls(monkeypatch, module, name: str) -> list[int]:
     return calls
 
 
+def count_steps(monkeypatch) -> list[int]:
+    """Calls of the one-call decoder step, alone or inside the whole step from tokens to logits."""
+    calls = count_calls(monkeypatch, ckernels, "decoder_step")
+    original = ckernels.decode_tokens
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ckernels, "decode_tokens", counted)
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8", "int4"])
 def test_the_decoder_step_in_one_call_equals_the_layers_on_c_kernels(mode, monkeypatch):
     """Every decoder layer of a decode step in one C call computes what the layers compute op by op on the
@@ -363,11 +376,67 @@ def test_the_decoder_step_in_one_call_equals_the_layers_on_c_kernels(mode, monke
     model = decoder_model(mode)
     with kernels.force(**ROUTES):
         by_ops = decode_logits(model)
-    calls = count_calls(monkeypatch, ckernels, "decoder_step")
+    calls = count_steps(monkeypatch)
     with kernels.force(**ROUTES, decoder_step="c"):
         in_one_call = decode_logits(model)
     assert len(calls) == 4
     assert torch.equal(in_one_call, by_ops)
+
+
+@pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8", "int4"])
+@pytest.mark.parametrize("window", [None, 6])
+def test_the_whole_step_from_tokens_to_logits_equals_its_parts(mode, window, monkeypatch):
+    """Where the one-call decoder step and the head's C product are the kernels chosen, a decode step runs
+    as one C call from token ids to float32 logits (embedding, rotary rows, each row's mask within the
+    sliding window, the layers, the final norm, the head): the logits equal, bit for bit, those of the same
+    kernels called one by one, with two rows at different positions (past the window where there is one)."""
+    model = decoder_model(mode, window=window)
+    whole = count_calls(monkeypatch, ckernels, "decode_tokens")
+    with kernels.force(**ROUTES, decoder_step="c"):
+        in_one_call = decode_logits(model, steps=6)
+        assert len(whole) == 6
+        monkeypatch.setattr(model, "c_decode_logits", lambda *args: None)
+        by_parts = decode_logits(model, steps=6)
+    assert len(whole) == 6 and in_one_call.dtype == torch.float32
+    assert torch.equal(in_one_call, by_parts)
+    with kernels.force(**ROUTES):
+        assert torch.equal(by_parts, decode_logits(model, steps=6))  # (and the layers' own ops)
+
+
+def test_the_whole_step_leaves_other_heads_to_their_own_calls(monkeypatch):
+    """The head runs as its own call where its C product is not the one chosen, where a hook watches it (or
+    the embedding, or the final norm), or where it has a bias; a token outside the vocabulary is an
+    IndexError, as the embedding's."""
+    model = decoder_model("float32")
+    whole = count_calls(monkeypatch, ckernels, "decode_tokens")
+    with kernels.force(**ROUTES, decoder_step="c"):
+        want = decode_logits(model, steps=2)
+    assert len(whole) == 2
+    with kernels.force(**{**ROUTES, "linear": "aten"}, decoder_step="c"):
+        other_head = decode_logits(model, steps=2)
+    assert len(whole) == 2 and rel_diff(other_head.double(), want.double()) <= 1e-5
+    seen: list[int] = []
+    decoder = model.model.text_model
+    for module in (model.lm_head, decoder.embed_tokens, decoder.norm):
+        handle = module.register_forward_hook(lambda *args: seen.append(1))
+        with kernels.force(**ROUTES, decoder_step="c"):
+            assert torch.equal(decode_logits(model, steps=2), want)
+        handle.remove()
+    assert len(whole) == 2 and len(seen) >= 3 * 2
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.lm_head.out_features))
+    with kernels.force(**ROUTES, decoder_step="c"):
+        assert torch.equal(decode_logits(model, steps=2), want)
+    assert len(whole) == 2
+    model.lm_head.bias = None
+    from idefics2.decoding.runner import ModelRunner
+
+    runner = ModelRunner(model, 1, 16)
+    with kernels.force(**ROUTES, decoder_step="c"), torch.inference_mode():
+        runner.prefill(0, runner.embed_prompt([5, 6, 7], None), 0, False)
+        with pytest.raises(IndexError):
+            runner.decode([model.config.text_config.vocab_size], [3])
+    assert len(whole) == 3
 
 
 def test_the_decoder_step_decodes_the_tokens_of_torch_kernels():
@@ -403,7 +472,7 @@ def test_the_decoder_step_moves_int4_weights_from_torch_layout_when_it_runs(monk
     assert decoder._c_layers(torch.float32) is None  # held in torch's layout: not computable as held
     copy = decoder._c_layers(torch.float32, layout="copy")
     assert copy is not None and all(m.packing is not None for m in projections)  # copies leave the layers
-    calls = count_calls(monkeypatch, ckernels, "decoder_step")
+    calls = count_steps(monkeypatch)
     with kernels.force(decoder_step="c"):
         stepped = decode_logits(model)
     assert calls and all(m.packing is None for m in projections)
@@ -420,7 +489,7 @@ def test_the_decoder_step_leaves_hooked_or_changed_layers_to_their_ops(monkeypat
     place; a copy of the model reads its own weights."""
     model = decoder_model("float32")
     decoder = model.model.text_model
-    calls = count_calls(monkeypatch, ckernels, "decoder_step")
+    calls = count_steps(monkeypatch)
     seen: list[int] = []
     handle = decoder.layers[1].post_attention_layernorm.register_forward_hook(lambda *args: seen.append(1))
     with kernels.force(decoder_step="c"):
@@ -471,7 +540,7 @@ def test_the_decoder_step_race_times_both_routes_and_keeps_the_faster(winner, mo
     model = decoder_model("int4")
     projections = [m for m in model.model.text_model.layers.modules() if isinstance(m, QuantizedLinear)]
     held = projections[0].packing
-    calls = count_calls(monkeypatch, ckernels, "decoder_step")
+    calls = count_steps(monkeypatch)
     try:
         decode_logits(model, steps=2)
         (key,) = [key for key in kernels.choices() if key[0] == "decoder_step"]

@@ -76,6 +76,9 @@ class ChainModel(torch.nn.Module):
         self.calls.append(dict(tokens=token_ids.shape[1], slots=cache_position.tolist(), keys=mask.shape[-1]))
         return self.table[token_ids]  # (B, 1, V)
 
+    def c_decode_logits(self, tokens, positions, kv_cache):
+        return None  # no whole step in one C call: every step comes through decode_logits
+
 
 class Letters:
     """Token i is the letter chr(ord('a') + i); pad 0."""

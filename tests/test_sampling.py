@@ -187,8 +187,9 @@ def test_greedy_pick_is_argmax_on_ties_nan_and_infinities(dtype):
     scores[4, 32002] = 50.0  # the last index
     scores[5] = 0.0  # all equal
     picked = first_largest(scores.to(dtype))
-    assert picked.tolist() == [7, 9, 0, 5, 32002, 0]
+    assert picked.tolist() == [7, 9, 0, 5, 32002, 0] and picked.dtype == torch.long
     assert torch.equal(picked, scores.to(dtype).argmax(-1))
+    assert torch.equal(first_largest(scores.to(dtype)[1:]), picked[1:])  # a view that starts further on
 
 
 def test_the_chain_draws_what_transformers_processors_give_with_the_same_generator():

@@ -88,8 +88,15 @@ class ModelRunner:
         """One new token for each of rows [start, start + B) at its own slot: tokens (B,), positions (B,)
         (tensors or lists); logits (B, V) float32.
 
-        On CUDA (with model.cuda_graphs) rows [0, B) replay a captured graph for their batch-size and
-        length bucket."""
+        On CPU the step runs as one C call where the model allows (model.c_decode_logits); on CUDA (with
+        model.cuda_graphs) rows [0, B) replay a captured graph for their batch-size and length bucket."""
+        if self.device.type == "cpu":  # the whole step in one C call where it runs (little Python per token)
+            token_list = tokens if isinstance(tokens, list) else tokens.tolist()
+            position_list = positions if isinstance(positions, list) else positions.tolist()
+            view = self.cache.decode_view(start, start + len(token_list))
+            logits = self.model.c_decode_logits(token_list, position_list, view)
+            if logits is not None:
+                return logits
         # the slots to attend over, read where the positions are known (a list: no device read)
         n_keys = (max(positions) if isinstance(positions, list) else int(positions.max())) + 1
         token_ids = torch.as_tensor(tokens, dtype=torch.long, device=self.device)  # (B,)

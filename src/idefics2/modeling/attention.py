@@ -276,20 +276,26 @@ def linear(
         and (bias is None or bias.dtype == x.dtype)
         and not torch.is_grad_enabled()
     ):
-        n, k = weight.shape
-        rows = x.numel() // k
-        plain = weight.is_contiguous()
-        layout = () if plain else ("transposed",) if weight.t().is_contiguous() else ("strided",)
-        kernel = kernels.choose(
-            "linear",
-            (x.dtype, n, k, bias is not None, act, *layout),
-            rows,
-            lambda: [name for name in linear_kernels(x.dtype, act, rows) if plain or name != "c"],
-            lambda rows: _linear_bench(weight, bias, act, rows),
-        )
+        kernel = linear_kernel(x.dtype, x.numel() // weight.shape[1], weight, bias, act)
         return linear_with(kernel, x, weight, bias, act)
     out = F.linear(x, weight, bias)
     return out if act is None else activation(act)(out)
+
+
+def linear_kernel(
+    dtype: torch.dtype, rows: int, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None
+) -> str:
+    """The kernel that `linear` runs on CPU for `rows` rows of `dtype` inputs (measured once, see there)."""
+    n, k = weight.shape
+    plain = weight.is_contiguous()
+    layout = () if plain else ("transposed",) if weight.t().is_contiguous() else ("strided",)
+    return kernels.choose(
+        "linear",
+        (dtype, n, k, bias is not None, act, *layout),
+        rows,
+        lambda: [name for name in linear_kernels(dtype, act, rows) if plain or name != "c"],
+        lambda rows: _linear_bench(weight, bias, act, rows),
+    )
 
 
 def linear_kernels(dtype: torch.dtype, act: str | None, rows: int = 1) -> list[str]:
@@ -350,6 +356,13 @@ class Linear(nn.Linear):
         see QuantizedLinear.c_operands (a float weight has one)."""
         plain = self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
         return (self.weight, None) if plain and self.weight.dtype == dtype else None
+
+    def c_chosen(self, dtype: torch.dtype, rows: int) -> bool:
+        """Whether this layer's forward on `rows` CPU rows of `dtype` inputs (under no_grad) runs the C kernel
+        with c_operands(dtype): what a caller doing that product in C itself computes the same."""
+        if self.c_operands(dtype) is None or not self.weight.is_cpu:
+            return False
+        return linear_kernel(dtype, rows, self.weight, None, None) == "c"
 
 
 class RMSNorm(nn.Module):

@@ -939,3 +939,51 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
     attention_seconds += attending;
     return failed;
 }
+
+/* ---- a whole decode step from token ids to logits, one call ----------------------------------------------
+   What the model's decode step computes around idefics2_decoder_step, done here so that a step crosses from
+   Python into C once: x = embedding[tokens] (M, D); cos and sin rows at each row's position, read from the
+   rotary tables (rows >= 1 + the largest position, as modeling.text.RotaryTable holds them); attention over
+   slots [0, max position] with row m allowed the slots j <= positions[m] (and j > positions[m] - window when
+   window > 0), each token stored at the slot of its position; the layers, the final norm, then the head
+   (vocab, D) product into logits (M, vocab) float32 (widened from io_type, as the model's float() widens its
+   head's output). Returns 1 where memory ran out, 2 for a token outside [0, vocab_in). */
+int idefics2_decode_tokens(const layer_ref *layers, int64_t n_layers, const void *embedding, int64_t vocab_in,
+                           const int64_t *tokens, const int64_t *positions, int64_t M, int64_t D, int64_t H,
+                           int64_t Hkv, int64_t hd, int64_t I, const void *cos_table, const void *sin_table,
+                           int64_t window, void *const *keys, void *const *values, int64_t key_batch,
+                           int64_t key_head, int64_t key_slot, int64_t value_batch, int64_t value_head,
+                           int64_t value_slot, const void *final_norm, const weight_ref *head, int64_t vocab,
+                           float *logits, float eps, float scale, int io_type, int act, int threads) {
+    const int64_t size = io_type == TYPE_F32 ? 4 : 2;
+    int64_t S = 0;
+    for (int64_t m = 0; m < M; m++) {
+        if (tokens[m] < 0 || tokens[m] >= vocab_in) return 2;
+        if (positions[m] + 1 > S) S = positions[m] + 1;
+    }
+    /* x (M, D), cos and sin (M, hd), head output (M, vocab) when it is not float32, mask (M, S) */
+    const int64_t narrow_logits = io_type == TYPE_F32 ? 0 : M * vocab;
+    char *scratch = (char *)malloc(size * (M * D + 2 * M * hd + narrow_logits) + M * S);
+    if (scratch == NULL) return 1;
+    char *x = scratch, *cos = x + size * M * D, *sin = cos + size * M * hd, *narrow = sin + size * M * hd;
+    uint8_t *mask = (uint8_t *)(narrow + size * narrow_logits);
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t p = positions[m];
+        memcpy(x + size * m * D, (const char *)embedding + size * tokens[m] * D, size * D);
+        memcpy(cos + size * m * hd, (const char *)cos_table + size * p * hd, size * hd);
+        memcpy(sin + size * m * hd, (const char *)sin_table + size * p * hd, size * hd);
+        for (int64_t j = 0; j < S; j++) mask[m * S + j] = j <= p && (window <= 0 || j > p - window);
+    }
+    int failed = idefics2_decoder_step(layers, n_layers, x, M, D, H, Hkv, hd, I, cos, sin, positions, mask, keys,
+                                       values, S, key_batch, key_head, key_slot, value_batch, value_head,
+                                       value_slot, final_norm, eps, scale, io_type, act, threads);
+    if (!failed) {
+        double start = now();
+        failed = weight_product(x, head, NULL, io_type == TYPE_F32 ? (void *)logits : (void *)narrow, M, vocab, D,
+                                io_type, ACT_NONE, threads);
+        product_seconds += now() - start;
+        for (int64_t i = 0; i < narrow_logits && !failed; i++) logits[i] = read_io(narrow, i, io_type);
+    }
+    free(scratch);
+    return failed;
+}

@@ -5,7 +5,8 @@ bfloat16 product widens every weight one at a time; its int8 kernel wants bfloat
 pass for float32 scales). ckernels.c streams each weight row once for all activation rows, in float32,
 bfloat16 (AVX512-BF16 pairs where the CPU has them) or int8 with float32 scales, with SiLU and the gated
 MLP's product fused in; with RMSNorm, rotary and cache write, and decode attention beside them, it also
-runs every decoder layer of a decode step in one call (`decoder_step`). It is only a candidate:
+runs every decoder layer of a decode step in one call (`decoder_step`), or the whole step from token ids to
+logits (`decode_tokens`: a step then crosses from Python into C once). It is only a candidate:
 idefics2.modeling.kernels times it against torch's kernels on each weights shape (the one-call step against
 the layers' own ops) and keeps it only where it is faster and agrees with them.
 
@@ -88,6 +89,18 @@ def library() -> ctypes.CDLL:
         + [pointer] * 6
         + [size] * 7
         + [pointer]
+        + [ctypes.c_float] * 2
+        + [flag] * 3
+    )
+    lib.idefics2_decode_tokens.argtypes = (
+        [pointer, size, pointer, size, pointer, pointer]
+        + [size] * 6
+        + [pointer] * 2
+        + [size]
+        + [pointer] * 2
+        + [size] * 6
+        + [pointer] * 2
+        + [size, pointer]
         + [ctypes.c_float] * 2
         + [flag] * 3
     )
@@ -279,6 +292,15 @@ class _Weight(ctypes.Structure):  # weight_ref in ckernels.c
     ]
 
 
+def _point(ref: _Weight, weight: torch.Tensor, scales: torch.Tensor | None) -> None:
+    """Point `ref` at a contiguous weight and its float32 scales (or None), which must outlive it."""
+    ref.data, ref.scales = weight.data_ptr(), None if scales is None else scales.data_ptr()
+    if weight.dtype == torch.uint8:  # int4: the group size follows from the scales' shape
+        ref.type, ref.group = 3, weight.shape[1] * 2 // scales.shape[1]
+    else:
+        ref.type, ref.group = _TYPES[weight.dtype], 0
+
+
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")  # a decoder layer's weights, in layer_ref's order
 
 
@@ -304,25 +326,20 @@ class DecoderLayers:
         self.array = (_Layer * len(layers))()
         self.inner = layers[0]["gate"][0].shape[0] if layers else 0  # the MLP's inner width
         for entry, layer in zip(self.array, layers, strict=True):
-            entry.input_norm = self._keep(layer["input_norm"])
-            entry.post_norm = self._keep(layer["post_norm"])
+            entry.input_norm = self._keep(layer["input_norm"]).data_ptr()
+            entry.post_norm = self._keep(layer["post_norm"]).data_ptr()
             for name in PROJECTIONS:
                 weight, scales = layer[name]
-                ref = getattr(entry, name)
-                ref.data, ref.scales = self._keep(weight), self._keep(scales, torch.float32)
-                if weight.dtype == torch.uint8:  # int4: the group size follows from the scales' shape
-                    ref.type, ref.group = 3, weight.shape[1] * 2 // scales.shape[1]
-                else:
-                    ref.type, ref.group = _TYPES[weight.dtype], 0
+                _point(getattr(entry, name), self._keep(weight), self._keep(scales, torch.float32))
         kinds = sorted({kind(*layer[name]) for layer in layers for name in PROJECTIONS})
         self.key = (*key, len(layers), *kinds)  # for kernels.choose: the shapes and weight formats
 
-    def _keep(self, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> int | None:
+    def _keep(self, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         if t is None:
             return None
         t = t.to(dtype or t.dtype).contiguous()
         self.tensors.append(t)
-        return t.data_ptr()
+        return t
 
     def __len__(self) -> int:
         return len(self.array)
@@ -379,6 +396,64 @@ def decoder_step(
     if failed:
         raise MemoryError("C decoder step: out of memory for its buffers")
     return out
+
+
+def decode_tokens(
+    layers: DecoderLayers,
+    embedding: torch.Tensor,
+    tokens: list[int],
+    positions: list[int],
+    rotary: tuple[torch.Tensor, torch.Tensor],
+    window: int | None,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    heads: int,
+    eps: float,
+    act: str,
+    final_norm: torch.Tensor,
+    head: tuple[torch.Tensor, torch.Tensor | None],
+) -> torch.Tensor:
+    """A whole decode step in one call, token ids to logits: row b's token tokens[b] at position positions[b]
+    (also its cache slot), attending over its slots up to it (the last `window` of them when window is set).
+    `embedding` (V_in, D), the rotary tables (cos, signed sin (T > max position, hd), as
+    modeling.text.RotaryTable holds them) and `final_norm` (D) are in the activations' dtype (float32 or
+    bfloat16); `layers`, `keys`, `values` as `decoder_step` takes them; `head` the head's operands ((V, D)
+    weight in the activations' dtype, int8 with scales, or int4 in the portable layout). Returns the logits
+    (B, V) float32: what `decoder_step`, the final norm and `linear` / `linear_int4` by the head give,
+    widened."""
+    dtype, (vocab_in, dim) = embedding.dtype, embedding.shape
+    cos, sin = rotary
+    b, kv_heads, head_dim = len(tokens), keys[0].shape[1], keys[0].shape[3]
+    if not (len(keys) == len(values) == len(layers)) or len(positions) != b or not 0 < b <= keys[0].shape[0]:
+        raise ValueError(f"decode_tokens: {len(layers)} layers, {len(keys)} keys, {b} rows")
+    if any(t.stride() != keys[0].stride() for t in (*keys, *values)) or keys[0].stride(-1) != 1:
+        raise ValueError("decode_tokens: every cache buffer has one layout with its last axis contiguous")
+    if min(positions) < 0 or max(positions) >= min(cos.shape[0], keys[0].shape[2]):
+        raise ValueError(f"decode_tokens: positions {positions} outside the cache or rotary table")
+    weights = (embedding, cos, sin, final_norm)
+    if any(t.dtype != dtype or not t.is_contiguous() for t in weights) or dtype not in DTYPES:
+        raise ValueError("decode_tokens: embedding, rotary tables and final norm contiguous, of one dtype")
+    head_weight, head_scales = head[0].contiguous(), None if head[1] is None else head[1].float().contiguous()
+    head_ref = _Weight()
+    _point(head_ref, head_weight, head_scales)
+    vocab = head_weight.shape[0]
+    logits = torch.empty(b, vocab)
+    row_ids = (ctypes.c_int64 * b)(*tokens)
+    row_positions = (ctypes.c_int64 * b)(*positions)
+    key_pointers = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
+    value_pointers = (ctypes.c_void_p * len(values))(*(t.data_ptr() for t in values))
+    failed = library().idefics2_decode_tokens(
+        ctypes.addressof(layers.array), len(layers), embedding.data_ptr(), vocab_in, row_ids, row_positions,
+        b, dim, heads, kv_heads, head_dim, layers.inner, cos.data_ptr(), sin.data_ptr(), window or 0,
+        key_pointers, value_pointers, *keys[0].stride()[:3], *values[0].stride()[:3], final_norm.data_ptr(),
+        ctypes.addressof(head_ref), vocab, logits.data_ptr(), eps, head_dim**-0.5, _TYPES[dtype],
+        ACTIVATIONS[act], torch.get_num_threads(),
+    )  # fmt: skip
+    if failed == 2:
+        raise IndexError(f"decode_tokens: a token id of {tokens} is outside the embedding's {vocab_in}")
+    if failed:
+        raise MemoryError("C decode step: out of memory for its buffers")
+    return logits
 
 
 def step_clock() -> tuple[float, float]:

@@ -574,6 +574,12 @@ class Idefics2ForConditionalGeneration(nn.Module):
         hidden = text(text.embed_tokens(token_ids), position_ids, mask, kv_cache, cache_position)
         return self.lm_head(hidden)
 
+    def c_decode_logits(self, tokens: list[int], positions: list[int], kv_cache: Any) -> torch.Tensor | None:
+        """decode_logits' last logits (B, V) float32 for one token per row at its own position (also its cache
+        slot), each row attending over its slots up to there (within the sliding window), from one C call on
+        CPU (MistralDecoder.c_decode_tokens); None where that call cannot run (then use decode_logits)."""
+        return self.model.text_model.c_decode_tokens(tokens, positions, kv_cache, self.lm_head)
+
     def forward(
         self,
         input_ids: torch.Tensor | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -80,16 +81,22 @@ class RotaryTable:
         lowest, highest = (int(end) for end in torch.aminmax(position_ids))
         if lowest < 0:  # not a table index
             return self._signed(*rotary_cos_sin(position_ids, self.head_dim, self.theta, dtype))
-        key = (dtype, position_ids.device)
+        cos, sin = self.table(dtype, position_ids.device, highest + 1)
+        return cos[position_ids], sin[position_ids]
+
+    def table(
+        self, dtype: torch.dtype, device: torch.device, needed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole tables (T >= needed, head_dim) as they stand, grown first where they are shorter."""
+        key = (dtype, device)
         cos, sin = self._tables.get(key, (None, None))
-        needed = highest + 1
         if cos is None or cos.shape[0] < needed:
             length = max(256, 1 << (needed - 1).bit_length())
-            positions = torch.arange(length, device=position_ids.device)[None]
+            positions = torch.arange(length, device=device)[None]
             cos, sin = self._signed(*rotary_cos_sin(positions, self.head_dim, self.theta, dtype))
             cos, sin = cos[0], sin[0]
             self._tables[key] = cos, sin
-        return cos[position_ids], sin[position_ids]
+        return cos, sin
 
     @staticmethod
     def _signed(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -300,38 +307,75 @@ class MistralDecoder(nn.Module):
         kv_cache.row_buffers, its per-layer buffers in kv_cache.keys and .values) from one
         ckernels.decoder_step call, where every layer's weights can go there and that call is measured faster
         than the layers' own ops (each with its own chosen kernels); else None."""
+        if mask is None or x.shape[1] != 1 or not x.is_cpu or cos.dtype != x.dtype:
+            return None
+        layers = self._c_step_layers(x.dtype, x.shape[0], kv_cache)
+        if layers is None:
+            return None
+        keys, values = kv_cache.keys, kv_cache.values
+        norm = self.norm
+        if norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype:
+            return norm(self._c_step(layers, x, cos, sin, cache_position, mask, keys, values))
+        return self._c_step(layers, x, cos, sin, cache_position, mask, keys, values, norm.weight)
+
+    def c_decode_tokens(
+        self, tokens: list[int], positions: list[int], kv_cache: Any, head: nn.Module
+    ) -> torch.Tensor | None:
+        """The logits (B, V) float32 of a CPU decode step run whole in one C call (ckernels.decode_tokens):
+        row b's token tokens[b] at position positions[b] (its cache slot) of kv_cache (a row cache, as
+        `_c_decode_step` takes), attending over its slots up to there (the last sliding_window of them), and
+        `head` the language-model head. The same numbers as the embedding, `forward` and `head` with the same
+        kernels (which this takes only where the one-call step and the head's C product are the ones chosen;
+        else None, and the step runs as those calls)."""
+        embed, norm = self.embed_tokens, self.norm
+        dtype = embed.weight.dtype
+        watched = (embed, norm, head)
+        if (
+            not embed.weight.is_cpu
+            or not embed.weight.is_contiguous()
+            or norm.weight.dtype != dtype
+            or any(module._forward_hooks or module._forward_pre_hooks for module in watched)
+            or not getattr(head, "c_chosen", lambda *args: False)(dtype, len(tokens))
+        ):
+            return None
+        layers = self._c_step_layers(dtype, len(tokens), kv_cache)
+        operands = head.c_operands(dtype, "move") if layers is not None else None
+        if operands is None:
+            return None
+        config = self.config
+        table = self.rotary.table(dtype, embed.weight.device, max(positions) + 1)
+        return ckernels.decode_tokens(
+            layers, embed.weight, tokens, positions, table, config.sliding_window, kv_cache.keys,
+            kv_cache.values, config.num_attention_heads, config.rms_norm_eps, config.hidden_act, norm.weight,
+            operands,
+        )  # fmt: skip
+
+    def _c_step_layers(self, dtype: torch.dtype, rows: int, kv_cache: Any) -> ckernels.DecoderLayers | None:
+        """The layers for a one-call C decode step of `rows` rows with activations of `dtype` over kv_cache,
+        where every layer can go there and that call is the one measured faster; else None."""
         if (
             not hasattr(kv_cache, "row_buffers")
-            or mask is None
-            or x.shape[1] != 1
-            or x.shape[0] > ckernels.MAX_ROWS
-            or not x.is_cpu
+            or rows > ckernels.MAX_ROWS
             or torch.is_grad_enabled()
             or (self.training and self.config.attention_dropout > 0)  # the layers' ops drop attention weights
-            or x.dtype not in ckernels.DTYPES
-            or cos.dtype != x.dtype
+            or dtype not in ckernels.DTYPES
             or self.config.hidden_act not in ckernels.ACTIVATIONS
             or not kernels.c_kernels()
         ):
             return None
         keys, values = kv_cache.keys, kv_cache.values
-        if keys[0].dtype != x.dtype or values[0].dtype != x.dtype:  # (every layer's buffers have one dtype)
+        if keys[0].dtype != dtype or values[0].dtype != dtype:  # (every layer's buffers have one dtype)
             return None
-        layers = self._c_layers(x.dtype)
-        checked = layers or self._c_layers(x.dtype, layout="check")  # int4 weights still in torch's layout
+        layers = self._c_layers(dtype)
+        checked = layers or self._c_layers(dtype, layout="check")  # int4 weights still in torch's layout
         if checked is None:
             return None
-        rows, bench = x.shape[0], self._step_bench(x.dtype)
+        bench = self._step_bench(dtype)
         if kernels.choose("decoder_step", checked.key, rows, lambda: ["layers", "c"], bench) != "c":
             return None
         if layers is None:  # int4 weights in torch's layout: they move to the C kernels' for good
-            layers = self._c_layers(x.dtype, layout="move")
-            if layers is None:
-                return None
-        norm = self.norm
-        if norm._forward_hooks or norm._forward_pre_hooks or norm.weight.dtype != x.dtype:
-            return norm(self._c_step(layers, x, cos, sin, cache_position, mask, keys, values))
-        return self._c_step(layers, x, cos, sin, cache_position, mask, keys, values, norm.weight)
+            layers = self._c_layers(dtype, layout="move")
+        return layers
 
     def _c_step(self, layers, x, cos, sin, slots, mask, keys, values, final_norm=None) -> torch.Tensor:
         config = self.config

@@ -297,17 +297,30 @@ class QuantizedLinear(nn.Module):
             return out if act is None else activation(act)(out)
         rows = x.numel() // self.in_features
         if x.is_cpu:
-            shape = (x.dtype, self.out_features, self.in_features, self.group_size)
-            kernel = kernels.choose(
-                f"int{self.bits}",
-                shape,
-                rows,
-                lambda: self.kernel_names(x.device, x.dtype, rows),
-                lambda bench_rows: self._bench(x.dtype, bench_rows),
-            )
+            kernel = self._cpu_kernel(x.dtype, rows)
         else:
             kernel = self.kernel_names(x.device, x.dtype, rows)[0]
         return self.product_with(kernel, x, act)
+
+    def _cpu_kernel(self, dtype: torch.dtype, rows: int) -> str:
+        shape = (dtype, self.out_features, self.in_features, self.group_size)
+        return kernels.choose(
+            f"int{self.bits}",
+            shape,
+            rows,
+            lambda: self.kernel_names(torch.device("cpu"), dtype, rows),
+            lambda bench_rows: self._bench(dtype, bench_rows),
+        )
+
+    def c_chosen(self, dtype: torch.dtype, rows: int) -> bool:
+        """Whether this layer's forward on `rows` CPU rows of `dtype` inputs (under no_grad) runs the C kernel
+        with c_operands(dtype, "move"): what a caller doing that product in C itself computes the same."""
+        if not self.qweight.is_cpu or self.c_operands(dtype, "check") is None:
+            return False
+        kernel = self._cpu_kernel(dtype, rows)
+        if kernel == "kernel" and self.bits == 4 and self.packing is None:  # see product_with
+            kernel = "c" if "c" in self.kernel_names(torch.device("cpu"), dtype, rows) else ""
+        return kernel == "c"
 
     def c_operands(
         self, dtype: torch.dtype, layout: str = "held"

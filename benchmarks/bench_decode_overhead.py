@@ -17,7 +17,7 @@ default 360: 5 x 64 image latents plus the text), then greedily decodes `--new-t
   weights. The profiler's own cost per op lands in the profiled step only, so it does not inflate these.
 - where the decoder ran as one C call per step, all three come from one plain run instead ("timed in one
   run"): the step's own clock for its products and attention (the language-model head's product included
-  where the whole step from tokens to logits is that call, ckernels.decode_tokens; else the head is timed
+  where the whole step from tokens to logits is that call, ckernels.DecodeCall; else the head is timed
   around its call), the step time over the same tokens; the profiled run then only lists the costliest
   other ops.
   Shares are the median of the repeats' shares.
@@ -142,17 +142,17 @@ def product_time_per_step(model, input_ids: torch.Tensor, new_tokens: int) -> tu
     """(seconds of weight products per decode step, of attention, seconds per step of every other op by
     name) from a profiled generation, over the steps between the first and the last token."""
     plain = (ckernels.linear, ckernels.linear_int4, ckernels.gated, text.attention, ckernels.decoder_step,
-             ckernels.decode_tokens)  # fmt: skip
+             ckernels.DecodeCall.__call__)  # fmt: skip
     ckernels.linear, ckernels.linear_int4, ckernels.gated = (_marked(f, C_MARK) for f in plain[:3])
     text.attention = _marked(plain[3], ATTENTION_MARK)
-    ckernels.decoder_step, ckernels.decode_tokens = (_marked(f, C_STEP_MARK) for f in plain[4:])
+    ckernels.decoder_step, ckernels.DecodeCall.__call__ = (_marked(f, C_STEP_MARK) for f in plain[4:])
     STEP_CLOCKS.clear()
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step_times(model, input_ids, new_tokens, mark=True)
     finally:
         (ckernels.linear, ckernels.linear_int4, ckernels.gated, text.attention, ckernels.decoder_step,
-         ckernels.decode_tokens) = plain  # fmt: skip
+         ckernels.DecodeCall.__call__) = plain  # fmt: skip
     events = prof.events()
     marks = sorted(e.time_range.start for e in events if e.name == TOKEN_MARK)
     first, last = marks[0], marks[-1]
@@ -177,7 +177,7 @@ def product_time_per_step(model, input_ids: torch.Tensor, new_tokens: int) -> tu
             attention += event.time_range.elapsed_us() / 1e6
         elif event.cpu_parent is None:  # top-level ops only: their children are inside their time
             others[event.name] += event.time_range.elapsed_us() / 1e6
-    # inside the one-call decoder step (ckernels.decoder_step, or decode_tokens with the head too) the
+    # inside the one-call decoder step (ckernels.decoder_step, or DecodeCall with the head too) the
     # profiler sees one event: its own clock splits it, and the rest of that call (norms, rotary, residual
     # adds) counts as other
     step_products, step_attention = (STEP_CLOCKS[-1][i] - STEP_CLOCKS[0][i] for i in range(2))

@@ -6,6 +6,7 @@ measured routes take them where they are fastest; and without a compiler nothing
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import pickle
@@ -358,14 +359,16 @@ def count_calls(monkeypatch, module, name: str) -> list[int]:
 def count_steps(monkeypatch) -> list[int]:
     """Calls of the one-call decoder step, alone or inside the whole step from tokens to logits."""
     calls = count_calls(monkeypatch, ckernels, "decoder_step")
-    original = ckernels.decode_tokens
+    calls_whole = count_calls(monkeypatch, ckernels.DecodeCall, "__call__")
+    return CountedTogether(calls, calls_whole)
 
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
 
-    monkeypatch.setattr(ckernels, "decode_tokens", counted)
-    return calls
+class CountedTogether:
+    def __init__(self, *counts: list[int]) -> None:
+        self.counts = counts
+
+    def __len__(self) -> int:
+        return sum(map(len, self.counts))
 
 
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8", "int4"])
@@ -391,7 +394,7 @@ def test_the_whole_step_from_tokens_to_logits_equals_its_parts(mode, window, mon
     sliding window, the layers, the final norm, the head): the logits equal, bit for bit, those of the same
     kernels called one by one, with two rows at different positions (past the window where there is one)."""
     model = decoder_model(mode, window=window)
-    whole = count_calls(monkeypatch, ckernels, "decode_tokens")
+    whole = count_calls(monkeypatch, ckernels.DecodeCall, "__call__")
     with kernels.force(**ROUTES, decoder_step="c"):
         in_one_call = decode_logits(model, steps=6)
         assert len(whole) == 6
@@ -408,7 +411,7 @@ def test_the_whole_step_leaves_other_heads_to_their_own_calls(monkeypatch):
     the embedding, or the final norm), or where it has a bias; a token outside the vocabulary is an
     IndexError, as the embedding's."""
     model = decoder_model("float32")
-    whole = count_calls(monkeypatch, ckernels, "decode_tokens")
+    whole = count_calls(monkeypatch, ckernels.DecodeCall, "__call__")
     with kernels.force(**ROUTES, decoder_step="c"):
         want = decode_logits(model, steps=2)
     assert len(whole) == 2
@@ -437,6 +440,47 @@ def test_the_whole_step_leaves_other_heads_to_their_own_calls(monkeypatch):
         with pytest.raises(IndexError):
             runner.decode([model.config.text_config.vocab_size], [3])
     assert len(whole) == 3
+
+
+def test_the_kept_whole_step_call_follows_the_model_between_steps(monkeypatch):
+    """The whole step's call is prepared once per cache view and reused by the next steps of the same rows;
+    a hook on the head, a weight given new storage, or other kernels forced are seen at the very next step;
+    a copy of the model keeps none of the calls (they hold the original's addresses)."""
+    from idefics2.decoding.runner import ModelRunner
+
+    model = decoder_model("float32")
+    whole = count_calls(monkeypatch, ckernels.DecodeCall, "__call__")
+    prepared = count_calls(monkeypatch, ckernels.DecodeCall, "__init__")
+    runner = ModelRunner(model, 2, 64)
+    step = lambda i: runner.decode([7 + i, 11 + i], [9 + i, 5 + i])  # noqa: E731
+    seen: list[int] = []
+    with kernels.force(**ROUTES, decoder_step="c"), torch.inference_mode():
+        for row, prompt in enumerate(([3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16])):
+            runner.prefill(row, runner.embed_prompt(prompt, None), 0, False)
+        step(0), step(1)
+        assert (len(whole), len(prepared)) == (2, 1)
+        handle = model.lm_head.register_forward_hook(lambda *args: seen.append(1))
+        step(2)
+        assert (len(whole), len(seen)) == (2, 1)
+        handle.remove()
+        before = step(3)
+        assert (len(whole), len(prepared)) == (3, 2)
+        norm = model.model.text_model.norm
+        norm.weight.data = norm.weight.data * 2  # new storage: the final norm of this step's logits
+        doubled = step(3)  # the same step again: the same cache slots, written with the same values
+        assert (len(whole), len(prepared)) == (4, 3) and not torch.equal(doubled, before)
+        with kernels.force(**{**ROUTES, "linear": "aten"}, decoder_step="c"):
+            step(3)
+        assert len(whole) == 4
+        assert torch.equal(step(3), doubled) and len(whole) == 5
+        twin = copy.deepcopy(model)
+        assert len(model.model.text_model._decode_calls) == 1 and not twin.model.text_model._decode_calls
+        assert not pickle.loads(pickle.dumps(model.model.text_model._decode_calls))
+        monkeypatch.setattr(model, "c_decode_logits", lambda *args: None)
+        assert torch.equal(step(3), doubled)  # what the step's parts give
+    runner.cache.decode_views.clear()
+    gc.collect()
+    assert not model.model.text_model._decode_calls  # dropped with the cache's view
 
 
 def test_the_decoder_step_decodes_the_tokens_of_torch_kernels():

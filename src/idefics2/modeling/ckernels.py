@@ -6,7 +6,7 @@ pass for float32 scales). ckernels.c streams each weight row once for all activa
 bfloat16 (AVX512-BF16 pairs where the CPU has them) or int8 with float32 scales, with SiLU and the gated
 MLP's product fused in; with RMSNorm, rotary and cache write, and decode attention beside them, it also
 runs every decoder layer of a decode step in one call (`decoder_step`), or the whole step from token ids to
-logits (`decode_tokens`: a step then crosses from Python into C once). It is only a candidate:
+logits (`DecodeCall`: a step then crosses from Python into C once). It is only a candidate:
 idefics2.modeling.kernels times it against torch's kernels on each weights shape (the one-call step against
 the layers' own ops) and keeps it only where it is faster and agrees with them.
 
@@ -322,7 +322,9 @@ class DecoderLayers:
     layout, float32 scales (N, groups))). Keeps the tensors alive while it lives."""
 
     def __init__(self, layers: list[dict[str, Operands]], key: tuple = ()) -> None:
-        self.tensors: list[torch.Tensor] = []
+        self.tensors: list[torch.Tensor] = []  # what the C step reads (contiguous, scales in float32)
+        given = (t for layer in layers for v in layer.values() for t in (v if isinstance(v, tuple) else (v,)))
+        self.sources = [t for t in given if t is not None]  # as given (kept ones can be copies): to watch
         self.array = (_Layer * len(layers))()
         self.inner = layers[0]["gate"][0].shape[0] if layers else 0  # the MLP's inner width
         for entry, layer in zip(self.array, layers, strict=True):
@@ -398,62 +400,73 @@ def decoder_step(
     return out
 
 
-def decode_tokens(
-    layers: DecoderLayers,
-    embedding: torch.Tensor,
-    tokens: list[int],
-    positions: list[int],
-    rotary: tuple[torch.Tensor, torch.Tensor],
-    window: int | None,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    heads: int,
-    eps: float,
-    act: str,
-    final_norm: torch.Tensor,
-    head: tuple[torch.Tensor, torch.Tensor | None],
-) -> torch.Tensor:
-    """A whole decode step in one call, token ids to logits: row b's token tokens[b] at position positions[b]
-    (also its cache slot), attending over its slots up to it (the last `window` of them when window is set).
-    `embedding` (V_in, D), the rotary tables (cos, signed sin (T > max position, hd), as
-    modeling.text.RotaryTable holds them) and `final_norm` (D) are in the activations' dtype (float32 or
-    bfloat16); `layers`, `keys`, `values` as `decoder_step` takes them; `head` the head's operands ((V, D)
-    weight in the activations' dtype, int8 with scales, or int4 in the portable layout). Returns the logits
+class DecodeCall:
+    """A whole decode step in one C call, token ids to logits, prepared once for one set of cache rows:
+    `call(tokens, positions)` gives row b's token tokens[b] at position positions[b] (also its cache slot),
+    attending over its slots up to it (the last `window` of them when window is set), and returns the logits
     (B, V) float32: what `decoder_step`, the final norm and `linear` / `linear_int4` by the head give,
-    widened."""
-    dtype, (vocab_in, dim) = embedding.dtype, embedding.shape
-    cos, sin = rotary
-    b, kv_heads, head_dim = len(tokens), keys[0].shape[1], keys[0].shape[3]
-    if not (len(keys) == len(values) == len(layers)) or len(positions) != b or not 0 < b <= keys[0].shape[0]:
-        raise ValueError(f"decode_tokens: {len(layers)} layers, {len(keys)} keys, {b} rows")
-    if any(t.stride() != keys[0].stride() for t in (*keys, *values)) or keys[0].stride(-1) != 1:
-        raise ValueError("decode_tokens: every cache buffer has one layout with its last axis contiguous")
-    if min(positions) < 0 or max(positions) >= min(cos.shape[0], keys[0].shape[2]):
-        raise ValueError(f"decode_tokens: positions {positions} outside the cache or rotary table")
-    weights = (embedding, cos, sin, final_norm)
-    if any(t.dtype != dtype or not t.is_contiguous() for t in weights) or dtype not in DTYPES:
-        raise ValueError("decode_tokens: embedding, rotary tables and final norm contiguous, of one dtype")
-    head_weight, head_scales = head[0].contiguous(), None if head[1] is None else head[1].float().contiguous()
-    head_ref = _Weight()
-    _point(head_ref, head_weight, head_scales)
-    vocab = head_weight.shape[0]
-    logits = torch.empty(b, vocab)
-    row_ids = (ctypes.c_int64 * b)(*tokens)
-    row_positions = (ctypes.c_int64 * b)(*positions)
-    key_pointers = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
-    value_pointers = (ctypes.c_void_p * len(values))(*(t.data_ptr() for t in values))
-    failed = library().idefics2_decode_tokens(
-        ctypes.addressof(layers.array), len(layers), embedding.data_ptr(), vocab_in, row_ids, row_positions,
-        b, dim, heads, kv_heads, head_dim, layers.inner, cos.data_ptr(), sin.data_ptr(), window or 0,
-        key_pointers, value_pointers, *keys[0].stride()[:3], *values[0].stride()[:3], final_norm.data_ptr(),
-        ctypes.addressof(head_ref), vocab, logits.data_ptr(), eps, head_dim**-0.5, _TYPES[dtype],
-        ACTIVATIONS[act], torch.get_num_threads(),
-    )  # fmt: skip
-    if failed == 2:
-        raise IndexError(f"decode_tokens: a token id of {tokens} is outside the embedding's {vocab_in}")
-    if failed:
-        raise MemoryError("C decode step: out of memory for its buffers")
-    return logits
+    widened. Everything but the tokens and positions is checked and converted here, so a call costs little
+    Python. `embedding` (V_in, D), the rotary tables (cos, signed sin (T, hd), as modeling.text.RotaryTable
+    holds them) and `final_norm` (D) are in the activations' dtype (float32 or bfloat16); `layers`, `keys`,
+    `values` as `decoder_step` takes them (a call gives one token for each of their B rows); `head` the
+    head's operands ((V, D) weight in the activations' dtype, int8 with scales, or int4 in the portable
+    layout). Keeps what it reads alive."""
+
+    def __init__(
+        self,
+        layers: DecoderLayers,
+        embedding: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor],
+        window: int | None,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        heads: int,
+        eps: float,
+        act: str,
+        final_norm: torch.Tensor,
+        head: tuple[torch.Tensor, torch.Tensor | None],
+    ) -> None:
+        dtype, (vocab_in, dim) = embedding.dtype, embedding.shape
+        cos, sin = rotary
+        rows, kv_heads, length, head_dim = keys[0].shape
+        if not len(keys) == len(values) == len(layers):
+            raise ValueError(f"DecodeCall: {len(layers)} layers, {len(keys)} keys, {len(values)} values")
+        if any(t.stride() != keys[0].stride() for t in (*keys, *values)) or keys[0].stride(-1) != 1:
+            raise ValueError("DecodeCall: every cache buffer has one layout with its last axis contiguous")
+        weights = (embedding, cos, sin, final_norm)
+        if any(t.dtype != dtype or not t.is_contiguous() for t in weights) or dtype not in DTYPES:
+            raise ValueError("DecodeCall: embedding, rotary tables and final norm contiguous, of one dtype")
+        head_weight = head[0].contiguous()
+        head_scales = None if head[1] is None else head[1].float().contiguous()
+        self.head_ref = _Weight()
+        _point(self.head_ref, head_weight, head_scales)
+        self.kept = (layers, *weights, head_weight, head_scales, *keys, *values)
+        self.rows, self.vocab, self.vocab_in = rows, head_weight.shape[0], vocab_in
+        self.positions = min(cos.shape[0], length)  # a row's position is below this
+        self.key_pointers = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
+        self.value_pointers = (ctypes.c_void_p * len(values))(*(t.data_ptr() for t in values))
+        self.model = (ctypes.addressof(layers.array), len(layers), embedding.data_ptr(), vocab_in)
+        self.shapes = (
+            dim, heads, kv_heads, head_dim, layers.inner, cos.data_ptr(), sin.data_ptr(), window or 0,
+            self.key_pointers, self.value_pointers, *keys[0].stride()[:3], *values[0].stride()[:3],
+            final_norm.data_ptr(), ctypes.addressof(self.head_ref), self.vocab,
+        )  # fmt: skip
+        self.settings = (eps, head_dim**-0.5, _TYPES[dtype], ACTIVATIONS[act])
+
+    def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        b = len(tokens)
+        if b != self.rows or len(positions) != b or min(positions) < 0 or max(positions) >= self.positions:
+            raise ValueError(f"DecodeCall: {b} rows at {positions}: outside the cache or the rotary table")
+        logits = torch.empty(b, self.vocab)
+        failed = library().idefics2_decode_tokens(
+            *self.model, (ctypes.c_int64 * b)(*tokens), (ctypes.c_int64 * b)(*positions), b, *self.shapes,
+            logits.data_ptr(), *self.settings, torch.get_num_threads(),
+        )  # fmt: skip
+        if failed == 2:
+            raise IndexError(f"DecodeCall: a token id of {tokens} is outside the embedding's {self.vocab_in}")
+        if failed:
+            raise MemoryError("C decode step: out of memory for its buffers")
+        return logits
 
 
 def step_clock() -> tuple[float, float]:

@@ -71,6 +71,19 @@ OPS = {
     "decoder_step": ("c", "layers"),  # a decode step's every decoder layer: one C call, or each layer's ops
 }
 _forced: dict[str, bool | str] = {}
+_epoch = [0]  # counts the changes that can change what `choose` returns for a key already chosen
+
+
+def routes_epoch() -> int:
+    """A number that changes whenever `choose` may give another kernel for a key it has answered before
+    (`force`, `preferred`, `forget_choices`): what a caller kept from earlier choices holds while this stays
+    the same."""
+    return _epoch[0]
+
+
+def _routes_changed() -> None:
+    _unmeasured.clear()
+    _epoch[0] += 1
 
 
 @contextlib.contextmanager
@@ -81,13 +94,13 @@ def force(**routes: bool | str) -> Iterator[None]:
     _check_forced(routes)
     before = dict(_forced)
     _forced.update(routes)
-    _unmeasured.clear()  # what the routes picked before no longer holds
+    _routes_changed()  # what the routes picked before no longer holds
     try:
         yield
     finally:
         _forced.clear()
         _forced.update(before)
-        _unmeasured.clear()
+        _routes_changed()
 
 
 def _check_forced(routes: dict[str, bool | str]) -> None:
@@ -346,12 +359,12 @@ def preferred() -> Iterator[None]:
     """Within the block every op runs its preferred kernel that passes its probes (OPS' order), as with
     IDEFICS2_KERNEL_TUNING=0: the routes of capability alone, to compare measured choices against."""
     _preferred_only.append(True)
-    _unmeasured.clear()
+    _routes_changed()
     try:
         yield
     finally:
         _preferred_only.pop()
-        _unmeasured.clear()
+        _routes_changed()
 
 
 def _forced_choice(op: str, names: list[str]) -> str:
@@ -384,7 +397,7 @@ def forget_choices() -> None:
     """Drop this process's choices and re-read the environment (tests; after changing IDEFICS2_KERNELS)."""
     with _tuning_lock:
         _choices.clear()
-        _unmeasured.clear()
+        _routes_changed()
         _timings.clear()
         _file_entries.clear()
         _spent[0] = 0.0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any
+import weakref
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils.checkpoint
@@ -321,12 +322,37 @@ class MistralDecoder(nn.Module):
     def c_decode_tokens(
         self, tokens: list[int], positions: list[int], kv_cache: Any, head: nn.Module
     ) -> torch.Tensor | None:
-        """The logits (B, V) float32 of a CPU decode step run whole in one C call (ckernels.decode_tokens):
+        """The logits (B, V) float32 of a CPU decode step run whole in one C call (ckernels.DecodeCall):
         row b's token tokens[b] at position positions[b] (its cache slot) of kv_cache (a row cache, as
         `_c_decode_step` takes), attending over its slots up to there (the last sliding_window of them), and
         `head` the language-model head. The same numbers as the embedding, `forward` and `head` with the same
         kernels (which this takes only where the one-call step and the head's C product are the ones chosen;
-        else None, and the step runs as those calls)."""
+        else None, and the step runs as those calls). The call is prepared once per cache view and kept while
+        the weights, hooks and chosen kernels stay as they were (checked every step)."""
+        if not hasattr(kv_cache, "row_buffers"):
+            return None
+        kept = self.__dict__.setdefault("_decode_calls", _KeptCalls())  # not in state_dict
+        entry = kept.get(kv_cache)
+        if (
+            entry is not None
+            and entry.head is head
+            and entry.epoch == kernels.routes_epoch()
+            and not torch.is_grad_enabled()
+            and not (self.training and self.config.attention_dropout > 0)
+            and entry.snapshot.holds()
+        ):
+            return entry.call(tokens, positions)
+        entry = self._prepare_decode_call(len(tokens), max(positions) + 1, kv_cache, head)
+        if entry is None:
+            kept.pop(kv_cache, None)
+            return None
+        kept[kv_cache] = entry
+        return entry.call(tokens, positions)
+
+    def _prepare_decode_call(
+        self, rows: int, needed: int, kv_cache: Any, head: nn.Module
+    ) -> _DecodeEntry | None:
+        epoch = kernels.routes_epoch()
         embed, norm = self.embed_tokens, self.norm
         dtype = embed.weight.dtype
         watched = (embed, norm, head)
@@ -335,20 +361,22 @@ class MistralDecoder(nn.Module):
             or not embed.weight.is_contiguous()
             or norm.weight.dtype != dtype
             or any(module._forward_hooks or module._forward_pre_hooks for module in watched)
-            or not getattr(head, "c_chosen", lambda *args: False)(dtype, len(tokens))
+            or not getattr(head, "c_chosen", lambda *args: False)(dtype, rows)
         ):
             return None
-        layers = self._c_step_layers(dtype, len(tokens), kv_cache)
+        layers = self._c_step_layers(dtype, rows, kv_cache)
         operands = head.c_operands(dtype, "move") if layers is not None else None
         if operands is None:
             return None
         config = self.config
-        table = self.rotary.table(dtype, embed.weight.device, max(positions) + 1)
-        return ckernels.decode_tokens(
-            layers, embed.weight, tokens, positions, table, config.sliding_window, kv_cache.keys,
-            kv_cache.values, config.num_attention_heads, config.rms_norm_eps, config.hidden_act, norm.weight,
-            operands,
+        # every position the cache holds, so that the call serves the cache's whole length
+        table = self.rotary.table(dtype, embed.weight.device, max(needed, kv_cache.keys[0].shape[2]))
+        call = ckernels.DecodeCall(
+            layers, embed.weight, table, config.sliding_window, kv_cache.keys, kv_cache.values,
+            config.num_attention_heads, config.rms_norm_eps, config.hidden_act, norm.weight, operands,
         )  # fmt: skip
+        tensors = [*layers.sources, embed.weight, norm.weight, *_flat(operands)]
+        return _DecodeEntry(call, _Snapshot([self, head], tensors), head, epoch)
 
     def _c_step_layers(self, dtype: torch.dtype, rows: int, kv_cache: Any) -> ckernels.DecoderLayers | None:
         """The layers for a one-call C decode step of `rows` rows with activations of `dtype` over kv_cache,
@@ -421,7 +449,7 @@ class MistralDecoder(nn.Module):
         shape = (dtype, config.hidden_size, config.intermediate_size, config.num_attention_heads)
         layers = ckernels.DecoderLayers(operands, key=shape)
         if layout != "copy":
-            cache[slot] = (_Snapshot(self.layers[:count], tensors), layers)
+            cache[slot] = (_Snapshot([self.layers[:count]], tensors), layers)
         return layers
 
     def _step_bench(self, dtype: torch.dtype):
@@ -456,6 +484,26 @@ class MistralDecoder(nn.Module):
 STEP_BENCH_BYTES = 2**29  # of weights read by one timed decoder step (the "decoder_step" race)
 
 
+class _DecodeEntry(NamedTuple):
+    """A prepared whole-step call (MistralDecoder.c_decode_tokens) and what must hold for it to be used."""
+
+    call: ckernels.DecodeCall
+    snapshot: _Snapshot  # the decoder's and the head's tensors and hooks
+    head: nn.Module
+    epoch: int  # kernels.routes_epoch() when the kernels were chosen
+
+
+class _KeptCalls(weakref.WeakKeyDictionary):
+    """MistralDecoder.c_decode_tokens' calls, one per cache view (dropped with it): empty in a copy of the
+    model and when pickled, as _KeptLayers."""
+
+    def __deepcopy__(self, memo) -> _KeptCalls:
+        return _KeptCalls()
+
+    def __reduce__(self):
+        return _KeptCalls, ()
+
+
 class _KeptLayers(dict):
     """MistralDecoder._c_layers' layers kept between steps: empty in a copy of the model (whose tensors are
     other ones) and when pickled (they hold memory addresses)."""
@@ -487,14 +535,15 @@ def _count_registrations() -> None:
 
 
 class _Snapshot:
-    """Whether the layers under `root` still compute with `tensors` as they did, told cheaply: no parameter,
-    buffer or submodule assigned to any module since, each of `tensors` on the same storage
-    (`param.data = ...` and `.to()` keep the object and change its storage), and no hooks under `root`."""
+    """Whether the modules under `roots` still compute with `tensors` as they did, told cheaply: no
+    parameter, buffer or submodule assigned to any module since, each of `tensors` on the same storage
+    (`param.data = ...` and `.to()` keep the object and change its storage), and no hooks under `roots`."""
 
-    def __init__(self, root: nn.Module, tensors: list[torch.Tensor]) -> None:
+    def __init__(self, roots: list[nn.Module], tensors: list[torch.Tensor]) -> None:
         _count_registrations()
         self.registrations = _registrations[0]
-        self.hooks = [hooks for m in root.modules() for hooks in (m._forward_hooks, m._forward_pre_hooks)]
+        modules = [m for root in roots for m in root.modules()]
+        self.hooks = [hooks for m in modules for hooks in (m._forward_hooks, m._forward_pre_hooks)]
         self.tensors, self.addresses = tensors, [t.data_ptr() for t in tensors]
 
     def holds(self) -> bool:

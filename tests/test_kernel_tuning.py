@@ -291,6 +291,9 @@ def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):
         (op, rows) for op in ("decoder_step", "rope") for rows in ("1", "2-8")
     }, step_rows
     assert all(row[row.index("us") - 2] in ("c", "layers", "torch") for row in step_rows)
+    routes = [line.partition(": ") for line in lines if line.startswith("decode step, ")]
+    assert [route[0] for route in routes] == ["decode step, 1 row", "decode step, 2-8 rows"]
+    assert all(route[2].startswith(("one C call from token ids", "calls from Python")) for route in routes)
     assert (tmp_path / "kernels.json").exists()
 
 

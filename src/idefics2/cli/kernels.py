@@ -82,7 +82,26 @@ def run(args: argparse.Namespace) -> int:
         mine = f"{times[kernel] * 1e6:.1f} us" if kernel in times else "-"
         others = ", ".join(f"{name} {t * 1e6:.1f} us" for name, t in times.items() if name != kernel)
         print(f"{op:<12} {weights:<40} {rows:<8} {kernel:<20} {mine:>10}  {others}")
+    for most, name in kernels.ROW_CLASSES[:2]:
+        print(f"decode step, {name} row{'s' if most > 1 else ''}: {_decode_route(pipe.model, most)}")
     return 0
+
+
+def _decode_route(model, rows: int) -> str:
+    """How a decode step of `rows` rows runs with the kernels chosen: whole in one C call from token ids to
+    logits (ckernels.DecodeCall), or as calls from Python."""
+    import torch
+
+    from idefics2.decoding.runner import ModelRunner
+
+    if model.lm_head.weight.device.type != "cpu":
+        return "on the device (not one C call)"
+    runner = ModelRunner(model, rows, 8)
+    with torch.inference_mode():
+        whole = model.c_decode_logits([1] * rows, [0] * rows, runner.cache.decode_view(0, rows)) is not None
+    if whole:
+        return "one C call from token ids to logits (embedding, every layer, final norm, head)"
+    return "calls from Python (the decoder step's or each layer's, then the head's)"
 
 
 def run_every_product(model) -> list[tuple]:

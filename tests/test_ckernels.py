@@ -567,6 +567,30 @@ def test_the_decoder_step_leaves_hooked_or_changed_layers_to_their_ops(monkeypat
         assert torch.equal(stepped, decode_logits(model))
 
 
+@pytest.mark.parametrize("mode", ["float32", "int8"])
+def test_layers_with_lora_adapters_never_take_the_kernels_that_read_weights_alone(mode):
+    """An unmerged LoRA adapter gives its layer its own forward: the C decode step, the gated product and the
+    whole step from tokens to logits read weights directly, so they leave such a layer (and the step it is
+    in) to its forward, and the adapters count (an adapter on gate_proj once went unseen on the gated
+    product, with the measured routes)."""
+    from idefics2.lora import LoraConfig, adapters_disabled, add_lora
+
+    model = decoder_model(mode)
+    add_lora(model, LoraConfig(target_modules=["q_proj", "v_proj", "gate_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.5)
+    model.eval()
+    with kernels.force(c_kernels=False):
+        want = decode_logits(model)
+        with adapters_disabled(model):
+            assert rel_diff(decode_logits(model).double(), want.double()) > 0.1  # the adapters count
+    tolerance = 1e-5 if mode == "float32" else 1e-2  # int8: activations rounded otherwise than torch's kernel
+    with kernels.force(**ROUTES, decoder_step="c"):
+        assert rel_diff(decode_logits(model).double(), want.double()) <= tolerance
+
+
 @pytest.mark.parametrize("winner", ["layers", "c"])
 def test_the_decoder_step_race_times_both_routes_and_keeps_the_faster(winner, monkeypatch, tmp_path):
     """Measured, the one-call step and the layers' ops (each op on its own measured kernel) are timed on the

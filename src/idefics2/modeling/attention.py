@@ -338,6 +338,13 @@ def _linear_bench(weight: torch.Tensor, bias: torch.Tensor | None, act: str | No
     return lambda kernel: linear_with(kernel, x, next(weights), bias, act)
 
 
+def weights_alone(layer: nn.Module) -> bool:
+    """Whether `layer`'s output is its class's product of its own weights: no hook watches it and no LoRA
+    adapter (idefics2.lora, which gives the layer its own forward) adds to it. Only then may a kernel that
+    reads its weights directly (the C decode step, the gated product) stand in for its forward."""
+    return not (layer._forward_hooks or layer._forward_pre_hooks or "forward" in layer.__dict__)
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, names and hooks) computed with `linear`."""
 
@@ -352,9 +359,9 @@ class Linear(nn.Linear):
 
     def c_operands(self, dtype: torch.dtype, layout: str = "held") -> tuple[torch.Tensor, None] | None:
         """(weight, scales) for the C kernels (ckernels.gated, ckernels.decoder_step) with inputs of `dtype`,
-        or None where this layer cannot go there (a bias, another dtype, hooks such as LoRA's). `layout`:
+        or None where this layer cannot go there (a bias, another dtype, a hook, a LoRA adapter). `layout`:
         see QuantizedLinear.c_operands (a float weight has one)."""
-        plain = self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
+        plain = self.bias is None and weights_alone(self)
         return (self.weight, None) if plain and self.weight.dtype == dtype else None
 
     def c_chosen(self, dtype: torch.dtype, rows: int) -> bool:

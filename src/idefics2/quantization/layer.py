@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from idefics2.modeling import ckernels, kernels
-from idefics2.modeling.attention import activation, linear
+from idefics2.modeling.attention import activation, linear, weights_alone
 from idefics2.quantization.formats import (
     INT4_GROUP_SIZES,
     dequantize_int4,
@@ -327,11 +327,11 @@ class QuantizedLinear(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(int8 weight, float32 scales), or (int4 nibbles, float32 group scales) in the portable layout, for
         the C kernels (ckernels.gated, ckernels.decoder_step) with inputs of `dtype`; None where this layer
-        cannot go there (zero points, a bias, hooks such as LoRA's). An int4 weight held in the device
+        cannot go there (zero points, a bias, a hook, a LoRA adapter). An int4 weight held in the device
         kernel's layout gives None (`layout="held"`), moves to the portable layout (`"move"`, as the layer's
         own first C product does), gives a portable copy, the layer unchanged (`"copy"`), or gives itself
         (`"check"`: to know that it can go there, not to compute with)."""
-        plain = self.bias is None and not (self._forward_hooks or self._forward_pre_hooks)
+        plain = self.bias is None and weights_alone(self)
         if not plain or dtype not in ckernels.DTYPES:
             return None
         if self.bits == 8:

@@ -981,7 +981,9 @@ int idefics2_decode_tokens(const layer_ref *layers, int64_t n_layers, const void
         double start = now();
         failed = weight_product(x, head, NULL, io_type == TYPE_F32 ? (void *)logits : (void *)narrow, M, vocab, D,
                                 io_type, ACT_NONE, threads);
-        product_seconds += now() - start;
+        const double head_seconds = now() - start;
+#pragma omp atomic
+        product_seconds += head_seconds;
         for (int64_t i = 0; i < narrow_logits && !failed; i++) logits[i] = read_io(narrow, i, io_type);
     }
     free(scratch);

@@ -442,14 +442,13 @@ class MistralDecoder(nn.Module):
                 return None  # ... and one group size
             entry = dict(zip(ckernels.PROJECTIONS, found, strict=True))
             operands.append({"input_norm": norms[0], "post_norm": norms[1], **entry})
-        tensors = [t for entry in operands for value in entry.values() for t in _flat(value)]
-        if not all(t.is_contiguous() for t in tensors):
-            return None
         config = self.config
         shape = (dtype, config.hidden_size, config.intermediate_size, config.num_attention_heads)
         layers = ckernels.DecoderLayers(operands, key=shape)
+        if not all(t.is_contiguous() for t in layers.sources):  # the snapshot watches these, C reads copies
+            return None
         if layout != "copy":
-            cache[slot] = (_Snapshot([self.layers[:count]], tensors), layers)
+            cache[slot] = (_Snapshot([self.layers[:count]], layers.sources), layers)
         return layers
 
     def _step_bench(self, dtype: torch.dtype):

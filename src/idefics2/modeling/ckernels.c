@@ -25,6 +25,7 @@ enum { ACT_NONE = 0, ACT_SILU = 1 };
 #define MAX_XROWS 4 /* activation rows summed together */
 #define MAX_HEAD_VECTORS 16 /* an attention head of up to this many vectors is held in registers */
 #define PREFETCH_BLOCKS 2 /* blocks of rows fetched ahead into L2 (into L1 runs slower: its misses stall) */
+#define CACHE_AHEAD_BYTES 8192 /* attention fetches the cache rows this far ahead of the row it reads into L2 */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -459,6 +460,17 @@ static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 #endif
 
+/* cache row `ahead` rows past row s of one head into L2, where the head has S rows: a head's rows cross
+   a page every few rows, and the hardware prefetcher stops at each page's end (measured on an Intel Xeon,
+   "mid" shapes: attention over 392 slots 1.15x faster; inlined, or the call costs what it saves) */
+static inline __attribute__((always_inline)) void prefetch_cache_row(const void *base, int64_t first, int64_t s,
+                                                                    int64_t ahead, int64_t S, int64_t stride,
+                                                                    int64_t row_bytes, int io_type) {
+    if (s + ahead >= S) return;
+    const char *row = (const char *)element(base, first + (s + ahead) * stride, io_type);
+    for (int64_t c = 0; c < row_bytes; c += 64) _mm_prefetch(row + c, _MM_HINT_T1);
+}
+
 /* one work item of idefics2_attention: the H / Hkv query heads of kv head `kv` of batch row b; D is a constant
    where the caller knows it (the head sizes models use), and so is io_type, so the row loops unroll */
 static inline __attribute__((always_inline)) void attend(const void *q, const void *k, const void *v,
@@ -470,6 +482,8 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
                                                         float *rows, float *sums) {
     const int64_t queries = group * T;
     const int64_t k0 = b * k_batch + kv * k_head, v0 = b * v_batch + kv * v_head;
+    const int64_t row_bytes = D * (io_type == TYPE_F32 ? 4 : 2);
+    const int64_t ahead = (CACHE_AHEAD_BYTES + row_bytes - 1) / row_bytes; /* rows */
     for (int64_t i = 0; i < queries * D; i++) /* heads kv * group + g, all T queries */
         rows[i] = read_io(q, (b * H + kv * group) * T * D + i, io_type);
     const int in_registers = D % LANES == 0 && D / LANES <= MAX_HEAD_VECTORS;
@@ -481,6 +495,7 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
         const float *query = rows + first * D;
         for (int64_t s = 0; s < S; s++) {
             const void *key = element(k, k0 + s * k_key, io_type);
+            prefetch_cache_row(k, k0, s, ahead, S, k_key, row_bytes, io_type);
             vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
             for (int64_t c = 0; c < D / LANES; c++) {
                 const vec kv = wload(key, c * LANES, io_type);
@@ -498,6 +513,7 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
         const uint8_t *allowed = mask + (b * T + i % T) * S;
         for (int64_t s = 0; s < S; s++) {
             const void *key = element(k, k0 + s * k_key, io_type);
+            prefetch_cache_row(k, k0, s, ahead, S, k_key, row_bytes, io_type);
             vec acc = vzero();
             for (int64_t c = 0; c < D / LANES; c++) acc = vfma(query[c], wload(key, c * LANES, io_type), acc);
             scores[i * S + s] = allowed[s] ? vsum(acc) * scale : -FLT_MAX;
@@ -539,6 +555,7 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
             for (int64_t j = 0; j < QB; j++) attended |= scores[(first + j) * S + s] != 0.0f;
             if (!attended) continue;
             const void *value = element(v, v0 + s * v_key, io_type);
+            prefetch_cache_row(v, v0, s, ahead, S, v_key, row_bytes, io_type);
             vec row[8];
             for (int64_t c = 0; c < D / LANES; c++) row[c] = wload(value, c * LANES, io_type);
             for (int64_t j = 0; j < QB; j++) {
@@ -557,6 +574,7 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
             const float p = scores[i * S + s];
             if (p == 0.0f) continue;
             const void *value = element(v, v0 + s * v_key, io_type);
+            prefetch_cache_row(v, v0, s, ahead, S, v_key, row_bytes, io_type);
             const vec weight = vset(p);
             for (int64_t c = 0; c < D / LANES; c++) acc[c] = vfma(weight, wload(value, c * LANES, io_type), acc[c]);
         }

@@ -18,9 +18,9 @@ default 360: 5 x 64 image latents plus the text), then greedily decodes `--new-t
 - where the decoder ran as one C call per step, all three come from one plain run instead ("timed in one
   run"): the step's own clock for its products and attention (the language-model head's product included
   where the whole step from tokens to logits is that call, ckernels.DecodeCall; else the head is timed
-  around its call), the step time over the same tokens; the profiled run then only lists the costliest
-  other ops.
-  Shares are the median of the repeats' shares.
+  around its call), the step time over the same tokens, each, and each share, the median of its values
+  at the run's steps (the step time of a profiled mode is a median too); the profiled run then only lists
+  the costliest other ops. Shares are the median of the repeats' shares.
 
 Models run in turns, `--repeats` times, so the machine's load spreads over all of them; medians are printed.
 
@@ -96,36 +96,46 @@ def greedy(model, input_ids: torch.Tensor, new_tokens: int, on_token) -> None:
                        eos_token_id=2, pad_token_id=0, streamer=on_token)  # fmt: skip
 
 
-def timed_split(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float, float] | None:
-    """(seconds per decode step, of weight products, of attention) of one plain greedy generation whose
-    decoder ran as one C call per step (ckernels.decoder_step clocks its products and attention; the
-    language-model head is timed around its call), over the steps between the first and the last token;
-    None where the one-call step did not run."""
+def timed_split(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, ...] | None:
+    """(seconds per decode step, of weight products, of attention, share of the step outside the products,
+    outside products and attention) of one plain greedy generation whose decoder ran as one C call per step
+    (ckernels.decoder_step clocks its products and attention; the language-model head is timed around its
+    call), each the median of its values at the steps between the first and the last token; None where the
+    one-call step did not run."""
     marks: list[tuple[float, float, float, float]] = []  # (time, products, attention, head) at each token
     head_seconds = [0.0]
     head = model.lm_head
-    plain_forward = head.forward
+    # timed through its class: a forward of the head's own (or a hook) would keep the C routes, which read
+    # its weights directly, from standing in for it (attention.weights_alone)
+    layer_class = type(head)
+    plain_forward = layer_class.forward
 
-    def timed_head(x):
+    def timed_forward(self, x):
+        if self is not head:
+            return plain_forward(self, x)
         start = time.perf_counter()
-        out = plain_forward(x)
+        out = plain_forward(self, x)
         head_seconds[0] += time.perf_counter() - start
         return out
 
     def on_token(tokens):
         marks.append((time.perf_counter(), *ckernels.step_clock(), head_seconds[0]))
 
-    head.forward = timed_head
+    layer_class.forward = timed_forward
     try:
         greedy(model, input_ids, new_tokens, on_token)
     finally:
-        del head.forward  # the class's method again
-    (start, *first), (end, *last) = marks[0], marks[-1]
-    steps = len(marks) - 1
-    products, attention, head_time = (b - a for a, b in zip(first, last, strict=True))
-    if products == 0.0:
+        layer_class.forward = plain_forward
+    if marks[-1][1] == marks[0][1]:
         return None
-    return (end - start) / steps, (products + head_time) / steps, attention / steps
+    # each quantity and share per step, then its median: a step that the host interrupts (another process, a
+    # page fault) moves the mean of a short run by more than the overhead measured
+    steps = []
+    for first, second in zip(marks, marks[1:]):
+        step, products, attention, head_time = (b - a for a, b in zip(first, second, strict=True))
+        products += head_time
+        steps.append((step, products, attention, 1 - products / step, 1 - (products + attention) / step))
+    return tuple(statistics.median(s[i] for s in steps) for i in range(5))
 
 
 def _marked(function, mark: str):
@@ -209,7 +219,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; mid config, batch 1, prompt "
           f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
           f"medians of {args.repeats}")  # fmt: skip
-    rows: dict[str, list[tuple[float, float, float]]] = {mode: [] for mode in models}
+    rows: dict[str, list[tuple[float, ...]]] = {mode: [] for mode in models}
     others: dict[str, Counter] = {mode: Counter() for mode in models}
     timed = {mode: False for mode in models}
     for _ in range(args.repeats):
@@ -219,13 +229,15 @@ def main() -> None:
             if split is None:
                 step = statistics.median(step_times(model, input_ids, args.new_tokens))
             products, attention, rest = product_time_per_step(model, input_ids, args.new_tokens)
-            rows[mode].append(split or (step, products, attention))
+            if split is None:
+                split = (step, products, attention, 1 - products / step, 1 - (products + attention) / step)
+            rows[mode].append(split)
             others[mode].update(rest)
     print(f"{'mode':<10}{'step ms':>9}{'products ms':>13}{'attention ms':>14}{'other ms':>10}"
           f"{'outside products':>18}{'outside both':>14}{'tok/s':>8}  split")  # fmt: skip
     for mode, samples in rows.items():
-        step, products, attention = (statistics.median(s[i] for s in samples) for i in range(3))
-        outside, outside_both = (statistics.median(1 - sum(s[1:n]) / s[0] for s in samples) for n in (2, 3))
+        step, products, attention, outside, outside_both = (statistics.median(s[i] for s in samples)
+                                                            for i in range(5))  # fmt: skip
         print(f"{mode:<10}{step * 1e3:9.2f}{products * 1e3:13.2f}{attention * 1e3:14.2f}"
               f"{(step - products - attention) * 1e3:10.2f}{max(0.0, outside):18.1%}"
               f"{max(0.0, outside_both):14.1%}{1 / step:8.1f}  "

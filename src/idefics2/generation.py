@@ -103,10 +103,8 @@ def stream_generate(
         )
         for b, g in enumerate(grammars)
     ]
-    sequences = torch.full((batch, prompt_len + max_new), pad_id, dtype=torch.long, device=device)
-    sequences[:, :prompt_len] = input_ids
+    columns: list[list[int]] = []  # the B new tokens of each step
     finished = [False] * batch
-    n_new = [max_new] * batch  # new tokens kept per row
     stop_strings = opts["stop_strings"]
     if stop_strings:  # each row's text so far, decoded incrementally
         texts = [TextDeltaDecoder(opts["tokenizer"], skip_special_tokens=False) for _ in range(batch)]
@@ -131,16 +129,15 @@ def stream_generate(
                         or find_stop(generated[row][-_window(stop_strings) :], stop_strings) is not None
                     )
                 if ending:
-                    finished[row], n_new[row] = True, step + 1
+                    finished[row] = True
                     rows[row].grammar = None  # a row that ended takes no more tokens
-            new = torch.tensor(tokens, dtype=torch.long, device=device)
-            sequences[:, prompt_len + step] = new
-            yield new
+            columns.append(tokens)
+            yield torch.tensor(tokens, dtype=torch.long, device=device)
             if step + 1 == max_new or all(finished):
                 break
-            logits = runner.decode(new, [length + step for length in lengths])
-    # Rows that all finished before the last step run: drop the columns nobody needs.
-    return sequences[:, : prompt_len + max(n_new)]
+            logits = runner.decode(tokens, [length + step for length in lengths])
+    # one column per step run: as many as the longest row's new tokens (the loop ends when every row has)
+    return torch.cat([input_ids, torch.tensor(columns, dtype=torch.long, device=device).T], dim=1)
 
 
 class ContextLengthError(ValueError):

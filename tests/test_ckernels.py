@@ -445,6 +445,41 @@ def test_the_whole_step_leaves_other_heads_to_their_own_calls(monkeypatch):
     assert len(whole) == 3
 
 
+@pytest.mark.parametrize("mode", ["float32", "int8"])
+def test_the_head_joins_the_whole_step_where_its_c_product_was_measured_nearly_the_fastest(
+    mode, monkeypatch, tmp_path
+):
+    """Measured (fake times): every op's C kernel the fastest but the head's product, whose winner beats the
+    C product by 3% (the head's C product joins the one-call step: it saves the head's own call) or by 20%
+    (the head runs as its own call, with the winner); the logits agree either way."""
+    monkeypatch.setenv("IDEFICS2_KERNEL_TUNING", "1")
+    monkeypatch.delenv("IDEFICS2_KERNELS", raising=False)
+    model = decoder_model(mode)
+    vocab = model.lm_head.out_features
+    head_winner = "aten" if mode == "float32" else "dequantize"
+    whole = count_calls(monkeypatch, ckernels.DecodeCall, "__call__")
+    logits = {}
+    for c_over_winner in (1.03, 1.2):
+        monkeypatch.setenv("IDEFICS2_KERNELS_CACHE", str(tmp_path / f"kernels-{c_over_winner}.json"))
+
+        def fake_fastest(names, run, timer, reference, c_over_winner=c_over_winner):
+            head = run(reference).shape[-1] == vocab  # the only product with the vocabulary's columns
+            times = dict.fromkeys(names, 2.0)
+            if head and head_winner in names:
+                times[head_winner], times["c"] = 1.0, c_over_winner
+            elif "c" in names:
+                times["c"] = 1.0
+            return times
+
+        monkeypatch.setattr(kernels, "fastest", fake_fastest)
+        kernels.forget_choices()
+        whole.clear()
+        logits[c_over_winner] = decode_logits(model, steps=2)
+        assert len(whole) == (2 if c_over_winner == 1.03 else 0)
+    kernels.forget_choices()
+    assert rel_diff(logits[1.2].double(), logits[1.03].double()) <= (1e-5 if mode == "float32" else 3e-2)
+
+
 def test_the_kept_whole_step_call_follows_the_model_between_steps(monkeypatch):
     """The whole step's call is prepared once per cache view and reused by the next steps of the same rows;
     a hook on the head, a weight given new storage, or other kernels forced are seen at the very next step;

@@ -286,16 +286,23 @@ def linear_kernel(
     dtype: torch.dtype, rows: int, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None
 ) -> str:
     """The kernel that `linear` runs on CPU for `rows` rows of `dtype` inputs (measured once, see there)."""
-    n, k = weight.shape
     plain = weight.is_contiguous()
-    layout = () if plain else ("transposed",) if weight.t().is_contiguous() else ("strided",)
     return kernels.choose(
         "linear",
-        (dtype, n, k, bias is not None, act, *layout),
+        _linear_shape(dtype, weight, bias, act),
         rows,
         lambda: [name for name in linear_kernels(dtype, act, rows) if plain or name != "c"],
         lambda rows: _linear_bench(weight, bias, act, rows),
     )
+
+
+def _linear_shape(
+    dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None
+) -> tuple:
+    """The shape key under which `linear`'s kernels are chosen (kernels.choose)."""
+    n, k = weight.shape
+    layout = () if weight.is_contiguous() else ("transposed",) if weight.t().is_contiguous() else ("strided",)
+    return (dtype, n, k, bias is not None, act, *layout)
 
 
 def linear_kernels(dtype: torch.dtype, act: str | None, rows: int = 1) -> list[str]:
@@ -364,12 +371,17 @@ class Linear(nn.Linear):
         plain = self.bias is None and weights_alone(self)
         return (self.weight, None) if plain and self.weight.dtype == dtype else None
 
-    def c_chosen(self, dtype: torch.dtype, rows: int) -> bool:
+    def c_chosen(self, dtype: torch.dtype, rows: int, within: float = 1.0) -> bool:
         """Whether this layer's forward on `rows` CPU rows of `dtype` inputs (under no_grad) runs the C kernel
-        with c_operands(dtype): what a caller doing that product in C itself computes the same."""
+        with c_operands(dtype): what a caller doing that product in C itself computes the same. With
+        `within` > 1, also where the C kernel was measured at most `within` times the chosen kernel's time
+        (for a caller whose own C call saves more than that difference)."""
         if self.c_operands(dtype) is None or not self.weight.is_cpu:
             return False
-        return linear_kernel(dtype, rows, self.weight, None, None) == "c"
+        if linear_kernel(dtype, rows, self.weight, None, None) == "c":
+            return True
+        shape = _linear_shape(dtype, self.weight, None, None)
+        return within > 1.0 and kernels.measured_within("linear", shape, rows, "c", within)
 
 
 class RMSNorm(nn.Module):

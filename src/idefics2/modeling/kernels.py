@@ -413,6 +413,17 @@ def choices() -> dict[tuple, tuple[str, dict[str, float]]]:
     return made
 
 
+def measured_within(op: str, shape: tuple, rows: int, kernel: str, ratio: float) -> bool:
+    """Whether `kernel` was measured for `op` on `shape` in the class of `rows` (by this process or read
+    from the choices file) at most `ratio` times the fastest kernel's time there; False where nothing was
+    measured (kernels forced, preferred or tuning off). For a caller that saves other work by running that
+    kernel itself, where the race's winner is only a little faster."""
+    if _forced or _preferred_only or _env_forced() or not tuning_enabled():
+        return False
+    times = _timings.get((op, shape, row_class(rows), torch.get_num_threads()), {})
+    return kernel in times and times[kernel] <= ratio * min(times.values())
+
+
 def measuring_seconds() -> float:
     """Seconds this process has spent measuring kernels."""
     return _spent[0]

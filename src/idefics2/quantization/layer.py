@@ -303,24 +303,31 @@ class QuantizedLinear(nn.Module):
         return self.product_with(kernel, x, act)
 
     def _cpu_kernel(self, dtype: torch.dtype, rows: int) -> str:
-        shape = (dtype, self.out_features, self.in_features, self.group_size)
         return kernels.choose(
             f"int{self.bits}",
-            shape,
+            self._kernel_shape(dtype),
             rows,
             lambda: self.kernel_names(torch.device("cpu"), dtype, rows),
             lambda bench_rows: self._bench(dtype, bench_rows),
         )
 
-    def c_chosen(self, dtype: torch.dtype, rows: int) -> bool:
+    def _kernel_shape(self, dtype: torch.dtype) -> tuple:
+        return (dtype, self.out_features, self.in_features, self.group_size)
+
+    def c_chosen(self, dtype: torch.dtype, rows: int, within: float = 1.0) -> bool:
         """Whether this layer's forward on `rows` CPU rows of `dtype` inputs (under no_grad) runs the C kernel
-        with c_operands(dtype, "move"): what a caller doing that product in C itself computes the same."""
+        with c_operands(dtype, "move"): what a caller doing that product in C itself computes the same. With
+        `within` > 1, also where the C kernel was measured at most `within` times the chosen kernel's time
+        (for a caller whose own C call saves more than that difference)."""
         if not self.qweight.is_cpu or self.c_operands(dtype, "check") is None:
             return False
         kernel = self._cpu_kernel(dtype, rows)
         if kernel == "kernel" and self.bits == 4 and self.packing is None:  # see product_with
             kernel = "c" if "c" in self.kernel_names(torch.device("cpu"), dtype, rows) else ""
-        return kernel == "c"
+        if kernel == "c":
+            return True
+        op, shape = f"int{self.bits}", self._kernel_shape(dtype)
+        return within > 1.0 and kernels.measured_within(op, shape, rows, "c", within)
 
     def c_operands(
         self, dtype: torch.dtype, layout: str = "held"

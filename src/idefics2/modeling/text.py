@@ -332,7 +332,9 @@ class MistralDecoder(nn.Module):
         the weights, hooks and chosen kernels stay as they were (checked every step)."""
         if not hasattr(kv_cache, "row_buffers"):
             return None
-        kept = self.__dict__.setdefault("_decode_calls", _KeptCalls())  # not in state_dict
+        kept = self.__dict__.get("_decode_calls")  # not in state_dict
+        if kept is None:
+            kept = self.__dict__["_decode_calls"] = _KeptCalls()
         entry = kept.get(kv_cache)
         if (
             entry is not None

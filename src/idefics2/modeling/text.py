@@ -328,8 +328,8 @@ class MistralDecoder(nn.Module):
         `head` the language-model head. The same numbers as the embedding, `forward` and `head` run with the
         C kernels, which this takes only where the one-call step is the one chosen and the head's C product
         is too, or was measured within HEAD_JOINS_WITHIN of the chosen one (else None, and the step runs as
-        those calls). The call is prepared once per cache view and kept while
-        the weights, hooks and chosen kernels stay as they were (checked every step)."""
+        those calls). The call is prepared once per cache view and kept while the weights, hooks and chosen
+        kernels stay as they were (checked every step)."""
         if not hasattr(kv_cache, "row_buffers"):
             return None
         kept = self.__dict__.get("_decode_calls")  # not in state_dict

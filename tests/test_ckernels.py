@@ -118,6 +118,26 @@ def test_attention_matches_float64_on_cache_views(dtype):
         assert rel_diff(got.double(), want) <= TOLERANCE[dtype], (b, heads, kv_heads, t, s, d)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", [1, 2])
+def test_attention_over_rows_of_different_lengths_within_their_windows(dtype, queries):
+    """Masks as a decode step of a batch gives them: each row attends to its own slots up to its position
+    and within a sliding window (keys are read only over that span); the slots outside hold garbage (NaN)
+    that never reaches the output."""
+    torch.manual_seed(0)
+    b, heads, kv_heads, s, d, window = 4, 8, 2, 200, 64, 64
+    ends = torch.tensor([199, 40, 120, 7])[:, None] - torch.arange(queries - 1, -1, -1)  # (b, T) positions
+    slots = torch.arange(s)
+    mask = (slots <= ends[..., None]) & (slots > ends[..., None] - window)  # (b, T, s)
+    q = torch.randn(b, heads, queries, d).to(dtype)
+    k, v = torch.randn(b, kv_heads, s, d).to(dtype), torch.randn(b, kv_heads, s, d).to(dtype)
+    want = grouped_matmul_attention(q.double(), k.double(), v.double(), mask[:, None], scale=d**-0.5)
+    unread = ~mask.any(dim=1)[:, None, :, None].expand(b, kv_heads, s, d)
+    k, v = k.masked_fill(unread, float("nan")), v.masked_fill(unread, float("nan"))
+    got = ckernels.attention(q, k, v, mask[:, None], d**-0.5)
+    assert rel_diff(got.double(), want) <= TOLERANCE[dtype]
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction sets")
 @pytest.mark.parametrize("march", ["haswell", "x86-64"])  # the AVX2 code, and the plain C loops
 def test_every_instruction_set_builds_and_agrees(march):

@@ -488,15 +488,32 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
     for (int64_t i = 0; i < queries * D; i++) /* heads kv * group + g, all T queries */
         rows[i] = read_io(q, (b * H + kv * group) * T * D + i, io_type);
     const int in_registers = D % LANES == 0 && D / LANES <= MAX_HEAD_VECTORS;
+    /* keys are read only over [lo, hi), the slots that some query of the item may attend to: a row shorter
+       than the batch's longest, or past its sliding window, reads only its own slots; the other scores are
+       the masked ones' anyway (where nothing at all is allowed, every slot is read, as before) */
+    int64_t lo = S, hi = 0;
+    for (int64_t t = 0; t < T; t++) {
+        const uint8_t *allowed = mask + (b * T + t) * S;
+        int64_t start = 0, end = S;
+        while (start < S && !allowed[start]) start++;
+        while (end > start && !allowed[end - 1]) end--;
+        if (start < end && start < lo) lo = start;
+        if (start < end && end > hi) hi = end;
+    }
+    if (lo >= hi) lo = 0, hi = S;
+    for (int64_t i = 0; i < queries; i++) {
+        for (int64_t s = 0; s < lo; s++) scores[i * S + s] = -FLT_MAX;
+        for (int64_t s = hi; s < S; s++) scores[i * S + s] = -FLT_MAX;
+    }
     int64_t first = 0; /* queries before it are scored */
 #if defined(__AVX512F__)
     for (; first + 4 <= queries && in_registers; first += 4) { /* four queries per key read, summed together */
         const uint8_t *allowed[4];
         for (int j = 0; j < 4; j++) allowed[j] = mask + (b * T + (first + j) % T) * S;
         const float *query = rows + first * D;
-        for (int64_t s = 0; s < S; s++) {
+        for (int64_t s = lo; s < hi; s++) {
             const void *key = element(k, k0 + s * k_key, io_type);
-            prefetch_cache_row(k, k0, s, ahead, S, k_key, row_bytes, io_type);
+            prefetch_cache_row(k, k0, s, ahead, hi, k_key, row_bytes, io_type);
             vec acc[4] = {vzero(), vzero(), vzero(), vzero()};
             for (int64_t c = 0; c < D / LANES; c++) {
                 const vec kv = wload(key, c * LANES, io_type);
@@ -512,15 +529,15 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
         vec query[MAX_HEAD_VECTORS];
         for (int64_t c = 0; c < D / LANES; c++) query[c] = vload(rows + i * D + c * LANES);
         const uint8_t *allowed = mask + (b * T + i % T) * S;
-        for (int64_t s = 0; s < S; s++) {
+        for (int64_t s = lo; s < hi; s++) {
             const void *key = element(k, k0 + s * k_key, io_type);
-            prefetch_cache_row(k, k0, s, ahead, S, k_key, row_bytes, io_type);
+            prefetch_cache_row(k, k0, s, ahead, hi, k_key, row_bytes, io_type);
             vec acc = vzero();
             for (int64_t c = 0; c < D / LANES; c++) acc = vfma(query[c], wload(key, c * LANES, io_type), acc);
             scores[i * S + s] = allowed[s] ? vsum(acc) * scale : -FLT_MAX;
         }
     }
-    for (int64_t s = 0; s < S && !in_registers; s++) {
+    for (int64_t s = lo; s < hi && !in_registers; s++) {
         const void *key = element(k, k0 + s * k_key, io_type);
         for (int64_t i = 0; i < queries; i++)
             scores[i * S + s] = mask[(b * T + i % T) * S + s]
@@ -556,7 +573,7 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
             for (int64_t j = 0; j < QB; j++) attended |= scores[(first + j) * S + s] != 0.0f;
             if (!attended) continue;
             const void *value = element(v, v0 + s * v_key, io_type);
-            prefetch_cache_row(v, v0, s, ahead, S, v_key, row_bytes, io_type);
+            prefetch_cache_row(v, v0, s, ahead, hi, v_key, row_bytes, io_type);
             vec row[8];
             for (int64_t c = 0; c < D / LANES; c++) row[c] = wload(value, c * LANES, io_type);
             for (int64_t j = 0; j < QB; j++) {
@@ -575,7 +592,7 @@ static inline __attribute__((always_inline)) void attend(const void *q, const vo
             const float p = scores[i * S + s];
             if (p == 0.0f) continue;
             const void *value = element(v, v0 + s * v_key, io_type);
-            prefetch_cache_row(v, v0, s, ahead, S, v_key, row_bytes, io_type);
+            prefetch_cache_row(v, v0, s, ahead, hi, v_key, row_bytes, io_type);
             const vec weight = vset(p);
             for (int64_t c = 0; c < D / LANES; c++) acc[c] = vfma(weight, wload(value, c * LANES, io_type), acc[c]);
         }

@@ -632,7 +632,10 @@ int idefics2_attention(const void *q, const void *k, const void *v, const uint8_
 #pragma omp atomic write
             failed = 1;
         } else {
-#pragma omp for schedule(static) collapse(2)
+            /* handed out one at a time: the rows of a batch differ in length, and so do their items (split into
+               equal blocks, the longer rows' items all fell to one thread: 8 rows of 100-1,950 slots, "mid" int8
+               on an Intel Xeon, attention 8.5 -> 6.3 ms a step) */
+#pragma omp for schedule(dynamic, 1) collapse(2)
             for (int64_t b = 0; b < B; b++)
                 for (int64_t kv = 0; kv < Hkv; kv++) {
 #define ATTEND(DIM, TYPE)                                                                                       \

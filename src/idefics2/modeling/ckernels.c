@@ -460,7 +460,7 @@ static inline __m128 sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
 }
 #endif
 
-/* cache row `ahead` rows past row s of one head into L2, where the head has S rows: a head's rows cross
+/* cache row `ahead` rows past row s of one head into L2, where rows below S are read: a head's rows cross
    a page every few rows, and the hardware prefetcher stops at each page's end (measured on an Intel Xeon,
    "mid" shapes: a decode step's attention over 392 slots 1.5x faster; inlined, or the call costs what it
    saves) */

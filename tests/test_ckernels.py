@@ -541,6 +541,111 @@ def test_the_kept_whole_step_call_follows_the_model_between_steps(monkeypatch):
     assert not model.model.text_model._decode_calls  # dropped with the cache's view
 
 
+def greedy_steps(model, steps: int = 4, excluded=None) -> tuple[list[list[int]], list[list[int]]]:
+    """(each step's tokens from ModelRunner.decode_greedy, the first largest of the same step's logits) over
+    `steps` decode steps of two rows at different positions, each step run both ways (the same cache slots,
+    written with the same values), the rows going on with the greedy tokens; `excluded[b]`: ids row b may
+    not take (-inf in its logits)."""
+    from idefics2.decoding.runner import ModelRunner
+    from idefics2.decoding.sampler import first_largest
+
+    runner = ModelRunner(model, 2, 64)
+    got, want = [], []
+    with torch.inference_mode():
+        for row, prompt in enumerate(([3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16])):
+            runner.prefill(row, runner.embed_prompt(prompt, None), 0, False)
+        tokens = [7, 11]
+        for i in range(steps):
+            positions = [9 + i, 5 + i]
+            got.append(runner.decode_greedy(tokens, positions, excluded=excluded))
+            logits = runner.decode(tokens, positions)
+            for row, ids in enumerate(excluded or []):
+                logits[row, ids] = float("-inf")
+            want.append(first_largest(logits).tolist())
+            tokens = want[-1]
+    return got, want
+
+
+def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(monkeypatch):
+    """A greedy float32 step in one C call finds each row's token from the head's int8 copy and the few
+    logits it cannot rule out: the tokens equal the first largest of the whole head's logits, the first of
+    equal logits included (two rows of the head made equal), and a row with NaN activations (the whole head
+    decides: its first NaN, as argmax) too. A changed head (even in place through `.data`) gets a new copy
+    at the next prepared call; other dtypes, or the route off, give None (the caller takes the logits)."""
+    model = decoder_model("float32")
+    with kernels.force(**ROUTES, decoder_step="c"):
+        before = ckernels.screen_counts()
+        got, want = greedy_steps(model)
+        screened, candidates, whole = (a - b for a, b in zip(ckernels.screen_counts(), before, strict=True))
+        assert got == want
+        assert screened == 8 and whole == 0 and 8 <= candidates <= 8 * 16  # a few rows each
+        first = want[0]
+        got, want = greedy_steps(model, steps=2, excluded=[[first[0], 2], []])  # as a minimum length does
+        assert got == want and want[0][0] != first[0] and want[0][1] == first[1]
+        head = model.lm_head.weight
+        best = first[0]
+        head.data[best // 2] = head.data[best]  # an equal logit at a lower index: the first one wins
+        got, want = greedy_steps(model, steps=1)
+        assert want[0][0] == best // 2 and got == want
+        embedding = model.model.text_model.embed_tokens.weight
+        embedding.data[7] = float("nan")  # row 0's first step: NaN activations, NaN logits
+        before = ckernels.screen_counts()
+        got, want = greedy_steps(model, steps=1)
+        assert got == want == [[0, want[0][1]]] and ckernels.screen_counts()[2] == before[2] + 1
+        with kernels.force(greedy_screen=False):
+            assert greedy_steps(model, steps=1)[0] == [None]
+    for mode in ("bfloat16", "int8"):
+        with kernels.force(**ROUTES, decoder_step="c"):
+            assert greedy_steps(decoder_model(mode), steps=1)[0] == [None]
+
+
+def test_a_head_screen_bounds_its_int8_products_and_is_dropped_with_its_head():
+    """The screen's bounds hold: for random activations, |S_n - l_n| stays below the bound the C code uses
+    (|x| |w - s q| + ...), and the int8 copy is a quarter of the head's bytes; the kept screen goes with
+    the weight it was made from."""
+    from idefics2.modeling import text
+
+    torch.manual_seed(0)
+    weight = torch.randn(300, 96) * 0.02
+    screen = ckernels.HeadScreen(weight)
+    assert screen.q.numel() * screen.q.element_size() * 4 == weight.numel() * weight.element_size()
+    x = torch.randn(5, 96, dtype=torch.float64)
+    exact = x @ weight.double().T
+    approx = x @ (screen.scales.double()[:, None] * screen.q.double()).T
+    bound = x.norm(dim=1, keepdim=True) * screen.bounds[:, 0].double()
+    assert ((approx - exact).abs() <= bound).all() and bound.max() < exact.abs().max() / 4
+    assert (screen.bounds[:, 2].double() >= weight.double().norm(dim=1)).all()
+    held = text._head_screen(weight)
+    assert text._head_screen(weight) is held  # the same bytes: kept
+    weight.data[3, 5] += 1.0  # in place, through .data: seen
+    assert text._head_screen(weight) is not held
+    del weight
+    gc.collect()
+    assert not text._screens
+
+
+def test_greedy_generation_takes_the_screened_steps_and_decodes_the_same_tokens():
+    model = decoder_model("float32")
+    ids = torch.randint(3, 32000, (2, 7), generator=torch.Generator().manual_seed(2))
+    greedy = lambda: model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)  # noqa: E731
+    with kernels.force(**ROUTES, decoder_step="c", greedy_screen=False):
+        want = greedy()
+    before = ckernels.screen_counts()[0]
+    with kernels.force(**ROUTES, decoder_step="c"):
+        assert torch.equal(greedy(), want)
+        assert ckernels.screen_counts()[0] == before + 2 * 5  # every decode step of both rows
+        end = [want[0, -1].item()]  # row 0's last token ends it: held back by a minimum length instead
+        kept_going = dict(max_new_tokens=6, min_new_tokens=6, eos_token_id=end, pad_token_id=0)
+        with kernels.force(greedy_screen=False):
+            held_back = model.generate(ids, **kept_going)
+        assert torch.equal(model.generate(ids, **kept_going), held_back)
+        assert ckernels.screen_counts()[0] == before + 4 * 5
+        sampled = model.generate(ids, max_new_tokens=6, do_sample=True, pad_token_id=0)
+        penalized = model.generate(ids, max_new_tokens=6, repetition_penalty=1.3, pad_token_id=0)
+        assert ckernels.screen_counts()[0] == before + 4 * 5  # they read the logits
+    assert sampled.shape == penalized.shape == want.shape
+
+
 def test_the_decoder_step_decodes_the_tokens_of_torch_kernels():
     model = decoder_model("float32")
     ids = torch.randint(3, 32000, (2, 7), generator=torch.Generator().manual_seed(2))
@@ -690,13 +795,16 @@ def test_the_decoder_step_equals_the_layers_on_every_instruction_set(march):
         """
         import torch
         from idefics2.modeling import kernels
-        from test_ckernels import ROUTES, decode_logits, decoder_model
+        from test_ckernels import ROUTES, decode_logits, decoder_model, greedy_steps
         for mode in ("float32", "bfloat16", "int8", "int4"):
             model = decoder_model(mode)
             with kernels.force(**ROUTES):
                 by_ops = decode_logits(model, steps=2)
             with kernels.force(**ROUTES, decoder_step="c"):
                 assert torch.equal(decode_logits(model, steps=2), by_ops), mode
+        with kernels.force(**ROUTES, decoder_step="c"):
+            got, want = greedy_steps(decoder_model("float32"))
+            assert got == want, (got, want)
         print("equal")
         """
     )

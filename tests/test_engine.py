@@ -140,6 +140,37 @@ def test_float32_tokens_equal_generate_alone_except_near_ties(model32, processor
         assert float(top2[0] - top2[1]) <= 1e-4, (i, first)
 
 
+def test_greedy_float32_requests_read_the_heads_int8_copy_and_get_the_same_tokens(model32, processor):
+    """Where a float32 decode step runs as one C call, a batch of greedy requests (a minimum length among
+    them) gets its tokens from the head's int8 copy (ckernels.HeadScreen): the same tokens as the logits
+    give; a request that asks for log-probabilities reads the logits."""
+    from idefics2.modeling import ckernels, kernels
+
+    if not kernels.c_kernels():
+        pytest.skip("no C compiler here")
+    routes = dict.fromkeys(("linear", "attention", "rms_norm", "gated", "rope", "decoder_step"), "c")
+    requests = [REQUESTS[i] for i in (0, 1, 5)]  # greedy; short; a minimum length holding the ends back
+
+    def run() -> list[list[int]]:
+        with Engine(model32, processor, max_batch=3) as engine:
+            handles = [
+                engine.submit(prompt, images=[PICTURES[k] for k in images], **controls)
+                for prompt, images, controls in requests
+            ]
+            return [handle.result(timeout=120).token_ids for handle in handles]
+
+    with kernels.force(**routes, greedy_screen=False):
+        want = run()
+    before = ckernels.screen_counts()[0]
+    with kernels.force(**routes):
+        assert run() == want
+        assert ckernels.screen_counts()[0] > before
+        before = ckernels.screen_counts()[0]
+        with Engine(model32, processor, max_batch=3) as engine:
+            done = engine.submit("Hi", max_new_tokens=4, logprobs=True).result(timeout=120)
+        assert ckernels.screen_counts()[0] == before and len(done.logprobs) == done.completion_tokens
+
+
 def test_text_deltas_concatenate_to_the_pipelines_reply(model32, processor):
     chat = ChatPipeline(model32, processor)
     with Engine(model32, processor, max_batch=2) as engine:

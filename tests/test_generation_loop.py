@@ -79,6 +79,9 @@ class ChainModel(torch.nn.Module):
     def c_decode_logits(self, tokens, positions, kv_cache):
         return None  # no whole step in one C call: every step comes through decode_logits
 
+    def c_decode_greedy(self, tokens, positions, kv_cache, excluded=None):
+        return None  # nor its greedy tokens
+
 
 class Letters:
     """Token i is the letter chr(ord('a') + i); pad 0."""

@@ -16,7 +16,7 @@ import torch
 
 from idefics2.constrained import row_grammars
 from idefics2.decoding.runner import borrow_runner
-from idefics2.decoding.sampler import RowSampler, sample_rows
+from idefics2.decoding.sampler import RowSampler, greedy_exclusions, sample_rows
 from idefics2.streaming import TextDeltaDecoder, find_stop
 
 # Defaults used when neither the call nor the checkpoint's generation_config.json sets a value.
@@ -111,11 +111,15 @@ def stream_generate(
         generated = ["" for _ in range(batch)]
     with borrow_runner(model, batch, max(lengths) + max_new) as runner:
         logits = runner.prefill_whole(0, prompts)  # (B, V) float32
+        greedy: list[int] | None = None  # the step's tokens, where the decode step gave them for its logits
         for step in range(max_new):
-            picked, errors = sample_rows(logits, rows)
-            if errors:
-                row, error = next(iter(errors.items()))
-                raise ValueError(f"row {row}: {error}")
+            if greedy is None:
+                picked, errors = sample_rows(logits, rows)
+                if errors:
+                    row, error = next(iter(errors.items()))
+                    raise ValueError(f"row {row}: {error}")
+            else:
+                picked = greedy
             tokens = [pad_id if done else token for token, done in zip(picked, finished)]
             for row, token in enumerate(tokens):
                 if finished[row]:
@@ -135,7 +139,11 @@ def stream_generate(
             yield torch.tensor(tokens, dtype=torch.long, device=device)
             if step + 1 == max_new or all(finished):
                 break
-            logits = runner.decode(tokens, [length + step for length in lengths])
+            positions = [length + step for length in lengths]
+            excluded = greedy_exclusions(rows)  # (a finished row's token is padding: any will do)
+            greedy = None if excluded is None else runner.decode_greedy(tokens, positions, excluded=excluded)
+            if greedy is None:
+                logits = runner.decode(tokens, positions)
     # one column per step run: as many as the longest row's new tokens (the loop ends when every row has)
     return torch.cat([input_ids, torch.tensor(columns, dtype=torch.long, device=device).T], dim=1)
 

@@ -107,6 +107,19 @@ class ModelRunner:
                 return logits
         return self.decode_step(token_ids[:, None], slots, n_keys, start)
 
+    def decode_greedy(
+        self, tokens: list[int], positions: list[int], start: int = 0, excluded: list[list[int]] | None = None
+    ) -> list[int] | None:
+        """The same step as `decode`, giving each row's greedy token (its logits' first largest, row b's
+        `excluded[b]` ids left out: sampler.greedy_exclusions) instead of its logits, where that is cheaper:
+        on CPU, a float32 model's step in one C call reads the head's int8 copy and computes only the logits
+        that could be the largest (model.c_decode_greedy). None elsewhere, and nothing run: then `decode` and
+        the sampler."""
+        if self.device.type != "cpu":
+            return None
+        view = self.cache.decode_view(start, start + len(tokens))
+        return self.model.c_decode_greedy(tokens, positions, view, excluded)
+
     def decode_step(self, token_ids: torch.Tensor, slots: torch.Tensor, n_keys: int, start: int = 0):
         """The decode computation on tensors: token_ids (B, 1), slots (B,), attending over cache slots
         [0, n_keys) of rows [start, start + B), each row masked to its own slots; logits (B, V) float32."""

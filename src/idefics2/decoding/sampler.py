@@ -74,6 +74,15 @@ class RowSampler:
             self.grammar.advance(token)
 
 
+def greedy_exclusions(rows: Sequence[RowSampler]) -> list[list[int]] | None:
+    """Where every row's next token is the first largest of its logits but for a few ids (greedy, no control
+    that changes the logits, a minimum length holding the end tokens back): those ids per row, with which
+    a decode step may give the tokens instead of the logits (ModelRunner.decode_greedy); else None."""
+    if not all(row.plain_greedy for row in rows):
+        return None
+    return [list(row.eos) if row.holds_back_eos() else [] for row in rows]
+
+
 def sample_rows(logits: torch.Tensor, rows: Sequence[RowSampler]) -> tuple[list[int], dict[int, ValueError]]:
     """Choose one token per row from logits (B, V) float32 (left unchanged): (tokens, errors), where errors
     maps the index of each row that cannot go on (its grammar allows no token that banned words leave) to

@@ -979,6 +979,156 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
     return failed;
 }
 
+/* ---- a greedy step's token without the whole head ---------------------------------------------------------
+   A greedy step wants only the index of each row's largest logit, and the head's float32 weights are the
+   largest read of a step. An int8 copy of them (row n ~ scales[n] * q[n], rounded to nearest) is a quarter
+   of it. Its product S_n (`product`, as an int8 layer's) differs from the logit l_n = x . w_n that the float32
+   product computes by at most
+       r_n = |x| |w_n - s_n q_n| + |d| s_n |q_n| + g (|x| + |d|) s_n |q_n| + g |x| |w_n|
+   (|.| the 2-norm; d = x - the activations as the int8 product rounds them to 16 bits, 0 where it sums in
+   float32; g = (D + 8) 2^-24 / (1 - (D + 8) 2^-24) bounds the float32 rounding of a sum of D products in any
+   order, and of the few roundings around it). With T = max_n (S_n - r_n) <= the largest logit, a row n with
+   S_n + r_n < T has a logit below the largest: only the others (candidates) are computed, by the float32
+   product's own sum (the same bits as the whole product's), and the first largest of them is the token that
+   the whole product's logits give. Where the activations or a bound are not finite, or a row has more than
+   `most` candidates, the whole product decides (the first NaN, else the first largest, as numpy's argmax). */
+typedef struct {
+    const int8_t *q;     /* (vocab, D) */
+    const float *scales; /* (vocab) */
+    const float *bounds; /* (vocab, 3): |w_n - s_n q_n|, s_n |q_n|, |w_n|, each rounded up */
+    int64_t most;
+} head_screen;
+
+static int64_t screen_counts[3]; /* rows screened, candidates computed for them, rows the whole product decided */
+
+void idefics2_screen_counts(int64_t *counts) {
+    for (int i = 0; i < 3; i++) counts[i] = screen_counts[i];
+}
+
+/* a 64-bit hash of n bytes (to tell whether a tensor changed, not against an adversary): eight lanes of
+   8-byte words, each word xored with a number of its position and lane, its halves multiplied into its lane
+   and the word itself added to the next lane's (so that each bit counts), folded at the end with the tail
+   and the length; a sum over the words, so the threads' shares add up to the same hash */
+uint64_t idefics2_fingerprint(const uint8_t *p, int64_t n, int threads) {
+    const uint64_t prime = 0x100000001b3ULL;
+    uint64_t lanes[8] = {0}, h = 0xcbf29ce484222325ULL;
+    const int64_t whole = n / 64 * 64;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : lanes[:8])
+    for (int64_t i = 0; i < whole; i += 64) {
+        uint64_t words[8];
+        memcpy(words, p + i, 64);
+        for (int l = 0; l < 8; l++) {
+            const uint64_t k = words[l] ^ (0x9e3779b97f4a7c15ULL * (uint64_t)(l + 1) + (uint64_t)i);
+            lanes[l] += words[l ^ 1] + (k & 0xffffffffULL) * (k >> 32);
+        }
+    }
+    int64_t i = whole;
+    for (int l = 0; l < 8; l++) h = ((h ^ lanes[l]) * prime) ^ (h >> 31);
+    for (; i < n; i++) h = (h ^ p[i]) * prime;
+    return (h ^ (uint64_t)n) * prime;
+}
+
+static int64_t first_largest(const float *row, int64_t V) {
+    int64_t best = 0;
+    for (int64_t n = 0; n < V; n++) {
+        if (isnan(row[n])) return n;
+        if (row[n] > row[best]) best = n;
+    }
+    return best;
+}
+
+/* |x - x as the int8 product rounds it|: its whole vectors go to 16 bits per block, the rest stays float32 */
+static double rounding_norm(const float *x, int64_t K) {
+#if defined(INT16_DOTS)
+    int16_t *x16 = (int16_t *)malloc(sizeof(int16_t) * K);
+    float *xs = (float *)malloc(sizeof(float) * (K / QBLOCK + 1));
+    if (x16 == NULL || xs == NULL) {
+        free(x16);
+        free(xs);
+        return NAN; /* the caller lets the whole product decide */
+    }
+    quantize_row(x, K, x16, xs);
+    double sum = 0.0;
+    for (int64_t k = 0; k < K / QLANES * QLANES; k++) {
+        const double d = (double)x[k] - (double)xs[k / QBLOCK] * (double)x16[k];
+        sum += d * d;
+    }
+    free(x16);
+    free(xs);
+    return sqrt(sum);
+#else
+    (void)x;
+    (void)K;
+    return 0.0;
+#endif
+}
+
+/* chosen[m] = the index of the largest of x[m] . w_n over the head's rows (x (M, D), w (V, D) float32) but
+   the rows excluded[m * E + i] (ids outside [0, V) stand for none: a minimum length's end tokens) */
+static int screened_argmax(const float *x, const float *w, const head_screen *screen, int64_t M, int64_t V,
+                           int64_t D, const int64_t *excluded, int64_t E, int64_t *chosen, int threads) {
+    float *approx = (float *)malloc(sizeof(float) * M * V);
+    double *radius = (double *)malloc(sizeof(double) * V);
+    int64_t *candidates = (int64_t *)malloc(sizeof(int64_t) * V);
+    int failed = approx == NULL || radius == NULL || candidates == NULL;
+    if (!failed)
+        failed = product(x, screen->q, screen->scales, NULL, NULL, NULL, approx, M, V, D, TYPE_F32, TYPE_I8,
+                         ACT_NONE, threads);
+    const double g = (double)(D + 8) * 0x1p-24 / (1.0 - (double)(D + 8) * 0x1p-24), slack = 1.0 + 1e-6;
+    for (int64_t m = 0; m < M && !failed; m++) {
+        const float *xm = x + m * D, *s = approx + m * V;
+        double squares = 0.0;
+        for (int64_t k = 0; k < D; k++) squares += (double)xm[k] * (double)xm[k];
+        const double xn = sqrt(squares), dn = rounding_norm(xm, D);
+        int screened = isfinite(xn) && isfinite(dn);
+        for (int64_t n = 0; n < V && screened; n++) {
+            const float *b = screen->bounds + 3 * n;
+            radius[n] = slack * (xn * b[0] + dn * b[1] + g * (xn + dn) * b[1] + g * xn * b[2]);
+            if (!isfinite((double)s[n] - radius[n]) || !isfinite((double)s[n] + radius[n])) screened = 0;
+        }
+        for (int64_t i = 0; i < E && screened; i++) {
+            const int64_t n = excluded[m * E + i];
+            if (n >= 0 && n < V) radius[n] = -1.0; /* out of the running */
+        }
+        double threshold = -INFINITY;
+        for (int64_t n = 0; n < V && screened; n++)
+            if (radius[n] >= 0.0 && (double)s[n] - radius[n] > threshold) threshold = (double)s[n] - radius[n];
+        int64_t count = 0;
+        for (int64_t n = 0; n < V && screened; n++) {
+            if (radius[n] < 0.0 || (double)s[n] + radius[n] < threshold) continue;
+            if (count == screen->most) screened = 0;
+            else candidates[count++] = n;
+        }
+        screened = screened && count > 0;
+        if (screened) {
+            int64_t best = -1;
+            float largest = 0.0f, sums[MAX_WROWS][MAX_XROWS];
+            for (int64_t i = 0; i < count; i++) { /* in index order: the first of equal logits stays */
+                const void *row = w + candidates[i] * D;
+                dots_any(xm, NULL, &row, 1, 1, D, TYPE_F32, sums);
+                if (best < 0 || sums[0][0] > largest) best = candidates[i], largest = sums[0][0];
+            }
+            chosen[m] = best;
+#pragma omp atomic
+            screen_counts[0] += 1;
+#pragma omp atomic
+            screen_counts[1] += count;
+        } else {
+            float *logits = approx + m * V;
+            failed = product(xm, w, NULL, NULL, NULL, NULL, logits, 1, V, D, TYPE_F32, TYPE_F32, ACT_NONE, threads);
+            for (int64_t i = 0; i < E; i++)
+                if (excluded[m * E + i] >= 0 && excluded[m * E + i] < V) logits[excluded[m * E + i]] = -INFINITY;
+            chosen[m] = first_largest(logits, V);
+#pragma omp atomic
+            screen_counts[2] += 1;
+        }
+    }
+    free(approx);
+    free(radius);
+    free(candidates);
+    return failed;
+}
+
 /* ---- a whole decode step from token ids to logits, one call ----------------------------------------------
    What the model's decode step computes around idefics2_decoder_step, done here so that a step crosses from
    Python into C once: x = embedding[tokens] (M, D); cos and sin rows at each row's position, read from the
@@ -986,15 +1136,19 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
    slots [0, max position] with row m allowed the slots j <= positions[m] (and j > positions[m] - window when
    window > 0), each token stored at the slot of its position; the layers, the final norm, then the head
    (vocab, D) product into logits (M, vocab) float32 (widened from io_type, as the model's float() widens its
-   head's output). Returns 1 where memory ran out, 2 for a token outside [0, vocab_in). */
+   head's output), or, given a screen (float32 activations and head), each row's greedy token into chosen (M)
+   instead, row m's E ids excluded[m * E ...] left out (screened_argmax; logits unused). Returns 1 where
+   memory ran out, 2 for a token outside [0, vocab_in), 3 for a screen with another dtype. */
 int idefics2_decode_tokens(const layer_ref *layers, int64_t n_layers, const void *embedding, int64_t vocab_in,
                            const int64_t *tokens, const int64_t *positions, int64_t M, int64_t D, int64_t H,
                            int64_t Hkv, int64_t hd, int64_t I, const void *cos_table, const void *sin_table,
                            int64_t window, void *const *keys, void *const *values, int64_t key_batch,
                            int64_t key_head, int64_t key_slot, int64_t value_batch, int64_t value_head,
                            int64_t value_slot, const void *final_norm, const weight_ref *head, int64_t vocab,
-                           float *logits, float eps, float scale, int io_type, int act, int threads) {
+                           float *logits, const head_screen *screen, const int64_t *excluded, int64_t E,
+                           int64_t *chosen, float eps, float scale, int io_type, int act, int threads) {
     const int64_t size = io_type == TYPE_F32 ? 4 : 2;
+    if (screen != NULL && (io_type != TYPE_F32 || head->type != TYPE_F32)) return 3;
     int64_t S = 0;
     for (int64_t m = 0; m < M; m++) {
         if (tokens[m] < 0 || tokens[m] >= vocab_in) return 2;
@@ -1018,8 +1172,12 @@ int idefics2_decode_tokens(const layer_ref *layers, int64_t n_layers, const void
                                        value_slot, final_norm, eps, scale, io_type, act, threads);
     if (!failed) {
         double start = now();
-        failed = weight_product(x, head, NULL, io_type == TYPE_F32 ? (void *)logits : (void *)narrow, M, vocab, D,
-                                io_type, ACT_NONE, threads);
+        if (screen != NULL)
+            failed = screened_argmax((const float *)x, (const float *)head->data, screen, M, vocab, D, excluded, E,
+                                     chosen, threads);
+        else
+            failed = weight_product(x, head, NULL, io_type == TYPE_F32 ? (void *)logits : (void *)narrow, M,
+                                    vocab, D, io_type, ACT_NONE, threads);
         const double head_seconds = now() - start;
 #pragma omp atomic
         product_seconds += head_seconds;

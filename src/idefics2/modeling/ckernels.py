@@ -100,11 +100,16 @@ def library() -> ctypes.CDLL:
         + [pointer] * 2
         + [size] * 6
         + [pointer] * 2
+        + [size]
+        + [pointer] * 3
         + [size, pointer]
         + [ctypes.c_float] * 2
         + [flag] * 3
     )
     lib.idefics2_step_clock.argtypes = [pointer]
+    lib.idefics2_screen_counts.argtypes = [pointer]
+    lib.idefics2_fingerprint.argtypes = [pointer, size, flag]
+    lib.idefics2_fingerprint.restype = ctypes.c_uint64
     return lib
 
 
@@ -400,6 +405,70 @@ def decoder_step(
     return out
 
 
+class _Screen(ctypes.Structure):  # head_screen in ckernels.c
+    _fields_ = [
+        ("q", ctypes.c_void_p),
+        ("scales", ctypes.c_void_p),
+        ("bounds", ctypes.c_void_p),
+        ("most", ctypes.c_int64),
+    ]
+
+
+SCREEN_MOST = 1024  # candidates a row may have before the whole head decides its greedy token
+
+
+class HeadScreen:
+    """What a greedy decode step reads instead of a float32 head (V, D): an int8 copy (each row rounded to
+    nearest on its own scale, max |w| / 127) and, per row, |w - s q|, s |q| and |w| (2-norms, computed in
+    float64, rounded up to float32), from which `DecodeCall.argmax` bounds how far the int8 product can be
+    from the float32 one (ckernels.c, screened_argmax). A quarter of the head's bytes. `fingerprint` is the
+    head's bytes' hash when built (`fingerprint()`), to tell whether the head changed since."""
+
+    def __init__(self, weight: torch.Tensor, most: int = SCREEN_MOST) -> None:
+        vocab, dim = weight.shape
+        self.q = torch.empty(vocab, dim, dtype=torch.int8)
+        self.scales = torch.empty(vocab, dtype=torch.float32)
+        self.bounds = torch.empty(vocab, 3, dtype=torch.float32)
+        block = max(1, 2**20 // max(dim, 1))  # rows at a time: float64 copies of 8 MiB each
+        for start in range(0, vocab, block):
+            rows = slice(start, start + block)
+            w = weight[rows].double()
+            scales = (w.abs().amax(dim=1) / 127).float()
+            scales = torch.where((scales > 0) & scales.isfinite(), scales, torch.ones_like(scales))
+            q = torch.round(w.nan_to_num() / scales.double()[:, None]).clamp_(-127, 127)
+            error = w - scales.double()[:, None] * q  # NaN or inf where w is: such a head is never screened
+            self.q[rows] = q.to(torch.int8)
+            self.scales[rows] = scales
+            norms = torch.stack(
+                [error.norm(dim=1), scales.double() * q.norm(dim=1), w.norm(dim=1)], dim=1
+            )  # (rows, 3)
+            self.bounds[rows] = _rounded_up(norms)
+        self.ref = _Screen(self.q.data_ptr(), self.scales.data_ptr(), self.bounds.data_ptr(), most)
+        self.fingerprint = fingerprint(weight)
+
+
+def _rounded_up(t: torch.Tensor) -> torch.Tensor:
+    """float64 -> the float32 values at or above it (NaN stays NaN)."""
+    low = t.float()
+    return torch.where(low.double() < t, torch.nextafter(low, torch.tensor(float("inf"))), low)
+
+
+def fingerprint(t: torch.Tensor) -> int:
+    """A 64-bit hash of a contiguous CPU tensor's bytes (order matters: rows swapped give another hash), read
+    at the memory's rate."""
+    flat = t.contiguous().view(-1).view(torch.uint8)
+    return int(library().idefics2_fingerprint(flat.data_ptr(), flat.numel(), torch.get_num_threads()))
+
+
+def screen_counts() -> tuple[int, int, int]:
+    """Rows whose greedy token `DecodeCall.argmax` screened, the candidates it then computed in all, and the
+    rows whose whole head product decided (no finite bound, or too many candidates), since the library
+    loaded."""
+    counts = (ctypes.c_int64 * 3)()
+    library().idefics2_screen_counts(counts)
+    return counts[0], counts[1], counts[2]
+
+
 class DecodeCall:
     """A whole decode step in one C call, token ids to logits, prepared once for one set of cache rows:
     `call(tokens, positions)` gives row b's token tokens[b] at position positions[b] (also its cache slot),
@@ -441,6 +510,7 @@ class DecodeCall:
         self.head_ref = _Weight()
         _point(self.head_ref, head_weight, head_scales)
         self.kept = (layers, *weights, head_weight, head_scales, *keys, *values)
+        self.dtype, self.head_weight = dtype, head_weight  # (argmax screens float32 heads only)
         self.rows, self.vocab, self.vocab_in = rows, head_weight.shape[0], vocab_in
         self.positions = min(cos.shape[0], length)  # a row's position is below this
         self.key_pointers = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
@@ -454,19 +524,43 @@ class DecodeCall:
         self.settings = (eps, head_dim**-0.5, _TYPES[dtype], ACTIVATIONS[act])
 
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
+        logits = torch.empty(len(tokens), self.vocab)
+        self._run(tokens, positions, logits.data_ptr())
+        return logits
+
+    def argmax(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        screen: HeadScreen,
+        excluded: list[list[int]] | None = None,
+    ) -> list[int]:
+        """The same step's greedy tokens: for each row the index of its largest logit (the first of equal
+        ones; the first NaN where the logits hold one), as `first_largest` of `call(tokens, positions)` gives
+        with row b's `excluded[b]` ids set to -inf (a minimum length's end tokens), found by reading `screen`
+        (the head's int8 copy; float32 activations and head only) and computing exactly only the logits that
+        could be the largest."""
+        width = max(map(len, excluded or [[]]))
+        flat = [i for ids in (excluded if width else ()) for i in (*ids, *[-1] * (width - len(ids)))]
+        table = (ctypes.c_int64 * len(flat))(*flat) if flat else None  # (B, width), -1: no id
+        chosen = (ctypes.c_int64 * len(tokens))()
+        self._run(tokens, positions, None, ctypes.addressof(screen.ref), table, width, chosen)
+        return list(chosen)
+
+    def _run(self, tokens, positions, logits, screen=None, excluded=None, width=0, chosen=None) -> None:
         b = len(tokens)
         if b != self.rows or len(positions) != b or min(positions) < 0 or max(positions) >= self.positions:
             raise ValueError(f"DecodeCall: {b} rows at {positions}: outside the cache or the rotary table")
-        logits = torch.empty(b, self.vocab)
         failed = library().idefics2_decode_tokens(
             *self.model, (ctypes.c_int64 * b)(*tokens), (ctypes.c_int64 * b)(*positions), b, *self.shapes,
-            logits.data_ptr(), *self.settings, torch.get_num_threads(),
+            logits, screen, excluded, width, chosen, *self.settings, torch.get_num_threads(),
         )  # fmt: skip
         if failed == 2:
             raise IndexError(f"DecodeCall: a token id of {tokens} is outside the embedding's {self.vocab_in}")
+        if failed == 3:
+            raise ValueError("DecodeCall.argmax: a screen needs float32 activations and a float32 head")
         if failed:
             raise MemoryError("C decode step: out of memory for its buffers")
-        return logits
 
 
 def step_clock() -> tuple[float, float]:

@@ -21,7 +21,7 @@ check, and a route whose check fails falls back to torch's portable kernels:
 `force(route=False)` (a context manager) makes a route look unavailable, and `force(route=True)` makes it
 look available without probing, so tests can take each route on any machine (the int4 route still needs the
 probe to know the layout). Routes: "onednn_linear", "onednn_fused_activation", "native_bfloat16",
-"int8_weight_kernel", "int4_weight_kernel".
+"int8_weight_kernel", "int4_weight_kernel", "c_kernels", "greedy_screen".
 
 A route that runs is not always the fast one (oneDNN's float32 matrix-vector product is faster than ATen's on
 AMD and slower on some Intel CPUs), so among the routes that pass their probe, `choose` keeps the one that
@@ -55,6 +55,7 @@ ROUTES = (  # capabilities, each on or off
     "int8_weight_kernel",
     "int4_weight_kernel",
     "c_kernels",
+    "greedy_screen",
 )
 # ops with several kernels, and their kernels in the order preferred when nothing is measured
 OPS = {
@@ -163,6 +164,15 @@ def c_kernels() -> bool:
     if "c_kernels" in _forced:
         return bool(_forced["c_kernels"]) and _probe_c()
     return _probe_c()
+
+
+def greedy_screen() -> bool:
+    """Whether a greedy decode step of a float32 model on CPU finds its tokens from the head's int8 copy and
+    the few logits that copy cannot rule out (ckernels.HeadScreen, DecodeCall.argmax), where the whole step
+    runs as one C call: the same tokens as the whole head's logits, from a quarter of its bytes."""
+    if "greedy_screen" in _forced:
+        return bool(_forced["greedy_screen"]) and c_kernels()
+    return c_kernels()
 
 
 @functools.cache

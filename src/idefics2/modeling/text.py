@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
+import threading
 import weakref
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from idefics2.config import Idefics2TextConfig
 from idefics2.modeling import ckernels, kernels
@@ -330,6 +333,38 @@ class MistralDecoder(nn.Module):
         is too, or was measured within HEAD_JOINS_WITHIN of the chosen one (else None, and the step runs as
         those calls). The call is prepared once per cache view and kept while the weights, hooks and chosen
         kernels stay as they were (checked every step)."""
+        entry = self._decode_entry(tokens, positions, kv_cache, head)
+        return None if entry is None else entry.call(tokens, positions)
+
+    def c_decode_greedy(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        kv_cache: Any,
+        head: nn.Module,
+        excluded: list[list[int]] | None = None,
+    ) -> list[int] | None:
+        """Each row's greedy token from the same step as `c_decode_tokens` (the index of its first largest
+        logit, as sampler.first_largest of those logits gives, row b's `excluded[b]` ids left out), for a
+        float32 model: the head's int8 copy
+        (ckernels.HeadScreen, made on the first such step and kept while the head's bytes stay the same,
+        checked once per prepared call) rules out all but a few rows of the head, which alone are computed
+        in float32. None where `c_decode_tokens` would give None, for another dtype or head format, or with
+        the route off (kernels.greedy_screen)."""
+        entry = self._decode_entry(tokens, positions, kv_cache, head)
+        if entry is None or not kernels.greedy_screen():
+            return None
+        if entry.screen is None:
+            weight = entry.call.head_weight
+            if weight.dtype != torch.float32 or entry.call.dtype != torch.float32:
+                return None
+            entry.screen = _head_screen(weight)
+        return entry.call.argmax(tokens, positions, entry.screen, excluded)
+
+    def _decode_entry(
+        self, tokens: list[int], positions: list[int], kv_cache: Any, head: nn.Module
+    ) -> _DecodeEntry | None:
+        """The prepared whole-step call for this cache view (kept between steps while it holds), or None."""
         if not hasattr(kv_cache, "row_buffers"):
             return None
         kept = self.__dict__.get("_decode_calls")  # not in state_dict
@@ -344,13 +379,13 @@ class MistralDecoder(nn.Module):
             and not (self.training and self.config.attention_dropout > 0)
             and entry.snapshot.holds()
         ):
-            return entry.call(tokens, positions)
+            return entry
         entry = self._prepare_decode_call(len(tokens), max(positions) + 1, kv_cache, head)
         if entry is None:
             kept.pop(kv_cache, None)
             return None
         kept[kv_cache] = entry
-        return entry.call(tokens, positions)
+        return entry
 
     def _prepare_decode_call(
         self, rows: int, needed: int, kv_cache: Any, head: nn.Module
@@ -491,13 +526,33 @@ HEAD_JOINS_WITHIN = 1.05
 STEP_BENCH_BYTES = 2**29  # of weights read by one timed decoder step (the "decoder_step" race)
 
 
-class _DecodeEntry(NamedTuple):
+@dataclasses.dataclass
+class _DecodeEntry:
     """A prepared whole-step call (MistralDecoder.c_decode_tokens) and what must hold for it to be used."""
 
     call: ckernels.DecodeCall
     snapshot: _Snapshot  # the decoder's and the head's tensors and hooks
     head: nn.Module
     epoch: int  # kernels.routes_epoch() when the kernels were chosen
+    screen: ckernels.HeadScreen | None = None  # for greedy steps: checked against the head when first asked
+
+
+# the int8 copies of float32 heads that greedy steps read, one per head weight (dropped with it)
+_screens: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> ckernels.HeadScreen (keyed by identity)
+_screens_lock = threading.Lock()
+
+
+def _head_screen(weight: torch.Tensor) -> ckernels.HeadScreen:
+    """The screen of a float32 head weight: the one kept for it where the weight's bytes still hash the same
+    (an in-place change, even through `.data`, makes a new one), else made now."""
+    seen = ckernels.fingerprint(weight)
+    with _screens_lock:
+        screen = _screens.get(weight)
+    if screen is None or screen.fingerprint != seen or screen.q.shape != weight.shape:
+        screen = ckernels.HeadScreen(weight)
+        with _screens_lock:
+            _screens[weight] = screen
+    return screen
 
 
 class _KeptCalls(weakref.WeakKeyDictionary):

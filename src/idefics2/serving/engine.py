@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from idefics2.decoding.runner import ModelRunner
-from idefics2.decoding.sampler import sample_rows
+from idefics2.decoding.sampler import greedy_exclusions, sample_rows
 from idefics2.generation import ContextLengthError, check_context_length, context_length, resolve_options
 from idefics2.processing.chat import chat_prompt
 from idefics2.processing.images import load_rgb
@@ -418,14 +418,30 @@ class Engine:
         # placeholders for rows still in prefill: a slot their next chunk overwrites
         tokens = [seq.generated[-1] if seq in live else 0 for seq in rows]
         positions = [seq.position if seq in live else seq.filled for seq in rows]
+        # greedy rows whose logits nobody reads: the step may give their tokens (ModelRunner.decode_greedy)
+        exclusions = greedy_exclusions([seq.sampler for seq in live])
+        if any(seq.logprobs is not None for seq in live):
+            exclusions = None
         try:
-            logits = self.runner.decode(tokens, positions)
+            greedy = None
+            if exclusions is not None:  # rows still in prefill hold placeholders: nothing excluded there
+                by_seq = dict(zip(live, exclusions, strict=True))
+                excluded = [by_seq.get(seq, []) for seq in rows]
+                greedy = self.runner.decode_greedy(tokens, positions, excluded=excluded)
+            logits = self.runner.decode(tokens, positions) if greedy is None else None
         except Exception as error:
             log.warning("a decode step of %d rows failed (%s); retrying row by row", len(rows), error)
             self._decode_rows_alone(rows, live, tokens, positions)
             return
         self.steps += 1
-        self._pick(live, logits, [seq.row for seq in live])
+        if greedy is None:
+            self._pick(live, logits, [seq.row for seq in live])
+            return
+        for seq in live:
+            try:
+                self._accept(seq, greedy[seq.row], None)
+            except Exception as error:
+                self._fail(seq, error)
 
     def _decode_rows_alone(self, rows, live, tokens, positions) -> None:
         for i, seq in enumerate(rows):

@@ -60,7 +60,7 @@ from bench_generation import (  # noqa: E402
     photo_like,
     sync,
 )
-from idefics2.modeling import kernels  # noqa: E402
+from idefics2.modeling import ckernels, kernels  # noqa: E402
 
 # The hub idefics2-8b shapes (vision SigLIP-so400m, perceiver 64 latents, Mistral-7B decoder).
 CONFIG_8B = {
@@ -381,13 +381,13 @@ def dequantized_twin(float_model, quantized_model):
     return twin
 
 
-def print_decode_limits(results: dict, models: dict, float32_step_bytes: int) -> None:
+def print_decode_limits(results: dict, models: dict) -> None:
     """Per model: decode tok/s at batch 1, weight bytes per step, the rate they are read at, and its
     fraction of the read bandwidth measured beside each run."""
     print(f"{'decode batch 1':<22}{'tok/s':>9}{'MB/token':>10}{'GB/s':>8}{'of bandwidth':>14}")
-    for name, model in models.items():
+    for name in models:
         r = results[name]
-        step = step_bytes_of(name, model, float32_step_bytes)
+        step = r["decode_step_mb"] * 1e6
         rate = step * r["decode_b1_tok_s"] / 1e9
         print(f"{name:<22}{r['decode_b1_tok_s']:9.1f}{step / 1e6:10.1f}{rate:8.2f}"
               f"{r['decode_bandwidth_fraction']:14.0%}")  # fmt: skip
@@ -395,11 +395,15 @@ def print_decode_limits(results: dict, models: dict, float32_step_bytes: int) ->
     print(f"(read bandwidth measured after each run, median {bandwidth:.1f} GB/s)")
 
 
-def step_bytes_of(name: str, model, float32_step_bytes: int) -> int:
-    """Bytes of weights one decode step of this model reads."""
+def step_bytes_of(name: str, model, float32_step_bytes: int, screened: bool = False) -> int:
+    """Bytes of weights one decode step of this model reads; `screened`: its greedy steps read the head's
+    int8 copy (and its scales and bounds, ckernels.HeadScreen) instead of the float32 head."""
     if name.startswith("ours int"):
         return weight_footprint(model)["decode_step_bytes"]
-    return float32_step_bytes // 2 if name == "ours bf16" else float32_step_bytes
+    if name == "ours bf16":
+        return float32_step_bytes // 2
+    vocab, dim = model.lm_head.weight.shape
+    return float32_step_bytes - (vocab * dim * 4 - vocab * (dim + 16) if screened else 0)
 
 
 def goals(results: dict, summary: dict, device: torch.device) -> dict[str, tuple[float, bool]]:
@@ -517,14 +521,17 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, model in models.items():
             ours.compile_decode = name == "ours compiled"
+            screened_before = ckernels.screen_counts()[0] if ckernels.available() else 0
             with routes_of(name):
                 run = chat_turn(
                     model, processors[name], image, args.new_tokens, device, ours=name != "transformers"
                 )
+            screened = ckernels.available() and ckernels.screen_counts()[0] > screened_before
             # the read bandwidth right after the decode it is compared with: on a shared host it drifts (this
             # project's VM reads 42-48 GB/s for a while, then ~80 GB/s for a while)
             run["read_bandwidth_gbs"] = kernels.read_bandwidth(device=device) / 1e9
-            weight_bytes = step_bytes_of(name, model, step_bytes)
+            weight_bytes = step_bytes_of(name, model, step_bytes, screened)
+            run["decode_step_mb"] = weight_bytes / 1e6
             run["decode_bandwidth_fraction"] = (
                 weight_bytes * run["decode_b1_tok_s"] / 1e9 / run["read_bandwidth_gbs"]
             )
@@ -561,7 +568,7 @@ def main() -> None:
         print(f"bf16: prefill {speedup:.2f}x our float32 prefill; logits relative difference to float32 "
               f"{diff:.2e}")  # fmt: skip
     print()
-    print_decode_limits(results, models, step_bytes)
+    print_decode_limits(results, models)
     if args.quantize:
         with torch.inference_mode():
             prompt = our_processor.apply_chat_template(PROMPT, add_generation_prompt=True)

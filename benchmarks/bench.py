@@ -397,13 +397,13 @@ def print_decode_limits(results: dict, models: dict) -> None:
 
 def step_bytes_of(name: str, model, float32_step_bytes: int, screened: bool = False) -> int:
     """Bytes of weights one decode step of this model reads; `screened`: its greedy steps read the head's
-    int8 copy (and its scales and bounds, ckernels.HeadScreen) instead of the float32 head."""
+    int8 copy (and its scales and bounds, ckernels.HeadScreen) instead of the float head."""
     if name.startswith("ours int"):
         return weight_footprint(model)["decode_step_bytes"]
-    if name == "ours bf16":
-        return float32_step_bytes // 2
-    vocab, dim = model.lm_head.weight.shape
-    return float32_step_bytes - (vocab * dim * 4 - vocab * (dim + 16) if screened else 0)
+    step = float32_step_bytes // 2 if name == "ours bf16" else float32_step_bytes
+    head = model.lm_head.weight
+    vocab, dim = head.shape
+    return step - (head.numel() * head.element_size() - vocab * (dim + 16) if screened else 0)
 
 
 def goals(results: dict, summary: dict, device: torch.device) -> dict[str, tuple[float, bool]]:

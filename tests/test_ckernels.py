@@ -541,11 +541,11 @@ def test_the_kept_whole_step_call_follows_the_model_between_steps(monkeypatch):
     assert not model.model.text_model._decode_calls  # dropped with the cache's view
 
 
-def greedy_steps(model, steps: int = 4, excluded=None) -> tuple[list[list[int]], list[list[int]]]:
+def greedy_steps(model, steps: int = 4, excluded=None, logits_out=None) -> tuple[list, list]:
     """(each step's tokens from ModelRunner.decode_greedy, the first largest of the same step's logits) over
     `steps` decode steps of two rows at different positions, each step run both ways (the same cache slots,
     written with the same values), the rows going on with the greedy tokens; `excluded[b]`: ids row b may
-    not take (-inf in its logits)."""
+    not take (-inf in its logits); each step's logits appended to `logits_out` where given."""
     from idefics2.decoding.runner import ModelRunner
     from idefics2.decoding.sampler import first_largest
 
@@ -562,17 +562,21 @@ def greedy_steps(model, steps: int = 4, excluded=None) -> tuple[list[list[int]],
             for row, ids in enumerate(excluded or []):
                 logits[row, ids] = float("-inf")
             want.append(first_largest(logits).tolist())
+            if logits_out is not None:
+                logits_out.append(logits)
             tokens = want[-1]
     return got, want
 
 
-def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(monkeypatch):
-    """A greedy float32 step in one C call finds each row's token from the head's int8 copy and the few
-    logits it cannot rule out: the tokens equal the first largest of the whole head's logits, the first of
-    equal logits included (two rows of the head made equal), and a row with NaN activations (the whole head
-    decides: its first NaN, as argmax) too. A changed head (even in place through `.data`) gets a new copy
-    at the next prepared call; other dtypes, or the route off, give None (the caller takes the logits)."""
-    model = decoder_model("float32")
+@pytest.mark.parametrize("mode", ["float32", "bfloat16"])
+def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(mode):
+    """A greedy step in one C call finds each row's token from the head's int8 copy and the few logits it
+    cannot rule out: the tokens equal the first largest of the whole head's logits, with ids held back, the
+    first of equal logits included (two rows of the head made equal; in bfloat16 also two rows whose sums
+    differ but round to the same logit), and a row with NaN activations (the whole head decides: its first
+    NaN, as argmax). A changed head (even in place through `.data`) gets a new copy at the next prepared
+    call; a quantized head, or the route off, gives None (the caller takes the logits)."""
+    model = decoder_model(mode)
     with kernels.force(**ROUTES, decoder_step="c"):
         before = ckernels.screen_counts()
         got, want = greedy_steps(model)
@@ -587,6 +591,13 @@ def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(m
         head.data[best // 2] = head.data[best]  # an equal logit at a lower index: the first one wins
         got, want = greedy_steps(model, steps=1)
         assert want[0][0] == best // 2 and got == want
+        if mode == "bfloat16":  # a sum a little off the largest, rounded to the same logit, at a lower index
+            head.data[best // 3] = head.data[best]
+            smallest = head.data[best].abs().argmin()
+            head.data[best // 3, smallest] = -head.data[best, smallest]
+            logits = []
+            got, want = greedy_steps(model, steps=1, logits_out=logits)
+            assert logits[0][0, best // 3] == logits[0][0, best] and want[0][0] == best // 3 and got == want
         embedding = model.model.text_model.embed_tokens.weight
         embedding.data[7] = float("nan")  # row 0's first step: NaN activations, NaN logits
         before = ckernels.screen_counts()
@@ -594,9 +605,7 @@ def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(m
         assert got == want == [[0, want[0][1]]] and ckernels.screen_counts()[2] == before[2] + 1
         with kernels.force(greedy_screen=False):
             assert greedy_steps(model, steps=1)[0] == [None]
-    for mode in ("bfloat16", "int8"):
-        with kernels.force(**ROUTES, decoder_step="c"):
-            assert greedy_steps(decoder_model(mode), steps=1)[0] == [None]
+        assert greedy_steps(decoder_model("int8"), steps=1)[0] == [None]
 
 
 def test_a_head_screen_bounds_its_int8_products_and_is_dropped_with_its_head():
@@ -802,9 +811,10 @@ def test_the_decoder_step_equals_the_layers_on_every_instruction_set(march):
                 by_ops = decode_logits(model, steps=2)
             with kernels.force(**ROUTES, decoder_step="c"):
                 assert torch.equal(decode_logits(model, steps=2), by_ops), mode
-        with kernels.force(**ROUTES, decoder_step="c"):
-            got, want = greedy_steps(decoder_model("float32"))
-            assert got == want, (got, want)
+        for mode in ("float32", "bfloat16"):
+            with kernels.force(**ROUTES, decoder_step="c"):
+                got, want = greedy_steps(decoder_model(mode))
+                assert got == want, (mode, got, want)
         print("equal")
         """
     )

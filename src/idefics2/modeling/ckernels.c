@@ -980,18 +980,21 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
 }
 
 /* ---- a greedy step's token without the whole head ---------------------------------------------------------
-   A greedy step wants only the index of each row's largest logit, and the head's float32 weights are the
+   A greedy step wants only the index of each row's largest logit, and the head's float weights are the
    largest read of a step. An int8 copy of them (row n ~ scales[n] * q[n], rounded to nearest) is a quarter
-   of it. Its product S_n (`product`, as an int8 layer's) differs from the logit l_n = x . w_n that the float32
-   product computes by at most
+   of a float32 head, half of a bfloat16 one. Its product S_n (`product` of the activations in float32, as an
+   int8 layer's) differs from the sum l_n = x . w_n that the float product computes by at most
        r_n = |x| |w_n - s_n q_n| + |d| s_n |q_n| + g (|x| + |d|) s_n |q_n| + g |x| |w_n|
    (|.| the 2-norm; d = x - the activations as the int8 product rounds them to 16 bits, 0 where it sums in
    float32; g = (D + 8) 2^-24 / (1 - (D + 8) 2^-24) bounds the float32 rounding of a sum of D products in any
-   order, and of the few roundings around it). With T = max_n (S_n - r_n) <= the largest logit, a row n with
-   S_n + r_n < T has a logit below the largest: only the others (candidates) are computed, by the float32
-   product's own sum (the same bits as the whole product's), and the first largest of them is the token that
-   the whole product's logits give. Where the activations or a bound are not finite, or a row has more than
-   `most` candidates, the whole product decides (the first NaN, else the first largest, as numpy's argmax). */
+   order, and of the few roundings around it; bfloat16 products, which flush denormals, add at most D 2^-126
+   more). With T = max_n (S_n - r_n) <= the largest sum, a row n with S_n + r_n < T has a sum below the
+   largest: only the others (candidates) are computed, by the float product's own sum (the same bits as the
+   whole product's), and the first largest of them is the token that the whole product's logits give. A
+   bfloat16 product's logits are its sums rounded to bfloat16, where a smaller sum can round to the same
+   logit as the largest and come first: there the candidates reach 2^-6 |T| lower (more than two bfloat16
+   steps). Where the activations or a bound are not finite, or a row has more than `most` candidates, the
+   whole product decides (the first NaN, else the first largest, as numpy's argmax). */
 typedef struct {
     const int8_t *q;     /* (vocab, D) */
     const float *scales; /* (vocab) */
@@ -1063,27 +1066,41 @@ static double rounding_norm(const float *x, int64_t K) {
 #endif
 }
 
-/* chosen[m] = the index of the largest of x[m] . w_n over the head's rows (x (M, D), w (V, D) float32) but
-   the rows excluded[m * E + i] (ids outside [0, V) stand for none: a minimum length's end tokens) */
-static int screened_argmax(const float *x, const float *w, const head_screen *screen, int64_t M, int64_t V,
-                           int64_t D, const int64_t *excluded, int64_t E, int64_t *chosen, int threads) {
-    float *approx = (float *)malloc(sizeof(float) * M * V);
+/* chosen[m] = the index of the largest logit of x[m] over the head's rows (x (M, D) and w (V, D) both float32
+   or both bfloat16, io_type) but the rows excluded[m * E + i] (ids outside [0, V) stand for none: a minimum
+   length's end tokens) */
+static int screened_argmax(const void *x, const void *w, const head_screen *screen, int64_t M, int64_t V,
+                           int64_t D, const int64_t *excluded, int64_t E, int64_t *chosen, int io_type,
+                           int threads) {
+    const int64_t size = io_type == TYPE_F32 ? 4 : 2;
+    const int narrow = io_type == TYPE_BF16;
+    float *approx = (float *)malloc(sizeof(float) * M * V), *xf = (float *)x;
     double *radius = (double *)malloc(sizeof(double) * V);
     int64_t *candidates = (int64_t *)malloc(sizeof(int64_t) * V);
-    int failed = approx == NULL || radius == NULL || candidates == NULL;
+    uint16_t *whole = narrow ? (uint16_t *)malloc(sizeof(uint16_t) * V) : NULL; /* a row's bfloat16 logits */
+    if (narrow) {
+        xf = (float *)malloc(sizeof(float) * M * D);
+        for (int64_t i = 0; xf != NULL && i < M * D; i++) xf[i] = bf16_to_f32(((const uint16_t *)x)[i]);
+    }
+    int failed = approx == NULL || radius == NULL || candidates == NULL || xf == NULL || (narrow && whole == NULL);
     if (!failed)
-        failed = product(x, screen->q, screen->scales, NULL, NULL, NULL, approx, M, V, D, TYPE_F32, TYPE_I8,
+        failed = product(xf, screen->q, screen->scales, NULL, NULL, NULL, approx, M, V, D, TYPE_F32, TYPE_I8,
                          ACT_NONE, threads);
     const double g = (double)(D + 8) * 0x1p-24 / (1.0 - (double)(D + 8) * 0x1p-24), slack = 1.0 + 1e-6;
+    const double flushed = narrow ? (double)D * 0x1p-126 : 0.0;
     for (int64_t m = 0; m < M && !failed; m++) {
-        const float *xm = x + m * D, *s = approx + m * V;
+        const float *xm = xf + m * D, *s = approx + m * V;
+        const uint16_t *xh = NULL; /* bfloat16 activations where `product` multiplies them as they are */
+#if defined(__AVX512BF16__)
+        if (narrow) xh = (const uint16_t *)x + m * D;
+#endif
         double squares = 0.0;
         for (int64_t k = 0; k < D; k++) squares += (double)xm[k] * (double)xm[k];
         const double xn = sqrt(squares), dn = rounding_norm(xm, D);
         int screened = isfinite(xn) && isfinite(dn);
         for (int64_t n = 0; n < V && screened; n++) {
             const float *b = screen->bounds + 3 * n;
-            radius[n] = slack * (xn * b[0] + dn * b[1] + g * (xn + dn) * b[1] + g * xn * b[2]);
+            radius[n] = slack * (xn * b[0] + dn * b[1] + g * (xn + dn) * b[1] + g * xn * b[2]) + flushed;
             if (!isfinite((double)s[n] - radius[n]) || !isfinite((double)s[n] + radius[n])) screened = 0;
         }
         for (int64_t i = 0; i < E && screened; i++) {
@@ -1093,6 +1110,7 @@ static int screened_argmax(const float *x, const float *w, const head_screen *sc
         double threshold = -INFINITY;
         for (int64_t n = 0; n < V && screened; n++)
             if (radius[n] >= 0.0 && (double)s[n] - radius[n] > threshold) threshold = (double)s[n] - radius[n];
+        if (narrow) threshold -= ldexp(fabs(threshold), -6) + 1e-30;
         int64_t count = 0;
         for (int64_t n = 0; n < V && screened; n++) {
             if (radius[n] < 0.0 || (double)s[n] + radius[n] < threshold) continue;
@@ -1104,9 +1122,10 @@ static int screened_argmax(const float *x, const float *w, const head_screen *sc
             int64_t best = -1;
             float largest = 0.0f, sums[MAX_WROWS][MAX_XROWS];
             for (int64_t i = 0; i < count; i++) { /* in index order: the first of equal logits stays */
-                const void *row = w + candidates[i] * D;
-                dots_any(xm, NULL, &row, 1, 1, D, TYPE_F32, sums);
-                if (best < 0 || sums[0][0] > largest) best = candidates[i], largest = sums[0][0];
+                const void *row = (const char *)w + size * candidates[i] * D;
+                dots_any(xh != NULL ? NULL : xm, xh, &row, 1, 1, D, narrow ? TYPE_BF16 : TYPE_F32, sums);
+                const float logit = narrow ? bf16_to_f32(f32_to_bf16(sums[0][0])) : sums[0][0];
+                if (best < 0 || logit > largest) best = candidates[i], largest = logit;
             }
             chosen[m] = best;
 #pragma omp atomic
@@ -1115,7 +1134,9 @@ static int screened_argmax(const float *x, const float *w, const head_screen *sc
             screen_counts[1] += count;
         } else {
             float *logits = approx + m * V;
-            failed = product(xm, w, NULL, NULL, NULL, NULL, logits, 1, V, D, TYPE_F32, TYPE_F32, ACT_NONE, threads);
+            failed = product((const char *)x + size * m * D, w, NULL, NULL, NULL, NULL, narrow ? (void *)whole : logits,
+                             1, V, D, io_type, io_type, ACT_NONE, threads);
+            for (int64_t n = 0; narrow && n < V; n++) logits[n] = bf16_to_f32(whole[n]);
             for (int64_t i = 0; i < E; i++)
                 if (excluded[m * E + i] >= 0 && excluded[m * E + i] < V) logits[excluded[m * E + i]] = -INFINITY;
             chosen[m] = first_largest(logits, V);
@@ -1123,9 +1144,11 @@ static int screened_argmax(const float *x, const float *w, const head_screen *sc
             screen_counts[2] += 1;
         }
     }
+    if (xf != (float *)x) free(xf);
     free(approx);
     free(radius);
     free(candidates);
+    free(whole);
     return failed;
 }
 
@@ -1136,9 +1159,9 @@ static int screened_argmax(const float *x, const float *w, const head_screen *sc
    slots [0, max position] with row m allowed the slots j <= positions[m] (and j > positions[m] - window when
    window > 0), each token stored at the slot of its position; the layers, the final norm, then the head
    (vocab, D) product into logits (M, vocab) float32 (widened from io_type, as the model's float() widens its
-   head's output), or, given a screen (float32 activations and head), each row's greedy token into chosen (M)
-   instead, row m's E ids excluded[m * E ...] left out (screened_argmax; logits unused). Returns 1 where
-   memory ran out, 2 for a token outside [0, vocab_in), 3 for a screen with another dtype. */
+   head's output), or, given a screen (a float head of the activations' dtype), each row's greedy token into
+   chosen (M) instead, row m's E ids excluded[m * E ...] left out (screened_argmax; logits unused). Returns 1
+   where memory ran out, 2 for a token outside [0, vocab_in), 3 for a screen of another head. */
 int idefics2_decode_tokens(const layer_ref *layers, int64_t n_layers, const void *embedding, int64_t vocab_in,
                            const int64_t *tokens, const int64_t *positions, int64_t M, int64_t D, int64_t H,
                            int64_t Hkv, int64_t hd, int64_t I, const void *cos_table, const void *sin_table,
@@ -1148,14 +1171,14 @@ int idefics2_decode_tokens(const layer_ref *layers, int64_t n_layers, const void
                            float *logits, const head_screen *screen, const int64_t *excluded, int64_t E,
                            int64_t *chosen, float eps, float scale, int io_type, int act, int threads) {
     const int64_t size = io_type == TYPE_F32 ? 4 : 2;
-    if (screen != NULL && (io_type != TYPE_F32 || head->type != TYPE_F32)) return 3;
+    if (screen != NULL && head->type != io_type) return 3;
     int64_t S = 0;
     for (int64_t m = 0; m < M; m++) {
         if (tokens[m] < 0 || tokens[m] >= vocab_in) return 2;
         if (positions[m] + 1 > S) S = positions[m] + 1;
     }
     /* x (M, D), cos and sin (M, hd), head output (M, vocab) when it is not float32, mask (M, S) */
-    const int64_t narrow_logits = io_type == TYPE_F32 ? 0 : M * vocab;
+    const int64_t narrow_logits = io_type == TYPE_F32 || screen != NULL ? 0 : M * vocab;
     char *scratch = (char *)malloc(size * (M * D + 2 * M * hd + narrow_logits) + M * S);
     if (scratch == NULL) return 1;
     char *x = scratch, *cos = x + size * M * D, *sin = cos + size * M * hd, *narrow = sin + size * M * hd;
@@ -1173,15 +1196,15 @@ int idefics2_decode_tokens(const layer_ref *layers, int64_t n_layers, const void
     if (!failed) {
         double start = now();
         if (screen != NULL)
-            failed = screened_argmax((const float *)x, (const float *)head->data, screen, M, vocab, D, excluded, E,
-                                     chosen, threads);
+            failed = screened_argmax(x, head->data, screen, M, vocab, D, excluded, E, chosen, io_type, threads);
         else
             failed = weight_product(x, head, NULL, io_type == TYPE_F32 ? (void *)logits : (void *)narrow, M,
                                     vocab, D, io_type, ACT_NONE, threads);
         const double head_seconds = now() - start;
 #pragma omp atomic
         product_seconds += head_seconds;
-        for (int64_t i = 0; i < narrow_logits && !failed; i++) logits[i] = read_io(narrow, i, io_type);
+        for (int64_t i = 0; i < narrow_logits && !failed && screen == NULL; i++)
+            logits[i] = read_io(narrow, i, io_type);
     }
     free(scratch);
     return failed;

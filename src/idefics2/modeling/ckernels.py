@@ -418,11 +418,12 @@ SCREEN_MOST = 1024  # candidates a row may have before the whole head decides it
 
 
 class HeadScreen:
-    """What a greedy decode step reads instead of a float32 head (V, D): an int8 copy (each row rounded to
-    nearest on its own scale, max |w| / 127) and, per row, |w - s q|, s |q| and |w| (2-norms, computed in
-    float64, rounded up to float32), from which `DecodeCall.argmax` bounds how far the int8 product can be
-    from the float32 one (ckernels.c, screened_argmax). A quarter of the head's bytes. `fingerprint` is the
-    head's bytes' hash when built (`fingerprint()`), to tell whether the head changed since."""
+    """What a greedy decode step reads instead of a float head (V, D), float32 or bfloat16: an int8 copy
+    (each row rounded to nearest on its own scale, max |w| / 127) and, per row, |w - s q|, s |q| and |w|
+    (2-norms, computed in float64, rounded up to float32), from which `DecodeCall.argmax` bounds how far the
+    int8 product can be from the float one (ckernels.c, screened_argmax). A quarter of a float32 head's
+    bytes, half a bfloat16 one's. `fingerprint` is the head's bytes' hash when built (`fingerprint()`), to
+    tell whether the head changed since."""
 
     def __init__(self, weight: torch.Tensor, most: int = SCREEN_MOST) -> None:
         vocab, dim = weight.shape
@@ -510,7 +511,7 @@ class DecodeCall:
         self.head_ref = _Weight()
         _point(self.head_ref, head_weight, head_scales)
         self.kept = (layers, *weights, head_weight, head_scales, *keys, *values)
-        self.dtype, self.head_weight = dtype, head_weight  # (argmax screens float32 heads only)
+        self.dtype, self.head_weight = dtype, head_weight  # (argmax screens float heads of this dtype)
         self.rows, self.vocab, self.vocab_in = rows, head_weight.shape[0], vocab_in
         self.positions = min(cos.shape[0], length)  # a row's position is below this
         self.key_pointers = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
@@ -538,8 +539,8 @@ class DecodeCall:
         """The same step's greedy tokens: for each row the index of its largest logit (the first of equal
         ones; the first NaN where the logits hold one), as `first_largest` of `call(tokens, positions)` gives
         with row b's `excluded[b]` ids set to -inf (a minimum length's end tokens), found by reading `screen`
-        (the head's int8 copy; float32 activations and head only) and computing exactly only the logits that
-        could be the largest."""
+        (the head's int8 copy; a float head of the activations' dtype) and computing exactly only the logits
+        that could be the largest."""
         width = max(map(len, excluded or [[]]))
         flat = [i for ids in (excluded if width else ()) for i in (*ids, *[-1] * (width - len(ids)))]
         table = (ctypes.c_int64 * len(flat))(*flat) if flat else None  # (B, width), -1: no id
@@ -558,7 +559,7 @@ class DecodeCall:
         if failed == 2:
             raise IndexError(f"DecodeCall: a token id of {tokens} is outside the embedding's {self.vocab_in}")
         if failed == 3:
-            raise ValueError("DecodeCall.argmax: a screen needs float32 activations and a float32 head")
+            raise ValueError("DecodeCall.argmax: a screen needs a float head of the activations' dtype")
         if failed:
             raise MemoryError("C decode step: out of memory for its buffers")
 

@@ -167,9 +167,10 @@ def c_kernels() -> bool:
 
 
 def greedy_screen() -> bool:
-    """Whether a greedy decode step of a float32 model on CPU finds its tokens from the head's int8 copy and
-    the few logits that copy cannot rule out (ckernels.HeadScreen, DecodeCall.argmax), where the whole step
-    runs as one C call: the same tokens as the whole head's logits, from a quarter of its bytes."""
+    """Whether a greedy decode step on CPU with a float32 or bfloat16 head finds its tokens from the head's
+    int8 copy and the few logits that copy cannot rule out (ckernels.HeadScreen, DecodeCall.argmax), where
+    the whole step runs as one C call: the same tokens as the whole head's logits, from a quarter (float32)
+    or half (bfloat16) of its bytes."""
     if "greedy_screen" in _forced:
         return bool(_forced["greedy_screen"]) and c_kernels()
     return c_kernels()

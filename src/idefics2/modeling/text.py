@@ -346,17 +346,16 @@ class MistralDecoder(nn.Module):
     ) -> list[int] | None:
         """Each row's greedy token from the same step as `c_decode_tokens` (the index of its first largest
         logit, as sampler.first_largest of those logits gives, row b's `excluded[b]` ids left out), for a
-        float32 model: the head's int8 copy
-        (ckernels.HeadScreen, made on the first such step and kept while the head's bytes stay the same,
-        checked once per prepared call) rules out all but a few rows of the head, which alone are computed
-        in float32. None where `c_decode_tokens` would give None, for another dtype or head format, or with
-        the route off (kernels.greedy_screen)."""
+        float32 or bfloat16 head: its int8 copy (ckernels.HeadScreen, made on the first such step and kept
+        while the head's bytes stay the same, checked once per prepared call) rules out all but a few of its
+        rows, which alone are computed as the head's product computes them. None where `c_decode_tokens`
+        would give None, for a quantized head, or with the route off (kernels.greedy_screen)."""
         entry = self._decode_entry(tokens, positions, kv_cache, head)
         if entry is None or not kernels.greedy_screen():
             return None
         if entry.screen is None:
             weight = entry.call.head_weight
-            if weight.dtype != torch.float32 or entry.call.dtype != torch.float32:
+            if weight.dtype != entry.call.dtype:  # an int8 or int4 head
                 return None
             entry.screen = _head_screen(weight)
         return entry.call.argmax(tokens, positions, entry.screen, excluded)
@@ -537,13 +536,13 @@ class _DecodeEntry:
     screen: ckernels.HeadScreen | None = None  # for greedy steps: checked against the head when first asked
 
 
-# the int8 copies of float32 heads that greedy steps read, one per head weight (dropped with it)
+# the int8 copies of float heads that greedy steps read, one per head weight (dropped with it)
 _screens: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> ckernels.HeadScreen (keyed by identity)
 _screens_lock = threading.Lock()
 
 
 def _head_screen(weight: torch.Tensor) -> ckernels.HeadScreen:
-    """The screen of a float32 head weight: the one kept for it where the weight's bytes still hash the same
+    """The screen of a float head weight: the one kept for it where the weight's bytes still hash the same
     (an in-place change, even through `.data`, makes a new one), else made now."""
     seen = ckernels.fingerprint(weight)
     with _screens_lock:

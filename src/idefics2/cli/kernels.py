@@ -89,19 +89,25 @@ def run(args: argparse.Namespace) -> int:
 
 def _decode_route(model, rows: int) -> str:
     """How a decode step of `rows` rows runs with the kernels chosen: whole in one C call from token ids to
-    logits (ckernels.DecodeCall), or as calls from Python."""
+    logits (ckernels.DecodeCall), its greedy steps reading the head's int8 copy where the head is float, or
+    as calls from Python."""
     import torch
 
     from idefics2.decoding.runner import ModelRunner
+    from idefics2.modeling import ckernels, kernels
 
     if model.lm_head.weight.device.type != "cpu":
         return "on the device (not one C call)"
     runner = ModelRunner(model, rows, 8)
     with torch.inference_mode():
         whole = model.c_decode_logits([1] * rows, [0] * rows, runner.cache.decode_view(0, rows)) is not None
-    if whole:
-        return "one C call from token ids to logits (embedding, every layer, final norm, head)"
-    return "calls from Python (the decoder step's or each layer's, then the head's)"
+    if not whole:
+        return "calls from Python (the decoder step's or each layer's, then the head's)"
+    route = "one C call from token ids to logits (embedding, every layer, final norm, head)"
+    head = model.lm_head  # a float head (a quantized one is no nn.Linear)
+    if kernels.greedy_screen() and isinstance(head, torch.nn.Linear) and head.weight.dtype in ckernels.DTYPES:
+        route += "; greedy steps read the head's int8 copy"
+    return route
 
 
 def run_every_product(model) -> list[tuple]:

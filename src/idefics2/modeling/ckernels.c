@@ -717,36 +717,34 @@ static inline void nibble_pairs(const uint8_t *p, vec *even, vec *odd) {
    bytes, scales (N, K / G) float32; x, y and bias in io_type */
 #if defined(INT16_DOTS)
 /* the nibbles of QLANES bytes as two int16 vectors (even columns: high nibbles; odd: low), multiplied with
-   the matching 16-bit activations and added pairwise into acc_even / acc_odd */
+   the matching 16-bit activations xe and xo and added pairwise into acc */
 #if defined(__AVX512BW__)
-static inline void nibble_madd(const uint8_t *p, const int16_t *xe, const int16_t *xo, ivec *acc_even,
-                               ivec *acc_odd) {
+static inline ivec xload(const int16_t *x) { return _mm512_loadu_si512(x); }
+static inline void nibble_madd(const uint8_t *p, ivec xe, ivec xo, ivec *acc) {
     const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
     const __m512i high = _mm512_srli_epi16(bytes, 4), low = _mm512_and_si512(bytes, _mm512_set1_epi16(15));
 #if defined(__AVX512VNNI__)
-    *acc_even = _mm512_dpwssd_epi32(*acc_even, high, _mm512_loadu_si512(xe));
-    *acc_odd = _mm512_dpwssd_epi32(*acc_odd, low, _mm512_loadu_si512(xo));
+    *acc = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(*acc, high, xe), low, xo);
 #else
-    *acc_even = _mm512_add_epi32(*acc_even, _mm512_madd_epi16(high, _mm512_loadu_si512(xe)));
-    *acc_odd = _mm512_add_epi32(*acc_odd, _mm512_madd_epi16(low, _mm512_loadu_si512(xo)));
+    *acc = _mm512_add_epi32(*acc, _mm512_add_epi32(_mm512_madd_epi16(high, xe), _mm512_madd_epi16(low, xo)));
 #endif
 }
 #else
-static inline void nibble_madd(const uint8_t *p, const int16_t *xe, const int16_t *xo, ivec *acc_even,
-                               ivec *acc_odd) {
+static inline ivec xload(const int16_t *x) { return _mm256_loadu_si256((const __m256i *)x); }
+static inline void nibble_madd(const uint8_t *p, ivec xe, ivec xo, ivec *acc) {
     const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
     const __m256i high = _mm256_srli_epi16(bytes, 4), low = _mm256_and_si256(bytes, _mm256_set1_epi16(15));
-    *acc_even = _mm256_add_epi32(*acc_even, _mm256_madd_epi16(high, _mm256_loadu_si256((const __m256i *)xe)));
-    *acc_odd = _mm256_add_epi32(*acc_odd, _mm256_madd_epi16(low, _mm256_loadu_si256((const __m256i *)xo)));
+    *acc = _mm256_add_epi32(*acc, _mm256_add_epi32(_mm256_madd_epi16(high, xe), _mm256_madd_epi16(low, xo)));
 }
 #endif
 #endif
 
 /* An activation row prepared for int4 rows: its even and odd columns in float32, 8 times each group's column
    sums lane by lane (sum (q - 8) x = sum q x - 8 sum x), and, where the integer path runs, those columns
-   rounded to 16 bits with one scale per group and half (G / 2 columns each, a multiple of QLANES). */
+   rounded to 16 bits with one scale per group (its G / 2 even and G / 2 odd columns, each a multiple of
+   QLANES: both halves add into one integer sum) and 8 times each group's column sum as one number. */
 typedef struct {
-    float *split, *eights, *steps;
+    float *split, *eights, *steps, *group_eights;
     int16_t *x16;
     int64_t K, G;
 } int4_rows;
@@ -754,6 +752,7 @@ typedef struct {
 static void int4_free(int4_rows *p) {
     free(p->split);
     free(p->steps);
+    free(p->group_eights);
     free(p->x16);
 }
 
@@ -762,6 +761,7 @@ static int int4_prepare(const void *x, int64_t M, int64_t K, int64_t G, int io_t
     p->K = K;
     p->G = G;
     p->steps = NULL;
+    p->group_eights = NULL;
     p->x16 = NULL;
     p->split = (float *)malloc(sizeof(float) * M * (K + groups * LANES));
     if (p->split == NULL) return 1;
@@ -782,24 +782,67 @@ static int int4_prepare(const void *x, int64_t M, int64_t K, int64_t G, int io_t
 #if defined(INT16_DOTS)
     if ((G / 2) % QLANES != 0) return 0;
     p->x16 = (int16_t *)malloc(sizeof(int16_t) * M * K);
-    p->steps = (float *)malloc(sizeof(float) * M * 2 * groups);
-    if (p->x16 == NULL || p->steps == NULL) return 1;
+    p->steps = (float *)malloc(sizeof(float) * M * groups);
+    p->group_eights = (float *)malloc(sizeof(float) * M * groups);
+    if (p->x16 == NULL || p->steps == NULL || p->group_eights == NULL) return 1;
     for (int64_t m = 0; m < M; m++)
-        for (int64_t part = 0; part < 2; part++)
-            for (int64_t g = 0; g < groups; g++) {
+        for (int64_t g = 0; g < groups; g++) {
+            float largest = 0.0f, eights = 0.0f;
+            for (int64_t part = 0; part < 2; part++) {
                 const float *from = p->split + m * K + part * half + g * G / 2;
-                int16_t *to = p->x16 + m * K + part * half + g * G / 2;
-                float largest = 0.0f;
 #pragma omp simd reduction(max : largest)
                 for (int64_t j = 0; j < G / 2; j++) largest = fabsf(from[j]) > largest ? fabsf(from[j]) : largest;
-                const float step = largest > 0.0f ? largest / 32767.0f : 1.0f;
-                p->steps[(m * 2 + part) * groups + g] = step;
+            }
+            for (int64_t l = 0; l < LANES; l++) eights += p->eights[(m * groups + g) * LANES + l];
+            const float step = largest > 0.0f ? largest / 32767.0f : 1.0f;
+            p->steps[m * groups + g] = step;
+            p->group_eights[m * groups + g] = eights;
+            for (int64_t part = 0; part < 2; part++) {
+                const float *from = p->split + m * K + part * half + g * G / 2;
+                int16_t *to = p->x16 + m * K + part * half + g * G / 2;
 #pragma omp simd
                 for (int64_t j = 0; j < G / 2; j++) to[j] = (int16_t)lrintf(from[j] / step);
             }
+        }
 #endif
     return 0;
 }
+
+#if defined(INT16_DOTS)
+#define INT4_ROWS 4 /* int4 rows summed together, the activations loaded once for all */
+/* out[r] = activation row m . int4 row r (its bytes rows[r], its group scales scales[r]), r < R, on the
+   integer path: per group, both halves into one integer sum, scaled once */
+static inline __attribute__((always_inline)) void int4_dots(const int4_rows *p, int64_t m,
+                                                            const uint8_t *const *rows,
+                                                            const float *const *scales, int R, float *out) {
+    const int64_t K = p->K, G = p->G, half = K / 2, groups = K / G;
+    const int16_t *even = p->x16 + m * K, *odd = even + half;
+    const float *steps = p->steps + m * groups, *group_eights = p->group_eights + m * groups;
+    vec total[INT4_ROWS];
+    float offset[INT4_ROWS]; /* sum over the groups of scale * 8 * the group's column sum */
+    for (int r = 0; r < R; r++) total[r] = vzero(), offset[r] = 0.0f;
+    for (int64_t g = 0; g < groups; g++) {
+        ivec acc[INT4_ROWS];
+        for (int r = 0; r < R; r++) acc[r] = izero();
+        for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += QLANES) {
+            const ivec xe = xload(even + j), xo = xload(odd + j);
+            for (int r = 0; r < R; r++) nibble_madd(rows[r] + j, xe, xo, &acc[r]);
+        }
+        for (int r = 0; r < R; r++) {
+            total[r] = vfma(int_to_vec(acc[r]), vset(scales[r][g] * steps[g]), total[r]);
+            offset[r] += scales[r][g] * group_eights[g];
+        }
+    }
+    for (int r = 0; r < R; r++) out[r] = vsum(total[r]) - offset[r];
+}
+
+static void int4_dots_any(const int4_rows *p, int64_t m, const uint8_t *const *rows, const float *const *scales,
+                          int R, float *out) {
+    if (R == 4) int4_dots(p, m, rows, scales, 4, out);
+    else if (R == 2) int4_dots(p, m, rows, scales, 2, out);
+    else for (int r = 0; r < R; r++) int4_dots(p, m, rows + r, scales + r, 1, out + r);
+}
+#endif
 
 /* activation row m . one int4 row (its bytes and its group scales) */
 static inline float int4_dot(const int4_rows *p, int64_t m, const uint8_t *row, const float *scales) {
@@ -808,17 +851,9 @@ static inline float int4_dot(const int4_rows *p, int64_t m, const uint8_t *row, 
     vec total = vzero();
 #if defined(INT16_DOTS)
     if (p->x16 != NULL) {
-        const int16_t *even = p->x16 + m * K, *odd = even + half;
-        const float *steps = p->steps + m * 2 * groups;
-        for (int64_t g = 0; g < groups; g++) {
-            ivec acc_even = izero(), acc_odd = izero();
-            for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += QLANES)
-                nibble_madd(row + j, even + j, odd + j, &acc_even, &acc_odd);
-            vec sums = vfma(int_to_vec(acc_even), vset(steps[g]), vzero());
-            sums = vfma(int_to_vec(acc_odd), vset(steps[groups + g]), sums);
-            total = vfma(vset(scales[g]), sums - vload(eights + g * LANES), total);
-        }
-        return vsum(total);
+        float out;
+        int4_dots(p, m, &row, &scales, 1, &out);
+        return out;
     }
 #endif
     const float *even = p->split + m * K, *odd = even + half;
@@ -847,6 +882,37 @@ static int int4_product(const void *x, const uint8_t *w, const float *scales, co
         return 1;
     }
     const int64_t half = K / 2, groups = K / G;
+#if defined(INT16_DOTS)
+    if (prepared.x16 != NULL) { /* INT4_ROWS rows at a time (gate and up: half as many of each) */
+        const int64_t block = w2 != NULL ? INT4_ROWS / 2 : INT4_ROWS, blocks = (N + block - 1) / block;
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = b * block;
+            const int count = N - n0 < block ? (int)(N - n0) : (int)block, R = w2 != NULL ? 2 * count : count;
+            const uint8_t *rows[INT4_ROWS];
+            const float *row_scales[INT4_ROWS];
+            for (int r = 0; r < count; r++) {
+                rows[r] = w + (n0 + r) * half, row_scales[r] = scales + (n0 + r) * groups;
+                if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * half, row_scales[count + r] = scales2 + (n0 + r) * groups;
+            }
+            for (int r = 0; r < R; r++) /* 8 rows on: short rows end before the prefetcher catches up */
+                for (int64_t j = 0; j < half; j += 64) _mm_prefetch((const char *)rows[r] + 8 * half + j, _MM_HINT_T1);
+            for (int64_t m = 0; m < M; m++) {
+                float out[INT4_ROWS];
+                int4_dots_any(&prepared, m, rows, row_scales, R, out);
+                for (int r = 0; r < count; r++) {
+                    float v = out[r];
+                    if (bias != NULL) v += read_io(bias, n0 + r, io_type);
+                    v = activate(v, act);
+                    if (w2 != NULL) v *= out[count + r];
+                    write_io(y, m * N + n0 + r, v, io_type);
+                }
+            }
+        }
+        int4_free(&prepared);
+        return 0;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = w + n * half, *row2 = w2 != NULL ? w2 + n * half : NULL;

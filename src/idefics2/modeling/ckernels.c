@@ -229,9 +229,9 @@ static void product_rows(const float *xf, const uint16_t *xh, const void *w, con
 #if defined(__AVX512BW__)
 #define INT16_DOTS 1
 #define QLANES 32 /* int16 activations per step */
-static inline __m512i madd_step(__m512i acc, const int8_t *w, const int16_t *x) {
+static inline __m512i xload(const int16_t *x) { return _mm512_loadu_si512(x); }
+static inline __m512i madd_step(__m512i acc, const int8_t *w, __m512i xv) {
     const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w));
-    const __m512i xv = _mm512_loadu_si512(x);
 #if defined(__AVX512VNNI__)
     return _mm512_dpwssd_epi32(acc, wide, xv);
 #else
@@ -244,9 +244,9 @@ static inline ivec izero(void) { return _mm512_setzero_si512(); }
 #elif defined(__AVX2__) && defined(__FMA__)
 #define INT16_DOTS 1
 #define QLANES 16
-static inline __m256i madd_step(__m256i acc, const int8_t *w, const int16_t *x) {
+static inline __m256i xload(const int16_t *x) { return _mm256_loadu_si256((const __m256i *)x); }
+static inline __m256i madd_step(__m256i acc, const int8_t *w, __m256i xv) {
     const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
-    const __m256i xv = _mm256_loadu_si256((const __m256i *)x);
 #if defined(__AVXVNNI__)
     return _mm256_dpwssd_avx_epi32(acc, wide, xv);
 #else
@@ -273,20 +273,36 @@ static void quantize_row(const float *x, int64_t K, int16_t *x16, float *xs) {
     }
 }
 
-/* x . row for an int8 row: the whole vectors from the quantized row, the rest from the float one */
-static inline float int8_row_dot(const float *xf, const int16_t *x16, const float *xs, const int8_t *row,
-                                 int64_t K) {
+#define INT8_ROWS 4 /* int8 rows summed together, the activations loaded once for all */
+/* out[r] = x . rows[r] for R int8 rows: the whole vectors from the quantized row, the rest from the float one */
+static inline __attribute__((always_inline)) void int8_dots(const float *xf, const int16_t *x16, const float *xs,
+                                                            const int8_t *const *rows, int R, int64_t K,
+                                                            float *out) {
     const int64_t whole = K / QLANES * QLANES;
-    vec total = vzero();
+    vec total[INT8_ROWS];
+    for (int r = 0; r < R; r++) total[r] = vzero();
     for (int64_t b0 = 0; b0 < whole; b0 += QBLOCK) {
         const int64_t b1 = b0 + QBLOCK < whole ? b0 + QBLOCK : whole;
-        ivec acc = izero();
-        for (int64_t k = b0; k < b1; k += QLANES) acc = madd_step(acc, row + k, x16 + k);
-        total = vfma(int_to_vec(acc), vset(xs[b0 / QBLOCK]), total);
+        ivec acc[INT8_ROWS];
+        for (int r = 0; r < R; r++) acc[r] = izero();
+        for (int64_t k = b0; k < b1; k += QLANES) {
+            const ivec xv = xload(x16 + k);
+            for (int r = 0; r < R; r++) acc[r] = madd_step(acc[r], rows[r] + k, xv);
+        }
+        for (int r = 0; r < R; r++) total[r] = vfma(int_to_vec(acc[r]), vset(xs[b0 / QBLOCK]), total[r]);
     }
-    float sum = vsum(total);
-    for (int64_t k = whole; k < K; k++) sum += xf[k] * (float)row[k];
-    return sum;
+    for (int r = 0; r < R; r++) {
+        float sum = vsum(total[r]);
+        for (int64_t k = whole; k < K; k++) sum += xf[k] * (float)rows[r][k];
+        out[r] = sum;
+    }
+}
+
+static void int8_dots_any(const float *xf, const int16_t *x16, const float *xs, const int8_t *const *rows, int R,
+                          int64_t K, float *out) {
+    if (R == 4) int8_dots(xf, x16, xs, rows, 4, K, out);
+    else if (R == 2) int8_dots(xf, x16, xs, rows, 2, K, out);
+    else for (int r = 0; r < R; r++) int8_dots(xf, x16, xs, rows + r, 1, K, out + r);
 }
 
 /* `product` for int8 weights (and a gated pair of them) on the integer multiply-adds */
@@ -302,20 +318,29 @@ static int int8_product(const float *xf, const int8_t *w, const float *scales, c
         return 1;
     }
     for (int64_t m = 0; m < M; m++) quantize_row(xf + m * K, K, x16 + m * K, xs + m * blocks);
+    const int64_t block = w2 != NULL ? INT8_ROWS / 2 : INT8_ROWS, n_blocks = (N + block - 1) / block;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const int8_t *row = w + n * K, *row2 = w2 != NULL ? w2 + n * K : NULL;
-        for (int64_t j = 0; j < K; j += 64) { /* rows 8 on: short rows end before the prefetcher catches up */
-            _mm_prefetch((const char *)(row + 8 * K + j), _MM_HINT_T1);
-            if (row2 != NULL) _mm_prefetch((const char *)(row2 + 8 * K + j), _MM_HINT_T1);
+    for (int64_t b = 0; b < n_blocks; b++) { /* INT8_ROWS rows at a time (gate and up: half as many of each) */
+        const int64_t n0 = b * block;
+        const int count = N - n0 < block ? (int)(N - n0) : (int)block, R = w2 != NULL ? 2 * count : count;
+        const int8_t *rows[INT8_ROWS];
+        for (int r = 0; r < count; r++) {
+            rows[r] = w + (n0 + r) * K;
+            if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * K;
         }
+        for (int r = 0; r < R; r++) /* 8 rows on: short rows end before the prefetcher catches up */
+            for (int64_t j = 0; j < K; j += 64) _mm_prefetch((const char *)(rows[r] + 8 * K + j), _MM_HINT_T1);
         for (int64_t m = 0; m < M; m++) {
-            const float *xrow = xf + m * K;
-            float v = int8_row_dot(xrow, x16 + m * K, xs + m * blocks, row, K) * scales[n];
-            if (bias != NULL) v += read_io(bias, n, io_type);
-            v = activate(v, act);
-            if (row2 != NULL) v *= int8_row_dot(xrow, x16 + m * K, xs + m * blocks, row2, K) * scales2[n];
-            write_io(y, m * N + n, v, io_type);
+            float out[INT8_ROWS];
+            int8_dots_any(xf + m * K, x16 + m * K, xs + m * blocks, rows, R, K, out);
+            for (int r = 0; r < count; r++) {
+                const int64_t n = n0 + r;
+                float v = out[r] * scales[n];
+                if (bias != NULL) v += read_io(bias, n, io_type);
+                v = activate(v, act);
+                if (w2 != NULL) v *= out[count + r] * scales2[n];
+                write_io(y, m * N + n, v, io_type);
+            }
         }
     }
     free(x16);
@@ -719,7 +744,6 @@ static inline void nibble_pairs(const uint8_t *p, vec *even, vec *odd) {
 /* the nibbles of QLANES bytes as two int16 vectors (even columns: high nibbles; odd: low), multiplied with
    the matching 16-bit activations xe and xo and added pairwise into acc */
 #if defined(__AVX512BW__)
-static inline ivec xload(const int16_t *x) { return _mm512_loadu_si512(x); }
 static inline void nibble_madd(const uint8_t *p, ivec xe, ivec xo, ivec *acc) {
     const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
     const __m512i high = _mm512_srli_epi16(bytes, 4), low = _mm512_and_si512(bytes, _mm512_set1_epi16(15));
@@ -730,7 +754,6 @@ static inline void nibble_madd(const uint8_t *p, ivec xe, ivec xo, ivec *acc) {
 #endif
 }
 #else
-static inline ivec xload(const int16_t *x) { return _mm256_loadu_si256((const __m256i *)x); }
 static inline void nibble_madd(const uint8_t *p, ivec xe, ivec xo, ivec *acc) {
     const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
     const __m256i high = _mm256_srli_epi16(bytes, 4), low = _mm256_and_si256(bytes, _mm256_set1_epi16(15));

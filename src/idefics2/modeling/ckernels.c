@@ -867,18 +867,11 @@ static void int4_dots_any(const int4_rows *p, int64_t m, const uint8_t *const *r
 }
 #endif
 
-/* activation row m . one int4 row (its bytes and its group scales) */
+/* activation row m . one int4 row (its bytes and its group scales), in float32 (no integer path here) */
 static inline float int4_dot(const int4_rows *p, int64_t m, const uint8_t *row, const float *scales) {
     const int64_t K = p->K, G = p->G, half = K / 2, groups = K / G;
     const float *eights = p->eights + m * groups * LANES;
     vec total = vzero();
-#if defined(INT16_DOTS)
-    if (p->x16 != NULL) {
-        float out;
-        int4_dots(p, m, &row, &scales, 1, &out);
-        return out;
-    }
-#endif
     const float *even = p->split + m * K, *odd = even + half;
     for (int64_t g = 0; g < groups; g++) {
         vec acc = vzero();

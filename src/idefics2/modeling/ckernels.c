@@ -831,8 +831,8 @@ static int int4_prepare(const void *x, int64_t M, int64_t K, int64_t G, int io_t
     return 0;
 }
 
-#if defined(INT16_DOTS)
 #define INT4_ROWS 4 /* int4 rows summed together, the activations loaded once for all */
+#if defined(INT16_DOTS)
 /* out[r] = activation row m . int4 row r (its bytes rows[r], its group scales scales[r]), r < R, on the
    integer path: per group, both halves into one integer sum, scaled once */
 static inline __attribute__((always_inline)) void int4_dots(const int4_rows *p, int64_t m,
@@ -898,50 +898,33 @@ static int int4_product(const void *x, const uint8_t *w, const float *scales, co
         return 1;
     }
     const int64_t half = K / 2, groups = K / G;
-#if defined(INT16_DOTS)
-    if (prepared.x16 != NULL) { /* INT4_ROWS rows at a time (gate and up: half as many of each) */
-        const int64_t block = w2 != NULL ? INT4_ROWS / 2 : INT4_ROWS, blocks = (N + block - 1) / block;
+    const int64_t block = w2 != NULL ? INT4_ROWS / 2 : INT4_ROWS, blocks = (N + block - 1) / block;
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t n0 = b * block;
-            const int count = N - n0 < block ? (int)(N - n0) : (int)block, R = w2 != NULL ? 2 * count : count;
-            const uint8_t *rows[INT4_ROWS];
-            const float *row_scales[INT4_ROWS];
-            for (int r = 0; r < count; r++) {
-                rows[r] = w + (n0 + r) * half, row_scales[r] = scales + (n0 + r) * groups;
-                if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * half, row_scales[count + r] = scales2 + (n0 + r) * groups;
-            }
-            for (int r = 0; r < R; r++) /* 8 rows on: short rows end before the prefetcher catches up */
-                for (int64_t j = 0; j < half; j += 64) _mm_prefetch((const char *)rows[r] + 8 * half + j, _MM_HINT_T1);
-            for (int64_t m = 0; m < M; m++) {
-                float out[INT4_ROWS];
-                int4_dots_any(&prepared, m, rows, row_scales, R, out);
-                for (int r = 0; r < count; r++) {
-                    float v = out[r];
-                    if (bias != NULL) v += read_io(bias, n0 + r, io_type);
-                    v = activate(v, act);
-                    if (w2 != NULL) v *= out[count + r];
-                    write_io(y, m * N + n0 + r, v, io_type);
-                }
-            }
+    for (int64_t b = 0; b < blocks; b++) { /* INT4_ROWS rows at a time (gate and up: half as many of each) */
+        const int64_t n0 = b * block;
+        const int count = N - n0 < block ? (int)(N - n0) : (int)block, R = w2 != NULL ? 2 * count : count;
+        const uint8_t *rows[INT4_ROWS];
+        const float *row_scales[INT4_ROWS];
+        for (int r = 0; r < count; r++) {
+            rows[r] = w + (n0 + r) * half, row_scales[r] = scales + (n0 + r) * groups;
+            if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * half, row_scales[count + r] = scales2 + (n0 + r) * groups;
         }
-        int4_free(&prepared);
-        return 0;
-    }
-#endif
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = w + n * half, *row2 = w2 != NULL ? w2 + n * half : NULL;
-        for (int64_t j = 0; j < half; j += 64) { /* rows 8 on: short rows end before the prefetcher catches up */
-            _mm_prefetch((const char *)row + 8 * half + j, _MM_HINT_T1);
-            if (row2 != NULL) _mm_prefetch((const char *)row2 + 8 * half + j, _MM_HINT_T1);
-        }
+        for (int r = 0; r < R; r++) /* 8 rows on: short rows end before the prefetcher catches up */
+            for (int64_t j = 0; j < half; j += 64) _mm_prefetch((const char *)rows[r] + 8 * half + j, _MM_HINT_T1);
         for (int64_t m = 0; m < M; m++) {
-            float v = int4_dot(&prepared, m, row, scales + n * groups);
-            if (bias != NULL) v += read_io(bias, n, io_type);
-            v = activate(v, act);
-            if (row2 != NULL) v *= int4_dot(&prepared, m, row2, scales2 + n * groups);
-            write_io(y, m * N + n, v, io_type);
+            float out[INT4_ROWS];
+#if defined(INT16_DOTS)
+            if (prepared.x16 != NULL) int4_dots_any(&prepared, m, rows, row_scales, R, out);
+            else
+#endif
+                for (int r = 0; r < R; r++) out[r] = int4_dot(&prepared, m, rows[r], row_scales[r]);
+            for (int r = 0; r < count; r++) {
+                float v = out[r];
+                if (bias != NULL) v += read_io(bias, n0 + r, io_type);
+                v = activate(v, act);
+                if (w2 != NULL) v *= out[count + r];
+                write_io(y, m * N + n0 + r, v, io_type);
+            }
         }
     }
     int4_free(&prepared);

@@ -422,8 +422,7 @@ class HeadScreen:
     (each row rounded to nearest on its own scale, max |w| / 127) and, per row, |w - s q|, s |q| and |w|
     (2-norms, computed in float64, rounded up to float32), from which `DecodeCall.argmax` bounds how far the
     int8 product can be from the float one (ckernels.c, screened_argmax). A quarter of a float32 head's
-    bytes, half a bfloat16 one's. `fingerprint` is the head's bytes' hash when built (`fingerprint()`), to
-    tell whether the head changed since."""
+    bytes, half a bfloat16 one's."""
 
     def __init__(self, weight: torch.Tensor, most: int = SCREEN_MOST) -> None:
         vocab, dim = weight.shape
@@ -445,7 +444,6 @@ class HeadScreen:
             )  # (rows, 3)
             self.bounds[rows] = _rounded_up(norms)
         self.ref = _Screen(self.q.data_ptr(), self.scales.data_ptr(), self.bounds.data_ptr(), most)
-        self.fingerprint = fingerprint(weight)
 
 
 def _rounded_up(t: torch.Tensor) -> torch.Tensor:

@@ -537,7 +537,8 @@ class _DecodeEntry:
 
 
 # the int8 copies of float heads that greedy steps read, one per head weight (dropped with it)
-_screens: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> ckernels.HeadScreen (keyed by identity)
+# weight (keyed by identity) -> (the hash of its bytes the screen was made from, ckernels.HeadScreen)
+_screens: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _screens_lock = threading.Lock()
 
 
@@ -546,11 +547,11 @@ def _head_screen(weight: torch.Tensor) -> ckernels.HeadScreen:
     (an in-place change, even through `.data`, makes a new one), else made now."""
     seen = ckernels.fingerprint(weight)
     with _screens_lock:
-        screen = _screens.get(weight)
-    if screen is None or screen.fingerprint != seen or screen.q.shape != weight.shape:
+        made_from, screen = _screens.get(weight, (None, None))
+    if screen is None or made_from != seen or screen.q.shape != weight.shape:
         screen = ckernels.HeadScreen(weight)
         with _screens_lock:
-            _screens[weight] = screen
+            _screens[weight] = (seen, screen)
     return screen
 
 

@@ -502,8 +502,9 @@ def test_the_head_joins_the_whole_step_where_its_c_product_was_measured_nearly_t
 
 def test_the_kept_whole_step_call_follows_the_model_between_steps(monkeypatch):
     """The whole step's call is prepared once per cache view and reused by the next steps of the same rows;
-    a hook on the head, a weight given new storage, or other kernels forced are seen at the very next step;
-    a copy of the model keeps none of the calls (they hold the original's addresses)."""
+    a hook on the head or other kernels forced are seen at the very next step, a weight given new storage at
+    the first step after a prefill (until then the call reads, and holds, the storage it began with); a copy
+    of the model keeps none of the calls (they hold the original's addresses)."""
     from idefics2.decoding.runner import ModelRunner
 
     model = decoder_model("float32")
@@ -512,8 +513,9 @@ def test_the_kept_whole_step_call_follows_the_model_between_steps(monkeypatch):
     runner = ModelRunner(model, 2, 64)
     step = lambda i: runner.decode([7 + i, 11 + i], [9 + i, 5 + i])  # noqa: E731
     seen: list[int] = []
+    prompts = ([3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16])
     with kernels.force(**ROUTES, decoder_step="c"), torch.inference_mode():
-        for row, prompt in enumerate(([3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16])):
+        for row, prompt in enumerate(prompts):
             runner.prefill(row, runner.embed_prompt(prompt, None), 0, False)
         step(0), step(1)
         assert (len(whole), len(prepared)) == (2, 1)
@@ -524,13 +526,21 @@ def test_the_kept_whole_step_call_follows_the_model_between_steps(monkeypatch):
         before = step(3)
         assert (len(whole), len(prepared)) == (3, 2)
         norm = model.model.text_model.norm
+        address = norm.weight.data_ptr()
         norm.weight.data = norm.weight.data * 2  # new storage: the final norm of this step's logits
-        doubled = step(3)  # the same step again: the same cache slots, written with the same values
-        assert (len(whole), len(prepared)) == (4, 3) and not torch.equal(doubled, before)
+        gc.collect()
+        # the same step again (the same cache slots, written with the same values), mid-generation: the
+        # storage it began with, still held by the call
+        assert torch.equal(step(3), before) and (len(whole), len(prepared)) == (4, 2)
+        call = next(iter(model.model.text_model._decode_calls.values())).call
+        assert any(isinstance(t, torch.Tensor) and t.data_ptr() == address for t in call.kept)
+        runner.prefill(0, runner.embed_prompt(prompts[0], None), 0, False)  # the same slots, the same values
+        doubled = step(3)
+        assert (len(whole), len(prepared)) == (5, 3) and not torch.equal(doubled, before)
         with kernels.force(**{**ROUTES, "linear": "aten"}, decoder_step="c"):
             step(3)
-        assert len(whole) == 4
-        assert torch.equal(step(3), doubled) and len(whole) == 5
+        assert len(whole) == 5
+        assert torch.equal(step(3), doubled) and len(whole) == 6
         twin = copy.deepcopy(model)
         assert len(model.model.text_model._decode_calls) == 1 and not twin.model.text_model._decode_calls
         assert not pickle.loads(pickle.dumps(model.model.text_model._decode_calls))
@@ -575,7 +585,8 @@ def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(m
     first of equal logits included (two rows of the head made equal; in bfloat16 also two rows whose sums
     differ but round to the same logit), and a row with NaN activations (the whole head decides: its first
     NaN, as argmax). A changed head (even in place through `.data`) gets a new copy at the next prepared
-    call; a quantized head, or the route off, gives None (the caller takes the logits)."""
+    call. With the route off, and for a quantized head, the same call picks the tokens from the whole
+    logits (no screen)."""
     model = decoder_model(mode)
     with kernels.force(**ROUTES, decoder_step="c"):
         before = ckernels.screen_counts()
@@ -603,9 +614,16 @@ def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(m
         before = ckernels.screen_counts()
         got, want = greedy_steps(model, steps=1)
         assert got == want == [[0, want[0][1]]] and ckernels.screen_counts()[2] == before[2] + 1
-        with kernels.force(greedy_screen=False):
-            assert greedy_steps(model, steps=1)[0] == [None]
-        assert greedy_steps(decoder_model("int8"), steps=1)[0] == [None]
+        with kernels.force(greedy_screen=False):  # picked in C from the whole logits
+            before = ckernels.screen_counts()
+            got, want = greedy_steps(model, steps=2, excluded=[[first[0]], []])
+            assert got == want and None not in got and ckernels.screen_counts() == before
+        quantized = decoder_model("int8")  # its head too: no screen, the whole logits in C
+        first = greedy_steps(quantized, steps=1)[1][0]
+        before = ckernels.screen_counts()
+        got, want = greedy_steps(quantized, steps=2, excluded=[[first[0], 2], [first[1]]])
+        assert got == want and want[0][0] != first[0] and want[0][1] != first[1]
+        assert ckernels.screen_counts() == before
 
 
 def test_a_head_screen_bounds_its_int8_products_and_is_dropped_with_its_head():

@@ -9,7 +9,7 @@ chain picks every row's next token. Rows that finish (end-of-sequence token or s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -53,22 +53,29 @@ def generate(
     dict or its JSON text, or matches the regex; a list gives one per row, None for a free row; the end
     tokens are allowed only once the answer is complete; see idefics2.constrained).
     """
-    steps = stream_generate(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, **controls)
     # a transformers-style streamer (put/end) first gets the prompt, as transformers does
     object_streamer = hasattr(streamer, "put") and hasattr(streamer, "end")
     if object_streamer:
         streamer.put(input_ids.cpu())
-    while True:
-        try:
-            tokens = next(steps)
-        except StopIteration as done:
+    device = model.lm_head.weight.device
+    # the whole loop under one no_grad (as transformers' generate runs, its streamer included), not entered
+    # and left at every step as a generator's decorator does
+    with torch.no_grad():
+        steps = _steps(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, **controls)
+        while True:
+            try:
+                tokens = next(steps)
+            except StopIteration as done:
+                if object_streamer:
+                    streamer.end()
+                return done.value
+            if streamer is None:
+                continue
+            column = torch.tensor(tokens, dtype=torch.long, device=device)
             if object_streamer:
-                streamer.end()
-            return done.value
-        if object_streamer:
-            streamer.put(tokens.cpu())
-        elif streamer is not None:
-            streamer(tokens)
+                streamer.put(column.cpu())
+            else:
+                streamer(column)
 
 
 @torch.no_grad()
@@ -82,6 +89,26 @@ def stream_generate(
 ) -> Iterator[torch.Tensor]:
     """Like `generate`, as an iterator: yields the (B,) tokens picked at each step (pad for finished rows)
     and returns (as StopIteration.value) the (B, P + new) sequences."""
+    device = model.lm_head.weight.device
+    steps = _steps(model, input_ids, attention_mask, pixel_values, pixel_attention_mask, **controls)
+    while True:
+        try:
+            tokens = next(steps)
+        except StopIteration as done:
+            return done.value
+        yield torch.tensor(tokens, dtype=torch.long, device=device)
+
+
+def _steps(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pixel_values: torch.Tensor | None,
+    pixel_attention_mask: torch.Tensor | None,
+    **controls: Any,
+) -> Generator[list[int], None, torch.Tensor]:
+    """The generation itself (run under no_grad by its callers): yields each step's B tokens as a list and
+    returns the (B, P + new) sequences."""
     device = model.lm_head.weight.device
     input_ids, attention_mask = _check_prompt(input_ids, attention_mask, device)
     batch, prompt_len = input_ids.shape
@@ -136,7 +163,7 @@ def stream_generate(
                     finished[row] = True
                     rows[row].grammar = None  # a row that ended takes no more tokens
             columns.append(tokens)
-            yield torch.tensor(tokens, dtype=torch.long, device=device)
+            yield tokens
             if step + 1 == max_new or all(finished):
                 break
             positions = [length + step for length in lengths]

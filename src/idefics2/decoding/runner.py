@@ -112,9 +112,9 @@ class ModelRunner:
     ) -> list[int] | None:
         """The same step as `decode`, giving each row's greedy token (its logits' first largest, row b's
         `excluded[b]` ids left out: sampler.greedy_exclusions) instead of its logits, where that is cheaper:
-        on CPU, a step in one C call with a float32 or bfloat16 head reads the head's int8 copy and computes
-        only the logits that could be the largest (model.c_decode_greedy). None elsewhere, and nothing run:
-        then `decode` and the sampler."""
+        on CPU, a step in one C call picks the tokens itself (no logits back to Python), and with a float32
+        or bfloat16 head reads the head's int8 copy and computes only the logits that could be the largest
+        (model.c_decode_greedy). None elsewhere, and nothing run: then `decode` and the sampler."""
         if self.device.type != "cpu":
             return None
         view = self.cache.decode_view(start, start + len(tokens))

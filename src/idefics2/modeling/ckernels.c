@@ -415,18 +415,41 @@ int idefics2_gated(const void *x, const void *gate, const float *gate_scales, co
 
 /* y = weight * round(x / rms(x)) per row of D: the normalized row is rounded to io_type before the weight
    multiplies it, as the float path does (RMSNorm computes in float32, then casts back) */
+/* sum over d of x[d]^2 in float64 (exact products), in 8 partial sums: lane j adds d = j, j + 8, ... */
+static double squares_of(const void *x, int64_t D, int io_type) {
+    double part[8] = {0.0};
+    int64_t d = 0;
+    if (io_type == TYPE_F32)
+        for (const float *xs = (const float *)x; d + 8 <= D; d += 8)
+            for (int j = 0; j < 8; j++) part[j] += (double)xs[d + j] * (double)xs[d + j];
+    else
+        for (const uint16_t *xs = (const uint16_t *)x; d + 8 <= D; d += 8)
+            for (int j = 0; j < 8; j++) {
+                const double v = (double)bf16_to_f32(xs[d + j]);
+                part[j] += v * v;
+            }
+    double squares = 0.0;
+    for (int j = 0; j < 8; j++) squares += part[j];
+    for (; d < D; d++) {
+        const double v = (double)read_io(x, d, io_type);
+        squares += v * v;
+    }
+    return squares;
+}
+
 int idefics2_rms_norm(const void *x, const void *weight, void *y, int64_t rows, int64_t D, float eps,
                       int io_type) {
+    const int64_t size = io_type == TYPE_F32 ? 4 : 2;
     for (int64_t r = 0; r < rows; r++) {
-        double squares = 0.0;
-        for (int64_t d = 0; d < D; d++) {
-            float v = read_io(x, r * D + d, io_type);
-            squares += (double)v * v;
+        const float inverse = 1.0f / sqrtf((float)(squares_of((const char *)x + size * r * D, D, io_type) / (double)D) + eps);
+        if (io_type == TYPE_F32) {
+            const float *xs = (const float *)x + r * D, *ws = (const float *)weight;
+            float *ys = (float *)y + r * D;
+            for (int64_t d = 0; d < D; d++) ys[d] = ws[d] * (xs[d] * inverse);
+            continue;
         }
-        float inverse = 1.0f / sqrtf((float)(squares / (double)D) + eps);
         for (int64_t d = 0; d < D; d++) {
-            float normed = read_io(x, r * D + d, io_type) * inverse;
-            if (io_type == TYPE_BF16) normed = bf16_to_f32(f32_to_bf16(normed));
+            const float normed = bf16_to_f32(f32_to_bf16(read_io(x, r * D + d, io_type) * inverse));
             write_io(y, r * D + d, read_io(weight, d, io_type) * normed, io_type);
         }
     }
@@ -689,11 +712,23 @@ int idefics2_attention(const void *q, const void *k, const void *v, const uint8_
 static void rotate_row(const void *x, int64_t at, const void *cos, const void *sin, int64_t row, int64_t D,
                        void *out, int64_t out_at, int io_type) {
     const int64_t half = D / 2;
+    if (io_type == TYPE_F32) {
+        const float *xs = (const float *)x + at, *c = (const float *)cos + row * D, *s = (const float *)sin + row * D;
+        float *o = (float *)out + out_at;
+        for (int64_t d = 0; d < half; d++) {
+            const float first = xs[d] * c[d];
+            o[d] = first + xs[d + half] * s[d];
+        }
+        for (int64_t d = half; d < D; d++) {
+            const float first = xs[d] * c[d];
+            o[d] = first + xs[d - half] * s[d];
+        }
+        return;
+    }
     for (int64_t d = 0; d < D; d++) {
         const float value = read_io(x, at + d, io_type);
         const float rolled = read_io(x, at + (d < half ? d + half : d - half), io_type);
-        float first = value * read_io(cos, row * D + d, io_type);
-        if (io_type == TYPE_BF16) first = bf16_to_f32(f32_to_bf16(first));
+        const float first = bf16_to_f32(f32_to_bf16(value * read_io(cos, row * D + d, io_type)));
         write_io(out, out_at + d, first + rolled * read_io(sin, row * D + d, io_type), io_type);
     }
 }
@@ -942,6 +977,17 @@ int idefics2_gated_int4(const void *x, const uint8_t *gate, const float *gate_sc
     return int4_product(x, gate, gate_scales, up, up_scales, NULL, y, M, N, K, G, io_type, act, threads);
 }
 
+/* x += y over n values in io_type (bfloat16: each sum rounded) */
+static void add_into(void *x, const void *y, int64_t n, int io_type) {
+    if (io_type == TYPE_F32) {
+        float *xs = (float *)x;
+        const float *ys = (const float *)y;
+        for (int64_t i = 0; i < n; i++) xs[i] += ys[i];
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) write_io(x, i, read_io(x, i, io_type) + read_io(y, i, io_type), io_type);
+}
+
 /* ---- every decoder layer of a decode step in one call ---------------------------------------------------
    Per layer, in the order and with the roundings of the decoder's own ops (modeling/text.py), each
    intermediate written in io_type as those ops write it:
@@ -1026,14 +1072,14 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
         failed |= weight_product(attended, &layer->o, NULL, out, M, D, wide, io_type, ACT_NONE, threads);
         products += now() - start;
         if (failed) break;
-        for (int64_t i = 0; i < M * D; i++) write_io(x, i, read_io(x, i, io_type) + read_io(out, i, io_type), io_type);
+        add_into(x, out, M * D, io_type);
         idefics2_rms_norm(x, layer->post_norm, h, M, D, eps, io_type);
         start = now();
         failed |= weight_product(h, &layer->gate, &layer->up, inner, M, I, D, io_type, act, threads);
         failed |= weight_product(inner, &layer->down, NULL, out, M, D, I, io_type, ACT_NONE, threads);
         products += now() - start;
         if (failed) break;
-        for (int64_t i = 0; i < M * D; i++) write_io(x, i, read_io(x, i, io_type) + read_io(out, i, io_type), io_type);
+        add_into(x, out, M * D, io_type);
     }
     if (!failed && final_norm != NULL) idefics2_rms_norm(x, final_norm, x, M, D, eps, io_type); /* in place, by row */
     free(scratch);
@@ -1096,13 +1142,64 @@ uint64_t idefics2_fingerprint(const uint8_t *p, int64_t n, int threads) {
     return (h ^ (uint64_t)n) * prime;
 }
 
+/* the index of row's first NaN, else of the first of its largest values: the largest found a vector at a
+   time (max(v, best) is v > best ? v : best, lane by lane; NaN lanes flagged apart), then its first index */
 static int64_t first_largest(const float *row, int64_t V) {
-    int64_t best = 0;
-    for (int64_t n = 0; n < V; n++) {
-        if (isnan(row[n])) return n;
-        if (row[n] > row[best]) best = n;
+    float largest = -INFINITY;
+    int any_nan = 0;
+    int64_t n = 0;
+#if defined(__AVX512F__)
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __mmask16 nan = 0;
+    for (; n + 16 <= V; n += 16) {
+        const __m512 v = _mm512_loadu_ps(row + n);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        best = _mm512_max_ps(v, best);
     }
-    return best;
+    largest = _mm512_reduce_max_ps(best);
+    any_nan = nan != 0;
+#elif defined(__AVX2__)
+    __m256 best = _mm256_set1_ps(-INFINITY), nan = _mm256_setzero_ps();
+    for (; n + 8 <= V; n += 8) {
+        const __m256 v = _mm256_loadu_ps(row + n);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        best = _mm256_max_ps(v, best);
+    }
+    float lanes[8];
+    _mm256_storeu_ps(lanes, best);
+    for (int j = 0; j < 8; j++) largest = lanes[j] > largest ? lanes[j] : largest;
+    any_nan = _mm256_movemask_ps(nan) != 0;
+#endif
+    for (; n < V; n++) {
+        any_nan |= isnan(row[n]);
+        largest = row[n] > largest ? row[n] : largest;
+    }
+    n = 0;
+#if defined(__AVX512F__)
+    const __m512 target = _mm512_set1_ps(largest);
+    for (; n + 16 <= V; n += 16) {
+        const __m512 v = _mm512_loadu_ps(row + n);
+        const __mmask16 hit = any_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+        if (hit) return n + __builtin_ctz(hit);
+    }
+#elif defined(__AVX2__)
+    const __m256 target = _mm256_set1_ps(largest);
+    for (; n + 8 <= V; n += 8) {
+        const __m256 v = _mm256_loadu_ps(row + n);
+        const int hit = _mm256_movemask_ps(any_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
+        if (hit) return n + __builtin_ctz(hit);
+    }
+#endif
+    for (; n < V; n++)
+        if (any_nan ? isnan(row[n]) : row[n] == largest) return n;
+    return 0; /* V == 0 */
+}
+
+/* first_largest of row (V) with its E ids excluded (-1: none) set to -inf first */
+static int64_t greedy_token(float *row, int64_t V, const int64_t *excluded, int64_t E) {
+    for (int64_t i = 0; i < E; i++)
+        if (excluded[i] >= 0 && excluded[i] < V) row[excluded[i]] = -INFINITY;
+    return first_largest(row, V);
 }
 
 /* |x - x as the int8 product rounds it|: its whole vectors go to 16 bits per block, the rest stays float32 */
@@ -1202,9 +1299,7 @@ static int screened_argmax(const void *x, const void *w, const head_screen *scre
             failed = product((const char *)x + size * m * D, w, NULL, NULL, NULL, NULL, narrow ? (void *)whole : logits,
                              1, V, D, io_type, io_type, ACT_NONE, threads);
             for (int64_t n = 0; narrow && n < V; n++) logits[n] = bf16_to_f32(whole[n]);
-            for (int64_t i = 0; i < E; i++)
-                if (excluded[m * E + i] >= 0 && excluded[m * E + i] < V) logits[excluded[m * E + i]] = -INFINITY;
-            chosen[m] = first_largest(logits, V);
+            chosen[m] = greedy_token(logits, V, E ? excluded + m * E : NULL, E);
 #pragma omp atomic
             screen_counts[2] += 1;
         }
@@ -1219,22 +1314,41 @@ static int screened_argmax(const void *x, const void *w, const head_screen *scre
 
 /* ---- a whole decode step from token ids to logits, one call ----------------------------------------------
    What the model's decode step computes around idefics2_decoder_step, done here so that a step crosses from
-   Python into C once: x = embedding[tokens] (M, D); cos and sin rows at each row's position, read from the
+   Python into C once, with what stays the same between steps prepared once in a decode_model (so that a call
+   converts few arguments): x = embedding[tokens] (M, D); cos and sin rows at each row's position, read from the
    rotary tables (rows >= 1 + the largest position, as modeling.text.RotaryTable holds them); attention over
    slots [0, max position] with row m allowed the slots j <= positions[m] (and j > positions[m] - window when
    window > 0), each token stored at the slot of its position; the layers, the final norm, then the head
    (vocab, D) product into logits (M, vocab) float32 (widened from io_type, as the model's float() widens its
    head's output), or, given a screen (a float head of the activations' dtype), each row's greedy token into
-   chosen (M) instead, row m's E ids excluded[m * E ...] left out (screened_argmax; logits unused). Returns 1
+   chosen (M) instead, row m's E ids excluded[m * E ...] left out (screened_argmax; logits unused). Given
+   chosen without a screen, the logits are made whole and the same tokens picked from them (any head; the
+   excluded ids' logits are left at -inf). Returns 1
    where memory ran out, 2 for a token outside [0, vocab_in), 3 for a screen of another head. */
-int idefics2_decode_tokens(const layer_ref *layers, int64_t n_layers, const void *embedding, int64_t vocab_in,
-                           const int64_t *tokens, const int64_t *positions, int64_t M, int64_t D, int64_t H,
-                           int64_t Hkv, int64_t hd, int64_t I, const void *cos_table, const void *sin_table,
-                           int64_t window, void *const *keys, void *const *values, int64_t key_batch,
-                           int64_t key_head, int64_t key_slot, int64_t value_batch, int64_t value_head,
-                           int64_t value_slot, const void *final_norm, const weight_ref *head, int64_t vocab,
+typedef struct { /* what stays the same from one step to the next: prepared once (DecodeCall) */
+    const layer_ref *layers;
+    int64_t n_layers;
+    const void *embedding; /* (vocab_in, D) */
+    int64_t vocab_in, D, H, Hkv, hd, I;
+    const void *cos_table, *sin_table;
+    int64_t window;
+    void *const *keys, *const *values;
+    int64_t key_batch, key_head, key_slot, value_batch, value_head, value_slot;
+    const void *final_norm;
+    const weight_ref *head;
+    int64_t vocab, io_type, act;
+    float eps, scale;
+} decode_model;
+
+int idefics2_decode_tokens(const decode_model *model, const int64_t *tokens, const int64_t *positions, int64_t M,
                            float *logits, const head_screen *screen, const int64_t *excluded, int64_t E,
-                           int64_t *chosen, float eps, float scale, int io_type, int act, int threads) {
+                           int64_t *chosen, int threads) {
+    const layer_ref *layers = model->layers;
+    const void *embedding = model->embedding, *cos_table = model->cos_table, *sin_table = model->sin_table;
+    const weight_ref *head = model->head;
+    const int64_t n_layers = model->n_layers, vocab_in = model->vocab_in, D = model->D, hd = model->hd;
+    const int64_t window = model->window, vocab = model->vocab;
+    const int io_type = (int)model->io_type;
     const int64_t size = io_type == TYPE_F32 ? 4 : 2;
     if (screen != NULL && head->type != io_type) return 3;
     int64_t S = 0;
@@ -1255,9 +1369,11 @@ int idefics2_decode_tokens(const layer_ref *layers, int64_t n_layers, const void
         memcpy(sin + size * m * hd, (const char *)sin_table + size * p * hd, size * hd);
         for (int64_t j = 0; j < S; j++) mask[m * S + j] = j <= p && (window <= 0 || j > p - window);
     }
-    int failed = idefics2_decoder_step(layers, n_layers, x, M, D, H, Hkv, hd, I, cos, sin, positions, mask, keys,
-                                       values, S, key_batch, key_head, key_slot, value_batch, value_head,
-                                       value_slot, final_norm, eps, scale, io_type, act, threads);
+    int failed = idefics2_decoder_step(layers, n_layers, x, M, D, model->H, model->Hkv, hd, model->I, cos, sin,
+                                       positions, mask, model->keys, model->values, S, model->key_batch,
+                                       model->key_head, model->key_slot, model->value_batch, model->value_head,
+                                       model->value_slot, model->final_norm, model->eps, model->scale, io_type,
+                                       (int)model->act, threads);
     if (!failed) {
         double start = now();
         if (screen != NULL)
@@ -1270,6 +1386,8 @@ int idefics2_decode_tokens(const layer_ref *layers, int64_t n_layers, const void
         product_seconds += head_seconds;
         for (int64_t i = 0; i < narrow_logits && !failed && screen == NULL; i++)
             logits[i] = read_io(narrow, i, io_type);
+        for (int64_t m = 0; m < M && !failed && screen == NULL && chosen != NULL; m++)
+            chosen[m] = greedy_token(logits + m * vocab, vocab, E ? excluded + m * E : NULL, E);
     }
     free(scratch);
     return failed;

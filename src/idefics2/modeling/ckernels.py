@@ -92,20 +92,7 @@ def library() -> ctypes.CDLL:
         + [ctypes.c_float] * 2
         + [flag] * 3
     )
-    lib.idefics2_decode_tokens.argtypes = (
-        [pointer, size, pointer, size, pointer, pointer]
-        + [size] * 6
-        + [pointer] * 2
-        + [size]
-        + [pointer] * 2
-        + [size] * 6
-        + [pointer] * 2
-        + [size]
-        + [pointer] * 3
-        + [size, pointer]
-        + [ctypes.c_float] * 2
-        + [flag] * 3
-    )
+    lib.idefics2_decode_tokens.argtypes = [pointer] * 3 + [size] + [pointer] * 3 + [size, pointer, flag]
     lib.idefics2_step_clock.argtypes = [pointer]
     lib.idefics2_screen_counts.argtypes = [pointer]
     lib.idefics2_fingerprint.argtypes = [pointer, size, flag]
@@ -324,7 +311,7 @@ class DecoderLayers:
     """The decoder layers' weights as `decoder_step` reads them: per layer its two norm weights and, for each
     of PROJECTIONS, the operands that `linear` / `linear_int4` take ((weight, None) for float weights of the
     activations' dtype, (int8 weight, float32 scales (N)), or (int4 nibbles (N, K / 2) in the portable
-    layout, float32 scales (N, groups))). Keeps the tensors alive while it lives."""
+    layout, float32 scales (N, groups))). Keeps their storages alive while it lives."""
 
     def __init__(self, layers: list[dict[str, Operands]], key: tuple = ()) -> None:
         self.tensors: list[torch.Tensor] = []  # what the C step reads (contiguous, scales in float32)
@@ -344,7 +331,7 @@ class DecoderLayers:
     def _keep(self, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         if t is None:
             return None
-        t = t.to(dtype or t.dtype).contiguous()
+        t = t.to(dtype or t.dtype).contiguous().detach()  # holds this storage, whatever `.data = ` does later
         self.tensors.append(t)
         return t
 
@@ -403,6 +390,27 @@ def decoder_step(
     if failed:
         raise MemoryError("C decoder step: out of memory for its buffers")
     return out
+
+
+class _DecodeModel(ctypes.Structure):  # decode_model in ckernels.c
+    _fields_ = [
+        ("layers", ctypes.c_void_p),
+        ("n_layers", ctypes.c_int64),
+        ("embedding", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("vocab_in", "D", "H", "Hkv", "hd", "I")),
+        ("cos_table", ctypes.c_void_p),
+        ("sin_table", ctypes.c_void_p),
+        ("window", ctypes.c_int64),
+        ("keys", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("key_batch", "key_head", "key_slot")),
+        *((name, ctypes.c_int64) for name in ("value_batch", "value_head", "value_slot")),
+        ("final_norm", ctypes.c_void_p),
+        ("head", ctypes.c_void_p),
+        *((name, ctypes.c_int64) for name in ("vocab", "io_type", "act")),
+        ("eps", ctypes.c_float),
+        ("scale", ctypes.c_float),
+    ]
 
 
 class _Screen(ctypes.Structure):  # head_screen in ckernels.c
@@ -478,7 +486,7 @@ class DecodeCall:
     holds them) and `final_norm` (D) are in the activations' dtype (float32 or bfloat16); `layers`, `keys`,
     `values` as `decoder_step` takes them (a call gives one token for each of their B rows); `head` the
     head's operands ((V, D) weight in the activations' dtype, int8 with scales, or int4 in the portable
-    layout). Keeps what it reads alive."""
+    layout). Keeps the storages it reads alive."""
 
     def __init__(
         self,
@@ -508,19 +516,27 @@ class DecodeCall:
         head_scales = None if head[1] is None else head[1].float().contiguous()
         self.head_ref = _Weight()
         _point(self.head_ref, head_weight, head_scales)
-        self.kept = (layers, *weights, head_weight, head_scales, *keys, *values)
+        # the storages read, held (detached: a parameter given new storage later leaves this one alive)
+        read = (*weights, head_weight, head_scales, *keys, *values)
+        self.kept = (layers, *(t.detach() for t in read if t is not None))
         self.dtype, self.head_weight = dtype, head_weight  # (argmax screens float heads of this dtype)
         self.rows, self.vocab, self.vocab_in = rows, head_weight.shape[0], vocab_in
         self.positions = min(cos.shape[0], length)  # a row's position is below this
         self.key_pointers = (ctypes.c_void_p * len(keys))(*(t.data_ptr() for t in keys))
         self.value_pointers = (ctypes.c_void_p * len(values))(*(t.data_ptr() for t in values))
-        self.model = (ctypes.addressof(layers.array), len(layers), embedding.data_ptr(), vocab_in)
-        self.shapes = (
-            dim, heads, kv_heads, head_dim, layers.inner, cos.data_ptr(), sin.data_ptr(), window or 0,
-            self.key_pointers, self.value_pointers, *keys[0].stride()[:3], *values[0].stride()[:3],
-            final_norm.data_ptr(), ctypes.addressof(self.head_ref), self.vocab,
+        self.plan = _DecodeModel(
+            ctypes.addressof(layers.array), len(layers), embedding.data_ptr(), vocab_in, dim, heads, kv_heads,
+            head_dim, layers.inner, cos.data_ptr(), sin.data_ptr(), window or 0,
+            ctypes.addressof(self.key_pointers), ctypes.addressof(self.value_pointers),
+            *keys[0].stride()[:3], *values[0].stride()[:3], final_norm.data_ptr(),
+            ctypes.addressof(self.head_ref), self.vocab, _TYPES[dtype], ACTIVATIONS[act], eps, head_dim**-0.5,
         )  # fmt: skip
-        self.settings = (eps, head_dim**-0.5, _TYPES[dtype], ACTIVATIONS[act])
+        self.plan_address = ctypes.addressof(self.plan)
+        # what every call passes, made once: the rows' tokens, positions and greedy tokens, and argmax's
+        # logits without a screen (made at its first such call)
+        self.tokens, self.slots, self.chosen = ((ctypes.c_int64 * rows)() for _ in range(3))
+        self.greedy_logits: torch.Tensor | None = None
+        self.function = library().idefics2_decode_tokens
 
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
         logits = torch.empty(len(tokens), self.vocab)
@@ -531,29 +547,34 @@ class DecodeCall:
         self,
         tokens: list[int],
         positions: list[int],
-        screen: HeadScreen,
+        screen: HeadScreen | None,
         excluded: list[list[int]] | None = None,
     ) -> list[int]:
         """The same step's greedy tokens: for each row the index of its largest logit (the first of equal
         ones; the first NaN where the logits hold one), as `first_largest` of `call(tokens, positions)` gives
-        with row b's `excluded[b]` ids set to -inf (a minimum length's end tokens), found by reading `screen`
-        (the head's int8 copy; a float head of the activations' dtype) and computing exactly only the logits
-        that could be the largest."""
-        width = max(map(len, excluded or [[]]))
+        with row b's `excluded[b]` ids set to -inf (a minimum length's end tokens). Given a `screen` (the
+        head's int8 copy; a float head of the activations' dtype), found by reading it and computing exactly
+        only the logits that could be the largest; without one, picked in C from the whole logits (any head),
+        so that no logits come back to Python."""
+        width = max(map(len, excluded)) if excluded else 0
         flat = [i for ids in (excluded if width else ()) for i in (*ids, *[-1] * (width - len(ids)))]
         table = (ctypes.c_int64 * len(flat))(*flat) if flat else None  # (B, width), -1: no id
-        chosen = (ctypes.c_int64 * len(tokens))()
-        self._run(tokens, positions, None, ctypes.addressof(screen.ref), table, width, chosen)
-        return list(chosen)
+        if screen is None:
+            if self.greedy_logits is None:
+                self.greedy_logits = torch.empty(self.rows, self.vocab)
+            self._run(tokens, positions, self.greedy_logits.data_ptr(), None, table, width, self.chosen)
+        else:
+            self._run(tokens, positions, None, ctypes.addressof(screen.ref), table, width, self.chosen)
+        return self.chosen[:]
 
     def _run(self, tokens, positions, logits, screen=None, excluded=None, width=0, chosen=None) -> None:
         b = len(tokens)
         if b != self.rows or len(positions) != b or min(positions) < 0 or max(positions) >= self.positions:
             raise ValueError(f"DecodeCall: {b} rows at {positions}: outside the cache or the rotary table")
-        failed = library().idefics2_decode_tokens(
-            *self.model, (ctypes.c_int64 * b)(*tokens), (ctypes.c_int64 * b)(*positions), b, *self.shapes,
-            logits, screen, excluded, width, chosen, *self.settings, torch.get_num_threads(),
-        )  # fmt: skip
+        self.tokens[:], self.slots[:] = tokens, positions
+        threads = torch.get_num_threads()
+        failed = self.function(self.plan_address, self.tokens, self.slots, b, logits, screen, excluded, width,
+                               chosen, threads)  # fmt: skip
         if failed == 2:
             raise IndexError(f"DecodeCall: a token id of {tokens} is outside the embedding's {self.vocab_in}")
         if failed == 3:

@@ -584,9 +584,9 @@ class Idefics2ForConditionalGeneration(nn.Module):
         self, tokens: list[int], positions: list[int], kv_cache: Any, excluded: list[list[int]] | None = None
     ) -> list[int] | None:
         """The greedy token of each row of the same step as c_decode_logits (the first largest of those
-        logits, row b's `excluded[b]` ids left out), for a float32 or bfloat16 head on CPU, from the head's
-        int8 copy and the few logits it cannot rule out (MistralDecoder.c_decode_greedy); None where that
-        does not run (then pick from c_decode_logits)."""
+        logits, row b's `excluded[b]` ids left out), picked inside the same C call on CPU: for a float32 or
+        bfloat16 head from its int8 copy and the few logits that copy cannot rule out
+        (MistralDecoder.c_decode_greedy); None where that call does not run (then pick from decode_logits)."""
         return self.model.text_model.c_decode_greedy(tokens, positions, kv_cache, self.lm_head, excluded)
 
     def forward(

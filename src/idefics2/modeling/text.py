@@ -278,6 +278,7 @@ class MistralDecoder(nn.Module):
         only there (its attention's keys and values excepted), as training needs at its learned positions.
         `segments`: the lengths of the sequences held end to end by one row (B = 1, no mask, no cache), each
         attending causally to itself only (padding removed, or examples packed)."""
+        _forwards[0] += 1  # (the kept whole-step calls check their weights' storages again: _decode_entry)
         cos, sin = self.rotary(position_ids, inputs_embeds.dtype)
         if keep is None and segments is None:
             stepped = self._c_decode_step(inputs_embeds, cos, sin, mask, kv_cache, cache_position)
@@ -332,7 +333,11 @@ class MistralDecoder(nn.Module):
         C kernels, which this takes only where the one-call step is the one chosen and the head's C product
         is too, or was measured within HEAD_JOINS_WITHIN of the chosen one (else None, and the step runs as
         those calls). The call is prepared once per cache view and kept while the weights, hooks and chosen
-        kernels stay as they were (checked every step)."""
+        kernels stay as they were: assigned weights, hooks and kernels are checked every step; the weights'
+        storages (`param.data = ...`, `.to()`) at the first step after any forward of the decoder (a
+        prefill: each generation, each request the engine admits), since reading every storage costs more
+        than a small model's step can spare. Until then a weight given new storage mid-generation is read
+        where it was (the call holds that storage): the generation ends on the weights it began with."""
         entry = self._decode_entry(tokens, positions, kv_cache, head)
         return None if entry is None else entry.call(tokens, positions)
 
@@ -345,20 +350,20 @@ class MistralDecoder(nn.Module):
         excluded: list[list[int]] | None = None,
     ) -> list[int] | None:
         """Each row's greedy token from the same step as `c_decode_tokens` (the index of its first largest
-        logit, as sampler.first_largest of those logits gives, row b's `excluded[b]` ids left out), for a
-        float32 or bfloat16 head: its int8 copy (ckernels.HeadScreen, made on the first such step and kept
-        while the head's bytes stay the same, checked once per prepared call) rules out all but a few of its
-        rows, which alone are computed as the head's product computes them. None where `c_decode_tokens`
-        would give None, for a quantized head, or with the route off (kernels.greedy_screen)."""
+        logit, as sampler.first_largest of those logits gives, row b's `excluded[b]` ids left out), picked in
+        the same C call. For a float32 or bfloat16 head with the route on (kernels.greedy_screen), its int8
+        copy (ckernels.HeadScreen, made on the first such step and kept while the head's bytes stay the same,
+        checked once per prepared call) rules out all but a few of its rows, which alone are computed as the
+        head's product computes them; any other head's logits are made whole. None where `c_decode_tokens`
+        would give None."""
         entry = self._decode_entry(tokens, positions, kv_cache, head)
-        if entry is None or not kernels.greedy_screen():
+        if entry is None:
             return None
-        if entry.screen is None:
-            weight = entry.call.head_weight
-            if weight.dtype != entry.call.dtype:  # an int8 or int4 head
-                return None
+        screening = kernels.greedy_screen()
+        weight = entry.call.head_weight
+        if screening and entry.screen is None and weight.dtype == entry.call.dtype:
             entry.screen = _head_screen(weight)
-        return entry.call.argmax(tokens, positions, entry.screen, excluded)
+        return entry.call.argmax(tokens, positions, entry.screen if screening else None, excluded)
 
     def _decode_entry(
         self, tokens: list[int], positions: list[int], kv_cache: Any, head: nn.Module
@@ -370,14 +375,16 @@ class MistralDecoder(nn.Module):
         if kept is None:
             kept = self.__dict__["_decode_calls"] = _KeptCalls()
         entry = kept.get(kv_cache)
+        forwards = _forwards[0]
         if (
             entry is not None
             and entry.head is head
             and entry.epoch == kernels.routes_epoch()
             and not torch.is_grad_enabled()
             and not (self.training and self.config.attention_dropout > 0)
-            and entry.snapshot.holds()
+            and entry.snapshot.holds(storages=entry.forwards != forwards)
         ):
+            entry.forwards = forwards
             return entry
         entry = self._prepare_decode_call(len(tokens), max(positions) + 1, kv_cache, head)
         if entry is None:
@@ -413,7 +420,7 @@ class MistralDecoder(nn.Module):
             config.num_attention_heads, config.rms_norm_eps, config.hidden_act, norm.weight, operands,
         )  # fmt: skip
         tensors = [*layers.sources, embed.weight, norm.weight, *_flat(operands)]
-        return _DecodeEntry(call, _Snapshot([self, head], tensors), head, epoch)
+        return _DecodeEntry(call, _Snapshot([self, head], tensors), head, epoch, _forwards[0])
 
     def _c_step_layers(self, dtype: torch.dtype, rows: int, kv_cache: Any) -> ckernels.DecoderLayers | None:
         """The layers for a one-call C decode step of `rows` rows with activations of `dtype` over kv_cache,
@@ -533,6 +540,7 @@ class _DecodeEntry:
     snapshot: _Snapshot  # the decoder's and the head's tensors and hooks
     head: nn.Module
     epoch: int  # kernels.routes_epoch() when the kernels were chosen
+    forwards: int  # _forwards[0] when the tensors' storages were last found the same
     screen: ckernels.HeadScreen | None = None  # for greedy steps: checked against the head when first asked
 
 
@@ -578,6 +586,7 @@ class _KeptLayers(dict):
 
 
 _registrations = [0]  # parameters, buffers and submodules assigned to any module of this process so far
+_forwards = [0]  # MistralDecoder.forward calls of this process so far (prefills among them)
 
 
 @functools.cache
@@ -598,8 +607,10 @@ def _count_registrations() -> None:
 
 class _Snapshot:
     """Whether the modules under `roots` still compute with `tensors` as they did, told cheaply: no
-    parameter, buffer or submodule assigned to any module since, each of `tensors` on the same storage
-    (`param.data = ...` and `.to()` keep the object and change its storage), and no hooks under `roots`."""
+    parameter, buffer or submodule assigned to any module since, no hooks under `roots`, and (`storages`)
+    each of `tensors` on the same storage (`param.data = ...` and `.to()` keep the object and change its
+    storage; the costliest part: reading every tensor's storage after a decode step has streamed the weights
+    through the caches)."""
 
     def __init__(self, roots: list[nn.Module], tensors: list[torch.Tensor]) -> None:
         _count_registrations()
@@ -608,11 +619,11 @@ class _Snapshot:
         self.hooks = [hooks for m in modules for hooks in (m._forward_hooks, m._forward_pre_hooks)]
         self.tensors, self.addresses = tensors, [t.data_ptr() for t in tensors]
 
-    def holds(self) -> bool:
+    def holds(self, storages: bool = True) -> bool:
         return (
             self.registrations == _registrations[0]
             and not any(self.hooks)
-            and list(map(torch.Tensor.data_ptr, self.tensors)) == self.addresses
+            and (not storages or list(map(torch.Tensor.data_ptr, self.tensors)) == self.addresses)
         )
 
 

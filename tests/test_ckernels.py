@@ -551,19 +551,27 @@ def test_the_kept_whole_step_call_follows_the_model_between_steps(monkeypatch):
     assert not model.model.text_model._decode_calls  # dropped with the cache's view
 
 
+def prefilled_runner(model):
+    """A ModelRunner of two rows, fixed prompts of 9 and 5 tokens prefilled."""
+    from idefics2.decoding.runner import ModelRunner
+
+    runner = ModelRunner(model, 2, 64)
+    with torch.inference_mode():
+        for row, prompt in enumerate(([3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16])):
+            runner.prefill(row, runner.embed_prompt(prompt, None), 0, False)
+    return runner
+
+
 def greedy_steps(model, steps: int = 4, excluded=None, logits_out=None) -> tuple[list, list]:
     """(each step's tokens from ModelRunner.decode_greedy, the first largest of the same step's logits) over
     `steps` decode steps of two rows at different positions, each step run both ways (the same cache slots,
     written with the same values), the rows going on with the greedy tokens; `excluded[b]`: ids row b may
     not take (-inf in its logits); each step's logits appended to `logits_out` where given."""
-    from idefics2.decoding.runner import ModelRunner
     from idefics2.decoding.sampler import first_largest
 
-    runner = ModelRunner(model, 2, 64)
+    runner = prefilled_runner(model)
     got, want = [], []
     with torch.inference_mode():
-        for row, prompt in enumerate(([3, 4, 5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16])):
-            runner.prefill(row, runner.embed_prompt(prompt, None), 0, False)
         tokens = [7, 11]
         for i in range(steps):
             positions = [9 + i, 5 + i]
@@ -624,6 +632,18 @@ def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(m
         got, want = greedy_steps(quantized, steps=2, excluded=[[first[0], 2], [first[1]]])
         assert got == want and want[0][0] != first[0] and want[0][1] != first[1]
         assert ckernels.screen_counts() == before
+        # the same step with other ids held back from one call to the next (the call keeps the last table)
+        from idefics2.decoding.sampler import first_largest
+
+        runner = prefilled_runner(quantized)
+        with torch.inference_mode():
+            logits = runner.decode([7, 11], [9, 5])
+            top = first_largest(logits).tolist()
+            for held in ([[top[0]], []], None, [[], [top[1], 5]], [[top[0]], []], [], [[top[0]], [top[1]]]):
+                masked = logits.clone()
+                for row, ids in enumerate(held or []):
+                    masked[row, ids] = float("-inf")
+                assert runner.decode_greedy([7, 11], [9, 5], excluded=held) == first_largest(masked).tolist()
 
 
 def test_a_head_screen_bounds_its_int8_products_and_is_dropped_with_its_head():

@@ -536,6 +536,7 @@ class DecodeCall:
         # logits without a screen (made at its first such call)
         self.tokens, self.slots, self.chosen = ((ctypes.c_int64 * rows)() for _ in range(3))
         self.greedy_logits: torch.Tensor | None = None
+        self.excluded: tuple = (None, None, 0)  # argmax's last excluded ids, as given and as its C table
         self.function = library().idefics2_decode_tokens
 
     def __call__(self, tokens: list[int], positions: list[int]) -> torch.Tensor:
@@ -556,9 +557,12 @@ class DecodeCall:
         head's int8 copy; a float head of the activations' dtype), found by reading it and computing exactly
         only the logits that could be the largest; without one, picked in C from the whole logits (any head),
         so that no logits come back to Python."""
-        width = max(map(len, excluded)) if excluded else 0
-        flat = [i for ids in (excluded if width else ()) for i in (*ids, *[-1] * (width - len(ids)))]
-        table = (ctypes.c_int64 * len(flat))(*flat) if flat else None  # (B, width), -1: no id
+        if excluded != self.excluded[0]:  # (the same ids step after step, as a minimum length holds them)
+            width = max(map(len, excluded)) if excluded else 0
+            flat = [i for ids in (excluded if width else ()) for i in (*ids, *[-1] * (width - len(ids)))]
+            table = (ctypes.c_int64 * len(flat))(*flat) if flat else None  # (B, width), -1: no id
+            self.excluded = ([list(ids) for ids in excluded] if excluded else excluded, table, width)
+        _, table, width = self.excluded
         if screen is None:
             if self.greedy_logits is None:
                 self.greedy_logits = torch.empty(self.rows, self.vocab)

@@ -106,8 +106,8 @@ def _decode_route(model, rows: int) -> str:
     route = "one C call from token ids to logits (embedding, every layer, final norm, head)"
     head = model.lm_head  # a float head (a quantized one is no nn.Linear)
     if kernels.greedy_screen() and isinstance(head, torch.nn.Linear) and head.weight.dtype in ckernels.DTYPES:
-        route += "; greedy steps read the head's int8 copy"
-    return route
+        return route + "; greedy steps read the head's int8 copy and pick their tokens in C"
+    return route + "; greedy steps pick their tokens in C"
 
 
 def run_every_product(model) -> list[tuple]:

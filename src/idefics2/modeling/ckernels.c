@@ -413,8 +413,6 @@ int idefics2_gated(const void *x, const void *gate, const float *gate_scales, co
 
 /* ---- the rest of a decode step: normalization and attention over the cache ---------------------------- */
 
-/* y = weight * round(x / rms(x)) per row of D: the normalized row is rounded to io_type before the weight
-   multiplies it, as the float path does (RMSNorm computes in float32, then casts back) */
 /* sum over d of x[d]^2 in float64 (exact products), in 8 partial sums: lane j adds d = j, j + 8, ... */
 static double squares_of(const void *x, int64_t D, int io_type) {
     double part[8] = {0.0};
@@ -437,11 +435,14 @@ static double squares_of(const void *x, int64_t D, int io_type) {
     return squares;
 }
 
+/* y = weight * round(x / rms(x)) per row of D: the normalized row is rounded to io_type before the weight
+   multiplies it, as the float path does (RMSNorm computes in float32, then casts back) */
 int idefics2_rms_norm(const void *x, const void *weight, void *y, int64_t rows, int64_t D, float eps,
                       int io_type) {
     const int64_t size = io_type == TYPE_F32 ? 4 : 2;
     for (int64_t r = 0; r < rows; r++) {
-        const float inverse = 1.0f / sqrtf((float)(squares_of((const char *)x + size * r * D, D, io_type) / (double)D) + eps);
+        const double squares = squares_of((const char *)x + size * r * D, D, io_type);
+        const float inverse = 1.0f / sqrtf((float)(squares / (double)D) + eps);
         if (io_type == TYPE_F32) {
             const float *xs = (const float *)x + r * D, *ws = (const float *)weight;
             float *ys = (float *)y + r * D;
@@ -1179,14 +1180,16 @@ static int64_t first_largest(const float *row, int64_t V) {
     const __m512 target = _mm512_set1_ps(largest);
     for (; n + 16 <= V; n += 16) {
         const __m512 v = _mm512_loadu_ps(row + n);
-        const __mmask16 hit = any_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
+        const __mmask16 hit = any_nan ? _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q)
+                                      : _mm512_cmp_ps_mask(v, target, _CMP_EQ_OQ);
         if (hit) return n + __builtin_ctz(hit);
     }
 #elif defined(__AVX2__)
     const __m256 target = _mm256_set1_ps(largest);
     for (; n + 8 <= V; n += 8) {
         const __m256 v = _mm256_loadu_ps(row + n);
-        const int hit = _mm256_movemask_ps(any_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ));
+        const __m256 equal = any_nan ? _mm256_cmp_ps(v, v, _CMP_UNORD_Q) : _mm256_cmp_ps(v, target, _CMP_EQ_OQ);
+        const int hit = _mm256_movemask_ps(equal);
         if (hit) return n + __builtin_ctz(hit);
     }
 #endif
@@ -1323,8 +1326,8 @@ static int screened_argmax(const void *x, const void *w, const head_screen *scre
    head's output), or, given a screen (a float head of the activations' dtype), each row's greedy token into
    chosen (M) instead, row m's E ids excluded[m * E ...] left out (screened_argmax; logits unused). Given
    chosen without a screen, the logits are made whole and the same tokens picked from them (any head; the
-   excluded ids' logits are left at -inf). Returns 1
-   where memory ran out, 2 for a token outside [0, vocab_in), 3 for a screen of another head. */
+   excluded ids' logits are left at -inf). Returns 1 where memory ran out, 2 for a token outside
+   [0, vocab_in), 3 for a screen of another head. */
 typedef struct { /* what stays the same from one step to the next: prepared once (DecodeCall) */
     const layer_ref *layers;
     int64_t n_layers;

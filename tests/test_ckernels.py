@@ -593,8 +593,11 @@ def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(m
     first of equal logits included (two rows of the head made equal; in bfloat16 also two rows whose sums
     differ but round to the same logit), and a row with NaN activations (the whole head decides: its first
     NaN, as argmax). A changed head (even in place through `.data`) gets a new copy at the next prepared
-    call. With the route off, and for a quantized head, the same call picks the tokens from the whole
-    logits (no screen)."""
+    call; a head given new storage mid-generation is not screened from it (the call reads the storage it
+    began with). With the route off, and for a quantized head, the same call picks the tokens from the
+    whole logits (no screen)."""
+    from idefics2.decoding.sampler import first_largest
+
     model = decoder_model(mode)
     with kernels.force(**ROUTES, decoder_step="c"):
         before = ckernels.screen_counts()
@@ -622,6 +625,16 @@ def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(m
         before = ckernels.screen_counts()
         got, want = greedy_steps(model, steps=1)
         assert got == want == [[0, want[0][1]]] and ckernels.screen_counts()[2] == before[2] + 1
+        # the call prepared by a step that reads the logits, then its head given new storage mid-generation
+        # (no prefill since): the greedy step reads the storage the call began with, and no screen of the new
+        # one (whose tokens would differ: the head negated)
+        runner = prefilled_runner(model)
+        with torch.inference_mode():
+            logits = runner.decode([8, 11], [9, 5])
+            head.data = head.data * -1
+            before = ckernels.screen_counts()
+            assert runner.decode_greedy([8, 11], [9, 5]) == first_largest(logits).tolist()
+            assert ckernels.screen_counts() == before
         with kernels.force(greedy_screen=False):  # picked in C from the whole logits
             before = ckernels.screen_counts()
             got, want = greedy_steps(model, steps=2, excluded=[[first[0]], []])
@@ -633,8 +646,6 @@ def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(m
         assert got == want and want[0][0] != first[0] and want[0][1] != first[1]
         assert ckernels.screen_counts() == before
         # the same step with other ids held back from one call to the next (the call keeps the last table)
-        from idefics2.decoding.sampler import first_largest
-
         runner = prefilled_runner(quantized)
         with torch.inference_mode():
             logits = runner.decode([7, 11], [9, 5])

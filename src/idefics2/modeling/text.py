@@ -361,7 +361,10 @@ class MistralDecoder(nn.Module):
             return None
         screening = kernels.greedy_screen()
         weight = entry.call.head_weight
-        if screening and entry.screen is None and weight.dtype == entry.call.dtype:
+        # a screen of the storage the call reads: not of a new one given to the weight since it was prepared
+        # (the call reads the one it began with until the next prefill)
+        reads = weight.data_ptr() == entry.call.head_ref.data
+        if screening and entry.screen is None and weight.dtype == entry.call.dtype and reads:
             entry.screen = _head_screen(weight)
         return entry.call.argmax(tokens, positions, entry.screen if screening else None, excluded)
 

@@ -682,6 +682,23 @@ def test_a_head_screen_bounds_its_int8_products_and_is_dropped_with_its_head():
     assert not text._screens
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_greedy_generation_of_a_quantized_model_picks_its_tokens_in_the_call(monkeypatch, mode):
+    """A quantized head's greedy steps take their tokens from the one C call (no logits back to Python):
+    every decode step of `generate` is an argmax call, and the tokens are those that the same call's logits
+    give through the sampler, with and without a minimum length holding the end token back."""
+    model = decoder_model(mode)
+    ids = torch.randint(3, 32000, (2, 7), generator=torch.Generator().manual_seed(2))
+    runs = [dict(max_new_tokens=6), dict(max_new_tokens=6, min_new_tokens=6, eos_token_id=[5, 9])]
+    with kernels.force(**ROUTES, decoder_step="c"):
+        picked = count_calls(monkeypatch, ckernels.DecodeCall, "argmax")
+        got = [model.generate(ids, do_sample=False, pad_token_id=0, **run) for run in runs]
+        assert len(picked) == 2 * 5  # every decode step of both generations
+        monkeypatch.setattr(model, "c_decode_greedy", lambda *args: None)  # the logits, then the sampler
+        want = [model.generate(ids, do_sample=False, pad_token_id=0, **run) for run in runs]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_greedy_generation_takes_the_screened_steps_and_decodes_the_same_tokens():
     model = decoder_model("float32")
     ids = torch.randint(3, 32000, (2, 7), generator=torch.Generator().manual_seed(2))

@@ -655,6 +655,8 @@ def test_greedy_steps_read_the_heads_int8_copy_and_pick_the_whole_heads_tokens(m
                 for row, ids in enumerate(held or []):
                     masked[row, ids] = float("-inf")
                 assert runner.decode_greedy([7, 11], [9, 5], excluded=held) == first_largest(masked).tolist()
+            with pytest.raises(ValueError, match="1 lists of held-back ids for 2 rows"):
+                runner.decode_greedy([7, 11], [9, 5], excluded=[[top[0]]])  # one list short: never read past
 
 
 def test_a_head_screen_bounds_its_int8_products_and_is_dropped_with_its_head():

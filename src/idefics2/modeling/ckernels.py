@@ -557,6 +557,10 @@ class DecodeCall:
         head's int8 copy; a float head of the activations' dtype), found by reading it and computing exactly
         only the logits that could be the largest; without one, picked in C from the whole logits (any head),
         so that no logits come back to Python."""
+        if excluded and len(excluded) != len(tokens):
+            raise ValueError(
+                f"DecodeCall.argmax: {len(excluded)} lists of held-back ids for {len(tokens)} rows"
+            )
         if excluded != self.excluded[0]:  # (the same ids step after step, as a minimum length holds them)
             width = max(map(len, excluded)) if excluded else 0
             flat = [i for ids in (excluded if width else ()) for i in (*ids, *[-1] * (width - len(ids)))]

@@ -362,9 +362,13 @@ class MistralDecoder(nn.Module):
         screening = kernels.greedy_screen()
         weight = entry.call.head_weight
         # a screen of the storage the call reads: not of a new one given to the weight since it was prepared
-        # (the call reads the one it began with until the next prefill)
-        reads = weight.data_ptr() == entry.call.head_ref.data
-        if screening and entry.screen is None and weight.dtype == entry.call.dtype and reads:
+        # (the call reads the one it began with until the next prefill); looked at only while none is made
+        if (
+            screening
+            and entry.screen is None
+            and weight.dtype == entry.call.dtype
+            and weight.data_ptr() == entry.call.head_ref.data
+        ):
             entry.screen = _head_screen(weight)
         return entry.call.argmax(tokens, positions, entry.screen if screening else None, excluded)
 

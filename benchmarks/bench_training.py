@@ -15,6 +15,9 @@ Every run is its own process (so that its peak resident set is its own), one aft
   ours+ckpt           with gradient checkpointing
   ours+bf16           with bf16 autocast (CPUs with bf16 instructions, GPUs)
   ours+packing        the same examples packed into rows (each attending only to itself): fewer, fuller rows
+  ours+high           torch.set_float32_matmul_precision("high"): float32 products as three bfloat16 products
+                      where measured faster (idefics2.modeling.bf16x3; CPUs with bfloat16 units), as
+                      `idefics2 train --matmul-precision high`
 
 Reported per run: examples/s, trained (learned) tokens/s, peak resident set (CPU) or max allocated (CUDA),
 and the losses; ratios against transformers + PEFT from the same invocation. Packing also reports the share
@@ -53,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench import CONFIG_8B, PeakMemory, resident_bytes  # noqa: E402
 from bench_generation import MID_CONFIG, built_in, photo_like  # noqa: E402
 
-RUNS = ("transformers+peft", "ours", "ours+ckpt", "ours+bf16", "ours+packing")
+RUNS = ("transformers+peft", "ours", "ours+ckpt", "ours+bf16", "ours+packing", "ours+high")
 LR = 1e-3
 LORA = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
 WORDS = "red green blue circle square image shows a the of and with near left right top bottom small".split()
@@ -109,6 +112,8 @@ def run(name: str, folder: Path, device: torch.device, options: argparse.Namespa
         "packed" if name == "ours+packing" else "plain"
     ]
     dtype = getattr(torch, options.dtype)
+    if name == "ours+high":
+        torch.set_float32_matmul_precision("high")
     with PeakMemory(device) as loading:
         if options.config == "8b":
             model = build_in_place(name, folder, dtype, device)
@@ -304,8 +309,9 @@ def main() -> None:
 
 def alternate(folder: Path, device: torch.device, rounds: int) -> None:
     """Per round, one training step of each on the same batch, the first (ours: the trainer's objective,
-    optimizer and clipping; transformers + PEFT: train_transformers' step); prints every step's time, the
-    ratio per round and that of the fastest steps (the least disturbed by other work)."""
+    optimizer and clipping, with torch's float32 matmul precision "highest" and then "high"; transformers +
+    PEFT: train_transformers' step); prints every step's time, the ratio per round and that of the fastest
+    steps (the least disturbed by other work)."""
     import contextlib
 
     from idefics2.training.trainer import TokenLoss, TrainingArguments, build_optimizer
@@ -333,21 +339,31 @@ def alternate(folder: Path, device: torch.device, rounds: int) -> None:
         their_optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    ratios, fastest = [], {}
+    steps = (
+        ("ours", our_step, "highest"),
+        ("ours+high", our_step, "high"),
+        ("transformers+peft", their_step, "highest"),
+    )
+    ratios, fastest = {"ours": [], "ours+high": []}, {}
     for i in range(rounds):
         batch = batches[0]
         seconds = {}
-        for name, step in (("ours", our_step), ("transformers+peft", their_step)):
+        for name, step, precision in steps:
+            torch.set_float32_matmul_precision(precision)
             start = time.perf_counter()
             loss = step(batch)
             seconds[name] = time.perf_counter() - start
             fastest[name] = min(fastest.get(name, math.inf), seconds[name])
             print(f"round {i}: {name} {seconds[name]:.2f} s, loss {loss:.6f}")
-        ratios.append(seconds["transformers+peft"] / seconds["ours"])
-    median = sorted(ratios)[len(ratios) // 2]
-    print(f"ours' speed-up per round: {', '.join(f'{r:.2f}' for r in ratios)} (median {median:.2f})")
-    mine, base = fastest["ours"], fastest["transformers+peft"]
-    print(f"fastest steps: ours {mine:.2f} s, transformers+peft {base:.2f} s: {base / mine:.2f}x")
+        for name in ratios:
+            ratios[name].append(seconds["transformers+peft"] / seconds[name])
+    base = fastest["transformers+peft"]
+    for name, theirs_over_ours in ratios.items():
+        median = sorted(theirs_over_ours)[len(theirs_over_ours) // 2]
+        rounds_text = ", ".join(f"{r:.2f}" for r in theirs_over_ours)
+        print(f"{name} speed-up per round: {rounds_text} (median {median:.2f})")
+        mine = fastest[name]
+        print(f"fastest steps: {name} {mine:.2f} s, transformers+peft {base:.2f} s: {base / mine:.2f}x")
 
 
 def report(results: dict, args) -> None:

@@ -119,3 +119,39 @@ def test_full_training_writes_a_complete_checkpoint_and_resumes(tmp_path, model_
     assert "step 3/3" in err and "step 1/" not in err and "after 3 steps" in err
     code, err = run_main(base[:-8] + ["--output", str(tmp_path / "empty"), "--full", "--resume"], capsys)
     assert code == 2 and "no checkpoint to resume from" in err
+
+
+def test_matmul_precision_high_trains_to_the_same_loss(tmp_path, model_dir, data, capsys):
+    """`--matmul-precision high` sets torch's float32 matmul precision for the run (products may then run as
+    three bfloat16 products, idefics2.modeling.bf16x3): the same losses as the default to ~1e-5."""
+    import re
+
+    import torch
+
+    from idefics2.modeling import kernels
+
+    losses = {}
+    try:
+        for precision in ("highest", "high"):
+            argv = [
+                "train",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(data),
+                "--output",
+                str(tmp_path / precision),
+            ]
+            argv += ["--max-steps", "2", "--batch-size", "2", "--logging-steps", "1"]
+            code, err = run_main(argv + ["--matmul-precision", precision], capsys)
+            assert code == 0, err
+            assert torch.get_float32_matmul_precision() == precision
+            losses[precision] = [float(x) for x in re.findall(r"loss (\d+\.\d+)", err)]
+    finally:
+        torch.set_float32_matmul_precision("highest")
+        kernels.forget_choices()
+    assert len(losses["high"]) == len(losses["highest"]) >= 2
+    assert max(abs(a - b) for a, b in zip(losses["high"], losses["highest"], strict=True)) <= 1e-4
+    with pytest.raises(SystemExit) as exit_info:  # argparse: one of the two precisions
+        main(["train", "--model", "m", "--data", str(data), "--output", "o", "--matmul-precision", "medium"])
+    assert exit_info.value.code == 2 and "--matmul-precision" in capsys.readouterr().err

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from idefics2.modeling import ckernels, kernels
+from idefics2.modeling import bf16x3, ckernels, kernels
 
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
 
@@ -289,7 +289,7 @@ def linear_kernel(
     plain = weight.is_contiguous()
     return kernels.choose(
         "linear",
-        _linear_shape(dtype, weight, bias, act),
+        _linear_shape(dtype, weight, bias, act, rows),
         rows,
         lambda: [name for name in linear_kernels(dtype, act, rows) if plain or name != "c"],
         lambda rows: _linear_bench(weight, bias, act, rows),
@@ -297,12 +297,20 @@ def linear_kernel(
 
 
 def _linear_shape(
-    dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None
+    dtype: torch.dtype, weight: torch.Tensor, bias: torch.Tensor | None, act: str | None, rows: int = 1
 ) -> tuple:
-    """The shape key under which `linear`'s kernels are chosen (kernels.choose)."""
+    """The shape key under which `linear`'s kernels are chosen (kernels.choose) for `rows` rows."""
     n, k = weight.shape
     layout = () if weight.is_contiguous() else ("transposed",) if weight.t().is_contiguous() else ("strided",)
-    return (dtype, n, k, bias is not None, act, *layout)
+    # past decode rows, while three bfloat16 products may stand in for float32: another set of kernels
+    precision = ("bf16x3",) if rows > ckernels.MAX_ROWS and _bf16x3_allowed(dtype) else ()
+    return (dtype, n, k, bias is not None, act, *layout, *precision)
+
+
+def _bf16x3_allowed(dtype: torch.dtype) -> bool:
+    """Whether a float32 product may run as three bfloat16 products (bf16x3.py) here: torch's float32
+    matmul precision is not "highest", this CPU multiplies bfloat16 in hardware, and the kernel loads."""
+    return dtype == torch.float32 and bf16x3.allowed() and kernels.native_bfloat16() and bf16x3.available()
 
 
 def linear_kernels(dtype: torch.dtype, act: str | None, rows: int = 1) -> list[str]:
@@ -316,6 +324,8 @@ def linear_kernels(dtype: torch.dtype, act: str | None, rows: int = 1) -> list[s
             names.insert(0, "onednn_fused")
     if dtype in ckernels.DTYPES and rows <= ckernels.MAX_ROWS and kernels.c_kernels():
         names.append("c")  # raced when measuring; torch's kernels preferred where nothing is measured
+    if rows > ckernels.MAX_ROWS and _bf16x3_allowed(dtype):
+        names.insert(-1, "bf16x3")  # for prefill and training rows: at decode rows it never wins
     return names
 
 
@@ -325,6 +335,8 @@ def linear_with(
     """act(x @ weight.T + bias) by the named kernel of `linear_kernels`."""
     if kernel == "aten":
         out = F.linear(x, weight, bias)
+    elif kernel == "bf16x3":
+        out = bf16x3.linear(x, weight, bias)
     elif kernel == "c":
         fused = act if act in ckernels.ACTIVATIONS else None
         out = ckernels.linear(x, weight, bias=bias, act=fused)

@@ -1395,3 +1395,16 @@ int idefics2_decode_tokens(const decode_model *model, const int64_t *tokens, con
     free(scratch);
     return failed;
 }
+
+/* x = hi + lo + (a remainder below 2^-16 of |x|): hi is x rounded to bfloat16, lo the rest rounded to
+ * bfloat16. Three bfloat16 products, hi.hi + hi.lo + lo.hi, then give a float32 product to about 2^-16 (the
+ * dropped lo.lo term and the remainders) at the bfloat16 units' speed. NaN and infinity stay in hi (lo 0). */
+void idefics2_split_bf16(const float *x, uint16_t *hi, uint16_t *lo, int64_t n, int threads) {
+#pragma omp parallel for simd num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t h = f32_to_bf16(x[i]);
+        const float rest = x[i] - bf16_to_f32(h);
+        hi[i] = h;
+        lo[i] = (h & 0x7f80u) == 0x7f80u ? 0 : f32_to_bf16(rest);
+    }
+}

@@ -95,6 +95,7 @@ def library() -> ctypes.CDLL:
     lib.idefics2_decode_tokens.argtypes = [pointer] * 3 + [size] + [pointer] * 3 + [size, pointer, flag]
     lib.idefics2_step_clock.argtypes = [pointer]
     lib.idefics2_screen_counts.argtypes = [pointer]
+    lib.idefics2_split_bf16.argtypes = [pointer] * 3 + [size, flag]
     lib.idefics2_fingerprint.argtypes = [pointer, size, flag]
     lib.idefics2_fingerprint.restype = ctypes.c_uint64
     return lib

@@ -59,8 +59,10 @@ ROUTES = (  # capabilities, each on or off
 )
 # ops with several kernels, and their kernels in the order preferred when nothing is measured
 OPS = {
-    # float product: activation fused in by oneDNN or not, our C matrix-vector kernel (ckernels.c), torch's
-    "linear": ("onednn_fused", "onednn", "c", "aten"),
+    # float product: activation fused in by oneDNN or not, our C matrix-vector kernel (ckernels.c), float32
+    # as three bfloat16 products (bf16x3.py: only while torch's float32 matmul precision is not "highest"),
+    # torch's
+    "linear": ("onednn_fused", "onednn", "c", "bf16x3", "aten"),
     # torch's weight-only kernel, our C kernel, or dequantized
     "int8": ("kernel", "c", "dequantize_bfloat16", "dequantize"),
     "int4": ("kernel", "c", "dequantize_bfloat16", "dequantize"),

@@ -64,9 +64,10 @@ def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) for float32 CPU tensors, as hi.hi + hi.lo + lo.hi (see the module). `weight`
-    (N, K) may be a transposed view of a contiguous (K, N) tensor (a backward pass's grad @ W): it is read
-    in place."""
+    """x @ weight.T (+ bias) for float32 CPU tensors, as hi.hi + hi.lo + lo.hi (see the module), outside
+    autograd (as `linear`'s kernels run: under no_grad, or in a hand-written backward pass). `weight` (N, K)
+    may be a transposed view of a contiguous (K, N) tensor (a backward pass's grad @ W): it is read in
+    place."""
     gemm = _gemm()
     if gemm is None or not ckernels.available():
         raise RuntimeError("bf16x3 products need torch's MKL (cblas_gemm_bf16bf16f32) and the C kernels")

@@ -11,8 +11,8 @@ idefics2.modeling.kernels times it against torch's kernels on each weights shape
 the layers' own ops) and keeps it only where it is faster and agrees with them.
 
 The library is compiled with `$CC` (default `cc`) at `-O3 -march=native -fno-math-errno -fopenmp` into a
-private temporary folder the first time a process needs it (about 0.3 s), loaded from there, and never
-written anywhere else: nothing built by another process or found on disk is ever loaded. Without a
+private temporary folder the first time a process needs it (~5 s on a 2-core Xeon), loaded from there, and
+never written anywhere else: nothing built by another process or found on disk is ever loaded. Without a
 compiler (or with `IDEFICS2_C_KERNELS=0`) `available()` is False and torch's kernels run. The OpenMP runtime
 is the one torch already loaded (the same soname), so its threads are torch's threads.
 """

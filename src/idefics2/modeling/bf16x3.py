@@ -68,8 +68,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     autograd (as `linear`'s kernels run: under no_grad, or in a hand-written backward pass). `weight` (N, K)
     may be a transposed view of a contiguous (K, N) tensor (a backward pass's grad @ W): it is read in
     place."""
-    gemm = _gemm()
-    if gemm is None or not ckernels.available():
+    if not available():
         raise RuntimeError("bf16x3 products need torch's MKL (cblas_gemm_bf16bf16f32) and the C kernels")
     operands = (x, weight) if bias is None else (x, weight, bias)
     if any(t.dtype != torch.float32 or not t.is_cpu for t in operands):
@@ -90,7 +89,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if m and n and k:
         x_hi, x_lo = split(rows)
         w_hi, w_lo = split(stored)
-        beta = 0.0 if bias is None else 1.0
+        gemm, beta = _gemm(), 0.0 if bias is None else 1.0
         for a, b in ((x_hi, w_lo), (x_lo, w_hi), (x_hi, w_hi)):  # the small terms first
             gemm(_ROW_MAJOR, _NO_TRANSPOSE, order, m, n, k, 1.0, a.data_ptr(), k, b.data_ptr(), lead, beta,
                  out.data_ptr(), n)  # fmt: skip

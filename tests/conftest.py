@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +15,11 @@ from oracle_processing import build_reference_processor
 # kernels are not measured in tests (the preferred kernel of each op runs, as forced routes do, and no file
 # of choices is written): tests of the measuring turn it on themselves
 os.environ.setdefault("IDEFICS2_KERNEL_TUNING", "0")
+# the C kernels are built once for the whole run, its subprocesses included, into a folder of its own (not the
+# user's cache)
+if "IDEFICS2_C_KERNELS_CACHE" not in os.environ:
+    os.environ["IDEFICS2_C_KERNELS_CACHE"] = tempfile.mkdtemp(prefix="idefics2-tests-ckernels-")
+    atexit.register(shutil.rmtree, os.environ["IDEFICS2_C_KERNELS_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

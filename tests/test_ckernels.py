@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -290,6 +291,60 @@ def test_without_a_compiler_torch_kernels_run(setting):
     run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split() == ["False", "False", "False"]
+
+
+def test_built_library_is_kept_for_the_next_process_and_loaded_only_from_private_files(tmp_path):
+    """The first process compiles into the cache folder; the next loads that library without compiling; a
+    folder or file that others may write, another user's file, or a damaged file is never loaded."""
+    log, refuse = tmp_path / "compiler.log", tmp_path / "refuse"
+    compiler = tmp_path / "cc"  # the system compiler, logging each call, refusing while `refuse` exists
+    compiler.write_text(
+        f'#!/bin/sh\necho "$@" >> {log}\n[ -e {refuse} ] && exit 1\nexec {shutil.which("cc")} "$@"\n'
+    )
+    compiler.chmod(0o755)
+    folder = tmp_path / "cache"
+    env = {
+        **os.environ,
+        "CC": str(compiler),
+        "IDEFICS2_C_KERNELS_CACHE": str(folder),
+        "PYTHONPATH": os.path.join(REPO, "src"),
+    }
+    script = "from idefics2.modeling import ckernels; print(ckernels.available())"
+
+    def available() -> tuple[bool, str]:
+        run = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert run.returncode == 0, run.stderr
+        return run.stdout.split() == ["True"], run.stderr
+
+    def compiles() -> int:
+        return len(log.read_text().splitlines()) if log.exists() else 0
+
+    assert available() == (True, "") and compiles() == 1
+    (library,) = folder.glob("ckernels-*.so")
+    assert folder.stat().st_mode & 0o777 == 0o700 and library.stat().st_mode & 0o077 == 0
+    refuse.touch()
+    assert available() == (True, "") and compiles() == 1  # loaded, not compiled again
+
+    folder.chmod(0o777)  # anyone may swap the file: not loaded, a private build is tried (and refused)
+    works, errors = available()
+    assert not works and "not this user's alone" in errors and compiles() == 2 and library.exists()
+    folder.chmod(0o700)
+    kept = library.read_bytes()
+    library.chmod(0o766)  # the file writable by others: deleted, never loaded
+    assert available() == (False, "") and compiles() == 3 and not library.exists()
+    library.write_bytes(b"not a library")  # damaged (a private file): deleted, built again
+    library.chmod(0o700)
+    assert available() == (False, "") and compiles() == 4 and not library.exists()
+    if os.getuid() == 0:  # another user's file
+        library.write_bytes(kept)
+        library.chmod(0o700)
+        os.chown(library, 65534, -1)
+        assert available() == (False, "") and compiles() == 5 and not library.exists()
+    library.write_bytes(kept)  # restored as it was written: loaded again without the compiler
+    library.chmod(0o700)
+    assert available() == (True, "")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

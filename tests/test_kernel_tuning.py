@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from idefics2.modeling import attention, kernels
 from idefics2.modeling.attention import linear
+from idefics2.modeling.cpu import cpu_description
 from idefics2.quantization import QuantizedLinear
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,7 +187,7 @@ def test_training_products_are_raced_per_layout_and_row_class(tuning):
 
 def test_machine_key_names_cpu_torch_and_threads():
     key = kernels.machine_key(3)
-    cpu = kernels.cpu_description()
+    cpu = cpu_description()
     assert key.startswith(str(cpu["model"])) and key.endswith("| 3 threads")
     assert f"torch {torch.__version__}" in key and cpu["capability"] in key
     assert kernels.machine_key(3) != kernels.machine_key(4)

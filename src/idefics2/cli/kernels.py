@@ -39,13 +39,13 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from idefics2.modeling import kernels
+    from idefics2.modeling import cpu, kernels
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cpu = kernels.cpu_description()
-    print(f"cpu: {cpu['model']}")
-    print(f"features: {' '.join(cpu['features']) or '-'}; torch uses {cpu['capability']}")
+    facts = cpu.cpu_description()
+    print(f"cpu: {facts['model']}")
+    print(f"features: {' '.join(facts['features']) or '-'}; torch uses {facts['capability']}")
     print(f"threads: {torch.get_num_threads()}; torch {torch.__version__}")
     nbytes = args.bandwidth_mib * 2**20 if args.bandwidth_mib else None
     print(f"read bandwidth: {kernels.read_bandwidth(nbytes) / 1e9:.1f} GB/s")

@@ -1,4 +1,4 @@
-"""Decode-step matrix products in C (ckernels.c), built once per process by this machine's C compiler.
+"""Decode-step matrix products in C (ckernels.c), built by this machine's C compiler and kept for this user.
 
 torch's matrix-vector kernels read a decode step's weights well below the memory's rate on some CPUs (its
 bfloat16 product widens every weight one at a time; its int8 kernel wants bfloat16 activations and a second
@@ -10,30 +10,39 @@ logits (`DecodeCall`: a step then crosses from Python into C once). It is only a
 idefics2.modeling.kernels times it against torch's kernels on each weights shape (the one-call step against
 the layers' own ops) and keeps it only where it is faster and agrees with them.
 
-The library is compiled with `$CC` (default `cc`) at `-O3 -march=native -fno-math-errno -fopenmp` into a
-private temporary folder the first time a process needs it (~5 s on a 2-core Xeon), loaded from there, and
-never written anywhere else: nothing built by another process or found on disk is ever loaded. Without a
-compiler (or with `IDEFICS2_C_KERNELS=0`) `available()` is False and torch's kernels run. The OpenMP runtime
-is the one torch already loaded (the same soname), so its threads are torch's threads.
+The library is compiled with `$CC` (default `cc`) at `-O3 -march=native -fno-math-errno -fopenmp` (~5 s on
+a 2-core Xeon) the first time it is needed, into this user's cache folder (`cache_folder()`, created 0700),
+named by the SHA-256 of all that goes into it (source, command, the compiler's file, CPU, torch version), so
+later processes load it at once. A library is loaded only from a folder and a file that are this user's and
+writable by nobody else; otherwise, or with IDEFICS2_C_KERNELS_CACHE=0, each process builds its own in a
+private temporary folder. Without a compiler (or with `IDEFICS2_C_KERNELS=0`) `available()` is False and
+torch's kernels run. The OpenMP runtime is the one torch already loaded (the same soname), so its threads are
+torch's threads.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
+
+from idefics2.modeling.cpu import cpu_description
 
 SOURCE = Path(__file__).with_name("ckernels.c")
 MAX_ROWS = 32  # decode steps of up to this many rows (on the Zen 4 the C products lead up to 16, tie at 32)
 DTYPES = (torch.float32, torch.bfloat16)  # of activations (and float weights)
 _TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 ACTIVATIONS = {None: 0, "silu": 1, "swish": 1}  # fused into the kernels
+CACHED_LIBRARIES = 8  # kept in the cache folder, the most recently used (other sources, compilers, CPUs)
 
 
 class CKernelsUnavailable(RuntimeError):
@@ -42,14 +51,14 @@ class CKernelsUnavailable(RuntimeError):
 
 @functools.cache
 def library() -> ctypes.CDLL:
-    """The compiled kernels (built on the first call of the process); raises CKernelsUnavailable."""
+    """The compiled kernels (built, or taken from this user's cache, on the first call of the process);
+    raises CKernelsUnavailable."""
     if os.environ.get("IDEFICS2_C_KERNELS", "1") == "0":
         raise CKernelsUnavailable("IDEFICS2_C_KERNELS=0")
     compiler = os.environ.get("CC", "cc")
-    if shutil.which(compiler) is None:
+    found = shutil.which(compiler)
+    if found is None:
         raise CKernelsUnavailable(f"no C compiler ({compiler!r} not found)")
-    folder = tempfile.mkdtemp(prefix="idefics2-ckernels-")
-    target = os.path.join(folder, "ckernels.so")
     # IDEFICS2_C_KERNELS_MARCH: another instruction set than this CPU's (tests build the AVX2 and the plain
     # x86-64 code on any x86 machine)
     march = os.environ.get("IDEFICS2_C_KERNELS_MARCH", "native")
@@ -64,17 +73,127 @@ def library() -> ctypes.CDLL:
         "-shared",
         "-fPIC",
     ]
+    folder = cache_folder()
+    if folder is None:
+        lib = _build_privately(command)
+    else:
+        lib = _cached(folder, command, _build_digest(command, found))
+    _declare(lib)
+    return lib
+
+
+def cache_folder() -> Path | None:
+    """Where built libraries are kept: IDEFICS2_C_KERNELS_CACHE, else $XDG_CACHE_HOME/idefics2/ckernels;
+    None with IDEFICS2_C_KERNELS_CACHE=0 (every process builds its own)."""
+    setting = os.environ.get("IDEFICS2_C_KERNELS_CACHE", "")
+    if setting == "0":
+        return None
+    if setting:
+        return Path(setting)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "idefics2" / "ckernels"
+
+
+def _build_digest(command: list[str], compiler_path: str) -> str:
+    """SHA-256 of everything the library depends on: the C source, the command, the compiler's file (a new
+    version is another file), this CPU (-march=native), torch's version (its OpenMP runtime)."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    real = os.path.realpath(compiler_path)
+    status = os.stat(real)
+    cpu = cpu_description()
+    for part in (*command, real, status.st_size, status.st_mtime_ns, cpu["model"], *cpu["flags"]):
+        digest.update(f"\0{part}".encode())
+    digest.update(f"\0torch {torch.__version__}".encode())
+    return digest.hexdigest()
+
+
+def _private(path: Path, kind: int) -> bool:
+    """Whether `path` is of `kind` (stat.S_IFDIR, stat.S_IFREG), not a link, this user's, and writable by
+    nobody else."""
+    try:
+        status = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_IFMT(status.st_mode) == kind
+        and status.st_uid == os.getuid()
+        and not status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    )
+
+
+def _cached(folder: Path, command: list[str], digest: str) -> ctypes.CDLL:
+    """The library of `digest` from `folder`, built there first if missing (or unloadable). Nothing is loaded
+    from a folder or file that another user owns or may write: then the library is built privately."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:  # e.g. a read-only home: only costs the build in every process
+        return _build_privately(command)
+    if not _private(folder, stat.S_IFDIR):
+        warnings.warn(
+            f"C kernels: the cache folder {folder} is not this user's alone (owner or write permissions); "
+            "nothing is loaded from it: building privately",
+            stacklevel=2,
+        )
+        return _build_privately(command)
+    target = folder / f"ckernels-{digest[:32]}.so"
+    if _private(target, stat.S_IFREG):
+        try:
+            lib = ctypes.CDLL(str(target))
+        except OSError:  # damaged: built again below
+            target.unlink(missing_ok=True)
+        else:
+            os.utime(target)  # last use: the pruning below keeps the libraries in use
+            return lib
+    elif target.exists() or target.is_symlink():
+        target.unlink()  # another owner or writable by others (the folder is ours): never loaded
+    handle, building = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".so")
+    os.close(handle)
+    try:
+        _compile(command, building)
+        os.chmod(building, 0o700)
+        os.replace(building, target)  # whole or absent, also with other processes building at once
+    finally:
+        Path(building).unlink(missing_ok=True)
+    _prune(folder, keep=target)
+    try:
+        return ctypes.CDLL(str(target))
+    except OSError as error:
+        raise CKernelsUnavailable(f"{target}: {error}") from error
+
+
+def _prune(folder: Path, keep: Path, most: int = CACHED_LIBRARIES) -> None:
+    """Delete all but the `most` most recently used libraries of `folder` (`keep` stays)."""
+    libraries = sorted(folder.glob("ckernels-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in [p for p in libraries if p != keep][most - 1 :]:
+        old.unlink(missing_ok=True)
+
+
+def _build_privately(command: list[str]) -> ctypes.CDLL:
+    """Compile into a temporary folder of this process's own, load, delete the folder."""
+    folder = tempfile.mkdtemp(prefix="idefics2-ckernels-")
+    target = os.path.join(folder, "ckernels.so")
+    try:
+        _compile(command, target)
+        return ctypes.CDLL(target)
+    except OSError as error:
+        raise CKernelsUnavailable(f"{command[0]}: {error}") from error
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
+
+
+def _compile(command: list[str], target: str) -> None:
     try:
         built = subprocess.run(
             [*command, str(SOURCE), "-o", target, "-lm"], capture_output=True, text=True, timeout=120
         )
-        if built.returncode != 0:
-            raise CKernelsUnavailable(f"{compiler} failed: {built.stderr.strip()[-500:]}")
-        lib = ctypes.CDLL(target)
     except (OSError, subprocess.SubprocessError) as error:
-        raise CKernelsUnavailable(f"{compiler}: {error}") from error
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
+        raise CKernelsUnavailable(f"{command[0]}: {error}") from error
+    if built.returncode != 0:
+        raise CKernelsUnavailable(f"{command[0]} failed: {built.stderr.strip()[-500:]}")
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    """The argument types of the library's functions."""
     pointer, size, flag = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.idefics2_linear.argtypes = [pointer] * 5 + [size] * 3 + [flag] * 4
     lib.idefics2_gated.argtypes = [pointer] * 6 + [size] * 3 + [flag] * 4
@@ -98,7 +217,6 @@ def library() -> ctypes.CDLL:
     lib.idefics2_split_bf16.argtypes = [pointer] * 3 + [size, flag]
     lib.idefics2_fingerprint.argtypes = [pointer, size, flag]
     lib.idefics2_fingerprint.restype = ctypes.c_uint64
-    return lib
 
 
 @functools.cache

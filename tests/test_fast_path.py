@@ -96,11 +96,13 @@ def test_packed_layout_groups_and_order():
     mask[3, :2, :2] = True  # 4
     layout = PackedLayout.from_patch_mask(mask)
     assert layout.lengths == [4, 9, 3, 4]
-    rows = [list(range(20))[g] if isinstance(g, slice) else g.tolist() for _, g in layout.groups]
-    assert rows == [[0, 1, 2, 3, 16, 17, 18, 19], list(range(4, 13)), [13, 14, 15]]
-    order = torch.tensor([r for group in rows for r in group])
-    assert torch.equal(order[layout.restore], torch.arange(20))
-    assert PackedLayout.from_patch_mask(torch.ones(3, 2, 2, dtype=torch.bool)).restore is None
+    # the encoder's order: images 0 and 3 (4 patches each), then 1, then 2, each size one slice of its axis
+    assert layout.groups == [(4, slice(0, 8)), (9, slice(8, 17)), (3, slice(17, 20))]
+    assert layout.order.tolist() == [0, 1, 2, 3, 16, 17, 18, 19, *range(4, 13), 13, 14, 15]
+    assert torch.equal(layout.order[layout.restore], torch.arange(20))
+    in_order = PackedLayout.from_patch_mask(mask[[0, 3, 1]])
+    assert in_order.order is None and in_order.restore is None
+    assert in_order.groups == [(4, slice(0, 8)), (9, slice(8, 17))]
 
 
 @pytest.mark.parametrize("t", [1, 3])

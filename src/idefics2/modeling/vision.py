@@ -53,15 +53,18 @@ def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 @dataclass
 class PackedLayout:
-    """The real patches of N images packed along one token axis, image after image.
+    """The real patches of N images packed along one token axis, in the encoder's order: images of one size
+    next to each other (in the order each size first appears), so that attention runs batched over each
+    such run of images, never across images, on views of the axis.
 
-    `groups` lists (tokens per image, rows of the packed axis holding the images of that size, image after
-    image): attention runs batched within a group and never across images. `restore` reorders the groups'
-    concatenated rows back to packed order (None when they already are in order).
+    `groups` lists (patches per image, the rows of the images of that size). `order` gives for each row of the
+    encoder's axis its row in image order (image 0's patches, then image 1's, ...), and `restore` the inverse;
+    both None when the two orders are the same.
     """
 
     lengths: list[int]
-    groups: list[tuple[int, slice | torch.Tensor]]
+    groups: list[tuple[int, slice]]
+    order: torch.Tensor | None
     restore: torch.Tensor | None
 
     @classmethod
@@ -74,20 +77,17 @@ class PackedLayout:
         by_length: dict[int, list[int]] = {}
         for image, length in enumerate(lengths):
             by_length.setdefault(length, []).append(image)
-        groups: list[tuple[int, slice | torch.Tensor]] = []
-        order = []
+        groups: list[tuple[int, slice]] = []
+        first = 0
         for length, images in by_length.items():
-            if images == list(range(images[0], images[-1] + 1)):
-                groups.append((length, slice(starts[images[0]], starts[images[-1] + 1])))
-            else:
-                rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in images])
-                groups.append((length, rows.to(patch_mask.device)))
-            order.extend(images)
-        restore = None
-        if order != sorted(order):
-            rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in order])
-            restore = torch.argsort(rows).to(patch_mask.device)
-        return cls(lengths, groups, restore)
+            groups.append((length, slice(first, first + length * len(images))))
+            first += length * len(images)
+        encoder_images = [image for images in by_length.values() for image in images]
+        if encoder_images == sorted(encoder_images):
+            return cls(lengths, groups, None, None)
+        order = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in encoder_images])
+        order = order.to(patch_mask.device)
+        return cls(lengths, groups, order, torch.argsort(order))
 
 
 class VisionEmbeddings(nn.Module):
@@ -130,7 +130,8 @@ class VisionAttention(nn.Module):
         self.out_proj = Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
-        """x (T, dim), the packed patches of several images; each image attends to its own patches only."""
+        """x (T, dim), the packed patches of several images in `layout`'s encoder order; each image attends to
+        its own patches only."""
         q, k, v = (
             proj(x).view(-1, self.num_heads, self.head_dim)
             for proj in (self.q_proj, self.k_proj, self.v_proj)
@@ -148,11 +149,9 @@ class VisionAttention(nn.Module):
                 scale=self.head_dim**-0.5,
                 impl=self.attn_implementation,
                 dropout=self.dropout if self.training else 0.0,
-            )
+            )  # (n, length, heads * head_dim)
             outs.append(out.reshape(-1, out.shape[-1]))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
-        if layout.restore is not None:
-            out = out[layout.restore]
         return self.out_proj(out)
 
 
@@ -212,6 +211,9 @@ class Idefics2VisionTransformer(nn.Module):
         The real patches of image 0, then of image 1, ...: the same features as encoding the padded images
         with padding patches masked out as keys, at the cost of the real pixels only.
         """
-        x = self.embeddings(pixel_values, patch_mask)
-        x = self.encoder(x, PackedLayout.from_patch_mask(patch_mask))
-        return self.post_layernorm(x)
+        layout = PackedLayout.from_patch_mask(patch_mask)
+        x = self.embeddings(pixel_values, patch_mask)  # (T, hidden) in image order
+        if layout.order is not None:
+            x = x[layout.order]
+        x = self.post_layernorm(self.encoder(x, layout))
+        return x if layout.restore is None else x[layout.restore]

@@ -309,14 +309,17 @@ def test_built_library_is_kept_for_the_next_process_and_loaded_only_from_private
         "IDEFICS2_C_KERNELS_CACHE": str(folder),
         "PYTHONPATH": os.path.join(REPO, "src"),
     }
-    script = "from idefics2.modeling import ckernels; print(ckernels.available())"
+    script = "from idefics2.modeling import ckernels; print(ckernels.available()); print(ckernels.origin())"
+    origins = []
 
     def available() -> tuple[bool, str]:
         run = subprocess.run(
             [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
         )
         assert run.returncode == 0, run.stderr
-        return run.stdout.split() == ["True"], run.stderr
+        works, origin = run.stdout.splitlines()
+        origins.append(origin)
+        return works == "True", run.stderr
 
     def compiles() -> int:
         return len(log.read_text().splitlines()) if log.exists() else 0
@@ -326,10 +329,13 @@ def test_built_library_is_kept_for_the_next_process_and_loaded_only_from_private
     assert folder.stat().st_mode & 0o777 == 0o700 and library.stat().st_mode & 0o077 == 0
     refuse.touch()
     assert available() == (True, "") and compiles() == 1  # loaded, not compiled again
+    assert origins[0].startswith("built in ") and origins[0].endswith(f"kept in {library}")
+    assert origins[1] == f"loaded from {library}"
 
     folder.chmod(0o777)  # anyone may swap the file: not loaded, a private build is tried (and refused)
     works, errors = available()
     assert not works and "not this user's alone" in errors and compiles() == 2 and library.exists()
+    assert origins[2].startswith("unavailable: ") and "failed" in origins[2]
     folder.chmod(0o700)
     kept = library.read_bytes()
     library.chmod(0o766)  # the file writable by others: deleted, never loaded

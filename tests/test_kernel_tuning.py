@@ -276,6 +276,9 @@ def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):
     lines = run.stdout.splitlines()
     assert lines[0].startswith("cpu: ") and lines[1].startswith("features: ")
     assert float(lines[3].split()[2]) > 0  # read bandwidth: N GB/s
+    # how the C kernels came: built now (and kept), loaded from the cache, or why not
+    how = ("built in ", "loaded from ", "unavailable: ")
+    assert lines[4].startswith(tuple(f"C kernels: {way}" for way in how))
     rows = [line.split() for line in lines if line.startswith("linear ")]
     classes = {row[row.index("us") - 3] for row in rows}  # op, weights, rows class, kernel, time, us, ...
     assert classes == {"1", "2-8", "9-32", "prefill", "long"}  # decode classes: the decoder's layers only

@@ -39,7 +39,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from idefics2.modeling import cpu, kernels
+    from idefics2.modeling import ckernels, cpu, kernels
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -49,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"threads: {torch.get_num_threads()}; torch {torch.__version__}")
     nbytes = args.bandwidth_mib * 2**20 if args.bandwidth_mib else None
     print(f"read bandwidth: {kernels.read_bandwidth(nbytes) / 1e9:.1f} GB/s")
+    print(f"C kernels: {ckernels.origin()}")
     pipe = load_pipeline(args)
     start, spent = time.perf_counter(), kernels.measuring_seconds()
     keys = run_every_product(pipe.model)

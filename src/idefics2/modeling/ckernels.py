@@ -22,6 +22,7 @@ torch's threads.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -30,7 +31,9 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -49,16 +52,30 @@ class CKernelsUnavailable(RuntimeError):
     """The C kernels cannot be built or loaded here."""
 
 
-@functools.cache
 def library() -> ctypes.CDLL:
     """The compiled kernels (built, or taken from this user's cache, on the first call of the process);
-    raises CKernelsUnavailable."""
+    raises CKernelsUnavailable (each call, without trying again)."""
+    lib, how = _loaded()
+    if lib is None:
+        raise CKernelsUnavailable(how.removeprefix("unavailable: "))
+    return lib
+
+
+def origin() -> str:
+    """How this process got the kernels (built now, in how long, and where kept; or loaded from the cache), or
+    why it has none: what `idefics2 kernels` prints."""
+    return _loaded()[1]
+
+
+@functools.cache
+def _loaded() -> tuple[ctypes.CDLL | None, str]:
+    """The library and how it was got, or None and why not: tried once per process."""
     if os.environ.get("IDEFICS2_C_KERNELS", "1") == "0":
-        raise CKernelsUnavailable("IDEFICS2_C_KERNELS=0")
+        return None, "unavailable: IDEFICS2_C_KERNELS=0"
     compiler = os.environ.get("CC", "cc")
     found = shutil.which(compiler)
     if found is None:
-        raise CKernelsUnavailable(f"no C compiler ({compiler!r} not found)")
+        return None, f"unavailable: no C compiler ({compiler!r} not found)"
     # IDEFICS2_C_KERNELS_MARCH: another instruction set than this CPU's (tests build the AVX2 and the plain
     # x86-64 code on any x86 machine)
     march = os.environ.get("IDEFICS2_C_KERNELS_MARCH", "native")
@@ -74,24 +91,29 @@ def library() -> ctypes.CDLL:
         "-fPIC",
     ]
     folder = cache_folder()
-    if folder is None:
-        lib = _build_privately(command)
-    else:
-        lib = _cached(folder, command, _build_digest(command, found))
+    try:
+        if folder is None:
+            lib, how = _build_privately(command)
+        else:
+            lib, how = _cached(folder, command, _build_digest(command, found))
+    except CKernelsUnavailable as error:
+        return None, f"unavailable: {error}"
     _declare(lib)
-    return lib
+    return lib, how
 
 
 def cache_folder() -> Path | None:
-    """Where built libraries are kept: IDEFICS2_C_KERNELS_CACHE, else $XDG_CACHE_HOME/idefics2/ckernels;
-    None with IDEFICS2_C_KERNELS_CACHE=0 (every process builds its own)."""
+    """Where built libraries are kept: IDEFICS2_C_KERNELS_CACHE, else $XDG_CACHE_HOME/idefics2/ckernels
+    (~/.cache/...); None with IDEFICS2_C_KERNELS_CACHE=0 or without a home folder (every process then builds
+    its own)."""
     setting = os.environ.get("IDEFICS2_C_KERNELS_CACHE", "")
     if setting == "0":
         return None
     if setting:
         return Path(setting)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "idefics2" / "ckernels"
+    home = os.path.expanduser("~")
+    base = os.environ.get("XDG_CACHE_HOME") or (None if home == "~" else os.path.join(home, ".cache"))
+    return None if base is None else Path(base) / "idefics2" / "ckernels"
 
 
 def _build_digest(command: list[str], compiler_path: str) -> str:
@@ -121,9 +143,10 @@ def _private(path: Path, kind: int) -> bool:
     )
 
 
-def _cached(folder: Path, command: list[str], digest: str) -> ctypes.CDLL:
-    """The library of `digest` from `folder`, built there first if missing (or unloadable). Nothing is loaded
-    from a folder or file that another user owns or may write: then the library is built privately."""
+def _cached(folder: Path, command: list[str], digest: str) -> tuple[ctypes.CDLL, str]:
+    """The library of `digest` from `folder`, built there first if missing (or unloadable), and how it was
+    got. Nothing is loaded from a folder or file that another user owns or may write: then the library is
+    built privately. One process builds at a time (the others wait, then load what it built)."""
     try:
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError:  # e.g. a read-only home: only costs the build in every process
@@ -136,52 +159,71 @@ def _cached(folder: Path, command: list[str], digest: str) -> ctypes.CDLL:
         )
         return _build_privately(command)
     target = folder / f"ckernels-{digest[:32]}.so"
-    if _private(target, stat.S_IFREG):
+    with _locked(folder):
+        if _private(target, stat.S_IFREG):
+            try:
+                lib = ctypes.CDLL(str(target))
+            except OSError:  # damaged: built again below
+                target.unlink(missing_ok=True)
+            else:
+                os.utime(target)  # last use: the pruning below keeps the libraries in use
+                return lib, f"loaded from {target}"
+        elif target.exists() or target.is_symlink():
+            target.unlink()  # another owner or writable by others (the folder is ours): never loaded
+        handle, building = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".so")
+        os.close(handle)
         try:
-            lib = ctypes.CDLL(str(target))
-        except OSError:  # damaged: built again below
-            target.unlink(missing_ok=True)
-        else:
-            os.utime(target)  # last use: the pruning below keeps the libraries in use
-            return lib
-    elif target.exists() or target.is_symlink():
-        target.unlink()  # another owner or writable by others (the folder is ours): never loaded
-    handle, building = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".so")
-    os.close(handle)
+            seconds = _compile(command, building)
+            os.chmod(building, 0o700)
+            os.replace(building, target)  # whole or absent
+        finally:
+            Path(building).unlink(missing_ok=True)
+        _prune(folder, keep=target)
     try:
-        _compile(command, building)
-        os.chmod(building, 0o700)
-        os.replace(building, target)  # whole or absent, also with other processes building at once
-    finally:
-        Path(building).unlink(missing_ok=True)
-    _prune(folder, keep=target)
-    try:
-        return ctypes.CDLL(str(target))
+        return ctypes.CDLL(str(target)), f"built in {seconds:.1f} s, kept in {target}"
     except OSError as error:
         raise CKernelsUnavailable(f"{target}: {error}") from error
 
 
+@contextlib.contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on `folder` between processes (none where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _prune(folder: Path, keep: Path, most: int = CACHED_LIBRARIES) -> None:
     """Delete all but the `most` most recently used libraries of `folder` (`keep` stays)."""
-    libraries = sorted(folder.glob("ckernels-*.so"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in [p for p in libraries if p != keep][most - 1 :]:
+    used = {}
+    for library_file in folder.glob("ckernels-*.so"):
+        with contextlib.suppress(OSError):
+            used[library_file] = library_file.stat().st_mtime
+    for old in [p for p in sorted(used, key=used.get, reverse=True) if p != keep][most - 1 :]:
         old.unlink(missing_ok=True)
 
 
-def _build_privately(command: list[str]) -> ctypes.CDLL:
+def _build_privately(command: list[str]) -> tuple[ctypes.CDLL, str]:
     """Compile into a temporary folder of this process's own, load, delete the folder."""
     folder = tempfile.mkdtemp(prefix="idefics2-ckernels-")
     target = os.path.join(folder, "ckernels.so")
     try:
-        _compile(command, target)
-        return ctypes.CDLL(target)
+        seconds = _compile(command, target)
+        return ctypes.CDLL(target), f"built in {seconds:.1f} s for this process only (no cache)"
     except OSError as error:
         raise CKernelsUnavailable(f"{command[0]}: {error}") from error
     finally:
         shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
 
 
-def _compile(command: list[str], target: str) -> None:
+def _compile(command: list[str], target: str) -> float:
+    """Build the library at `target`; the seconds it took."""
+    start = time.perf_counter()
     try:
         built = subprocess.run(
             [*command, str(SOURCE), "-o", target, "-lm"], capture_output=True, text=True, timeout=120
@@ -190,6 +232,7 @@ def _compile(command: list[str], target: str) -> None:
         raise CKernelsUnavailable(f"{command[0]}: {error}") from error
     if built.returncode != 0:
         raise CKernelsUnavailable(f"{command[0]} failed: {built.stderr.strip()[-500:]}")
+    return time.perf_counter() - start
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -219,14 +262,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.idefics2_fingerprint.restype = ctypes.c_uint64
 
 
-@functools.cache
 def available() -> bool:
     """Whether the kernels build and load here."""
-    try:
-        library()
-    except CKernelsUnavailable:
-        return False
-    return True
+    return _loaded()[0] is not None
 
 
 def supports(x: torch.Tensor, weight: torch.Tensor, act: str | None) -> bool:

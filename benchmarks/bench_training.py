@@ -32,6 +32,7 @@ non-reentrant gradient checkpointing), and the peak is torch.cuda.max_memory_all
     python benchmarks/bench_training.py                       # CPU, 4 steps of 2 examples
     python benchmarks/bench_training.py --steps 3 --runs transformers+peft ours
     python benchmarks/bench_training.py --alternate 6        # speed only, both in one process, alternating
+    python benchmarks/bench_training.py --image-edge 640     # larger images (transformers pads the crops)
     python benchmarks/bench_training.py --device cuda --config 8b --dtype bfloat16 --gradient-checkpointing
 """
 

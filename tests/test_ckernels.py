@@ -6,6 +6,7 @@ measured routes take them where they are fastest; and without a compiler nothing
 from __future__ import annotations
 
 import copy
+import ctypes
 import gc
 import json
 import os
@@ -358,6 +359,31 @@ def test_built_library_is_kept_for_the_next_process_and_loaded_only_from_private
     library.write_bytes(kept)  # restored as it was written: loaded again without the compiler
     library.chmod(0o700)
     assert available() == (True, "")
+
+
+def test_a_cache_folder_that_may_not_map_code_loads_a_private_copy(tmp_path, monkeypatch):
+    """A cache on a noexec mount: the kept library is loaded from a private copy, not built again or lost."""
+    session = ckernels.cache_folder()
+    if session is None or not list(session.glob("ckernels-*.so")):
+        pytest.skip("this run keeps no built library")
+    folder = tmp_path / "cache"
+    folder.mkdir(mode=0o700)
+    for built in session.glob("ckernels-*.so"):
+        shutil.copy2(built, folder)
+    monkeypatch.setenv("IDEFICS2_C_KERNELS_CACHE", str(folder))
+    real, loaded = ctypes.CDLL, []
+
+    def noexec(path, *args, **kwargs):
+        if str(path).startswith(str(folder)):
+            raise OSError(f"{path}: failed to map segment from shared object")
+        loaded.append(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(ctypes, "CDLL", noexec)
+    lib, how = ckernels._loaded.__wrapped__()  # as a new process would, without building anything
+    (kept,) = [path for path in folder.glob("ckernels-*.so") if how == f"loaded from {path}"]
+    assert lib is not None and kept.exists() and len(loaded) == 1
+    assert not str(loaded[0]).startswith(str(folder)) and os.path.basename(loaded[0]) == kept.name
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -162,7 +162,7 @@ def _cached(folder: Path, command: list[str], digest: str) -> tuple[ctypes.CDLL,
     with _locked(folder):
         if _private(target, stat.S_IFREG):
             try:
-                lib = ctypes.CDLL(str(target))
+                lib = _load(target)
             except OSError:  # damaged: built again below
                 target.unlink(missing_ok=True)
             else:
@@ -180,9 +180,22 @@ def _cached(folder: Path, command: list[str], digest: str) -> tuple[ctypes.CDLL,
             Path(building).unlink(missing_ok=True)
         _prune(folder, keep=target)
     try:
-        return ctypes.CDLL(str(target)), f"built in {seconds:.1f} s, kept in {target}"
+        return _load(target), f"built in {seconds:.1f} s, kept in {target}"
     except OSError as error:
         raise CKernelsUnavailable(f"{target}: {error}") from error
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """The library at `path`; where its folder may not map code (a noexec mount), a private temporary copy
+    of it (raises OSError when that fails too: the file itself is bad)."""
+    try:
+        return ctypes.CDLL(str(path))
+    except OSError:
+        folder = tempfile.mkdtemp(prefix="idefics2-ckernels-")
+        try:
+            return ctypes.CDLL(shutil.copy(path, folder))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)  # the loaded library stays mapped
 
 
 @contextlib.contextmanager

@@ -361,8 +361,9 @@ def test_built_library_is_kept_for_the_next_process_and_loaded_only_from_private
     assert available() == (True, "")
 
 
-def test_a_cache_folder_that_may_not_map_code_loads_a_private_copy(tmp_path, monkeypatch):
-    """A cache on a noexec mount: the kept library is loaded from a private copy, not built again or lost."""
+@pytest.fixture
+def kept_cache(tmp_path, monkeypatch):
+    """A cache folder of this process's own holding the library this run built (IDEFICS2_C_KERNELS_CACHE)."""
     session = ckernels.cache_folder()
     if session is None or not list(session.glob("ckernels-*.so")):
         pytest.skip("this run keeps no built library")
@@ -371,6 +372,12 @@ def test_a_cache_folder_that_may_not_map_code_loads_a_private_copy(tmp_path, mon
     for built in session.glob("ckernels-*.so"):
         shutil.copy2(built, folder)
     monkeypatch.setenv("IDEFICS2_C_KERNELS_CACHE", str(folder))
+    return folder
+
+
+def test_a_cache_folder_that_may_not_map_code_loads_a_private_copy(kept_cache, monkeypatch):
+    """A cache on a noexec mount: the kept library is loaded from a private copy, not built again or lost."""
+    folder = kept_cache
     real, loaded = ctypes.CDLL, []
 
     def noexec(path, *args, **kwargs):
@@ -384,6 +391,19 @@ def test_a_cache_folder_that_may_not_map_code_loads_a_private_copy(tmp_path, mon
     (kept,) = [path for path in folder.glob("ckernels-*.so") if how == f"loaded from {path}"]
     assert lib is not None and kept.exists() and len(loaded) == 1
     assert not str(loaded[0]).startswith(str(folder)) and os.path.basename(loaded[0]) == kept.name
+
+
+def test_a_read_only_cache_folder_still_serves_its_library(kept_cache, monkeypatch):
+    """No lock file and no last-use time can be written: the kept library loads all the same."""
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(os, "utime", read_only)
+    monkeypatch.setattr(ckernels, "open", read_only, raising=False)  # the lock file
+    lib, how = ckernels._loaded.__wrapped__()
+    assert lib is not None and how.startswith(f"loaded from {kept_cache}")
+    assert not (kept_cache / ".lock").exists()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

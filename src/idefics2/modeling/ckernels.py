@@ -164,25 +164,35 @@ def _cached(folder: Path, command: list[str], digest: str) -> tuple[ctypes.CDLL,
             try:
                 lib = _load(target)
             except OSError:  # damaged: built again below
-                target.unlink(missing_ok=True)
+                pass
             else:
-                os.utime(target)  # last use: the pruning below keeps the libraries in use
+                with contextlib.suppress(OSError):  # (a read-only cache keeps its order)
+                    os.utime(target)  # last use: the pruning below keeps the libraries in use
                 return lib, f"loaded from {target}"
-        elif target.exists() or target.is_symlink():
-            target.unlink()  # another owner or writable by others (the folder is ours): never loaded
-        handle, building = tempfile.mkstemp(dir=folder, prefix=".building-", suffix=".so")
-        os.close(handle)
         try:
-            seconds = _compile(command, building)
-            os.chmod(building, 0o700)
-            os.replace(building, target)  # whole or absent
-        finally:
-            Path(building).unlink(missing_ok=True)
+            seconds = _build_into(command, target)
+        except OSError:  # a cache that cannot be written (read-only): this process builds its own
+            return _build_privately(command)
         _prune(folder, keep=target)
     try:
         return _load(target), f"built in {seconds:.1f} s, kept in {target}"
     except OSError as error:
         raise CKernelsUnavailable(f"{target}: {error}") from error
+
+
+def _build_into(command: list[str], target: Path) -> float:
+    """Build the library at `target`, in its folder, replacing what is there (damaged, another owner's or
+    writable by others: never loaded); the seconds the build took."""
+    target.unlink(missing_ok=True)
+    handle, building = tempfile.mkstemp(dir=target.parent, prefix=".building-", suffix=".so")
+    os.close(handle)
+    try:
+        seconds = _compile(command, building)
+        os.chmod(building, 0o700)
+        os.replace(building, target)  # whole or absent
+    finally:
+        Path(building).unlink(missing_ok=True)
+    return seconds
 
 
 def _load(path: Path) -> ctypes.CDLL:
@@ -206,7 +216,12 @@ def _locked(folder: Path) -> Iterator[None]:
     except ImportError:
         yield
         return
-    with open(folder / ".lock", "a") as lock:
+    try:
+        lock = open(folder / ".lock", "a")  # held open while the caller's block runs
+    except OSError:  # a read-only folder: nothing is built there
+        yield
+        return
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 

@@ -104,10 +104,10 @@ def _loaded() -> tuple[ctypes.CDLL | None, str]:
 
 def cache_folder() -> Path | None:
     """Where built libraries are kept: IDEFICS2_C_KERNELS_CACHE, else $XDG_CACHE_HOME/idefics2/ckernels
-    (~/.cache/...); None with IDEFICS2_C_KERNELS_CACHE=0 or without a home folder (every process then builds
-    its own)."""
+    (~/.cache/...); None with IDEFICS2_C_KERNELS_CACHE=0, without a home folder or on a system without
+    POSIX owners (every process then builds its own)."""
     setting = os.environ.get("IDEFICS2_C_KERNELS_CACHE", "")
-    if setting == "0":
+    if setting == "0" or not hasattr(os, "getuid"):  # (no owners to check: Windows)
         return None
     if setting:
         return Path(setting)

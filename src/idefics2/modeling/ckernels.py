@@ -96,7 +96,7 @@ def _loaded() -> tuple[ctypes.CDLL | None, str]:
             lib, how = _build_privately(command)
         else:
             lib, how = _cached(folder, command, _build_digest(command, found))
-    except CKernelsUnavailable as error:
+    except (CKernelsUnavailable, OSError) as error:  # OSError: the cache folder, past what _cached handles
         return None, f"unavailable: {error}"
     _declare(lib)
     return lib, how
@@ -233,7 +233,8 @@ def _prune(folder: Path, keep: Path, most: int = CACHED_LIBRARIES) -> None:
         with contextlib.suppress(OSError):
             used[library_file] = library_file.stat().st_mtime
     for old in [p for p in sorted(used, key=used.get, reverse=True) if p != keep][most - 1 :]:
-        old.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            old.unlink()
 
 
 def _build_privately(command: list[str]) -> tuple[ctypes.CDLL, str]:

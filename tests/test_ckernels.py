@@ -16,6 +16,9 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
+import warnings
 
 import pytest
 import torch
@@ -404,6 +407,31 @@ def test_a_read_only_cache_folder_still_serves_its_library(kept_cache, monkeypat
     lib, how = ckernels._loaded.__wrapped__()
     assert lib is not None and how.startswith(f"loaded from {kept_cache}")
     assert not (kept_cache / ".lock").exists()
+
+
+def test_a_stuck_holder_of_the_build_lock_delays_a_process_but_never_hangs_it(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    monkeypatch.setattr(ckernels, "LOCK_WAIT_S", 0.3)
+    outcome = {}
+
+    def take() -> None:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = time.monotonic()
+            with ckernels._locked(tmp_path):
+                outcome["waited"] = time.monotonic() - start
+        outcome["warnings"] = [str(warning.message) for warning in caught]
+
+    with open(tmp_path / ".lock", "a") as held:  # another open file: flock treats it as another holder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        taker = threading.Thread(target=take, daemon=True)
+        taker.start()
+        taker.join(timeout=20)
+        assert not taker.is_alive(), "a held lock made the process wait without end"
+    assert 0.3 <= outcome["waited"] < 5
+    assert any("building without waiting" in message for message in outcome["warnings"])
+    with ckernels._locked(tmp_path):  # released: taken at once
+        pass
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

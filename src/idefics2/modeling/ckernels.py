@@ -46,6 +46,7 @@ DTYPES = (torch.float32, torch.bfloat16)  # of activations (and float weights)
 _TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 ACTIVATIONS = {None: 0, "silu": 1, "swish": 1}  # fused into the kernels
 CACHED_LIBRARIES = 8  # kept in the cache folder, the most recently used (other sources, compilers, CPUs)
+LOCK_WAIT_S = 180.0  # at most this long for another process's build (which gives up after 120 s)
 
 
 class CKernelsUnavailable(RuntimeError):
@@ -210,7 +211,8 @@ def _load(path: Path) -> ctypes.CDLL:
 
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
-    """An exclusive lock on `folder` between processes (none where fcntl is missing)."""
+    """An exclusive lock on `folder` between processes, waited for at most LOCK_WAIT_S (none where fcntl is
+    missing or the folder is read-only)."""
     try:
         import fcntl
     except ImportError:
@@ -222,7 +224,20 @@ def _locked(folder: Path) -> Iterator[None]:
         yield
         return
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:  # its holder is stuck (stopped, hung): go on without it
+                    warnings.warn(
+                        f"C kernels: waited {LOCK_WAIT_S:.0f} s for another process's build in {folder}; "
+                        "building without waiting",
+                        stacklevel=3,
+                    )
+                    break
+                time.sleep(0.05)
         yield
 
 

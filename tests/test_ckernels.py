@@ -434,6 +434,21 @@ def test_a_stuck_holder_of_the_build_lock_delays_a_process_but_never_hangs_it(tm
         pass
 
 
+def test_pruning_keeps_the_most_recently_used_libraries_and_drops_unfinished_builds(tmp_path):
+    now = time.time()
+    libraries = [tmp_path / f"ckernels-{i:032x}.so" for i in range(12)]
+    for age, library_file in enumerate(libraries):  # libraries[0] used last, libraries[11] longest ago
+        library_file.write_bytes(b"")
+        os.utime(library_file, (now - 60 * age, now - 60 * age))
+    killed, running = tmp_path / ".building-old.so", tmp_path / ".building-new.so"
+    for building, age in ((killed, 3600), (running, 10)):
+        building.write_bytes(b"")
+        os.utime(building, (now - age, now - age))
+    ckernels._prune(tmp_path, keep=libraries[11], most=4)
+    assert sorted(tmp_path.glob("ckernels-*.so")) == sorted([*libraries[:3], libraries[11]])
+    assert running.exists() and not killed.exists()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_store_equals_rotary_then_cache_write(dtype):
     from idefics2.modeling.text import RotaryTable, apply_rotary

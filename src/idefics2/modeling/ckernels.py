@@ -242,12 +242,18 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _prune(folder: Path, keep: Path, most: int = CACHED_LIBRARIES) -> None:
-    """Delete all but the `most` most recently used libraries of `folder` (`keep` stays)."""
-    used = {}
+    """Delete all but the `most` most recently used libraries of `folder` (`keep` stays), and the leftovers of
+    builds that a process did not finish (killed while compiling) once they are older than any build runs."""
+    used, stale = {}, time.time() - 2 * LOCK_WAIT_S
     for library_file in folder.glob("ckernels-*.so"):
         with contextlib.suppress(OSError):
             used[library_file] = library_file.stat().st_mtime
-    for old in [p for p in sorted(used, key=used.get, reverse=True) if p != keep][most - 1 :]:
+    leftovers = []
+    for building in folder.glob(".building-*.so"):
+        with contextlib.suppress(OSError):
+            if building.stat().st_mtime < stale:
+                leftovers.append(building)
+    for old in [p for p in sorted(used, key=used.get, reverse=True) if p != keep][most - 1 :] + leftovers:
         with contextlib.suppress(OSError):
             old.unlink()
 

@@ -212,7 +212,7 @@ def _load(path: Path) -> ctypes.CDLL:
 @contextlib.contextmanager
 def _locked(folder: Path) -> Iterator[None]:
     """An exclusive lock on `folder` between processes, waited for at most LOCK_WAIT_S (none where fcntl is
-    missing or the folder is read-only)."""
+    missing, the folder is read-only or its file system has no locks)."""
     try:
         import fcntl
     except ImportError:
@@ -238,6 +238,8 @@ def _locked(folder: Path) -> Iterator[None]:
                     )
                     break
                 time.sleep(0.05)
+            except OSError:  # no locks on this file system (some network mounts): go on without
+                break
         yield
 
 

@@ -434,6 +434,21 @@ def test_a_stuck_holder_of_the_build_lock_delays_a_process_but_never_hangs_it(tm
         pass
 
 
+def test_a_file_system_without_locks_builds_without_one(tmp_path, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+
+    def no_locks(*args):
+        raise OSError(37, "No locks available")  # ENOLCK, as on a network mount without a lock daemon
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about: no one else holds anything
+        with ckernels._locked(tmp_path):
+            pass
+    assert time.monotonic() - start < 1
+
+
 def test_pruning_keeps_the_most_recently_used_libraries_and_drops_unfinished_builds(tmp_path):
     now = time.time()
     libraries = [tmp_path / f"ckernels-{i:032x}.so" for i in range(12)]

@@ -332,14 +332,26 @@ def supports(x: torch.Tensor, weight: torch.Tensor, act: str | None) -> bool:
     )
 
 
-def _pointer(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> int | None:
-    """The address of t's data, made contiguous (and of `dtype`) first where it is not: weights and scales
-    already are, so a call copies nothing but what a caller passed in another layout."""
+class _Address:
+    """A tensor passed to a C function by address (ctypes reads `_as_parameter_`): it holds the tensor it
+    points into, so a converted or contiguous copy lives until the call returns (an address alone would let
+    the copy be freed before C reads it)."""
+
+    __slots__ = ("_as_parameter_", "tensor")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self._as_parameter_ = ctypes.c_void_p(tensor.data_ptr())
+
+
+def _pointer(t: torch.Tensor | None, dtype: torch.dtype | None = None) -> _Address | None:
+    """t's data for a C call's argument, made contiguous (and of `dtype`) first where it is not: weights and
+    scales already are, so a call copies nothing but what a caller passed in another layout."""
     if t is None:
         return None
     if dtype is not None and t.dtype != dtype:
         t = t.to(dtype)
-    return (t if t.is_contiguous() else t.contiguous()).data_ptr()
+    return _Address(t if t.is_contiguous() else t.contiguous())
 
 
 def linear(

@@ -93,6 +93,22 @@ def test_fastest_keeps_only_kernels_that_run_and_agree():
     assert times == {"good": 1.0, "reference": 3.0}
 
 
+def test_fastest_stops_timing_a_kernel_that_cannot_win():
+    # on idefics2-8b's shapes a dequantized int4 product at one row takes ~80x the int4 kernel's time: its
+    # later samples would cost seconds of the measuring budget and could not change the choice
+    clock = {"fast": 1.0, "close": 2.9, "hopeless": 3.1}
+    samples = []
+
+    def timer(call):
+        samples.append(call_name(call))
+        return clock[call_name(call)]
+
+    times = kernels.fastest(list(clock), lambda name: torch.ones(3), timer, "fast")
+    assert times == clock
+    assert samples.count("hopeless") == 1
+    assert samples.count("fast") == samples.count("close") == kernels.TIMING_ROUNDS
+
+
 def call_name(call) -> str:
     return call.__defaults__[0]  # the kernel's name, bound by kernels.fastest's lambda
 
@@ -261,6 +277,20 @@ def test_measuring_stops_at_the_budget(tuning, monkeypatch, tmp_path):
     with torch.no_grad():
         linear(torch.randn(1, 32), torch.randn(48, 32))
     assert clock.samples == [] and not (tmp_path / "kernels.json").exists()
+
+
+def test_a_spent_prefill_budget_leaves_decode_rows_measured(tuning, monkeypatch):
+    """Decode rows' shapes and prefill rows' have a budget each: a large model's prefill, which runs (and is
+    measured) first, cannot leave its decode steps on unmeasured kernels."""
+    clock = tuning({"onednn": 2e-6, "aten": 1e-6})
+    w = torch.randn(48, 32)
+    monkeypatch.setattr(kernels, "_spent", {"decode": 0.0, "prefill": kernels.TUNING_BUDGET_S})
+    with torch.no_grad():
+        linear(torch.randn(300, 32), w)  # prefill rows: their budget is spent
+        assert clock.samples == []
+        linear(torch.randn(1, 32), w)  # a decode row: measured
+    assert sorted(set(clock.samples)) == ["aten", "onednn"]
+    assert kernels.measuring_seconds() > kernels.TUNING_BUDGET_S
 
 
 def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):

@@ -300,8 +300,10 @@ def _probe_int4(device_type: str) -> str | None:
 # representative number of rows, checks each result against the portable kernel's (a kernel that raises or
 # disagrees is never chosen), and keeps the fastest. The choices are written to a JSON file, keyed by this
 # machine (CPU model and flags, instruction set in use, torch version, thread count), so a second process
-# measures nothing. Measuring stops for the process after TUNING_BUDGET_S seconds: the shapes left then take
-# the preferred kernel (OPS' order) until a later process measures them.
+# measures nothing. Measuring stops for the process after TUNING_BUDGET_S seconds on decode rows' shapes, and
+# after as many on prefill rows' (so that a large model's prefill, measured first, never leaves its decode
+# steps unmeasured): the shapes left then take the preferred kernel (OPS' order) until a later process
+# measures them.
 #
 # Environment: IDEFICS2_KERNELS="linear=aten,int8=kernel" forces kernels (as `force` does);
 # IDEFICS2_KERNEL_TUNING=0 measures nothing (the preferred kernel everywhere, no file);
@@ -317,6 +319,7 @@ LONG_ROWS = 512
 LONG_TIMED_ROWS = 1024
 TUNING_BUDGET_S = 10.0
 TIMING_ROUNDS = 5  # samples per kernel
+_HOPELESS = 3.0  # a kernel whose first sample is this many times another's takes no more samples
 _TARGET_BATCH_S = 3e-4  # calls shorter than 1 ms are timed in batches of about this long
 _AGREEMENT = 3e-2  # max abs difference / max abs value allowed against the portable kernel
 
@@ -325,7 +328,7 @@ _unmeasured: dict[tuple, str] = {}  # same key -> kernel run without measuring (
 _timings: dict[tuple, dict[str, float]] = {}  # same key -> seconds per call of each kernel measured
 _file_entries: dict[str, dict[str, dict]] = {}  # machine -> entry name -> {"kernel", "seconds"}, as read
 _tuning_lock = threading.RLock()
-_spent = [0.0]  # seconds measured so far in this process
+_spent = {"decode": 0.0, "prefill": 0.0}  # seconds measured so far in this process, by kind of rows
 _preferred_only: list[bool] = []  # non-empty inside `preferred()`
 
 
@@ -413,7 +416,7 @@ def forget_choices() -> None:
         _routes_changed()
         _timings.clear()
         _file_entries.clear()
-        _spent[0] = 0.0
+        _spent.update(dict.fromkeys(_spent, 0.0))
         _env_forced.cache_clear()
         tuning_enabled.cache_clear()
 
@@ -439,7 +442,7 @@ def measured_within(op: str, shape: tuple, rows: int, kernel: str, ratio: float)
 
 def measuring_seconds() -> float:
     """Seconds this process has spent measuring kernels."""
-    return _spent[0]
+    return sum(_spent.values())
 
 
 def _measure_choice(
@@ -462,12 +465,13 @@ def _measure_choice(
             seconds = saved.get("seconds")
             _choices[key], _timings[key] = saved["kernel"], seconds if isinstance(seconds, dict) else {}
             return _choices[key]
-        if _spent[0] >= TUNING_BUDGET_S:
+        kind = "prefill" if key[2] in ("prefill", "long") else "decode"
+        if _spent[kind] >= TUNING_BUDGET_S:
             _choices[key] = names[0]  # for this process only: a later one measures it
             return names[0]
-        spent, start = _spent[0], time.perf_counter()
+        spent, start = _spent[kind], time.perf_counter()
         times = fastest(names, bench(class_rows(key[2])), measure, OPS[key[0]][-1])
-        _spent[0] = spent + time.perf_counter() - start  # what the ops it runs measured counted once
+        _spent[kind] = spent + time.perf_counter() - start  # what the ops it runs measured counted once
         chosen = min(times, key=times.get) if times else names[0]
         _choices[key], _timings[key] = chosen, times
         _write_cache(machine, key, chosen, times, names)
@@ -484,7 +488,9 @@ def fastest(
     portable one); a kernel that raises or disagrees is left out. The kernels are timed in turns,
     TIMING_ROUNDS samples of `timer` each, and each keeps its fastest sample: on a busy machine a sample
     that another process interrupted is slower, never faster, and turns spread such interruptions over every
-    kernel."""
+    kernel. A kernel whose first sample is over _HOPELESS times the best first sample keeps that one sample
+    (a dequantized product at one row can be 80x the int4 kernel's time: its rounds would cost seconds on
+    idefics2-8b's shapes and could not change the choice)."""
     with torch.no_grad():
         expected = run(reference).float()
         scale = float(expected.abs().max()) or 1.0
@@ -497,9 +503,11 @@ def fastest(
             if out.shape == expected.shape and float((out - expected).abs().max()) <= _AGREEMENT * scale:
                 agreeing.append(name)
         times = dict.fromkeys(agreeing, float("inf"))
-        for _ in range(TIMING_ROUNDS):
+        for round_ in range(TIMING_ROUNDS):
             for name in agreeing:
                 times[name] = min(times[name], timer(lambda name=name: run(name)))
+            if round_ == 0:  # a kernel this far behind another's first sample cannot win: not timed again
+                agreeing = [name for name in agreeing if times[name] <= _HOPELESS * min(times.values())]
     return times
 
 

@@ -978,6 +978,38 @@ int idefics2_gated_int4(const void *x, const uint8_t *gate, const float *gate_sc
     return int4_product(x, gate, gate_scales, up, up_scales, NULL, y, M, N, K, G, io_type, act, threads);
 }
 
+/* The float weight of int4 rows for a product of many rows (prefill), where a float matrix product beats any
+   int4 one: out (N, K) in out_type from w (N, K / 2) in the portable layout, scales and zeros (N, K / G)
+   float32 (zeros NULL: none), out[n][k] = (q - 8) * scale, then + zero, each step rounded to float32 and the
+   last to out_type: the numbers of idefics2.quantization.formats.dequantize_int4, so no multiply-add may fuse
+   the two steps (GCC fuses across statements unless told not to). One pass over the bytes, no float32 copy. */
+__attribute__((optimize("fp-contract=off"))) void idefics2_dequantize_int4(const uint8_t *w, const float *scales,
+                                                                           const float *zeros, void *out, int64_t N,
+                                                                           int64_t K, int64_t G, int out_type,
+                                                                           int threads) {
+    const int64_t groups = K / G;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t g = 0; g < groups; g++) {
+            const uint8_t *bytes = w + n * (K / 2) + g * (G / 2);
+            const float scale = scales[n * groups + g], zero = zeros != NULL ? zeros[n * groups + g] : 0.0f;
+            float values[64]; /* a group's columns, 64 at a time */
+            for (int64_t j0 = 0; j0 < G / 2; j0 += 32) {
+                const int64_t count = G / 2 - j0 < 32 ? G / 2 - j0 : 32;
+                for (int64_t j = 0; j < count; j++) {
+                    values[2 * j] = (float)((bytes[j0 + j] >> 4) - 8) * scale;
+                    values[2 * j + 1] = (float)((bytes[j0 + j] & 15) - 8) * scale;
+                }
+                if (zeros != NULL)
+                    for (int64_t j = 0; j < 2 * count; j++) values[j] = values[j] + zero;
+                const int64_t first = n * K + g * G + 2 * j0;
+                if (out_type == TYPE_F32) memcpy((float *)out + first, values, sizeof(float) * 2 * count);
+                else
+                    for (int64_t j = 0; j < 2 * count; j++) ((uint16_t *)out)[first + j] = f32_to_bf16(values[j]);
+            }
+        }
+}
+
 /* x += y over n values in io_type (bfloat16: each sum rounded) */
 static void add_into(void *x, const void *y, int64_t n, int io_type) {
     if (io_type == TYPE_F32) {

@@ -297,6 +297,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.idefics2_rope_store.argtypes = [pointer] * 9 + [size] * 10 + [flag]
     lib.idefics2_linear_int4.argtypes = [pointer] * 5 + [size] * 4 + [flag] * 3
     lib.idefics2_gated_int4.argtypes = [pointer] * 6 + [size] * 4 + [flag] * 3
+    lib.idefics2_dequantize_int4.argtypes = [pointer] * 4 + [size] * 3 + [flag] * 2
     lib.idefics2_decoder_step.argtypes = (
         [pointer, size, pointer]
         + [size] * 6
@@ -398,6 +399,22 @@ def linear_int4(
     )  # fmt: skip
     if failed:
         raise MemoryError("C int4 product: out of memory for its activation buffer")
+    return out
+
+
+def dequantize_int4(
+    nibbles: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, out: torch.Tensor
+) -> torch.Tensor:
+    """The float weight (N, K) of int4 rows into `out` (float32 or bfloat16, contiguous): nibbles (N, K / 2)
+    uint8 in the portable layout, scales and zeros (None: none) (N, groups), any float dtype (read as
+    float32); (q - 8) * scale + zero, each step in float32, as quantization.formats.dequantize_int4."""
+    n, k = nibbles.shape[0], nibbles.shape[1] * 2
+    if out.shape != (n, k) or not out.is_contiguous() or out.dtype not in DTYPES:
+        raise ValueError(f"dequantize_int4: out must be contiguous ({n}, {k}) float32 or bfloat16")
+    library().idefics2_dequantize_int4(
+        _pointer(nibbles), _pointer(scales, torch.float32), _pointer(zeros, torch.float32), out.data_ptr(),
+        n, k, k // scales.shape[1], _TYPES[out.dtype], torch.get_num_threads(),
+    )  # fmt: skip
     return out
 
 

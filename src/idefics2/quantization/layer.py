@@ -24,6 +24,7 @@ saved); `state_dict()` always gives the portable form of idefics2.quantization.f
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import threading
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from idefics2.modeling import ckernels, kernels
-from idefics2.modeling.attention import activation, linear, weights_alone
+from idefics2.modeling.attention import activation, linear, linear_with, weights_alone
 from idefics2.quantization.formats import (
     INT4_GROUP_SIZES,
     dequantize_int4,
@@ -261,21 +262,25 @@ class QuantizedLinear(nn.Module):
     def _dequantize_rows(self, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
         """Weight rows [start, stop) written into `out` [stop - start, K] (float). int8 writes the integers
         alone (exact in any float dtype): its scales multiply the product's output columns instead. int4
-        writes its nibbles into float32, applies scales and zeros per group, then converts to out's dtype."""
+        writes (q - 8) * scale (+ zero) per group, each step in float32, as `dequantized_weight()`: in one C
+        pass from the portable layout on CPU (idefics2.modeling.ckernels.dequantize_int4), else through a
+        float32 copy of the nibbles."""
         if self.bits == 8:
             return out.copy_(self.qweight[start:stop])
+        zeros = None if self.zeros is None else self.zeros[start:stop]
+        portable = self.packing is None and self.qweight.is_cpu
+        if portable and out.dtype in ckernels.DTYPES and out.is_contiguous() and kernels.c_kernels():
+            return ckernels.dequantize_int4(self.qweight[start:stop], self.scales[start:stop], zeros, out)
         rows = stop - start
         full = (
             out if out.dtype == torch.float32 else workspace(out.numel(), torch.float32, out.device, "int4")
         )
         full = full.view(rows, self.in_features)
         full.copy_(self.nibbles(start, stop))
-        scales = self.scales[start:stop].float()
-        offsets = -8.0 * scales  # the weight value of nibble 0
-        if self.zeros is not None:
-            offsets += self.zeros[start:stop].float()
         groups = full.view(rows, -1, self.group_size)
-        torch.addcmul(offsets[..., None], groups, scales[..., None], out=groups)
+        groups.sub_(8.0).mul_(self.scales[start:stop].float()[..., None])
+        if zeros is not None:
+            groups.add_(zeros.float()[..., None])
         return out if full is out else out.copy_(full)
 
     # ---- forward -----------------------------------------------------------------------------------------
@@ -297,10 +302,21 @@ class QuantizedLinear(nn.Module):
             return out if act is None else activation(act)(out)
         rows = x.numel() // self.in_features
         if x.is_cpu:
+            if self.bits == 4 and self.packing is not None and kernels.row_class(rows) in ("prefill", "long"):
+                self._move_where_decode_goes(x.dtype)
             kernel = self._cpu_kernel(x.dtype, rows)
         else:
             kernel = self.kernel_names(x.device, x.dtype, rows)[0]
         return self.product_with(kernel, x, act)
+
+    def _move_where_decode_goes(self, dtype: torch.dtype) -> None:
+        """Before a product of prefill rows of an int4 layer in the device kernel's layout: where its decode
+        steps take the C kernel, which moves it to the portable layout at their first call, move now: the
+        weight then dequantizes in C (1/10 of the time from the device kernel's layout on 14336x4096), and
+        the prefill's kernel is chosen in the layout it will run in (the device kernel is no candidate there,
+        so nothing is raced). Not from product_with, which the races call on copies inside a measurement."""
+        if self.c_chosen(dtype, 1):
+            self._c_int4_operands()
 
     def _cpu_kernel(self, dtype: torch.dtype, rows: int) -> str:
         return kernels.choose(
@@ -449,15 +465,18 @@ class QuantizedLinear(nn.Module):
         buffer = workspace(min(step, n) * k, dtype, x.device)
         scaled_after = self.bits == 8  # int8: x @ q.T, then each output column times its scale
         fused_bias, fused_act = (None, None) if scaled_after else (bias, act)
+        # decode rows (this route as another's reference, or where no other runs): torch's product as it is;
+        # measuring kernels for the weight's slices would cost more than the product
+        product = linear if x2.shape[0] > ckernels.MAX_ROWS else functools.partial(linear_with, "aten")
         if step >= n:
-            out = linear(x2, self._dequantize_rows(0, n, buffer.view(n, k)), fused_bias, fused_act)
+            out = product(x2, self._dequantize_rows(0, n, buffer.view(n, k)), fused_bias, fused_act)
         else:
             out = x2.new_empty(x2.shape[0], n)
             for start in range(0, n, step):
                 stop = min(start + step, n)
                 weight = self._dequantize_rows(start, stop, buffer[: (stop - start) * k].view(-1, k))
                 part_bias = None if fused_bias is None else fused_bias[start:stop]
-                out[:, start:stop] = linear(x2, weight, part_bias, fused_act)
+                out[:, start:stop] = product(x2, weight, part_bias, fused_act)
         if scaled_after:  # in float32 (or wider): the scales stay exact
             out = out.to(torch.promote_types(dtype, torch.float32)).mul_(self.scales)
             out = out if bias is None else out.add_(bias)

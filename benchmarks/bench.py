@@ -240,8 +240,11 @@ class TokenClock:
         return (len(self.times) - 1) / (self.finished_at - self.times[0])
 
 
-def chat_turn(model, processor, image, new_tokens: int, device: torch.device, ours: bool) -> dict:
-    """Time one turn: template + processing, prefill, decode, detokenize; and its peak memory."""
+def chat_turn(
+    model, processor, image, new_tokens: int, device: torch.device, ours: bool, tokens: list | None = None
+) -> dict:
+    """Time one turn: template + processing, prefill, decode, detokenize; and its peak memory. `tokens`: a
+    list the new token ids are appended to."""
     clock = TokenClock(device)
     with PeakMemory(device) as memory, torch.inference_mode():
         sync(device)
@@ -261,6 +264,8 @@ def chat_turn(model, processor, image, new_tokens: int, device: torch.device, ou
         text = processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         end = time.perf_counter()
     assert len(clock.times) == new_tokens and text, (len(clock.times), text)
+    if tokens is not None:
+        tokens.extend(out[0, inputs["input_ids"].shape[1] :].tolist())
     return {
         "preprocessing_s": processed - start,
         "prefill_s": clock.prefill_s(),

@@ -108,9 +108,9 @@ def step_bytes(model, screened: bool) -> int:
     """Bytes of weights one decode step reads (decoder layers, final norm, head: bench.weight_footprint);
     `screened`: its greedy steps read the float head's int8 copy instead (ckernels.HeadScreen)."""
     footprint = weight_footprint(model)["decode_step_bytes"]
-    head = getattr(model.lm_head, "weight", None)
-    if not screened or head is None:  # (a quantized head, QuantizedLinear, is read as it is)
+    if not screened:  # (only a float head has the int8 copy: a quantized head is read as it is)
         return footprint
+    head = model.lm_head.weight
     vocab, dim = head.shape
     return footprint - head.numel() * head.element_size() + vocab * (dim + 16)
 

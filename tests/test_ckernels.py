@@ -190,6 +190,17 @@ def test_every_instruction_set_builds_and_agrees(march):
     assert float(run.stdout.strip().splitlines()[-1]) <= 1e-2
 
 
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="GCC's x86 header guard")
+def test_the_plain_c_loops_build_without_the_x86_header():
+    """A CPU without x86's vector instructions (ARM: Graviton, Ampere, Apple) builds the plain C loops: with
+    GCC's x86 intrinsics header made empty, nothing outside the vector paths may need it (a prefetch there
+    once did, and ARM machines fell back to torch's kernels for want of a header)."""
+    command = ["gcc", "-fsyntax-only", "-std=gnu11", "-fopenmp", "-march=x86-64", "-D_IMMINTRIN_H_INCLUDED"]
+    command += ["-Werror=implicit-function-declaration", str(ckernels.SOURCE)]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+
+
 ROUTES = dict.fromkeys(("linear", "int8", "int4", "attention", "rms_norm", "gated", "rope"), "c")
 
 

@@ -11,7 +11,9 @@
  * (N, K) row-major in float32, bfloat16 or int8 (w_type); scales (N) float32 or NULL; bias (N) in io_type
  * or NULL. The gated product is y = act(x @ gate^T) * (x @ up^T), the gated MLP's first half.
  */
-#include <immintrin.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h> /* the vector paths below; other CPUs build the plain C ones */
+#endif
 #include <float.h>
 #include <math.h>
 #include <stdint.h>
@@ -26,6 +28,7 @@ enum { ACT_NONE = 0, ACT_SILU = 1 };
 #define MAX_HEAD_VECTORS 16 /* an attention head of up to this many vectors is held in registers */
 #define PREFETCH_BLOCKS 2 /* blocks of rows fetched ahead into L2 (into L1 runs slower: its misses stall) */
 #define CACHE_AHEAD_BYTES 8192 /* attention fetches the cache rows this far ahead of the row it reads into L2 */
+#define FETCH_L2(p) __builtin_prefetch((p), 0, 2) /* a line into L2 (x86: prefetcht1), on any CPU */
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t bits = (uint32_t)h << 16;
@@ -122,7 +125,7 @@ static inline __attribute__((always_inline)) void dots(const float *xf, const ui
         for (; k + 32 <= K; k += 32) {
             __m512bh xv[MAX_XROWS];
             for (int m = 0; m < mr; m++) xv[m] = (__m512bh)_mm512_loadu_si512(xh + m * K + k);
-            for (int r = 0; r < nr; r++) _mm_prefetch((const char *)rows[r] + ahead + 2 * k, _MM_HINT_T1);
+            for (int r = 0; r < nr; r++) FETCH_L2((const char *)rows[r] + ahead + 2 * k);
             for (int r = 0; r < nr; r++) {
                 __m512bh wv = (__m512bh)_mm512_loadu_si512((const uint16_t *)rows[r] + k);
                 for (int m = 0; m < mr; m++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
@@ -146,7 +149,7 @@ static inline __attribute__((always_inline)) void dots(const float *xf, const ui
         vec xv[MAX_XROWS];
         for (int m = 0; m < mr; m++) xv[m] = vload(xf + m * K + k);
         if ((k * size) % 64 < LANES * size)
-            for (int r = 0; r < nr; r++) _mm_prefetch((const char *)rows[r] + ahead + k * size, _MM_HINT_T1);
+            for (int r = 0; r < nr; r++) FETCH_L2((const char *)rows[r] + ahead + k * size);
         for (int r = 0; r < nr; r++) {
             vec wv = wload(rows[r], k, type);
             for (int m = 0; m < mr; m++) acc[r][m] = vfma(xv[m], wv, acc[r][m]);
@@ -277,7 +280,7 @@ static void quantize_row(const float *x, int64_t K, int16_t *x16, float *xs) {
 /* out[r] = x . rows[r] for R int8 rows: the whole vectors from the quantized row, the rest from the float one */
 static inline __attribute__((always_inline)) void int8_dots(const float *xf, const int16_t *x16, const float *xs,
                                                             const int8_t *const *rows, int R, int64_t K,
-                                                            float *out) {
+                                                            int fetch, float *out) {
     const int64_t whole = K / QLANES * QLANES;
     vec total[INT8_ROWS];
     for (int r = 0; r < R; r++) total[r] = vzero();
@@ -287,6 +290,8 @@ static inline __attribute__((always_inline)) void int8_dots(const float *xf, con
         for (int r = 0; r < R; r++) acc[r] = izero();
         for (int64_t k = b0; k < b1; k += QLANES) {
             const ivec xv = xload(x16 + k);
+            if (fetch && k % 64 < QLANES) /* 8 rows on: short rows end before the prefetcher catches up */
+                for (int r = 0; r < R; r++) FETCH_L2((const char *)(rows[r] + 8 * K + k));
             for (int r = 0; r < R; r++) acc[r] = madd_step(acc[r], rows[r] + k, xv);
         }
         for (int r = 0; r < R; r++) total[r] = vfma(int_to_vec(acc[r]), vset(xs[b0 / QBLOCK]), total[r]);
@@ -299,10 +304,10 @@ static inline __attribute__((always_inline)) void int8_dots(const float *xf, con
 }
 
 static void int8_dots_any(const float *xf, const int16_t *x16, const float *xs, const int8_t *const *rows, int R,
-                          int64_t K, float *out) {
-    if (R == 4) int8_dots(xf, x16, xs, rows, 4, K, out);
-    else if (R == 2) int8_dots(xf, x16, xs, rows, 2, K, out);
-    else for (int r = 0; r < R; r++) int8_dots(xf, x16, xs, rows + r, 1, K, out + r);
+                          int64_t K, int fetch, float *out) {
+    if (R == 4) int8_dots(xf, x16, xs, rows, 4, K, fetch, out);
+    else if (R == 2) int8_dots(xf, x16, xs, rows, 2, K, fetch, out);
+    else for (int r = 0; r < R; r++) int8_dots(xf, x16, xs, rows + r, 1, K, fetch, out + r);
 }
 
 /* `product` for int8 weights (and a gated pair of them) on the integer multiply-adds */
@@ -328,11 +333,9 @@ static int int8_product(const float *xf, const int8_t *w, const float *scales, c
             rows[r] = w + (n0 + r) * K;
             if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * K;
         }
-        for (int r = 0; r < R; r++) /* 8 rows on: short rows end before the prefetcher catches up */
-            for (int64_t j = 0; j < K; j += 64) _mm_prefetch((const char *)(rows[r] + 8 * K + j), _MM_HINT_T1);
         for (int64_t m = 0; m < M; m++) {
             float out[INT8_ROWS];
-            int8_dots_any(xf + m * K, x16 + m * K, xs + m * blocks, rows, R, K, out);
+            int8_dots_any(xf + m * K, x16 + m * K, xs + m * blocks, rows, R, K, m == 0, out);
             for (int r = 0; r < count; r++) {
                 const int64_t n = n0 + r;
                 float v = out[r] * scales[n];
@@ -518,7 +521,7 @@ static inline __attribute__((always_inline)) void prefetch_cache_row(const void 
                                                                     int64_t row_bytes, int io_type) {
     if (s + ahead >= S) return;
     const char *row = (const char *)element(base, first + (s + ahead) * stride, io_type);
-    for (int64_t c = 0; c < row_bytes; c += 64) _mm_prefetch(row + c, _MM_HINT_T1);
+    for (int64_t c = 0; c < row_bytes; c += 64) FETCH_L2(row + c);
 }
 
 /* one work item of idefics2_attention: the H / Hkv query heads of kv head `kv` of batch row b; D is a constant
@@ -873,7 +876,8 @@ static int int4_prepare(const void *x, int64_t M, int64_t K, int64_t G, int io_t
    integer path: per group, both halves into one integer sum, scaled once */
 static inline __attribute__((always_inline)) void int4_dots(const int4_rows *p, int64_t m,
                                                             const uint8_t *const *rows,
-                                                            const float *const *scales, int R, float *out) {
+                                                            const float *const *scales, int R, int fetch,
+                                                            float *out) {
     const int64_t K = p->K, G = p->G, half = K / 2, groups = K / G;
     const int16_t *even = p->x16 + m * K, *odd = even + half;
     const float *steps = p->steps + m * groups, *group_eights = p->group_eights + m * groups;
@@ -885,6 +889,8 @@ static inline __attribute__((always_inline)) void int4_dots(const int4_rows *p, 
         for (int r = 0; r < R; r++) acc[r] = izero();
         for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += QLANES) {
             const ivec xe = xload(even + j), xo = xload(odd + j);
+            if (fetch && j % 64 < QLANES) /* 8 rows on: short rows end before the prefetcher catches up */
+                for (int r = 0; r < R; r++) FETCH_L2((const char *)(rows[r] + 8 * half + j));
             for (int r = 0; r < R; r++) nibble_madd(rows[r] + j, xe, xo, &acc[r]);
         }
         for (int r = 0; r < R; r++) {
@@ -896,15 +902,15 @@ static inline __attribute__((always_inline)) void int4_dots(const int4_rows *p, 
 }
 
 static void int4_dots_any(const int4_rows *p, int64_t m, const uint8_t *const *rows, const float *const *scales,
-                          int R, float *out) {
-    if (R == 4) int4_dots(p, m, rows, scales, 4, out);
-    else if (R == 2) int4_dots(p, m, rows, scales, 2, out);
-    else for (int r = 0; r < R; r++) int4_dots(p, m, rows + r, scales + r, 1, out + r);
+                          int R, int fetch, float *out) {
+    if (R == 4) int4_dots(p, m, rows, scales, 4, fetch, out);
+    else if (R == 2) int4_dots(p, m, rows, scales, 2, fetch, out);
+    else for (int r = 0; r < R; r++) int4_dots(p, m, rows + r, scales + r, 1, fetch, out + r);
 }
 #endif
 
 /* activation row m . one int4 row (its bytes and its group scales), in float32 (no integer path here) */
-static inline float int4_dot(const int4_rows *p, int64_t m, const uint8_t *row, const float *scales) {
+static inline float int4_dot(const int4_rows *p, int64_t m, const uint8_t *row, const float *scales, int fetch) {
     const int64_t K = p->K, G = p->G, half = K / 2, groups = K / G;
     const float *eights = p->eights + m * groups * LANES;
     vec total = vzero();
@@ -912,6 +918,7 @@ static inline float int4_dot(const int4_rows *p, int64_t m, const uint8_t *row, 
     for (int64_t g = 0; g < groups; g++) {
         vec acc = vzero();
         for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += LANES) {
+            if (fetch && j % 64 < LANES) FETCH_L2((const char *)(row + 8 * half + j));
             vec high, low;
             nibble_pairs(row + j, &high, &low);
             acc = vfma(high, vload(even + j), acc);
@@ -945,15 +952,13 @@ static int int4_product(const void *x, const uint8_t *w, const float *scales, co
             rows[r] = w + (n0 + r) * half, row_scales[r] = scales + (n0 + r) * groups;
             if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * half, row_scales[count + r] = scales2 + (n0 + r) * groups;
         }
-        for (int r = 0; r < R; r++) /* 8 rows on: short rows end before the prefetcher catches up */
-            for (int64_t j = 0; j < half; j += 64) _mm_prefetch((const char *)rows[r] + 8 * half + j, _MM_HINT_T1);
         for (int64_t m = 0; m < M; m++) {
             float out[INT4_ROWS];
 #if defined(INT16_DOTS)
-            if (prepared.x16 != NULL) int4_dots_any(&prepared, m, rows, row_scales, R, out);
+            if (prepared.x16 != NULL) int4_dots_any(&prepared, m, rows, row_scales, R, m == 0, out);
             else
 #endif
-                for (int r = 0; r < R; r++) out[r] = int4_dot(&prepared, m, rows[r], row_scales[r]);
+                for (int r = 0; r < R; r++) out[r] = int4_dot(&prepared, m, rows[r], row_scales[r], m == 0);
             for (int r = 0; r < count; r++) {
                 float v = out[r];
                 if (bias != NULL) v += read_io(bias, n0 + r, io_type);

@@ -533,6 +533,30 @@ def test_int4_layers_on_the_c_kernel_equal_the_dequantized_product(dtype, group_
     assert state["qweight"].shape == (40, 128) and state["qweight"].dtype == torch.uint8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_rows_taken_in_pairs_equal_rows_taken_alone(dtype):
+    """Activation rows go through an int4 product two at a time (each weight vector unpacked once for both):
+    every row's output, plain or gated, with a block of fewer weight rows at the end, is bit for bit what
+    that row gives alone."""
+    generator = torch.Generator().manual_seed(0)
+    n, k, group = 42, 256, 64  # 42 rows: blocks of 4, then one of 2
+    nibbles = [torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, generator=generator) for _ in range(2)]
+    scales = [torch.rand(n, k // group, generator=generator) * 0.01 for _ in range(2)]
+    x = torch.randn(5, k, generator=generator).to(dtype)  # two pairs and one row alone
+    together = ckernels.linear_int4(x, nibbles[0], scales[0], group, act="silu")
+    gated = ckernels.gated(x, nibbles[0][:41], nibbles[1][:41], "silu", scales[0][:41], scales[1][:41])
+    for i in range(5):
+        assert torch.equal(
+            together[i], ckernels.linear_int4(x[i : i + 1], nibbles[0], scales[0], group, act="silu")[0]
+        )
+        assert torch.equal(
+            gated[i],
+            ckernels.gated(
+                x[i : i + 1], nibbles[0][:41], nibbles[1][:41], "silu", scales[0][:41], scales[1][:41]
+            )[0],
+        )
+
+
 def dequantize_mismatches() -> list[tuple]:
     """The cases where the C int4 dequantizer's weight is not, bit for bit, formats.dequantize_int4's: group
     sizes down to one vector step and a whole row, zero points or none, bfloat16 and float32 scales."""
@@ -1140,6 +1164,8 @@ def test_the_decoder_step_race_times_both_routes_and_keeps_the_faster(winner, mo
     monkeypatch.setenv("IDEFICS2_KERNEL_TUNING", "1")
     monkeypatch.setenv("IDEFICS2_KERNELS_CACHE", str(tmp_path / "kernels.json"))
     monkeypatch.delenv("IDEFICS2_KERNELS", raising=False)
+    # the races run for real (only their clock is stubbed): a busy machine must not run out of budget first
+    monkeypatch.setattr(kernels, "TUNING_BUDGET_S", float("inf"))
     kernels.forget_choices()
     timed: list[str] = []
 

@@ -780,23 +780,27 @@ static inline void nibble_pairs(const uint8_t *p, vec *even, vec *odd) {
 /* y = act(x @ W^T + bias) for W (N, K) in int4 groups of G columns (G a multiple of 2 * LANES): w (N, K / 2)
    bytes, scales (N, K / G) float32; x, y and bias in io_type */
 #if defined(INT16_DOTS)
-/* the nibbles of QLANES bytes as two int16 vectors (even columns: high nibbles; odd: low), multiplied with
-   the matching 16-bit activations xe and xo and added pairwise into acc */
+/* the nibbles of QLANES bytes as two int16 vectors: even columns (high nibbles) and odd (low), then those
+   multiplied with the matching 16-bit activations xe and xo and added pairwise into acc */
 #if defined(__AVX512BW__)
-static inline void nibble_madd(const uint8_t *p, ivec xe, ivec xo, ivec *acc) {
+static inline void nibbles(const uint8_t *p, ivec *high, ivec *low) {
     const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)p));
-    const __m512i high = _mm512_srli_epi16(bytes, 4), low = _mm512_and_si512(bytes, _mm512_set1_epi16(15));
+    *high = _mm512_srli_epi16(bytes, 4), *low = _mm512_and_si512(bytes, _mm512_set1_epi16(15));
+}
+static inline ivec nibble_madd(ivec acc, ivec high, ivec low, ivec xe, ivec xo) {
 #if defined(__AVX512VNNI__)
-    *acc = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(*acc, high, xe), low, xo);
+    return _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc, high, xe), low, xo);
 #else
-    *acc = _mm512_add_epi32(*acc, _mm512_add_epi32(_mm512_madd_epi16(high, xe), _mm512_madd_epi16(low, xo)));
+    return _mm512_add_epi32(acc, _mm512_add_epi32(_mm512_madd_epi16(high, xe), _mm512_madd_epi16(low, xo)));
 #endif
 }
 #else
-static inline void nibble_madd(const uint8_t *p, ivec xe, ivec xo, ivec *acc) {
+static inline void nibbles(const uint8_t *p, ivec *high, ivec *low) {
     const __m256i bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)p));
-    const __m256i high = _mm256_srli_epi16(bytes, 4), low = _mm256_and_si256(bytes, _mm256_set1_epi16(15));
-    *acc = _mm256_add_epi32(*acc, _mm256_add_epi32(_mm256_madd_epi16(high, xe), _mm256_madd_epi16(low, xo)));
+    *high = _mm256_srli_epi16(bytes, 4), *low = _mm256_and_si256(bytes, _mm256_set1_epi16(15));
+}
+static inline ivec nibble_madd(ivec acc, ivec high, ivec low, ivec xe, ivec xo) {
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(high, xe), _mm256_madd_epi16(low, xo)));
 }
 #endif
 #endif
@@ -871,41 +875,60 @@ static int int4_prepare(const void *x, int64_t M, int64_t K, int64_t G, int io_t
 }
 
 #define INT4_ROWS 4 /* int4 rows summed together, the activations loaded once for all */
+#define INT4_XROWS 2 /* activation rows summed together, each weight vector's nibbles unpacked once for all */
 #if defined(INT16_DOTS)
-/* out[r] = activation row m . int4 row r (its bytes rows[r], its group scales scales[r]), r < R, on the
-   integer path: per group, both halves into one integer sum, scaled once */
-static inline __attribute__((always_inline)) void int4_dots(const int4_rows *p, int64_t m,
+/* out[mm * INT4_ROWS + r] = activation row m + mm . int4 row r (its bytes rows[r], its group scales
+   scales[r]), mm < MR, r < R, on the integer path: per group, both halves into one integer sum, scaled once;
+   fetch: the rows 8 on are fetched into L2 meanwhile */
+static inline __attribute__((always_inline)) void int4_dots(const int4_rows *p, int64_t m, int MR,
                                                             const uint8_t *const *rows,
                                                             const float *const *scales, int R, int fetch,
                                                             float *out) {
     const int64_t K = p->K, G = p->G, half = K / 2, groups = K / G;
-    const int16_t *even = p->x16 + m * K, *odd = even + half;
-    const float *steps = p->steps + m * groups, *group_eights = p->group_eights + m * groups;
-    vec total[INT4_ROWS];
-    float offset[INT4_ROWS]; /* sum over the groups of scale * 8 * the group's column sum */
-    for (int r = 0; r < R; r++) total[r] = vzero(), offset[r] = 0.0f;
+    vec total[INT4_XROWS][INT4_ROWS];
+    float offset[INT4_XROWS][INT4_ROWS]; /* sum over the groups of scale * 8 * the group's column sum */
+    for (int mm = 0; mm < MR; mm++)
+        for (int r = 0; r < R; r++) total[mm][r] = vzero(), offset[mm][r] = 0.0f;
     for (int64_t g = 0; g < groups; g++) {
-        ivec acc[INT4_ROWS];
-        for (int r = 0; r < R; r++) acc[r] = izero();
+        ivec acc[INT4_XROWS][INT4_ROWS];
+        for (int mm = 0; mm < MR; mm++)
+            for (int r = 0; r < R; r++) acc[mm][r] = izero();
         for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += QLANES) {
-            const ivec xe = xload(even + j), xo = xload(odd + j);
+            ivec xe[INT4_XROWS], xo[INT4_XROWS];
+            for (int mm = 0; mm < MR; mm++) {
+                const int16_t *even = p->x16 + (m + mm) * K;
+                xe[mm] = xload(even + j), xo[mm] = xload(even + half + j);
+            }
             if (fetch && j % 64 < QLANES) /* 8 rows on: short rows end before the prefetcher catches up */
                 for (int r = 0; r < R; r++) FETCH_L2((const char *)(rows[r] + 8 * half + j));
-            for (int r = 0; r < R; r++) nibble_madd(rows[r] + j, xe, xo, &acc[r]);
+            for (int r = 0; r < R; r++) {
+                ivec high, low;
+                nibbles(rows[r] + j, &high, &low);
+                for (int mm = 0; mm < MR; mm++) acc[mm][r] = nibble_madd(acc[mm][r], high, low, xe[mm], xo[mm]);
+            }
         }
-        for (int r = 0; r < R; r++) {
-            total[r] = vfma(int_to_vec(acc[r]), vset(scales[r][g] * steps[g]), total[r]);
-            offset[r] += scales[r][g] * group_eights[g];
+        for (int mm = 0; mm < MR; mm++) {
+            const float step = p->steps[(m + mm) * groups + g], eights = p->group_eights[(m + mm) * groups + g];
+            for (int r = 0; r < R; r++) {
+                total[mm][r] = vfma(int_to_vec(acc[mm][r]), vset(scales[r][g] * step), total[mm][r]);
+                offset[mm][r] = fmaf(scales[r][g], eights, offset[mm][r]); /* one rounding, however compiled */
+            }
         }
     }
-    for (int r = 0; r < R; r++) out[r] = vsum(total[r]) - offset[r];
+    for (int mm = 0; mm < MR; mm++)
+        for (int r = 0; r < R; r++) out[mm * INT4_ROWS + r] = vsum(total[mm][r]) - offset[mm][r];
 }
 
-static void int4_dots_any(const int4_rows *p, int64_t m, const uint8_t *const *rows, const float *const *scales,
-                          int R, int fetch, float *out) {
-    if (R == 4) int4_dots(p, m, rows, scales, 4, fetch, out);
-    else if (R == 2) int4_dots(p, m, rows, scales, 2, fetch, out);
-    else for (int r = 0; r < R; r++) int4_dots(p, m, rows + r, scales + r, 1, fetch, out + r);
+static void int4_dots_any(const int4_rows *p, int64_t m, int MR, const uint8_t *const *rows,
+                          const float *const *scales, int R, int fetch, float *out) {
+    if (R == 4 && MR == 2) int4_dots(p, m, 2, rows, scales, 4, fetch, out);
+    else if (R == 4) int4_dots(p, m, 1, rows, scales, 4, fetch, out);
+    else if (R == 2 && MR == 2) int4_dots(p, m, 2, rows, scales, 2, fetch, out);
+    else if (R == 2) int4_dots(p, m, 1, rows, scales, 2, fetch, out);
+    else
+        for (int mm = 0; mm < MR; mm++)
+            for (int r = 0; r < R; r++)
+                int4_dots(p, m + mm, 1, rows + r, scales + r, 1, fetch && mm == 0, out + mm * INT4_ROWS + r);
 }
 #endif
 
@@ -952,20 +975,24 @@ static int int4_product(const void *x, const uint8_t *w, const float *scales, co
             rows[r] = w + (n0 + r) * half, row_scales[r] = scales + (n0 + r) * groups;
             if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * half, row_scales[count + r] = scales2 + (n0 + r) * groups;
         }
-        for (int64_t m = 0; m < M; m++) {
-            float out[INT4_ROWS];
+        for (int64_t m = 0; m < M; m += INT4_XROWS) {
+            const int mr = M - m < INT4_XROWS ? (int)(M - m) : INT4_XROWS;
+            float out[INT4_XROWS * INT4_ROWS];
 #if defined(INT16_DOTS)
-            if (prepared.x16 != NULL) int4_dots_any(&prepared, m, rows, row_scales, R, m == 0, out);
+            if (prepared.x16 != NULL) int4_dots_any(&prepared, m, mr, rows, row_scales, R, m == 0, out);
             else
 #endif
-                for (int r = 0; r < R; r++) out[r] = int4_dot(&prepared, m, rows[r], row_scales[r], m == 0);
-            for (int r = 0; r < count; r++) {
-                float v = out[r];
-                if (bias != NULL) v += read_io(bias, n0 + r, io_type);
-                v = activate(v, act);
-                if (w2 != NULL) v *= out[count + r];
-                write_io(y, m * N + n0 + r, v, io_type);
-            }
+                for (int mm = 0; mm < mr; mm++)
+                    for (int r = 0; r < R; r++)
+                        out[mm * INT4_ROWS + r] = int4_dot(&prepared, m + mm, rows[r], row_scales[r], m + mm == 0);
+            for (int mm = 0; mm < mr; mm++)
+                for (int r = 0; r < count; r++) {
+                    float v = out[mm * INT4_ROWS + r];
+                    if (bias != NULL) v += read_io(bias, n0 + r, io_type);
+                    v = activate(v, act);
+                    if (w2 != NULL) v *= out[mm * INT4_ROWS + count + r];
+                    write_io(y, (m + mm) * N + n0 + r, v, io_type);
+                }
         }
     }
     int4_free(&prepared);

@@ -557,6 +557,26 @@ def test_int4_rows_taken_in_pairs_equal_rows_taken_alone(dtype):
         )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_taken_in_pairs_equal_rows_taken_alone(dtype):
+    """int8 products take activation rows two at a time as well (each weight vector widened once for both):
+    every row's output, plain or gated, with columns past the last whole vector and a short last block of
+    weight rows, is bit for bit what that row gives alone."""
+    generator = torch.Generator().manual_seed(0)
+    n, k = 42, 300  # 300 columns: whole vectors, then a float tail
+    q = [torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=generator) for _ in range(2)]
+    s = [torch.rand(n, generator=generator) * 0.01 for _ in range(2)]
+    x = torch.randn(5, k, generator=generator).to(dtype)
+    together = ckernels.linear(x, q[0], s[0], act="silu")
+    gated = ckernels.gated(x, q[0][:41], q[1][:41], "silu", s[0][:41], s[1][:41])
+    for i in range(5):
+        row = x[i : i + 1]
+        assert torch.equal(together[i], ckernels.linear(row, q[0], s[0], act="silu")[0])
+        assert torch.equal(
+            gated[i], ckernels.gated(row, q[0][:41], q[1][:41], "silu", s[0][:41], s[1][:41])[0]
+        )
+
+
 def dequantize_mismatches() -> list[tuple]:
     """The cases where the C int4 dequantizer's weight is not, bit for bit, formats.dequantize_int4's: group
     sizes down to one vector step and a whole row, zero points or none, bfloat16 and float32 scales."""

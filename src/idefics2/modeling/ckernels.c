@@ -233,8 +233,8 @@ static void product_rows(const float *xf, const uint16_t *xh, const void *w, con
 #define INT16_DOTS 1
 #define QLANES 32 /* int16 activations per step */
 static inline __m512i xload(const int16_t *x) { return _mm512_loadu_si512(x); }
-static inline __m512i madd_step(__m512i acc, const int8_t *w, __m512i xv) {
-    const __m512i wide = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w));
+static inline __m512i widen(const int8_t *w) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)w)); }
+static inline __m512i madd_step(__m512i acc, __m512i wide, __m512i xv) {
 #if defined(__AVX512VNNI__)
     return _mm512_dpwssd_epi32(acc, wide, xv);
 #else
@@ -248,8 +248,8 @@ static inline ivec izero(void) { return _mm512_setzero_si512(); }
 #define INT16_DOTS 1
 #define QLANES 16
 static inline __m256i xload(const int16_t *x) { return _mm256_loadu_si256((const __m256i *)x); }
-static inline __m256i madd_step(__m256i acc, const int8_t *w, __m256i xv) {
-    const __m256i wide = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w));
+static inline __m256i widen(const int8_t *w) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)w)); }
+static inline __m256i madd_step(__m256i acc, __m256i wide, __m256i xv) {
 #if defined(__AVXVNNI__)
     return _mm256_dpwssd_avx_epi32(acc, wide, xv);
 #else
@@ -277,37 +277,55 @@ static void quantize_row(const float *x, int64_t K, int16_t *x16, float *xs) {
 }
 
 #define INT8_ROWS 4 /* int8 rows summed together, the activations loaded once for all */
-/* out[r] = x . rows[r] for R int8 rows: the whole vectors from the quantized row, the rest from the float one */
+#define INT8_XROWS 2 /* activation rows summed together, each weight vector widened once for all */
+/* out[mm * INT8_ROWS + r] = activation row mm . rows[r] for MR activation rows (float xf, quantized x16 with
+   block scales xs, rows `blocks` scales apart) and R int8 rows: the whole vectors from the quantized rows, the
+   rest from the float ones; fetch: the rows 8 on are fetched into L2 meanwhile */
 static inline __attribute__((always_inline)) void int8_dots(const float *xf, const int16_t *x16, const float *xs,
-                                                            const int8_t *const *rows, int R, int64_t K,
-                                                            int fetch, float *out) {
+                                                            int64_t blocks, int MR, const int8_t *const *rows,
+                                                            int R, int64_t K, int fetch, float *out) {
     const int64_t whole = K / QLANES * QLANES;
-    vec total[INT8_ROWS];
-    for (int r = 0; r < R; r++) total[r] = vzero();
+    vec total[INT8_XROWS][INT8_ROWS];
+    for (int mm = 0; mm < MR; mm++)
+        for (int r = 0; r < R; r++) total[mm][r] = vzero();
     for (int64_t b0 = 0; b0 < whole; b0 += QBLOCK) {
         const int64_t b1 = b0 + QBLOCK < whole ? b0 + QBLOCK : whole;
-        ivec acc[INT8_ROWS];
-        for (int r = 0; r < R; r++) acc[r] = izero();
+        ivec acc[INT8_XROWS][INT8_ROWS];
+        for (int mm = 0; mm < MR; mm++)
+            for (int r = 0; r < R; r++) acc[mm][r] = izero();
         for (int64_t k = b0; k < b1; k += QLANES) {
-            const ivec xv = xload(x16 + k);
+            ivec xv[INT8_XROWS];
+            for (int mm = 0; mm < MR; mm++) xv[mm] = xload(x16 + mm * K + k);
             if (fetch && k % 64 < QLANES) /* 8 rows on: short rows end before the prefetcher catches up */
                 for (int r = 0; r < R; r++) FETCH_L2((const char *)(rows[r] + 8 * K + k));
-            for (int r = 0; r < R; r++) acc[r] = madd_step(acc[r], rows[r] + k, xv);
+            for (int r = 0; r < R; r++) {
+                const ivec wide = widen(rows[r] + k);
+                for (int mm = 0; mm < MR; mm++) acc[mm][r] = madd_step(acc[mm][r], wide, xv[mm]);
+            }
         }
-        for (int r = 0; r < R; r++) total[r] = vfma(int_to_vec(acc[r]), vset(xs[b0 / QBLOCK]), total[r]);
+        for (int mm = 0; mm < MR; mm++)
+            for (int r = 0; r < R; r++)
+                total[mm][r] = vfma(int_to_vec(acc[mm][r]), vset(xs[mm * blocks + b0 / QBLOCK]), total[mm][r]);
     }
-    for (int r = 0; r < R; r++) {
-        float sum = vsum(total[r]);
-        for (int64_t k = whole; k < K; k++) sum += xf[k] * (float)rows[r][k];
-        out[r] = sum;
-    }
+    for (int mm = 0; mm < MR; mm++)
+        for (int r = 0; r < R; r++) {
+            float sum = vsum(total[mm][r]);
+            for (int64_t k = whole; k < K; k++) sum = fmaf(xf[mm * K + k], (float)rows[r][k], sum); /* however compiled */
+            out[mm * INT8_ROWS + r] = sum;
+        }
 }
 
-static void int8_dots_any(const float *xf, const int16_t *x16, const float *xs, const int8_t *const *rows, int R,
-                          int64_t K, int fetch, float *out) {
-    if (R == 4) int8_dots(xf, x16, xs, rows, 4, K, fetch, out);
-    else if (R == 2) int8_dots(xf, x16, xs, rows, 2, K, fetch, out);
-    else for (int r = 0; r < R; r++) int8_dots(xf, x16, xs, rows + r, 1, K, fetch, out + r);
+static void int8_dots_any(const float *xf, const int16_t *x16, const float *xs, int64_t blocks, int MR,
+                          const int8_t *const *rows, int R, int64_t K, int fetch, float *out) {
+    if (R == 4 && MR == 2) int8_dots(xf, x16, xs, blocks, 2, rows, 4, K, fetch, out);
+    else if (R == 4) int8_dots(xf, x16, xs, blocks, 1, rows, 4, K, fetch, out);
+    else if (R == 2 && MR == 2) int8_dots(xf, x16, xs, blocks, 2, rows, 2, K, fetch, out);
+    else if (R == 2) int8_dots(xf, x16, xs, blocks, 1, rows, 2, K, fetch, out);
+    else
+        for (int mm = 0; mm < MR; mm++)
+            for (int r = 0; r < R; r++)
+                int8_dots(xf + mm * K, x16 + mm * K, xs + mm * blocks, blocks, 1, rows + r, 1, K, fetch && mm == 0,
+                          out + mm * INT8_ROWS + r);
 }
 
 /* `product` for int8 weights (and a gated pair of them) on the integer multiply-adds */
@@ -333,17 +351,19 @@ static int int8_product(const float *xf, const int8_t *w, const float *scales, c
             rows[r] = w + (n0 + r) * K;
             if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * K;
         }
-        for (int64_t m = 0; m < M; m++) {
-            float out[INT8_ROWS];
-            int8_dots_any(xf + m * K, x16 + m * K, xs + m * blocks, rows, R, K, m == 0, out);
-            for (int r = 0; r < count; r++) {
-                const int64_t n = n0 + r;
-                float v = out[r] * scales[n];
-                if (bias != NULL) v += read_io(bias, n, io_type);
-                v = activate(v, act);
-                if (w2 != NULL) v *= out[count + r] * scales2[n];
-                write_io(y, m * N + n, v, io_type);
-            }
+        for (int64_t m = 0; m < M; m += INT8_XROWS) {
+            const int mr = M - m < INT8_XROWS ? (int)(M - m) : INT8_XROWS;
+            float out[INT8_XROWS * INT8_ROWS];
+            int8_dots_any(xf + m * K, x16 + m * K, xs + m * blocks, blocks, mr, rows, R, K, m == 0, out);
+            for (int mm = 0; mm < mr; mm++)
+                for (int r = 0; r < count; r++) {
+                    const int64_t n = n0 + r;
+                    float v = out[mm * INT8_ROWS + r] * scales[n];
+                    if (bias != NULL) v += read_io(bias, n, io_type);
+                    v = activate(v, act);
+                    if (w2 != NULL) v *= out[mm * INT8_ROWS + count + r] * scales2[n];
+                    write_io(y, (m + mm) * N + n, v, io_type);
+                }
         }
     }
     free(x16);

@@ -135,9 +135,14 @@ def test_a_fault_in_a_row_move_answers_every_handle_and_refuses_new_requests(bui
     armed = threading.Event()
     armed.set()
     inject(monkeypatch, engine.runner, "move_row", armed)
+    # the three are admitted together (rows 0, 1, 2), however the loop's thread is scheduled: else "last"
+    # could arrive after "short" has left and take its row, with no row to move
+    all_queued, retire = threading.Event(), engine._retire
+    monkeypatch.setattr(engine, "_retire", lambda: all_queued.wait(WAIT_S) and retire())
     first = engine.submit("Longer, first", max_new_tokens=30, min_new_tokens=30)
     short = engine.submit("Short", max_new_tokens=1)  # its row is given to the request after it
     last = engine.submit("Longer, last", max_new_tokens=20, min_new_tokens=20)
+    all_queued.set()
     assert short.result(timeout=WAIT_S).completion_tokens == 1  # it finished before its row was given away
     results = outcomes([first, last])
     assert "ok" not in results and "dead" in results, results

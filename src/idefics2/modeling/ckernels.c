@@ -26,7 +26,7 @@ enum { ACT_NONE = 0, ACT_SILU = 1 };
 #define MAX_WROWS 8 /* weight rows summed together (4 of a plain product, 4 gate + 4 up of a gated one) */
 #define MAX_XROWS 4 /* activation rows summed together */
 #define MAX_HEAD_VECTORS 16 /* an attention head of up to this many vectors is held in registers */
-#define PREFETCH_BLOCKS 2 /* blocks of rows fetched ahead into L2 (into L1 runs slower: its misses stall) */
+#define PREFETCH_ROWS 8 /* weight rows fetched this far ahead into L2 (into L1 runs slower: its misses stall) */
 #define CACHE_AHEAD_BYTES 8192 /* attention fetches the cache rows this far ahead of the row it reads into L2 */
 #define FETCH_L2(p) __builtin_prefetch((p), 0, 2) /* a line into L2 (x86: prefetcht1), on any CPU */
 
@@ -113,9 +113,9 @@ static inline vec wload(const void *row, int64_t k, int type) { return weight_at
 static inline __attribute__((always_inline)) void dots(const float *xf, const uint16_t *xh,
                                                        const void *const *rows, int nr, int mr, int64_t K,
                                                        int type, float sums[MAX_WROWS][MAX_XROWS]) {
-    /* a later block of rows (the same rows PREFETCH_BLOCKS blocks on) is fetched while this one is summed:
+    /* later rows (each row's PREFETCH_ROWS on, two blocks of 4) are fetched while these are summed:
        short rows end before the hardware prefetcher, which stops at page ends, has caught up with a new one */
-    const int64_t size = type == TYPE_F32 ? 4 : type == TYPE_BF16 ? 2 : 1, ahead = PREFETCH_BLOCKS * 4 * K * size;
+    const int64_t size = type == TYPE_F32 ? 4 : type == TYPE_BF16 ? 2 : 1, ahead = PREFETCH_ROWS * K * size;
     int64_t k = 0;
 #if defined(__AVX512BF16__)
     if (xh != NULL) { /* type == TYPE_BF16: bfloat16 pairs multiplied and summed in float32 */
@@ -296,8 +296,8 @@ static inline __attribute__((always_inline)) void int8_dots(const float *xf, con
         for (int64_t k = b0; k < b1; k += QLANES) {
             ivec xv[INT8_XROWS];
             for (int mm = 0; mm < MR; mm++) xv[mm] = xload(x16 + mm * K + k);
-            if (fetch && k % 64 < QLANES) /* 8 rows on: short rows end before the prefetcher catches up */
-                for (int r = 0; r < R; r++) FETCH_L2((const char *)(rows[r] + 8 * K + k));
+            if (fetch && k % 64 < QLANES) /* as `dots` does */
+                for (int r = 0; r < R; r++) FETCH_L2((const char *)(rows[r] + PREFETCH_ROWS * K + k));
             for (int r = 0; r < R; r++) {
                 const ivec wide = widen(rows[r] + k);
                 for (int mm = 0; mm < MR; mm++) acc[mm][r] = madd_step(acc[mm][r], wide, xv[mm]);
@@ -919,8 +919,8 @@ static inline __attribute__((always_inline)) void int4_dots(const int4_rows *p, 
                 const int16_t *even = p->x16 + (m + mm) * K;
                 xe[mm] = xload(even + j), xo[mm] = xload(even + half + j);
             }
-            if (fetch && j % 64 < QLANES) /* 8 rows on: short rows end before the prefetcher catches up */
-                for (int r = 0; r < R; r++) FETCH_L2((const char *)(rows[r] + 8 * half + j));
+            if (fetch && j % 64 < QLANES) /* as `dots` does */
+                for (int r = 0; r < R; r++) FETCH_L2((const char *)(rows[r] + PREFETCH_ROWS * half + j));
             for (int r = 0; r < R; r++) {
                 ivec high, low;
                 nibbles(rows[r] + j, &high, &low);
@@ -961,7 +961,7 @@ static inline float int4_dot(const int4_rows *p, int64_t m, const uint8_t *row, 
     for (int64_t g = 0; g < groups; g++) {
         vec acc = vzero();
         for (int64_t j = g * G / 2; j < (g + 1) * G / 2; j += LANES) {
-            if (fetch && j % 64 < LANES) FETCH_L2((const char *)(row + 8 * half + j));
+            if (fetch && j % 64 < LANES) FETCH_L2((const char *)(row + PREFETCH_ROWS * half + j));
             vec high, low;
             nibble_pairs(row + j, &high, &low);
             acc = vfma(high, vload(even + j), acc);

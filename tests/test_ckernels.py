@@ -818,16 +818,22 @@ def test_the_head_joins_the_whole_step_where_its_c_product_was_measured_nearly_t
 ):
     """Measured (fake times): every op's C kernel the fastest but the head's product, whose winner beats the
     C product by 3% (the head's C product joins the one-call step: it saves the head's own call) or by 20%
-    (the head runs as its own call, with the winner); the logits agree either way."""
+    (the head runs as its own call, with the winner); a float head whose greedy steps the call screens
+    (kernels.greedy_screen) joins up to 25% (at 20% it joins, at 40% not; at 20% without the screen, not).
+    The logits agree either way."""
     monkeypatch.setenv("IDEFICS2_KERNEL_TUNING", "1")
     monkeypatch.delenv("IDEFICS2_KERNELS", raising=False)
     model = decoder_model(mode)
     vocab = model.lm_head.out_features
     head_winner = "aten" if mode == "float32" else "dequantize"
     whole = count_calls(monkeypatch, ckernels.DecodeCall, "__call__")
+    screen = kernels.greedy_screen
+    # (the C head's time over the winner's, screen route on) -> whether the head joins
+    cases = {(1.03, True): True, (1.2, True): mode == "float32", (1.4, True): False, (1.2, False): False}
     logits = {}
-    for c_over_winner in (1.03, 1.2):
+    for (c_over_winner, screened), joins in cases.items():
         monkeypatch.setenv("IDEFICS2_KERNELS_CACHE", str(tmp_path / f"kernels-{c_over_winner}.json"))
+        monkeypatch.setattr(kernels, "greedy_screen", screen if screened else lambda: False)
 
         def fake_fastest(names, run, timer, reference, c_over_winner=c_over_winner):
             head = run(reference).shape[-1] == vocab  # the only product with the vocabulary's columns
@@ -841,10 +847,11 @@ def test_the_head_joins_the_whole_step_where_its_c_product_was_measured_nearly_t
         monkeypatch.setattr(kernels, "fastest", fake_fastest)
         kernels.forget_choices()
         whole.clear()
-        logits[c_over_winner] = decode_logits(model, steps=2)
-        assert len(whole) == (2 if c_over_winner == 1.03 else 0)
+        logits[c_over_winner, screened] = decode_logits(model, steps=2)
+        assert len(whole) == (2 if joins else 0), (c_over_winner, screened)
     kernels.forget_choices()
-    assert rel_diff(logits[1.2].double(), logits[1.03].double()) <= (1e-5 if mode == "float32" else 3e-2)
+    for got in logits.values():
+        assert rel_diff(got.double(), logits[1.03, True].double()) <= (1e-5 if mode == "float32" else 3e-2)
 
 
 def test_the_kept_whole_step_call_follows_the_model_between_steps(monkeypatch):

@@ -286,13 +286,43 @@ def test_a_spent_prefill_budget_leaves_decode_rows_measured(tuning, monkeypatch)
         pytest.skip("no oneDNN float32 linear kernel here: one kernel, nothing to choose")
     clock = tuning({"onednn": 2e-6, "aten": 1e-6})
     w = torch.randn(48, 32)
-    monkeypatch.setattr(kernels, "_spent", {"decode": 0.0, "prefill": kernels.TUNING_BUDGET_S})
+    kernels._spent[("prefill", "float32")] = kernels.TUNING_BUDGET_S
     with torch.no_grad():
         linear(torch.randn(300, 32), w)  # prefill rows: their budget is spent
         assert clock.samples == []
         linear(torch.randn(1, 32), w)  # a decode row: measured
     assert sorted(set(clock.samples)) == ["aten", "onednn"]
     assert kernels.measuring_seconds() > kernels.TUNING_BUDGET_S
+
+
+def test_a_spent_float32_budget_leaves_a_quantized_copy_measured(tuning):
+    """Each kind of weights has its own budgets: a float model measured first (e.g. in a benchmark that also
+    runs its quantized copies) cannot leave the int8 model's decode steps on unmeasured kernels."""
+    layer = QuantizedLinear.from_float(torch.randn(64, 128) * 0.02, None, 8)
+    if not kernels.int8_weight_kernel("cpu"):
+        pytest.skip("no int8 kernel here: one kernel, nothing to choose")
+    clock = tuning({"kernel": 3e-6, "dequantize_bfloat16": 2e-6, "dequantize": 1e-6})
+    kernels._spent[("decode", "float32")] = kernels.TUNING_BUDGET_S
+    with torch.no_grad():
+        layer(torch.randn(1, 128))
+    assert "dequantize" in clock.samples  # measured, though float32's decode budget is spent
+    kernels._spent[("decode", "int8")] = kernels.TUNING_BUDGET_S
+    before = len(clock.samples)
+    with torch.no_grad():
+        layer(torch.randn(2, 128))  # another class of decode rows: int8's budget is spent now
+    assert len(clock.samples) == before
+
+
+def test_the_budget_counts_each_kind_of_weights_apart():
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert kernels._weights_of("linear", (bf16, 64, 32, False, None)) == "bfloat16"
+    assert kernels._weights_of("int8", (f32, 64, 32, None)) == "int8"
+    assert kernels._weights_of("int4", (bf16, 64, 32, 128)) == "int4"
+    assert kernels._weights_of("gated", (f32, torch.uint8, 64, 32, "silu")) == "int4"
+    assert kernels._weights_of("gated", (f32, torch.int8, 64, 32, "silu")) == "int8"
+    assert kernels._weights_of("decoder_step", (f32, 1024, 2560, 16, 8, "int4g128")) == "int4"
+    assert kernels._weights_of("decoder_step", (bf16, 1024, 2560, 16, 8, "bfloat16")) == "bfloat16"
+    assert kernels._weights_of("attention", (bf16, 16, 4, 64, "keys<=512")) == "bfloat16"
 
 
 def test_kernels_command_prints_features_bandwidth_and_choices(tmp_path):

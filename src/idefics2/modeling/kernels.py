@@ -31,6 +31,7 @@ speed" below).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import hashlib
@@ -302,8 +303,9 @@ def _probe_int4(device_type: str) -> str | None:
 # machine (CPU model and flags, instruction set in use, torch version, thread count), so a second process
 # measures nothing. Measuring stops for the process after TUNING_BUDGET_S seconds on decode rows' shapes, and
 # after as many on prefill rows' (so that a large model's prefill, measured first, never leaves its decode
-# steps unmeasured): the shapes left then take the preferred kernel (OPS' order) until a later process
-# measures them.
+# steps unmeasured), each for every kind of weights (float32, bfloat16, int8, int4: so that the models of one
+# process, e.g. a float model and its quantized copy, each measure their own shapes): the shapes left then
+# take the preferred kernel (OPS' order) until a later process measures them.
 #
 # Environment: IDEFICS2_KERNELS="linear=aten,int8=kernel" forces kernels (as `force` does);
 # IDEFICS2_KERNEL_TUNING=0 measures nothing (the preferred kernel everywhere, no file);
@@ -328,7 +330,8 @@ _unmeasured: dict[tuple, str] = {}  # same key -> kernel run without measuring (
 _timings: dict[tuple, dict[str, float]] = {}  # same key -> seconds per call of each kernel measured
 _file_entries: dict[str, dict[str, dict]] = {}  # machine -> entry name -> {"kernel", "seconds"}, as read
 _tuning_lock = threading.RLock()
-_spent = {"decode": 0.0, "prefill": 0.0}  # seconds measured so far in this process, by kind of rows
+# seconds measured so far in this process, by kind of rows ("decode", "prefill") and of weights (_weights_of)
+_spent: dict[tuple[str, str], float] = collections.defaultdict(float)
 _preferred_only: list[bool] = []  # non-empty inside `preferred()`
 
 
@@ -416,7 +419,7 @@ def forget_choices() -> None:
         _routes_changed()
         _timings.clear()
         _file_entries.clear()
-        _spent.update(dict.fromkeys(_spent, 0.0))
+        _spent.clear()
         _env_forced.cache_clear()
         tuning_enabled.cache_clear()
 
@@ -465,7 +468,7 @@ def _measure_choice(
             seconds = saved.get("seconds")
             _choices[key], _timings[key] = saved["kernel"], seconds if isinstance(seconds, dict) else {}
             return _choices[key]
-        kind = "prefill" if key[2] in ("prefill", "long") else "decode"
+        kind = ("prefill" if key[2] in ("prefill", "long") else "decode", _weights_of(key[0], key[1]))
         if _spent[kind] >= TUNING_BUDGET_S:
             _choices[key] = names[0]  # for this process only: a later one measures it
             return names[0]
@@ -476,6 +479,17 @@ def _measure_choice(
         _choices[key], _timings[key] = chosen, times
         _write_cache(machine, key, chosen, times, names)
         return chosen
+
+
+def _weights_of(op: str, shape: tuple) -> str:
+    """The kind of weights that `op`'s kernels read on `shape`, as the measuring budget counts them: "int8",
+    "int4", or the float dtype's name ("float32", "bfloat16"); for ops that read no weights, the
+    activations' dtype."""
+    if op in ("int8", "int4"):
+        return op
+    # gated: (activations, weights, ...); decoder_step: (..., each weight format, "int4g128" for int4)
+    name = describe(shape[1] if op == "gated" else shape[-1] if op == "decoder_step" else shape[0])
+    return "int4" if name == "uint8" or name.startswith("int4") else name
 
 
 def fastest(

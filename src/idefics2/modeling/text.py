@@ -331,8 +331,8 @@ class MistralDecoder(nn.Module):
         `_c_decode_step` takes), attending over its slots up to there (the last sliding_window of them), and
         `head` the language-model head. The same numbers as the embedding, `forward` and `head` run with the
         C kernels, which this takes only where the one-call step is the one chosen and the head's C product
-        is too, or was measured within HEAD_JOINS_WITHIN of the chosen one (else None, and the step runs as
-        those calls). The call is prepared once per cache view and kept while the weights, hooks and chosen
+        is too, or was measured within HEAD_JOINS_WITHIN of the chosen one (HEAD_JOINS_SCREENED for a float
+        head whose greedy steps are screened; else None, and the step runs as those calls). The call is prepared once per cache view and kept while the weights, hooks and chosen
         kernels stay as they were: assigned weights, hooks and kernels are checked every step; the weights'
         storages (`param.data = ...`, `.to()`) at the first step after any forward of the decoder (a
         prefill: each generation, each request the engine admits), since reading every storage costs more
@@ -407,12 +407,17 @@ class MistralDecoder(nn.Module):
         embed, norm = self.embed_tokens, self.norm
         dtype = embed.weight.dtype
         watched = (embed, norm, head)
+        head_operands = getattr(head, "c_operands", lambda *args: None)(dtype, "check")
+        # a float head's greedy steps read its int8 screen in the call (`c_decode_greedy`), not its product
+        screened = head_operands is not None and head_operands[1] is None and kernels.greedy_screen()
         if (
             not embed.weight.is_cpu
             or not embed.weight.is_contiguous()
             or norm.weight.dtype != dtype
             or any(module._forward_hooks or module._forward_pre_hooks for module in watched)
-            or not getattr(head, "c_chosen", lambda *args: False)(dtype, rows, HEAD_JOINS_WITHIN)
+            or not getattr(head, "c_chosen", lambda *args: False)(
+                dtype, rows, HEAD_JOINS_SCREENED if screened else HEAD_JOINS_WITHIN
+            )
         ):
             return None
         layers = self._c_step_layers(dtype, rows, kv_cache)
@@ -536,6 +541,10 @@ class MistralDecoder(nn.Module):
 # Xeon, head in the call against a separate call by torch's product, which won its race by 0.3%: 16.42 ms
 # against 16.81 ms a step)
 HEAD_JOINS_WITHIN = 1.05
+# the same for a float head where greedy steps are screened (kernels.greedy_screen): those read a quarter
+# (float32) or half (bfloat16) of the head's bytes in the call, and a greedy float32 "mid" decode on an Intel
+# Xeon ran at 35 tok/s without the call (torch's head product had won its race by 5%) against 44 with it
+HEAD_JOINS_SCREENED = 1.25
 STEP_BENCH_BYTES = 2**29  # of weights read by one timed decoder step (the "decoder_step" race)
 
 

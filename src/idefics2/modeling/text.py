@@ -326,18 +326,19 @@ class MistralDecoder(nn.Module):
     def c_decode_tokens(
         self, tokens: list[int], positions: list[int], kv_cache: Any, head: nn.Module
     ) -> torch.Tensor | None:
-        """The logits (B, V) float32 of a CPU decode step run whole in one C call (ckernels.DecodeCall):
-        row b's token tokens[b] at position positions[b] (its cache slot) of kv_cache (a row cache, as
+        """The logits (B, V) float32 of a CPU decode step run whole in one C call (ckernels.DecodeCall): row
+        b's token tokens[b] at position positions[b] (its cache slot) of kv_cache (a row cache, as
         `_c_decode_step` takes), attending over its slots up to there (the last sliding_window of them), and
-        `head` the language-model head. The same numbers as the embedding, `forward` and `head` run with the
-        C kernels, which this takes only where the one-call step is the one chosen and the head's C product
-        is too, or was measured within HEAD_JOINS_WITHIN of the chosen one (HEAD_JOINS_SCREENED for a float
-        head whose greedy steps are screened; else None, and the step runs as those calls). The call is prepared once per cache view and kept while the weights, hooks and chosen
-        kernels stay as they were: assigned weights, hooks and kernels are checked every step; the weights'
-        storages (`param.data = ...`, `.to()`) at the first step after any forward of the decoder (a
-        prefill: each generation, each request the engine admits), since reading every storage costs more
-        than a small model's step can spare. Until then a weight given new storage mid-generation is read
-        where it was (the call holds that storage): the generation ends on the weights it began with."""
+        `head` the language-model head. The same numbers as the embedding, `forward` and `head` run with the C
+        kernels, which this takes only where the one-call step is the one chosen and the head's C product is
+        too, or was measured within HEAD_JOINS_WITHIN of the chosen one (HEAD_JOINS_SCREENED for a float head
+        whose greedy steps are screened; else None, and the step runs as those calls). The call is prepared
+        once per cache view and kept while the weights, hooks and chosen kernels stay as they were: assigned
+        weights, hooks and kernels are checked every step; the weights' storages (`param.data = ...`, `.to()`)
+        at the first step after any forward of the decoder (a prefill: each generation, each request the
+        engine admits), since reading every storage costs more than a small model's step can spare. Until then
+        a weight given new storage mid-generation is read where it was (the call holds that storage): the
+        generation ends on the weights it began with."""
         entry = self._decode_entry(tokens, positions, kv_cache, head)
         return None if entry is None else entry.call(tokens, positions)
 

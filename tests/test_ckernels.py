@@ -169,10 +169,18 @@ def test_every_instruction_set_builds_and_agrees(march):
             x, w = torch.randn(3, 40).to(dtype), torch.randn(13, 40).to(dtype)
             q, s = torch.randint(-127, 128, (13, 40), dtype=torch.int8), torch.rand(13)
             xw = x.double() @ w.double().T
+            # 11 rows of 2,100 columns: passes of rows over column chunks, bit for bit each row alone
+            xl, wl = torch.randn(11, 2100).to(dtype), (torch.randn(13, 2100) / 50).to(dtype)
+            ql = torch.randint(-127, 128, (13, 2100), dtype=torch.int8)
+            for product in (lambda r: ckernels.linear(r, wl), lambda r: ckernels.linear(r, ql, s),
+                            lambda r: ckernels.gated(r, wl, wl, "silu")):
+                together = product(xl)
+                assert all(torch.equal(together[i], product(xl[i : i + 1])[0]) for i in range(11))
             pairs = [
                 (ckernels.linear(x, w, act="silu"), F.silu(xw)),
                 (ckernels.linear(x, q, s), (x.double() @ q.double().T) * s.double()),
                 (ckernels.gated(x, w, w, "silu"), F.silu(xw) * xw),
+                (ckernels.linear(xl, wl), xl.double() @ wl.double().T),
             ]
             qa, ka = torch.randn(1, 4, 1, 24).to(dtype), torch.randn(1, 2, 50, 24).to(dtype)
             mask = torch.ones(1, 1, 1, 50, dtype=torch.bool)
@@ -531,6 +539,31 @@ def test_int4_layers_on_the_c_kernel_equal_the_dequantized_product(dtype, group_
     assert rel_diff(again.double(), want) <= 2e-2
     state = layer.state_dict()  # still the portable form, saved and reloaded as before
     assert state["qweight"].shape == (40, 128) and state["qweight"].dtype == torch.uint8
+
+
+def passes_and_alone(x, product) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """`product` of all rows of x at once, and of each row alone."""
+    return product(x), [product(x[i : i + 1])[0] for i in range(x.shape[0])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_float_rows_taken_in_column_chunks_equal_rows_taken_alone(dtype):
+    """Float products of more activation rows than one pass sums (4, a gated block's 2) go through each weight
+    row in column chunks, every pass over a chunk before the next: each row's output, plain or gated, with
+    columns past the last whole vector, a short last block of weight rows and 11 rows (8 together, then 3),
+    is bit for bit what that row gives alone, and matches float64."""
+    generator = torch.Generator().manual_seed(0)
+    n, k = 42, 2100  # several chunks of 2 KiB of each row, whole vectors, then a tail
+    w = [(torch.randn(n, k, generator=generator) / k**0.5).to(dtype) for _ in range(2)]
+    x = torch.randn(11, k, generator=generator).to(dtype)
+    together, alone = passes_and_alone(x, lambda rows: ckernels.linear(rows, w[0], act="silu"))
+    for i in range(11):
+        assert torch.equal(together[i], alone[i]), i
+    want = F.silu(x.double() @ w[0].double().T)
+    assert rel_diff(together.double(), want) <= TOLERANCE[dtype]
+    together, alone = passes_and_alone(x, lambda rows: ckernels.gated(rows, w[0][:41], w[1][:41], "silu"))
+    for i in range(11):
+        assert torch.equal(together[i], alone[i]), i
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -109,20 +109,29 @@ static inline vec vset(float f) { return f; }
 static inline vec wload(const void *row, int64_t k, int type) { return weight_at(row, k, type); }
 #endif
 
-/* sums[r][m] = x[m] . rows[r] over K: x as float32 rows (xf), or bfloat16 rows (xh, AVX512-BF16 only) */
+/* The columns of x . row that `dots` sums lane by lane: whole vectors of the path taken (32 bfloat16 pairs
+   with bfloat16 activations on AVX512-BF16, LANES floats otherwise); the rest are added one by one. */
+static inline int64_t whole_columns(const uint16_t *xh, int64_t K) {
+    return xh != NULL ? K / 32 * 32 : K / LANES * LANES;
+}
+
+/* x[m] . rows[r] over columns [k0, k1) (whole_columns' steps) added lane by lane to acc_io[r][m] (NULL: to
+   zeros); then, with sums, the lanes summed and the columns past whole_columns added into sums[r][m], else
+   the lanes kept in acc_io. x as float32 rows (xf), or bfloat16 rows (xh, AVX512-BF16 only), K columns */
 static inline __attribute__((always_inline)) void dots(const float *xf, const uint16_t *xh,
                                                        const void *const *rows, int nr, int mr, int64_t K,
-                                                       int type, float sums[MAX_WROWS][MAX_XROWS]) {
+                                                       int64_t k0, int64_t k1, int type,
+                                                       vec acc_io[MAX_WROWS][MAX_XROWS],
+                                                       float sums[MAX_WROWS][MAX_XROWS]) {
     /* later rows (each row's PREFETCH_ROWS on, two blocks of 4) are fetched while these are summed:
        short rows end before the hardware prefetcher, which stops at page ends, has caught up with a new one */
     const int64_t size = type == TYPE_F32 ? 4 : type == TYPE_BF16 ? 2 : 1, ahead = PREFETCH_ROWS * K * size;
-    int64_t k = 0;
+    vec acc[MAX_WROWS][MAX_XROWS];
+    for (int r = 0; r < nr; r++)
+        for (int m = 0; m < mr; m++) acc[r][m] = acc_io != NULL ? acc_io[r][m] : vzero();
 #if defined(__AVX512BF16__)
     if (xh != NULL) { /* type == TYPE_BF16: bfloat16 pairs multiplied and summed in float32 */
-        __m512 acc[MAX_WROWS][MAX_XROWS];
-        for (int r = 0; r < nr; r++)
-            for (int m = 0; m < mr; m++) acc[r][m] = _mm512_setzero_ps();
-        for (; k + 32 <= K; k += 32) {
+        for (int64_t k = k0; k < k1; k += 32) {
             __m512bh xv[MAX_XROWS];
             for (int m = 0; m < mr; m++) xv[m] = (__m512bh)_mm512_loadu_si512(xh + m * K + k);
             for (int r = 0; r < nr; r++) FETCH_L2((const char *)rows[r] + ahead + 2 * k);
@@ -131,42 +140,40 @@ static inline __attribute__((always_inline)) void dots(const float *xf, const ui
                 for (int m = 0; m < mr; m++) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xv[m]);
             }
         }
-        for (int r = 0; r < nr; r++)
-            for (int m = 0; m < mr; m++) {
-                float s = _mm512_reduce_add_ps(acc[r][m]);
-                for (int64_t j = k; j < K; j++) s += bf16_to_f32(xh[m * K + j]) * weight_at(rows[r], j, type);
-                sums[r][m] = s;
+    } else
+#endif
+        for (int64_t k = k0; k < k1; k += LANES) {
+            vec xv[MAX_XROWS];
+            for (int m = 0; m < mr; m++) xv[m] = vload(xf + m * K + k);
+            if ((k * size) % 64 < LANES * size)
+                for (int r = 0; r < nr; r++) FETCH_L2((const char *)rows[r] + ahead + k * size);
+            for (int r = 0; r < nr; r++) {
+                vec wv = wload(rows[r], k, type);
+                for (int m = 0; m < mr; m++) acc[r][m] = vfma(xv[m], wv, acc[r][m]);
             }
+        }
+    if (sums == NULL) {
+        for (int r = 0; r < nr; r++)
+            for (int m = 0; m < mr; m++) acc_io[r][m] = acc[r][m];
         return;
     }
-#else
-    (void)xh; /* bfloat16 activations are widened by the caller */
-#endif
-    vec acc[MAX_WROWS][MAX_XROWS];
-    for (int r = 0; r < nr; r++)
-        for (int m = 0; m < mr; m++) acc[r][m] = vzero();
-    for (; k + LANES <= K; k += LANES) {
-        vec xv[MAX_XROWS];
-        for (int m = 0; m < mr; m++) xv[m] = vload(xf + m * K + k);
-        if ((k * size) % 64 < LANES * size)
-            for (int r = 0; r < nr; r++) FETCH_L2((const char *)rows[r] + ahead + k * size);
-        for (int r = 0; r < nr; r++) {
-            vec wv = wload(rows[r], k, type);
-            for (int m = 0; m < mr; m++) acc[r][m] = vfma(xv[m], wv, acc[r][m]);
-        }
-    }
+    const int64_t whole = whole_columns(xh, K);
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mr; m++) {
             float s = vsum(acc[r][m]);
-            for (int64_t j = k; j < K; j++) s += xf[m * K + j] * weight_at(rows[r], j, type);
+            if (xh != NULL)
+                for (int64_t j = whole; j < K; j++) s += bf16_to_f32(xh[m * K + j]) * weight_at(rows[r], j, type);
+            else
+                for (int64_t j = whole; j < K; j++) s += xf[m * K + j] * weight_at(rows[r], j, type);
             sums[r][m] = s;
         }
 }
 
 /* the shapes of `dots` used, each compiled with its loops unrolled */
-#define DOTS(NR, MR) dots(xf, xh, rows, NR, MR, K, type, sums)
+#define DOTS(NR, MR) dots(xf, xh, rows, NR, MR, K, k0, k1, type, acc, sums)
 static void dots_any(const float *xf, const uint16_t *xh, const void *const *rows, int nr, int mr, int64_t K,
-                     int type, float sums[MAX_WROWS][MAX_XROWS]) {
+                     int64_t k0, int64_t k1, int type, vec acc[MAX_WROWS][MAX_XROWS],
+                     float sums[MAX_WROWS][MAX_XROWS]) {
     if (nr == 8 && mr == 1) DOTS(8, 1);
     else if (nr == 8) DOTS(8, 2);
     else if (nr == 4 && mr == 1) DOTS(4, 1);
@@ -192,30 +199,59 @@ static inline void write_io(void *p, int64_t i, float v, int io_type) {
     else ((uint16_t *)p)[i] = f32_to_bf16(v);
 }
 
-/* rows [n0, n0 + count) of the output for activation rows [m0, m0 + mr) */
+/* rows [n0, n0 + count) of the output for activation rows [m0, m0 + mr), mr <= CHUNKED_XROWS, in passes of
+   MAX_XROWS activation rows (2 for a gated block, which sums 8 weight rows). With several passes the columns
+   go in chunks of CHUNK_BYTES of each weight row, every pass over a chunk before the next chunk, so that the
+   passes after the first read the chunk from L1 instead of whole rows from L2 (four float32 rows of 4,096
+   columns and four activation rows overflow L1); each sum adds the same terms in the same order. */
+#define CHUNKED_XROWS 8
+#define CHUNK_BYTES 2048
+#define MAX_PASSES (CHUNKED_XROWS / 2)
+/* sums[p] for each pass p of activation rows over several passes: the columns in chunks, the last ending each
+   pass's sums (kept apart from product_rows: a single pass needs none of these lanes on its stack) */
+static void chunked_sums(const float *xf, const uint16_t *xh, const void *const *rows, int nr, int mr,
+                         int per_pass, int64_t K, int w_type, float sums[MAX_PASSES][MAX_WROWS][MAX_XROWS]) {
+    const int passes = (mr + per_pass - 1) / per_pass;
+    const int64_t whole = whole_columns(xh, K);
+    const int64_t size = w_type == TYPE_F32 ? 4 : w_type == TYPE_BF16 ? 2 : 1, chunk = CHUNK_BYTES / size;
+    const int64_t last = whole > chunk ? (whole - 1) / chunk * chunk : 0; /* the last chunk's start */
+    vec acc[MAX_PASSES][MAX_WROWS][MAX_XROWS]; /* [pass][r][m]: the lanes kept between chunks */
+    for (int p = 0; p < passes; p++)
+        for (int r = 0; r < nr; r++)
+            for (int m = 0; m < MAX_XROWS; m++) acc[p][r][m] = vzero();
+    for (int64_t k0 = 0; k0 <= last; k0 += chunk)
+        for (int p = 0; p < passes; p++) {
+            const int64_t m = (int64_t)p * per_pass;
+            const int step = mr - m < per_pass ? (int)(mr - m) : per_pass;
+            dots_any(xf ? xf + m * K : NULL, xh ? xh + m * K : NULL, rows, nr, step, K, k0,
+                     k0 < last ? k0 + chunk : whole, w_type, acc[p], k0 < last ? NULL : sums[p]);
+        }
+}
+
 static void product_rows(const float *xf, const uint16_t *xh, const void *w, const float *scales,
                          const void *w2, const float *scales2, const void *bias, void *y, int64_t m0, int mr,
                          int64_t n0, int count, int64_t N, int64_t K, int io_type, int w_type, int act) {
     const void *rows[MAX_WROWS];
-    float sums[MAX_WROWS][MAX_XROWS];
     for (int r = 0; r < count; r++) {
         rows[r] = weight_row(w, n0 + r, K, w_type);
         if (w2 != NULL) rows[count + r] = weight_row(w2, n0 + r, K, w_type);
     }
-    int step = mr;
-    for (int m = 0; m < mr; m += step) {
-        step = mr - m;
-        if (w2 != NULL && step > 2) step = 2; /* a gated block sums 8 weight rows: 2 activation rows at most */
-        dots_any(xf ? xf + m * K : NULL, xh ? xh + m * K : NULL, rows, w2 != NULL ? 2 * count : count, step,
-                 K, w_type, sums);
+    const int per_pass = w2 != NULL ? 2 : MAX_XROWS, passes = (mr + per_pass - 1) / per_pass;
+    const int nr = w2 != NULL ? 2 * count : count;
+    float sums[MAX_PASSES][MAX_WROWS][MAX_XROWS];
+    if (passes == 1) dots_any(xf, xh, rows, nr, mr, K, 0, whole_columns(xh, K), w_type, NULL, sums[0]);
+    else chunked_sums(xf, xh, rows, nr, mr, per_pass, K, w_type, sums);
+    for (int p = 0; p < passes; p++) {
+        const int64_t m = (int64_t)p * per_pass;
+        const int step = mr - m < per_pass ? (int)(mr - m) : per_pass;
         for (int r = 0; r < count; r++)
             for (int j = 0; j < step; j++) {
                 int64_t n = n0 + r;
-                float v = sums[r][j];
+                float v = sums[p][r][j];
                 if (scales != NULL) v *= scales[n];
                 if (bias != NULL) v += read_io(bias, n, io_type);
                 v = activate(v, act);
-                if (w2 != NULL) v *= scales2 != NULL ? sums[count + r][j] * scales2[n] : sums[count + r][j];
+                if (w2 != NULL) v *= scales2 != NULL ? sums[p][count + r][j] * scales2[n] : sums[p][count + r][j];
                 write_io(y, (m0 + m + j) * N + n, v, io_type);
             }
     }
@@ -403,8 +439,8 @@ static int product(const void *x, const void *w, const float *scales, const void
     for (int64_t b = 0; b < blocks; b++) {
         int64_t n0 = b * block;
         int count = N - n0 < block ? (int)(N - n0) : (int)block;
-        for (int64_t m0 = 0; m0 < M; m0 += MAX_XROWS) {
-            int mr = M - m0 < MAX_XROWS ? (int)(M - m0) : MAX_XROWS;
+        for (int64_t m0 = 0; m0 < M; m0 += CHUNKED_XROWS) {
+            int mr = M - m0 < CHUNKED_XROWS ? (int)(M - m0) : CHUNKED_XROWS;
             const float *xf_rows = xf != NULL ? xf + m0 * K : NULL;
             const uint16_t *xh_rows = xh != NULL ? xh + m0 * K : NULL;
             if (count == block) {
@@ -1372,7 +1408,8 @@ static int screened_argmax(const void *x, const void *w, const head_screen *scre
             float largest = 0.0f, sums[MAX_WROWS][MAX_XROWS];
             for (int64_t i = 0; i < count; i++) { /* in index order: the first of equal logits stays */
                 const void *row = (const char *)w + size * candidates[i] * D;
-                dots_any(xh != NULL ? NULL : xm, xh, &row, 1, 1, D, narrow ? TYPE_BF16 : TYPE_F32, sums);
+                dots_any(xh != NULL ? NULL : xm, xh, &row, 1, 1, D, 0, whole_columns(xh, D), narrow ? TYPE_BF16 : TYPE_F32,
+                         NULL, sums);
                 const float logit = narrow ? bf16_to_f32(f32_to_bf16(sums[0][0])) : sums[0][0];
                 if (best < 0 || logit > largest) best = candidates[i], largest = logit;
             }

@@ -717,6 +717,35 @@ def test_a_measured_int4_prefill_measures_its_decode_rows_once_not_inside_the_ra
     assert classes[0] == ("1" if held is not None else "prefill")
 
 
+def test_an_int4_race_moves_one_copy_to_the_portable_layout(monkeypatch, tmp_path):
+    """The C kernel's streaming copies of an int4 layer held in torch's layout are clones of one copy moved to
+    the portable layout: one move per race (each took 0.12 s for one of idefics2-8b's 14336x4096 weights,
+    eight of them most of its race), the layer itself left in its layout."""
+    layer = QuantizedLinear.from_float(torch.randn(64, 256) * 0.02, None, 4, 128)
+    if layer.packing is None:
+        pytest.skip("no int4 kernel layout here: nothing to move")
+    monkeypatch.setenv("IDEFICS2_KERNEL_TUNING", "1")
+    monkeypatch.setenv("IDEFICS2_KERNELS_CACHE", str(tmp_path / "kernels.json"))
+    monkeypatch.delenv("IDEFICS2_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "streaming_copies", lambda nbytes, rows: 4)
+    kernels.forget_choices()
+    moves, unpack = [], QuantizedLinear._unpack
+
+    def counted(self):
+        moves.extend([1] if self.packing is not None else [])
+        return unpack(self)
+
+    monkeypatch.setattr(QuantizedLinear, "_unpack", counted)
+    try:
+        chosen = layer._cpu_kernel(torch.float32, 1)
+        key = ("int4", layer._kernel_shape(torch.float32), "1", torch.get_num_threads())
+        timed = kernels.choices()[key][1]
+    finally:
+        kernels.forget_choices()
+    assert "c" in timed and chosen in timed
+    assert len(moves) == 1 and layer.packing is not None
+
+
 def decoder_model(mode: str, layers: int = 2, window: int | None = None) -> Idefics2ForConditionalGeneration:
     torch.manual_seed(0)
     text = {"intermediate_size": 96, "num_hidden_layers": layers, "sliding_window": window}

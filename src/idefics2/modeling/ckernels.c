@@ -346,7 +346,8 @@ static inline __attribute__((always_inline)) void int8_dots(const float *xf, con
     for (int mm = 0; mm < MR; mm++)
         for (int r = 0; r < R; r++) {
             float sum = vsum(total[mm][r]);
-            for (int64_t k = whole; k < K; k++) sum = fmaf(xf[mm * K + k], (float)rows[r][k], sum); /* however compiled */
+            for (int64_t k = whole; k < K; k++) /* fmaf: one rounding, however compiled */
+                sum = fmaf(xf[mm * K + k], (float)rows[r][k], sum);
             out[mm * INT8_ROWS + r] = sum;
         }
 }
@@ -1408,8 +1409,8 @@ static int screened_argmax(const void *x, const void *w, const head_screen *scre
             float largest = 0.0f, sums[MAX_WROWS][MAX_XROWS];
             for (int64_t i = 0; i < count; i++) { /* in index order: the first of equal logits stays */
                 const void *row = (const char *)w + size * candidates[i] * D;
-                dots_any(xh != NULL ? NULL : xm, xh, &row, 1, 1, D, 0, whole_columns(xh, D), narrow ? TYPE_BF16 : TYPE_F32,
-                         NULL, sums);
+                dots_any(xh != NULL ? NULL : xm, xh, &row, 1, 1, D, 0, whole_columns(xh, D),
+                         narrow ? TYPE_BF16 : TYPE_F32, NULL, sums);
                 const float logit = narrow ? bf16_to_f32(f32_to_bf16(sums[0][0])) : sums[0][0];
                 if (best < 0 || logit > largest) best = candidates[i], largest = logit;
             }

@@ -51,8 +51,9 @@ static inline float weight_at(const void *row, int64_t k, int type) {
     return (float)((const int8_t *)row)[k];
 }
 
+static inline int64_t type_size(int type) { return type == TYPE_F32 ? 4 : type == TYPE_BF16 ? 2 : 1; }
 static inline const void *element(const void *p, int64_t i, int type) {
-    return (const char *)p + i * (type == TYPE_F32 ? 4 : type == TYPE_BF16 ? 2 : 1);
+    return (const char *)p + i * type_size(type);
 }
 
 static inline const void *weight_row(const void *w, int64_t n, int64_t K, int type) { return element(w, n * K, type); }
@@ -125,7 +126,7 @@ static inline __attribute__((always_inline)) void dots(const float *xf, const ui
                                                        float sums[MAX_WROWS][MAX_XROWS]) {
     /* later rows (each row's PREFETCH_ROWS on, two blocks of 4) are fetched while these are summed:
        short rows end before the hardware prefetcher, which stops at page ends, has caught up with a new one */
-    const int64_t size = type == TYPE_F32 ? 4 : type == TYPE_BF16 ? 2 : 1, ahead = PREFETCH_ROWS * K * size;
+    const int64_t size = type_size(type), ahead = PREFETCH_ROWS * K * size;
     vec acc[MAX_WROWS][MAX_XROWS];
     for (int r = 0; r < nr; r++)
         for (int m = 0; m < mr; m++) acc[r][m] = acc_io != NULL ? acc_io[r][m] : vzero();
@@ -213,7 +214,7 @@ static void chunked_sums(const float *xf, const uint16_t *xh, const void *const 
                          int per_pass, int64_t K, int w_type, float sums[MAX_PASSES][MAX_WROWS][MAX_XROWS]) {
     const int passes = (mr + per_pass - 1) / per_pass;
     const int64_t whole = whole_columns(xh, K);
-    const int64_t size = w_type == TYPE_F32 ? 4 : w_type == TYPE_BF16 ? 2 : 1, chunk = CHUNK_BYTES / size;
+    const int64_t chunk = CHUNK_BYTES / type_size(w_type);
     const int64_t last = whole > chunk ? (whole - 1) / chunk * chunk : 0; /* the last chunk's start */
     vec acc[MAX_PASSES][MAX_WROWS][MAX_XROWS]; /* [pass][r][m]: the lanes kept between chunks */
     for (int p = 0; p < passes; p++)

@@ -25,6 +25,7 @@ enum { TYPE_F32 = 0, TYPE_BF16 = 1, TYPE_I8 = 2 };
 enum { ACT_NONE = 0, ACT_SILU = 1 };
 #define MAX_WROWS 8 /* weight rows summed together (4 of a plain product, 4 gate + 4 up of a gated one) */
 #define MAX_XROWS 4 /* activation rows summed together */
+#define MAX_PARTS 3 /* products sharing their activations in one pass (a layer's q, k and v) */
 #define MAX_HEAD_VECTORS 16 /* an attention head of up to this many vectors is held in registers */
 #define PREFETCH_ROWS 8 /* weight rows fetched this far ahead into L2 (into L1 runs slower: its misses stall) */
 #define CACHE_AHEAD_BYTES 8192 /* attention fetches the cache rows this far ahead of the row it reads into L2 */
@@ -258,6 +259,17 @@ static void product_rows(const float *xf, const uint16_t *xh, const void *w, con
     }
 }
 
+/* One of several products that share their activations x (M, K): y (M, N) = act(x w^T * scales + bias), or
+   for a gated pair act(x w^T * scales) * (x w2^T * scales2); scales NULL for float weights, bias NULL for
+   none. Several such parts (a layer's q, k and v) run in one pass of the threads, x prepared once. */
+typedef struct {
+    const void *w, *w2;
+    const float *scales, *scales2;
+    const void *bias;
+    void *y;
+    int64_t N;
+} product_part;
+
 /* ---- int8 weights against 16-bit activations: integer multiply-adds -------------------------------------
    Widening every int8 weight to float costs three instructions per vector; multiplying 16-bit integers costs
    one (VNNI's vpdpwssd, or vpmaddwd + vpaddd) per two vectors' worth. Each activation row is quantized to
@@ -366,10 +378,9 @@ static void int8_dots_any(const float *xf, const int16_t *x16, const float *xs, 
                           out + mm * INT8_ROWS + r);
 }
 
-/* `product` for int8 weights (and a gated pair of them) on the integer multiply-adds */
-static int int8_product(const float *xf, const int8_t *w, const float *scales, const int8_t *w2,
-                        const float *scales2, const void *bias, void *y, int64_t M, int64_t N, int64_t K,
-                        int io_type, int act, int threads) {
+/* `products` for int8 weights (and a gated pair of them) on the integer multiply-adds */
+static int int8_products(const float *xf, const product_part *parts, int n_parts, int64_t M, int64_t K,
+                         int io_type, int act, int threads) {
     const int64_t blocks = (K + QBLOCK - 1) / QBLOCK;
     int16_t *x16 = (int16_t *)malloc(sizeof(int16_t) * M * K);
     float *xs = (float *)malloc(sizeof(float) * M * blocks);
@@ -379,29 +390,35 @@ static int int8_product(const float *xf, const int8_t *w, const float *scales, c
         return 1;
     }
     for (int64_t m = 0; m < M; m++) quantize_row(xf + m * K, K, x16 + m * K, xs + m * blocks);
-    const int64_t block = w2 != NULL ? INT8_ROWS / 2 : INT8_ROWS, n_blocks = (N + block - 1) / block;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < n_blocks; b++) { /* INT8_ROWS rows at a time (gate and up: half as many of each) */
-        const int64_t n0 = b * block;
-        const int count = N - n0 < block ? (int)(N - n0) : (int)block, R = w2 != NULL ? 2 * count : count;
-        const int8_t *rows[INT8_ROWS];
-        for (int r = 0; r < count; r++) {
-            rows[r] = w + (n0 + r) * K;
-            if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * K;
-        }
-        for (int64_t m = 0; m < M; m += INT8_XROWS) {
-            const int mr = M - m < INT8_XROWS ? (int)(M - m) : INT8_XROWS;
-            float out[INT8_XROWS * INT8_ROWS];
-            int8_dots_any(xf + m * K, x16 + m * K, xs + m * blocks, blocks, mr, rows, R, K, m == 0, out);
-            for (int mm = 0; mm < mr; mm++)
-                for (int r = 0; r < count; r++) {
-                    const int64_t n = n0 + r;
-                    float v = out[mm * INT8_ROWS + r] * scales[n];
-                    if (bias != NULL) v += read_io(bias, n, io_type);
-                    v = activate(v, act);
-                    if (w2 != NULL) v *= out[mm * INT8_ROWS + count + r] * scales2[n];
-                    write_io(y, (m + mm) * N + n, v, io_type);
-                }
+#pragma omp parallel num_threads(threads)
+    for (int p = 0; p < n_parts; p++) { /* every thread takes its share of each part, none waits between */
+        const int8_t *w = (const int8_t *)parts[p].w, *w2 = (const int8_t *)parts[p].w2;
+        const float *scales = parts[p].scales, *scales2 = parts[p].scales2;
+        const int64_t N = parts[p].N, block = w2 != NULL ? INT8_ROWS / 2 : INT8_ROWS;
+        const int64_t n_blocks = (N + block - 1) / block;
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < n_blocks; b++) { /* INT8_ROWS rows at a time (gate and up: half as many of each) */
+            const int64_t n0 = b * block;
+            const int count = N - n0 < block ? (int)(N - n0) : (int)block, R = w2 != NULL ? 2 * count : count;
+            const int8_t *rows[INT8_ROWS];
+            for (int r = 0; r < count; r++) {
+                rows[r] = w + (n0 + r) * K;
+                if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * K;
+            }
+            for (int64_t m = 0; m < M; m += INT8_XROWS) {
+                const int mr = M - m < INT8_XROWS ? (int)(M - m) : INT8_XROWS;
+                float out[INT8_XROWS * INT8_ROWS];
+                int8_dots_any(xf + m * K, x16 + m * K, xs + m * blocks, blocks, mr, rows, R, K, m == 0, out);
+                for (int mm = 0; mm < mr; mm++)
+                    for (int r = 0; r < count; r++) {
+                        const int64_t n = n0 + r;
+                        float v = out[mm * INT8_ROWS + r] * scales[n];
+                        if (parts[p].bias != NULL) v += read_io(parts[p].bias, n, io_type);
+                        v = activate(v, act);
+                        if (w2 != NULL) v *= out[mm * INT8_ROWS + count + r] * scales2[n];
+                        write_io(parts[p].y, (m + mm) * N + n, v, io_type);
+                    }
+            }
         }
     }
     free(x16);
@@ -410,9 +427,8 @@ static int int8_product(const float *xf, const int8_t *w, const float *scales, c
 }
 #endif
 
-static int product(const void *x, const void *w, const float *scales, const void *w2, const float *scales2,
-                   const void *bias, void *y, int64_t M, int64_t N, int64_t K, int io_type, int w_type, int act,
-                   int threads) {
+static int products(const void *x, const product_part *parts, int n_parts, int64_t M, int64_t K, int io_type,
+                    int w_type, int act, int threads) {
     const uint16_t *xh = NULL;
     float *xf = NULL;
 #if defined(__AVX512BF16__)
@@ -429,34 +445,45 @@ static int product(const void *x, const void *w, const float *scales, const void
     }
 #if defined(INT16_DOTS)
     if (w_type == TYPE_I8) {
-        const int failed = int8_product(xf, (const int8_t *)w, scales, (const int8_t *)w2, scales2, bias, y, M, N,
-                                        K, io_type, act, threads);
+        const int failed = int8_products(xf, parts, n_parts, M, K, io_type, act, threads);
         if (xf != (const float *)x) free(xf);
         return failed;
     }
 #endif
     const int64_t block = 4;
-    int64_t blocks = (N + block - 1) / block;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        int64_t n0 = b * block;
-        int count = N - n0 < block ? (int)(N - n0) : (int)block;
-        for (int64_t m0 = 0; m0 < M; m0 += CHUNKED_XROWS) {
-            int mr = M - m0 < CHUNKED_XROWS ? (int)(M - m0) : CHUNKED_XROWS;
-            const float *xf_rows = xf != NULL ? xf + m0 * K : NULL;
-            const uint16_t *xh_rows = xh != NULL ? xh + m0 * K : NULL;
-            if (count == block) {
-                product_rows(xf_rows, xh_rows, w, scales, w2, scales2, bias, y, m0, mr, n0, count, N, K,
-                             io_type, w_type, act);
-            } else {
-                for (int r = 0; r < count; r++)
-                    product_rows(xf_rows, xh_rows, w, scales, w2, scales2, bias, y, m0, mr, n0 + r, 1, N, K,
-                                 io_type, w_type, act);
+#pragma omp parallel num_threads(threads)
+    for (int p = 0; p < n_parts; p++) { /* every thread takes its share of each part, none waits between */
+        const product_part *part = parts + p;
+        const int64_t N = part->N, blocks = (N + block - 1) / block;
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < blocks; b++) {
+            int64_t n0 = b * block;
+            int count = N - n0 < block ? (int)(N - n0) : (int)block;
+            for (int64_t m0 = 0; m0 < M; m0 += CHUNKED_XROWS) {
+                int mr = M - m0 < CHUNKED_XROWS ? (int)(M - m0) : CHUNKED_XROWS;
+                const float *xf_rows = xf != NULL ? xf + m0 * K : NULL;
+                const uint16_t *xh_rows = xh != NULL ? xh + m0 * K : NULL;
+                if (count == block) {
+                    product_rows(xf_rows, xh_rows, part->w, part->scales, part->w2, part->scales2, part->bias,
+                                 part->y, m0, mr, n0, count, N, K, io_type, w_type, act);
+                } else {
+                    for (int r = 0; r < count; r++)
+                        product_rows(xf_rows, xh_rows, part->w, part->scales, part->w2, part->scales2,
+                                     part->bias, part->y, m0, mr, n0 + r, 1, N, K, io_type, w_type, act);
+                }
             }
         }
     }
     if (xf != NULL && xf != (float *)x) free(xf);
     return 0;
+}
+
+/* one product (a gated pair where w2 is given) */
+static int product(const void *x, const void *w, const float *scales, const void *w2, const float *scales2,
+                   const void *bias, void *y, int64_t M, int64_t N, int64_t K, int io_type, int w_type, int act,
+                   int threads) {
+    const product_part part = {w, w2, scales, scales2, bias, y, N};
+    return products(x, &part, 1, M, K, io_type, w_type, act, threads);
 }
 
 /* y = act(x @ w^T * scales + bias) */
@@ -1010,51 +1037,65 @@ static inline float int4_dot(const int4_rows *p, int64_t m, const uint8_t *row, 
     return vsum(total);
 }
 
-/* y = act(x @ W^T + bias), or with a second weight (up) y = act(x @ W^T) * (x @ up^T), for W (N, K) in int4
-   groups of G columns (G a multiple of 2 * LANES): w (N, K / 2) bytes, scales (N, K / G) float32; x, y and
-   bias in io_type */
-static int int4_product(const void *x, const uint8_t *w, const float *scales, const uint8_t *w2,
-                        const float *scales2, const void *bias, void *y, int64_t M, int64_t N, int64_t K, int64_t G,
-                        int io_type, int act, int threads) {
+/* `products` for int4 weights W (N, K) in groups of G columns (G a multiple of 2 * LANES): each part's w and
+   w2 (N, K / 2) bytes, scales and scales2 (N, K / G) float32; x, y and bias in io_type */
+static int int4_products(const void *x, const product_part *parts, int n_parts, int64_t M, int64_t K, int64_t G,
+                         int io_type, int act, int threads) {
     int4_rows prepared;
     if (int4_prepare(x, M, K, G, io_type, &prepared) != 0) {
         int4_free(&prepared);
         return 1;
     }
     const int64_t half = K / 2, groups = K / G;
-    const int64_t block = w2 != NULL ? INT4_ROWS / 2 : INT4_ROWS, blocks = (N + block - 1) / block;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) { /* INT4_ROWS rows at a time (gate and up: half as many of each) */
-        const int64_t n0 = b * block;
-        const int count = N - n0 < block ? (int)(N - n0) : (int)block, R = w2 != NULL ? 2 * count : count;
-        const uint8_t *rows[INT4_ROWS];
-        const float *row_scales[INT4_ROWS];
-        for (int r = 0; r < count; r++) {
-            rows[r] = w + (n0 + r) * half, row_scales[r] = scales + (n0 + r) * groups;
-            if (w2 != NULL) rows[count + r] = w2 + (n0 + r) * half, row_scales[count + r] = scales2 + (n0 + r) * groups;
-        }
-        for (int64_t m = 0; m < M; m += INT4_XROWS) {
-            const int mr = M - m < INT4_XROWS ? (int)(M - m) : INT4_XROWS;
-            float out[INT4_XROWS * INT4_ROWS];
+#pragma omp parallel num_threads(threads)
+    for (int p = 0; p < n_parts; p++) { /* every thread takes its share of each part, none waits between */
+        const uint8_t *w = (const uint8_t *)parts[p].w, *w2 = (const uint8_t *)parts[p].w2;
+        const float *scales = parts[p].scales, *scales2 = parts[p].scales2;
+        const int64_t N = parts[p].N, block = w2 != NULL ? INT4_ROWS / 2 : INT4_ROWS;
+        const int64_t blocks = (N + block - 1) / block;
+#pragma omp for schedule(static) nowait
+        for (int64_t b = 0; b < blocks; b++) { /* INT4_ROWS rows at a time (gate and up: half as many of each) */
+            const int64_t n0 = b * block;
+            const int count = N - n0 < block ? (int)(N - n0) : (int)block, R = w2 != NULL ? 2 * count : count;
+            const uint8_t *rows[INT4_ROWS];
+            const float *row_scales[INT4_ROWS];
+            for (int r = 0; r < count; r++) {
+                rows[r] = w + (n0 + r) * half, row_scales[r] = scales + (n0 + r) * groups;
+                if (w2 != NULL)
+                    rows[count + r] = w2 + (n0 + r) * half, row_scales[count + r] = scales2 + (n0 + r) * groups;
+            }
+            for (int64_t m = 0; m < M; m += INT4_XROWS) {
+                const int mr = M - m < INT4_XROWS ? (int)(M - m) : INT4_XROWS;
+                float out[INT4_XROWS * INT4_ROWS];
 #if defined(INT16_DOTS)
-            if (prepared.x16 != NULL) int4_dots_any(&prepared, m, mr, rows, row_scales, R, m == 0, out);
-            else
+                if (prepared.x16 != NULL) int4_dots_any(&prepared, m, mr, rows, row_scales, R, m == 0, out);
+                else
 #endif
+                    for (int mm = 0; mm < mr; mm++)
+                        for (int r = 0; r < R; r++)
+                            out[mm * INT4_ROWS + r] =
+                                int4_dot(&prepared, m + mm, rows[r], row_scales[r], m + mm == 0);
                 for (int mm = 0; mm < mr; mm++)
-                    for (int r = 0; r < R; r++)
-                        out[mm * INT4_ROWS + r] = int4_dot(&prepared, m + mm, rows[r], row_scales[r], m + mm == 0);
-            for (int mm = 0; mm < mr; mm++)
-                for (int r = 0; r < count; r++) {
-                    float v = out[mm * INT4_ROWS + r];
-                    if (bias != NULL) v += read_io(bias, n0 + r, io_type);
-                    v = activate(v, act);
-                    if (w2 != NULL) v *= out[mm * INT4_ROWS + count + r];
-                    write_io(y, (m + mm) * N + n0 + r, v, io_type);
-                }
+                    for (int r = 0; r < count; r++) {
+                        float v = out[mm * INT4_ROWS + r];
+                        if (parts[p].bias != NULL) v += read_io(parts[p].bias, n0 + r, io_type);
+                        v = activate(v, act);
+                        if (w2 != NULL) v *= out[mm * INT4_ROWS + count + r];
+                        write_io(parts[p].y, (m + mm) * N + n0 + r, v, io_type);
+                    }
+            }
         }
     }
     int4_free(&prepared);
     return 0;
+}
+
+/* one int4 product (a gated pair where w2 is given) */
+static int int4_product(const void *x, const uint8_t *w, const float *scales, const uint8_t *w2,
+                        const float *scales2, const void *bias, void *y, int64_t M, int64_t N, int64_t K, int64_t G,
+                        int io_type, int act, int threads) {
+    const product_part part = {w, w2, scales, scales2, bias, y, N};
+    return int4_products(x, &part, 1, M, K, G, io_type, act, threads);
 }
 
 int idefics2_linear_int4(const void *x, const uint8_t *w, const float *scales, const void *bias, void *y,
@@ -1134,11 +1175,32 @@ typedef struct {
 /* y = act(x a^T), or act(x a^T) * (x b^T) with a second weight b */
 static int weight_product(const void *x, const weight_ref *a, const weight_ref *b, void *y, int64_t M, int64_t N,
                           int64_t K, int io_type, int act, int threads) {
-    if (a->type == TYPE_I4)
-        return int4_product(x, (const uint8_t *)a->data, a->scales, b != NULL ? (const uint8_t *)b->data : NULL,
-                            b != NULL ? b->scales : NULL, NULL, y, M, N, K, a->group, io_type, act, threads);
-    return product(x, a->data, a->scales, b != NULL ? b->data : NULL, b != NULL ? b->scales : NULL, NULL, y, M, N,
-                   K, io_type, (int)a->type, act, threads);
+    const product_part part = {a->data, b != NULL ? b->data : NULL, a->scales, b != NULL ? b->scales : NULL,
+                               NULL, y, N};
+    if (a->type == TYPE_I4) return int4_products(x, &part, 1, M, K, a->group, io_type, act, threads);
+    return products(x, &part, 1, M, K, io_type, (int)a->type, act, threads);
+}
+
+/* ys[i] (M, Ns[i]) = x weights[i]^T for n weights sharing x (M, K): each run of weights of one kind (type, and
+   int4's group) in one pass of the threads (a layer's q, k and v: one activation preparation and one fork
+   instead of three, and no wait between them) */
+static int weight_products(const void *x, const weight_ref *const *weights, void *const *ys, const int64_t *Ns,
+                           int n, int64_t M, int64_t K, int io_type, int threads) {
+    int failed = 0;
+    for (int first = 0, last; first < n; first = last) {
+        const weight_ref *kind = weights[first];
+        product_part parts[MAX_PARTS];
+        for (last = first; last < n && last - first < MAX_PARTS && weights[last]->type == kind->type &&
+                           (kind->type != TYPE_I4 || weights[last]->group == kind->group);
+             last++)
+            parts[last - first] = (product_part){weights[last]->data, NULL, weights[last]->scales, NULL, NULL,
+                                                 ys[last], Ns[last]};
+        if (kind->type == TYPE_I4)
+            failed |= int4_products(x, parts, last - first, M, K, kind->group, io_type, ACT_NONE, threads);
+        else
+            failed |= products(x, parts, last - first, M, K, io_type, (int)kind->type, ACT_NONE, threads);
+    }
+    return failed;
 }
 
 /* seconds spent by decoder steps in weight products and in attention, summed since the library loaded (for
@@ -1178,10 +1240,11 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
     for (int64_t l = 0; l < n_layers && !failed; l++) {
         const layer_ref *layer = layers + l;
         idefics2_rms_norm(x, layer->input_norm, h, M, D, eps, io_type);
+        const weight_ref *projections[3] = {&layer->q, &layer->k, &layer->v};
+        void *const projected[3] = {q, k, v};
+        const int64_t widths[3] = {wide, narrow, narrow};
         double start = now();
-        failed |= weight_product(h, &layer->q, NULL, q, M, wide, D, io_type, ACT_NONE, threads);
-        failed |= weight_product(h, &layer->k, NULL, k, M, narrow, D, io_type, ACT_NONE, threads);
-        failed |= weight_product(h, &layer->v, NULL, v, M, narrow, D, io_type, ACT_NONE, threads);
+        failed |= weight_products(h, projections, projected, widths, 3, M, D, io_type, threads);
         products += now() - start;
         if (failed) break;
         idefics2_rope_store(q, k, v, cos, sin, rotated, keys[l], values[l], slots, M, H, Hkv, hd, key_batch,

@@ -3,9 +3,13 @@
 Builds our "mid" model (random weights, no transformers) in float32, bfloat16 and with the decoder in int8
 (and int4 with `--modes ... int4`), prefills a text prompt as long as the image prompt of bench.py
 (`--prompt-tokens`,
-default 360: 5 x 64 image latents plus the text), then greedily decodes `--new-tokens` with `generate`:
+default 360: 5 x 64 image latents plus the text), then greedily decodes `--new-tokens` with `generate`'s loop:
 
-- step time: the median time between tokens of a run without the profiler;
+- step time: the median time between tokens of a run without the profiler, each token stamped as the
+  generation loop that `generate` runs yields it (`generation._steps`), i.e. the step of a plain `generate`
+  call; with `--streamer`, stamped by a streamer given to `generate`, which then also counts the (B,) token
+  tensor that `generate` makes for a streamer at each step (~40 us a step on an Intel Xeon: the first torch
+  call after a step's weights have streamed through the caches);
 - products: a second run under torch.profiler; the time of the weight matrix products (oneDNN's linear,
   ATen's linear, the int8 / int4 weight-only kernels, our C products, counted once where one calls another)
   between the first and the last token, per step; inside the one-call C decoder step, which the profiler
@@ -44,6 +48,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_generation import MID_CONFIG  # noqa: E402
+from idefics2 import generation  # noqa: E402
 from idefics2.modeling import ckernels, text  # noqa: E402
 
 # profiler names of the weight matrix products; an event inside another one of these is not counted again
@@ -60,6 +65,7 @@ C_STEP_MARK = "idefics2::decoder_step"
 ATTENTION_MARK = "idefics2::attention"
 TOKEN_MARK = "decode_overhead::token"
 STEP_CLOCKS: list[tuple[float, float]] = []  # ckernels.step_clock() at each token of a profiled run
+STAMP_BY_STREAMER = [False]  # --streamer: tokens stamped by generate's streamer, not by its loop
 
 
 def build(dtype_name: str, seed: int = 0):
@@ -90,10 +96,16 @@ def step_times(model, input_ids: torch.Tensor, new_tokens: int, mark: bool = Fal
 
 
 def greedy(model, input_ids: torch.Tensor, new_tokens: int, on_token) -> None:
-    """Exactly `new_tokens` greedy tokens, `on_token` called at each."""
+    """Exactly `new_tokens` greedy tokens, `on_token` called at each: as `generate`'s loop yields them, or
+    (STAMP_BY_STREAMER) as `generate`'s streamer."""
+    controls = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, eos_token_id=2,
+                    pad_token_id=0)  # fmt: skip
     with torch.inference_mode():
-        model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       eos_token_id=2, pad_token_id=0, streamer=on_token)  # fmt: skip
+        if STAMP_BY_STREAMER[0]:
+            model.generate(input_ids, streamer=on_token, **controls)
+            return
+        for tokens in generation._steps(model, input_ids, None, None, None, **controls):
+            on_token(tokens)
 
 
 def timed_split(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, ...] | None:
@@ -207,7 +219,10 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["float32", "bfloat16", "int8"],
                         choices=["float32", "bfloat16", "int8", "int4"])  # fmt: skip
     parser.add_argument("--top", type=int, default=0, help="print the N costliest other top-level ops")
+    parser.add_argument("--streamer", action="store_true",
+                        help="stamp tokens by a streamer given to generate (counts its tensor)")  # fmt: skip
     args = parser.parse_args()
+    STAMP_BY_STREAMER[0] = args.streamer
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -217,8 +232,8 @@ def main() -> None:
     for model in models.values():  # warm-up: first-call allocations and kernel choices
         step_times(model, input_ids, 4)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; mid config, batch 1, prompt "
-          f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, "
-          f"medians of {args.repeats}")  # fmt: skip
+          f"{args.prompt_tokens} tokens, {args.new_tokens} new tokens, medians of {args.repeats}; tokens "
+          f"stamped by {'a streamer' if args.streamer else 'the generation loop'}")  # fmt: skip
     rows: dict[str, list[tuple[float, ...]]] = {mode: [] for mode in models}
     others: dict[str, Counter] = {mode: Counter() for mode in models}
     timed = {mode: False for mode in models}

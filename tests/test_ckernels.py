@@ -815,6 +815,27 @@ def test_the_decoder_step_in_one_call_equals_the_layers_on_c_kernels(mode, monke
     assert torch.equal(in_one_call, by_ops)
 
 
+@pytest.mark.parametrize("float_projection", ["q_proj", "k_proj", "v_proj"])
+def test_the_decoder_step_takes_projections_of_mixed_kinds(float_projection, monkeypatch):
+    """A layer's q, k and v products share one pass of the threads where they are of one kind; where one of
+    them is a float layer beside int8 ones (a checkpoint that left it unquantized), each run of one kind gets
+    its own pass: the logits still equal those of the layers op by op, bit for bit."""
+    model = decoder_model("int8")
+    attn = model.model.text_model.layers[0].self_attn
+    quantized = getattr(attn, float_projection)
+    plain = attention.Linear(quantized.in_features, quantized.out_features, bias=False)
+    with torch.no_grad():
+        plain.weight.copy_(quantized.dequantized_weight(torch.float32))
+    setattr(attn, float_projection, plain)
+    with kernels.force(**ROUTES):
+        by_ops = decode_logits(model)
+    calls = count_steps(monkeypatch)
+    with kernels.force(**ROUTES, decoder_step="c"):
+        in_one_call = decode_logits(model)
+    assert len(calls) == 4
+    assert torch.equal(in_one_call, by_ops)
+
+
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8", "int4"])
 @pytest.mark.parametrize("window", [None, 6])
 def test_the_whole_step_from_tokens_to_logits_equals_its_parts(mode, window, monkeypatch):

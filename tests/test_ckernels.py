@@ -805,7 +805,12 @@ def test_the_decoder_step_in_one_call_equals_the_layers_on_c_kernels(mode, monke
     """Every decoder layer of a decode step in one C call computes what the layers compute op by op on the
     same C kernels, in the same order and with the same roundings: the logits are identical, bit for bit,
     with two rows at different positions."""
-    model = decoder_model(mode)
+    assert_one_call_equals_the_ops(decoder_model(mode), monkeypatch)
+
+
+def assert_one_call_equals_the_ops(model, monkeypatch) -> None:
+    """Four decode steps of `model` in one C call each give the logits of its layers run op by op on the C
+    kernels, bit for bit."""
     with kernels.force(**ROUTES):
         by_ops = decode_logits(model)
     calls = count_steps(monkeypatch)
@@ -827,13 +832,7 @@ def test_the_decoder_step_takes_projections_of_mixed_kinds(float_projection, mon
     with torch.no_grad():
         plain.weight.copy_(quantized.dequantized_weight(torch.float32))
     setattr(attn, float_projection, plain)
-    with kernels.force(**ROUTES):
-        by_ops = decode_logits(model)
-    calls = count_steps(monkeypatch)
-    with kernels.force(**ROUTES, decoder_step="c"):
-        in_one_call = decode_logits(model)
-    assert len(calls) == 4
-    assert torch.equal(in_one_call, by_ops)
+    assert_one_call_equals_the_ops(model, monkeypatch)
 
 
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "int8", "int4"])

@@ -1236,7 +1236,7 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
     char *rotated = v + size * M * narrow, *attended = rotated + size * M * wide, *out = attended + size * M * wide;
     char *inner = out + size * M * D;
     int failed = 0;
-    double products = 0.0, attending = 0.0; /* this call's seconds, added to the clock once at the end */
+    double multiplying = 0.0, attending = 0.0; /* this call's seconds, added to the clock once at the end */
     for (int64_t l = 0; l < n_layers && !failed; l++) {
         const layer_ref *layer = layers + l;
         idefics2_rms_norm(x, layer->input_norm, h, M, D, eps, io_type);
@@ -1245,7 +1245,7 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
         const int64_t widths[3] = {wide, narrow, narrow};
         double start = now();
         failed |= weight_products(h, projections, projected, widths, 3, M, D, io_type, threads);
-        products += now() - start;
+        multiplying += now() - start;
         if (failed) break;
         idefics2_rope_store(q, k, v, cos, sin, rotated, keys[l], values[l], slots, M, H, Hkv, hd, key_batch,
                             key_head, key_slot, value_batch, value_head, value_slot, io_type);
@@ -1256,21 +1256,21 @@ int idefics2_decoder_step(const layer_ref *layers, int64_t n_layers, void *x, in
         attending += now() - start;
         start = now();
         failed |= weight_product(attended, &layer->o, NULL, out, M, D, wide, io_type, ACT_NONE, threads);
-        products += now() - start;
+        multiplying += now() - start;
         if (failed) break;
         add_into(x, out, M * D, io_type);
         idefics2_rms_norm(x, layer->post_norm, h, M, D, eps, io_type);
         start = now();
         failed |= weight_product(h, &layer->gate, &layer->up, inner, M, I, D, io_type, act, threads);
         failed |= weight_product(inner, &layer->down, NULL, out, M, D, I, io_type, ACT_NONE, threads);
-        products += now() - start;
+        multiplying += now() - start;
         if (failed) break;
         add_into(x, out, M * D, io_type);
     }
     if (!failed && final_norm != NULL) idefics2_rms_norm(x, final_norm, x, M, D, eps, io_type); /* in place, by row */
     free(scratch);
 #pragma omp atomic
-    product_seconds += products;
+    product_seconds += multiplying;
 #pragma omp atomic
     attention_seconds += attending;
     return failed;

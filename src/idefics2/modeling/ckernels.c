@@ -1172,13 +1172,19 @@ typedef struct {
     weight_ref q, k, v, o, gate, up, down;
 } layer_ref;
 
+/* parts[i].y = act(x parts[i].w^T ...) for n parts whose weights are all of `kind`'s kind (type, int4's group) */
+static int parts_of_kind(const void *x, const weight_ref *kind, const product_part *parts, int n, int64_t M,
+                         int64_t K, int io_type, int act, int threads) {
+    if (kind->type == TYPE_I4) return int4_products(x, parts, n, M, K, kind->group, io_type, act, threads);
+    return products(x, parts, n, M, K, io_type, (int)kind->type, act, threads);
+}
+
 /* y = act(x a^T), or act(x a^T) * (x b^T) with a second weight b */
 static int weight_product(const void *x, const weight_ref *a, const weight_ref *b, void *y, int64_t M, int64_t N,
                           int64_t K, int io_type, int act, int threads) {
     const product_part part = {a->data, b != NULL ? b->data : NULL, a->scales, b != NULL ? b->scales : NULL,
                                NULL, y, N};
-    if (a->type == TYPE_I4) return int4_products(x, &part, 1, M, K, a->group, io_type, act, threads);
-    return products(x, &part, 1, M, K, io_type, (int)a->type, act, threads);
+    return parts_of_kind(x, a, &part, 1, M, K, io_type, act, threads);
 }
 
 /* ys[i] (M, Ns[i]) = x weights[i]^T for n weights sharing x (M, K): each run of weights of one kind (type, and
@@ -1195,10 +1201,7 @@ static int weight_products(const void *x, const weight_ref *const *weights, void
              last++)
             parts[last - first] = (product_part){weights[last]->data, NULL, weights[last]->scales, NULL, NULL,
                                                  ys[last], Ns[last]};
-        if (kind->type == TYPE_I4)
-            failed |= int4_products(x, parts, last - first, M, K, kind->group, io_type, ACT_NONE, threads);
-        else
-            failed |= products(x, parts, last - first, M, K, io_type, (int)kind->type, ACT_NONE, threads);
+        failed |= parts_of_kind(x, kind, parts, last - first, M, K, io_type, ACT_NONE, threads);
     }
     return failed;
 }
